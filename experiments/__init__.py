@@ -1,0 +1,1 @@
+"""Ready experiment payload packages and run configs (bundled as package data)."""

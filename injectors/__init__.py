@@ -1,0 +1,1 @@
+"""Injectors: one module per payload kind, turning payload packages into token sequences."""

@@ -1,0 +1,1 @@
+"""Monitors: score experiment probes on the live model."""
