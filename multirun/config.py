@@ -1,0 +1,785 @@
+"""The run config: one YAML file describing the training run and its experiments.
+
+Loading goes: YAML (with line numbers) -> ``${VAR}`` substitution -> ``a.b=value``
+overrides -> pydantic validation -> cross-field checks. Every problem becomes a
+:class:`~multirun.errors.ConfigError` that names the file, the dotted key
+(``experiments[1].placement.start``) and, where known, the line.
+
+Paths: ``run_dir`` is relative to the current directory; payload refs,
+``data.path`` and ``tokenizer.path`` are relative to the config file's directory
+(:attr:`LoadedConfig.base_dir`).
+
+Example:
+    >>> loaded = load_config(None, ["train.max_duration=20ba"])   # the bundled demo
+    >>> loaded.config.train.max_duration
+    '20ba'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import xxhash
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from multirun.errors import ConfigError
+from multirun.types import BatchGeometry, Placement
+
+__all__ = [
+    "DataConfig",
+    "ExperimentConfig",
+    "InjectionConfig",
+    "LoadedConfig",
+    "ModelConfig",
+    "PlacementConfig",
+    "RunConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "load_config",
+    "parse_duration_steps",
+    "placement_problems",
+    "resolve_placement",
+]
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+# Composer time strings we accept. max_duration is limited to units we can turn
+# into a step count before training (the planner needs it); intervals may also use
+# Composer's other units.
+_TIME_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ba|tok|ep|sp|dur)\s*$")
+_DURATION_UNITS = ("ba", "tok", "ep")
+
+
+def _time_string(value: str, *, units: Sequence[str], integral: bool = True) -> str:
+    m = _TIME_RE.match(value)
+    if m is None or m.group(2) not in units:
+        raise ValueError(f"expected a Composer time string <number><unit> with unit in {'|'.join(units)}, e.g. 200ba")
+    number, unit = m.groups()
+    if unit != "dur" and integral and "." in number:
+        raise ValueError(f"{unit} counts must be whole numbers")
+    return f"{number}{unit}"
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    # coerce_numbers_to_str: `run_name: 2024` or `version: 1` are fine as strings.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_default=True)
+
+
+class ModelConfig(_Strict):
+    """Tiny GPT-2 built in code from a ``transformers.GPT2Config``."""
+
+    kind: Literal["gpt2"] = "gpt2"
+    n_layer: int = Field(2, gt=0)
+    n_head: int = Field(2, gt=0)
+    n_embd: int = Field(64, gt=0)
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class TokenizerConfig(_Strict):
+    """``{kind: bytes}`` or ``{kind: huggingface, path: /local/dir}`` (path relative to the config file)."""
+
+    kind: Literal["bytes", "huggingface"] = "bytes"
+    path: str | None = None
+
+
+class DataConfig(_Strict):
+    """Training data. ``path`` (source=mds) is relative to the config file's directory."""
+
+    source: Literal["demo", "mds"] = "demo"
+    path: str | None = None
+    sequence_length: int = Field(128, gt=0)
+    demo_max_bytes: int = Field(4_000_000, gt=0)
+    shuffle: bool = True
+    shuffle_seed: int = 9176
+    num_canonical_nodes: int = Field(1, gt=0)
+    num_workers: int = Field(0, ge=0)
+
+
+class TrainConfig(_Strict):
+    """Trainer settings; time values are Composer time strings."""
+
+    max_duration: str = "200ba"
+    global_batch_size: int = Field(16, gt=0)
+    device_microbatch_size: int | Literal["auto"] | None = None
+    lr: float = Field(1.0e-3, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: str = "10ba"
+    betas: tuple[float, float] = (0.9, 0.95)
+    precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "fp32"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    save_interval: str | None = None
+    save_num_checkpoints_to_keep: int = Field(-1, ge=-1)
+    autoresume: bool = True
+    log_interval: str = "10ba"
+
+    @field_validator("max_duration")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        return _time_string(v, units=_DURATION_UNITS)
+
+    @field_validator("warmup")
+    @classmethod
+    def _warmup(cls, v: str) -> str:
+        return _time_string(v, units=("ba", "tok", "ep", "dur"))
+
+    @field_validator("save_interval", "log_interval")
+    @classmethod
+    def _interval(cls, v: str | None) -> str | None:
+        return None if v is None else _time_string(v, units=("ba", "tok", "ep", "sp"))
+
+    @field_validator("device_microbatch_size")
+    @classmethod
+    def _microbatch(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be a positive integer, 'auto' or null")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"both betas must be in [0, 1); got {list(v)}")
+        return v
+
+
+class InjectionConfig(_Strict):
+    """Caps shared by all experiments."""
+
+    max_modified_fraction: float = Field(0.05, gt=0, le=1)
+    on_unplaceable: Literal["error", "warn"] = "error"
+
+
+class PlacementConfig(_Strict):
+    """Where an experiment's spans may go; resolved to steps by :func:`resolve_placement`.
+
+    ``uniform``: the whole run. ``window``: ``[start, end)`` in ``unit`` (missing
+    bounds default to the run's start/end). ``steps``: the explicit step list.
+    """
+
+    mode: Literal["uniform", "window", "steps"] = "uniform"
+    start: float | None = None
+    end: float | None = None
+    unit: Literal["steps", "tokens", "fraction"] = "fraction"
+    steps: list[int] = Field(default_factory=list)
+
+
+class ExperimentConfig(_Strict):
+    """One experiment: payload package + injector kind + placement."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    payload: str
+    kind: str | None = None
+    repetitions: float = Field(1.0, gt=0)
+    control_fraction: float = Field(0.5, ge=0, lt=1)
+    wrap_eos: bool = True
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunConfig(_Strict):
+    """The whole run. ``run_dir`` defaults to ``runs/<run_name>`` (relative to the CWD)."""
+
+    run_name: str = Field(pattern=NAME_PATTERN)
+    seed: int = 17
+    run_dir: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    injection: InjectionConfig = Field(default_factory=InjectionConfig)
+    experiments: list[ExperimentConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _default_run_dir(self) -> "RunConfig":
+        # Filled in here so that resolved_config.yaml and the fingerprint show it.
+        if self.run_dir is None:
+            self.run_dir = f"runs/{self.run_name}"
+        return self
+
+    @property
+    def save_folder(self) -> str:
+        """Composer's ``save_folder``: ``<run_dir>/checkpoints``."""
+        return str(Path(self.run_dir or f"runs/{self.run_name}") / "checkpoints")
+
+
+# --------------------------------------------------------------------------- loading
+
+KeyPath = tuple[str | int, ...]
+
+
+@dataclass
+class LoadedConfig:
+    """A validated config plus where it came from.
+
+    Attributes:
+        config: the validated run config.
+        source: the YAML file, or None for a config built in code.
+        base_dir: directory that relative payload paths resolve against (the
+            config file's directory).
+    """
+
+    config: RunConfig
+    source: Path | None = None
+    base_dir: Path = field(default_factory=Path.cwd)
+    lines: dict[KeyPath, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def line_of(self, key: str) -> int | None:
+        """1-based line in :attr:`source` of a dotted key (or its nearest parent), if known.
+
+        Example:
+            >>> load_config(None, env={}).line_of("experiments[0].name") is not None
+            True
+        """
+        return _line_of(_parse_dotted(key), self.lines)
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The config after substitution, overrides and defaults, as plain JSON types."""
+        return self.config.model_dump(mode="json")
+
+    def fingerprint(self, payload_fingerprints: Mapping[str, str] | None = None) -> str:
+        """xxh64 hex of the canonical JSON of :meth:`resolved_dict`.
+
+        Covers the config only (payload refs as written, not payload contents);
+        each :class:`~multirun.types.PreparedExperiment` carries its own content
+        fingerprint. Pass ``payload_fingerprints`` ({experiment name: fingerprint})
+        to fold payload contents in as well.
+        """
+        doc: dict[str, Any] = {"config": self.resolved_dict()}
+        if payload_fingerprints is not None:
+            doc["payloads"] = dict(sorted(payload_fingerprints.items()))
+        return xxhash.xxh64(_canonical_json(doc)).hexdigest()
+
+    def write(self, run_dir: str | Path) -> Path:
+        """Write ``<run_dir>/resolved_config.yaml`` and return its path.
+
+        Relative paths that resolve against ``base_dir`` (payloads, ``data.path``,
+        ``tokenizer.path``) are written as absolute paths, so that the file can be
+        loaded again from the run directory; ``pkg:`` refs and names that are not
+        local paths (a cached Hub tokenizer id) stay as they are.
+        """
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        doc = self.resolved_dict()
+
+        def absolute(value: str | None) -> str | None:
+            if value is None or value.startswith("pkg:"):
+                return value
+            candidate = self.base_dir / Path(value).expanduser()
+            return str(candidate.resolve()) if candidate.exists() else value
+
+        for exp in doc["experiments"]:
+            exp["payload"] = absolute(exp["payload"])
+        doc["data"]["path"] = absolute(doc["data"]["path"])
+        doc["tokenizer"]["path"] = absolute(doc["tokenizer"]["path"])
+        doc = _escape_vars(doc)  # a literal "${" must survive loading the file again
+        header = (
+            "# Resolved multirun config (defaults, $VAR substitution and overrides applied).\n"
+            f"# source: {self.source if self.source is not None else '<in code>'}\n"
+            f"# fingerprint: {self.fingerprint()}\n"
+        )
+        out = run_dir / "resolved_config.yaml"
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        os.replace(tmp, out)  # a kill leaves the old file or the new one, never half of one
+        return out
+
+
+def _escape_vars(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _escape_vars(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_escape_vars(v) for v in obj]
+    return obj.replace("${", "$${") if isinstance(obj, str) else obj
+
+
+def _canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def default_config_path() -> Path:
+    """Path of the bundled demo config ``experiments/demo/run.yaml``."""
+    # importlib.resources finds it in an installed wheel as well as in a checkout.
+    ref = resources.files("experiments").joinpath("demo", "run.yaml")
+    path = Path(str(ref))
+    if not path.is_file():
+        raise ConfigError("bundled demo config not found (is the package installed with its data?)", file=path)
+    return path
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: Sequence[str] = (),
+    *,
+    env: Mapping[str, str] | None = None,
+) -> LoadedConfig:
+    """Load, substitute, override and validate a run config.
+
+    Args:
+        path: YAML file; None loads the bundled demo ``experiments/demo/run.yaml``.
+        overrides: ``"a.b=value"`` strings, value parsed as YAML; list items by
+            index (``experiments.0.repetitions=3`` or ``experiments[0].repetitions=3``).
+        env: variables for ``${VAR}`` / ``${VAR:-default}`` (default: ``os.environ``).
+            ``$${`` writes a literal ``${``. Substituted values stay strings and are
+            converted by validation (``seed: ${SEED}`` becomes an int).
+
+    Raises:
+        ConfigError: naming the file, the dotted key and the line of every problem.
+
+    Example:
+        >>> load_config(None, ["seed=3"], env={}).config.seed
+        3
+    """
+    env = os.environ if env is None else env
+    source = default_config_path() if path is None else Path(path)
+    if not source.is_file():
+        raise ConfigError("config file not found", file=source)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not valid UTF-8 (byte {e.start})", file=source) from None
+    raw, lines = _parse_yaml(text, source)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the top level must be a mapping of keys, got {type(raw).__name__}", file=source, line=1)
+    raw = _substitute(raw, env, (), source, lines)
+    overridden: dict[KeyPath, str] = {}
+    for override in overrides:
+        overridden[_apply_override(raw, override, env, source)] = override
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        _raise_problems(_blame_overrides(_validation_problems(e, raw), overridden), source, lines)
+    base_dir = source.resolve().parent
+    _raise_problems(_blame_overrides(_semantic_problems(config, base_dir), overridden), source, lines)
+    return LoadedConfig(config=config, source=source, base_dir=base_dir, lines=lines)
+
+
+# ---- YAML with line numbers
+
+
+def _parse_yaml(text: str, source: Path) -> tuple[Any, dict[KeyPath, int]]:
+    """Parse YAML and map every key path to its 1-based line."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        reason = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"YAML syntax error: {reason}", file=source, line=mark.line + 1 if mark else None) from None
+    finally:
+        loader.dispose()
+    lines: dict[KeyPath, int] = {}
+    if node is not None:
+        _walk_nodes(node, (), lines, source)
+    return data, lines
+
+
+def _walk_nodes(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: Path) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value
+            if key in seen:
+                # PyYAML keeps the last value silently; a duplicate is almost always a mistake.
+                dotted = _dotted((*path, key))
+                raise ConfigError("duplicate key", file=source, key=dotted, line=key_node.start_mark.line + 1)
+            seen.add(key)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            _walk_nodes(value_node, (*path, key), lines, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*path, i)] = item.start_mark.line + 1
+            _walk_nodes(item, (*path, i), lines, source)
+
+
+def _dotted(path: Sequence[str | int]) -> str:
+    out = ""
+    for seg in path:
+        out += f"[{seg}]" if isinstance(seg, int) else (f".{seg}" if out else str(seg))
+    return out
+
+
+def _parse_dotted(key: str) -> KeyPath:
+    return tuple(int(s) if s.isdigit() else s for s in _INDEX_RE.sub(r".\1", key).split(".") if s)
+
+
+def _line_of(path: KeyPath, lines: Mapping[KeyPath, int]) -> int | None:
+    for n in range(len(path), 0, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
+
+
+def _raise_problems(problems: list[tuple[KeyPath, str]], source: Path | None, lines: Mapping[KeyPath, int]) -> None:
+    if not problems:
+        return
+    if len(problems) == 1:
+        path, msg = problems[0]
+        raise ConfigError(msg, file=source, key=_dotted(path) or None, line=_line_of(path, lines))
+    parts = []
+    for path, msg in problems:
+        line = _line_of(path, lines)
+        parts.append(f"  {_dotted(path) or '<top level>'}{f' (line {line})' if line else ''}: {msg}")
+    raise ConfigError(f"{len(problems)} problems:\n" + "\n".join(parts), file=source)
+
+
+# ---- ${VAR} substitution
+
+_VAR_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute_env(value: str, env: Mapping[str, str]) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}``; ``$${`` is a literal ``${``.
+
+    Raises:
+        KeyError: naming the undefined variable.
+
+    Example:
+        >>> substitute_env("runs/${NAME:-demo}", {})
+        'runs/demo'
+    """
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(0) == "$${":
+            return "${"
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise KeyError(name)
+
+    return _VAR_RE.sub(repl, value)
+
+
+def _substitute(obj: Any, env: Mapping[str, str], path: KeyPath, source: Path | None, lines: Mapping[KeyPath, int], *, where: str | None = None) -> Any:
+    if isinstance(obj, dict):
+        return {k: _substitute(v, env, (*path, k), source, lines, where=where) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_substitute(v, env, (*path, i), source, lines, where=where) for i, v in enumerate(obj)]
+    if isinstance(obj, str) and "$" in obj:
+        try:
+            return substitute_env(obj, env)
+        except KeyError as e:
+            msg = f"environment variable ${{{e.args[0]}}} is not set (write ${{{e.args[0]}:-default}} for a default)"
+            if where is not None:
+                raise ConfigError(msg, key=where) from None
+            raise ConfigError(msg, file=source, key=_dotted(path), line=_line_of(path, lines)) from None
+    return obj
+
+
+# ---- overrides
+
+_INDEX_RE = re.compile(r"\[(\d+)\]")
+
+
+def _apply_override(raw: dict[str, Any], override: str, env: Mapping[str, str], source: Path) -> KeyPath:
+    """Apply one ``key=value`` override in place; return the key path it set."""
+    where = f"override {override!r}"
+    if "=" not in override:
+        raise ConfigError("expected KEY=VALUE, e.g. train.max_duration=50ba", key=where)
+    dotted, _, text = override.partition("=")
+    segs = _INDEX_RE.sub(r".\1", dotted.strip()).split(".")
+    if not dotted.strip() or any(s == "" for s in segs):
+        raise ConfigError("empty key", key=where)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"value is not valid YAML: {getattr(e, 'problem', e)}", key=where) from None
+    value = _substitute(value, env, (), source, {}, where=where)
+
+    # Walk the schema and the raw data together: a key the schema does not know is
+    # an error here, while a key the YAML merely omits (a default) is fine.
+    schema: Any = RunConfig
+    node: Any = raw
+    path: list[str | int] = []
+    for i, seg in enumerate(segs):
+        last = i == len(segs) - 1
+        kind, inner = _schema_kind(schema)
+        if kind == "model":
+            if seg not in inner.model_fields:
+                known = ", ".join(inner.model_fields)
+                raise ConfigError(f"unknown key {seg!r} at {_dotted(path) or 'top level'} (known: {known})", key=where)
+            schema = inner.model_fields[seg].annotation
+            key: str | int = seg
+        elif kind == "dict":
+            schema, key = Any, seg
+        elif kind == "list":
+            if not seg.isdigit():
+                raise ConfigError(f"{_dotted(path)} is a list: expected an index, got {seg!r}", key=where)
+            key, schema = int(seg), inner
+            if not isinstance(node, list) or key >= len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise ConfigError(f"index {key} out of range: {_dotted(path)} has {size} entries", key=where)
+        else:
+            raise ConfigError(f"{_dotted(path)} is a single value, it has no key {seg!r}", key=where)
+        path.append(key)
+        if last:
+            node[key] = value
+            return tuple(path)
+        current = node.get(key) if isinstance(node, dict) else node[key]
+        if not isinstance(current, (dict, list)):
+            node[key] = {}  # absent (a default) or a scalar being replaced by a mapping
+        node = node[key]
+    raise AssertionError("unreachable: the key has at least one segment")
+
+
+def _schema_kind(annotation: Any) -> tuple[str, Any]:
+    """Classify a field annotation as model / list / dict / scalar (unwrapping Optional, Annotated)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _schema_kind(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds = [_schema_kind(a) for a in typing.get_args(annotation) if a is not type(None)]
+        structured = [k for k in kinds if k[0] != "scalar"]
+        return structured[0] if len(structured) == 1 else ("scalar", None)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "model", annotation
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        return "list", args[0] if args else Any
+    if origin is dict or annotation is dict:
+        return "dict", None
+    if annotation is Any:
+        return "dict", None  # free-form (options, config_overrides): any key goes
+    return "scalar", None
+
+
+def _blame_overrides(problems: list[tuple[KeyPath, str]], overridden: Mapping[KeyPath, str]) -> list[tuple[KeyPath, str]]:
+    """Say which override set a bad value: the file's line alone would mislead."""
+    out = []
+    for path, msg in problems:
+        culprit = next((o for p, o in overridden.items() if path[: len(p)] == p), None)
+        out.append((path, msg if culprit is None else f"{msg} (set by override {culprit!r})"))
+    return out
+
+
+# ---- validation errors
+
+
+def _validation_problems(error: ValidationError, raw: Any) -> list[tuple[KeyPath, str]]:
+    merged: dict[KeyPath, list[str]] = {}
+    got: dict[KeyPath, str] = {}
+    for e in error.errors():
+        path = _clean_loc(e["loc"], raw)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key (allowed: {', '.join(_allowed_keys(path[:-1]))})"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            got[path] = f" (got {e['input']!r})"
+        merged.setdefault(path, [])
+        if msg not in merged[path]:
+            merged[path].append(msg)
+    # A union field (e.g. int | 'auto' | null) reports one error per member: join them.
+    return [(p, " or ".join(ms) + got.get(p, "")) for p, ms in merged.items()]
+
+
+def _clean_loc(loc: tuple[Any, ...], raw: Any) -> KeyPath:
+    """Keep the part of a pydantic loc that is a real key path (drop union member tags)."""
+    out: list[str | int] = []
+    node = raw
+    for seg in loc:
+        if isinstance(node, dict) and isinstance(seg, str):
+            out.append(seg)
+            if seg not in node:
+                return tuple(out)  # a missing key: name it and stop
+            node = node[seg]
+        elif isinstance(node, list) and isinstance(seg, int):
+            out.append(seg)
+            node = node[seg] if seg < len(node) else None
+        else:
+            break  # e.g. a union member tag such as 'int' or "literal['auto']"
+    return tuple(out)
+
+
+def _allowed_keys(path: KeyPath) -> list[str]:
+    schema: Any = RunConfig
+    for seg in path:
+        kind, inner = _schema_kind(schema)
+        if kind == "model" and isinstance(seg, str) and seg in inner.model_fields:
+            schema = inner.model_fields[seg].annotation
+        elif kind == "list":
+            schema = inner
+        else:
+            return []
+    kind, inner = _schema_kind(schema)
+    return list(inner.model_fields) if kind == "model" else []
+
+
+# ---- checks across fields (after validation)
+
+
+def placement_problems(spec: PlacementConfig) -> list[tuple[str, str]]:
+    """Problems of a placement that need no run geometry, as ``(field, message)``."""
+    out: list[tuple[str, str]] = []
+    if spec.mode == "uniform":
+        for name in ("start", "end"):
+            if getattr(spec, name) is not None:
+                out.append((name, f"mode uniform spans the whole run; set mode: window to use {name}"))
+        if spec.steps:
+            out.append(("steps", "explicit steps need mode: steps"))
+    elif spec.mode == "window":
+        if spec.steps:
+            out.append(("steps", "explicit steps need mode: steps"))
+        for name in ("start", "end"):
+            v = getattr(spec, name)
+            if v is None:
+                continue
+            if v < 0:
+                out.append((name, f"must be >= 0, got {v}"))
+            elif spec.unit == "fraction" and v > 1:
+                out.append((name, f"window outside the run: a fraction must be in [0, 1], got {v}"))
+            elif spec.unit != "fraction" and not float(v).is_integer():
+                out.append((name, f"{spec.unit} must be a whole number, got {v}"))
+        if spec.start is not None and spec.end is not None and spec.start >= spec.end:
+            out.append(("start", f"start ({spec.start}) must be less than end ({spec.end}): the window is half-open"))
+    else:  # steps
+        if not spec.steps:
+            out.append(("steps", "mode steps needs a non-empty list of steps"))
+        for name in ("start", "end"):
+            if getattr(spec, name) is not None:
+                out.append((name, f"mode steps uses the explicit steps list; remove {name}"))
+        seen: set[int] = set()
+        for i, s in enumerate(spec.steps):
+            if s < 0:
+                out.append((f"steps[{i}]", f"step {s} is outside the run (steps count from 0)"))
+            if s in seen:
+                out.append((f"steps[{i}]", f"duplicate step {s}"))
+            seen.add(s)
+    return out
+
+
+def _semantic_problems(config: RunConfig, base_dir: Path) -> list[tuple[KeyPath, str]]:
+    out: list[tuple[KeyPath, str]] = []
+    first: dict[str, int] = {}
+    for i, exp in enumerate(config.experiments):
+        if exp.name in first:
+            out.append((("experiments", i, "name"), f"duplicate experiment name {exp.name!r} (also experiments[{first[exp.name]}].name)"))
+        first.setdefault(exp.name, i)
+        for fld, msg in placement_problems(exp.placement):
+            out.append((("experiments", i, "placement", *_split_field(fld)), msg))
+    if config.tokenizer.kind == "huggingface" and not config.tokenizer.path:
+        out.append((("tokenizer", "path"), "kind huggingface needs path: a local tokenizer directory"))
+    if config.data.source == "mds":
+        if not config.data.path:
+            out.append((("data", "path"), "source mds needs path: the MDS dataset directory"))
+        elif not (base_dir / Path(config.data.path).expanduser()).exists():
+            out.append((("data", "path"), f"MDS dataset directory not found: {(base_dir / Path(config.data.path).expanduser()).resolve()}"))
+    return out
+
+
+def _split_field(fld: str) -> tuple[str | int, ...]:
+    m = re.fullmatch(r"(\w+)\[(\d+)\]", fld)
+    return (m.group(1), int(m.group(2))) if m else (fld,)
+
+
+# --------------------------------------------------------------------------- durations and placement
+
+
+def parse_duration_steps(
+    max_duration: str,
+    *,
+    global_batch_size: int,
+    sequence_length: int,
+    steps_per_epoch: int | None,
+    file: str | Path | None = None,
+) -> int:
+    """Number of optimizer steps in ``max_duration``.
+
+    ``"200ba"`` -> 200; ``"1000000tok"`` -> ceil(tokens / (batch * seq_len));
+    ``"2ep"`` -> 2 * steps_per_epoch (needs ``steps_per_epoch``). Errors name
+    ``train.max_duration`` and ``file`` (the config file, when given).
+
+    Example:
+        >>> parse_duration_steps("4096tok", global_batch_size=4, sequence_length=512, steps_per_epoch=None)
+        2
+    """
+    key = "train.max_duration"
+    m = _TIME_RE.match(max_duration) if isinstance(max_duration, str) else None
+    if m is None or m.group(2) not in _DURATION_UNITS or "." in m.group(1):
+        raise ConfigError(f"expected <integer><unit> with unit ba|tok|ep, e.g. 200ba; got {max_duration!r}", file=file, key=key)
+    n, unit = int(m.group(1)), m.group(2)
+    if n <= 0:
+        raise ConfigError(f"must be positive, got {max_duration!r}", file=file, key=key)
+    if unit == "ba":
+        return n
+    if unit == "tok":
+        return math.ceil(n / (global_batch_size * sequence_length))
+    if not steps_per_epoch:
+        raise ConfigError(f"{max_duration!r} is in epochs but the epoch size in steps is unknown; give max_duration in ba or tok", file=file, key=key)
+    return n * steps_per_epoch
+
+
+def resolve_placement(spec: PlacementConfig, geometry: BatchGeometry, *, key: str, file: str | Path | None = None) -> Placement:
+    """Turn a placement spec into a half-open step window (or explicit steps).
+
+    Fractions round to the nearest step, so ``[0, 0.5)`` and ``[0.5, 1)`` tile the
+    run exactly; token bounds map to the steps that contain them.
+
+    Raises:
+        ConfigError: naming ``key`` (e.g. ``experiments[1].placement``) and the field.
+
+    Example:
+        >>> geo = BatchGeometry(global_batch_size=16, sequence_length=128, num_steps=300)
+        >>> resolve_placement(PlacementConfig(mode="window", end=0.5), geo, key="p")
+        Placement(mode='window', start_step=0, end_step=150, steps=())
+    """
+    n = geometry.num_steps
+
+    def fail(fld: str, msg: str) -> typing.NoReturn:
+        raise ConfigError(msg, file=file, key=f"{key}.{fld}")
+
+    for fld, msg in placement_problems(spec):
+        fail(fld, msg)
+    if spec.mode == "uniform":
+        return Placement(mode="uniform", start_step=0, end_step=n)
+    if spec.mode == "steps":
+        for i, s in enumerate(spec.steps):
+            if s >= n:
+                fail(f"steps[{i}]", f"step {s} is outside the run (steps 0..{n - 1})")
+        steps = tuple(sorted(spec.steps))
+        return Placement(mode="steps", start_step=steps[0], end_step=steps[-1] + 1, steps=steps)
+
+    def to_step(value: float, *, is_end: bool) -> int:
+        if spec.unit == "fraction":
+            return math.floor(value * n + 0.5)
+        if spec.unit == "steps":
+            return int(value)
+        tps = geometry.tokens_per_step
+        return -(-int(value) // tps) if is_end else int(value) // tps
+
+    start = 0 if spec.start is None else to_step(spec.start, is_end=False)
+    end = n if spec.end is None else to_step(spec.end, is_end=True)
+    run = f"the run has {n} steps ({geometry.total_tokens} tokens)"
+    lo, hi = _num(spec.start), _num(spec.end)
+    if spec.end is not None and end > n:
+        fail("end", f"window outside the run: end {hi} {spec.unit} is step {end}, but {run}")
+    if start >= n:
+        fail("start", f"window outside the run: start {lo} {spec.unit} is step {start}, but {run}")
+    if start >= end:
+        fail("end", f"empty window: [{lo}, {hi}) {spec.unit} covers no whole step ({run})")
+    return Placement(mode="window", start_step=start, end_step=end)
+
+
+def _num(value: float | None) -> str:
+    """1.0 -> '1', 0.25 -> '0.25' (bounds arrive as floats from validation)."""
+    if value is None:
+        return "none"
+    return str(int(value)) if float(value).is_integer() else str(value)
