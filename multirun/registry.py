@@ -155,13 +155,11 @@ class Registry(Generic[T]):
 def payload_dir_from_entry_point(ep: metadata.EntryPoint) -> Path:
     """Directory of a payload package named by an entry point.
 
-    The value may be an importable package (``mypkg.payloads.canaries``, its
-    directory holds ``payload.yaml``), ``module:attr`` where the attribute is a
-    path or a module, or a plain filesystem path.
+    The value is an object reference, as the entry-point specification requires:
+    an importable package (``mypkg.payloads.canaries``, its directory holds
+    ``payload.yaml``) or ``module:attr`` where the attribute is a path or a module.
     """
     value = ep.value.strip()
-    if "/" in value or "\\" in value:
-        return Path(value).expanduser()
     if ":" in value:
         obj = ep.load()
         if isinstance(obj, ModuleType):

@@ -190,7 +190,9 @@ def test_payload_entry_point_from_installed_distribution(tmp_path: Path, monkeyp
     dist = tmp_path / "site" / "multirun_test_plugin-0.1.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: multirun-test-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[multirun.payloads]\nplugin-docs = {plugin}\n")
+    # Entry-point values are object references: a module attribute holding the folder.
+    (tmp_path / "site" / "multirun_test_plugin.py").write_text(f"PAYLOAD = {str(plugin)!r}\n")
+    (dist / "entry_points.txt").write_text("[multirun.payloads]\nplugin-docs = multirun_test_plugin:PAYLOAD\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     payloads.refresh()
     try:

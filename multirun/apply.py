@@ -1,0 +1,171 @@
+"""Overwrite planned spans into one rank's host batch.
+
+The callback calls :func:`global_rows` once per step to learn which global rows this
+rank holds, then :func:`apply_spans` to overwrite the tokens in place. Sequence length
+never changes: injected tokens *replace* pretraining tokens, as in the paper.
+
+Global rows are defined so that 1 rank and N ranks agree (invariant 3): when the batch
+carries dataset sample ids, the rows of a step are ordered by ``(sample_id, rank,
+local_row)`` across all ranks; Streaming gives every world size the same set of
+samples per global step when the global batch and ``num_canonical_nodes`` are fixed.
+Without sample ids rows are numbered rank-major, which is exact for one world size only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from multirun.errors import MultirunError
+
+#: Batch keys kept consistent with ``input_ids`` (Hugging Face / llm-foundry convention).
+INPUT_KEY = "input_ids"
+LABELS_KEY = "labels"
+ATTENTION_KEY = "attention_mask"
+SAMPLE_ID_KEY = "sample_id"
+SEQUENCE_ID_KEY = "sequence_id"
+#: Per-row counts llm-foundry derives at collate time; they cannot be kept exact here.
+STALE_KEYS = ("total_tokens", "loss_generating_tokens")
+
+
+class BatchFormatError(MultirunError):
+    """The training batch has a shape multirun cannot inject into."""
+
+
+@dataclass(frozen=True)
+class RowMap:
+    """Which global rows this rank holds at one step.
+
+    ``global_row[i]`` is the global row of local row ``i``; ``total_rows`` is the
+    number of rows of the step across all ranks.
+    """
+
+    global_row: np.ndarray
+    total_rows: int
+
+    def local_rows_of(self, rows: np.ndarray) -> np.ndarray:
+        """Local row of each global row in ``rows``, -1 where another rank holds it."""
+        lookup = np.full(max(self.total_rows, 1), -1, dtype=np.int64)
+        lookup[self.global_row] = np.arange(self.global_row.shape[0])
+        inside = rows < self.total_rows
+        out = np.full(rows.shape[0], -1, dtype=np.int64)
+        out[inside] = lookup[rows[inside]]
+        return out
+
+
+def input_ids_of(batch: Any) -> torch.Tensor:
+    """The ``(rows, sequence_length)`` token tensor of a dict or plain tensor batch."""
+    if isinstance(batch, torch.Tensor):
+        tokens = batch
+    elif isinstance(batch, Mapping) and INPUT_KEY in batch:
+        tokens = batch[INPUT_KEY]
+    else:
+        raise BatchFormatError(
+            "multirun injects into dict batches with an 'input_ids' tensor or plain token tensors; "
+            f"got {type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
+        )
+    if tokens.dim() != 2:
+        raise BatchFormatError(f"expected input_ids of shape (rows, sequence_length), got {tuple(tokens.shape)}")
+    return tokens
+
+
+def sample_ids_of(batch: Any) -> np.ndarray | None:
+    """Dataset sample ids of the batch rows, when the dataset provides them."""
+    if isinstance(batch, Mapping) and SAMPLE_ID_KEY in batch:
+        return np.asarray(torch.as_tensor(batch[SAMPLE_ID_KEY]).cpu().numpy(), dtype=np.int64).reshape(-1)
+    return None
+
+
+def global_rows(
+    sample_ids: np.ndarray | None,
+    *,
+    rank: int,
+    gathered_sample_ids: list[np.ndarray] | None,
+    local_rows: int,
+) -> RowMap:
+    """Map this rank's local rows to global rows.
+
+    Args:
+        sample_ids: this rank's sample ids, or None if the batch has none.
+        rank: this process's global rank.
+        gathered_sample_ids: every rank's sample ids (index = rank), from an all-gather;
+            None in a single process.
+        local_rows: rows in this rank's batch.
+    """
+    if sample_ids is None or gathered_sample_ids is None:
+        if sample_ids is not None:  # single process: order by sample id
+            gathered_sample_ids = [sample_ids]
+            rank = 0
+        else:
+            start = rank * local_rows
+            return RowMap(np.arange(start, start + local_rows), total_rows=-1)
+    ids = np.concatenate(gathered_sample_ids)
+    owners = np.concatenate([np.full(len(g), r) for r, g in enumerate(gathered_sample_ids)])
+    positions = np.concatenate([np.arange(len(g)) for g in gathered_sample_ids])
+    order = np.lexsort((positions, owners, ids))
+    global_of = np.empty(ids.shape[0], dtype=np.int64)
+    global_of[order] = np.arange(ids.shape[0])
+    mine = owners == rank
+    return RowMap(global_of[mine][np.argsort(positions[mine])], total_rows=int(ids.shape[0]))
+
+
+def flat_token_positions(local_row: np.ndarray, offset: np.ndarray, length: np.ndarray, sequence_length: int) -> np.ndarray:
+    """Flat indices into a ``(rows, sequence_length)`` tensor covering every span, in span order."""
+    starts = local_row.astype(np.int64) * sequence_length + offset.astype(np.int64)
+    lengths = length.astype(np.int64)
+    span_of_token = np.repeat(np.arange(lengths.shape[0]), lengths)
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return starts[span_of_token] + within
+
+
+def apply_spans(
+    batch: Any,
+    *,
+    positions: np.ndarray,
+    tokens: np.ndarray,
+    eos_token_id: int | None,
+    rows_touched: np.ndarray,
+) -> Any:
+    """Overwrite ``tokens`` at flat ``positions`` of the batch, in place.
+
+    ``labels`` get the same tokens (they are a copy of ``input_ids`` in causal LM
+    batches), ``attention_mask`` becomes 1 on injected tokens, and llm-foundry's
+    ``sequence_id`` is recomputed from EOS positions on the touched rows.
+    Returns the (same) batch.
+    """
+    if positions.shape[0] == 0:
+        return batch
+    input_ids = input_ids_of(batch)
+    index = torch.from_numpy(positions)
+    values = torch.from_numpy(np.ascontiguousarray(tokens)).to(input_ids.dtype)
+    input_ids.view(-1)[index] = values
+    if isinstance(batch, MutableMapping):
+        if LABELS_KEY in batch and isinstance(batch[LABELS_KEY], torch.Tensor):
+            batch[LABELS_KEY].view(-1)[index] = values.to(batch[LABELS_KEY].dtype)
+        if ATTENTION_KEY in batch and isinstance(batch[ATTENTION_KEY], torch.Tensor):
+            batch[ATTENTION_KEY].view(-1)[index] = 1
+        if SEQUENCE_ID_KEY in batch:
+            if eos_token_id is None:
+                raise BatchFormatError("the batch has 'sequence_id' but the tokenizer has no EOS token to recompute it")
+            _recompute_sequence_id(batch, rows_touched, eos_token_id)
+        stale = [k for k in STALE_KEYS if k in batch]
+        if stale:
+            raise BatchFormatError(
+                f"the batch carries per-row counts {stale} derived from the original tokens; "
+                "disable them in the collator (multirun keeps the token count unchanged)"
+            )
+    return batch
+
+
+def _recompute_sequence_id(batch: MutableMapping, rows: np.ndarray, eos_token_id: int) -> None:
+    # llm-foundry's ConcatenatedSequenceCollatorWrapper: a new sequence starts after each EOS.
+    index = torch.from_numpy(np.unique(rows))
+    ids = batch[INPUT_KEY][index]
+    is_sep = (ids == eos_token_id).to(batch[SEQUENCE_ID_KEY].dtype)
+    cumulative = torch.cumsum(is_sep, dim=1)
+    shifted = torch.cat([cumulative.new_zeros((cumulative.shape[0], 1)), cumulative[:, :-1]], dim=1)
+    batch[SEQUENCE_ID_KEY][index] = shifted

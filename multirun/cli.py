@@ -1,0 +1,248 @@
+"""The ``multirun`` command line.
+
+Commands::
+
+    multirun train [CONFIG] [--set KEY=VALUE ...]    train (no CONFIG: the embedded demo)
+    multirun check CONFIG [--set ...]                validate config, payloads and placement; train nothing
+    multirun prepare OUT SOURCE... --sequence-length N [--tokenizer PATH]   text -> MDS
+    multirun ledger RUN_DIR [--experiment E] [--item I] [--steps A:B] [--export FILE]
+    multirun payload fingerprint DIR                 recompute a payload package's file fingerprints
+    multirun payload check DIR                       verify a payload package
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from multirun.errors import InputError, MultirunError
+
+console = Console()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except InputError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except MultirunError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multirun", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a run (no config: the embedded CPU demo)")
+    train.add_argument("config", nargs="?", help="run YAML; omitted: the embedded demo")
+    _add_overrides(train)
+    train.add_argument("--run-dir", help="override run_dir")
+    train.add_argument("--overwrite", action="store_true", help="allow starting over in a finished run directory")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train.set_defaults(handler=_train)
+
+    check = commands.add_parser("check", help="validate a config, its payloads and placement without training")
+    check.add_argument("config", nargs="?")
+    _add_overrides(check)
+    check.set_defaults(handler=_check)
+
+    prepare = commands.add_parser("prepare", help="tokenize text files into an MDS dataset")
+    prepare.add_argument("out", help="output directory")
+    prepare.add_argument("sources", nargs="+", help="text files or directories")
+    prepare.add_argument("--sequence-length", type=int, required=True)
+    prepare.add_argument("--tokenizer", default="bytes", help="'bytes' or a local Hugging Face tokenizer directory")
+    prepare.add_argument("--suffix", action="append", dest="suffixes", help="file suffixes to read from directories")
+    prepare.add_argument("--max-bytes", type=int)
+    prepare.set_defaults(handler=_prepare)
+
+    ledger = commands.add_parser("ledger", help="summarise, query and export a run's provenance ledger")
+    ledger.add_argument("run_dir")
+    ledger.add_argument("--experiment")
+    ledger.add_argument("--item")
+    ledger.add_argument("--steps", help="half-open step range A:B")
+    ledger.add_argument("--rank", type=int)
+    ledger.add_argument("--limit", type=int, default=20, help="rows to print for a query")
+    ledger.add_argument("--export", help="write the (filtered) rows to .parquet, .csv or .jsonl")
+    ledger.set_defaults(handler=_ledger)
+
+    payload = commands.add_parser("payload", help="payload package tools")
+    payload.add_argument("action", choices=["fingerprint", "check"])
+    payload.add_argument("path")
+    payload.set_defaults(handler=_payload)
+    return parser
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help="override a config value, e.g. --set train.max_duration=50ba (repeatable)",
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from composer.utils import dist
+
+    from multirun.config import load_config
+    from multirun.train import prepare_run
+
+    loaded = load_config(args.config, args.overrides)
+    run = prepare_run(loaded, overwrite=args.overwrite, progress=not args.no_progress, run_dir=args.run_dir)
+    if dist.get_global_rank() == 0:
+        _print_plan(run.plan)
+    summary = run.fit()
+    run.close()
+    if dist.get_global_rank() == 0 and summary:
+        _print_summary(summary)
+        console.print(f"run directory: [bold]{run.run_dir}[/]")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from multirun.config import load_config
+    from multirun.runplan import build_run_plan
+    from multirun.tokenizers import load_tokenizer
+    from multirun.train import _resolve, resolve_dataset, run_geometry
+
+    loaded = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(loaded.config.tokenizer.kind, _resolve(loaded, loaded.config.tokenizer.path))
+    dataset = resolve_dataset(loaded, tokenizer)
+    plan = build_run_plan(loaded, tokenizer=tokenizer, geometry=run_geometry(loaded, dataset))
+    _print_plan(plan)
+    console.print("[green]config, payloads and placement are valid[/]")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from multirun.data import prepare_dataset
+    from multirun.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("bytes") if args.tokenizer == "bytes" else load_tokenizer("huggingface", args.tokenizer)
+    kwargs = {"suffixes": tuple(args.suffixes)} if args.suffixes else {}
+    info = prepare_dataset(
+        args.sources, args.out, tokenizer, args.sequence_length, max_bytes=args.max_bytes, **kwargs
+    )
+    console.print(f"wrote {info.num_samples} sequences of {info.sequence_length} tokens to {info.path}")
+    return 0
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    from multirun.ledger import Ledger, export_table
+
+    ledger = Ledger.open(args.run_dir)
+    filtered = any(v is not None for v in (args.experiment, args.item, args.steps, args.rank))
+    steps = _parse_steps(args.steps) if args.steps else None
+    if args.export:
+        if filtered:
+            table = ledger.query(experiment=args.experiment, item=args.item, steps=steps, rank=args.rank)
+            path = export_table(table, args.export)
+        else:
+            path = ledger.export(args.export)
+        console.print(f"exported to {path}")
+        return 0
+    if filtered:
+        table = ledger.query(experiment=args.experiment, item=args.item, steps=steps, rank=args.rank)
+        _print_rows(table, args.limit)
+        return 0
+    total = _tokens_trained(Path(args.run_dir))
+    _print_ledger_summary(ledger.summary(total_training_tokens=total))
+    return 0
+
+
+def _payload(args: argparse.Namespace) -> int:
+    from multirun.payloads import load_payload, write_fingerprints
+
+    if args.action == "fingerprint":
+        write_fingerprints(args.path)
+        console.print(f"updated fingerprints in {Path(args.path) / 'payload.yaml'}")
+    package = load_payload(str(Path(args.path).resolve()), base_dir=Path.cwd())
+    console.print(f"{package.name} {package.version} ({package.kind}): ok, fingerprint {package.fingerprint}")
+    return 0
+
+
+# ------------------------------------------------------------------ printing
+def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
+    geometry = plan.geometry
+    table = Table(title=f"plan: {geometry.num_steps} steps x {geometry.global_batch_size} rows x {geometry.sequence_length} tokens")
+    for column in ("experiment", "kind", "treated", "control", "spans", "tokens", "share", "steps"):
+        table.add_column(column, justify="right" if column not in ("experiment", "kind") else "left")
+    for entry in plan.manifest()["experiments"]:
+        placement = entry["placement"]
+        table.add_row(
+            entry["name"], entry["kind"], str(entry["treated_items"]), str(entry["control_items"]),
+            str(entry["planned_spans"]), str(entry["planned_tokens"]),
+            f"{entry['planned_tokens'] / max(geometry.total_tokens, 1):.4%}",
+            f"{placement['start_step']}-{placement['end_step']}",
+        )
+    console.print(table)
+
+
+def _print_summary(summary: dict) -> None:
+    console.print(
+        f"trained {summary['steps_trained']} steps, {summary['tokens_trained']:,} tokens"
+    )
+    _print_ledger_summary(summary["experiments"])
+    missed = {k: v for k, v in summary.get("missed_spans", {}).items() if v}
+    if missed:
+        console.print(f"[yellow]spans that found no row (short batches): {missed}[/]")
+
+
+def _print_ledger_summary(rows: list[dict]) -> None:
+    table = Table(title="ledger: injected spans per experiment")
+    columns = ("experiment", "spans", "tokens", "share", "items", "exposures/item", "first step", "last step")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "experiment" else "right")
+    for row in rows:
+        exposures = row.get("exposures_per_item") or {}
+        share = row.get("share_of_training_tokens")
+        table.add_row(
+            str(row["experiment"]), str(row["spans"]), str(row["tokens"]),
+            "-" if share is None else f"{share:.4%}",
+            str(row.get("items_exposed")),
+            f"{exposures.get('min', '-')}/{_fmt(exposures.get('mean'))}/{exposures.get('max', '-')}",
+            str(row.get("first_step")), str(row.get("last_step")),
+        )
+    console.print(table)
+
+
+def _print_rows(table, limit: int) -> None:  # type: ignore[no-untyped-def]
+    columns = ["step", "rank", "global_row", "sample_id", "offset", "length", "experiment", "item", "repetition", "token_hash"]
+    out = Table(title=f"{table.num_rows} matching spans" + (f" (first {limit})" if table.num_rows > limit else ""))
+    for column in columns:
+        out.add_column(column)
+    head = table.slice(0, limit).to_pylist()
+    for row in head:
+        out.add_row(*(str(row[c]) for c in columns))
+    console.print(out)
+
+
+def _parse_steps(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = text.split(":")
+        return int(lo), int(hi)
+    except ValueError as exc:
+        raise InputError(f"--steps must be A:B (half-open), got {text!r}", key="--steps") from exc
+
+
+def _tokens_trained(run_dir: Path) -> int | None:
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        return int(json.loads(summary.read_text())["tokens_trained"])
+    return None
+
+
+def _fmt(value) -> str:  # type: ignore[no-untyped-def]
+    return "-" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

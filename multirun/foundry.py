@@ -1,0 +1,109 @@
+"""Building the callback from an llm-foundry YAML's ``callbacks:`` entry.
+
+llm-foundry constructs callbacks as ``MultirunCallback(**kwargs)`` with the YAML's
+keyword arguments; the trainer's batch size and duration are only known later. So
+the config and payloads are validated at construction (before training starts) and
+the plan is built at ``FIT_START`` from the trainer's state (still before the first
+batch).
+
+Two forms are accepted::
+
+    callbacks:
+      multirun:                          # a multirun YAML; its seed, tokenizer, injection
+        config: /path/multirun.yaml      # and experiments are used, the rest is ignored
+        sequence_length: 2048
+
+    callbacks:
+      multirun:                          # inline
+        run_dir: /runs/x/multirun
+        sequence_length: 2048
+        seed: 17
+        tokenizer: {kind: huggingface, path: /models/tok}
+        experiments: [{name: canaries, payload: /payloads/canaries, repetitions: 4}]
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from composer.core import State
+from composer.utils import dist
+from pydantic import ValidationError
+
+from multirun.config import LoadedConfig, RunConfig, load_config
+from multirun.errors import ConfigError
+from multirun.payloads import load_payload
+from multirun.runplan import RunPlan, build_run_plan
+from multirun.tokenizers import Tokenizer, load_tokenizer
+from multirun.types import BatchGeometry
+
+
+@dataclass
+class DeferredPlan:
+    """A validated config whose plan waits for the trainer's geometry."""
+
+    loaded: LoadedConfig
+    tokenizer: Tokenizer
+    sequence_length: int
+    run_dir: Path
+
+    @classmethod
+    def from_kwargs(
+        cls,
+        *,
+        config: str | Path | None,
+        sequence_length: int | None,
+        experiments: list[dict] | None,
+        injection: dict | None,
+        tokenizer: dict | None,
+        seed: int | None,
+        run_dir: str | Path | None,
+    ) -> "DeferredPlan":
+        if config is not None:
+            if experiments is not None:
+                raise ConfigError("give either config or experiments, not both", key="callbacks.multirun")
+            loaded = load_config(config)
+        else:
+            if experiments is None:
+                raise ConfigError(
+                    "needs `config` (a multirun YAML) or an inline `experiments` list", key="callbacks.multirun"
+                )
+            raw: dict[str, Any] = {"run_name": "llmfoundry", "experiments": experiments}
+            for key, value in (("injection", injection), ("tokenizer", tokenizer), ("seed", seed)):
+                if value is not None:
+                    raw[key] = value
+            try:
+                loaded = LoadedConfig(config=RunConfig.model_validate(raw), source=None, base_dir=Path.cwd())
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+                )
+                raise ConfigError(problems, key="callbacks.multirun") from None
+        if sequence_length is None:
+            raise ConfigError(
+                "set sequence_length (the training sequence length, llm-foundry's max_seq_len)",
+                key="callbacks.multirun.sequence_length",
+            )
+        for experiment in loaded.config.experiments:
+            load_payload(experiment.payload, base_dir=loaded.base_dir)  # fails now, naming the payload file
+        tok_cfg = loaded.config.tokenizer
+        tok_path = tok_cfg.path
+        if tok_path is not None and not os.path.isabs(tok_path):
+            tok_path = str(loaded.base_dir / tok_path)
+        resolved_run_dir = Path(run_dir) if run_dir is not None else Path(loaded.config.run_dir or "multirun")
+        return cls(loaded, load_tokenizer(tok_cfg.kind, tok_path), int(sequence_length), resolved_run_dir)
+
+    def build(self, state: State) -> RunPlan:
+        """Plan the spans for the trainer's global batch and duration."""
+        from multirun.callback import steps_in_duration
+
+        per_rank = getattr(state.dataloader, "batch_size", None)
+        if per_rank is None:
+            raise ConfigError("the train dataloader has no batch_size; multirun needs a fixed batch size")
+        global_batch = int(per_rank) * dist.get_world_size()
+        steps = steps_in_duration(state, global_batch, self.sequence_length)
+        geometry = BatchGeometry(global_batch, self.sequence_length, steps)
+        return build_run_plan(self.loaded, tokenizer=self.tokenizer, geometry=geometry)

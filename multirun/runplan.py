@@ -1,0 +1,187 @@
+"""The run plan: prepared experiments plus their static span schedule.
+
+A :class:`RunPlan` is everything the callback needs to inject: the geometry, the
+experiments' token sequences, the spans of every step and the token fingerprints
+the ledger records. It is built once, before training, from a validated config.
+
+Example:
+    >>> plan = build_run_plan(loaded, tokenizer=tok, geometry=geo)   # doctest: +SKIP
+    >>> plan.spans_at(0)                                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from multirun import __version__
+from multirun.config import LoadedConfig
+from multirun.experiment import arms_record, build_experiments
+from multirun.ledger import token_hash
+from multirun.planner import PlanResult, plan_static
+from multirun.tokenizers import Tokenizer
+from multirun.types import BatchGeometry, PreparedExperiment, SpanTable
+
+
+@dataclass
+class RunPlan:
+    """Experiments and their static schedule for one run."""
+
+    geometry: BatchGeometry
+    experiments: list[PreparedExperiment]
+    result: PlanResult
+    seed: int
+    eos_token_id: int | None
+    config_fingerprint: str
+    sequence_hashes: list[np.ndarray]
+
+    @property
+    def spans(self) -> SpanTable:
+        return self.result.spans
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies what will be injected: config, payloads and geometry.
+
+        A checkpoint taken under one plan cannot be resumed under another.
+        """
+        h = xxhash.xxh64()
+        h.update(self.config_fingerprint.encode())
+        h.update(json.dumps(self.geometry.__dict__, sort_keys=True).encode())
+        for experiment in self.experiments:
+            h.update(experiment.fingerprint.encode())
+        return h.hexdigest()
+
+    @property
+    def experiment_names(self) -> list[str]:
+        return [e.name for e in self.experiments]
+
+    def spans_at(self, step: int) -> SpanTable:
+        return self.spans.take(self.spans.step_slice(step))
+
+    def tokens_of(self, experiment: np.ndarray, sequence: np.ndarray) -> np.ndarray:
+        """Concatenated tokens of the given spans' sequences, in span order."""
+        if experiment.shape[0] == 0:
+            return np.empty(0, dtype=np.int32)
+        parts = [self.experiments[int(e)].sequence_tokens(int(s)) for e, s in zip(experiment, sequence)]
+        return np.concatenate(parts)
+
+    def hashes_of(self, experiment: np.ndarray, sequence: np.ndarray) -> np.ndarray:
+        out = np.empty(experiment.shape[0], dtype=np.uint64)
+        for e in np.unique(experiment):
+            mask = experiment == e
+            out[mask] = self.sequence_hashes[int(e)][sequence[mask]]
+        return out
+
+    def items_of(self, experiment: np.ndarray, sequence: np.ndarray) -> np.ndarray:
+        out = np.empty(experiment.shape[0], dtype=np.int32)
+        for e in np.unique(experiment):
+            mask = experiment == e
+            out[mask] = self.experiments[int(e)].seq_items[sequence[mask]]
+        return out
+
+    def manifest(self) -> dict[str, Any]:
+        """Plain description of the plan, written to ``manifest.json``."""
+        spans = self.spans
+        experiments = []
+        for index, e in enumerate(self.experiments):
+            mine = spans.experiment == index
+            experiments.append(
+                {
+                    "name": e.name,
+                    "kind": e.kind,
+                    "fingerprint": e.fingerprint,
+                    "items": len(e.item_ids),
+                    "treated_items": int(np.count_nonzero(e.treated)),
+                    "control_items": int(np.count_nonzero(~e.treated)),
+                    "sequences": int(e.seq_lengths.shape[0]),
+                    "planned_spans": int(np.count_nonzero(mine)),
+                    "planned_tokens": int(spans.length[mine].sum()),
+                    "unplaced_spans": int(self.result.unplaced.get(e.name, 0)),
+                    "placement": {
+                        "mode": e.placement.mode,
+                        "start_step": e.placement.start_step,
+                        "end_step": e.placement.end_step,
+                        "steps": list(e.placement.steps),
+                    },
+                    "metadata": e.metadata,
+                }
+            )
+        return {
+            "multirun_version": __version__,
+            "plan_fingerprint": self.fingerprint,
+            "config_fingerprint": self.config_fingerprint,
+            "seed": self.seed,
+            "geometry": dict(self.geometry.__dict__),
+            "experiments": experiments,
+        }
+
+    def write(self, run_dir: str | Path) -> None:
+        """Write ``manifest.json`` and ``arms.json`` atomically into the run directory."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "manifest.json", self.manifest())
+        write_json_atomic(run_dir / "arms.json", arms_record(self.experiments))
+
+
+def build_run_plan(loaded: LoadedConfig, *, tokenizer: Tokenizer, geometry: BatchGeometry) -> RunPlan:
+    """Prepare every experiment of the config and plan its spans."""
+    config = loaded.config
+    experiments = build_experiments(loaded, tokenizer=tokenizer, geometry=geometry)
+    result = plan_static(
+        experiments,
+        geometry,
+        seed=config.seed,
+        max_modified_fraction=config.injection.max_modified_fraction,
+        on_unplaceable=config.injection.on_unplaceable,
+    )
+    hashes = [
+        np.array([token_hash(e.sequence_tokens(s)) for s in range(e.seq_lengths.shape[0])], dtype=np.uint64)
+        for e in experiments
+    ]
+    return RunPlan(
+        geometry=geometry,
+        experiments=experiments,
+        result=result,
+        seed=config.seed,
+        eos_token_id=tokenizer.eos_token_id,
+        config_fingerprint=injection_fingerprint(loaded),
+        sequence_hashes=hashes,
+    )
+
+
+def injection_fingerprint(loaded: LoadedConfig) -> str:
+    """Fingerprint of the config sections that decide what is injected where.
+
+    Run name, run directory, checkpoint cadence and the like are left out, so a run
+    can be resumed from a moved directory or with another save interval.
+    """
+    resolved = loaded.resolved_dict()
+    relevant = {key: resolved[key] for key in ("seed", "tokenizer", "injection", "experiments")}
+    return xxhash.xxh64(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON so that a kill leaves either the old or the new file, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=_plain)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

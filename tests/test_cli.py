@@ -1,0 +1,85 @@
+"""The `multirun` command line: prepare, check, train, ledger, payload."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from multirun.cli import main
+from multirun.data import read_dataset_info
+from multirun.ledger import Ledger
+from tests.helpers_payload import documents, write_payload
+from tests.support import make_dataset, run_config
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    dataset = make_dataset(tmp / "mds", samples=60)
+    config = run_config(tmp, dataset, steps=12, save_interval=None, name="cli")
+    assert main(["train", str(config), "--no-progress"]) == 0
+    return tmp / "cli"
+
+
+def test_prepare_writes_an_mds_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "text"
+    source.mkdir()
+    (source / "a.txt").write_text("hello world " * 40)
+    (source / "b.txt").write_text("second document " * 30)
+    assert main(["prepare", str(tmp_path / "out"), str(source), "--sequence-length", "32"]) == 0
+    info = read_dataset_info(tmp_path / "out")
+    assert info.sequence_length == 32
+    assert info.num_samples == (480 + 1 + 480 + 1) // 32
+    assert f"wrote {info.num_samples} sequences" in capsys.readouterr().out
+
+
+def test_train_prints_summary_and_writes_run_dir(trained_run: Path) -> None:
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["steps_trained"] == 12
+    assert {e["experiment"] for e in summary["experiments"]} == {"canaries", "facts"}
+
+
+def test_ledger_summary_query_and_export(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ledger = Ledger.open(trained_run)
+    assert main(["ledger", str(trained_run)]) == 0
+    out = capsys.readouterr().out
+    assert "canaries" in out and "facts" in out
+
+    first = ledger.table.to_pylist()[0]
+    assert main(["ledger", str(trained_run), "--experiment", first["experiment"], "--item", first["item"]]) == 0
+    assert "matching spans" in capsys.readouterr().out
+
+    out_csv = tmp_path / "canaries.csv"
+    assert main(["ledger", str(trained_run), "--experiment", "canaries", "--export", str(out_csv)]) == 0
+    rows = list(csv.DictReader(out_csv.open()))
+    expected = ledger.query(experiment="canaries")
+    assert len(rows) == expected.num_rows > 0
+    assert {r["experiment"] for r in rows} == {"canaries"}
+
+    out_jsonl = tmp_path / "all.jsonl"
+    assert main(["ledger", str(trained_run), "--steps", "0:6", "--export", str(out_jsonl)]) == 0
+    lines = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
+    assert lines and all(0 <= r["step"] < 6 for r in lines)
+    assert len(lines) == ledger.query(steps=(0, 6)).num_rows
+
+
+def test_bad_config_exits_with_a_message_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("run_name: x\ntrain:\n  global_batch_sise: 4\n")
+    assert main(["check", str(config)]) == 2
+    out = capsys.readouterr().out
+    assert "bad.yaml" in out and "global_batch_sise" in out
+
+
+def test_payload_fingerprint_repairs_an_edited_package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_payload(tmp_path / "p", documents(3))
+    (root / "items.jsonl").write_text(json.dumps({"id": "new", "text": "edited"}) + "\n")
+    assert main(["payload", "check", str(root)]) == 2
+    assert "items.jsonl" in capsys.readouterr().out
+    assert main(["payload", "fingerprint", str(root)]) == 0
+    assert main(["payload", "check", str(root)]) == 0
