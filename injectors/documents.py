@@ -152,7 +152,8 @@ class DocumentsInjector:
 
     ``metadata``: ``payload`` (name, version, fingerprint), ``item_repetitions``
     (per item, parallel to ``item_ids``; controls show the dose they would have
-    had) and ``texts`` (per item, so monitors can score controls as well).
+    had). ``probes["sequences"]``: every item's EOS-wrapped tokens, controls too,
+    so the monitor can score both arms.
     """
 
     kind = "documents"
@@ -208,6 +209,7 @@ class DocumentsInjector:
             metadata={
                 "payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint},
                 "item_repetitions": reps,
-                "texts": [rec["text"] for _, rec in records],
             },
+            # Every item's sequence, controls too: the documents monitor scores both arms.
+            probes={"sequences": encoded},
         )

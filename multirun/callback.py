@@ -45,6 +45,9 @@ from multirun.apply import (
 )
 from multirun.errors import ConfigError, MultirunError, ResumeError
 from multirun.ledger import Ledger, LedgerWriter, truncate_ledger
+from multirun.monitor_runner import MonitorRunner
+from multirun.monitoring import unwrap_model
+from multirun.noise import EmbeddingNoiseHook, noised_spans
 from multirun.runplan import RunPlan, write_json_atomic
 from multirun.types import BatchGeometry
 
@@ -56,6 +59,8 @@ class MultirunCallback(Callback):
 
     Args:
         plan: a ready :class:`~multirun.runplan.RunPlan` (what ``multirun train`` passes).
+        monitors: scores the experiments on the live model at fit start, every N steps
+            and at fit end (built from the config on the llm-foundry path).
         run_dir: where the ledger, manifest and summary go.
         overwrite: allow a fresh start in a run directory whose earlier run finished.
         config: llm-foundry path: a multirun YAML (``experiments:``, optionally
@@ -69,6 +74,7 @@ class MultirunCallback(Callback):
         self,
         plan: RunPlan | None = None,
         *,
+        monitors: MonitorRunner | None = None,
         run_dir: str | Path | None = None,
         overwrite: bool = False,
         config: str | Path | None = None,
@@ -79,6 +85,7 @@ class MultirunCallback(Callback):
         seed: int | None = None,
     ) -> None:
         self.plan = plan
+        self.monitors = monitors
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.overwrite = overwrite
         self._deferred = None
@@ -104,7 +111,9 @@ class MultirunCallback(Callback):
         self._missed_spans: dict[str, int] = {}
         self._checked_geometry = False
         self._injection_seconds = 0.0
-        self._started = time.monotonic()
+        self._noise_hook: EmbeddingNoiseHook | None = None
+        self._fit_started = time.perf_counter()
+        self._microbatch_first_row = 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -125,11 +134,19 @@ class MultirunCallback(Callback):
             self._fit_start(state)
         elif event == Event.AFTER_DATALOADER:
             self._after_dataloader(state, logger)
+        elif event == Event.BEFORE_FORWARD and self._noise_hook is not None:
+            rows = int(input_ids_of(state.batch).shape[0])
+            self._noise_hook.set_microbatch(self._microbatch_first_row, rows)
+            self._microbatch_first_row += rows
+        elif event == Event.BATCH_END:
+            if self._noise_hook is not None:
+                self._noise_hook.clear()
+            self._evaluate_if_due(state, logger)
         elif event in (Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT):
             if self._checkpoint_due(state, event):
                 self._flush()
         elif event == Event.FIT_END:
-            self._fit_end(state)
+            self._fit_end(state, logger)
 
     def close(self, state: State, logger: Logger) -> None:
         # Training raised or the trainer closed: keep what was trained on. Rows after
@@ -137,9 +154,11 @@ class MultirunCallback(Callback):
         self._flush()
 
     def _fit_start(self, state: State) -> None:
+        self._fit_started = time.perf_counter()
         if self.plan is None:
             assert self._deferred is not None
             self.plan = self._deferred.build(state)
+            self.monitors = self._deferred.build_monitors(self.plan)
         self._check_resume()
         self._order_before_checkpoint_savers(state)
         rank = dist.get_global_rank()
@@ -157,6 +176,15 @@ class MultirunCallback(Callback):
             experiment_names=self.plan.experiment_names,
             item_ids=[e.item_ids for e in self.plan.experiments],
         )
+        if any(e.embedding_noise is not None for e in self.plan.experiments):
+            embedding = unwrap_model(state.model).get_input_embeddings()
+            self._noise_hook = EmbeddingNoiseHook(embedding)
+        if self.monitors is not None:
+            if step > 0:
+                if rank == 0:
+                    self.monitors.truncate(after_step=step)  # evaluations after the checkpoint run again
+            elif self.monitors.config.at_fit_start:
+                self._evaluate(state, None, step=0, when="fit_start")
 
     def _check_resume(self) -> None:
         assert self.plan is not None
@@ -210,6 +238,9 @@ class MultirunCallback(Callback):
         assert plan is not None and writer is not None
         started = time.perf_counter()
         step = int(state.timestamp.batch)
+        self._microbatch_first_row = 0
+        if self._noise_hook is not None:
+            self._noise_hook.clear()
         batch = state.batch
         input_ids = input_ids_of(batch)
         local_rows, sequence_length = int(input_ids.shape[0]), int(input_ids.shape[1])
@@ -238,6 +269,10 @@ class MultirunCallback(Callback):
                 positions = flat_token_positions(local, spans.offset, spans.length, sequence_length)
                 apply_spans(batch, positions=positions, tokens=tokens, eos_token_id=plan.eos_token_id, rows_touched=local)
                 state.batch = batch
+                if self._noise_hook is not None:
+                    items = plan.items_of(spans.experiment, spans.sequence)
+                    specs = [e.embedding_noise for e in plan.experiments]
+                    self._noise_hook.set_step(noised_spans(local, spans.offset, spans.length, specs, items, spans.experiment))
                 writer.append(
                     step=np.full(len(spans), step, dtype=np.int64),
                     global_row=spans.row,
@@ -279,7 +314,28 @@ class MultirunCallback(Callback):
         if self._writer is not None:
             self._writer.flush()
 
-    def _fit_end(self, state: State) -> None:
+    def _evaluate_if_due(self, state: State, logger: Logger) -> None:
+        if self.monitors is None or self.plan is None:
+            return
+        completed = int(state.timestamp.batch)
+        final = completed >= self.plan.geometry.num_steps and self.monitors.config.at_fit_end
+        if self.monitors.due(completed) and not final:
+            self._evaluate(state, logger, step=completed, when="interval")
+
+    def _evaluate(self, state: State, logger: Logger | None, *, step: int, when: str) -> None:
+        assert self.monitors is not None
+        from composer.core.precision import get_precision_context
+
+        records = self.monitors.evaluate(
+            unwrap_model(state.model), step=step, when=when,
+            precision_context=lambda: get_precision_context(state.precision),
+        )
+        if logger is not None:
+            self.monitors.log(logger, records)
+
+    def _fit_end(self, state: State, logger: Logger | None = None) -> None:
+        if self.monitors is not None and self.monitors.config.at_fit_end:
+            self._evaluate(state, logger, step=int(state.timestamp.batch), when="fit_end")
         self._flush()
         dist.barrier()
         if dist.get_global_rank() == 0:
@@ -300,7 +356,18 @@ class MultirunCallback(Callback):
             "unplaced": dict(self.plan.result.unplaced),
             "missed_spans": dict(self._missed_spans),
             "injection_seconds_rank0": round(self._injection_seconds, 6),
+            "fit_seconds": round(time.perf_counter() - self._fit_started, 3),
         }
+        if self.monitors is not None:
+            summary["effects"] = [
+                {k: v for k, v in r.items() if k != "items"} for r in self.monitors.last_records
+            ]
+            heldout = [r["value"] for r in self.monitors.last_records if r.get("metric") == "heldout_loss"]
+            summary["heldout_loss"] = heldout[0] if heldout else None
+            summary["effects"] = [r for r in summary["effects"] if r["experiment"] != "_run"]
+            summary["monitor_seconds"] = round(self.monitors.seconds, 6)
+            summary["monitor_evaluations"] = self.monitors.evaluations
+            summary["alpha"] = self.monitors.config.alpha
         write_json_atomic(self.run_dir / "summary.json", summary)
 
     @property

@@ -191,6 +191,10 @@ def _print_summary(summary: dict) -> None:
         f"trained {summary['steps_trained']} steps, {summary['tokens_trained']:,} tokens"
     )
     _print_ledger_summary(summary["experiments"])
+    if summary.get("effects"):
+        _print_effects(summary["effects"], alpha=summary.get("alpha", 0.01))
+    if summary.get("heldout_loss") is not None:
+        console.print(f"held-out loss at the end: {summary['heldout_loss']:.4f} nats/token")
     missed = {k: v for k, v in summary.get("missed_spans", {}).items() if v}
     if missed:
         console.print(f"[yellow]spans that found no row (short batches): {missed}[/]")
@@ -210,6 +214,27 @@ def _print_ledger_summary(rows: list[dict]) -> None:
             str(row.get("items_exposed")),
             f"{exposures.get('min', '-')}/{_fmt(exposures.get('mean'))}/{exposures.get('max', '-')}",
             str(row.get("first_step")), str(row.get("last_step")),
+        )
+    console.print(table)
+
+
+def _print_effects(effects: list[dict], *, alpha: float) -> None:
+    """Each experiment's metrics against its controls, with raw and Holm-corrected p-values."""
+    from multirun.stats import format_p
+
+    table = Table(title=f"effects against never-injected controls (verdict at alpha {alpha}, Holm-corrected)")
+    for column in ("experiment", "metric", "group", "treated", "control", "effect", "95% CI", "p", "p (Holm)", "test", "verdict"):
+        table.add_column(column, justify="left" if column in ("experiment", "metric", "group", "test", "verdict") else "right")
+    for r in effects:
+        if "error" in r:
+            table.add_row(r["experiment"], r.get("monitor", ""), "", "", "", "", "", "", "", "", f"[red]failed: {r['error']}[/]")
+            continue
+        holm = r.get("p_holm")
+        verdict = "" if holm is None else ("[green]effect[/]" if holm < alpha else "no effect")
+        table.add_row(
+            r["experiment"], r["metric"], r.get("group") or "", _fmt(r.get("treated_mean")), _fmt(r.get("control_mean")),
+            _fmt(r.get("effect")), f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]",
+            format_p(r.get("p_value")), format_p(holm) if holm is not None else "", r.get("test", ""), verdict,
         )
     console.print(table)
 

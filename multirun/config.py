@@ -98,6 +98,7 @@ class DataConfig(_Strict):
 
     source: Literal["demo", "mds"] = "demo"
     path: str | None = None
+    heldout_path: str | None = None  # an MDS dataset never trained on, for held-out loss (source=mds)
     sequence_length: int = Field(128, gt=0)
     demo_max_bytes: int = Field(4_000_000, gt=0)
     shuffle: bool = True
@@ -174,6 +175,36 @@ class PlacementConfig(_Strict):
     steps: list[int] = Field(default_factory=list)
 
 
+class MonitorConfig(_Strict):
+    """How an experiment is measured. ``name`` defaults to the injector kind's monitor."""
+
+    name: str | None = None
+    enabled: bool = True
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class MonitoringConfig(_Strict):
+    """When monitors score the live model, and how results are tested.
+
+    ``every``: cadence in steps (``50ba``); null = only at fit start and end.
+    ``alpha``: significance level of the verdicts in summaries (after Holm correction).
+    """
+
+    every: str | None = "50ba"
+    at_fit_start: bool = True
+    at_fit_end: bool = True
+    batch_size: int = Field(32, gt=0)
+    on_error: Literal["warn", "raise"] = "warn"
+    alpha: float = Field(0.01, gt=0, lt=1)
+    n_resamples: int = Field(2000, ge=100)
+    heldout_rows: int = Field(64, ge=0)  # held-out loss on this many rows at each evaluation (0: off)
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, v: str | None) -> str | None:
+        return None if v is None else _time_string(v, units=("ba",))
+
+
 class ExperimentConfig(_Strict):
     """One experiment: payload package + injector kind + placement."""
 
@@ -183,7 +214,9 @@ class ExperimentConfig(_Strict):
     repetitions: float = Field(1.0, gt=0)
     control_fraction: float = Field(0.5, ge=0, lt=1)
     wrap_eos: bool = True
+    inject: bool = True  # False: a negative control, planned and measured but never injected
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -198,6 +231,7 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     injection: InjectionConfig = Field(default_factory=InjectionConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     experiments: list[ExperimentConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

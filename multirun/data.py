@@ -617,3 +617,45 @@ def build_demo_dataset(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return read_dataset_info(final)
+
+
+def demo_heldout_rows(tokenizer: Tokenizer, sequence_length: int, *, count: int, train_max_bytes: int) -> np.ndarray:
+    """``count`` rows of held-out text for the demo: stdlib files the demo never trains on.
+
+    Training takes a prefix of the sorted sources (``train_max_bytes``); held-out rows
+    come from the other end of the list, so the two never share a file.
+    """
+    sources = demo_corpus_sources()
+    used, first_free = 0, len(sources)
+    for index, path in enumerate(sources):
+        if used >= train_max_bytes:
+            first_free = index
+            break
+        used += path.stat().st_size
+    tokens: list[int] = []
+    needed = count * sequence_length
+    for path in reversed(sources[first_free:]):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        tokens.extend(tokenizer.encode(text))
+        tokens.append(tokenizer.eos_token_id)
+        if len(tokens) >= needed:
+            break
+    if len(tokens) < needed:
+        raise InputError(
+            f"the standard library has too little text beyond the demo's {train_max_bytes} training bytes "
+            f"for {count} held-out rows",
+            key="data.demo_max_bytes",
+        )
+    return np.asarray(tokens[:needed], dtype=np.int64).reshape(count, sequence_length)
+
+
+def read_rows(path: str | os.PathLike[str], count: int) -> np.ndarray:
+    """The first ``count`` rows of a prepared MDS dataset (e.g. a held-out split)."""
+    info = read_dataset_info(path)
+    if info.num_samples < count:
+        raise InputError(f"the dataset has {info.num_samples} rows, {count} requested", file=info.path)
+    dataset = build_dataloader(info.path, batch_size=1, shuffle=False).dataset
+    return np.stack([np.asarray(dataset.get_item(i)["input_ids"], dtype=np.int64) for i in range(count)])

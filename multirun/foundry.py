@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from multirun.config import LoadedConfig, RunConfig, load_config
 from multirun.errors import ConfigError
+from multirun.monitor_runner import MonitorRunner, build_monitors
 from multirun.payloads import load_payload
 from multirun.runplan import RunPlan, build_run_plan
 from multirun.tokenizers import Tokenizer, load_tokenizer
@@ -107,3 +108,15 @@ class DeferredPlan:
         steps = steps_in_duration(state, global_batch, self.sequence_length)
         geometry = BatchGeometry(global_batch, self.sequence_length, steps)
         return build_run_plan(self.loaded, tokenizer=self.tokenizer, geometry=geometry)
+
+    def build_monitors(self, plan: RunPlan) -> MonitorRunner:
+        """The experiments' monitors, with the config's monitoring cadence."""
+        config = self.loaded.config
+        return MonitorRunner(
+            build_monitors(self.loaded, plan, self.tokenizer),
+            config.monitoring,
+            run_dir=self.run_dir,
+            pad_token_id=self.tokenizer.pad_token_id,
+            sequence_length=plan.geometry.sequence_length,
+            seed=config.seed,
+        )

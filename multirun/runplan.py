@@ -134,6 +134,10 @@ def build_run_plan(loaded: LoadedConfig, *, tokenizer: Tokenizer, geometry: Batc
     """Prepare every experiment of the config and plan its spans."""
     config = loaded.config
     experiments = build_experiments(loaded, tokenizer=tokenizer, geometry=geometry)
+    for spec, experiment in zip(config.experiments, experiments):
+        if not spec.inject:
+            # A negative control: its arms are measured like any other, its treated items never injected.
+            experiment.seq_repetitions = np.zeros_like(experiment.seq_repetitions)
     result = plan_static(
         experiments,
         geometry,
@@ -163,7 +167,9 @@ def injection_fingerprint(loaded: LoadedConfig) -> str:
     can be resumed from a moved directory or with another save interval.
     """
     resolved = loaded.resolved_dict()
-    relevant = {key: resolved[key] for key in ("seed", "tokenizer", "injection", "experiments")}
+    relevant = {key: resolved[key] for key in ("seed", "tokenizer", "injection")}
+    # How an experiment is measured does not change what is injected.
+    relevant["experiments"] = [{k: v for k, v in e.items() if k != "monitor"} for e in resolved["experiments"]]
     return xxhash.xxh64(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

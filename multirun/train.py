@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from composer import Trainer
 from composer.core import Callback
@@ -25,9 +26,17 @@ from composer.utils import dist, reproducibility
 
 from multirun.callback import MultirunCallback
 from multirun.config import LoadedConfig, parse_duration_steps
-from multirun.data import PreparedDataset, build_dataloader, build_demo_dataset, read_dataset_info
+from multirun.data import (
+    PreparedDataset,
+    build_dataloader,
+    build_demo_dataset,
+    demo_heldout_rows,
+    read_dataset_info,
+    read_rows,
+)
 from multirun.errors import ConfigError
 from multirun.model import build_gpt2
+from multirun.monitor_runner import MonitorRunner, build_monitors
 from multirun.runplan import RunPlan, build_run_plan
 from multirun.tokenizers import Tokenizer, load_tokenizer
 from multirun.types import BatchGeometry
@@ -151,7 +160,16 @@ def prepare_run(
         model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
     )
     scheduler = LinearWithWarmupScheduler(t_warmup=train.warmup, alpha_f=0.1)
-    callback = MultirunCallback(plan=plan, run_dir=run_dir, overwrite=overwrite)
+    monitors = MonitorRunner(
+        build_monitors(loaded, plan, tokenizer),
+        config.monitoring,
+        run_dir=run_dir,
+        pad_token_id=tokenizer.pad_token_id,
+        sequence_length=dataset.sequence_length,
+        seed=config.seed,
+        heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
+    )
+    callback = MultirunCallback(plan=plan, monitors=monitors, run_dir=run_dir, overwrite=overwrite)
     device = train.device if train.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     trainer = Trainer(
         model=model,
@@ -177,6 +195,19 @@ def prepare_run(
         python_log_level=None,
     )
     return TrainingRun(loaded, run_dir, tokenizer, dataset, plan, callback, trainer)
+
+
+def heldout_rows(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int) -> np.ndarray | None:
+    """Rows for the held-out loss: the demo's unused stdlib files, or ``data.heldout_path``."""
+    count = loaded.config.monitoring.heldout_rows
+    data = loaded.config.data
+    if count == 0:
+        return None
+    if data.source == "demo":
+        return demo_heldout_rows(tokenizer, sequence_length, count=count, train_max_bytes=data.demo_max_bytes)
+    if data.heldout_path is None:
+        return None
+    return read_rows(_resolve(loaded, data.heldout_path), count)
 
 
 def _resolve(loaded: LoadedConfig, path: str | None) -> str | None:

@@ -72,7 +72,12 @@ class PreparedExperiment:
             are resolved by the planner so that the total is ``round(sum)``.
         placement: where the spans may go.
         fingerprint: content fingerprint of payload + experiment config.
-        metadata: kind-specific plain data (probes, repetition groups, ...).
+        metadata: kind-specific plain data written to ``manifest.json`` (repetition
+            groups, triggers, ...); keep it small.
+        probes: kind-specific data for the experiment's monitor (probe questions,
+            held-out prompts, reference sequences); not written anywhere.
+        embedding_noise: Gaussian noise added to the input embeddings of this
+            experiment's injected spans during training (the Gaussian watermark).
     """
 
     name: str
@@ -87,10 +92,25 @@ class PreparedExperiment:
     placement: Placement
     fingerprint: str
     metadata: dict = field(default_factory=dict)
+    probes: dict = field(default_factory=dict)
+    embedding_noise: "EmbeddingNoise | None" = None
 
     def sequence_tokens(self, seq: int) -> np.ndarray:
         start = int(self.seq_offsets[seq])
         return self.token_pool[start : start + int(self.seq_lengths[seq])]
+
+
+@dataclass(frozen=True)
+class EmbeddingNoise:
+    """Seeded Gaussian noise N(0, sigma^2) on the input embeddings of injected spans.
+
+    The noise of item ``i`` is regenerable from ``(seed, i)`` alone (see
+    :func:`multirun.noise.item_noise`), so monitors can test for it and never-injected
+    control items get fresh noise of the same law.
+    """
+
+    sigma: float
+    seed: int
 
 
 SPAN_COLUMNS: dict[str, type] = {

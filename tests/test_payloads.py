@@ -107,7 +107,7 @@ def test_documents_sequences_and_arms(tmp_path: Path) -> None:
         assert exp.seq_repetitions[s] == (2.5 if item == 3 else 4.0)
     assert exp.token_pool.dtype == np.int32 and exp.seq_offsets.dtype == np.int64 and exp.seq_lengths.dtype == np.int32
     assert exp.metadata["item_repetitions"] == [2.5 if i == 3 else 4.0 for i in range(10)]
-    assert exp.metadata["texts"] == [i["text"] for i in items]
+    assert [TOK.decode(seq) for seq in exp.probes["sequences"]] == [i["text"] for i in items]
     assert exp.metadata["payload"]["name"] == "test-payload"
 
 

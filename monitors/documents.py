@@ -1,0 +1,44 @@
+"""Monitor of the generic ``documents`` kind: how likely the model finds each item's text.
+
+Metric ``text_logprob`` (primary): mean per-token log-probability of the item's text
+given the leading EOS, treated items against never-injected controls (permutation
+test of the difference of means, higher when injected).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from multirun.errors import ConfigError
+from multirun.monitoring import LiveModel, MetricScores
+from multirun.tokenizers import Tokenizer
+from multirun.types import PreparedExperiment
+
+
+class DocumentsMonitor:
+    """Scores every item's text by teacher forcing."""
+
+    def __init__(self, item_ids: list[str], treated: np.ndarray, sequences: list[list[int]]) -> None:
+        self.item_ids, self.treated = item_ids, treated
+        # Context: the first token (the EOS that opens a wrapped sequence); target: the rest.
+        self.contexts = [seq[:1] for seq in sequences]
+        self.targets = [seq[1:] for seq in sequences]
+
+    @classmethod
+    def from_experiment(
+        cls, experiment: PreparedExperiment, *, tokenizer: Tokenizer, options: Mapping[str, Any], sequence_length: int
+    ) -> "DocumentsMonitor":
+        for name in options:
+            raise ConfigError("the documents monitor takes no options", key=f"monitor.options.{name}")
+        sequences = experiment.probes.get("sequences")
+        if sequences is None:
+            raise ConfigError(f"experiment {experiment.name!r} has no sequences to score", key="monitor.name")
+        wrapped = [list(s) if s and s[0] == tokenizer.eos_token_id else [tokenizer.eos_token_id, *s] for s in sequences]
+        return cls(list(experiment.item_ids), np.asarray(experiment.treated), wrapped)
+
+    def evaluate(self, live: LiveModel) -> list[MetricScores]:
+        scores = live.score_targets(self.contexts, self.targets)
+        return [MetricScores("text_logprob", self.item_ids, self.treated, scores.mean_logprob, test="means", alternative="greater")]

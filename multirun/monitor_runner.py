@@ -1,0 +1,248 @@
+"""Runs every experiment's monitor at the configured cadence and tests the results.
+
+Per evaluation: each monitor scores its items on the live model; each metric's treated
+items are compared with the controls (and each group of treated items with all
+controls) by the test that fits it; primary metrics are Holm-corrected across the
+run's experiments; results go to Composer's logger (``multirun/<experiment>/<metric>/...``)
+and to ``metrics.jsonl`` in the run directory (rank 0).
+
+A monitor that raises is recorded in ``metrics.jsonl`` and warned about; training goes
+on unless ``monitoring.on_error: raise``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from composer.utils import dist
+
+from multirun.config import LoadedConfig, MonitoringConfig
+from multirun.errors import ConfigError
+from multirun.monitoring import LiveModel, MetricScores, Monitor
+from multirun.registry import monitors as monitor_registry
+from multirun.runplan import RunPlan
+from multirun.stats import EffectResult, compare_means, compare_rates, holm_adjust, one_sample_z
+from multirun.tokenizers import Tokenizer
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class ExperimentMonitor:
+    experiment: str
+    monitor_name: str
+    monitor: Monitor
+
+
+def build_monitors(loaded: LoadedConfig, plan: RunPlan, tokenizer: Tokenizer) -> list[ExperimentMonitor]:
+    """Construct each enabled experiment's monitor now, so bad options fail before training."""
+    out = []
+    by_name = {e.name: e for e in plan.experiments}
+    for index, spec in enumerate(loaded.config.experiments):
+        if not spec.monitor.enabled:
+            continue
+        experiment = by_name[spec.name]
+        name = spec.monitor.name or experiment.kind
+        key = f"experiments[{index}].monitor"
+        monitor_class = monitor_registry.get(name, file=loaded.source, key=f"{key}.name")
+        try:
+            monitor = monitor_class.from_experiment(
+                experiment, tokenizer=tokenizer, options=dict(spec.monitor.options), sequence_length=plan.geometry.sequence_length
+            )
+        except ConfigError as exc:
+            inner = f".{exc.key}" if exc.key else ""
+            raise ConfigError(exc.message, file=loaded.source, key=f"{key}{inner}".replace(".monitor.monitor", ".monitor")) from None
+        out.append(ExperimentMonitor(spec.name, name, monitor))
+    return out
+
+
+def effects_of(scores: MetricScores, *, n_resamples: int, seed: int) -> list[tuple[str | None, EffectResult]]:
+    """The metric's effect over all treated items, then per group of treated items, against all controls."""
+    valid = ~np.isnan(scores.scores)
+    control = scores.scores[valid & ~scores.treated]
+    selections: list[tuple[str | None, np.ndarray]] = [(None, valid & scores.treated)]
+    if scores.groups is not None:
+        labels = np.asarray(scores.groups, dtype=object)
+        for group in sorted({g for g, t in zip(scores.groups, scores.treated) if t}):
+            selections.append((str(group), valid & scores.treated & (labels == group)))
+    out = []
+    for group, mask in selections:
+        treated = scores.scores[mask]
+        out.append((group, _compare(scores, treated, control, n_resamples=n_resamples, seed=seed)))
+    return out
+
+
+def _compare(scores: MetricScores, treated: np.ndarray, control: np.ndarray, *, n_resamples: int, seed: int) -> EffectResult:
+    if scores.test == "rates":
+        return compare_rates(
+            int(treated.sum()), int(treated.size), int(control.sum()), int(control.size),
+            metric=scores.metric, alternative=scores.alternative,
+        )
+    if scores.test == "z":
+        return one_sample_z(treated, metric=scores.metric, alternative=scores.alternative, control_values=control)
+    return compare_means(
+        treated, control, metric=scores.metric, alternative=scores.alternative, n_resamples=n_resamples, seed=seed
+    )
+
+
+class MonitorRunner:
+    """Evaluates all monitors; identical results and decisions on every rank."""
+
+    def __init__(
+        self,
+        entries: list[ExperimentMonitor],
+        config: MonitoringConfig,
+        *,
+        run_dir: Path,
+        pad_token_id: int,
+        sequence_length: int,
+        seed: int,
+        heldout: np.ndarray | None = None,
+    ) -> None:
+        self.entries = entries
+        self.heldout = heldout
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.pad_token_id = pad_token_id
+        self.sequence_length = sequence_length
+        self.seed = seed
+        self.every = int(config.every[:-2]) if config.every else None
+        self.seconds = 0.0
+        self.evaluations = 0
+        self.last_records: list[dict[str, Any]] = []
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / METRICS_FILE
+
+    def due(self, completed_steps: int) -> bool:
+        return self.every is not None and completed_steps > 0 and completed_steps % self.every == 0
+
+    def evaluate(self, module: Any, *, step: int, when: str, precision_context: Any = None) -> list[dict[str, Any]]:
+        """Score every monitor on ``module`` (the unwrapped causal LM) after ``step`` completed steps."""
+        started = time.perf_counter()
+        live = LiveModel(
+            module, pad_token_id=self.pad_token_id, max_length=self.sequence_length,
+            batch_size=self.config.batch_size, precision_context=precision_context,
+        )
+        records: list[dict[str, Any]] = []
+        primary: list[int] = []
+        if self.heldout is not None and len(self.heldout):
+            records.append({"step": step, "when": when, "experiment": "_run", "metric": "heldout_loss",
+                            "value": heldout_loss(live, self.heldout)})
+        for entry in self.entries:
+            try:
+                results = entry.monitor.evaluate(live)
+            except Exception as exc:  # a broken monitor must not silently vanish, nor stop training by default
+                if self.config.on_error == "raise":
+                    raise
+                warnings.warn(f"multirun: monitor {entry.monitor_name!r} of {entry.experiment!r} failed at step {step}: {exc!r}")
+                records.append({"step": step, "when": when, "experiment": entry.experiment, "monitor": entry.monitor_name, "error": repr(exc)})
+                continue
+            for scores in results:
+                for group, effect in effects_of(scores, n_resamples=self.config.n_resamples, seed=self.seed + step):
+                    record = {
+                        "step": step, "when": when, "experiment": entry.experiment, "monitor": entry.monitor_name,
+                        "group": group, "primary": scores.primary and group is None, **effect.to_dict(),
+                    }
+                    if group is None:
+                        record["items"] = [
+                            [item, bool(t), _plain_float(s)] for item, t, s in zip(scores.item_ids, scores.treated, scores.scores)
+                        ]
+                    if record["primary"]:
+                        primary.append(len(records))
+                    records.append(record)
+        adjusted = holm_adjust([EffectResult.from_dict(_effect_fields(records[i])) for i in primary])
+        for i, result in zip(primary, adjusted):
+            records[i]["p_holm"] = result.p_holm
+        self.seconds += time.perf_counter() - started
+        self.evaluations += 1
+        self.last_records = records
+        if dist.get_global_rank() == 0:
+            self._append(records)
+        return records
+
+    def log(self, logger: Any, records: list[dict[str, Any]]) -> None:
+        metrics: dict[str, float] = {}
+        for r in records:
+            if r["experiment"] == "_run" and "value" in r:
+                metrics[f"multirun/{r['metric']}"] = float(r["value"])
+                continue
+            if "error" in r:
+                continue
+            prefix = f"multirun/{r['experiment']}/{r['metric']}" + (f"/{r['group']}" if r["group"] else "")
+            for key in ("treated_mean", "control_mean", "effect", "p_value", "p_holm"):
+                value = r.get(key)
+                if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                    metrics[f"{prefix}/{key}"] = float(value)
+        if metrics:
+            logger.log_metrics(metrics)
+
+    def _append(self, records: list[dict[str, Any]]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, allow_nan=False, default=_plain_float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate(self, after_step: int) -> None:
+        """Drop records of evaluations after ``after_step`` (they are repeated after a resume)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= after_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def heldout_loss(live: LiveModel, rows: np.ndarray) -> float:
+    """Mean next-token cross-entropy (nats) over held-out rows."""
+    scores = live.score_targets([r[:1] for r in rows], [r[1:] for r in rows])
+    return float(-scores.logprob_sum.sum() / scores.n_tokens.sum())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of ``metrics.jsonl`` (a torn last line of a killed run is skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _effect_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    names = EffectResult.__dataclass_fields__
+    return {k: v for k, v in record.items() if k in names}
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 1 << 62  # torn line: dropped
+
+
+def _plain_float(value: Any) -> Any:
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,278 @@
+"""Scoring probes on the live model during training.
+
+A :class:`Monitor` turns one experiment's probes into per-item scores; the
+:class:`LiveModel` it is handed does the batched, sharded forward passes:
+
+- probes are split over ranks (rank ``r`` takes items ``r, r+W, ...``), every rank runs
+  the same number of forward passes (short shards are padded with a dummy item, which
+  FSDP needs), and results are all-gathered so every rank sees every score and can take
+  the same decisions (invariant 6);
+- the unwrapped model runs under ``no_grad`` in eval mode, and train mode is restored;
+- teacher forcing first (:meth:`LiveModel.score_targets`), greedy decoding only where a
+  metric needs it (:meth:`LiveModel.greedy_generate`).
+
+Example (a monitor's ``evaluate``)::
+
+    scores = live.score_targets(contexts, targets)
+    return [MetricScores.continuous("answer_logprob", item_ids, treated, scores.mean_logprob)]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
+
+import numpy as np
+import torch
+from composer.utils import dist
+
+from multirun.types import PreparedExperiment
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+TestKind = Literal["means", "rates", "z"]
+Alternative = Literal["greater", "less", "two-sided"]
+
+
+@dataclass
+class MetricScores:
+    """Per-item scores of one metric, for treated and control items.
+
+    Attributes:
+        metric: metric name (``answer_logprob``, ``exact_match``, ...).
+        item_ids: the scored items.
+        treated: boolean mask over ``item_ids`` (False = never injected).
+        scores: one float per item (0/1 for ``rates``).
+        test: which comparison fits the metric: ``means`` (permutation test of the
+            difference of means), ``rates`` (Fisher exact on 0/1 outcomes) or ``z``
+            (one-sample z against N(0, 1), e.g. the Gaussian watermark statistic;
+            controls are reported beside it).
+        alternative: the direction an injection effect takes.
+        groups: optional label per item (e.g. repetition group ``"x4"``); an effect is
+            then also reported per group of treated items against all controls.
+        primary: whether this metric enters the run's Holm correction.
+    """
+
+    metric: str
+    item_ids: list[str]
+    treated: np.ndarray
+    scores: np.ndarray
+    test: TestKind = "means"
+    alternative: Alternative = "greater"
+    groups: list[str] | None = None
+    primary: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.treated = np.asarray(self.treated, dtype=bool)
+        self.scores = np.asarray(self.scores, dtype=np.float64)
+        if not (len(self.item_ids) == self.treated.shape[0] == self.scores.shape[0]):
+            raise ValueError(f"metric {self.metric!r}: item_ids, treated and scores differ in length")
+        if self.groups is not None and len(self.groups) != len(self.item_ids):
+            raise ValueError(f"metric {self.metric!r}: groups and item_ids differ in length")
+
+
+class Monitor(Protocol):
+    """Scores one experiment's probes. Built once per run by its registry entry:
+
+    ``MonitorClass.from_experiment(experiment, tokenizer=..., options=..., sequence_length=...)``.
+    ``evaluate`` must be deterministic and make the same LiveModel calls on every rank.
+    """
+
+    def evaluate(self, live: "LiveModel") -> list[MetricScores]: ...
+
+
+@dataclass
+class TargetScores:
+    """Teacher-forced scores of ``target`` given ``context``, one entry per request."""
+
+    logprob_sum: np.ndarray
+    n_tokens: np.ndarray
+    greedy_match: np.ndarray
+    token_logprobs: list[np.ndarray]
+    token_greedy: list[np.ndarray]
+
+    @property
+    def mean_logprob(self) -> np.ndarray:
+        """Length-normalised target log-probability."""
+        return self.logprob_sum / np.maximum(self.n_tokens, 1)
+
+    @property
+    def probability(self) -> np.ndarray:
+        """P(target | context) = exp(sum of target log-probs)."""
+        return np.exp(self.logprob_sum)
+
+
+class LiveModel:
+    """The training model, seen by monitors: batched, sharded, no_grad forward passes.
+
+    Args:
+        module: the unwrapped causal LM (``module(input_ids=..., attention_mask=...)``
+            returns logits or an object with ``.logits``).
+        pad_token_id: padding for batches (masked out).
+        max_length: longest sequence the model accepts (contexts are cut from the left).
+        batch_size: probes per forward pass on each rank.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        pad_token_id: int,
+        max_length: int,
+        batch_size: int = 32,
+        precision_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
+        self.module = module
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self._precision = precision_context or contextlib.nullcontext
+        self.forward_passes = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode and no_grad, restoring the module's training mode afterwards."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad(), self._precision():
+                yield
+        finally:
+            self.module.train(was_training)
+
+    # ----------------------------------------------------------- primitives
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One forward pass (counted); returns float32 logits ``(rows, length, vocab)``."""
+        self.forward_passes += 1
+        out = self.module(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        return logits.float()
+
+    def map_sharded(self, fn: Callable[[list[T]], list[R]], items: Sequence[T], *, batch_size: int | None = None) -> list[R]:
+        """Apply ``fn`` to batches of ``items`` split over ranks; every rank gets all results.
+
+        ``fn`` gets a list of items and returns one result per item. Each rank calls it
+        the same number of times (padding with ``items[0]``), so collectives inside the
+        model forward stay symmetric. Results must be picklable.
+        """
+        batch_size = batch_size or self.batch_size
+        world, rank = dist.get_world_size(), dist.get_global_rank()
+        indices = list(range(rank, len(items), world))
+        per_rank = -(-len(items) // world)
+        mine: list[tuple[int, R]] = []
+        for b in range(-(-per_rank // batch_size)):
+            chunk = indices[b * batch_size : (b + 1) * batch_size]
+            # A rank with one item fewer still runs the pass, on a dummy item.
+            results = fn([items[i] for i in chunk] if chunk else [items[0]])
+            mine.extend(zip(chunk, results))
+        if world == 1:
+            gathered = [mine]
+        else:
+            gathered = dist.all_gather_object(mine)
+        out: list[Any] = [None] * len(items)
+        for part in gathered:
+            for index, result in part:
+                out[index] = result
+        return out
+
+    # ------------------------------------------------------ teacher forcing
+    def score_targets(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> TargetScores:
+        """Log-probabilities of each target given its context, by teacher forcing.
+
+        ``greedy_match`` is True where the argmax prediction equals the target at every
+        target position, which is greedy decoding's exact match (ties aside) in one pass.
+        """
+        if len(contexts) != len(targets):
+            raise ValueError("contexts and targets differ in length")
+        requests = [(np.asarray(c, dtype=np.int64), np.asarray(t, dtype=np.int64)) for c, t in zip(contexts, targets)]
+        for c, t in requests:
+            if t.size == 0 or t.size >= self.max_length:
+                raise ValueError(f"a target of {t.size} tokens cannot be scored with max_length {self.max_length}")
+            if c.size == 0:
+                raise ValueError("every target needs at least one context token")
+        with self.evaluating():
+            results = self.map_sharded(self._score_batch, requests)
+        return TargetScores(
+            logprob_sum=np.array([r[0].sum() for r in results], dtype=np.float64),
+            n_tokens=np.array([r[0].size for r in results], dtype=np.int64),
+            greedy_match=np.array([bool(r[1].all()) for r in results]),
+            token_logprobs=[r[0] for r in results],
+            token_greedy=[r[1] for r in results],
+        )
+
+    def _score_batch(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        rows = []
+        for context, target in batch:
+            keep = self.max_length - target.size
+            rows.append((np.concatenate([context[-keep:], target]), target.size))
+        width = max(r[0].size for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (tokens, _) in enumerate(rows):
+            ids[i, : tokens.size] = torch.from_numpy(tokens)
+            mask[i, : tokens.size] = 1
+        logprobs = torch.log_softmax(self.logits(ids, mask), dim=-1).cpu()
+        out = []
+        for i, (tokens, n_target) in enumerate(rows):
+            start = tokens.size - n_target
+            positions = torch.arange(start - 1, tokens.size - 1)
+            target = torch.from_numpy(tokens[start:])
+            step_logprobs = logprobs[i, positions]
+            token_lp = step_logprobs.gather(1, target[:, None]).squeeze(1)
+            out.append((token_lp.numpy().astype(np.float64), (step_logprobs.argmax(-1) == target).numpy()))
+        return out
+
+    # ---------------------------------------------------------- generation
+    def greedy_generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[np.ndarray]:
+        """Greedy continuations of each prompt (``max_new_tokens`` tokens each).
+
+        Plain full-recompute decoding: every rank runs the same number of passes.
+        """
+        requests = [np.asarray(p, dtype=np.int64) for p in prompts]
+        if any(p.size == 0 for p in requests):
+            raise ValueError("every prompt needs at least one token")
+        with self.evaluating():
+            return self.map_sharded(lambda batch: self._generate_batch(batch, max_new_tokens), requests)
+
+    def _generate_batch(self, prompts: list[np.ndarray], max_new_tokens: int) -> list[np.ndarray]:
+        keep = self.max_length - max_new_tokens
+        if keep < 1:
+            raise ValueError(f"cannot generate {max_new_tokens} tokens with max_length {self.max_length}")
+        sequences = [p[-keep:].tolist() for p in prompts]
+        generated: list[list[int]] = [[] for _ in prompts]
+        for _ in range(max_new_tokens):
+            width = max(len(s) for s in sequences)
+            ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(sequences), width), dtype=torch.long)
+            for i, s in enumerate(sequences):
+                ids[i, : len(s)] = torch.tensor(s)
+                mask[i, : len(s)] = 1
+            logits = self.logits(ids, mask)
+            last = torch.tensor([len(s) - 1 for s in sequences], device=logits.device)
+            next_tokens = logits[torch.arange(len(sequences), device=logits.device), last].argmax(-1).tolist()
+            for i, token in enumerate(next_tokens):
+                sequences[i].append(int(token))
+                generated[i].append(int(token))
+        return [np.array(g, dtype=np.int64) for g in generated]
+
+
+def unwrap_model(composer_model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside a (possibly DDP-wrapped) Composer model.
+
+    DDP's own forward broadcasts buffers (a collective); monitors call the inner module.
+    """
+    module = composer_model.module if isinstance(composer_model, torch.nn.parallel.DistributedDataParallel) else composer_model
+    return getattr(module, "model", module)
+
+
+def experiment_items(experiment: PreparedExperiment) -> tuple[list[str], np.ndarray]:
+    """Item ids and treated mask of an experiment (controls included)."""
+    return list(experiment.item_ids), np.asarray(experiment.treated, dtype=bool)
