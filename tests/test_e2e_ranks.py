@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from multirun.ledger import Ledger
+from multirun.monitor_runner import read_metrics
 from tests.support import REPO, make_dataset, placements, run_cli, run_config
 
 pytestmark = pytest.mark.e2e
@@ -45,3 +47,17 @@ def test_two_ranks_inject_what_one_rank_injects(tmp_path: Path) -> None:
     assert len(one) > 0
     assert set(two.table.column("rank").to_pylist()) == {0, 1}  # both ranks injected and wrote shards
     assert placements(two.table) == placements(one.table)
+
+    # Monitors: probes sharded over two ranks and all-gathered score what one rank scores.
+    metrics_one, metrics_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [(r["step"], r["experiment"], r["metric"]) for r in metrics_one] == [
+        (r["step"], r["experiment"], r["metric"]) for r in metrics_two
+    ]
+    assert {r["when"] for r in metrics_one} == {"fit_start", "fit_end"}
+    for a, b in zip(metrics_one, metrics_two):
+        # Identical weights at fit start; after training, DDP's summation order differs slightly.
+        tolerance = 1e-5 if a["step"] == 0 else 1e-2
+        scores_a = np.array([s for _, _, s in a["items"]])
+        scores_b = np.array([s for _, _, s in b["items"]])
+        assert [i for i, _, _ in a["items"]] == [i for i, _, _ in b["items"]]
+        np.testing.assert_allclose(scores_b, scores_a, rtol=tolerance, atol=tolerance)

@@ -1,0 +1,155 @@
+"""The monitor framework: exact probe scoring, effects, failures, bad monitor configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from multirun.config import load_config
+from multirun.errors import ConfigError
+from multirun.experiment import build_experiments
+from multirun.model import build_gpt2
+from multirun.monitor_runner import MonitorRunner, build_monitors, effects_of, read_metrics
+from multirun.monitoring import LiveModel, MetricScores, unwrap_model
+from multirun.registry import monitors
+from multirun.runplan import build_run_plan
+from multirun.tokenizers import ByteTokenizer
+from multirun.types import BatchGeometry
+from tests.helpers_payload import documents, minimal_config, write_config, write_payload
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return unwrap_model(build_gpt2(vocab_size=258, sequence_length=32, n_layer=1, n_head=2, n_embd=16, eos_token_id=256))
+
+
+def _manual_scores(model: torch.nn.Module, context: list[int], target: list[int]) -> tuple[float, bool]:
+    ids = torch.tensor([context + target])
+    model.eval()  # no dropout, as monitors score
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    model.train()
+    total, match = 0.0, True
+    for j, token in enumerate(target):
+        row = logprobs[len(context) + j - 1]
+        total += float(row[token])
+        match &= int(row.argmax()) == token
+    return total, match
+
+
+def test_score_targets_equals_a_forward_pass_by_hand(model: torch.nn.Module) -> None:
+    rng = np.random.default_rng(1)
+    contexts = [rng.integers(0, 256, n).tolist() for n in (1, 5, 9, 3)]
+    targets = [rng.integers(0, 256, n).tolist() for n in (4, 2, 7, 1)]
+    live = LiveModel(model, pad_token_id=257, max_length=32, batch_size=3)  # a short last batch, padding
+    scores = live.score_targets(contexts, targets)
+    for i, (c, t) in enumerate(zip(contexts, targets)):
+        total, match = _manual_scores(model, c, t)
+        assert scores.logprob_sum[i] == pytest.approx(total, abs=1e-4)
+        assert bool(scores.greedy_match[i]) == match
+        assert scores.n_tokens[i] == len(t)
+    assert model.training  # train mode restored
+
+
+def test_greedy_match_is_true_for_the_models_own_greedy_continuation(model: torch.nn.Module) -> None:
+    live = LiveModel(model, pad_token_id=257, max_length=32)
+    prompts = [[1, 2, 3], [200, 100]]
+    continuations = live.greedy_generate(prompts, max_new_tokens=5)
+    scores = live.score_targets(prompts, [c.tolist() for c in continuations])
+    assert scores.greedy_match.all()
+    ids = torch.tensor([prompts[0]])
+    model.eval()
+    for _ in range(5):  # the same continuation by an explicit argmax loop
+        with torch.no_grad():
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    model.train()
+    assert ids[0, 3:].tolist() == continuations[0].tolist()
+
+
+def test_context_longer_than_the_model_is_cut_from_the_left(model: torch.nn.Module) -> None:
+    live = LiveModel(model, pad_token_id=257, max_length=8)
+    long_context = list(range(20))
+    a = live.score_targets([long_context], [[5, 6]])
+    b = live.score_targets([long_context[-6:]], [[5, 6]])
+    assert a.logprob_sum[0] == pytest.approx(b.logprob_sum[0], abs=1e-5)
+
+
+def test_effects_per_group_against_all_controls() -> None:
+    scores = MetricScores(
+        "m", [f"i{k}" for k in range(8)], treated=[1, 1, 1, 1, 0, 0, 0, 0],
+        scores=[5.0, 6.0, 1.0, 1.1, 1.0, 0.9, 1.2, 1.1], groups=["x16", "x16", "x1", "x1", "0", "0", "0", "0"],
+    )
+    by_group = dict(effects_of(scores, n_resamples=500, seed=0))
+    assert set(by_group) == {None, "x1", "x16"}
+    assert by_group["x16"].effect == pytest.approx(5.5 - 1.05)
+    assert by_group["x1"].n_treated == 2 and by_group["x1"].n_control == 4
+
+
+def _project(tmp: Path, **monitor: object) -> Path:
+    write_payload(tmp / "payloads" / "p", documents(6))
+    doc = minimal_config(docs={"payload": "payloads/p", "monitor": dict(monitor)})
+    doc["injection"] = {"max_modified_fraction": 0.5}
+    return write_config(tmp / "run.yaml", doc)
+
+
+def _runner(config: Path, run_dir: Path) -> MonitorRunner:
+    loaded = load_config(config, env={})
+    plan = build_run_plan(loaded, tokenizer=TOK, geometry=BatchGeometry(4, 64, 100))
+    return MonitorRunner(
+        build_monitors(loaded, plan, TOK), loaded.config.monitoring, run_dir=run_dir, pad_token_id=257,
+        sequence_length=64, seed=0,
+    )
+
+
+def test_unknown_monitor_name_fails_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        _runner(_project(tmp_path, name="no-such-monitor"), tmp_path / "run")
+    message = str(err.value)
+    assert "run.yaml" in message and "experiments[0].monitor.name" in message and "documents" in message
+
+
+def test_monitor_options_are_validated_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        _runner(_project(tmp_path, options={"bogus": 1}), tmp_path / "run")
+    assert "experiments[0].monitor.options.bogus" in str(err.value)
+
+
+class FailingMonitor:
+    @classmethod
+    def from_experiment(cls, experiment, **kwargs):  # type: ignore[no-untyped-def]
+        return cls()
+
+    def evaluate(self, live: LiveModel) -> list[MetricScores]:
+        raise RuntimeError("probe file vanished")
+
+
+def test_a_failing_monitor_is_recorded_and_training_goes_on(tmp_path: Path, model: torch.nn.Module) -> None:
+    monitors.register("failing-for-test", FailingMonitor, override=True)
+    runner = _runner(_project(tmp_path, name="failing-for-test"), tmp_path / "run")
+    with pytest.warns(UserWarning, match="probe file vanished"):
+        records = runner.evaluate(model, step=10, when="interval")
+    assert records[-1]["error"] == "RuntimeError('probe file vanished')"
+    assert read_metrics(tmp_path / "run")[-1]["error"] == records[-1]["error"]
+    runner.config.on_error = "raise"
+    with pytest.raises(RuntimeError):
+        runner.evaluate(model, step=20, when="interval")
+
+
+def test_metrics_are_cut_back_to_the_resumed_step(tmp_path: Path, model: torch.nn.Module) -> None:
+    runner = _runner(_project(tmp_path), tmp_path / "run")
+    big = unwrap_model(build_gpt2(vocab_size=258, sequence_length=64, n_layer=1, n_head=2, n_embd=16, eos_token_id=256))
+    for step in (0, 50, 100):
+        runner.evaluate(big, step=step, when="interval")
+    with open(runner.path, "a") as f:
+        f.write('{"step": 150, "torn')  # a kill mid-write
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 50, 100]
+    runner.truncate(after_step=50)
+    lines = runner.path.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 50]
