@@ -44,6 +44,7 @@ from multirun.apply import (
     sample_ids_of,
 )
 from multirun.errors import ConfigError, MultirunError, ResumeError
+from multirun.jsonl import append_jsonl, truncate_jsonl
 from multirun.ledger import Ledger, LedgerWriter, truncate_ledger
 from multirun.monitor_runner import MonitorRunner
 from multirun.monitoring import unwrap_model
@@ -52,6 +53,7 @@ from multirun.runplan import RunPlan, write_json_atomic
 from multirun.types import BatchGeometry
 
 STATE_FORMAT = 1
+TRAINING_LOG = "training.jsonl"
 
 
 class MultirunCallback(Callback):
@@ -114,6 +116,7 @@ class MultirunCallback(Callback):
         self._noise_hook: EmbeddingNoiseHook | None = None
         self._fit_started = time.perf_counter()
         self._microbatch_first_row = 0
+        self._losses: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -141,6 +144,7 @@ class MultirunCallback(Callback):
         elif event == Event.BATCH_END:
             if self._noise_hook is not None:
                 self._noise_hook.clear()
+            self._record_loss(state)
             self._evaluate_if_due(state, logger)
         elif event in (Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT):
             if self._checkpoint_due(state, event):
@@ -180,10 +184,10 @@ class MultirunCallback(Callback):
             embedding = unwrap_model(state.model).get_input_embeddings()
             self._noise_hook = EmbeddingNoiseHook(embedding)
         if self.monitors is not None:
-            if step > 0:
-                if rank == 0:
-                    self.monitors.truncate(after_step=step)  # evaluations after the checkpoint run again
-            elif self.monitors.config.at_fit_start:
+            if rank == 0:
+                # Evaluations after the checkpoint (or all, on a fresh start) run again.
+                self.monitors.truncate(after_step=step if step > 0 else -1)
+            if step == 0 and self.monitors.config.at_fit_start:
                 self._evaluate(state, None, step=0, when="fit_start")
 
     def _check_resume(self) -> None:
@@ -204,6 +208,7 @@ class MultirunCallback(Callback):
         if step > 0:
             # Steps >= step are trained again after the resume: drop rows written after the checkpoint.
             truncate_ledger(run_dir, from_step=step)
+            truncate_jsonl(run_dir / TRAINING_LOG, lambda r: int(r["step"]) <= step)
             return
         if not (run_dir / "ledger").exists():
             return
@@ -213,6 +218,7 @@ class MultirunCallback(Callback):
                 file=run_dir,
             )
         removed = truncate_ledger(run_dir, from_step=0)
+        (run_dir / TRAINING_LOG).unlink(missing_ok=True)
         if removed:
             warnings.warn(f"{run_dir}: starting from step 0, removed {removed} ledger rows of an earlier attempt")
 
@@ -310,9 +316,19 @@ class MultirunCallback(Callback):
             self._missed_spans[name] = self._missed_spans.get(name, 0) + count
             warnings.warn(f"multirun: {count} spans of {name!r} target rows beyond this step's {total_rows} rows")
 
+    def _record_loss(self, state: State) -> None:
+        # Rank 0 keeps the all-reduced training loss; written with the ledger at checkpoints.
+        losses = state.total_loss_dict
+        if dist.get_global_rank() == 0 and losses:
+            total = losses.get("loss/train/total", next(iter(losses.values())))
+            self._losses.append({"step": int(state.timestamp.batch), "loss": float(total)})
+
     def _flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
+        if self._losses and self.run_dir is not None:
+            append_jsonl(self.run_dir / TRAINING_LOG, self._losses)
+            self._losses = []
 
     def _evaluate_if_due(self, state: State, logger: Logger) -> None:
         if self.monitors is None or self.plan is None:

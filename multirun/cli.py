@@ -6,6 +6,7 @@ Commands::
     multirun check CONFIG [--set ...]                validate config, payloads and placement; train nothing
     multirun prepare OUT SOURCE... --sequence-length N [--tokenizer PATH]   text -> MDS
     multirun ledger RUN_DIR [--experiment E] [--item I] [--steps A:B] [--export FILE]
+    multirun report RUN_DIR [--baseline OTHER_RUN] [--out DIR]   HTML + Markdown report with plots
     multirun payload fingerprint DIR                 recompute a payload package's file fingerprints
     multirun payload check DIR                       verify a payload package
 """
@@ -75,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     ledger.add_argument("--export", help="write the (filtered) rows to .parquet, .csv or .jsonl")
     ledger.set_defaults(handler=_ledger)
 
+    report = commands.add_parser("report", help="write an HTML + Markdown report of a run directory")
+    report.add_argument("run_dir")
+    report.add_argument("--baseline", help="another run directory to compare losses against (e.g. no experiments)")
+    report.add_argument("--out", help="output folder (default RUN_DIR/report)")
+    report.set_defaults(handler=_report)
+
     payload = commands.add_parser("payload", help="payload package tools")
     payload.add_argument("action", choices=["fingerprint", "check"])
     payload.add_argument("path")
@@ -102,8 +109,12 @@ def _train(args: argparse.Namespace) -> int:
     summary = run.fit()
     run.close()
     if dist.get_global_rank() == 0 and summary:
+        from multirun.report import build_report
+
         _print_summary(summary)
+        report = build_report(run.run_dir)
         console.print(f"run directory: [bold]{run.run_dir}[/]")
+        console.print(f"report: [bold]{report.html}[/] (Markdown: {report.markdown})")
     return 0
 
 
@@ -155,6 +166,14 @@ def _ledger(args: argparse.Namespace) -> int:
         return 0
     total = _tokens_trained(Path(args.run_dir))
     _print_ledger_summary(ledger.summary(total_training_tokens=total))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from multirun.report import build_report
+
+    paths = build_report(args.run_dir, baseline=args.baseline, out_dir=args.out)
+    console.print(f"report: [bold]{paths.html}[/] (Markdown: {paths.markdown}, {len(paths.plots)} plots)")
     return 0
 
 

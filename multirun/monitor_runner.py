@@ -12,9 +12,7 @@ on unless ``monitoring.on_error: raise``.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -27,6 +25,7 @@ from composer.utils import dist
 
 from multirun.config import LoadedConfig, MonitoringConfig
 from multirun.errors import ConfigError
+from multirun.jsonl import append_jsonl, plain, read_jsonl, truncate_jsonl
 from multirun.monitoring import LiveModel, MetricScores, Monitor
 from multirun.registry import monitors as monitor_registry
 from multirun.runplan import RunPlan
@@ -156,7 +155,7 @@ class MonitorRunner:
                     }
                     if group is None:
                         record["items"] = [
-                            [item, bool(t), _plain_float(s)] for item, t, s in zip(scores.item_ids, scores.treated, scores.scores)
+                            [item, bool(t), plain(s)] for item, t, s in zip(scores.item_ids, scores.treated, scores.scores)
                         ]
                     if record["primary"]:
                         primary.append(len(records))
@@ -188,21 +187,11 @@ class MonitorRunner:
             logger.log_metrics(metrics)
 
     def _append(self, records: list[dict[str, Any]]) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, allow_nan=False, default=_plain_float) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, records)
 
     def truncate(self, after_step: int) -> None:
         """Drop records of evaluations after ``after_step`` (they are repeated after a resume)."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= after_step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        truncate_jsonl(self.path, lambda r: int(r.get("step", 1 << 62)) <= after_step)
 
 
 def heldout_loss(live: LiveModel, rows: np.ndarray) -> float:
@@ -213,36 +202,9 @@ def heldout_loss(live: LiveModel, rows: np.ndarray) -> float:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All records of ``metrics.jsonl`` (a torn last line of a killed run is skipped)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
 
 
 def _effect_fields(record: Mapping[str, Any]) -> dict[str, Any]:
     names = EffectResult.__dataclass_fields__
     return {k: v for k, v in record.items() if k in names}
-
-
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return 1 << 62  # torn line: dropped
-
-
-def _plain_float(value: Any) -> Any:
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return None if math.isnan(value) or math.isinf(value) else value
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -23,6 +23,7 @@ import xxhash
 from multirun import __version__
 from multirun.config import LoadedConfig
 from multirun.experiment import arms_record, build_experiments
+from multirun.jsonl import plain
 from multirun.ledger import token_hash
 from multirun.planner import PlanResult, plan_static
 from multirun.tokenizers import Tokenizer
@@ -177,17 +178,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON so that a kill leaves either the old or the new file, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=_plain)
+        json.dump(payload, f, indent=2, sort_keys=True, default=plain)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -39,6 +39,8 @@ def test_prepare_writes_an_mds_dataset(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_train_prints_summary_and_writes_run_dir(trained_run: Path) -> None:
+    assert (trained_run / "report" / "report.html").is_file()  # the run ends with its report
+    assert (trained_run / "training.jsonl").is_file()
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["steps_trained"] == 12
     assert {e["experiment"] for e in summary["experiments"]} == {"canaries", "facts"}
@@ -66,6 +68,12 @@ def test_ledger_summary_query_and_export(trained_run: Path, tmp_path: Path, caps
     lines = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
     assert lines and all(0 <= r["step"] < 6 for r in lines)
     assert len(lines) == ledger.query(steps=(0, 6)).num_rows
+
+
+def test_report_command_writes_html_and_markdown(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(trained_run), "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.html").read_text().count("data:image/png;base64") >= 3
+    assert "report.html" in capsys.readouterr().out
 
 
 def test_bad_config_exits_with_a_message_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,267 @@
+"""The report's figures, drawn with matplotlib's Agg canvas (no display, no pyplot).
+
+Each function takes plain numbers and returns a :class:`matplotlib.figure.Figure`;
+:func:`png_bytes` renders it. Figures are built without ``pyplot`` so no global
+backend or figure registry is touched: safe inside a training process or a test.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+import numpy as np
+# The Agg canvas is attached per figure: matplotlib.use() would switch the backend
+# of whoever imported us (a notebook, a training process), so it is never called.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize, to_hex
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from multirun.report.rundata import Series
+
+WIDTH = 8.0  # inches; at DPI 110 the PNG is ~880 px, the HTML column's width
+DPI = 110
+BASELINE_COLOR = "#7a7a7a"
+MAX_BARS = 80  # binned over more steps than this: a bar per bin, not per step
+
+
+def palette(names: Sequence[str]) -> dict[str, str]:
+    """A stable colour per experiment (tab10, then tab20), in run order."""
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: to_hex(cmap(i % cmap.N)) for i, name in enumerate(names)}
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """Render ``fig`` as PNG (no timestamp in the metadata: identical runs, identical files)."""
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _figure(height: float, width: float = WIDTH) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _style(ax) -> None:
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(True, color="#e6e9ef", linewidth=0.8)
+    ax.set_axisbelow(True)
+
+
+def token_share(names: Sequence[str], shares: Sequence[float], colors: Mapping[str, str]) -> Figure:
+    """Horizontal bars: share of training tokens each experiment overwrote (percent)."""
+    fig = _figure(0.9 + 0.38 * len(names))
+    ax = fig.add_subplot()
+    y = np.arange(len(names))[::-1]
+    percent = np.asarray(shares, dtype=float) * 100
+    ax.barh(y, percent, color=[colors[n] for n in names], height=0.6)
+    ax.set_yticks(y, labels=list(names))
+    ax.set_xlabel("share of training tokens (%)")
+    top = float(np.nanmax(percent)) if len(percent) and np.isfinite(percent).any() else 1.0
+    ax.set_xlim(0, max(top, 1e-9) * 1.18)
+    for yi, p in zip(y, percent):
+        ax.text(p, yi, f" {p:.3g}%", va="center", fontsize=9)
+    _style(ax)
+    ax.grid(False, axis="y")
+    return fig
+
+
+def injected_tokens(
+    steps: Mapping[str, np.ndarray],
+    lengths: Mapping[str, np.ndarray],
+    colors: Mapping[str, str],
+    *,
+    num_steps: int,
+    steps_reached: int,
+    cap_tokens: float | None = None,
+) -> Figure:
+    """Stacked bars of injected tokens per step (mean per step within a bin) by experiment."""
+    width = max(1, math.ceil(num_steps / MAX_BARS))
+    n_bins = max(1, math.ceil(num_steps / width))
+    left = np.arange(n_bins) * width
+    fig = _figure(3.4)
+    ax = fig.add_subplot()
+    bottom = np.zeros(n_bins)
+    for name in steps:
+        if steps[name].size == 0:
+            continue
+        per_bin = np.bincount(steps[name] // width, weights=lengths[name], minlength=n_bins)[:n_bins] / width
+        ax.bar(left, per_bin, width=width * 0.92, align="edge", bottom=bottom, color=colors[name], label=name)
+        bottom += per_bin
+    if cap_tokens is not None:
+        ax.axhline(cap_tokens, color="#b03a2e", linestyle="--", linewidth=1, label="cap per step")
+    if steps_reached < num_steps:
+        ax.axvspan(steps_reached, num_steps, color="#eeeeee", zorder=0, label="not trained yet")
+    ax.set_xlim(0, num_steps)
+    ax.set_xlabel("step")
+    ax.set_ylabel("injected tokens per step" + (f"\n(mean over {width} steps)" if width > 1 else ""))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    _style(ax)
+    return fig
+
+
+def exposure_histograms(exposures: Mapping[str, np.ndarray], colors: Mapping[str, str]) -> Figure:
+    """One histogram per experiment: how many spans each treated item got (0 = never placed yet)."""
+    names = list(exposures)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = _figure(2.3 * rows + 0.3)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        counts = exposures[name]
+        top = int(counts.max()) if counts.size else 0
+        # One bar per exposure count while that stays readable, else automatic bins.
+        bins = np.arange(-0.5, top + 1.5, 1.0) if top <= MAX_BARS else "auto"
+        ax.hist(counts, bins=bins, color=colors[name], rwidth=0.85)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("exposures (spans) per item", fontsize=9)
+        ax.set_ylabel("items", fontsize=9)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        _style(ax)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    return fig
+
+
+def metric_curves(
+    experiment: str,
+    metrics: Mapping[str, Mapping[str, Series | Mapping[str, Series]]],
+    color: str,
+    *,
+    acquired_steps: Sequence[int] = (),
+    acquisition_label: str = "",
+) -> Figure:
+    """Per metric: treated vs control mean (top) and the effect with its CI band (bottom).
+
+    ``metrics[name]`` holds Series ``treated``, ``control``, ``effect``, ``ci_low``,
+    ``ci_high`` (all over the same evaluation steps).
+    """
+    names = list(metrics)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = _figure(4.2 * rows, WIDTH if cols > 1 else WIDTH * 0.8)
+    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3, 2] * rows)
+    for index, metric in enumerate(names):
+        r, c = divmod(index, cols)
+        top = fig.add_subplot(grid[2 * r, c])
+        bottom = fig.add_subplot(grid[2 * r + 1, c], sharex=top)
+        m = metrics[metric]
+        treated, control = m["treated"], m["control"]
+        top.plot(treated.steps, treated.values, marker="o", markersize=3.5, color=color, label="treated")
+        top.plot(control.steps, control.values, marker="s", markersize=3.5, color=BASELINE_COLOR, label="control")
+        top.set_title(metric, fontsize=10)
+        top.set_ylabel("mean score", fontsize=9)
+        effect, low, high = m["effect"], m["ci_low"], m["ci_high"]
+        bottom.fill_between(effect.steps, low.values, high.values, color=color, alpha=0.2, linewidth=0, label="CI")
+        bottom.plot(effect.steps, effect.values, marker="o", markersize=3.5, color=color, label="effect")
+        bottom.axhline(0, color="#444444", linewidth=0.8)
+        bottom.set_xlabel("step", fontsize=9)
+        bottom.set_ylabel("effect", fontsize=9)
+        for i, step in enumerate(sorted(set(acquired_steps))):
+            for ax in (top, bottom):
+                ax.axvline(step, color="#2e7d32", linestyle=":", linewidth=1,
+                           label=(acquisition_label or "item acquired") if i == 0 and ax is top else None)
+        for ax in (top, bottom):
+            _style(ax)
+            ax.tick_params(labelsize=8)
+        top.tick_params(labelbottom=False)
+        top.legend(fontsize=7.5, frameon=False)
+        bottom.legend(fontsize=7.5, frameon=False)
+    fig.suptitle(experiment, fontsize=11, fontweight="bold")
+    return fig
+
+
+def controller_trajectories(experiments: Mapping[str, Mapping[str, Mapping[str, Series]]]) -> Figure:
+    """One row per experiment: numeric decision fields (left) and state fields (right) over steps."""
+    names = list(experiments)
+    fig = _figure(2.5 * len(names) + 0.4)
+    axes = fig.subplots(len(names), 2, squeeze=False)
+    for row, name in zip(axes, names):
+        for ax, part in zip(row, ("decision", "state")):
+            series = experiments[name].get(part, {})
+            for key, s in series.items():
+                ax.plot(s.steps, s.values, marker="o", markersize=3, label=key)
+            ax.set_title(f"{name}: {part}", fontsize=10)
+            ax.set_xlabel("step", fontsize=9)
+            if series:
+                ax.legend(fontsize=7.5, frameon=False)
+            else:
+                ax.text(0.5, 0.5, "no numeric fields", ha="center", va="center", transform=ax.transAxes, color="#888888")
+            _style(ax)
+            ax.tick_params(labelsize=8)
+    return fig
+
+
+def interaction_heatmap(
+    arms: Sequence[str],
+    columns: Sequence[str],
+    effect: np.ndarray,
+    significant: np.ndarray,
+    diagonal: np.ndarray,
+) -> Figure:
+    """Arms (rows) x measured metric (columns); colour = effect scaled by its column's max |effect|.
+
+    Metrics live on different scales, so each column is scaled to [-1, 1]; the cell
+    text is the raw effect. A star marks a significant cell, a black box a diagonal one
+    (an experiment's own metric in its own arm).
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = np.nanmax(np.abs(effect), axis=0, initial=0.0) if effect.size else np.zeros(0)
+        scaled = np.where(scale > 0, effect / np.where(scale > 0, scale, 1), 0.0)
+    scaled = np.where(np.isnan(effect), np.nan, scaled)
+    fig = _figure(0.9 + 0.5 * len(arms), max(5.0, min(WIDTH, 2.2 + 1.1 * len(columns))))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#eeeeee")
+    image = ax.imshow(np.ma.masked_invalid(scaled), cmap=cmap, norm=Normalize(-1, 1), aspect="auto")
+    for i in range(len(arms)):
+        for j in range(len(columns)):
+            value = effect[i, j]
+            text = "–" if np.isnan(value) else f"{value:.3g}" + (" ★" if significant[i, j] else "")
+            dark = not np.isnan(scaled[i, j]) and abs(scaled[i, j]) > 0.6
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "#1f2430",
+                    fontweight="bold" if significant[i, j] else "normal")
+            if diagonal[i, j]:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.6))
+    ax.set_xticks(range(len(columns)), labels=list(columns), rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(arms)), labels=list(arms), fontsize=8)
+    ax.set_xlabel("measured (experiment: metric)")
+    ax.set_ylabel("arm")
+    fig.colorbar(image, ax=ax, label="effect / max |effect| of column", shrink=0.85)
+    return fig
+
+
+def loss_curves(
+    training: Series,
+    heldout: Series,
+    *,
+    baseline_training: Series | None = None,
+    baseline_heldout: Series | None = None,
+    baseline_name: str = "baseline",
+) -> Figure:
+    """Training loss (left) and held-out loss (right); the baseline run dashed in grey."""
+    fig = _figure(3.3)
+    left, right = fig.subplots(1, 2)
+    panels = ((left, training, baseline_training, "training loss"), (right, heldout, baseline_heldout, "held-out loss"))
+    for ax, run, base, title in panels:
+        if len(run):
+            ax.plot(run.steps, run.values, color="#2f5d9e", linewidth=1.2, marker="o" if len(run) < 40 else None,
+                    markersize=3, label="this run")
+        if base is not None and len(base):
+            ax.plot(base.steps, base.values, color=BASELINE_COLOR, linestyle="--", linewidth=1.2,
+                    marker="s" if len(base) < 40 else None, markersize=3, label=baseline_name)
+        if not len(run) and (base is None or not len(base)):
+            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="#888888")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        ax.set_ylabel("loss (nats/token)", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, frameon=False)
+        _style(ax)
+    return fig
