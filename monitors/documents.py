@@ -21,6 +21,8 @@ from multirun.types import PreparedExperiment
 class DocumentsMonitor:
     """Scores every item's text by teacher forcing."""
 
+    metrics = ("text_logprob",)
+
     def __init__(self, item_ids: list[str], treated: np.ndarray, sequences: list[list[int]]) -> None:
         self.item_ids, self.treated = item_ids, treated
         # Context: the first token (the EOS that opens a wrapped sequence); target: the rest.

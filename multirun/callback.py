@@ -43,6 +43,7 @@ from multirun.apply import (
     input_ids_of,
     sample_ids_of,
 )
+from multirun.control import ControlLoop
 from multirun.errors import ConfigError, MultirunError, ResumeError
 from multirun.jsonl import append_jsonl, truncate_jsonl
 from multirun.ledger import Ledger, LedgerWriter, truncate_ledger
@@ -50,7 +51,7 @@ from multirun.monitor_runner import MonitorRunner
 from multirun.monitoring import unwrap_model
 from multirun.noise import EmbeddingNoiseHook, noised_spans
 from multirun.runplan import RunPlan, write_json_atomic
-from multirun.types import BatchGeometry
+from multirun.types import BatchGeometry, SpanTable
 
 STATE_FORMAT = 1
 TRAINING_LOG = "training.jsonl"
@@ -77,6 +78,7 @@ class MultirunCallback(Callback):
         plan: RunPlan | None = None,
         *,
         monitors: MonitorRunner | None = None,
+        control: ControlLoop | None = None,
         run_dir: str | Path | None = None,
         overwrite: bool = False,
         config: str | Path | None = None,
@@ -88,6 +90,7 @@ class MultirunCallback(Callback):
     ) -> None:
         self.plan = plan
         self.monitors = monitors
+        self.control = control
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.overwrite = overwrite
         self._deferred = None
@@ -125,6 +128,7 @@ class MultirunCallback(Callback):
             "format": STATE_FORMAT,
             "plan_fingerprint": self.plan.fingerprint if self.plan is not None else None,
             "missed_spans": dict(self._missed_spans),
+            "controllers": self.control.state_json() if self.control is not None else "",
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -183,6 +187,10 @@ class MultirunCallback(Callback):
         if any(e.embedding_noise is not None for e in self.plan.experiments):
             embedding = unwrap_model(state.model).get_input_embeddings()
             self._noise_hook = EmbeddingNoiseHook(embedding)
+        if self.control is not None:
+            self.control.restore((self._loaded_state or {}).get("controllers"), resumed_step=step)
+            if step == 0 and (self.monitors is None or not self.monitors.config.at_fit_start):
+                self.control.decide(step=0, records=[])  # the first window gets its spans too
         if self.monitors is not None:
             if rank == 0:
                 # Evaluations after the checkpoint (or all, on a fresh start) run again.
@@ -262,6 +270,8 @@ class MultirunCallback(Callback):
             self._check_geometry(plan.geometry, total_rows, sequence_length)
 
         spans = plan.spans_at(step)
+        if self.control is not None:
+            spans = SpanTable.concat([spans, self.control.spans_at(step)])
         if len(spans):
             self._count_missed(spans.row, spans.experiment, total_rows)
             local = rows.local_rows_of(spans.row.astype(np.int64)) if rows.total_rows >= 0 else _rank_major_local(
@@ -348,6 +358,8 @@ class MultirunCallback(Callback):
         )
         if logger is not None:
             self.monitors.log(logger, records)
+        if self.control is not None:
+            self.control.decide(step=step, records=records, logger=logger)
 
     def _fit_end(self, state: State, logger: Logger | None = None) -> None:
         if self.monitors is not None and self.monitors.config.at_fit_end:
@@ -363,6 +375,8 @@ class MultirunCallback(Callback):
         geometry = self.plan.geometry
         steps_trained = int(state.timestamp.batch)
         ledger = Ledger.open(self.run_dir)
+        if self.control is not None:
+            self.control.write_acquisition(ledger.table)
         summary = {
             "plan_fingerprint": self.plan.fingerprint,
             "steps_trained": steps_trained,
@@ -374,6 +388,8 @@ class MultirunCallback(Callback):
             "injection_seconds_rank0": round(self._injection_seconds, 6),
             "fit_seconds": round(time.perf_counter() - self._fit_started, 3),
         }
+        if self.control is not None:
+            summary.update(self.control.summary())
         if self.monitors is not None:
             summary["effects"] = [
                 {k: v for k, v in r.items() if k != "items"} for r in self.monitors.last_records

@@ -183,6 +183,17 @@ class MonitorConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ControllerConfig(_Strict):
+    """Closed-loop control of an experiment's injection (``acquire``, ``track``, ``budget``).
+
+    The controller decides after every monitor evaluation, so its window is the
+    monitoring cadence; a controlled experiment gets no static spans.
+    """
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class MonitoringConfig(_Strict):
     """When monitors score the live model, and how results are tested.
 
@@ -217,6 +228,7 @@ class ExperimentConfig(_Strict):
     inject: bool = True  # False: a negative control, planned and measured but never injected
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    controller: ControllerConfig | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -136,8 +136,9 @@ def build_run_plan(loaded: LoadedConfig, *, tokenizer: Tokenizer, geometry: Batc
     config = loaded.config
     experiments = build_experiments(loaded, tokenizer=tokenizer, geometry=geometry)
     for spec, experiment in zip(config.experiments, experiments):
-        if not spec.inject:
-            # A negative control: its arms are measured like any other, its treated items never injected.
+        if not spec.inject or spec.controller is not None:
+            # A negative control (its arms measured, its treated items never injected), or a
+            # controlled experiment, whose spans its controller places while training runs.
             experiment.seq_repetitions = np.zeros_like(experiment.seq_repetitions)
     result = plan_static(
         experiments,

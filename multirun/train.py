@@ -26,6 +26,7 @@ from composer.utils import dist, reproducibility
 
 from multirun.callback import MultirunCallback
 from multirun.config import LoadedConfig, parse_duration_steps
+from multirun.control import ControlLoop, build_controllers
 from multirun.data import (
     PreparedDataset,
     build_dataloader,
@@ -160,8 +161,14 @@ def prepare_run(
         model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
     )
     scheduler = LinearWithWarmupScheduler(t_warmup=train.warmup, alpha_f=0.1)
+    monitor_entries = build_monitors(loaded, plan, tokenizer)
+    controllers = build_controllers(loaded, plan, {m.experiment: type(m.monitor) for m in monitor_entries})
+    control = (
+        ControlLoop(controllers, plan, run_dir=run_dir, max_modified_fraction=config.injection.max_modified_fraction)
+        if controllers else None
+    )
     monitors = MonitorRunner(
-        build_monitors(loaded, plan, tokenizer),
+        monitor_entries,
         config.monitoring,
         run_dir=run_dir,
         pad_token_id=tokenizer.pad_token_id,
@@ -169,7 +176,7 @@ def prepare_run(
         seed=config.seed,
         heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
     )
-    callback = MultirunCallback(plan=plan, monitors=monitors, run_dir=run_dir, overwrite=overwrite)
+    callback = MultirunCallback(plan=plan, monitors=monitors, control=control, run_dir=run_dir, overwrite=overwrite)
     device = train.device if train.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     trainer = Trainer(
         model=model,
