@@ -43,7 +43,7 @@ class StepTimer(Callback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--repetitions", type=float, default=64.0, help="repetitions per treated item")
+    parser.add_argument("--repetitions", type=float, default=8.0, help="repetitions per treated item")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [
@@ -54,7 +54,7 @@ def main() -> None:
         loaded = load_config(None, overrides)
         for index in range(len(loaded.config.experiments)):
             overrides.append(f"experiments.{index}.repetitions={args.repetitions}")
-            overrides.append(f"experiments.{index}.placement.mode=uniform")
+            overrides.append(f"experiments.{index}.placement={{mode: uniform}}")
         loaded = load_config(None, overrides)
         timer = StepTimer()
         run = prepare_run(loaded, extra_callbacks=[timer], progress=False, run_dir=run_dir)
