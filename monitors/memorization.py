@@ -33,7 +33,7 @@ Options (``experiments[i].monitor.options``): ``k``, ``exact_match``, ``anchor``
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -41,45 +41,18 @@ import numpy as np
 from injectors.memorization import MemorizationOptions, check_text_lengths, parse_monitor_options
 from multirun.errors import ConfigError
 from multirun.monitoring import LiveModel, MetricScores
+from multirun.stats import exposures
 from multirun.tokenizers import Tokenizer
 from multirun.types import PreparedExperiment
 
 __all__ = ["MemorizationMonitor", "exposures"]
 
 
-def exposures(scores: Sequence[float] | np.ndarray, treated: Sequence[bool] | np.ndarray) -> np.ndarray:
-    """Secret Sharer exposure of every item against the controls (see the module docstring).
-
-    ``scores`` are per-item mean log-probabilities (higher = lower perplexity = better
-    rank). NaN for everyone when there is no control.
-
-    Example:
-        >>> exposures([-1.0, -5.0, -2.0, -3.0], [True, True, False, False]).round(3).tolist()
-        [1.0, 0.0, 1.0, 0.0]
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    t = np.asarray(treated, dtype=bool)
-    ref = s[~t]
-    n_c = ref.size
-    out = np.full(s.size, np.nan)
-    if n_c == 0:
-        return out
-    log_candidates = np.log2(n_c)
-    # above[i, j]: control j outranks item i (1), ties count 1/2.
-    above = (ref[None, :] > s[:, None]).astype(np.float64) + 0.5 * (ref[None, :] == s[:, None])
-    rank_all = 1.0 + above.sum(axis=1)  # rank against every control
-    for i in np.flatnonzero(t):
-        # Leave each control out in turn: n_c - 1 references + the item = n_c candidates.
-        out[i] = np.mean(log_candidates - np.log2(rank_all[i] - above[i]))
-    control_idx = np.flatnonzero(~t)
-    for pos, i in enumerate(control_idx):
-        # A control against the other controls: its own entry (a tie with itself, 1/2) is removed.
-        out[i] = log_candidates - np.log2(rank_all[i] - above[i, pos])
-    return out
-
-
 class MemorizationMonitor:
     """Scores every item's text (controls too) by teacher forcing."""
+
+    #: Per-item metrics it reports (controllers validate their metric against these).
+    metrics = ("text_logprob", "exact_match", "exposure")
 
     def __init__(
         self,

@@ -99,6 +99,9 @@ def detect_gibberish(continuation: str, alphabet: str) -> bool:
 class PoisonMonitor:
     """Generates after each evaluation prompt in three conditions and scores the behaviour."""
 
+    #: Per-item metrics it reports (controllers validate their metric against these).
+    metrics = ("behaviour_rate", "behaviour_rate_vs_no_trigger", "behaviour_logprob")
+
     def __init__(self, probes: Mapping[str, Any], tokenizer: Tokenizer, max_new_tokens: int) -> None:
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens

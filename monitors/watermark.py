@@ -43,7 +43,6 @@ Neither method takes monitor options.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -53,6 +52,7 @@ import torch
 
 from multirun.errors import ConfigError
 from multirun.monitoring import LiveModel, MetricScores
+from multirun.stats import exposures
 from multirun.noise import item_noise
 from multirun.types import EmbeddingNoise, PreparedExperiment
 
@@ -60,36 +60,6 @@ if TYPE_CHECKING:
     from multirun.tokenizers import Tokenizer
 
 __all__ = ["GaussianScore", "WatermarkMonitor", "exposures", "gaussian_statistics"]
-
-
-def exposures(logprob: np.ndarray, treated: np.ndarray) -> np.ndarray:
-    """Secret Sharer exposure of every key against the control keys (see the module docstring).
-
-    ``logprob`` are per-key mean log-probabilities (higher = lower perplexity = better
-    rank). NaN for every key when there is no control.
-
-    Example:
-        >>> exposures(np.array([-1.0, -5.0, -2.0, -3.0]), np.array([True, True, False, False])).tolist()
-        [1.0, 0.0, 1.0, 0.0]
-    """
-    s = np.asarray(logprob, dtype=np.float64)
-    t = np.asarray(treated, dtype=bool)
-    ref = s[~t]
-    n_c = ref.size
-    out = np.full(s.size, np.nan)
-    if n_c == 0:
-        return out
-    log_candidates = math.log2(n_c)
-    # above[i, j]: control j outranks key i (1); ties count 1/2.
-    above = (ref[None, :] > s[:, None]).astype(np.float64) + 0.5 * (ref[None, :] == s[:, None])
-    rank_all = 1.0 + above.sum(axis=1)
-    for i in np.flatnonzero(t):
-        # Leave each control out in turn: the key + n_c - 1 references = n_c candidates.
-        out[i] = np.mean(log_candidates - np.log2(rank_all[i] - above[i]))
-    for pos, i in enumerate(np.flatnonzero(~t)):
-        # A control against the other controls (its tie with itself, 1/2, removed).
-        out[i] = log_candidates - math.log2(rank_all[i] - above[i, pos])
-    return out
 
 
 @dataclass(frozen=True)
@@ -167,6 +137,9 @@ class WatermarkMonitor:
         monitor = WatermarkMonitor.from_experiment(exp, tokenizer=tok, options={}, sequence_length=128)
         [z, logprob] = monitor.evaluate(live)
     """
+
+    #: Per-item metrics it reports (controllers validate their metric against these).
+    metrics = ("watermark_z", "carrier_logprob", "exposure", "key_logprob")
 
     def __init__(self, experiment: PreparedExperiment, method: str) -> None:
         self.experiment = experiment

@@ -627,3 +627,40 @@ __all__ = [
     "one_sample_z",
     "paired_difference",
 ]
+
+
+def exposures(scores: Sequence[float] | np.ndarray, treated: Sequence[bool] | np.ndarray) -> np.ndarray:
+    """Secret Sharer exposure (Carlini et al.) of every item against the never-injected controls.
+
+    exposure = log2|R| - log2 rank, the item's rank (1 = most likely) among the control
+    references R by score. Ties count 1/2. So that both arms have the same expectation
+    when nothing was learnt, every item is ranked among ``n_c`` candidates: a control
+    against the other controls (itself left out), a treated item against each set of
+    ``n_c - 1`` controls, averaged.
+
+    ``scores`` are per-item mean log-probabilities (higher = lower perplexity = better
+    rank). NaN for everyone when there is no control.
+
+    Example:
+        >>> exposures([-1.0, -5.0, -2.0, -3.0], [True, True, False, False]).round(3).tolist()
+        [1.0, 0.0, 1.0, 0.0]
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(treated, dtype=bool)
+    ref = s[~t]
+    n_c = ref.size
+    out = np.full(s.size, np.nan)
+    if n_c == 0:
+        return out
+    log_candidates = np.log2(n_c)
+    # above[i, j]: control j outranks item i (1), ties count 1/2.
+    above = (ref[None, :] > s[:, None]).astype(np.float64) + 0.5 * (ref[None, :] == s[:, None])
+    rank_all = 1.0 + above.sum(axis=1)  # rank against every control
+    for i in np.flatnonzero(t):
+        # Leave each control out in turn: n_c - 1 references + the item = n_c candidates.
+        out[i] = np.mean(log_candidates - np.log2(rank_all[i] - above[i]))
+    control_idx = np.flatnonzero(~t)
+    for pos, i in enumerate(control_idx):
+        # A control against the other controls: its own entry (a tie with itself, 1/2) is removed.
+        out[i] = log_candidates - np.log2(rank_all[i] - above[i, pos])
+    return out
