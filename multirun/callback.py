@@ -24,6 +24,7 @@ Example (llm-foundry YAML, through the ``llmfoundry_callbacks`` entry point)::
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -55,6 +56,7 @@ from multirun.types import BatchGeometry, SpanTable
 
 STATE_FORMAT = 1
 TRAINING_LOG = "training.jsonl"
+INTERACTION_TRIGGER = "interaction_trigger.json"
 
 
 class MultirunCallback(Callback):
@@ -79,6 +81,7 @@ class MultirunCallback(Callback):
         *,
         monitors: MonitorRunner | None = None,
         control: ControlLoop | None = None,
+        interaction_after: str = "none",
         run_dir: str | Path | None = None,
         overwrite: bool = False,
         config: str | Path | None = None,
@@ -91,6 +94,8 @@ class MultirunCallback(Callback):
         self.plan = plan
         self.monitors = monitors
         self.control = control
+        self.interaction_after = interaction_after
+        self._interaction_trigger: dict[str, Any] | None = None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.overwrite = overwrite
         self._deferred = None
@@ -129,11 +134,14 @@ class MultirunCallback(Callback):
             "plan_fingerprint": self.plan.fingerprint if self.plan is not None else None,
             "missed_spans": dict(self._missed_spans),
             "controllers": self.control.state_json() if self.control is not None else "",
+            "interaction_trigger": json.dumps(self._interaction_trigger) if self._interaction_trigger else "",
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._loaded_state = dict(state)
         self._missed_spans = {str(k): int(v) for k, v in state.get("missed_spans", {}).items()}
+        trigger = state.get("interaction_trigger")
+        self._interaction_trigger = json.loads(trigger) if trigger else None
 
     # ----------------------------------------------------------------- events
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
@@ -360,10 +368,28 @@ class MultirunCallback(Callback):
             self.monitors.log(logger, records)
         if self.control is not None:
             self.control.decide(step=step, records=records, logger=logger)
+            if self.interaction_after == "acquired" and self.control.all_acquired():
+                self._record_interaction_trigger(state, "all_acquired")
+
+    def _record_interaction_trigger(self, state: State, trigger: str) -> None:
+        """Checkpoint now and record it as the interaction tests' starting point (once)."""
+        if self._interaction_trigger is not None or self.run_dir is None:
+            return
+        step = int(state.timestamp.batch)
+        from composer.utils.checkpoint import save_checkpoint
+
+        self._flush()  # the ledger must cover every step the checkpoint does
+        self._interaction_trigger = {"trigger": trigger, "step": step}  # before saving: the checkpoint holds it
+        path = save_checkpoint(state, str(self.run_dir / "checkpoints" / f"interaction-ba{step}-rank{{rank}}.pt"))
+        self._interaction_trigger["checkpoint"] = str(path) if path else None
+        if dist.get_global_rank() == 0:
+            write_json_atomic(self.run_dir / INTERACTION_TRIGGER, self._interaction_trigger)
 
     def _fit_end(self, state: State, logger: Logger | None = None) -> None:
         if self.monitors is not None and self.monitors.config.at_fit_end:
             self._evaluate(state, logger, step=int(state.timestamp.batch), when="fit_end")
+        if self.interaction_after in ("acquired", "end"):
+            self._record_interaction_trigger(state, "end_of_training")
         self._flush()
         dist.barrier()
         if dist.get_global_rank() == 0:

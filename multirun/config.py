@@ -216,6 +216,18 @@ class MonitoringConfig(_Strict):
         return None if v is None else _time_string(v, units=("ba",))
 
 
+class InteractionConfig(_Strict):
+    """When the interaction tests should start from this run.
+
+    ``after: acquired``: once every ``acquire``-controlled experiment has acquired all its
+    treated items (or at the end of training if that never happens); ``after: end``: at
+    the end of training. The checkpoint taken at that moment and the trigger are recorded
+    in ``interaction_trigger.json``.
+    """
+
+    after: Literal["none", "acquired", "end"] = "none"
+
+
 class ExperimentConfig(_Strict):
     """One experiment: payload package + injector kind + placement."""
 
@@ -244,6 +256,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     injection: InjectionConfig = Field(default_factory=InjectionConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    interaction: InteractionConfig = Field(default_factory=InteractionConfig)
     experiments: list[ExperimentConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -126,6 +126,13 @@ class ControlLoop:
             append_jsonl(self.log_path, lines)
         return decisions
 
+    def all_acquired(self) -> bool:
+        """Every acquire-controlled experiment has acquired every treated item."""
+        acquirers = [c for c in self.controllers.values() if isinstance(c, AcquireController)]
+        return bool(acquirers) and all(
+            step is not None for c in acquirers for step in c.acquired_at.values()
+        )
+
     def spans_at(self, step: int) -> SpanTable:
         return self.schedule.spans_at(step)
 

@@ -176,7 +176,10 @@ def prepare_run(
         seed=config.seed,
         heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
     )
-    callback = MultirunCallback(plan=plan, monitors=monitors, control=control, run_dir=run_dir, overwrite=overwrite)
+    callback = MultirunCallback(
+        plan=plan, monitors=monitors, control=control, interaction_after=config.interaction.after,
+        run_dir=run_dir, overwrite=overwrite,
+    )
     device = train.device if train.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     trainer = Trainer(
         model=model,

@@ -115,3 +115,22 @@ def test_window_longer_than_the_run_is_refused(tmp_path: Path, dataset: Prepared
     with pytest.raises(ConfigError, match="window"):
         prepare_run(load_config(config), progress=False)
 
+
+
+@pytest.mark.parametrize(("after", "threshold", "trigger"), [("acquired", -5.5, "all_acquired"), ("end", -5.2, "end_of_training")])
+def test_interaction_start_is_recorded_with_its_checkpoint(
+    tmp_path: Path, dataset: PreparedDataset, after: str, threshold: float, trigger: str
+) -> None:
+    config = _controlled_config(tmp_path, dataset, name="trigger", threshold=threshold)
+    config.write_text(config.read_text() + f"interaction: {{after: {after}}}\n")
+    run = prepare_run(load_config(config), progress=False)
+    run.fit()
+    run.close()
+    record = json.loads((run.run_dir / "interaction_trigger.json").read_text())
+    assert record["trigger"] == trigger
+    assert Path(record["checkpoint"]).is_file()
+    if trigger == "all_acquired":
+        acquisition = json.loads((run.run_dir / "acquisition.json").read_text())["facts"]
+        assert record["step"] == max(v["acquired_at_step"] for v in acquisition.values()) < STEPS
+    else:
+        assert record["step"] == STEPS
