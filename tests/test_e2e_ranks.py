@@ -3,6 +3,7 @@ the same global batch inject the same spans into the same samples as one process
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 
 from multirun.ledger import Ledger
 from multirun.monitor_runner import read_metrics
-from tests.support import REPO, make_dataset, placements, run_cli, run_config
+from multirun.jsonl import read_jsonl
+from tests.support import REPO, make_dataset, make_payloads, placements, run_cli, run_config
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +29,16 @@ def _free_port() -> int:
 
 def test_two_ranks_inject_what_one_rank_injects(tmp_path: Path) -> None:
     dataset = make_dataset(tmp_path / "mds", samples=90)
-    config = run_config(tmp_path, dataset, steps=16, global_batch_size=8, save_interval=None, name="ranks")
+    payloads = make_payloads(tmp_path / "payloads")
+    experiments = [
+        {"name": "canaries", "payload": str(payloads["canaries"]), "repetitions": 3},
+        {   # closed loop: decisions derive from all-gathered monitor results, identical on every rank
+            "name": "facts", "payload": str(payloads["facts"]), "control_fraction": 0.25,
+            "controller": {"name": "acquire", "options": {"metric": "text_logprob", "threshold": -5.5, "max_rate": 2}},
+        },
+    ]
+    config = run_config(tmp_path, dataset, steps=16, global_batch_size=8, save_interval=None, experiments=experiments, name="ranks")
+    config.write_text(config.read_text() + "monitoring: {every: 4ba, n_resamples: 200}\n")
 
     single = run_cli(["train", str(config), "--no-progress", "--run-dir", str(tmp_path / "one")], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -53,7 +64,7 @@ def test_two_ranks_inject_what_one_rank_injects(tmp_path: Path) -> None:
     assert [(r["step"], r["experiment"], r["metric"]) for r in metrics_one] == [
         (r["step"], r["experiment"], r["metric"]) for r in metrics_two
     ]
-    assert {r["when"] for r in metrics_one} == {"fit_start", "fit_end"}
+    assert {r["when"] for r in metrics_one} == {"fit_start", "interval", "fit_end"}
     for a, b in zip(metrics_one, metrics_two):
         # Identical weights at fit start; after training, DDP's summation order differs slightly.
         tolerance = 1e-5 if a["step"] == 0 else 1e-2
@@ -61,3 +72,8 @@ def test_two_ranks_inject_what_one_rank_injects(tmp_path: Path) -> None:
         scores_b = np.array([s for _, _, s in b["items"]])
         assert [i for i, _, _ in a["items"]] == [i for i, _, _ in b["items"]]
         np.testing.assert_allclose(scores_b, scores_a, rtol=tolerance, atol=tolerance)
+
+    def decisions(run: str) -> list[tuple]:
+        return [(d["step"], json.dumps(d["exposures"], sort_keys=True)) for d in read_jsonl(tmp_path / run / "controller.jsonl")]
+
+    assert len(decisions("one")) == 5 and decisions("two") == decisions("one")
