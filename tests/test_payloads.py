@@ -218,18 +218,18 @@ def test_payload_entry_point_forms() -> None:
 
 def test_build_experiments_demo() -> None:
     loaded = load_config(None, env={})
-    geo = BatchGeometry(global_batch_size=16, sequence_length=128, num_steps=300)
+    geo = BatchGeometry(global_batch_size=16, sequence_length=128, num_steps=800)
     exps = build_experiments(loaded, tokenizer=TOK, geometry=geo)
     by_name = {e.name: e for e in exps}
-    canaries, facts = by_name["canaries"], by_name["facts"]
-    assert (int(canaries.treated.sum()), int((~canaries.treated).sum())) == (20, 20)
-    assert set(canaries.seq_repetitions.tolist()) == {8.0}
-    assert set(facts.seq_repetitions.tolist()) == {4.0}
-    assert facts.placement == Placement("window", 0, 150)
-    assert canaries.placement == Placement("uniform", 0, 300)
+    memorization, watermark = by_name["memorization"], by_name["watermark"]
+    assert (int(memorization.treated.sum()), int((~memorization.treated).sum())) == (20, 20)
+    assert set(memorization.seq_repetitions.tolist()) == {16.0}
+    assert set(watermark.seq_repetitions.tolist()) == {24.0}
+    assert watermark.placement == Placement("window", 400, 800)
+    assert memorization.placement == Placement("uniform", 0, 800)
     arms = arms_record(exps)
-    assert sorted(arms["canaries"]["treated"] + arms["canaries"]["control"]) == sorted(canaries.item_ids)
-    assert not set(arms["canaries"]["treated"]) & set(arms["canaries"]["control"])
+    assert sorted(arms["memorization"]["treated"] + arms["memorization"]["control"]) == sorted(memorization.item_ids)
+    assert not set(arms["memorization"]["treated"]) & set(arms["memorization"]["control"])
     assert json.loads(json.dumps(arms)) == arms  # plain JSON types
     # Same inputs, same experiments.
     again = build_experiments(loaded, tokenizer=TOK, geometry=geo)
