@@ -401,8 +401,7 @@ class MultirunCallback(Callback):
         geometry = self.plan.geometry
         steps_trained = int(state.timestamp.batch)
         ledger = Ledger.open(self.run_dir)
-        if self.control is not None:
-            self.control.write_acquisition(ledger.table)
+        acquisition = self.control.write_acquisition(ledger.table) if self.control is not None else {}
         summary = {
             "plan_fingerprint": self.plan.fingerprint,
             "steps_trained": steps_trained,
@@ -416,6 +415,7 @@ class MultirunCallback(Callback):
         }
         if self.control is not None:
             summary.update(self.control.summary())
+            summary["acquisition"] = acquisition
         if self.monitors is not None:
             summary["effects"] = [
                 {k: v for k, v in r.items() if k != "items"} for r in self.monitors.last_records

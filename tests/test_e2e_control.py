@@ -70,6 +70,7 @@ def test_acquire_controller_injects_until_acquired_then_stops(tmp_path: Path, da
             assert info["exposures_to_acquisition"] == exposures
     summary = json.loads((run.run_dir / "summary.json").read_text())
     assert summary["dynamic_placed"]["facts"] == len(facts)
+    assert summary["acquisition"]["facts"] == acquisition  # exposures-to-acquisition in the summary too
     Ledger.open(run.run_dir).check_integrity()  # dynamic spans never overlap static ones
 
 
