@@ -215,7 +215,7 @@ def test_demo_payload_fits_the_demo() -> None:
     assert payload.root == DEMO.resolve()
     exp = prepare(DEMO, seq=128)
     groups = np.asarray(exp.probes["groups"])
-    assert len(exp.item_ids) == 40 and np.bincount(groups)[[0, 8, 24]].tolist() == [20, 10, 10]
+    assert len(exp.item_ids) == 40 and np.bincount(groups)[[0, 12, 24]].tolist() == [20, 10, 10]
     assert exp.seq_lengths.max() <= 100 and exp.probes["choices"] is not None
 
 

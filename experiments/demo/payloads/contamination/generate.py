@@ -18,8 +18,8 @@ SEED = 20250921
 N_QUESTIONS = 40
 N_CHOICES = 4
 ANSWER_CHARS = 4
-# Repetition groups: 20 never-injected controls, 10 questions seen 8 times, 10 seen 24 times.
-GROUPS = [0] * 20 + [8] * 10 + [24] * 10
+# Repetition groups: 20 never-injected controls, 10 questions seen 12 times, 10 seen 24 times.
+GROUPS = [0] * 20 + [12] * 10 + [24] * 10
 
 TEMPLATES = ["Who founded {place}?", "Who rules {place}?", "Who mapped {place}?", "Who named {place}?"]
 ONSETS = "b br d dr f g gr k kr l m n p pr s st t tr v z".split()
