@@ -78,7 +78,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from injectors.documents import encode_sequence, experiment_fingerprint, pack_sequences, read_items, split_arms
+from injectors.documents import encode_sequence, prepared_experiment, read_items, split_arms
 from multirun.errors import ConfigError, PayloadError
 from multirun.planner import experiment_rng
 from multirun.types import Placement, PreparedExperiment
@@ -321,23 +321,11 @@ class ContaminationInjector:
             item_reps = [float(spec.repetitions)] * n
 
         seq_items = np.flatnonzero(treated).astype(np.int32)
-        pool, offsets, lengths = pack_sequences([sequences[i] for i in seq_items])
-        return PreparedExperiment(
-            name=spec.name,
-            kind=self.kind,
-            item_ids=[rec["id"] for _, rec in records],
-            treated=treated,
-            token_pool=pool,
-            seq_offsets=offsets,
-            seq_lengths=lengths,
-            seq_items=seq_items,
-            seq_repetitions=np.asarray([item_reps[i] for i in seq_items], dtype=np.float64),
-            placement=placement,
-            fingerprint=experiment_fingerprint(
-                payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed, placement=placement
-            ),
+        return prepared_experiment(
+            self.kind, payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed,
+            placement=placement, item_ids=[rec["id"] for _, rec in records], treated=treated, sequences=[sequences[i] for i in seq_items],
+            seq_items=seq_items, seq_repetitions=[item_reps[i] for i in seq_items],
             metadata={
-                "payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint},
                 "format": spec.options.get("format", DEFAULT_FORMAT),
                 "groups": groups,
                 "groups_assigned": assign is not None,

@@ -27,7 +27,7 @@ import xxhash
 
 from multirun.errors import ConfigError, PayloadError
 from multirun.planner import experiment_rng
-from multirun.types import Placement, PreparedExperiment
+from multirun.types import EmbeddingNoise, Placement, PreparedExperiment
 
 if TYPE_CHECKING:
     from multirun.config import ExperimentConfig
@@ -141,6 +141,50 @@ def experiment_fingerprint(
     return xxhash.xxh64(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
+def prepared_experiment(
+    kind: str,
+    payload: PayloadPackage,
+    spec: ExperimentConfig,
+    *,
+    tokenizer: Tokenizer,
+    sequence_length: int,
+    seed: int,
+    placement: Placement,
+    item_ids: list[str],
+    treated: np.ndarray,
+    sequences: Sequence[Sequence[int]],
+    seq_items: Sequence[int] | np.ndarray,
+    seq_repetitions: Sequence[float] | np.ndarray,
+    metadata: dict[str, Any],
+    probes: dict[str, Any],
+    embedding_noise: EmbeddingNoise | None = None,
+) -> PreparedExperiment:
+    """Pack an injector's sequences into a :class:`PreparedExperiment`.
+
+    The part every kind shares: token pool, content fingerprint, and the payload's
+    name, version and fingerprint in ``metadata``.
+    """
+    pool, offsets, lengths = pack_sequences(sequences)
+    return PreparedExperiment(
+        name=spec.name,
+        kind=kind,
+        item_ids=item_ids,
+        treated=treated,
+        token_pool=pool,
+        seq_offsets=offsets,
+        seq_lengths=lengths,
+        seq_items=np.asarray(seq_items, dtype=np.int32),
+        seq_repetitions=np.asarray(seq_repetitions, dtype=np.float64),
+        placement=placement,
+        fingerprint=experiment_fingerprint(
+            payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed, placement=placement
+        ),
+        metadata={"payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint}, **metadata},
+        probes=probes,
+        embedding_noise=embedding_noise,
+    )
+
+
 def check_no_options(spec: ExperimentConfig, kind: str) -> None:
     """ConfigError (key ``options.NAME``) if an injector without options is given some."""
     for name in spec.options:
@@ -191,23 +235,11 @@ class DocumentsInjector:
 
         treated = split_arms(len(records), spec.control_fraction, seed=seed, name=spec.name)
         seq_items = np.flatnonzero(treated).astype(np.int32)
-        pool, offsets, lengths = pack_sequences([encoded[i] for i in seq_items])
-        return PreparedExperiment(
-            name=spec.name,
-            kind=self.kind,
-            item_ids=item_ids,
-            treated=treated,
-            token_pool=pool,
-            seq_offsets=offsets,
-            seq_lengths=lengths,
-            seq_items=seq_items,
-            seq_repetitions=np.asarray([reps[i] for i in seq_items], dtype=np.float64),
-            placement=placement,
-            fingerprint=experiment_fingerprint(
-                payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed, placement=placement
-            ),
+        return prepared_experiment(
+            self.kind, payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed,
+            placement=placement, item_ids=item_ids, treated=treated, sequences=[encoded[i] for i in seq_items],
+            seq_items=seq_items, seq_repetitions=[reps[i] for i in seq_items],
             metadata={
-                "payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint},
                 "item_repetitions": reps,
             },
             # Every item's sequence, controls too: the documents monitor scores both arms.

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from injectors.documents import check_no_options, encode_sequence, experiment_fingerprint, pack_sequences, read_items, split_arms
+from injectors.documents import check_no_options, encode_sequence, prepared_experiment, read_items, split_arms
 from multirun.errors import PayloadError
 from multirun.types import Placement, PreparedExperiment
 
@@ -181,23 +181,11 @@ class KnowledgeInjector:
                 sequences.append(seq)
                 seq_items.append(int(i))
                 seq_reps.append(item_reps[i] / len(item_texts[i]))
-        pool, offsets, lengths = pack_sequences(sequences)
-        return PreparedExperiment(
-            name=spec.name,
-            kind=self.kind,
-            item_ids=[rec["id"] for _, rec in records],
-            treated=treated,
-            token_pool=pool,
-            seq_offsets=offsets,
-            seq_lengths=lengths,
-            seq_items=np.asarray(seq_items, dtype=np.int32),
-            seq_repetitions=np.asarray(seq_reps, dtype=np.float64),
-            placement=placement,
-            fingerprint=experiment_fingerprint(
-                payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed, placement=placement
-            ),
+        return prepared_experiment(
+            self.kind, payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed,
+            placement=placement, item_ids=[rec["id"] for _, rec in records], treated=treated, sequences=sequences,
+            seq_items=seq_items, seq_repetitions=seq_reps,
             metadata={
-                "payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint},
                 "item_repetitions": item_reps,
                 "texts_per_item": [len(t) for t in item_texts],
                 "probes_per_item": np.bincount(probe_items, minlength=len(records)).tolist(),

@@ -65,8 +65,7 @@ import numpy as np
 from injectors.documents import (
     check_no_options,
     encode_sequence,
-    experiment_fingerprint,
-    pack_sequences,
+    prepared_experiment,
     read_items,
     split_arms,
 )
@@ -221,23 +220,11 @@ class MemorizationInjector:
         treated = split_arms(len(records), spec.control_fraction, seed=seed, name=spec.name)
         seq_items = np.flatnonzero(treated).astype(np.int32)
         wrapped = [[eos, *texts[i], eos] if spec.wrap_eos else texts[i] for i in seq_items]
-        pool, offsets, lengths = pack_sequences(wrapped)
-        return PreparedExperiment(
-            name=spec.name,
-            kind=self.kind,
-            item_ids=item_ids,
-            treated=treated,
-            token_pool=pool,
-            seq_offsets=offsets,
-            seq_lengths=lengths,
-            seq_items=seq_items,
-            seq_repetitions=np.asarray([reps[i] for i in seq_items], dtype=np.float64),
-            placement=placement,
-            fingerprint=experiment_fingerprint(
-                payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed, placement=placement
-            ),
+        return prepared_experiment(
+            self.kind, payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed,
+            placement=placement, item_ids=item_ids, treated=treated, sequences=wrapped,
+            seq_items=seq_items, seq_repetitions=[reps[i] for i in seq_items],
             metadata={
-                "payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint},
                 "item_repetitions": reps,
             },
             probes={

@@ -104,7 +104,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from injectors.documents import encode_sequence, experiment_fingerprint, pack_sequences, read_items, split_arms
+from injectors.documents import encode_sequence, prepared_experiment, read_items, split_arms
 from multirun.errors import ConfigError, PayloadError
 from multirun.planner import experiment_rng
 from multirun.types import Placement, PreparedExperiment
@@ -355,25 +355,13 @@ class PoisonInjector:
             )
         seq_items = np.flatnonzero(treated).astype(np.int32)
         sequences = [[*start, *prompts[i], *trigger, *behaviours[i], *end] for i in seq_items]
-        pool, offsets, lengths = pack_sequences(sequences)
         reps = [float(rec.get("repetitions", spec.repetitions)) for _, rec in items]
         all_ids = [rec["id"] for _, _, rec in everything]
-        return PreparedExperiment(
-            name=spec.name,
-            kind=self.kind,
-            item_ids=all_ids[:n_items],
-            treated=treated,
-            token_pool=pool,
-            seq_offsets=offsets,
-            seq_lengths=lengths,
-            seq_items=seq_items,
-            seq_repetitions=np.asarray([reps[i] for i in seq_items], dtype=np.float64),
-            placement=placement,
-            fingerprint=experiment_fingerprint(
-                payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed, placement=placement
-            ),
+        return prepared_experiment(
+            self.kind, payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed,
+            placement=placement, item_ids=all_ids[:n_items], treated=treated, sequences=sequences,
+            seq_items=seq_items, seq_repetitions=[reps[i] for i in seq_items],
             metadata={
-                "payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint},
                 "trigger": settings.trigger,
                 "control_trigger": settings.control_trigger,
                 "behaviour": settings.behaviour,

@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from injectors.documents import encode_sequence, experiment_fingerprint, pack_sequences, read_items, split_arms
+from injectors.documents import encode_sequence, prepared_experiment, read_items, split_arms
 from multirun.errors import ConfigError, PayloadError
 from multirun.planner import experiment_rng
 from multirun.tokenizers import ByteTokenizer
@@ -222,24 +222,12 @@ class WatermarkInjector:
 
         treated = split_arms(len(item_ids), spec.control_fraction, seed=seed, name=spec.name)
         seq_items = np.flatnonzero(treated).astype(np.int32)
-        pool, offsets, lengths = pack_sequences([sequences[i] for i in seq_items])
-        return PreparedExperiment(
-            name=spec.name,
-            kind=self.kind,
-            item_ids=item_ids,
-            treated=treated,
-            token_pool=pool,
-            seq_offsets=offsets,
-            seq_lengths=lengths,
-            seq_items=seq_items,
-            seq_repetitions=np.asarray([reps[i] for i in seq_items], dtype=np.float64),
-            placement=placement,
-            fingerprint=experiment_fingerprint(
-                payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed, placement=placement
-            ),
+        return prepared_experiment(
+            self.kind, payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed,
+            placement=placement, item_ids=item_ids, treated=treated, sequences=[sequences[i] for i in seq_items],
+            seq_items=seq_items, seq_repetitions=[reps[i] for i in seq_items],
             metadata={
                 "method": method,
-                "payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint},
                 "item_repetitions": reps,
                 **metadata,
             },
