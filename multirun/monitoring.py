@@ -20,6 +20,7 @@ Example (a monitor's ``evaluate``)::
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
@@ -234,19 +235,45 @@ class LiveModel:
     def greedy_generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[np.ndarray]:
         """Greedy continuations of each prompt (``max_new_tokens`` tokens each).
 
-        Plain full-recompute decoding: every rank runs the same number of passes.
+        Models that take ``past_key_values`` and ``position_ids`` (Hugging Face causal
+        LMs) decode incrementally from a key/value cache over left-padded prompts: one
+        full pass, then one single-token pass per new token. Others recompute the whole
+        sequence for every token. Either way every rank runs the same number of passes.
         """
         requests = [np.asarray(p, dtype=np.int64) for p in prompts]
         if any(p.size == 0 for p in requests):
             raise ValueError("every prompt needs at least one token")
-        with self.evaluating():
-            return self.map_sharded(lambda batch: self._generate_batch(batch, max_new_tokens), requests)
-
-    def _generate_batch(self, prompts: list[np.ndarray], max_new_tokens: int) -> list[np.ndarray]:
         keep = self.max_length - max_new_tokens
         if keep < 1:
             raise ValueError(f"cannot generate {max_new_tokens} tokens with max_length {self.max_length}")
-        sequences = [p[-keep:].tolist() for p in prompts]
+        generate = self._generate_cached if supports_kv_cache(self.module) else self._generate_recompute
+        with self.evaluating():
+            return self.map_sharded(lambda batch: generate([p[-keep:] for p in batch], max_new_tokens), requests)
+
+    def _generate_cached(self, prompts: list[np.ndarray], max_new_tokens: int) -> list[np.ndarray]:
+        width = max(p.size for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+            ids[i, width - p.size :] = torch.from_numpy(p)
+            mask[i, width - p.size :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generated = []
+        past = None
+        for _ in range(max_new_tokens):
+            self.forward_passes += 1
+            out = self.module(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            next_tokens = out.logits[:, -1].float().argmax(-1)
+            generated.append(next_tokens)
+            ids = next_tokens[:, None]
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            positions = positions[:, -1:] + 1
+        return list(torch.stack(generated, dim=1).cpu().numpy().astype(np.int64))
+
+    def _generate_recompute(self, prompts: list[np.ndarray], max_new_tokens: int) -> list[np.ndarray]:
+        sequences = [p.tolist() for p in prompts]
         generated: list[list[int]] = [[] for _ in prompts]
         for _ in range(max_new_tokens):
             width = max(len(s) for s in sequences)
@@ -262,6 +289,15 @@ class LiveModel:
                 sequences[i].append(int(token))
                 generated[i].append(int(token))
         return [np.array(g, dtype=np.int64) for g in generated]
+
+
+def supports_kv_cache(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward takes a key/value cache and explicit positions (HF causal LMs)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return {"past_key_values", "position_ids", "use_cache"} <= parameters.keys()
 
 
 def unwrap_model(composer_model: torch.nn.Module) -> torch.nn.Module:

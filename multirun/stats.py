@@ -217,14 +217,37 @@ def _mean_stat(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.mean(x, axis=axis)
 
 
-def _p_from_null(null: np.ndarray, observed: float, alternative: str) -> float:
-    """Exact p-value from a fully enumerated null distribution, with scipy's
-    conventions (relative tie tolerance; two-sided = 2 * min of one-sided)."""
+def _p_from_null(null: np.ndarray, observed: float, alternative: str, *, monte_carlo: bool = False) -> float:
+    """p-value from a null distribution with scipy's conventions (relative tie
+    tolerance; two-sided = 2 * min of one-sided). An enumerated null gives the
+    exact p; a Monte Carlo one counts the observed split too, (k + 1) / (n + 1),
+    so p is never 0."""
     gamma = abs(_TIE_EPS * observed)
-    p_greater = float(np.count_nonzero(null >= observed - gamma)) / null.size
-    p_less = float(np.count_nonzero(null <= observed + gamma)) / null.size
+    adjustment = 1 if monte_carlo else 0
+    p_greater = float(np.count_nonzero(null >= observed - gamma) + adjustment) / (null.size + adjustment)
+    p_less = float(np.count_nonzero(null <= observed + gamma) + adjustment) / (null.size + adjustment)
     p = {"greater": p_greater, "less": p_less, "two-sided": 2 * min(p_greater, p_less)}[alternative]
     return min(p, 1.0)
+
+
+def _random_split_null(t: np.ndarray, c: np.ndarray, *, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Differences of means under ``n_resamples`` random re-splits of the pooled scores.
+
+    What ``scipy.stats.permutation_test`` draws for ``permutation_type="independent"``,
+    but one vectorised shuffle per batch instead of one Python call per resample
+    (10x faster at monitor sizes, where monitors test many metrics at every evaluation).
+    """
+    pooled = np.concatenate([t, c])
+    n, n_t = pooled.size, t.size
+    total = pooled.sum()
+    null = np.empty(n_resamples)
+    batch = _batch(n, n_resamples)
+    for start in range(0, n_resamples, batch):
+        rows = min(batch, n_resamples - start)
+        order = rng.permuted(np.broadcast_to(np.arange(n), (rows, n)), axis=1)
+        treated_sums = pooled[order[:, :n_t]].sum(axis=1)
+        null[start : start + rows] = treated_sums / n_t - (total - treated_sums) / (n - n_t)
+    return null
 
 
 def _bootstrap_ci(data: tuple[np.ndarray, ...], statistic: Any, point: float, *,
@@ -319,14 +342,18 @@ def compare_means(treated: ArrayLike, control: ArrayLike, *, metric: str,
                            reason="empty arm")
     effect = t_mean - c_mean
 
-    if t.size >= 2 and c.size >= 2:
+    if t.size >= 2 and c.size >= 2 and math.comb(t.size + c.size, t.size) <= n_resamples:
         res = _st.permutation_test(
             (t, c), _diff_of_means, permutation_type="independent", vectorized=True,
             n_resamples=n_resamples, batch=_batch(t.size + c.size, n_resamples),
             alternative=alternative, **{_RNG_KW: _rng(seed, 0)},
         )
         p_value = float(res.pvalue)
-        exact = math.comb(t.size + c.size, t.size) <= n_resamples
+        exact = True
+    elif t.size >= 2 and c.size >= 2:
+        null = _random_split_null(t, c, n_resamples=n_resamples, rng=_rng(seed, 0))
+        p_value = _p_from_null(null, effect, alternative, monte_carlo=True)
+        exact = False
     else:
         # One arm holds a single item: the n_t + n_c splits are "which pooled
         # value is that item", few enough to enumerate outright.

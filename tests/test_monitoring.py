@@ -14,7 +14,7 @@ from multirun.errors import ConfigError
 from multirun.experiment import build_experiments
 from multirun.model import build_gpt2
 from multirun.monitor_runner import MonitorRunner, build_monitors, effects_of, read_metrics
-from multirun.monitoring import LiveModel, MetricScores, unwrap_model
+from multirun.monitoring import LiveModel, MetricScores, supports_kv_cache, unwrap_model
 from multirun.registry import monitors
 from multirun.runplan import build_run_plan
 from multirun.tokenizers import ByteTokenizer
@@ -153,3 +153,16 @@ def test_metrics_are_cut_back_to_the_resumed_step(tmp_path: Path, model: torch.n
     runner.truncate(after_step=50)
     lines = runner.path.read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 50]
+
+
+def test_cached_generation_equals_full_recompute(model: torch.nn.Module) -> None:
+    # Prompts of different lengths: the cached path left-pads, the recompute path right-pads.
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 256, n).tolist() for n in (1, 7, 3, 12, 5)]
+    live = LiveModel(model, pad_token_id=257, max_length=32, batch_size=4)
+    assert supports_kv_cache(live.module)
+    cached = live.greedy_generate(prompts, max_new_tokens=6)
+    with live.evaluating():
+        recomputed = live._generate_recompute([np.asarray(p) for p in prompts], 6)
+    assert [c.tolist() for c in cached] == [r.tolist() for r in recomputed]
+    assert model.training
