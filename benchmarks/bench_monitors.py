@@ -34,6 +34,9 @@ def main() -> None:
     print(f"seconds per evaluation        {monitor / max(evaluations, 1):.3f} s")
     print(f"training seconds per step     {(fit - monitor) / max(steps, 1):.4f} s")
     print(f"monitor share of fit time     {100 * monitor / fit:.2f} %  (target <= 2 %)")
+    print("seconds by part (all evaluations):")
+    for part, seconds in sorted(summary["monitor_seconds_by_part"].items(), key=lambda kv: -kv[1]):
+        print(f"  {part:<28}{seconds:8.3f} s")
 
 
 if __name__ == "__main__":

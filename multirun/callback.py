@@ -72,7 +72,8 @@ class MultirunCallback(Callback):
             ``injection:``, ``tokenizer:``, ``seed:``); the plan is built at FIT_START
             from the trainer's batch size and duration.
         sequence_length: llm-foundry path: the training sequence length.
-        experiments, injection, tokenizer, seed: llm-foundry path, inline instead of ``config``.
+        experiments, injection, tokenizer, seed, monitoring, interaction: llm-foundry path,
+            inline instead of ``config``.
     """
 
     def __init__(
@@ -90,6 +91,8 @@ class MultirunCallback(Callback):
         injection: dict | None = None,
         tokenizer: dict | None = None,
         seed: int | None = None,
+        monitoring: dict | None = None,
+        interaction: dict | None = None,
     ) -> None:
         self.plan = plan
         self.monitors = monitors
@@ -111,7 +114,10 @@ class MultirunCallback(Callback):
                 tokenizer=tokenizer,
                 seed=seed,
                 run_dir=run_dir,
+                monitoring=monitoring,
+                interaction=interaction,
             )
+            self.interaction_after = self._deferred.loaded.config.interaction.after
             if self.run_dir is None:
                 self.run_dir = self._deferred.run_dir
         if self.run_dir is None:
@@ -175,6 +181,7 @@ class MultirunCallback(Callback):
             assert self._deferred is not None
             self.plan = self._deferred.build(state)
             self.monitors = self._deferred.build_monitors(self.plan)
+            self.control = self._deferred.build_control(self.plan, self.monitors)
         self._check_resume()
         self._order_before_checkpoint_savers(state)
         rank = dist.get_global_rank()
@@ -367,7 +374,7 @@ class MultirunCallback(Callback):
         if logger is not None:
             self.monitors.log(logger, records)
         if self.control is not None:
-            self.control.decide(step=step, records=records, logger=logger)
+            self.control.decide(step=step, records=records, evaluated=self.monitors.last_evaluated, logger=logger)
             if self.interaction_after == "acquired" and self.control.all_acquired():
                 self._record_interaction_trigger(state, "all_acquired")
 
@@ -425,6 +432,7 @@ class MultirunCallback(Callback):
             summary["effects"] = [r for r in summary["effects"] if r["experiment"] != "_run"]
             summary["monitor_seconds"] = round(self.monitors.seconds, 6)
             summary["monitor_evaluations"] = self.monitors.evaluations
+            summary["monitor_seconds_by_part"] = {k: round(v, 6) for k, v in sorted(self.monitors.seconds_by_part.items())}
             summary["alpha"] = self.monitors.config.alpha
         write_json_atomic(self.run_dir / "summary.json", summary)
 

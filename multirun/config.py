@@ -70,6 +70,21 @@ def _time_string(value: str, *, units: Sequence[str], integral: bool = True) -> 
     return f"{number}{unit}"
 
 
+def _cadence(value: str | None) -> str | None:
+    """A monitoring cadence: whole steps, at least one."""
+    if value is None:
+        return None
+    value = _time_string(value, units=("ba",))
+    if int(value[:-2]) < 1:
+        raise ValueError("a cadence must be at least 1ba")
+    return value
+
+
+def cadence_steps(value: str | None) -> int | None:
+    """Steps of a validated cadence string (``"50ba"`` -> 50; None stays None)."""
+    return None if value is None else int(value[:-2])
+
+
 class _Strict(BaseModel):
     # extra="forbid": a misspelt key is an error, never silently ignored.
     # coerce_numbers_to_str: `run_name: 2024` or `version: 1` are fine as strings.
@@ -176,11 +191,22 @@ class PlacementConfig(_Strict):
 
 
 class MonitorConfig(_Strict):
-    """How an experiment is measured. ``name`` defaults to the injector kind's monitor."""
+    """How an experiment is measured. ``name`` defaults to the injector kind's monitor.
+
+    ``every``: this experiment's cadence (``200ba``); unset = ``monitoring.every``. A
+    controlled experiment is usually scored more often than the rest, whose monitors
+    may be costly (greedy decoding); every monitor also runs at fit start and end.
+    """
 
     name: str | None = None
     enabled: bool = True
+    every: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, v: str | None) -> str | None:
+        return _cadence(v)
 
 
 class ControllerConfig(_Strict):
@@ -213,7 +239,7 @@ class MonitoringConfig(_Strict):
     @field_validator("every")
     @classmethod
     def _every(cls, v: str | None) -> str | None:
-        return None if v is None else _time_string(v, units=("ba",))
+        return _cadence(v)
 
 
 class InteractionConfig(_Strict):

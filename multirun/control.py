@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from composer.utils import dist
 
-from multirun.config import LoadedConfig
+from multirun.config import LoadedConfig, cadence_steps
 from multirun.controllers import (
     AcquireController,
     Controller,
@@ -43,8 +44,12 @@ def build_controllers(loaded: LoadedConfig, plan: RunPlan, monitor_classes: dict
         if spec.controller is None:
             continue
         where = f"experiments[{index}]"
-        if config.monitoring.every is None:
-            raise ConfigError("a controller needs a monitoring cadence (monitoring.every)", file=loaded.source, key=f"{where}.controller")
+        every = cadence_steps(spec.monitor.every or config.monitoring.every)
+        if every is None:
+            raise ConfigError(
+                "a controller needs a monitoring cadence (monitoring.every or this experiment's monitor.every)",
+                file=loaded.source, key=f"{where}.controller",
+            )
         monitor_class = monitor_classes.get(spec.name)
         if monitor_class is None:
             raise ConfigError(
@@ -56,12 +61,22 @@ def build_controllers(loaded: LoadedConfig, plan: RunPlan, monitor_classes: dict
                 spec.controller.options,
                 experiment=experiments[spec.name],
                 metrics_available=list(getattr(monitor_class, "metrics", ())),
-                window_steps=int(config.monitoring.every[:-2]),
+                window_steps=every,
                 num_steps=plan.geometry.num_steps,
             )
         except ConfigError as exc:
             raise ConfigError(exc.message, file=loaded.source, key=f"{where}.{exc.key}" if exc.key else where) from None
     return controllers
+
+
+def build_control_loop(
+    loaded: LoadedConfig, plan: RunPlan, monitor_classes: dict[str, type], *, run_dir: Path
+) -> "ControlLoop | None":
+    """The run's control loop, or None when no experiment has a controller."""
+    controllers = build_controllers(loaded, plan, monitor_classes)
+    if not controllers:
+        return None
+    return ControlLoop(controllers, plan, run_dir=run_dir, max_modified_fraction=loaded.config.injection.max_modified_fraction)
 
 
 class ControlLoop:
@@ -111,11 +126,16 @@ class ControlLoop:
             controller.load_state_dict(state["states"][name])
 
     # -------------------------------------------------------------- decisions
-    def decide(self, *, step: int, records: list[dict[str, Any]], logger: Any = None) -> list[ControllerDecision]:
-        """Let every controller decide after an evaluation at ``step`` completed steps."""
+    def decide(
+        self, *, step: int, records: list[dict[str, Any]], evaluated: Sequence[str] | None = None, logger: Any = None
+    ) -> list[ControllerDecision]:
+        """Let each controller whose experiment was scored (``evaluated``; None = all) decide
+        after an evaluation at ``step`` completed steps."""
         by_name = {e.name: e for e in self.plan.experiments}
         decisions, lines = [], []
         for name, controller in self.controllers.items():
+            if evaluated is not None and name not in evaluated:
+                continue
             decision = controller.decide(step=step, records=records, experiment=by_name[name], num_steps=self.plan.geometry.num_steps)
             spans, unplaced = self.schedule.apply(decision)
             decisions.append(decision)

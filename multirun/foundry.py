@@ -19,7 +19,13 @@ Two forms are accepted::
         sequence_length: 2048
         seed: 17
         tokenizer: {kind: huggingface, path: /models/tok}
+        monitoring: {every: 500ba}       # optional, as in a multirun YAML
+        interaction: {after: acquired}   # optional
         experiments: [{name: canaries, payload: /payloads/canaries, repetitions: 4}]
+
+Controllers (``experiments[i].controller``) work on this path as in ``multirun train``:
+they are built with the plan at ``FIT_START`` and decide after each evaluation of
+their experiment's monitor.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from composer.utils import dist
 from pydantic import ValidationError
 
 from multirun.config import LoadedConfig, RunConfig, load_config
+from multirun.control import ControlLoop, build_control_loop
 from multirun.errors import ConfigError
 from multirun.monitor_runner import MonitorRunner, build_monitors
 from multirun.payloads import load_payload
@@ -62,10 +69,14 @@ class DeferredPlan:
         tokenizer: dict | None,
         seed: int | None,
         run_dir: str | Path | None,
+        monitoring: dict | None = None,
+        interaction: dict | None = None,
     ) -> "DeferredPlan":
         if config is not None:
-            if experiments is not None:
-                raise ConfigError("give either config or experiments, not both", key="callbacks.multirun")
+            if experiments is not None or monitoring is not None or interaction is not None:
+                raise ConfigError(
+                    "give either config or inline experiments/monitoring/interaction, not both", key="callbacks.multirun"
+                )
             loaded = load_config(config)
         else:
             if experiments is None:
@@ -73,7 +84,11 @@ class DeferredPlan:
                     "needs `config` (a multirun YAML) or an inline `experiments` list", key="callbacks.multirun"
                 )
             raw: dict[str, Any] = {"run_name": "llmfoundry", "experiments": experiments}
-            for key, value in (("injection", injection), ("tokenizer", tokenizer), ("seed", seed)):
+            inline = (
+                ("injection", injection), ("tokenizer", tokenizer), ("seed", seed),
+                ("monitoring", monitoring), ("interaction", interaction),
+            )
+            for key, value in inline:
                 if value is not None:
                     raw[key] = value
             try:
@@ -108,6 +123,11 @@ class DeferredPlan:
         steps = steps_in_duration(state, global_batch, self.sequence_length)
         geometry = BatchGeometry(global_batch, self.sequence_length, steps)
         return build_run_plan(self.loaded, tokenizer=self.tokenizer, geometry=geometry)
+
+    def build_control(self, plan: RunPlan, monitors: MonitorRunner) -> ControlLoop | None:
+        """The experiments' controllers (None when there are none); bad options raise ConfigError."""
+        classes = {entry.experiment: type(entry.monitor) for entry in monitors.entries}
+        return build_control_loop(self.loaded, plan, classes, run_dir=self.run_dir)
 
     def build_monitors(self, plan: RunPlan) -> MonitorRunner:
         """The experiments' monitors, with the config's monitoring cadence."""

@@ -12,10 +12,11 @@ on unless ``monitoring.on_error: raise``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 from composer.utils import dist
 
-from multirun.config import LoadedConfig, MonitoringConfig
+from multirun.config import LoadedConfig, MonitoringConfig, cadence_steps
 from multirun.errors import ConfigError
 from multirun.jsonl import append_jsonl, plain, read_jsonl, truncate_jsonl
 from multirun.monitoring import LiveModel, MetricScores, Monitor
@@ -40,6 +41,7 @@ class ExperimentMonitor:
     experiment: str
     monitor_name: str
     monitor: Monitor
+    every: int | None = None  # steps between interval evaluations (None: fit start and end only)
 
 
 def build_monitors(loaded: LoadedConfig, plan: RunPlan, tokenizer: Tokenizer) -> list[ExperimentMonitor]:
@@ -60,7 +62,8 @@ def build_monitors(loaded: LoadedConfig, plan: RunPlan, tokenizer: Tokenizer) ->
         except ConfigError as exc:
             inner = f".{exc.key}" if exc.key else ""
             raise ConfigError(exc.message, file=loaded.source, key=f"{key}{inner}".replace(".monitor.monitor", ".monitor")) from None
-        out.append(ExperimentMonitor(spec.name, name, monitor))
+        every = cadence_steps(spec.monitor.every or loaded.config.monitoring.every)
+        out.append(ExperimentMonitor(spec.name, name, monitor, every))
     return out
 
 
@@ -114,20 +117,32 @@ class MonitorRunner:
         self.pad_token_id = pad_token_id
         self.sequence_length = sequence_length
         self.seed = seed
-        self.every = int(config.every[:-2]) if config.every else None
+        self.every = cadence_steps(config.every)
         self.seconds = 0.0
         self.evaluations = 0
         self.last_records: list[dict[str, Any]] = []
+        self.last_evaluated: list[str] = []
+        self.seconds_by_part: dict[str, float] = {}  # experiment names, "heldout_loss", "statistics"
 
     @property
     def path(self) -> Path:
         return self.run_dir / METRICS_FILE
 
     def due(self, completed_steps: int) -> bool:
-        return self.every is not None and completed_steps > 0 and completed_steps % self.every == 0
+        """Whether the held-out loss or any experiment is due after ``completed_steps`` steps."""
+        return _due(self.every, completed_steps) or any(_due(e.every, completed_steps) for e in self.entries)
 
     def evaluate(self, module: Any, *, step: int, when: str, precision_context: Any = None) -> list[dict[str, Any]]:
-        """Score every monitor on ``module`` (the unwrapped causal LM) after ``step`` completed steps."""
+        """Score monitors on ``module`` (the unwrapped causal LM) after ``step`` completed steps.
+
+        At fit start and end (``when`` other than ``"interval"``) every monitor runs;
+        at an interval, those whose cadence divides ``step`` (and the held-out loss at
+        the run's cadence). Holm's family is the primary metrics scored in this
+        evaluation, so the fit-end evaluation corrects over the whole run.
+        """
+        interval = when == "interval"
+        entries = [e for e in self.entries if not interval or _due(e.every, step)]
+        self.last_evaluated = [e.experiment for e in entries]
         started = time.perf_counter()
         live = LiveModel(
             module, pad_token_id=self.pad_token_id, max_length=self.sequence_length,
@@ -135,20 +150,27 @@ class MonitorRunner:
         )
         records: list[dict[str, Any]] = []
         primary: list[int] = []
-        if self.heldout is not None and len(self.heldout):
-            records.append({"step": step, "when": when, "experiment": "_run", "metric": "heldout_loss",
-                            "value": heldout_loss(live, self.heldout)})
-        for entry in self.entries:
+        if self.heldout is not None and len(self.heldout) and (not interval or _due(self.every, step)):
+            with self._timed("heldout_loss"):
+                loss = heldout_loss(live, self.heldout)
+            records.append({"step": step, "when": when, "experiment": "_run", "metric": "heldout_loss", "value": loss})
+        for entry in entries:
             try:
-                results = entry.monitor.evaluate(live)
+                with self._timed(entry.experiment):
+                    results = entry.monitor.evaluate(live)
             except Exception as exc:  # a broken monitor must not silently vanish, nor stop training by default
                 if self.config.on_error == "raise":
                     raise
                 warnings.warn(f"multirun: monitor {entry.monitor_name!r} of {entry.experiment!r} failed at step {step}: {exc!r}")
                 records.append({"step": step, "when": when, "experiment": entry.experiment, "monitor": entry.monitor_name, "error": repr(exc)})
                 continue
-            for scores in results:
-                for group, effect in effects_of(scores, n_resamples=self.config.n_resamples, seed=self.seed + step):
+            with self._timed("statistics"):
+                effects = [
+                    (scores, effects_of(scores, n_resamples=self.config.n_resamples, seed=self.seed + step))
+                    for scores in results
+                ]
+            for scores, by_group in effects:
+                for group, effect in by_group:
                     record = {
                         "step": step, "when": when, "experiment": entry.experiment, "monitor": entry.monitor_name,
                         "group": group, "primary": scores.primary and group is None, **effect.to_dict(),
@@ -169,6 +191,14 @@ class MonitorRunner:
         if dist.get_global_rank() == 0:
             self._append(records)
         return records
+
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds_by_part[part] = self.seconds_by_part.get(part, 0.0) + time.perf_counter() - started
 
     def log(self, logger: Any, records: list[dict[str, Any]]) -> None:
         metrics: dict[str, float] = {}
@@ -192,6 +222,10 @@ class MonitorRunner:
     def truncate(self, after_step: int) -> None:
         """Drop records of evaluations after ``after_step`` (they are repeated after a resume)."""
         truncate_jsonl(self.path, lambda r: int(r.get("step", 1 << 62)) <= after_step)
+
+
+def _due(every: int | None, completed_steps: int) -> bool:
+    return every is not None and completed_steps > 0 and completed_steps % every == 0
 
 
 def heldout_loss(live: LiveModel, rows: np.ndarray) -> float:

@@ -260,7 +260,8 @@ class LiveModel:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generated = []
-        past = None
+        # Hugging Face models take (and then return) a Cache object; a legacy tuple is deprecated.
+        past = _empty_cache() if getattr(self.module, "_supports_cache_class", False) else None
         for _ in range(max_new_tokens):
             self.forward_passes += 1
             out = self.module(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
@@ -289,6 +290,12 @@ class LiveModel:
                 sequences[i].append(int(token))
                 generated[i].append(int(token))
         return [np.array(g, dtype=np.int64) for g in generated]
+
+
+def _empty_cache() -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
 def supports_kv_cache(module: torch.nn.Module) -> bool:

@@ -26,7 +26,7 @@ from composer.utils import dist, reproducibility
 
 from multirun.callback import MultirunCallback
 from multirun.config import LoadedConfig, parse_duration_steps
-from multirun.control import ControlLoop, build_controllers
+from multirun.control import build_control_loop
 from multirun.data import (
     PreparedDataset,
     build_dataloader,
@@ -162,11 +162,7 @@ def prepare_run(
     )
     scheduler = LinearWithWarmupScheduler(t_warmup=train.warmup, alpha_f=0.1)
     monitor_entries = build_monitors(loaded, plan, tokenizer)
-    controllers = build_controllers(loaded, plan, {m.experiment: type(m.monitor) for m in monitor_entries})
-    control = (
-        ControlLoop(controllers, plan, run_dir=run_dir, max_modified_fraction=config.injection.max_modified_fraction)
-        if controllers else None
-    )
+    control = build_control_loop(loaded, plan, {m.experiment: type(m.monitor) for m in monitor_entries}, run_dir=run_dir)
     monitors = MonitorRunner(
         monitor_entries,
         config.monitoring,

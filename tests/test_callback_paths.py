@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -72,6 +73,34 @@ def test_llmfoundry_entry_point_builds_a_working_callback(tmp_path: Path, datase
         experiment = callback.plan.experiments[callback.plan.experiment_names.index(row["experiment"])]
         np.testing.assert_array_equal(got, experiment.sequence_tokens(row["sequence"]))
     assert (tmp_path / "multirun" / "summary.json").is_file()
+
+
+def test_llmfoundry_path_runs_controllers_in_process(tmp_path: Path, dataset: PreparedDataset) -> None:
+    kwargs = _foundry_callback_kwargs(tmp_path)
+    kwargs["monitoring"] = {"every": "4ba", "n_resamples": 200}
+    kwargs["experiments"][1]["control_fraction"] = 0.25
+    kwargs["experiments"][1]["controller"] = {
+        "name": "acquire", "options": {"metric": "text_logprob", "threshold": 0.0, "initial_rate": 1, "max_rate": 2},
+    }
+    callback = MultirunCallback(**kwargs)
+    trainer = Trainer(
+        model=build_gpt2(vocab_size=258, sequence_length=64, n_layer=1, n_head=2, n_embd=32, eos_token_id=256),
+        train_dataloader=build_dataloader(dataset.path, batch_size=4),
+        max_duration="12ba",
+        callbacks=[callback],
+        device="cpu",
+        progress_bar=False,
+    )
+    trainer.fit()
+    trainer.close()
+    run_dir = tmp_path / "multirun"
+    decisions = [json.loads(line) for line in (run_dir / "controller.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in decisions] == [0, 4, 8, 12]
+    facts = Ledger.open(run_dir).query(experiment="facts").to_pylist()
+    assert facts, "the controller placed no spans"
+    for row in facts:  # every span was asked for by the decision of its window
+        assert decisions[row["step"] // 4]["exposures"][row["item"]] > 0
+    Ledger.open(run_dir).check_integrity()
 
 
 def test_llmfoundry_kwargs_are_validated_at_construction(tmp_path: Path) -> None:

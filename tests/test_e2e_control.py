@@ -135,3 +135,20 @@ def test_interaction_start_is_recorded_with_its_checkpoint(
         assert record["step"] == max(v["acquired_at_step"] for v in acquisition.values()) < STEPS
     else:
         assert record["step"] == STEPS
+
+
+def test_controlled_experiment_keeps_its_own_cadence_while_the_rest_are_scored_rarely(
+    tmp_path: Path, dataset: PreparedDataset
+) -> None:
+    config = _controlled_config(tmp_path, dataset, name="cadence")
+    loaded = load_config(config, ["monitoring.every=12ba", "experiments.1.monitor.every=4ba"])
+    run = prepare_run(loaded, progress=False)
+    run.fit()
+    run.close()
+    scored: dict[str, set[int]] = {}
+    for record in read_jsonl(run.run_dir / "metrics.jsonl"):
+        scored.setdefault(record["experiment"], set()).add(record["step"])
+    assert scored["canaries"] == {0, 12, 24}
+    assert scored["facts"] == set(range(0, STEPS + 1, EVERY))
+    decisions = read_jsonl(run.run_dir / "controller.jsonl")
+    assert [d["step"] for d in decisions] == list(range(0, STEPS + 1, EVERY))
