@@ -291,7 +291,7 @@ class ContaminationInjector:
         groups: list[int] | None
         if assign is not None:
             # Deal a random permutation round-robin: group sizes differ by at most one.
-            order = experiment_rng(seed, spec.name, _GROUP_STREAM).permutation(n)
+            order = experiment_rng(seed, spec.split_key, _GROUP_STREAM).permutation(n)
             assigned = np.empty(n, dtype=np.int64)
             assigned[order] = np.resize(np.asarray(assign, dtype=np.int64), n)
             groups = [int(g) for g in assigned]
@@ -317,7 +317,7 @@ class ContaminationInjector:
             treated = np.asarray([g > 0 for g in groups], dtype=bool)
             item_reps = [float(g) for g in groups]
         else:
-            treated = split_arms(n, spec.control_fraction, seed=seed, name=spec.name)
+            treated = split_arms(n, spec.control_fraction, seed=seed, name=spec.split_key)
             item_reps = [float(spec.repetitions)] * n
 
         seq_items = np.flatnonzero(treated).astype(np.int32)

@@ -233,7 +233,7 @@ class DocumentsInjector:
                 )
             encoded.append(seq)
 
-        treated = split_arms(len(records), spec.control_fraction, seed=seed, name=spec.name)
+        treated = split_arms(len(records), spec.control_fraction, seed=seed, name=spec.split_key)
         seq_items = np.flatnonzero(treated).astype(np.int32)
         return prepared_experiment(
             self.kind, payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed,

@@ -171,7 +171,7 @@ class KnowledgeInjector:
                 questions.append(question)
                 target_texts.append(target)
 
-        treated = split_arms(len(records), spec.control_fraction, seed=seed, name=spec.name)
+        treated = split_arms(len(records), spec.control_fraction, seed=seed, name=spec.split_key)
         item_reps = [float(rec.get("repetitions", spec.repetitions)) for _, rec in records]
         sequences: list[list[int]] = []
         seq_items: list[int] = []

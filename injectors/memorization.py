@@ -217,7 +217,7 @@ class MemorizationInjector:
             )
 
         eos = int(tokenizer.eos_token_id)
-        treated = split_arms(len(records), spec.control_fraction, seed=seed, name=spec.name)
+        treated = split_arms(len(records), spec.control_fraction, seed=seed, name=spec.split_key)
         seq_items = np.flatnonzero(treated).astype(np.int32)
         wrapped = [[eos, *texts[i], eos] if spec.wrap_eos else texts[i] for i in seq_items]
         return prepared_experiment(

@@ -346,7 +346,7 @@ class PoisonInjector:
             behaviours.append(behaviour)
 
         n_items = len(items)
-        treated = split_arms(n_items, spec.control_fraction, seed=seed, name=spec.name)
+        treated = split_arms(n_items, spec.control_fraction, seed=seed, name=spec.split_key)
         eval_index = [i for i in range(n_items) if not treated[i]] + list(range(n_items, len(everything)))
         if not eval_index and _monitor_applies(spec):
             raise ConfigError(

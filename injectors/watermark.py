@@ -220,7 +220,7 @@ class WatermarkInjector:
             noise = None
             item_ids, reps, sequences, metadata, probes = self._random_tokens(payload, spec, tokenizer, sequence_length, seed)
 
-        treated = split_arms(len(item_ids), spec.control_fraction, seed=seed, name=spec.name)
+        treated = split_arms(len(item_ids), spec.control_fraction, seed=seed, name=spec.split_key)
         seq_items = np.flatnonzero(treated).astype(np.int32)
         return prepared_experiment(
             self.kind, payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed,

@@ -82,6 +82,22 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="output folder (default RUN_DIR/report)")
     report.set_defaults(handler=_report)
 
+    interact = commands.add_parser(
+        "interact", help="interaction tests: arms none/alone/all(/leave-one-out) from a run's checkpoint",
+    )
+    interact.add_argument("run_dir")
+    interact.add_argument("--checkpoint", help="start here (default: interaction_trigger.json's, else the latest)")
+    interact.add_argument("--steps", type=int, help="steps per arm (default interaction.steps, 100)")
+    interact.add_argument("--intensity", type=float, help="fraction of an arm's tokens per experiment (default 0.01)")
+    interact.add_argument("--experiments", help="comma-separated experiments to take part (default: every injected one)")
+    interact.add_argument("--leave-one-out", action="store_true", help="add the all-but-one arms")
+    interact.add_argument("--lr", type=float, help="constant learning rate of the arms (default: the checkpoint's)")
+    interact.add_argument("--alpha", type=float, help="significance level after Holm correction (default 0.05)")
+    _add_overrides(interact)
+    interact.add_argument("--out", help="output folder (default RUN_DIR/interaction)")
+    interact.add_argument("--no-progress", action="store_true", help="no line per arm")
+    interact.set_defaults(handler=_interact)
+
     payload = commands.add_parser("payload", help="payload package tools")
     payload.add_argument("action", choices=["fingerprint", "check"])
     payload.add_argument("path")
@@ -109,9 +125,17 @@ def _train(args: argparse.Namespace) -> int:
     summary = run.fit()
     run.close()
     if dist.get_global_rank() == 0 and summary:
+        _print_summary(summary)
+    if loaded.config.interaction.after != "none" and (run.run_dir / "interaction_trigger.json").exists():
+        from multirun.interaction import run_interaction
+
+        console.print(f"interaction tests from the checkpoint of interaction.after={loaded.config.interaction.after}:")
+        result = run_interaction(run.run_dir, progress=not args.no_progress)
+        if dist.get_global_rank() == 0:
+            _print_interaction(result)
+    if dist.get_global_rank() == 0 and summary:
         from multirun.report import build_report
 
-        _print_summary(summary)
         report = build_report(run.run_dir)
         console.print(f"run directory: [bold]{run.run_dir}[/]")
         console.print(f"report: [bold]{report.html}[/] (Markdown: {report.markdown})")
@@ -167,6 +191,61 @@ def _ledger(args: argparse.Namespace) -> int:
     total = _tokens_trained(Path(args.run_dir))
     _print_ledger_summary(ledger.summary(total_training_tokens=total))
     return 0
+
+
+def _interact(args: argparse.Namespace) -> int:
+    from composer.utils import dist
+
+    from multirun.interaction import run_interaction
+    from multirun.report import build_report
+
+    overrides = list(args.overrides)
+    for flag, key in (("steps", "steps"), ("intensity", "intensity"), ("lr", "lr"), ("alpha", "alpha")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"interaction.{key}={getattr(args, flag)}")
+    if args.leave_one_out:
+        overrides.append("interaction.leave_one_out=true")
+    if args.experiments:
+        names = [n.strip() for n in args.experiments.split(",") if n.strip()]
+        overrides.append(f"interaction.experiments=[{', '.join(names)}]")
+    result = run_interaction(
+        args.run_dir, checkpoint=args.checkpoint, overrides=overrides, out_dir=args.out, progress=not args.no_progress
+    )
+    if dist.get_global_rank() == 0:
+        _print_interaction(result)
+        if args.out is None:
+            report = build_report(args.run_dir)
+            console.print(f"report: [bold]{report.html}[/]")
+    return 0
+
+
+def _print_interaction(result) -> None:  # type: ignore[no-untyped-def]
+    from multirun.stats import format_p
+
+    matrix = result.matrix
+    console.print(
+        f"{len(result.arms)} arms x {matrix.get('steps')} steps from step {result.start_step} "
+        f"({result.checkpoint}) in {result.seconds:.0f} s"
+    )
+    table = Table(title="interaction matrix: change in each experiment's treated-control gap (vs the baseline arm)")
+    for column in ("arm", "measured", "effect", "95% CI", "p", "p (Holm)", "verdict"):
+        table.add_column(column, justify="right" if column in ("effect", "95% CI", "p", "p (Holm)") else "left")
+    for c in matrix["cells"]:
+        if "error" in c:
+            table.add_row(c["arm"], c["experiment"], "", "", "", "", f"[red]{c['error']}[/]")
+            continue
+        if c["significant"]:
+            verdict = "[red]interaction[/]" if c["family"] == "off_diagonal" else "[green]effect[/]"
+        else:
+            verdict = "-"
+        table.add_row(
+            c["arm"], f"{c['experiment']}" + (" (own)" if c["diagonal"] else ""), _sig(c.get("effect")),
+            f"[{_sig(c.get('ci_low'))}, {_sig(c.get('ci_high'))}]", format_p(c.get("p_value")),
+            format_p(c.get("p_holm")) if c.get("p_holm") is not None else "", verdict,
+        )
+    console.print(table)
+    console.print(f"[bold]{matrix['verdict']}[/]")
+    console.print(f"matrix: {result.out_dir / 'matrix.json'} and matrix.csv")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -286,6 +365,11 @@ def _tokens_trained(run_dir: Path) -> int | None:
 
 def _fmt(value) -> str:  # type: ignore[no-untyped-def]
     return "-" if value is None else f"{value:.2f}"
+
+
+def _sig(value) -> str:  # type: ignore[no-untyped-def]
+    """Three significant digits: interaction effects are often far below 0.01."""
+    return "-" if value is None else f"{value:.3g}"
 
 
 if __name__ == "__main__":

@@ -243,15 +243,29 @@ class MonitoringConfig(_Strict):
 
 
 class InteractionConfig(_Strict):
-    """When the interaction tests should start from this run.
+    """The interaction tests (``multirun interact``) of this run, and when they start.
 
     ``after: acquired``: once every ``acquire``-controlled experiment has acquired all its
     treated items (or at the end of training if that never happens); ``after: end``: at
     the end of training. The checkpoint taken at that moment and the trigger are recorded
-    in ``interaction_trigger.json``.
+    in ``interaction_trigger.json``, and ``multirun train`` runs the tests from it.
+
+    The design: from one checkpoint, every arm continues ``steps`` steps on the same
+    data, injecting its experiments (each at ``intensity``, a fraction of the arm's
+    tokens): ``none``, each experiment alone, ``all`` and, with ``leave_one_out``, all
+    but one. ``experiments``: which ones take part (default: every injected one);
+    ``lr``: the arms' constant learning rate (default: the checkpoint's); ``alpha``:
+    the verdicts' significance level after Holm correction.
     """
 
     after: Literal["none", "acquired", "end"] = "none"
+    steps: int = Field(100, gt=0)
+    intensity: float = Field(0.01, gt=0, le=0.5)
+    leave_one_out: bool = False
+    experiments: list[str] | None = None
+    lr: float | None = Field(None, gt=0)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    n_resamples: int = Field(10000, ge=100)
 
 
 class ExperimentConfig(_Strict):
@@ -262,12 +276,20 @@ class ExperimentConfig(_Strict):
     kind: str | None = None
     repetitions: float = Field(1.0, gt=0)
     control_fraction: float = Field(0.5, ge=0, lt=1)
+    # The treated/control split is drawn from (seed, arms_key); two experiments with the
+    # same items and the same arms_key get the same split (default: the experiment's name).
+    arms_key: str | None = None
     wrap_eos: bool = True
     inject: bool = True  # False: a negative control, planned and measured but never injected
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     controller: ControllerConfig | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def split_key(self) -> str:
+        """What seeds the treated/control split: ``arms_key``, else the name."""
+        return self.arms_key or self.name
 
 
 class RunConfig(_Strict):
@@ -366,6 +388,7 @@ class LoadedConfig:
         for exp in doc["experiments"]:
             exp["payload"] = absolute(exp["payload"])
         doc["data"]["path"] = absolute(doc["data"]["path"])
+        doc["data"]["heldout_path"] = absolute(doc["data"]["heldout_path"])
         doc["tokenizer"]["path"] = absolute(doc["tokenizer"]["path"])
         doc = _escape_vars(doc)  # a literal "${" must survive loading the file again
         header = (

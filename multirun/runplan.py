@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,24 @@ class RunPlan:
         for experiment in self.experiments:
             h.update(experiment.fingerprint.encode())
         return h.hexdigest()
+
+    def restricted(self, names: Sequence[str]) -> "RunPlan":
+        """The same plan with only the spans of the experiments in ``names``.
+
+        Every experiment stays (its probes and arms are still measured); the others are
+        simply not injected, and the kept spans are exactly those of the full plan.
+        """
+        kept = set(names)
+        keep = np.isin(self.spans.experiment, [i for i, n in enumerate(self.experiment_names) if n in kept])
+
+        def only(counts: dict[str, int]) -> dict[str, int]:
+            return {n: (c if n in kept else 0) for n, c in counts.items()}
+
+        result = replace(
+            self.result, spans=self.spans.take(np.flatnonzero(keep)), requested=only(self.result.requested),
+            placed=only(self.result.placed), unplaced=only(self.result.unplaced),
+        )
+        return replace(self, result=result)
 
     @property
     def experiment_names(self) -> list[str]:
@@ -140,6 +159,14 @@ def build_run_plan(loaded: LoadedConfig, *, tokenizer: Tokenizer, geometry: Batc
             # A negative control (its arms measured, its treated items never injected), or a
             # controlled experiment, whose spans its controller places while training runs.
             experiment.seq_repetitions = np.zeros_like(experiment.seq_repetitions)
+    return plan_experiments(loaded, experiments, tokenizer=tokenizer, geometry=geometry)
+
+
+def plan_experiments(
+    loaded: LoadedConfig, experiments: list[PreparedExperiment], *, tokenizer: Tokenizer, geometry: BatchGeometry
+) -> RunPlan:
+    """Plan the spans of prepared experiments (their repetitions and placements as they are)."""
+    config = loaded.config
     result = plan_static(
         experiments,
         geometry,

@@ -138,28 +138,9 @@ def prepare_run(
 
     train = config.train
     per_rank_batch = train.global_batch_size // dist.get_world_size()
-    dataloader = build_dataloader(
-        dataset.path,
-        batch_size=per_rank_batch,
-        shuffle=config.data.shuffle,
-        shuffle_seed=config.data.shuffle_seed,
-        num_canonical_nodes=config.data.num_canonical_nodes,
-        num_workers=config.data.num_workers,
-    )
-    # Same initial weights on every rank and in every repeat of the run.
-    reproducibility.seed_all(config.seed)
-    model = build_gpt2(
-        vocab_size=tokenizer.vocab_size,
-        sequence_length=dataset.sequence_length,
-        n_layer=config.model.n_layer,
-        n_head=config.model.n_head,
-        n_embd=config.model.n_embd,
-        eos_token_id=tokenizer.eos_token_id,
-        overrides=dict(config.model.config_overrides),
-    )
-    optimizer = DecoupledAdamW(
-        model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
-    )
+    dataloader = train_dataloader(loaded, dataset)
+    model = build_model(loaded, tokenizer, dataset.sequence_length)
+    optimizer = build_optimizer(loaded, model)
     scheduler = LinearWithWarmupScheduler(t_warmup=train.warmup, alpha_f=0.1)
     monitor_entries = build_monitors(loaded, plan, tokenizer)
     control = build_control_loop(loaded, plan, {m.experiment: type(m.monitor) for m in monitor_entries}, run_dir=run_dir)
@@ -176,14 +157,13 @@ def prepare_run(
         plan=plan, monitors=monitors, control=control, interaction_after=config.interaction.after,
         run_dir=run_dir, overwrite=overwrite,
     )
-    device = train.device if train.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     trainer = Trainer(
         model=model,
         train_dataloader=dataloader,
         max_duration=f"{geometry.num_steps}ba",
         optimizers=optimizer,
         schedulers=scheduler,
-        device=device,
+        device=training_device(loaded),
         precision=train.precision,
         device_train_microbatch_size=train.device_microbatch_size or per_rank_batch,
         callbacks=[callback, *extra_callbacks],
@@ -201,6 +181,44 @@ def prepare_run(
         python_log_level=None,
     )
     return TrainingRun(loaded, run_dir, tokenizer, dataset, plan, callback, trainer)
+
+
+def train_dataloader(loaded: LoadedConfig, dataset: PreparedDataset) -> Any:
+    """The run's Streaming dataloader (this rank's share of the global batch)."""
+    config = loaded.config
+    return build_dataloader(
+        dataset.path,
+        batch_size=config.train.global_batch_size // dist.get_world_size(),
+        shuffle=config.data.shuffle,
+        shuffle_seed=config.data.shuffle_seed,
+        num_canonical_nodes=config.data.num_canonical_nodes,
+        num_workers=config.data.num_workers,
+    )
+
+
+def build_model(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int) -> Any:
+    """The run's model, with the same initial weights on every rank and in every repeat."""
+    config = loaded.config
+    reproducibility.seed_all(config.seed)
+    return build_gpt2(
+        vocab_size=tokenizer.vocab_size,
+        sequence_length=sequence_length,
+        n_layer=config.model.n_layer,
+        n_head=config.model.n_head,
+        n_embd=config.model.n_embd,
+        eos_token_id=tokenizer.eos_token_id,
+        overrides=dict(config.model.config_overrides),
+    )
+
+
+def build_optimizer(loaded: LoadedConfig, model: torch.nn.Module) -> DecoupledAdamW:
+    train = loaded.config.train
+    return DecoupledAdamW(model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+
+
+def training_device(loaded: LoadedConfig) -> str:
+    device = loaded.config.train.device
+    return device if device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
 
 
 def heldout_rows(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int) -> np.ndarray | None:
