@@ -4,11 +4,11 @@ Runs the embedded demo config for a few steps with the real Composer trainer and
 compares the wall time spent in multirun's AFTER_DATALOADER work (row mapping,
 token overwrite, ledger append) with the wall time of the training steps.
 
-    python benchmarks/bench_injection.py [--steps 60] [--rate 0.05]
+    python benchmarks/bench_injection.py [--steps 200] [--repetitions 8] [--set key=value ...]
 
-``--rate`` raises the demo's injection so that every step carries spans (the worst
-case for this measurement): it sets each experiment's repetitions so the plan
-modifies about that fraction of all tokens, capped by max_modified_fraction.
+``--repetitions`` raises every experiment's repetitions (placed uniformly) so that most
+steps carry spans, the worst case for this measurement; ``--set`` scales the model or
+batch (e.g. ``--set model.n_layer=12``) to measure the share at a realistic step time.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
 from multirun.config import load_config
+from multirun.payloads import load_package, resolve_payload_ref
 from multirun.train import prepare_run
 
 
@@ -42,18 +43,23 @@ class StepTimer(Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repetitions", type=float, default=8.0, help="repetitions per treated item")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="config override, e.g. model.n_layer=12 (repeatable)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [
             f"train.max_duration={args.steps}ba",
             "train.save_interval=null",
             "injection.max_modified_fraction=0.25",
+            *args.overrides,
         ]
         loaded = load_config(None, overrides)
-        for index in range(len(loaded.config.experiments)):
-            overrides.append(f"experiments.{index}.repetitions={args.repetitions}")
+        for index, spec in enumerate(loaded.config.experiments):
+            kind = load_package(resolve_payload_ref(spec.payload, base_dir=loaded.base_dir)).kind
+            if kind != "contamination":  # its repetition groups set its doses
+                overrides.append(f"experiments.{index}.repetitions={args.repetitions}")
             overrides.append(f"experiments.{index}.placement={{mode: uniform}}")
         loaded = load_config(None, overrides)
         timer = StepTimer()

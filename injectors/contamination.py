@@ -308,7 +308,8 @@ class ContaminationInjector:
 
         if groups is not None:
             for name in ("repetitions", "control_fraction"):
-                if name in spec.model_fields_set:
+                # A resolved config (run_dir/resolved_config.yaml) spells out the defaults.
+                if name in spec.model_fields_set and getattr(spec, name) != type(spec).model_fields[name].default:
                     raise ConfigError(
                         f"the repetition groups decide the arms and doses of this experiment, so {name} would be ignored; remove it "
                         "(group 0 = controls, group g = injected g times)",

@@ -81,7 +81,7 @@ def find_checkpoint(run_dir: Path, explicit: str | Path | None = None) -> Path:
         path = Path(explicit)
         if not path.is_file():
             raise ResumeError("no such checkpoint file", file=path)
-        return path
+        return path.resolve()  # latest-rank0.pt is a link to the file that names the step
     trigger = run_dir / INTERACTION_TRIGGER
     if trigger.is_file():
         recorded = json.loads(trigger.read_text()).get("checkpoint")
@@ -104,8 +104,8 @@ def checkpoint_step(path: Path) -> int:
         return int(match.group(1))
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return int(state["state"]["timestamp"]["batch"])
+    timestamp = torch.load(path, map_location="cpu", weights_only=False)["state"]["timestamp"]
+    return int(timestamp.get("Timestamp", timestamp)["batch"])
 
 
 def participants_of(loaded: LoadedConfig, settings: InteractionConfig) -> list[str]:

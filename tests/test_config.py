@@ -277,3 +277,18 @@ def test_resolve_placement_errors_name_the_field(spec: PlacementConfig, field: s
         resolve_placement(spec, GEO, key="experiments[3].placement", file="run.yaml")
     assert info.value.key == f"experiments[3].placement.{field}"
     assert str(info.value).startswith("run.yaml: experiments[3].placement.")
+
+
+def test_a_resolved_config_loads_again_and_builds_the_same_experiments(tmp_path: Path) -> None:
+    # multirun interact reloads run_dir/resolved_config.yaml, which spells out every default.
+    from multirun.experiment import arms_record, build_experiments
+    from multirun.tokenizers import ByteTokenizer
+
+    original = load_config(None, env={})
+    again = load_config(original.write(tmp_path), env={})
+    assert again.resolved_dict() == original.resolved_dict()
+    geometry = BatchGeometry(global_batch_size=16, sequence_length=128, num_steps=800)
+    first = build_experiments(original, tokenizer=ByteTokenizer(), geometry=geometry)
+    second = build_experiments(again, tokenizer=ByteTokenizer(), geometry=geometry)
+    assert arms_record(first) == arms_record(second)
+    assert [e.fingerprint for e in first] == [e.fingerprint for e in second]

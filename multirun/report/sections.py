@@ -484,6 +484,16 @@ def interaction(run: RunData) -> Section:
         + (f" over experiments {', '.join(map(str, experiments))}" if experiments else "")
         + (f"; significance at alpha = {alpha:g} (Holm)." if not math.isnan(alpha) else ".")
     ))
+    if matrix.get("verdict"):
+        start = matrix.get("start_step")
+        design = (
+            f"{matrix.get('steps')} steps per arm from step {start} ({matrix.get('checkpoint')}), "
+            f"{matrix.get('intensity'):g} of the tokens per experiment. " if start is not None else ""
+        )
+        section.blocks.append(Paragraph(
+            f"{design}Each cell: the change of the experiment's treated-minus-control gap against the baseline arm, "
+            f"paired over probe items (permutation p, bootstrap CI). Verdict: {matrix['verdict']}."
+        ))
     fig = plots.interaction_heatmap(arms, columns, effect, significant, diagonal)
     section.blocks.append(_figure(
         "interaction", fig,
