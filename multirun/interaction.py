@@ -190,7 +190,7 @@ def run_interaction(
     settings = loaded.config.interaction
     participants = participants_of(loaded, settings)
     cap = loaded.config.injection.max_modified_fraction
-    if settings.intensity * len(participants) > cap:
+    if settings.intensity * len(participants) > cap * (1 + 1e-9):  # 3 x 0.1 is 0.30000000000000004
         raise ConfigError(
             f"the 'all' arm would modify {settings.intensity * len(participants):.3g} of its tokens "
             f"({len(participants)} experiments x {settings.intensity:g}), more than injection.max_modified_fraction "
@@ -207,7 +207,8 @@ def run_interaction(
     plan = interaction_plan(
         loaded, tokenizer=tokenizer, geometry=geometry, start_step=start, settings=settings, participants=participants
     )
-    monitors = build_monitors(loaded, plan, tokenizer)
+    # Each arm scores every monitor once, at its end.
+    monitors = [replace(entry, every=None) for entry in build_monitors(loaded, plan, tokenizer)]
     if not monitors:
         raise ConfigError("no experiment has an enabled monitor: there is nothing to compare", file=loaded.source, key="experiments")
     measured = [m.experiment for m in monitors]

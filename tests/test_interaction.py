@@ -161,7 +161,8 @@ def test_every_arm_restarts_from_the_checkpoints_weights_and_data_position(tmp_p
         return [probes[arm]]
 
     result = run_interaction(
-        run.run_dir, checkpoint=checkpoint, overrides=["interaction.steps=4", "interaction.intensity=0.1"],
+        run.run_dir, checkpoint=checkpoint,
+        overrides=["interaction.steps=4", "interaction.intensity=0.1", "monitoring.every=2ba"],
         progress=False, extra_callbacks=probe,
     )
     assert result.start_step == 8 and set(probes) == {"none", "alone-canaries", "alone-facts", "all"}
@@ -180,19 +181,22 @@ def test_every_arm_restarts_from_the_checkpoints_weights_and_data_position(tmp_p
     for name in ("canaries", "facts"):
         mine = placements(ledgers[f"alone-{name}"])
         assert mine and {r for r in all_rows if name in r} == set(mine)
+    for arm in probes:  # one evaluation per arm, at its end (not at the run's monitoring cadence)
+        records = (result.out_dir / "arms" / arm / "metrics.jsonl").read_text().splitlines()
+        assert {json.loads(line)["step"] for line in records} == {12}, arm
     assert (result.out_dir / "matrix.json").is_file() and (result.out_dir / "matrix.csv").is_file()
 
 
-def _random_strings(rng: np.random.Generator, n: int, prefix: str) -> list[dict[str, str]]:
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    return [{"id": f"{prefix}-{k:02d}", "text": "".join(rng.choice(letters, 40))} for k in range(n)]
+def _one_character_items(first_code_point: int, n: int, prefix: str) -> list[dict[str, str]]:
+    # One distinct accented letter per item, repeated: a tiny model learns an item it was
+    # shown within a few exposures (its UTF-8 continuation byte), and nothing about others.
+    return [{"id": f"{prefix}-{k:02d}", "text": chr(first_code_point + k) * 20} for k in range(n)]
 
 
 @pytest.mark.e2e
 def test_experiments_sharing_items_are_flagged_and_an_independent_one_is_not(tmp_path: Path, dataset: PreparedDataset) -> None:
-    rng = np.random.default_rng(11)
-    shared = write_payload(tmp_path / "shared", _random_strings(rng, 30, "s"), name="shared")
-    independent = write_payload(tmp_path / "independent", _random_strings(rng, 30, "i"), name="independent")
+    shared = write_payload(tmp_path / "shared", _one_character_items(0xC0, 30, "s"), name="shared")
+    independent = write_payload(tmp_path / "independent", _one_character_items(0xC0 + 30, 30, "i"), name="independent")
     experiments = [
         # Two experiments over the same items and the same treated/control split: injecting
         # either one trains the other's treated items (a planted interaction).
@@ -200,13 +204,18 @@ def test_experiments_sharing_items_are_flagged_and_an_independent_one_is_not(tmp
         {"name": "second", "payload": str(shared), "arms_key": "shared-split"},
         {"name": "other", "payload": str(independent)},
     ]
-    config = run_config(tmp_path, dataset, steps=8, save_interval="8ba", experiments=experiments, name="planted")
-    run = prepare_run(load_config(config), progress=False)
-    run.fit()
-    run.close()
+    # The paper's design: the arms start from the same model trained without the experiments
+    # (fresh items), and the experiment run only contributes its config.
+    base_config = run_config(tmp_path, dataset, steps=32, save_interval="32ba", experiments=[], name="base")
+    base = prepare_run(load_config(base_config), progress=False)
+    base.fit()
+    base.close()
+    config = run_config(tmp_path, dataset, steps=24, experiments=experiments, name="planted")
+    # writes planted/resolved_config.yaml; the cap leaves room for three experiments at 10% each
+    prepare_run(load_config(config, ["injection.max_modified_fraction=0.5"]), progress=False).close()
 
     result = run_interaction(
-        run.run_dir, progress=False,
+        tmp_path / "planted", checkpoint=base.run_dir / "checkpoints" / "latest-rank0.pt", progress=False,
         overrides=["interaction.steps=24", "interaction.intensity=0.1", "interaction.lr=0.01"],
     )
     cells = {(c["arm"], c["experiment"]): c for c in result.matrix["cells"]}
