@@ -361,14 +361,20 @@ class MultirunCallback(Callback):
         completed = int(state.timestamp.batch)
         final = completed >= self.plan.geometry.num_steps and self.monitors.config.at_fit_end
         if self.monitors.due(completed) and not final:
-            self._evaluate(state, logger, step=completed, when="interval")
+            self._evaluate(
+                state, logger, step=completed, when="interval",
+                experiments=self.monitors.due_experiments(completed), heldout=self.monitors.heldout_due(completed),
+            )
 
-    def _evaluate(self, state: State, logger: Logger | None, *, step: int, when: str) -> None:
+    def _evaluate(
+        self, state: State, logger: Logger | None, *, step: int, when: str,
+        experiments: list[str] | None = None, heldout: bool = True,
+    ) -> None:
         assert self.monitors is not None
         from composer.core.precision import get_precision_context
 
         records = self.monitors.evaluate(
-            unwrap_model(state.model), step=step, when=when,
+            unwrap_model(state.model), step=step, when=when, experiments=experiments, heldout=heldout,
             precision_context=lambda: get_precision_context(state.precision),
         )
         if logger is not None:

@@ -16,7 +16,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,18 +130,33 @@ class MonitorRunner:
 
     def due(self, completed_steps: int) -> bool:
         """Whether the held-out loss or any experiment is due after ``completed_steps`` steps."""
-        return _due(self.every, completed_steps) or any(_due(e.every, completed_steps) for e in self.entries)
+        return self.heldout_due(completed_steps) or bool(self.due_experiments(completed_steps))
 
-    def evaluate(self, module: Any, *, step: int, when: str, precision_context: Any = None) -> list[dict[str, Any]]:
+    def due_experiments(self, completed_steps: int) -> list[str]:
+        """Experiments whose own cadence divides ``completed_steps``."""
+        return [e.experiment for e in self.entries if _due(e.every, completed_steps)]
+
+    def heldout_due(self, completed_steps: int) -> bool:
+        return _due(self.every, completed_steps)
+
+    def evaluate(
+        self,
+        module: Any,
+        *,
+        step: int,
+        when: str,
+        precision_context: Any = None,
+        experiments: Collection[str] | None = None,
+        heldout: bool = True,
+    ) -> list[dict[str, Any]]:
         """Score monitors on ``module`` (the unwrapped causal LM) after ``step`` completed steps.
 
-        At fit start and end (``when`` other than ``"interval"``) every monitor runs;
-        at an interval, those whose cadence divides ``step`` (and the held-out loss at
-        the run's cadence). Holm's family is the primary metrics scored in this
-        evaluation, so the fit-end evaluation corrects over the whole run.
+        ``experiments``: only these (None: all; the callback passes :meth:`due_experiments`
+        at interval evaluations); ``heldout``: also the held-out loss. Holm's family is the
+        primary metrics scored in this evaluation, so the fit-end evaluation, which scores
+        every experiment, corrects over the whole run.
         """
-        interval = when == "interval"
-        entries = [e for e in self.entries if not interval or _due(e.every, step)]
+        entries = [e for e in self.entries if experiments is None or e.experiment in experiments]
         self.last_evaluated = [e.experiment for e in entries]
         started = time.perf_counter()
         live = LiveModel(
@@ -150,7 +165,7 @@ class MonitorRunner:
         )
         records: list[dict[str, Any]] = []
         primary: list[int] = []
-        if self.heldout is not None and len(self.heldout) and (not interval or _due(self.every, step)):
+        if heldout and self.heldout is not None and len(self.heldout):
             with self._timed("heldout_loss"):
                 loss = heldout_loss(live, self.heldout)
             records.append({"step": step, "when": when, "experiment": "_run", "metric": "heldout_loss", "value": loss})
