@@ -300,8 +300,8 @@ class MultirunCallback(Callback):
                 positions = flat_token_positions(local, spans.offset, spans.length, sequence_length)
                 apply_spans(batch, positions=positions, tokens=tokens, eos_token_id=plan.eos_token_id, rows_touched=local)
                 state.batch = batch
+                items = plan.items_of(spans.experiment, spans.sequence)
                 if self._noise_hook is not None:
-                    items = plan.items_of(spans.experiment, spans.sequence)
                     specs = [e.embedding_noise for e in plan.experiments]
                     self._noise_hook.set_step(noised_spans(local, spans.offset, spans.length, specs, items, spans.experiment))
                 writer.append(
@@ -312,7 +312,7 @@ class MultirunCallback(Callback):
                     offset=spans.offset,
                     length=spans.length,
                     experiment=spans.experiment,
-                    item_index=plan.items_of(spans.experiment, spans.sequence),
+                    item_index=items,
                     sequence=spans.sequence,
                     repetition=spans.repetition,
                     token_hash=plan.hashes_of(spans.experiment, spans.sequence),

@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -92,19 +93,25 @@ class RunPlan:
         parts = [self.experiments[int(e)].sequence_tokens(int(s)) for e, s in zip(experiment, sequence)]
         return np.concatenate(parts)
 
+    @cached_property
+    def _sequence_lookup(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every experiment's per-sequence items and hashes, concatenated, and where each
+        experiment starts: one gather per step instead of a loop over experiments."""
+        counts = [e.seq_items.shape[0] for e in self.experiments]
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if counts else np.zeros(0, np.int64)
+        items = np.concatenate([e.seq_items for e in self.experiments]).astype(np.int32) if counts else np.zeros(0, np.int32)
+        hashes = (
+            np.concatenate(self.sequence_hashes).astype(np.uint64) if counts else np.zeros(0, np.uint64)
+        )
+        return first, items, hashes
+
     def hashes_of(self, experiment: np.ndarray, sequence: np.ndarray) -> np.ndarray:
-        out = np.empty(experiment.shape[0], dtype=np.uint64)
-        for e in np.unique(experiment):
-            mask = experiment == e
-            out[mask] = self.sequence_hashes[int(e)][sequence[mask]]
-        return out
+        first, _, hashes = self._sequence_lookup
+        return hashes[first[experiment] + sequence]
 
     def items_of(self, experiment: np.ndarray, sequence: np.ndarray) -> np.ndarray:
-        out = np.empty(experiment.shape[0], dtype=np.int32)
-        for e in np.unique(experiment):
-            mask = experiment == e
-            out[mask] = self.experiments[int(e)].seq_items[sequence[mask]]
-        return out
+        first, items, _ = self._sequence_lookup
+        return items[first[experiment] + sequence]
 
     def manifest(self) -> dict[str, Any]:
         """Plain description of the plan, written to ``manifest.json``."""
