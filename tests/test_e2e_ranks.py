@@ -77,3 +77,32 @@ def test_two_ranks_inject_what_one_rank_injects(tmp_path: Path) -> None:
         return [(d["step"], json.dumps(d["exposures"], sort_keys=True)) for d in read_jsonl(tmp_path / run / "controller.jsonl")]
 
     assert len(decisions("one")) == 5 and decisions("two") == decisions("one")
+
+
+def test_two_ranks_run_the_interaction_tests_of_one_rank(tmp_path: Path) -> None:
+    dataset = make_dataset(tmp_path / "mds", samples=90)
+    config = run_config(tmp_path, dataset, steps=16, global_batch_size=8, save_interval="16ba", name="base")
+    trained = run_cli(["train", str(config), "--no-progress"], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    args = ["interact", str(tmp_path / "base"), "--steps", "4", "--intensity", "0.1", "--lr", "0.01", "--no-progress"]
+
+    single = run_cli([*args, "--out", str(tmp_path / "one")], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    launcher = [
+        sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", str(_free_port()),
+        "--stdout", str(tmp_path / "out_{rank}.log"), "--stderr", str(tmp_path / "err_{rank}.log"),
+        "-m", "multirun", *args, "--out", str(tmp_path / "two"),
+    ]
+    double = subprocess.run(launcher, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, "".join(p.read_text() for p in sorted(tmp_path.glob("err_*.log")))[-4000:]
+
+    one = json.loads((tmp_path / "one" / "matrix.json").read_text())
+    two = json.loads((tmp_path / "two" / "matrix.json").read_text())
+    assert [(c["arm"], c["experiment"]) for c in two["cells"]] == [(c["arm"], c["experiment"]) for c in one["cells"]]
+    for a, b in zip(one["cells"], two["cells"]):  # DDP sums gradients in another order: float tolerance
+        assert b["effect"] == pytest.approx(a["effect"], abs=1e-3), (a["arm"], a["experiment"])
+    for arm in ("alone-canaries", "all"):
+        ledger = Ledger.open(tmp_path / "two" / "arms" / arm)
+        assert set(ledger.table.column("rank").to_pylist()) == {0, 1}
+        assert placements(ledger.table) == placements(Ledger.open(tmp_path / "one" / "arms" / arm).table)
