@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -215,6 +216,8 @@ def run_interaction(
     arms, comparisons = design(participants, measured=measured, leave_one_out=settings.leave_one_out)
     heldout = heldout_rows(loaded, tokenizer, dataset.sequence_length)
     if dist.get_global_rank() == 0:
+        # Arms of an earlier call (another start step, other arms) would mix into these ledgers.
+        shutil.rmtree(out / "arms", ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "settings.json", {
             "run_dir": str(run_dir), "checkpoint": str(checkpoint_path), "start_step": start,
@@ -222,6 +225,7 @@ def run_interaction(
             "arms": {name: list(members) for name, members in arms.items()},
         })
 
+    dist.barrier()
     arm_records: dict[str, list[dict[str, Any]]] = {}
     for number, (name, members) in enumerate(arms.items(), start=1):
         arm_started = time.perf_counter()

@@ -276,3 +276,19 @@ def test_checkpoint_step_reads_a_renamed_checkpoint(tmp_path: Path, dataset: Pre
     renamed = tmp_path / "start.pt"
     renamed.write_bytes((run.run_dir / "checkpoints" / "ep0-ba8-rank0.pt").read_bytes())
     assert checkpoint_step(renamed) == 8
+
+
+@pytest.mark.e2e
+def test_a_second_call_replaces_the_arms_of_the_first(tmp_path: Path, dataset: PreparedDataset) -> None:
+    config = run_config(tmp_path, dataset, steps=16, save_interval="8ba")
+    run = prepare_run(load_config(config), progress=False)
+    run.fit()
+    run.close()
+    overrides = ["interaction.steps=4", "interaction.intensity=0.1", "interaction.leave_one_out=true"]
+    first = run_interaction(run.run_dir, checkpoint=run.run_dir / "checkpoints" / "ep0-ba8-rank0.pt",
+                            overrides=overrides, progress=False)
+    assert (first.out_dir / "arms" / "without-facts").is_dir()
+    second = run_interaction(run.run_dir, overrides=overrides[:2], progress=False)  # from step 16, no leave-one-out
+    assert sorted(p.name for p in (second.out_dir / "arms").iterdir()) == sorted(second.arms)
+    steps = Ledger.open(second.out_dir / "arms" / "all").table.column("step").to_pylist()
+    assert steps and min(steps) >= 16  # no span left from the arms that started at step 8
