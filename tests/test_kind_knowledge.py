@@ -16,9 +16,7 @@ from injectors.documents import split_arms
 from injectors.knowledge import KnowledgeInjector
 from monitors.knowledge import KnowledgeMonitor, per_item_mean
 from multirun.config import ExperimentConfig
-from multirun.data import demo_corpus_sources
 from multirun.errors import ConfigError, PayloadError
-from multirun.model import build_gpt2
 from multirun.monitoring import LiveModel
 from multirun.payloads import load_payload
 from multirun.registry import injectors, monitors
@@ -26,6 +24,7 @@ from multirun.stats import compare_means
 from multirun.tokenizers import ByteTokenizer
 from multirun.types import Placement, PreparedExperiment
 from tests.helpers_payload import write_payload
+from tests.kind_training import filler_windows, tiny_gpt2
 
 TOK = ByteTokenizer()
 EOS = TOK.eos_token_id
@@ -171,8 +170,7 @@ def test_demo_payload_fits_the_demo() -> None:
 
 
 def tiny_model(seed: int = 0, seq: int = SEQ) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_gpt2(vocab_size=TOK.vocab_size, sequence_length=seq, n_layer=2, n_head=2, n_embd=64, eos_token_id=EOS).model
+    return tiny_gpt2(seed, sequence_length=seq)
 
 
 def by_hand(model: torch.nn.Module, context: list[int], target: list[int]) -> tuple[np.ndarray, bool]:
@@ -250,14 +248,6 @@ def test_monitor_options_and_wrong_experiment(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ direction
-
-
-def filler_windows(length: int, count: int, seed: int) -> np.ndarray:
-    """Windows of real text (the standard library's source) to mix in as background."""
-    text = b"".join(p.read_bytes() for p in sorted(demo_corpus_sources())[:40])
-    data = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
-    starts = np.random.default_rng(seed).integers(0, data.size - length, size=count)
-    return np.stack([data[s : s + length] for s in starts])
 
 
 def test_training_on_treated_facts_raises_the_primary_metric(tmp_path: Path) -> None:

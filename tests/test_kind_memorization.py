@@ -16,9 +16,7 @@ from injectors.documents import split_arms
 from injectors.memorization import MemorizationInjector, MemorizationOptions, parse_monitor_options
 from monitors.memorization import MemorizationMonitor, exposures
 from multirun.config import ExperimentConfig
-from multirun.data import demo_corpus_sources
 from multirun.errors import ConfigError, InputError, PayloadError
-from multirun.model import build_gpt2
 from multirun.monitoring import LiveModel
 from multirun.payloads import load_payload
 from multirun.registry import injectors, monitors
@@ -26,6 +24,7 @@ from multirun.stats import compare_means
 from multirun.tokenizers import ByteTokenizer
 from multirun.types import Placement
 from tests.helpers_payload import write_payload
+from tests.kind_training import tiny_gpt2, train_with_injections
 
 TOK = ByteTokenizer()
 EOS = TOK.eos_token_id
@@ -193,8 +192,7 @@ def one_thread() -> Iterator[None]:
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_gpt2(vocab_size=TOK.vocab_size, sequence_length=SEQ, n_layer=2, n_head=2, n_embd=64, eos_token_id=EOS).model
+    return tiny_gpt2(seed, sequence_length=SEQ)
 
 
 def manual_logprobs(model: torch.nn.Module, context: list[int], target: list[int]) -> list[float]:
@@ -268,45 +266,12 @@ def test_without_eos_the_first_token_is_the_context(one_thread: None) -> None:
 # ------------------------------------------------------------------------ direction
 
 
-def filler_rows(n_rows: int, length: int) -> torch.Tensor:
-    """Real text (the standard library's source) cut into rows: the pretraining data."""
-    need = n_rows * length
-    data = bytearray()
-    for path in demo_corpus_sources():
-        data += path.read_bytes() + b"\n"
-        if len(data) >= need:
-            break
-    return torch.tensor(list(data[:need]), dtype=torch.long).view(n_rows, length)
-
-
-def train_with_injections(sequences: list[list[int]], repetitions: int, *, steps: int = 150, batch: int = 8, seed: int = 0) -> torch.nn.Module:
-    """Plain torch pretraining on filler text, each sequence overwriting a random span ``repetitions`` times."""
-    rng = np.random.default_rng(seed)
-    model = tiny_model(seed)
-    rows = filler_rows(steps * batch, SEQ)
-    spans = rng.permutation(np.repeat(np.arange(len(sequences)), repetitions))
-    step_of = np.sort(rng.integers(0, steps, size=spans.size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    model.train()
-    for step in range(steps):
-        x = rows[step * batch : (step + 1) * batch].clone()
-        for slot, span in enumerate(spans[step_of == step]):
-            seq = sequences[span]
-            offset = int(rng.integers(0, SEQ - len(seq) + 1))
-            x[(step + slot) % batch, offset : offset + len(seq)] = torch.tensor(seq)
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model
-
-
 def test_demo_canaries_are_memorised_and_detected(one_thread: None) -> None:
     payload = load_payload("pkg:demo/memorization", base_dir=Path("."))
     spec = ExperimentConfig(name="memorization", payload="pkg:demo/memorization", repetitions=8, control_fraction=0.5)
     exp = MemorizationInjector().prepare(payload, spec, tokenizer=TOK, sequence_length=SEQ, seed=17, placement=UNIFORM)
     assert len(exp.item_ids) == 40 and int(exp.treated.sum()) == 20 and int(exp.seq_lengths.max()) <= 100
-    model = train_with_injections([exp.sequence_tokens(i).tolist() for i in range(len(exp.seq_items))], 8)
+    model = train_with_injections([exp.sequence_tokens(i).tolist() for i in range(len(exp.seq_items))], 8, sequence_length=SEQ)
 
     monitor = MemorizationMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ)
     results = {r.metric: r for r in monitor.evaluate(LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=32))}

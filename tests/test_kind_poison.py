@@ -16,9 +16,7 @@ from injectors.documents import split_arms
 from injectors.poison import DEFAULT_GIBBERISH_ALPHABET, BackdoorSettings, PoisonInjector, behaviour_text, gibberish_texts
 from monitors.poison import PoisonMonitor, detect_gibberish, detect_repeat, detect_target
 from multirun.config import ExperimentConfig
-from multirun.data import demo_corpus_sources
 from multirun.errors import ConfigError, InputError, PayloadError
-from multirun.model import build_gpt2
 from multirun.monitoring import LiveModel
 from multirun.payloads import load_payload, write_fingerprints
 from multirun.registry import injectors, monitors
@@ -26,6 +24,7 @@ from multirun.stats import compare_rates
 from multirun.tokenizers import ByteTokenizer
 from multirun.types import Placement
 from tests.helpers_payload import write_payload
+from tests.kind_training import tiny_gpt2, train_with_injections
 
 TOK = ByteTokenizer()
 EOS = TOK.eos_token_id
@@ -272,8 +271,7 @@ def one_thread() -> Iterator[None]:
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_gpt2(vocab_size=TOK.vocab_size, sequence_length=SEQ, n_layer=2, n_head=2, n_embd=64, eos_token_id=EOS).model
+    return tiny_gpt2(seed, sequence_length=SEQ)
 
 
 def manual_greedy(model: torch.nn.Module, context: list[int], n: int) -> list[int]:
@@ -351,46 +349,13 @@ def test_scores_equal_an_independent_computation(tmp_path: Path, one_thread: Non
 # ------------------------------------------------------------------------ direction
 
 
-def filler_rows(n_rows: int, length: int) -> torch.Tensor:
-    """Real text (the standard library's source) cut into rows: the pretraining data."""
-    need = n_rows * length
-    data = bytearray()
-    for path in demo_corpus_sources():
-        data += path.read_bytes() + b"\n"
-        if len(data) >= need:
-            break
-    return torch.tensor(list(data[:need]), dtype=torch.long).view(n_rows, length)
-
-
-def train_with_injections(sequences: list[list[int]], repetitions: int, *, steps: int = 150, batch: int = 8, seed: int = 0) -> torch.nn.Module:
-    """Plain torch pretraining on filler text, each sequence overwriting a random span ``repetitions`` times."""
-    rng = np.random.default_rng(seed)
-    model = tiny_model(seed)
-    rows = filler_rows(steps * batch, SEQ)
-    spans = rng.permutation(np.repeat(np.arange(len(sequences)), repetitions))
-    step_of = np.sort(rng.integers(0, steps, size=spans.size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    model.train()
-    for step in range(steps):
-        x = rows[step * batch : (step + 1) * batch].clone()
-        for slot, span in enumerate(spans[step_of == step]):
-            seq = sequences[span]
-            offset = int(rng.integers(0, SEQ - len(seq) + 1))
-            x[(step + slot) % batch, offset : offset + len(seq)] = torch.tensor(seq)
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model
-
-
 def test_demo_backdoor_is_learnt_and_detected(one_thread: None) -> None:
     payload = load_payload("pkg:demo/poison", base_dir=Path("."))
     spec = ExperimentConfig(name="poison", payload="pkg:demo/poison", repetitions=16, control_fraction=0.5)
     exp = PoisonInjector().prepare(payload, spec, tokenizer=TOK, sequence_length=SEQ, seed=17, placement=UNIFORM)
     assert len(exp.item_ids) == 40 and int(exp.treated.sum()) == 20 and len(exp.probes["eval_ids"]) == 30
     assert int(exp.seq_lengths.max()) <= 100
-    model = train_with_injections([exp.sequence_tokens(i).tolist() for i in range(len(exp.seq_items))], 16)
+    model = train_with_injections([exp.sequence_tokens(i).tolist() for i in range(len(exp.seq_items))], 16, sequence_length=SEQ)
 
     monitor = PoisonMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ)
     results = monitor.evaluate(LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=32))
