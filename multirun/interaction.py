@@ -225,7 +225,9 @@ def run_interaction(
             "arms": {name: list(members) for name, members in arms.items()},
         })
 
-    dist.barrier()
+    # No barrier needed (nor possible: the process group starts with the first Trainer): the
+    # other ranks write into arms/ only after that Trainer's start-up and the callback's
+    # FIT_START barrier, both after rank 0 cleared the folder.
     arm_records: dict[str, list[dict[str, Any]]] = {}
     for number, (name, members) in enumerate(arms.items(), start=1):
         arm_started = time.perf_counter()
