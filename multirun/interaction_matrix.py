@@ -135,8 +135,9 @@ def primary_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, ItemScores
     }
 
 
-def compare_arms(arm: ItemScores, baseline: ItemScores, *, n_resamples: int, seed: int) -> dict[str, Any]:
-    """The difference-in-differences cell of ``arm`` against ``baseline`` (see module doc)."""
+def compare_arms(arm: ItemScores, baseline: ItemScores, *, n_resamples: int, seed: int) -> EffectResult:
+    """The difference in differences of ``arm`` against ``baseline`` (see module doc):
+    ``treated_mean``/``control_mean`` are the mean score changes of treated/control items."""
     if arm.metric != baseline.metric:
         raise ValueError(f"arms measured different metrics: {arm.metric!r} and {baseline.metric!r}")
     treated, control = [], []
@@ -146,16 +147,10 @@ def compare_arms(arm: ItemScores, baseline: ItemScores, *, n_resamples: int, see
         change = score - baseline.scores[item][1]
         if math.isfinite(change):
             (treated if is_treated else control).append(change)
-    result = compare_means(
+    return compare_means(
         np.array(treated), np.array(control), metric=arm.metric, alternative="two-sided",
         n_resamples=n_resamples, seed=seed,
     )
-    return {
-        "metric": arm.metric, "effect": result.effect, "ci_low": result.ci_low, "ci_high": result.ci_high,
-        "p_value": result.p_value, "treated_change": result.treated_mean, "control_change": result.control_mean,
-        "n_treated": result.n_treated, "n_control": result.n_control,
-        "test": f"difference in differences over items; {result.test}; {result.ci_method}",
-    }
 
 
 def build_matrix(
@@ -171,30 +166,27 @@ def build_matrix(
     ``arm_records``: per arm name, the records of its final evaluation (``metrics.jsonl``).
     """
     scores = {arm: primary_scores(records) for arm, records in arm_records.items()}
+    results: dict[int, EffectResult] = {}
     cells: list[dict[str, Any]] = []
     for index, c in enumerate(comparisons):
         cell: dict[str, Any] = {
             "arm": c.label, "arm_name": c.arm, "baseline": c.baseline, "kind": c.kind, "family": c.family,
-            "experiment": c.experiment, "diagonal": c.diagonal,
+            "experiment": c.experiment, "diagonal": c.diagonal, "p_holm": None, "significant": False,
         }
         arm, base = scores.get(c.arm, {}).get(c.experiment), scores.get(c.baseline, {}).get(c.experiment)
         if arm is None or base is None:
             missing = c.arm if arm is None else c.baseline
             cell.update(metric="?", error=f"no scores of {c.experiment!r} in arm {missing!r}")
         else:
-            cell.update(compare_arms(arm, base, n_resamples=n_resamples, seed=seed + index))
+            results[index] = compare_arms(arm, base, n_resamples=n_resamples, seed=seed + index)
         cells.append(cell)
-    for family in sorted({c["family"] for c in cells}):
-        members = [c for c in cells if c["family"] == family and "error" not in c]
-        adjusted = holm_adjust([_as_result(c) for c in members])
-        for cell, result in zip(members, adjusted):
-            cell["p_holm"] = result.p_holm
-            cell["significant"] = bool(result.p_holm < alpha)
-    for cell in cells:
-        cell.setdefault("p_holm", None)
-        cell.setdefault("significant", False)
+    for family in sorted({c.family for c in comparisons}):
+        members = [i for i in results if comparisons[i].family == family]
+        for index, result in zip(members, holm_adjust([results[i] for i in members])):
+            cells[index].update(_cell_fields(result))
+            cells[index]["significant"] = bool(result.p_holm < alpha)  # NaN (no test) is not significant
     interactions = [c for c in cells if c["family"] == "off_diagonal" and c["significant"]]
-    tested = sum(1 for c in cells if c["family"] == "off_diagonal" and math.isfinite(_float(c["p_holm"])))
+    tested = sum(1 for c in cells if c["family"] == "off_diagonal" and c["p_holm"] is not None)
     return {
         "experiments": sorted({c.experiment for c in comparisons}, key=[c.experiment for c in comparisons].index),
         "alpha": alpha,
@@ -210,12 +202,23 @@ def build_matrix(
     }
 
 
+def _cell_fields(result: EffectResult) -> dict[str, Any]:
+    """A cell's statistics, strict JSON (non-finite values are None)."""
+    d = result.to_dict()
+    return {
+        "metric": d["metric"], "effect": d["effect"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
+        "p_value": d["p_value"], "p_holm": d["p_holm"], "treated_change": d["treated_mean"],
+        "control_change": d["control_mean"], "n_treated": d["n_treated"], "n_control": d["n_control"],
+        "test": f"difference in differences over items; {d['test']}; {d['ci_method']}",
+    }
+
+
 def write_matrix(out_dir: str | Path, matrix: Mapping[str, Any]) -> tuple[Path, Path]:
-    """``matrix.json`` and ``matrix.csv`` in ``out_dir`` (atomically; JSON NaN written as null)."""
+    """``matrix.json`` and ``matrix.csv`` in ``out_dir``, each written atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / MATRIX_JSON, out_dir / MATRIX_CSV
-    write_json_atomic(json_path, _nan_to_none(matrix))
+    write_json_atomic(json_path, matrix)
     tmp = csv_path.with_name(csv_path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -226,26 +229,8 @@ def write_matrix(out_dir: str | Path, matrix: Mapping[str, Any]) -> tuple[Path, 
     return json_path, csv_path
 
 
-def _as_result(cell: Mapping[str, Any]) -> EffectResult:
-    return EffectResult(
-        metric=cell["metric"], test="interaction", alternative="two-sided", n_treated=cell["n_treated"],
-        n_control=cell["n_control"], treated_mean=cell["treated_change"], control_mean=cell["control_change"],
-        effect=cell["effect"], ci_low=cell["ci_low"], ci_high=cell["ci_high"], ci_level=0.95, p_value=cell["p_value"],
-    )
-
-
 def _float(value: Any) -> float:
     return math.nan if value is None else float(value)
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
-    return obj
 
 
 __all__ = ["Comparison", "ItemScores", "build_matrix", "compare_arms", "design", "primary_scores", "write_matrix"]
