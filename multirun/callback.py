@@ -360,11 +360,11 @@ class MultirunCallback(Callback):
             return
         completed = int(state.timestamp.batch)
         final = completed >= self.plan.geometry.num_steps and self.monitors.config.at_fit_end
-        if self.monitors.due(completed) and not final:
-            self._evaluate(
-                state, logger, step=completed, when="interval",
-                experiments=self.monitors.due_experiments(completed), heldout=self.monitors.heldout_due(completed),
-            )
+        if final:
+            return  # fit end scores everything
+        experiments, heldout = self.monitors.due_experiments(completed), self.monitors.heldout_due(completed)
+        if experiments or heldout:
+            self._evaluate(state, logger, step=completed, when="interval", experiments=experiments, heldout=heldout)
 
     def _evaluate(
         self, state: State, logger: Logger | None, *, step: int, when: str,

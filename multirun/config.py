@@ -307,6 +307,11 @@ class RunConfig(_Strict):
     interaction: InteractionConfig = Field(default_factory=InteractionConfig)
     experiments: list[ExperimentConfig] = Field(default_factory=list)
 
+    def monitor_every(self, experiment: ExperimentConfig) -> int | None:
+        """Steps between an experiment's interval evaluations: its own ``monitor.every``,
+        else ``monitoring.every``; None = fit start and end only."""
+        return cadence_steps(experiment.monitor.every or self.monitoring.every)
+
     @model_validator(mode="after")
     def _default_run_dir(self) -> "RunConfig":
         # Filled in here so that resolved_config.yaml and the fingerprint show it.

@@ -11,13 +11,13 @@ they are replayed, which rebuilds the dynamic spans exactly.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from composer.utils import dist
 
-from multirun.config import LoadedConfig, cadence_steps
+from multirun.config import LoadedConfig
 from multirun.controllers import (
     AcquireController,
     Controller,
@@ -44,7 +44,7 @@ def build_controllers(loaded: LoadedConfig, plan: RunPlan, monitor_classes: dict
         if spec.controller is None:
             continue
         where = f"experiments[{index}]"
-        every = cadence_steps(spec.monitor.every or config.monitoring.every)
+        every = config.monitor_every(spec)
         if every is None:
             raise ConfigError(
                 "a controller needs a monitoring cadence (monitoring.every or this experiment's monitor.every)",

@@ -62,8 +62,7 @@ def build_monitors(loaded: LoadedConfig, plan: RunPlan, tokenizer: Tokenizer) ->
         except ConfigError as exc:
             inner = f".{exc.key}" if exc.key else ""
             raise ConfigError(exc.message, file=loaded.source, key=f"{key}{inner}".replace(".monitor.monitor", ".monitor")) from None
-        every = cadence_steps(spec.monitor.every or loaded.config.monitoring.every)
-        out.append(ExperimentMonitor(spec.name, name, monitor, every))
+        out.append(ExperimentMonitor(spec.name, name, monitor, loaded.config.monitor_every(spec)))
     return out
 
 
@@ -128,15 +127,12 @@ class MonitorRunner:
     def path(self) -> Path:
         return self.run_dir / METRICS_FILE
 
-    def due(self, completed_steps: int) -> bool:
-        """Whether the held-out loss or any experiment is due after ``completed_steps`` steps."""
-        return self.heldout_due(completed_steps) or bool(self.due_experiments(completed_steps))
-
     def due_experiments(self, completed_steps: int) -> list[str]:
         """Experiments whose own cadence divides ``completed_steps``."""
         return [e.experiment for e in self.entries if _due(e.every, completed_steps)]
 
     def heldout_due(self, completed_steps: int) -> bool:
+        """Whether the held-out loss (the run's cadence) is due after ``completed_steps`` steps."""
         return _due(self.every, completed_steps)
 
     def evaluate(
