@@ -145,11 +145,10 @@ def _train(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from multirun.config import load_config
     from multirun.runplan import build_run_plan
-    from multirun.tokenizers import load_tokenizer
-    from multirun.train import _resolve, resolve_dataset, run_geometry
+    from multirun.train import resolve_dataset, run_geometry, run_tokenizer
 
     loaded = load_config(args.config, args.overrides)
-    tokenizer = load_tokenizer(loaded.config.tokenizer.kind, _resolve(loaded, loaded.config.tokenizer.path))
+    tokenizer = run_tokenizer(loaded)
     dataset = resolve_dataset(loaded, tokenizer)
     plan = build_run_plan(loaded, tokenizer=tokenizer, geometry=run_geometry(loaded, dataset))
     _print_plan(plan)

@@ -30,7 +30,6 @@ their experiment's monitor.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,8 @@ from multirun.errors import ConfigError
 from multirun.monitor_runner import MonitorRunner, build_monitors
 from multirun.payloads import load_payload
 from multirun.runplan import RunPlan, build_run_plan
-from multirun.tokenizers import Tokenizer, load_tokenizer
+from multirun.tokenizers import Tokenizer
+from multirun.train import run_tokenizer
 from multirun.types import BatchGeometry
 
 
@@ -105,12 +105,8 @@ class DeferredPlan:
             )
         for experiment in loaded.config.experiments:
             load_payload(experiment.payload, base_dir=loaded.base_dir)  # fails now, naming the payload file
-        tok_cfg = loaded.config.tokenizer
-        tok_path = tok_cfg.path
-        if tok_path is not None and not os.path.isabs(tok_path):
-            tok_path = str(loaded.base_dir / tok_path)
         resolved_run_dir = Path(run_dir) if run_dir is not None else Path(loaded.config.run_dir or "multirun")
-        return cls(loaded, load_tokenizer(tok_cfg.kind, tok_path), int(sequence_length), resolved_run_dir)
+        return cls(loaded, run_tokenizer(loaded), int(sequence_length), resolved_run_dir)
 
     def build(self, state: State) -> RunPlan:
         """Plan the spans for the trainer's global batch and duration."""

@@ -43,16 +43,16 @@ from multirun.experiment import build_experiments
 from multirun.interaction_matrix import build_matrix, design, write_matrix
 from multirun.monitor_runner import ExperimentMonitor, MonitorRunner, build_monitors
 from multirun.runplan import RunPlan, plan_experiments, write_json_atomic
-from multirun.tokenizers import Tokenizer, load_tokenizer
+from multirun.tokenizers import Tokenizer
 from multirun.train import (
-    _resolve,
     build_model,
     build_optimizer,
     heldout_rows,
     resolve_dataset,
     run_geometry,
+    run_tokenizer,
     train_dataloader,
-    training_device,
+    trainer_settings,
 )
 from multirun.types import BatchGeometry, Placement
 
@@ -202,7 +202,7 @@ def run_interaction(
     start = checkpoint_step(checkpoint_path)
     out = Path(out_dir) if out_dir is not None else run_dir / INTERACTION_DIR
 
-    tokenizer = load_tokenizer(loaded.config.tokenizer.kind, _resolve(loaded, loaded.config.tokenizer.path))
+    tokenizer = run_tokenizer(loaded)
     dataset = resolve_dataset(loaded, tokenizer, progress=False)
     geometry = replace(run_geometry(loaded, dataset), num_steps=start + settings.steps)
     plan = interaction_plan(
@@ -274,24 +274,17 @@ def _run_arm(
     )
     callback = MultirunCallback(plan=plan, monitors=runner, run_dir=arm_dir, overwrite=True)
     model = build_model(loaded, tokenizer, dataset.sequence_length)
-    per_rank_batch = config.train.global_batch_size // dist.get_world_size()
     trainer = Trainer(
         model=model,
         train_dataloader=train_dataloader(loaded, dataset),
         max_duration=f"{start + settings.steps}ba",
         optimizers=build_optimizer(loaded, model),
-        device=training_device(loaded),
-        precision=config.train.precision,
-        device_train_microbatch_size=config.train.device_microbatch_size or per_rank_batch,
         callbacks=[callback, *callbacks],
-        loggers=[],
         run_name=f"{config.run_name}-interaction-{name}",
         load_path=str(checkpoint),
         load_ignore_keys=_drop_run_state,
-        seed=config.seed,
         progress_bar=False,
-        log_to_console=False,
-        python_log_level=None,
+        **trainer_settings(loaded),
     )
     if int(trainer.state.timestamp.batch) != start:
         raise ResumeError(f"the checkpoint is at step {int(trainer.state.timestamp.batch)}, expected {start}", file=checkpoint)

@@ -128,7 +128,7 @@ def prepare_run(
     """Validate everything, plan the spans and build the Trainer (no training yet)."""
     config = loaded.config
     run_dir = Path(run_dir) if run_dir is not None else Path(config.run_dir or f"runs/{config.run_name}")
-    tokenizer = load_tokenizer(config.tokenizer.kind, _resolve(loaded, config.tokenizer.path))
+    tokenizer = run_tokenizer(loaded)
     dataset = resolve_dataset(loaded, tokenizer, progress=progress)
     geometry = run_geometry(loaded, dataset)
     plan = build_run_plan(loaded, tokenizer=tokenizer, geometry=geometry)
@@ -137,7 +137,6 @@ def prepare_run(
         loaded.write(run_dir)
 
     train = config.train
-    per_rank_batch = train.global_batch_size // dist.get_world_size()
     dataloader = train_dataloader(loaded, dataset)
     model = build_model(loaded, tokenizer, dataset.sequence_length)
     optimizer = build_optimizer(loaded, model)
@@ -163,22 +162,16 @@ def prepare_run(
         max_duration=f"{geometry.num_steps}ba",
         optimizers=optimizer,
         schedulers=scheduler,
-        device=training_device(loaded),
-        precision=train.precision,
-        device_train_microbatch_size=train.device_microbatch_size or per_rank_batch,
         callbacks=[callback, *extra_callbacks],
-        loggers=[],
         run_name=config.run_name,
         save_folder=str(run_dir / "checkpoints"),
         save_interval=train.save_interval or f"{geometry.num_steps}ba",
         save_num_checkpoints_to_keep=train.save_num_checkpoints_to_keep,
         save_overwrite=overwrite,
         autoresume=train.autoresume,
-        seed=config.seed,
         progress_bar=progress,
-        log_to_console=False,
         console_log_interval=train.log_interval,
-        python_log_level=None,
+        **trainer_settings(loaded),
     )
     return TrainingRun(loaded, run_dir, tokenizer, dataset, plan, callback, trainer)
 
@@ -216,9 +209,24 @@ def build_optimizer(loaded: LoadedConfig, model: torch.nn.Module) -> DecoupledAd
     return DecoupledAdamW(model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
 
 
-def training_device(loaded: LoadedConfig) -> str:
-    device = loaded.config.train.device
-    return device if device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+def trainer_settings(loaded: LoadedConfig) -> dict[str, Any]:
+    """Trainer arguments every run of this config shares (training and interaction arms)."""
+    train = loaded.config.train
+    return {
+        "device": train.device if train.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu"),
+        "precision": train.precision,
+        "device_train_microbatch_size": train.device_microbatch_size or train.global_batch_size // dist.get_world_size(),
+        "seed": loaded.config.seed,
+        "loggers": [],
+        "log_to_console": False,
+        "python_log_level": None,
+    }
+
+
+def run_tokenizer(loaded: LoadedConfig) -> Tokenizer:
+    """The config's tokenizer (a path relative to the config file's directory)."""
+    tokenizer = loaded.config.tokenizer
+    return load_tokenizer(tokenizer.kind, _resolve(loaded, tokenizer.path))
 
 
 def heldout_rows(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int) -> np.ndarray | None:
