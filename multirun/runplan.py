@@ -97,12 +97,10 @@ class RunPlan:
     def _sequence_lookup(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every experiment's per-sequence items and hashes, concatenated, and where each
         experiment starts: one gather per step instead of a loop over experiments."""
-        counts = [e.seq_items.shape[0] for e in self.experiments]
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if counts else np.zeros(0, np.int64)
-        items = np.concatenate([e.seq_items for e in self.experiments]).astype(np.int32) if counts else np.zeros(0, np.int32)
-        hashes = (
-            np.concatenate(self.sequence_hashes).astype(np.uint64) if counts else np.zeros(0, np.uint64)
-        )
+        first = np.cumsum([0, *(e.seq_items.shape[0] for e in self.experiments)])[:-1].astype(np.int64)
+        # The empty leading arrays make a plan without experiments work too.
+        items = np.concatenate([np.zeros(0, np.int32), *(e.seq_items for e in self.experiments)]).astype(np.int32)
+        hashes = np.concatenate([np.zeros(0, np.uint64), *self.sequence_hashes]).astype(np.uint64)
         return first, items, hashes
 
     def hashes_of(self, experiment: np.ndarray, sequence: np.ndarray) -> np.ndarray:
