@@ -17,6 +17,7 @@ import scipy.stats as st
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 
+from multirun import stats
 from multirun.stats import (
     EffectResult,
     compare_means,
@@ -146,6 +147,33 @@ def test_compare_means_deterministic_and_seeded():
     assert a == b
     other = compare_means(t, c, metric="m", n_resamples=500, seed=5)
     assert (other.p_value, other.ci_low) != (a.p_value, a.ci_low)
+
+
+def test_cached_random_splits_give_what_a_fresh_draw_gives():
+    # Monte Carlo path (C(60, 30) splits): the splits depend on the arm sizes and the
+    # seed only, so later calls reuse them; a result must not depend on the cache.
+    rng = np.random.default_rng(11)
+    first_scores = rng.normal(0.4, 1, 30), rng.normal(0, 1, 30)
+    other_scores = rng.normal(0.1, 2, 30), rng.normal(0, 2, 30)
+    stats._SPLIT_CACHE.clear()
+    first = compare_means(*first_scores, metric="m", n_resamples=3000, seed=8)
+    cached = compare_means(*other_scores, metric="m", n_resamples=3000, seed=8)
+    assert first.exact is False and len(stats._SPLIT_CACHE) == 1
+    stats._SPLIT_CACHE.clear()
+    assert compare_means(*other_scores, metric="m", n_resamples=3000, seed=8) == cached
+    assert compare_means(*first_scores, metric="m", n_resamples=3000, seed=8) == first
+
+
+def test_ci_resamples_sets_the_bootstrap_alone():
+    rng = np.random.default_rng(12)
+    t, c = rng.normal(0.5, 1, 25), rng.normal(0, 1, 25)
+    both = compare_means(t, c, metric="m", n_resamples=2000, seed=3)
+    assert compare_means(t, c, metric="m", n_resamples=2000, seed=3, ci_resamples=2000) == both
+    fewer = compare_means(t, c, metric="m", n_resamples=2000, seed=3, ci_resamples=300)
+    assert fewer.p_value == both.p_value
+    assert (fewer.ci_low, fewer.ci_high) != (both.ci_low, both.ci_high)
+    with pytest.raises(ValueError, match="n_resamples"):
+        compare_means(t, c, metric="m", ci_resamples=0)
 
 
 def test_compare_means_constant_data():
