@@ -6,15 +6,19 @@ prints the wall time spent in monitor evaluations against the whole fit:
     python benchmarks/bench_monitors.py [--set key=value ...]
 
 The demo is short, so fit start and fit end evaluations weigh more than they would
-in a long run; the per-evaluation cost is printed so it can be scaled to a real cadence.
+in a long run. The figure that carries over to other runs is the cost of one full
+evaluation in training steps: at a cadence of N steps, scheduled evaluations cost
+about that many steps out of every N.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 
-from multirun.config import load_config
+from multirun.config import cadence_steps, load_config
+from multirun.monitoring import unwrap_model
 from multirun.train import prepare_run
 
 
@@ -25,6 +29,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         run = prepare_run(load_config(None, ["train.save_interval=null", *args.overrides]), progress=False, run_dir=run_dir)
         summary = run.fit()
+        full_evaluation = _time_full_evaluation(run)
         run.close()
     monitor, fit = summary["monitor_seconds"], summary["fit_seconds"]
     evaluations = summary["monitor_evaluations"]
@@ -33,10 +38,27 @@ def main() -> None:
     print(f"monitor evaluations           {evaluations} (cadence {run.loaded.config.monitoring.every}, plus fit start and end)")
     print(f"seconds per evaluation        {monitor / max(evaluations, 1):.3f} s")
     print(f"training seconds per step     {(fit - monitor) / max(steps, 1):.4f} s")
+    step_seconds = (fit - monitor) / max(steps, 1)
+    every = cadence_steps(run.loaded.config.monitoring.every)
     print(f"monitor share of fit time     {100 * monitor / fit:.2f} %  (target <= 2 %)")
+    print(f"one full evaluation           {full_evaluation:.3f} s = {full_evaluation / step_seconds:.1f} training steps")
+    if every:
+        print(f"  that per cadence interval   {100 * full_evaluation / (every * step_seconds):.2f} % ({every} steps)")
     print("seconds by part (all evaluations):")
     for part, seconds in sorted(summary["monitor_seconds_by_part"].items(), key=lambda kv: -kv[1]):
         print(f"  {part:<28}{seconds:8.3f} s")
+
+
+def _time_full_evaluation(run: object, repeats: int = 3) -> float:
+    """Median seconds of one evaluation of every monitor and the held-out loss on the trained model."""
+    runner = run.callback.monitors  # type: ignore[attr-defined]
+    module = unwrap_model(run.trainer.state.model)  # type: ignore[attr-defined]
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        runner.evaluate(module, step=0, when="benchmark")
+        seconds.append(time.perf_counter() - started)
+    return sorted(seconds)[repeats // 2]
 
 
 if __name__ == "__main__":

@@ -225,6 +225,10 @@ class MonitoringConfig(_Strict):
 
     ``every``: cadence in steps (``50ba``); null = only at fit start and end.
     ``alpha``: significance level of the verdicts in summaries (after Holm correction).
+    ``n_resamples``: random splits behind a permutation p-value, which is never below
+    ``1 / (n_resamples + 1)``: raise it when many experiments must survive Holm.
+    ``ci_resamples``: bootstrap resamples behind a confidence interval (2,000 keep a
+    95 % interval's ends stable; more only cost time at every evaluation).
     """
 
     every: str | None = "50ba"
@@ -234,6 +238,7 @@ class MonitoringConfig(_Strict):
     on_error: Literal["warn", "raise"] = "warn"
     alpha: float = Field(0.01, gt=0, lt=1)
     n_resamples: int = Field(2000, ge=100)
+    ci_resamples: int = Field(2000, ge=100)
     heldout_rows: int = Field(64, ge=0)  # held-out loss on this many rows at each evaluation (0: off)
 
     @field_validator("every")

@@ -66,7 +66,9 @@ def build_monitors(loaded: LoadedConfig, plan: RunPlan, tokenizer: Tokenizer) ->
     return out
 
 
-def effects_of(scores: MetricScores, *, n_resamples: int, seed: int) -> list[tuple[str | None, EffectResult]]:
+def effects_of(
+    scores: MetricScores, *, n_resamples: int, seed: int, ci_resamples: int | None = None
+) -> list[tuple[str | None, EffectResult]]:
     """The metric's effect over all treated items, then per group of treated items, against all controls."""
     valid = ~np.isnan(scores.scores)
     control = scores.scores[valid & ~scores.treated]
@@ -78,11 +80,13 @@ def effects_of(scores: MetricScores, *, n_resamples: int, seed: int) -> list[tup
     out = []
     for group, mask in selections:
         treated = scores.scores[mask]
-        out.append((group, _compare(scores, treated, control, n_resamples=n_resamples, seed=seed)))
+        out.append((group, _compare(scores, treated, control, n_resamples=n_resamples, ci_resamples=ci_resamples, seed=seed)))
     return out
 
 
-def _compare(scores: MetricScores, treated: np.ndarray, control: np.ndarray, *, n_resamples: int, seed: int) -> EffectResult:
+def _compare(
+    scores: MetricScores, treated: np.ndarray, control: np.ndarray, *, n_resamples: int, ci_resamples: int | None, seed: int
+) -> EffectResult:
     if scores.test == "rates":
         return compare_rates(
             int(treated.sum()), int(treated.size), int(control.sum()), int(control.size),
@@ -91,7 +95,8 @@ def _compare(scores: MetricScores, treated: np.ndarray, control: np.ndarray, *, 
     if scores.test == "z":
         return one_sample_z(treated, metric=scores.metric, alternative=scores.alternative, control_values=control)
     return compare_means(
-        treated, control, metric=scores.metric, alternative=scores.alternative, n_resamples=n_resamples, seed=seed
+        treated, control, metric=scores.metric, alternative=scores.alternative,
+        n_resamples=n_resamples, ci_resamples=ci_resamples, seed=seed,
     )
 
 
@@ -176,8 +181,13 @@ class MonitorRunner:
                 records.append({"step": step, "when": when, "experiment": entry.experiment, "monitor": entry.monitor_name, "error": repr(exc)})
                 continue
             with self._timed("statistics"):
+                # One seed for every evaluation: the same random splits and resamples
+                # (common random numbers), so a p-value moves between evaluations with
+                # the scores, not with the draws; and the splits are drawn only once.
                 effects = [
-                    (scores, effects_of(scores, n_resamples=self.config.n_resamples, seed=self.seed + step))
+                    (scores, effects_of(
+                        scores, n_resamples=self.config.n_resamples, ci_resamples=self.config.ci_resamples, seed=self.seed
+                    ))
                     for scores in results
                 ]
             for scores, by_group in effects:

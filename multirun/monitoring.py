@@ -3,7 +3,8 @@
 A :class:`Monitor` turns one experiment's probes into per-item scores; the
 :class:`LiveModel` it is handed does the batched, sharded forward passes:
 
-- probes are split over ranks (rank ``r`` takes items ``r, r+W, ...``), every rank runs
+- probes are split over ranks (rank ``r`` takes items ``r, r+W, ...`` of the probes
+  ordered longest first, so batches hold probes of similar length), every rank runs
   the same number of forward passes (short shards are padded with a dummy item, which
   FSDP needs), and results are all-gathered so every rank sees every score and can take
   the same decisions (invariant 6);
@@ -150,23 +151,41 @@ class LiveModel:
             self.module.train(was_training)
 
     # ----------------------------------------------------------- primitives
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One forward pass (counted); returns float32 logits ``(rows, length, vocab)``."""
+    def logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, positions: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """One forward pass (counted); returns float32 logits ``(rows, length, vocab)``.
+
+        ``positions``: (row indices, column indices) to keep; then ``(len(rows), vocab)``,
+        selected before the float32 copy.
+        """
         self.forward_passes += 1
         out = self.module(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
         logits = out if isinstance(out, torch.Tensor) else out.logits
+        if positions is not None:
+            logits = logits[positions[0].to(logits.device), positions[1].to(logits.device)]
         return logits.float()
 
-    def map_sharded(self, fn: Callable[[list[T]], list[R]], items: Sequence[T], *, batch_size: int | None = None) -> list[R]:
+    def map_sharded(
+        self,
+        fn: Callable[[list[T]], list[R]],
+        items: Sequence[T],
+        *,
+        batch_size: int | None = None,
+        length: Callable[[T], int] | None = None,
+    ) -> list[R]:
         """Apply ``fn`` to batches of ``items`` split over ranks; every rank gets all results.
 
         ``fn`` gets a list of items and returns one result per item. Each rank calls it
         the same number of times (padding with ``items[0]``), so collectives inside the
-        model forward stay symmetric. Results must be picklable.
+        model forward stay symmetric. Results must be picklable. ``length``: an item's
+        padded size; items are then batched longest first, so a batch pads to
+        about its own items' length rather than to the longest probe.
         """
         batch_size = batch_size or self.batch_size
         world, rank = dist.get_world_size(), dist.get_global_rank()
-        indices = list(range(rank, len(items), world))
+        order = range(len(items)) if length is None else sorted(range(len(items)), key=lambda i: -length(items[i]))
+        indices = list(order)[rank::world]
         per_rank = -(-len(items) // world)
         mine: list[tuple[int, R]] = []
         for b in range(-(-per_rank // batch_size)):
@@ -200,7 +219,9 @@ class LiveModel:
             if c.size == 0:
                 raise ValueError("every target needs at least one context token")
         with self.evaluating():
-            results = self.map_sharded(self._score_batch, requests)
+            results = self.map_sharded(
+                self._score_batch, requests, length=lambda r: min(r[0].size + r[1].size, self.max_length)
+            )
         return TargetScores(
             logprob_sum=np.array([r[0].sum() for r in results], dtype=np.float64),
             n_tokens=np.array([r[0].size for r in results], dtype=np.int64),
@@ -210,26 +231,29 @@ class LiveModel:
         )
 
     def _score_batch(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        rows = []
-        for context, target in batch:
-            keep = self.max_length - target.size
-            rows.append((np.concatenate([context[-keep:], target]), target.size))
-        width = max(r[0].size for r in rows)
+        rows = [np.concatenate([context[-(self.max_length - target.size):], target]) for context, target in batch]
+        n_targets = np.array([target.size for _, target in batch])
+        width = max(r.size for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (tokens, _) in enumerate(rows):
+        for i, tokens in enumerate(rows):
             ids[i, : tokens.size] = torch.from_numpy(tokens)
             mask[i, : tokens.size] = 1
-        logprobs = torch.log_softmax(self.logits(ids, mask), dim=-1).cpu()
-        out = []
-        for i, (tokens, n_target) in enumerate(rows):
-            start = tokens.size - n_target
-            positions = torch.arange(start - 1, tokens.size - 1)
-            target = torch.from_numpy(tokens[start:])
-            step_logprobs = logprobs[i, positions]
-            token_lp = step_logprobs.gather(1, target[:, None]).squeeze(1)
-            out.append((token_lp.numpy().astype(np.float64), (step_logprobs.argmax(-1) == target).numpy()))
-        return out
+        # Only the positions that predict a target token go through log-softmax and
+        # leave the device: the full (rows, width, vocab) tensor is gigabytes for a
+        # real vocabulary, and contexts are most of the tokens.
+        ends = np.array([r.size for r in rows])
+        row_index = np.repeat(np.arange(len(rows)), n_targets)
+        position = np.concatenate([np.arange(end - n - 1, end - 1) for end, n in zip(ends, n_targets)])
+        logits = self.logits(ids, mask, positions=(torch.from_numpy(row_index), torch.from_numpy(position)))
+        target = ids[row_index, position + 1].to(logits.device)
+        token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
+        greedy = logits.argmax(-1) == target
+        splits = np.cumsum(n_targets)[:-1]
+        return list(zip(
+            np.split(token_logprobs.cpu().numpy().astype(np.float64), splits),
+            np.split(greedy.cpu().numpy(), splits),
+        ))
 
     # ---------------------------------------------------------- generation
     def greedy_generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[np.ndarray]:
@@ -248,7 +272,9 @@ class LiveModel:
             raise ValueError(f"cannot generate {max_new_tokens} tokens with max_length {self.max_length}")
         generate = self._generate_cached if supports_kv_cache(self.module) else self._generate_recompute
         with self.evaluating():
-            return self.map_sharded(lambda batch: generate([p[-keep:] for p in batch], max_new_tokens), requests)
+            return self.map_sharded(
+                lambda batch: generate([p[-keep:] for p in batch], max_new_tokens), requests, length=lambda p: min(p.size, keep)
+            )
 
     def _generate_cached(self, prompts: list[np.ndarray], max_new_tokens: int) -> list[np.ndarray]:
         width = max(p.size for p in prompts)

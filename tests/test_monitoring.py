@@ -155,6 +155,17 @@ def test_metrics_are_cut_back_to_the_resumed_step(tmp_path: Path, model: torch.n
     assert [json.loads(line)["step"] for line in lines] == [0, 50]
 
 
+def test_evaluations_of_the_same_scores_draw_the_same_resamples(tmp_path: Path) -> None:
+    # Common random numbers across evaluations: a p-value or CI curve moves with the
+    # model, not with the Monte Carlo draws (and the random splits are drawn once).
+    runner = _runner(_project(tmp_path), tmp_path / "run")
+    big = unwrap_model(build_gpt2(vocab_size=258, sequence_length=64, n_layer=1, n_head=2, n_embd=16, eos_token_id=256))
+    first, later = (runner.evaluate(big, step=step, when="interval") for step in (10, 20))
+    fields = ("effect", "p_value", "ci_low", "ci_high")
+    assert [[r.get(f) for f in fields] for r in first] == [[r.get(f) for f in fields] for r in later]
+    assert any(r.get("ci_low") is not None and r["ci_low"] == r["ci_low"] for r in first)  # a real interval
+
+
 def test_cached_generation_equals_full_recompute(model: torch.nn.Module) -> None:
     # Prompts of different lengths: the cached path left-pads, the recompute path right-pads.
     rng = np.random.default_rng(3)
