@@ -29,6 +29,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         run = prepare_run(load_config(None, ["train.save_interval=null", *args.overrides]), progress=False, run_dir=run_dir)
         summary = run.fit()
+        timeline = list(run.callback.monitors.evaluation_seconds)
+        monitored = len(run.callback.monitors.entries)
         full_evaluation = _time_full_evaluation(run)
         run.close()
     monitor, fit = summary["monitor_seconds"], summary["fit_seconds"]
@@ -37,13 +39,16 @@ def main() -> None:
     print(f"steps                         {steps}")
     print(f"monitor evaluations           {evaluations} (cadence {run.loaded.config.monitoring.every}, plus fit start and end)")
     print(f"seconds per evaluation        {monitor / max(evaluations, 1):.3f} s")
-    print(f"training seconds per step     {(fit - monitor) / max(steps, 1):.4f} s")
     step_seconds = (fit - monitor) / max(steps, 1)
+    print(f"training seconds per step     {step_seconds:.4f} s")
     every = cadence_steps(run.loaded.config.monitoring.every)
     print(f"monitor share of fit time     {100 * monitor / fit:.2f} %  (target <= 2 %)")
     print(f"one full evaluation           {full_evaluation:.3f} s = {full_evaluation / step_seconds:.1f} training steps")
     if every:
         print(f"  that per cadence interval   {100 * full_evaluation / (every * step_seconds):.2f} % ({every} steps)")
+    full = [seconds for _, scored, seconds in timeline[1:] if scored == monitored]
+    print(f"in the run: fit start {timeline[0][2]:.3f} s, later full evaluations "
+          + (f"median {sorted(full)[len(full) // 2]:.3f} s" if full else "none"))
     print("seconds by part (all evaluations):")
     for part, seconds in sorted(summary["monitor_seconds_by_part"].items(), key=lambda kv: -kv[1]):
         print(f"  {part:<28}{seconds:8.3f} s")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from composer.utils import dist
 
 from multirun.config import LoadedConfig, MonitoringConfig, cadence_steps
@@ -124,6 +125,7 @@ class MonitorRunner:
         self.every = cadence_steps(config.every)
         self.seconds = 0.0
         self.evaluations = 0
+        self.evaluation_seconds: list[tuple[int, int, float]] = []  # (step, experiments scored, seconds)
         self.last_records: list[dict[str, Any]] = []
         self.last_evaluated: list[str] = []
         self.seconds_by_part: dict[str, float] = {}  # experiment names, "heldout_loss", "statistics"
@@ -159,11 +161,15 @@ class MonitorRunner:
         """
         entries = [e for e in self.entries if experiments is None or e.experiment in experiments]
         self.last_evaluated = [e.experiment for e in entries]
-        started = time.perf_counter()
         live = LiveModel(
             module, pad_token_id=self.pad_token_id, max_length=self.sequence_length,
             batch_size=self.config.batch_size, precision_context=precision_context,
         )
+        if live.device.type == "cuda":
+            # The training step's kernels may still be queued; without this the monitor's
+            # first synchronising call would wait for them on the monitor's clock.
+            torch.cuda.synchronize(live.device)
+        started = time.perf_counter()
         records: list[dict[str, Any]] = []
         primary: list[int] = []
         if heldout and self.heldout is not None and len(self.heldout):
@@ -206,8 +212,10 @@ class MonitorRunner:
         adjusted = holm_adjust([EffectResult.from_dict(_effect_fields(records[i])) for i in primary])
         for i, result in zip(primary, adjusted):
             records[i]["p_holm"] = result.p_holm
-        self.seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.seconds += elapsed
         self.evaluations += 1
+        self.evaluation_seconds.append((step, len(entries), elapsed))
         self.last_records = records
         if dist.get_global_rank() == 0:
             self._append(records)
