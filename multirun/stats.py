@@ -170,13 +170,14 @@ _FLOAT_FIELDS = frozenset(
 
 
 def _check_common(alternative: str, ci_level: float, n_resamples: int | None = None,
-                  seed: int | None = None) -> None:
+                  seed: int | None = None, ci_resamples: int | None = None) -> None:
     if alternative not in _ALTERNATIVES:
         raise ValueError(f"alternative must be one of {_ALTERNATIVES}, got {alternative!r}")
     if not 0.0 < ci_level < 1.0:
         raise ValueError(f"ci_level must be in (0, 1), got {ci_level!r}")
-    if n_resamples is not None and (int(n_resamples) != n_resamples or n_resamples < 1):
-        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+    for name, count in (("n_resamples", n_resamples), ("ci_resamples", ci_resamples)):
+        if count is not None and (int(count) != count or count < 1):
+            raise ValueError(f"{name} must be a positive integer, got {count!r}")
     if seed is not None and (int(seed) != seed or seed < 0):
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
@@ -359,9 +360,8 @@ def compare_means(treated: ArrayLike, control: ArrayLike, *, metric: str,
         >>> r.effect, r.p_value, r.exact   # 1 of C(8,4)=70 splits is as extreme
         (4.0, 0.014285714285714285, True)
     """
-    _check_common(alternative, ci_level, n_resamples, seed)
+    _check_common(alternative, ci_level, n_resamples, seed, ci_resamples)
     ci_resamples = n_resamples if ci_resamples is None else ci_resamples
-    _check_common(alternative, ci_level, ci_resamples, seed)
     t = _scores(treated, metric=metric, name="treated")
     c = _scores(control, metric=metric, name="control")
     t_mean, c_mean = _mean(t), _mean(c)

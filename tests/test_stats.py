@@ -172,7 +172,7 @@ def test_ci_resamples_sets_the_bootstrap_alone():
     fewer = compare_means(t, c, metric="m", n_resamples=2000, seed=3, ci_resamples=300)
     assert fewer.p_value == both.p_value
     assert (fewer.ci_low, fewer.ci_high) != (both.ci_low, both.ci_high)
-    with pytest.raises(ValueError, match="n_resamples"):
+    with pytest.raises(ValueError, match="ci_resamples must be a positive integer"):
         compare_means(t, c, metric="m", ci_resamples=0)
 
 
