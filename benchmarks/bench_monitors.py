@@ -19,7 +19,7 @@ import time
 
 from multirun.config import cadence_steps, load_config
 from multirun.monitoring import unwrap_model
-from multirun.train import prepare_run
+from multirun.train import TrainingRun, prepare_run
 
 
 def main() -> None:
@@ -54,10 +54,10 @@ def main() -> None:
         print(f"  {part:<28}{seconds:8.3f} s")
 
 
-def _time_full_evaluation(run: object, repeats: int = 3) -> float:
+def _time_full_evaluation(run: TrainingRun, repeats: int = 3) -> float:
     """Median seconds of one evaluation of every monitor and the held-out loss on the trained model."""
-    runner = run.callback.monitors  # type: ignore[attr-defined]
-    module = unwrap_model(run.trainer.state.model)  # type: ignore[attr-defined]
+    runner = run.callback.monitors
+    module = unwrap_model(run.trainer.state.model)
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()

@@ -123,12 +123,19 @@ class MonitorRunner:
         self.sequence_length = sequence_length
         self.seed = seed
         self.every = cadence_steps(config.every)
-        self.seconds = 0.0
-        self.evaluations = 0
         self.evaluation_seconds: list[tuple[int, int, float]] = []  # (step, experiments scored, seconds)
         self.last_records: list[dict[str, Any]] = []
         self.last_evaluated: list[str] = []
         self.seconds_by_part: dict[str, float] = {}  # experiment names, "heldout_loss", "statistics"
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of all evaluations so far."""
+        return sum(seconds for _, _, seconds in self.evaluation_seconds)
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.evaluation_seconds)
 
     @property
     def path(self) -> Path:
@@ -212,10 +219,7 @@ class MonitorRunner:
         adjusted = holm_adjust([EffectResult.from_dict(_effect_fields(records[i])) for i in primary])
         for i, result in zip(primary, adjusted):
             records[i]["p_holm"] = result.p_holm
-        elapsed = time.perf_counter() - started
-        self.seconds += elapsed
-        self.evaluations += 1
-        self.evaluation_seconds.append((step, len(entries), elapsed))
+        self.evaluation_seconds.append((step, len(entries), time.perf_counter() - started))
         self.last_records = records
         if dist.get_global_rank() == 0:
             self._append(records)
