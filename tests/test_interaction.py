@@ -225,20 +225,25 @@ def test_experiments_sharing_items_are_flagged_and_an_independent_one_is_not(tmp
     assert flagged == {("alone: first", "second"), ("alone: second", "first")}
 
 
-@pytest.mark.e2e
-def test_bad_interaction_settings_fail_before_any_arm_trains(tmp_path: Path, dataset: PreparedDataset) -> None:
-    config = run_config(tmp_path, dataset, steps=16, save_interval="16ba")
-    run = prepare_run(load_config(config), progress=False)
+def _trained_run_dir(tmp_path: Path, dataset: PreparedDataset, *, save_interval: str) -> Path:
+    """A 16-step run of the shared test config, trained and closed."""
+    run = prepare_run(load_config(run_config(tmp_path, dataset, steps=16, save_interval=save_interval)), progress=False)
     run.fit()
     run.close()
+    return run.run_dir
+
+
+@pytest.mark.e2e
+def test_bad_interaction_settings_fail_before_any_arm_trains(tmp_path: Path, dataset: PreparedDataset) -> None:
+    run_dir = _trained_run_dir(tmp_path, dataset, save_interval="16ba")
     with pytest.raises(ConfigError, match=r"interaction.experiments\[0\].*not an injected experiment"):
-        run_interaction(run.run_dir, overrides=["interaction.experiments=[nope]"], progress=False)
+        run_interaction(run_dir, overrides=["interaction.experiments=[nope]"], progress=False)
     with pytest.raises(ConfigError, match="interaction.intensity"):
-        run_interaction(run.run_dir, overrides=["interaction.intensity=0.2"], progress=False)
-    assert not (run.run_dir / "interaction" / "arms").exists()
+        run_interaction(run_dir, overrides=["interaction.intensity=0.2"], progress=False)
+    assert not (run_dir / "interaction" / "arms").exists()
     # the CLI reports the same before training, with exit status 2 for bad input
-    assert cli_main(["interact", str(run.run_dir), "--experiments", "nope"]) != 0
-    assert not (run.run_dir / "interaction" / "arms").exists()
+    assert cli_main(["interact", str(run_dir), "--experiments", "nope"]) != 0
+    assert not (run_dir / "interaction" / "arms").exists()
 
 
 def test_interact_needs_a_run_directory(tmp_path: Path) -> None:
@@ -267,28 +272,22 @@ def test_train_runs_the_interaction_tests_when_the_run_declares_them(tmp_path: P
 def test_checkpoint_step_reads_a_renamed_checkpoint(tmp_path: Path, dataset: PreparedDataset) -> None:
     from multirun.interaction import checkpoint_step, find_checkpoint
 
-    config = run_config(tmp_path, dataset, steps=16, save_interval="8ba")
-    run = prepare_run(load_config(config), progress=False)
-    run.fit()
-    run.close()
-    latest = run.run_dir / "checkpoints" / "latest-rank0.pt"
-    assert checkpoint_step(find_checkpoint(run.run_dir, latest)) == 16
+    run_dir = _trained_run_dir(tmp_path, dataset, save_interval="8ba")
+    latest = run_dir / "checkpoints" / "latest-rank0.pt"
+    assert checkpoint_step(find_checkpoint(run_dir, latest)) == 16
     renamed = tmp_path / "start.pt"
-    renamed.write_bytes((run.run_dir / "checkpoints" / "ep0-ba8-rank0.pt").read_bytes())
+    renamed.write_bytes((run_dir / "checkpoints" / "ep0-ba8-rank0.pt").read_bytes())
     assert checkpoint_step(renamed) == 8
 
 
 @pytest.mark.e2e
 def test_a_second_call_replaces_the_arms_of_the_first(tmp_path: Path, dataset: PreparedDataset) -> None:
-    config = run_config(tmp_path, dataset, steps=16, save_interval="8ba")
-    run = prepare_run(load_config(config), progress=False)
-    run.fit()
-    run.close()
+    run_dir = _trained_run_dir(tmp_path, dataset, save_interval="8ba")
     overrides = ["interaction.steps=4", "interaction.intensity=0.1", "interaction.leave_one_out=true"]
-    first = run_interaction(run.run_dir, checkpoint=run.run_dir / "checkpoints" / "ep0-ba8-rank0.pt",
+    first = run_interaction(run_dir, checkpoint=run_dir / "checkpoints" / "ep0-ba8-rank0.pt",
                             overrides=overrides, progress=False)
     assert (first.out_dir / "arms" / "without-facts").is_dir()
-    second = run_interaction(run.run_dir, overrides=overrides[:2], progress=False)  # from step 16, no leave-one-out
+    second = run_interaction(run_dir, overrides=overrides[:2], progress=False)  # from step 16, no leave-one-out
     assert sorted(p.name for p in (second.out_dir / "arms").iterdir()) == sorted(second.arms)
     steps = Ledger.open(second.out_dir / "arms" / "all").table.column("step").to_pylist()
     assert steps and min(steps) >= 16  # no span left from the arms that started at step 8
