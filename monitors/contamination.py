@@ -27,7 +27,7 @@ Options (``experiments[i].monitor.options``):
     which metric is the experiment's primary one (the one in the run's Holm
     correction); the others become secondary. The last two need choices.
 
-Example (one forward pass per batch of 32 (question, choice) pairs)::
+Example (each question's prompt runs once; its choices run on its key/value cache)::
 
     monitor = ContaminationMonitor.from_experiment(exp, tokenizer=tok, options={}, sequence_length=128)
     answer_logprob, choice_accuracy, answer_margin = monitor.evaluate(live)
@@ -158,13 +158,9 @@ class ContaminationMonitor:
             return [self._metric("answer_logprob", answer, "means")]
 
         assert self.choice_texts is not None and self.answer_index is not None
-        # All (question, choice) pairs in one sharded call; the gold answer is one of the
-        # choices (same text, same tokens), so its score comes from the same pass.
-        owner = np.concatenate([np.full(len(cs), i) for i, cs in enumerate(self.choices)])
-        scores = live.score_targets(
-            [self.contexts[i] for i in owner],
-            [c for cs in self.choices for c in cs],
-        )
+        # Every choice on its question's shared context, in one sharded call; the gold answer
+        # is one of the choices (same text, same tokens), so its score comes from the same pass.
+        scores = live.score_continuations(self.contexts, self.choices)
         chars = np.array([len(t) for ts in self.choice_texts for t in ts])
         flat = normalise(scores.logprob_sum, scores.n_tokens, chars, self.normalization)
         starts = np.concatenate([[0], np.cumsum([len(cs) for cs in self.choices])[:-1]])

@@ -133,6 +133,7 @@ class LiveModel:
         self.max_length = max_length
         self.batch_size = batch_size
         self._precision = precision_context or contextlib.nullcontext
+        self._forward_takes = forward_parameters(module)
         self.forward_passes = 0
 
     @property
@@ -157,13 +158,25 @@ class LiveModel:
         """One forward pass (counted); returns float32 logits ``(rows, length, vocab)``.
 
         ``positions``: (row indices, column indices) to keep; then ``(len(rows), vocab)``,
-        selected before the float32 copy.
+        selected before the float32 copy. A model that takes ``logits_to_keep`` (Hugging
+        Face causal LMs) then projects only the kept columns onto the vocabulary: the
+        full ``(rows, length, vocab)`` tensor is most of a probe pass's memory and, at a
+        real vocabulary, a large share of its compute.
         """
         self.forward_passes += 1
-        out = self.module(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
-        logits = out if isinstance(out, torch.Tensor) else out.logits
+        kwargs: dict[str, Any] = {}
+        if "use_cache" in self._forward_takes:
+            kwargs["use_cache"] = False  # a key/value cache nobody reads is a copy per layer
+        rows = columns = None
         if positions is not None:
-            logits = logits[positions[0].to(logits.device), positions[1].to(logits.device)]
+            rows, columns = positions
+            if "logits_to_keep" in self._forward_takes:
+                kept, columns = torch.unique(columns, sorted=True, return_inverse=True)
+                kwargs["logits_to_keep"] = kept.to(self.device)
+        out = self.module(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        if rows is not None and columns is not None:
+            logits = logits[rows.to(logits.device), columns.to(logits.device)]
         return logits.float()
 
     def map_sharded(
@@ -214,31 +227,60 @@ class LiveModel:
             raise ValueError("contexts and targets differ in length")
         requests = [(np.asarray(c, dtype=np.int64), np.asarray(t, dtype=np.int64)) for c, t in zip(contexts, targets)]
         for c, t in requests:
-            if t.size == 0 or t.size >= self.max_length:
-                raise ValueError(f"a target of {t.size} tokens cannot be scored with max_length {self.max_length}")
-            if c.size == 0:
-                raise ValueError("every target needs at least one context token")
+            self._check_request(c, [t])
         with self.evaluating():
             results = self.map_sharded(
                 self._score_batch, requests, length=lambda r: min(r[0].size + r[1].size, self.max_length)
             )
-        return TargetScores(
-            logprob_sum=np.array([r[0].sum() for r in results], dtype=np.float64),
-            n_tokens=np.array([r[0].size for r in results], dtype=np.int64),
-            greedy_match=np.array([bool(r[1].all()) for r in results]),
-            token_logprobs=[r[0] for r in results],
-            token_greedy=[r[1] for r in results],
-        )
+        return _target_scores(results)
+
+    def score_continuations(
+        self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]]
+    ) -> TargetScores:
+        """Teacher-forced scores of several continuations of each context, flattened in order.
+
+        What :meth:`score_targets` gives for every (context, continuation) pair, but a
+        model with a key/value cache runs each context once and the continuations on
+        its cache: for multiple-choice questions, whose prompt is most of every row,
+        that is most of the work. A context is cut from the left so that it fits with
+        its longest continuation, the same cut for all of them.
+
+        Example::
+
+            scores = live.score_continuations([question], [[choice_a, choice_b]])
+            scores.mean_logprob   # [choice_a's, choice_b's]
+        """
+        if len(contexts) != len(continuations):
+            raise ValueError("contexts and continuations differ in length")
+        requests = []
+        for context, options in zip(contexts, continuations):
+            c, ts = np.asarray(context, dtype=np.int64), [np.asarray(t, dtype=np.int64) for t in options]
+            self._check_request(c, ts)
+            requests.append((c[-(self.max_length - max(t.size for t in ts)):], ts))
+        if not supports_kv_cache(self.module):
+            return self.score_targets([c for c, ts in requests for _ in ts], [t for _, ts in requests for t in ts])
+        # At most batch_size (context, continuation) pairs per pass: their cache rows are copies.
+        per_pass = max(1, self.batch_size // max(len(ts) for _, ts in requests))
+        with self.evaluating():
+            results = self.map_sharded(
+                self._score_continuation_batch, requests, batch_size=per_pass,
+                length=lambda r: r[0].size + max(t.size for t in r[1]),
+            )
+        return _target_scores([scored for per_context in results for scored in per_context])
+
+    def _check_request(self, context: np.ndarray, targets: Sequence[np.ndarray]) -> None:
+        if not targets:
+            raise ValueError("every context needs at least one continuation")
+        for t in targets:
+            if t.size == 0 or t.size >= self.max_length:
+                raise ValueError(f"a target of {t.size} tokens cannot be scored with max_length {self.max_length}")
+        if context.size == 0:
+            raise ValueError("every target needs at least one context token")
 
     def _score_batch(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
         rows = [np.concatenate([context[-(self.max_length - target.size):], target]) for context, target in batch]
         n_targets = np.array([target.size for _, target in batch])
-        width = max(r.size for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, tokens in enumerate(rows):
-            ids[i, : tokens.size] = torch.from_numpy(tokens)
-            mask[i, : tokens.size] = 1
+        ids, mask = _right_padded(rows, self.pad_token_id)
         # Only the positions that predict a target token go through log-softmax and
         # leave the device: the full (rows, width, vocab) tensor is gigabytes for a
         # real vocabulary, and contexts are most of the tokens.
@@ -254,6 +296,53 @@ class LiveModel:
             np.split(token_logprobs.cpu().numpy().astype(np.float64), splits),
             np.split(greedy.cpu().numpy(), splits),
         ))
+
+    def _score_continuation_batch(
+        self, batch: list[tuple[np.ndarray, list[np.ndarray]]]
+    ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        # Pass 1: the contexts, left-padded so that each ends at the last column, whose
+        # logits predict every continuation's first token.
+        contexts = [c for c, _ in batch]
+        ids, mask = _left_padded(contexts, self.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self.forward_passes += 1
+        kwargs: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_takes else {}
+        past = _empty_cache() if getattr(self.module, "_supports_cache_class", False) else None
+        out = self.module(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=past, use_cache=True, **kwargs,
+        )
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        # Pass 2: every continuation (right-padded) on its own context's cache rows.
+        owner = torch.tensor([i for i, (_, ts) in enumerate(batch) for _ in ts], device=self.device)
+        targets = [t for _, ts in batch for t in ts]
+        cont_ids, cont_mask = _right_padded(targets, self.pad_token_id)
+        cont_ids, cont_mask = cont_ids.to(self.device), cont_mask.to(self.device)
+        lengths = mask.sum(-1)[owner]
+        self.forward_passes += 1
+        out = self.module(
+            input_ids=cont_ids, attention_mask=torch.cat([mask[owner], cont_mask], dim=1),
+            # Padding columns can run past the last position; they are masked, any valid id will do.
+            position_ids=(lengths[:, None] + torch.arange(cont_ids.shape[1], device=self.device)).clamp(max=self.max_length - 1),
+            past_key_values=_select_rows(out.past_key_values, owner), use_cache=True,
+        )
+        # The prediction of a target's token j > 0 is at its column j - 1; token 0's is pass 1's.
+        n_targets = np.array([t.size for t in targets])
+        row = torch.from_numpy(np.repeat(np.arange(len(targets)), n_targets - 1)).to(self.device)
+        column = torch.from_numpy(np.concatenate([np.arange(n - 1) for n in n_targets])).to(self.device)
+        logprobs = torch.cat([first[owner], torch.log_softmax(out.logits[row, column].float(), dim=-1)])
+        token = torch.cat([cont_ids[:, 0], cont_ids[row, column + 1]])
+        token_logprobs = logprobs.gather(1, token[:, None]).squeeze(1).cpu().numpy().astype(np.float64)
+        greedy = (logprobs.argmax(-1) == token).cpu().numpy()
+        # Back to target order: first tokens come first, then the later tokens row by row.
+        starts = np.concatenate([[0], np.cumsum(n_targets - 1)[:-1]]) + len(targets)
+        scored = [
+            (np.concatenate([token_logprobs[i : i + 1], token_logprobs[s : s + n - 1]]),
+             np.concatenate([greedy[i : i + 1], greedy[s : s + n - 1]]))
+            for i, (s, n) in enumerate(zip(starts, n_targets))
+        ]
+        bounds = np.cumsum([0] + [len(ts) for _, ts in batch])
+        return [scored[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     # ---------------------------------------------------------- generation
     def greedy_generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[np.ndarray]:
@@ -277,12 +366,7 @@ class LiveModel:
             )
 
     def _generate_cached(self, prompts: list[np.ndarray], max_new_tokens: int) -> list[np.ndarray]:
-        width = max(p.size for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-            ids[i, width - p.size :] = torch.from_numpy(p)
-            mask[i, width - p.size :] = 1
+        ids, mask = _left_padded(prompts, self.pad_token_id)  # every prompt ends at the last column
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generated = []
@@ -303,12 +387,7 @@ class LiveModel:
         sequences = [p.tolist() for p in prompts]
         generated: list[list[int]] = [[] for _ in prompts]
         for _ in range(max_new_tokens):
-            width = max(len(s) for s in sequences)
-            ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(sequences), width), dtype=torch.long)
-            for i, s in enumerate(sequences):
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
+            ids, mask = _right_padded([np.asarray(s, dtype=np.int64) for s in sequences], self.pad_token_id)
             logits = self.logits(ids, mask)
             last = torch.tensor([len(s) - 1 for s in sequences], device=logits.device)
             next_tokens = logits[torch.arange(len(sequences), device=logits.device), last].argmax(-1).tolist()
@@ -318,19 +397,66 @@ class LiveModel:
         return [np.array(g, dtype=np.int64) for g in generated]
 
 
+def _target_scores(results: Sequence[tuple[np.ndarray, np.ndarray]]) -> TargetScores:
+    """Per-request (token log-probs, token greedy matches) gathered into :class:`TargetScores`."""
+    return TargetScores(
+        logprob_sum=np.array([r[0].sum() for r in results], dtype=np.float64),
+        n_tokens=np.array([r[0].size for r in results], dtype=np.int64),
+        greedy_match=np.array([bool(r[1].all()) for r in results]),
+        token_logprobs=[r[0] for r in results],
+        token_greedy=[r[1] for r in results],
+    )
+
+
+def _left_padded(rows: Sequence[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask with every row ending at the last column."""
+    width = max(r.size for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - r.size :] = torch.from_numpy(r)
+        mask[i, width - r.size :] = 1
+    return ids, mask
+
+
+def _right_padded(rows: Sequence[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask with every row starting at the first column."""
+    width = max(r.size for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : r.size] = torch.from_numpy(r)
+        mask[i, : r.size] = 1
+    return ids, mask
+
+
+def _select_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A key/value cache of the given batch rows (repeats allowed), in the cache's own form."""
+    selected = tuple((key.index_select(0, rows), value.index_select(0, rows)) for key, value in cache)
+    if isinstance(cache, tuple):
+        return selected
+    from transformers import DynamicCache
+
+    return DynamicCache.from_legacy_cache(selected)
+
+
 def _empty_cache() -> Any:
     from transformers import DynamicCache
 
     return DynamicCache()
 
 
+def forward_parameters(module: torch.nn.Module) -> frozenset[str]:
+    """Names ``module.forward`` takes (empty when its signature cannot be read)."""
+    try:
+        return frozenset(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
 def supports_kv_cache(module: torch.nn.Module) -> bool:
     """Whether ``module``'s forward takes a key/value cache and explicit positions (HF causal LMs)."""
-    try:
-        parameters = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return {"past_key_values", "position_ids", "use_cache"} <= parameters.keys()
+    return {"past_key_values", "position_ids", "use_cache"} <= forward_parameters(module)
 
 
 def unwrap_model(composer_model: torch.nn.Module) -> torch.nn.Module:

@@ -15,6 +15,7 @@ import pytest
 
 from multirun.ledger import Ledger
 from multirun.monitor_runner import read_metrics
+from multirun.stats import TEST_RATES
 from multirun.jsonl import read_jsonl
 from tests.support import REPO, make_dataset, make_payloads, placements, run_cli, run_config
 
@@ -36,6 +37,9 @@ def test_two_ranks_inject_what_one_rank_injects(tmp_path: Path) -> None:
             "name": "facts", "payload": str(payloads["facts"]), "control_fraction": 0.25,
             "controller": {"name": "acquire", "options": {"metric": "text_logprob", "threshold": -5.5, "max_rate": 2}},
         },
+        # Measured, never injected: multiple-choice questions, whose choices are scored
+        # on their question's key/value cache, sharded by question.
+        {"name": "quiz", "payload": "pkg:demo/contamination", "inject": False},
     ]
     config = run_config(tmp_path, dataset, steps=16, global_batch_size=8, save_interval=None, experiments=experiments, name="ranks")
     config.write_text(config.read_text() + "monitoring: {every: 4ba, n_resamples: 200}\n")
@@ -65,13 +69,18 @@ def test_two_ranks_inject_what_one_rank_injects(tmp_path: Path) -> None:
         (r["step"], r["experiment"], r["metric"]) for r in metrics_two
     ]
     assert {r["when"] for r in metrics_one} == {"fit_start", "interval", "fit_end"}
-    for a, b in zip(metrics_one, metrics_two):
-        # Identical weights at fit start; after training, DDP's summation order differs slightly.
-        tolerance = 1e-5 if a["step"] == 0 else 1e-2
+    scored = [(a, b) for a, b in zip(metrics_one, metrics_two) if "items" in a]  # not the per-group summaries
+    assert {a["experiment"] for a, _ in scored} == {"canaries", "facts", "quiz"}
+    for a, b in scored:
+        assert [i for i, _, _ in a["items"]] == [i for i, _, _ in b["items"]]
         scores_a = np.array([s for _, _, s in a["items"]])
         scores_b = np.array([s for _, _, s in b["items"]])
-        assert [i for i, _, _ in a["items"]] == [i for i, _, _ in b["items"]]
-        np.testing.assert_allclose(scores_b, scores_a, rtol=tolerance, atol=tolerance)
+        if a["step"] == 0:  # identical weights: every score agrees, argmax outcomes included
+            np.testing.assert_allclose(scores_b, scores_a, rtol=1e-5, atol=1e-5)
+        elif a["test"] != TEST_RATES:
+            # After training, DDP's summation order moves the weights slightly: continuous
+            # scores agree closely, while a 0/1 argmax outcome may flip on a near tie.
+            np.testing.assert_allclose(scores_b, scores_a, rtol=1e-2, atol=1e-2)
 
     def decisions(run: str) -> list[tuple]:
         return [(d["step"], json.dumps(d["exposures"], sort_keys=True)) for d in read_jsonl(tmp_path / run / "controller.jsonl")]

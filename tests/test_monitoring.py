@@ -177,3 +177,39 @@ def test_cached_generation_equals_full_recompute(model: torch.nn.Module) -> None
         recomputed = live._generate_recompute([np.asarray(p) for p in prompts], 6)
     assert [c.tolist() for c in cached] == [r.tolist() for r in recomputed]
     assert model.training
+
+
+def test_only_the_scored_columns_are_projected_onto_the_vocabulary(model: torch.nn.Module) -> None:
+    # Long contexts, short targets: a probe pass needs the vocabulary at 3 columns, not 20.
+    seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    try:
+        live = LiveModel(model, pad_token_id=257, max_length=32)
+        scores = live.score_targets([list(range(18)), list(range(10, 28))], [[1, 2], [3, 4]])
+    finally:
+        hook.remove()
+    assert seen == [2]  # both rows end at the same column: their targets share 2 columns
+    for i, (c, t) in enumerate(zip([list(range(18)), list(range(10, 28))], [[1, 2], [3, 4]])):
+        assert scores.logprob_sum[i] == pytest.approx(_manual_scores(model, c, t)[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("batch_size, passes", [(5, 2 * 5), (16, 2 * 2)])
+def test_continuations_on_a_shared_context_score_as_whole_rows(model: torch.nn.Module, batch_size: int, passes: int) -> None:
+    # Contexts of different lengths in one pass (left-padded), 1 to 4 continuations of 1 to
+    # 6 tokens, and a context that must be cut to fit its longest continuation. Up to
+    # batch_size // 4 contexts per pass: 1 (5 batches) or 4 (2 batches), two passes each.
+    rng = np.random.default_rng(5)
+    contexts = [rng.integers(0, 256, n).tolist() for n in (3, 9, 1, 14, 40)]
+    continuations = [[rng.integers(0, 256, n).tolist() for n in lengths]
+                     for lengths in ([2, 5], [1], [3, 1, 6, 4], [1, 1, 2], [4, 2])]
+    live = LiveModel(model, pad_token_id=257, max_length=32, batch_size=batch_size)
+    shared = live.score_continuations(contexts, continuations)
+    assert live.forward_passes == passes
+    cut = [c[-(32 - max(len(t) for t in ts)):] for c, ts in zip(contexts, continuations)]
+    whole = live.score_targets([c for c, ts in zip(cut, continuations) for _ in ts], [t for ts in continuations for t in ts])
+    np.testing.assert_allclose(shared.logprob_sum, whole.logprob_sum, atol=1e-4)
+    for a, b in zip(shared.token_logprobs, whole.token_logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert shared.greedy_match.tolist() == whole.greedy_match.tolist()
+    assert shared.n_tokens.tolist() == [len(t) for ts in continuations for t in ts]
+    assert model.training
