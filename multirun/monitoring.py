@@ -305,13 +305,7 @@ class LiveModel:
         contexts = [c for c, _ in batch]
         ids, mask = _left_padded(contexts, self.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        self.forward_passes += 1
-        kwargs: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_takes else {}
-        past = _empty_cache() if getattr(self.module, "_supports_cache_class", False) else None
-        out = self.module(
-            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=past, use_cache=True, **kwargs,
-        )
+        out = self._cached_forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), self._new_cache(), last_column_only=True)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         # Pass 2: every continuation (right-padded) on its own context's cache rows.
         owner = torch.tensor([i for i, (_, ts) in enumerate(batch) for _ in ts], device=self.device)
@@ -319,12 +313,10 @@ class LiveModel:
         cont_ids, cont_mask = _right_padded(targets, self.pad_token_id)
         cont_ids, cont_mask = cont_ids.to(self.device), cont_mask.to(self.device)
         lengths = mask.sum(-1)[owner]
-        self.forward_passes += 1
-        out = self.module(
-            input_ids=cont_ids, attention_mask=torch.cat([mask[owner], cont_mask], dim=1),
-            # Padding columns can run past the last position; they are masked, any valid id will do.
-            position_ids=(lengths[:, None] + torch.arange(cont_ids.shape[1], device=self.device)).clamp(max=self.max_length - 1),
-            past_key_values=_select_rows(out.past_key_values, owner), use_cache=True,
+        # Padding columns can run past the last position; they are masked, any valid id will do.
+        positions = (lengths[:, None] + torch.arange(cont_ids.shape[1], device=self.device)).clamp(max=self.max_length - 1)
+        out = self._cached_forward(
+            cont_ids, torch.cat([mask[owner], cont_mask], dim=1), positions, _select_rows(out.past_key_values, owner)
         )
         # The prediction of a target's token j > 0 is at its column j - 1; token 0's is pass 1's.
         n_targets = np.array([t.size for t in targets])
@@ -343,6 +335,22 @@ class LiveModel:
         ]
         bounds = np.cumsum([0] + [len(ts) for _, ts in batch])
         return [scored[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _new_cache(self) -> Any:
+        # Hugging Face models take (and then return) a Cache object; a legacy tuple is deprecated.
+        return _empty_cache() if getattr(self.module, "_supports_cache_class", False) else None
+
+    def _cached_forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: Any, *, last_column_only: bool = False
+    ) -> Any:
+        """One counted pass that extends the key/value cache ``past`` (HF causal LMs)."""
+        self.forward_passes += 1
+        kwargs: dict[str, Any] = {}
+        if last_column_only and "logits_to_keep" in self._forward_takes:
+            kwargs["logits_to_keep"] = 1  # the next token only: a prompt's other columns are not read
+        return self.module(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, **kwargs
+        )
 
     # ---------------------------------------------------------- generation
     def greedy_generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[np.ndarray]:
@@ -370,11 +378,9 @@ class LiveModel:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generated = []
-        # Hugging Face models take (and then return) a Cache object; a legacy tuple is deprecated.
-        past = _empty_cache() if getattr(self.module, "_supports_cache_class", False) else None
+        past = self._new_cache()
         for _ in range(max_new_tokens):
-            self.forward_passes += 1
-            out = self.module(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
+            out = self._cached_forward(ids, mask, positions, past, last_column_only=True)
             past = out.past_key_values
             next_tokens = out.logits[:, -1].float().argmax(-1)
             generated.append(next_tokens)
