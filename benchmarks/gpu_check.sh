@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU figures in one session on a CUDA machine: injection and monitor cost shares, and a
-# GPU training run's ledger and report, at the demo's scale and at GPT-2-small scale.
+# GPU figures in one session on a CUDA machine: a GPU training run's ledger and report,
+# injection and monitor cost shares at the demo's scale and at GPT-2-small scale, and
+# probe scoring at GPT-2-small shape.
 #
 #   bash benchmarks/gpu_check.sh [WHEEL_DIR]
 #
@@ -42,3 +43,5 @@ echo "== injection share, demo scale";      python3 benchmarks/bench_injection.p
 echo "== injection share, GPT-2 small bf16"; python3 benchmarks/bench_injection.py --steps 100 "${GPT2_SMALL[@]}"
 echo "== monitor share, demo scale";        python3 benchmarks/bench_monitors.py
 echo "== monitor share, GPT-2 small bf16";  python3 benchmarks/bench_monitors.py "${GPT2_SMALL[@]}" --set train.max_duration=1000ba
+echo "== probe scoring, GPT-2 small (kept columns, shared contexts)"
+python3 benchmarks/bench_scoring.py --questions 64 --prompt-tokens 256 --repeats 5
