@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from multirun.errors import ConfigError
-from multirun.monitoring import LiveModel, MetricScores
+from multirun.monitoring import LiveModel, MetricScores, forward_parameters, right_padded
 from multirun.stats import exposures
 from multirun.noise import item_noise
 from multirun.types import EmbeddingNoise, PreparedExperiment
@@ -89,12 +89,7 @@ def gaussian_statistics(
     leaf), so the forward pass is the model's ordinary one; only that tensor gets a
     gradient, parameters' ``.grad`` are left untouched. Call it in eval mode.
     """
-    width = max(s.size for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for r, seq in enumerate(sequences):
-        ids[r, : seq.size] = torch.from_numpy(seq)
-        mask[r, : seq.size] = 1
+    ids, mask = right_padded(sequences, pad_token_id)
     device = next(module.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
 
@@ -108,7 +103,9 @@ def gaussian_statistics(
     handle = module.get_input_embeddings().register_forward_hook(capture)
     try:
         with torch.enable_grad():
-            out = module(input_ids=ids, attention_mask=mask)
+            # No key/value cache: under grad it would hold every layer's keys and values for nothing.
+            kwargs = {"use_cache": False} if "use_cache" in forward_parameters(module) else {}
+            out = module(input_ids=ids, attention_mask=mask, **kwargs)
             logits = (out if isinstance(out, torch.Tensor) else out.logits).float()
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
             token_lp = logprobs.gather(2, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]

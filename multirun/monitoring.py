@@ -280,7 +280,7 @@ class LiveModel:
     def _score_batch(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
         rows = [np.concatenate([context[-(self.max_length - target.size):], target]) for context, target in batch]
         n_targets = np.array([target.size for _, target in batch])
-        ids, mask = _right_padded(rows, self.pad_token_id)
+        ids, mask = right_padded(rows, self.pad_token_id)
         # Only the positions that predict a target token go through log-softmax and
         # leave the device: the full (rows, width, vocab) tensor is gigabytes for a
         # real vocabulary, and contexts are most of the tokens.
@@ -303,14 +303,14 @@ class LiveModel:
         # Pass 1: the contexts, left-padded so that each ends at the last column, whose
         # logits predict every continuation's first token.
         contexts = [c for c, _ in batch]
-        ids, mask = _left_padded(contexts, self.pad_token_id)
+        ids, mask = left_padded(contexts, self.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         out = self._cached_forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), self._new_cache(), last_column_only=True)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         # Pass 2: every continuation (right-padded) on its own context's cache rows.
         owner = torch.tensor([i for i, (_, ts) in enumerate(batch) for _ in ts], device=self.device)
         targets = [t for _, ts in batch for t in ts]
-        cont_ids, cont_mask = _right_padded(targets, self.pad_token_id)
+        cont_ids, cont_mask = right_padded(targets, self.pad_token_id)
         cont_ids, cont_mask = cont_ids.to(self.device), cont_mask.to(self.device)
         lengths = mask.sum(-1)[owner]
         # Padding columns can run past the last position; they are masked, any valid id will do.
@@ -374,7 +374,7 @@ class LiveModel:
             )
 
     def _generate_cached(self, prompts: list[np.ndarray], max_new_tokens: int) -> list[np.ndarray]:
-        ids, mask = _left_padded(prompts, self.pad_token_id)  # every prompt ends at the last column
+        ids, mask = left_padded(prompts, self.pad_token_id)  # every prompt ends at the last column
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generated = []
@@ -393,7 +393,7 @@ class LiveModel:
         sequences = [p.tolist() for p in prompts]
         generated: list[list[int]] = [[] for _ in prompts]
         for _ in range(max_new_tokens):
-            ids, mask = _right_padded([np.asarray(s, dtype=np.int64) for s in sequences], self.pad_token_id)
+            ids, mask = right_padded([np.asarray(s, dtype=np.int64) for s in sequences], self.pad_token_id)
             logits = self.logits(ids, mask)
             last = torch.tensor([len(s) - 1 for s in sequences], device=logits.device)
             next_tokens = logits[torch.arange(len(sequences), device=logits.device), last].argmax(-1).tolist()
@@ -414,7 +414,7 @@ def _target_scores(results: Sequence[tuple[np.ndarray, np.ndarray]]) -> TargetSc
     )
 
 
-def _left_padded(rows: Sequence[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(rows: Sequence[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask with every row ending at the last column."""
     width = max(r.size for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -425,8 +425,14 @@ def _left_padded(rows: Sequence[np.ndarray], pad_token_id: int) -> tuple[torch.T
     return ids, mask
 
 
-def _right_padded(rows: Sequence[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask with every row starting at the first column."""
+def right_padded(rows: Sequence[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask with every row starting at the first column.
+
+    Example:
+        >>> ids, mask = right_padded([np.array([5, 6]), np.array([7])], pad_token_id=0)
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6], [7, 0]], [[1, 1], [1, 0]])
+    """
     width = max(r.size for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
