@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from multirun.errors import ConfigError
-from multirun.monitoring import LiveModel, MetricScores, forward_parameters, right_padded
+from multirun.monitoring import LiveModel, MetricScores, forward_parameters, padded
 from multirun.stats import exposures
 from multirun.noise import item_noise
 from multirun.types import EmbeddingNoise, PreparedExperiment
@@ -89,7 +89,7 @@ def gaussian_statistics(
     leaf), so the forward pass is the model's ordinary one; only that tensor gets a
     gradient, parameters' ``.grad`` are left untouched. Call it in eval mode.
     """
-    ids, mask = right_padded(sequences, pad_token_id)
+    ids, mask = padded(sequences, pad_token_id)
     device = next(module.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
 

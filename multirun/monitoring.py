@@ -140,6 +140,11 @@ class LiveModel:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
+    @property
+    def _takes_kv_cache(self) -> bool:
+        """What :func:`supports_kv_cache` says, from the signature read at construction."""
+        return _KV_CACHE_PARAMETERS <= self._forward_takes
+
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
         """Eval mode and no_grad, restoring the module's training mode afterwards."""
@@ -257,7 +262,7 @@ class LiveModel:
             c, ts = np.asarray(context, dtype=np.int64), [np.asarray(t, dtype=np.int64) for t in options]
             self._check_request(c, ts)
             requests.append((c[-(self.max_length - max(t.size for t in ts)):], ts))
-        if not supports_kv_cache(self.module):
+        if not self._takes_kv_cache:
             return self.score_targets([c for c, ts in requests for _ in ts], [t for _, ts in requests for t in ts])
         # At most batch_size (context, continuation) pairs per pass: their cache rows are copies.
         per_pass = max(1, self.batch_size // max(len(ts) for _, ts in requests))
@@ -280,7 +285,7 @@ class LiveModel:
     def _score_batch(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
         rows = [np.concatenate([context[-(self.max_length - target.size):], target]) for context, target in batch]
         n_targets = np.array([target.size for _, target in batch])
-        ids, mask = right_padded(rows, self.pad_token_id)
+        ids, mask = padded(rows, self.pad_token_id)
         # Only the positions that predict a target token go through log-softmax and
         # leave the device: the full (rows, width, vocab) tensor is gigabytes for a
         # real vocabulary, and contexts are most of the tokens.
@@ -303,14 +308,14 @@ class LiveModel:
         # Pass 1: the contexts, left-padded so that each ends at the last column, whose
         # logits predict every continuation's first token.
         contexts = [c for c, _ in batch]
-        ids, mask = left_padded(contexts, self.pad_token_id)
+        ids, mask = padded(contexts, self.pad_token_id, left=True)
         ids, mask = ids.to(self.device), mask.to(self.device)
         out = self._cached_forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), self._new_cache(), last_column_only=True)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         # Pass 2: every continuation (right-padded) on its own context's cache rows.
         owner = torch.tensor([i for i, (_, ts) in enumerate(batch) for _ in ts], device=self.device)
         targets = [t for _, ts in batch for t in ts]
-        cont_ids, cont_mask = right_padded(targets, self.pad_token_id)
+        cont_ids, cont_mask = padded(targets, self.pad_token_id)
         cont_ids, cont_mask = cont_ids.to(self.device), cont_mask.to(self.device)
         lengths = mask.sum(-1)[owner]
         # Padding columns can run past the last position; they are masked, any valid id will do.
@@ -367,14 +372,14 @@ class LiveModel:
         keep = self.max_length - max_new_tokens
         if keep < 1:
             raise ValueError(f"cannot generate {max_new_tokens} tokens with max_length {self.max_length}")
-        generate = self._generate_cached if supports_kv_cache(self.module) else self._generate_recompute
+        generate = self._generate_cached if self._takes_kv_cache else self._generate_recompute
         with self.evaluating():
             return self.map_sharded(
                 lambda batch: generate([p[-keep:] for p in batch], max_new_tokens), requests, length=lambda p: min(p.size, keep)
             )
 
     def _generate_cached(self, prompts: list[np.ndarray], max_new_tokens: int) -> list[np.ndarray]:
-        ids, mask = left_padded(prompts, self.pad_token_id)  # every prompt ends at the last column
+        ids, mask = padded(prompts, self.pad_token_id, left=True)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generated = []
@@ -393,7 +398,7 @@ class LiveModel:
         sequences = [p.tolist() for p in prompts]
         generated: list[list[int]] = [[] for _ in prompts]
         for _ in range(max_new_tokens):
-            ids, mask = right_padded([np.asarray(s, dtype=np.int64) for s in sequences], self.pad_token_id)
+            ids, mask = padded([np.asarray(s, dtype=np.int64) for s in sequences], self.pad_token_id)
             logits = self.logits(ids, mask)
             last = torch.tensor([len(s) - 1 for s in sequences], device=logits.device)
             next_tokens = logits[torch.arange(len(sequences), device=logits.device), last].argmax(-1).tolist()
@@ -414,31 +419,25 @@ def _target_scores(results: Sequence[tuple[np.ndarray, np.ndarray]]) -> TargetSc
     )
 
 
-def left_padded(rows: Sequence[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask with every row ending at the last column."""
-    width = max(r.size for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - r.size :] = torch.from_numpy(r)
-        mask[i, width - r.size :] = 1
-    return ids, mask
-
-
-def right_padded(rows: Sequence[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask with every row starting at the first column.
+def padded(rows: Sequence[np.ndarray], pad_token_id: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``rows``: each starts at the first column, or with
+    ``left`` ends at the last one (for decoding from a cache, every row's next token
+    then lands in the same column).
 
     Example:
-        >>> ids, mask = right_padded([np.array([5, 6]), np.array([7])], pad_token_id=0)
+        >>> ids, mask = padded([np.array([5, 6]), np.array([7])], pad_token_id=0)
         >>> ids.tolist(), mask.tolist()
         ([[5, 6], [7, 0]], [[1, 1], [1, 0]])
+        >>> padded([np.array([5, 6]), np.array([7])], pad_token_id=0, left=True)[0].tolist()
+        [[5, 6], [0, 7]]
     """
     width = max(r.size for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : r.size] = torch.from_numpy(r)
-        mask[i, : r.size] = 1
+        start = width - r.size if left else 0
+        ids[i, start : start + r.size] = torch.from_numpy(r)
+        mask[i, start : start + r.size] = 1
     return ids, mask
 
 
@@ -466,9 +465,12 @@ def forward_parameters(module: torch.nn.Module) -> frozenset[str]:
         return frozenset()
 
 
+_KV_CACHE_PARAMETERS = frozenset({"past_key_values", "position_ids", "use_cache"})
+
+
 def supports_kv_cache(module: torch.nn.Module) -> bool:
     """Whether ``module``'s forward takes a key/value cache and explicit positions (HF causal LMs)."""
-    return {"past_key_values", "position_ids", "use_cache"} <= forward_parameters(module)
+    return _KV_CACHE_PARAMETERS <= forward_parameters(module)
 
 
 def unwrap_model(composer_model: torch.nn.Module) -> torch.nn.Module:
