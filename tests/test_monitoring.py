@@ -180,7 +180,7 @@ def test_cached_generation_equals_full_recompute(model: torch.nn.Module) -> None
 
 
 def test_only_the_scored_columns_are_projected_onto_the_vocabulary(model: torch.nn.Module) -> None:
-    # Long contexts, short targets: a probe pass needs the vocabulary at 3 columns, not 20.
+    # Long contexts, short targets: a probe pass needs the vocabulary at 2 columns, not 20.
     seen: list[int] = []
     hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
     try:
