@@ -164,12 +164,14 @@ class PoisonMonitor:
 
     def evaluate(self, live: LiveModel) -> list[MetricScores]:
         n = len(self.ids)
-        # One generation call for all conditions: fewer, fuller batches.
+        # One call for all conditions (fewer, fuller batches), and each context runs once
+        # for both its continuation and its behaviour's log-probability.
         contexts = [c for condition in CONDITIONS for c in self.contexts[condition]]
-        generated = live.greedy_generate(contexts, self.max_new_tokens)
-        detected = np.array([self.detect(g, b) for g, b in zip(generated, self.behaviours * len(CONDITIONS))], dtype=np.float64)
+        behaviours = self.behaviours * len(CONDITIONS)
+        generated, behaviour = live.generate_and_score(contexts, self.max_new_tokens, behaviours)
+        detected = np.array([self.detect(g, b) for g, b in zip(generated, behaviours)], dtype=np.float64)
         rate = {condition: detected[i * n : (i + 1) * n] for i, condition in enumerate(CONDITIONS)}
-        logprob = live.score_targets(self.contexts["trigger"] + self.contexts["control_trigger"], self.behaviours * 2).mean_logprob
+        logprob = behaviour.mean_logprob[: 2 * n]  # after the trigger, then after the control trigger
 
         def ids(*conditions: str) -> list[str]:
             return [f"{item}#{condition}" for condition in conditions for item in self.ids]

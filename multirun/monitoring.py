@@ -305,41 +305,55 @@ class LiveModel:
     def _score_continuation_batch(
         self, batch: list[tuple[np.ndarray, list[np.ndarray]]]
     ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-        # Pass 1: the contexts, left-padded so that each ends at the last column, whose
-        # logits predict every continuation's first token.
-        contexts = [c for c, _ in batch]
+        out, mask, _ = self._context_pass([c for c, _ in batch])
+        owner = [i for i, (_, ts) in enumerate(batch) for _ in ts]
+        scored = self._continuation_scores(out, mask, owner, [t for _, ts in batch for t in ts])
+        bounds = np.cumsum([0] + [len(ts) for _, ts in batch])
+        return [scored[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _context_pass(self, contexts: list[np.ndarray]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Contexts through the model on a fresh key/value cache: (output, mask, positions).
+
+        Left-padded, so that each context ends at the last column, whose logits (the only
+        ones computed) predict the token after every context.
+        """
         ids, mask = padded(contexts, self.pad_token_id, left=True)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        out = self._cached_forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), self._new_cache(), last_column_only=True)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        # Pass 2: every continuation (right-padded) on its own context's cache rows.
-        owner = torch.tensor([i for i, (_, ts) in enumerate(batch) for _ in ts], device=self.device)
-        targets = [t for _, ts in batch for t in ts]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self._cached_forward(ids, mask, positions, self._new_cache(), last_column_only=True), mask, positions
+
+    def _continuation_scores(
+        self, context_out: Any, context_mask: torch.Tensor, owner: Sequence[int], targets: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(token log-probs, greedy matches) of ``targets[k]`` after context ``owner[k]`` of a
+        :meth:`_context_pass`, in one pass on copies of the contexts' cache rows (the
+        context's own cache is left as it was, for decoding to go on from)."""
+        first = torch.log_softmax(context_out.logits[:, -1].float(), dim=-1)
+        rows = torch.tensor(list(owner), device=self.device)
         cont_ids, cont_mask = padded(targets, self.pad_token_id)
         cont_ids, cont_mask = cont_ids.to(self.device), cont_mask.to(self.device)
-        lengths = mask.sum(-1)[owner]
+        lengths = context_mask.sum(-1)[rows]
         # Padding columns can run past the last position; they are masked, any valid id will do.
         positions = (lengths[:, None] + torch.arange(cont_ids.shape[1], device=self.device)).clamp(max=self.max_length - 1)
         out = self._cached_forward(
-            cont_ids, torch.cat([mask[owner], cont_mask], dim=1), positions, _select_rows(out.past_key_values, owner)
+            cont_ids, torch.cat([context_mask[rows], cont_mask], dim=1), positions,
+            _select_rows(context_out.past_key_values, rows),
         )
-        # The prediction of a target's token j > 0 is at its column j - 1; token 0's is pass 1's.
+        # The prediction of a target's token j > 0 is at its column j - 1; token 0's is the context pass's.
         n_targets = np.array([t.size for t in targets])
         row = torch.from_numpy(np.repeat(np.arange(len(targets)), n_targets - 1)).to(self.device)
         column = torch.from_numpy(np.concatenate([np.arange(n - 1) for n in n_targets])).to(self.device)
-        logprobs = torch.cat([first[owner], torch.log_softmax(out.logits[row, column].float(), dim=-1)])
+        logprobs = torch.cat([first[rows], torch.log_softmax(out.logits[row, column].float(), dim=-1)])
         token = torch.cat([cont_ids[:, 0], cont_ids[row, column + 1]])
         token_logprobs = logprobs.gather(1, token[:, None]).squeeze(1).cpu().numpy().astype(np.float64)
         greedy = (logprobs.argmax(-1) == token).cpu().numpy()
         # Back to target order: first tokens come first, then the later tokens row by row.
         starts = np.concatenate([[0], np.cumsum(n_targets - 1)[:-1]]) + len(targets)
-        scored = [
+        return [
             (np.concatenate([token_logprobs[i : i + 1], token_logprobs[s : s + n - 1]]),
              np.concatenate([greedy[i : i + 1], greedy[s : s + n - 1]]))
             for i, (s, n) in enumerate(zip(starts, n_targets))
         ]
-        bounds = np.cumsum([0] + [len(ts) for _, ts in batch])
-        return [scored[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _new_cache(self) -> Any:
         # Hugging Face models take (and then return) a Cache object; a legacy tuple is deprecated.
@@ -372,27 +386,70 @@ class LiveModel:
         keep = self.max_length - max_new_tokens
         if keep < 1:
             raise ValueError(f"cannot generate {max_new_tokens} tokens with max_length {self.max_length}")
-        generate = self._generate_cached if self._takes_kv_cache else self._generate_recompute
-        with self.evaluating():
-            return self.map_sharded(
-                lambda batch: generate([p[-keep:] for p in batch], max_new_tokens), requests, length=lambda p: min(p.size, keep)
-            )
 
-    def _generate_cached(self, prompts: list[np.ndarray], max_new_tokens: int) -> list[np.ndarray]:
-        ids, mask = padded(prompts, self.pad_token_id, left=True)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        def generate(batch: list[np.ndarray]) -> list[np.ndarray]:
+            cut = [p[-keep:] for p in batch]
+            if self._takes_kv_cache:
+                return self._generate_cached(cut, max_new_tokens)[0]
+            return self._generate_recompute(cut, max_new_tokens)
+
+        with self.evaluating():
+            return self.map_sharded(generate, requests, length=lambda p: min(p.size, keep))
+
+    def generate_and_score(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, targets: Sequence[Sequence[int]]
+    ) -> tuple[list[np.ndarray], TargetScores]:
+        """Greedy continuations of each prompt, and teacher-forced scores of ``targets[i]``
+        after ``prompts[i]``: :meth:`greedy_generate` and :meth:`score_targets` in one.
+
+        A model with a key/value cache runs each prompt once for both: the targets are
+        scored on copies of the prompts' cache rows, and decoding goes on from the cache
+        itself. A prompt is cut from the left so that it fits with both its target and the
+        new tokens.
+
+        Example (a backdoor: does the trigger make the model say the target?)::
+
+            generated, target = live.generate_and_score([prompt + trigger], 6, [target_tokens])
+            generated[0], target.mean_logprob[0]
+        """
+        if len(prompts) != len(targets):
+            raise ValueError("prompts and targets differ in length")
+        requests = []
+        for prompt, target in zip(prompts, targets):
+            p, t = np.asarray(prompt, dtype=np.int64), np.asarray(target, dtype=np.int64)
+            self._check_request(p, [t])
+            keep = self.max_length - max(max_new_tokens, t.size)
+            if keep < 1:
+                raise ValueError(f"cannot generate {max_new_tokens} tokens with max_length {self.max_length}")
+            requests.append((p[-keep:], t))
+        if not self._takes_kv_cache:
+            generated = self.greedy_generate([p for p, _ in requests], max_new_tokens)
+            return generated, self.score_targets([p for p, _ in requests], [t for _, t in requests])
+
+        def run_batch(batch: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+            generated, scored = self._generate_cached([p for p, _ in batch], max_new_tokens, [t for _, t in batch])
+            assert scored is not None
+            return list(zip(generated, scored))
+
+        with self.evaluating():
+            results = self.map_sharded(run_batch, requests, length=lambda r: r[0].size)
+        return [generated for generated, _ in results], _target_scores([scored for _, scored in results])
+
+    def _generate_cached(
+        self, prompts: list[np.ndarray], max_new_tokens: int, targets: list[np.ndarray] | None = None
+    ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]] | None]:
+        """Greedy decoding from a key/value cache; with ``targets``, also their scores after each prompt."""
+        out, mask, positions = self._context_pass(prompts)
+        scored = None if targets is None else self._continuation_scores(out, mask, range(len(prompts)), targets)
         generated = []
-        past = self._new_cache()
-        for _ in range(max_new_tokens):
-            out = self._cached_forward(ids, mask, positions, past, last_column_only=True)
-            past = out.past_key_values
+        for step in range(max_new_tokens):
             next_tokens = out.logits[:, -1].float().argmax(-1)
             generated.append(next_tokens)
-            ids = next_tokens[:, None]
-            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-            positions = positions[:, -1:] + 1
-        return list(torch.stack(generated, dim=1).cpu().numpy().astype(np.int64))
+            if step + 1 < max_new_tokens:  # the last token needs no pass of its own
+                mask = torch.cat([mask, torch.ones_like(next_tokens[:, None])], dim=1)
+                positions = positions[:, -1:] + 1
+                out = self._cached_forward(next_tokens[:, None], mask, positions, out.past_key_values, last_column_only=True)
+        return list(torch.stack(generated, dim=1).cpu().numpy().astype(np.int64)), scored
 
     def _generate_recompute(self, prompts: list[np.ndarray], max_new_tokens: int) -> list[np.ndarray]:
         sequences = [p.tolist() for p in prompts]

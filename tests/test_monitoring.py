@@ -213,3 +213,39 @@ def test_continuations_on_a_shared_context_score_as_whole_rows(model: torch.nn.M
     assert shared.greedy_match.tolist() == whole.greedy_match.tolist()
     assert shared.n_tokens.tolist() == [len(t) for ts in continuations for t in ts]
     assert model.training
+
+
+class _WithoutCache(torch.nn.Module):
+    """The same model behind a forward that takes no key/value cache (as many custom models)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_generation_and_target_scores_from_one_prompt_pass(model: torch.nn.Module, batch_size: int) -> None:
+    # Prompts of different lengths (left-padded together), targets of 1 to 7 tokens, and a
+    # prompt that must be cut to fit its target; the backdoor monitor's pattern.
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 256, n).tolist() for n in (4, 11, 1, 30, 6)]
+    targets = [rng.integers(0, 256, n).tolist() for n in (3, 1, 7, 5, 2)]
+    live = LiveModel(model, pad_token_id=257, max_length=32, batch_size=batch_size)
+    generated, scores = live.generate_and_score(prompts, 4, targets)
+    batches = -(-len(prompts) // batch_size)
+    assert live.forward_passes == batches * (4 + 1)  # the prompt pass, the targets' pass, 3 decoding passes
+    cut = [p[-(32 - max(4, len(t))):] for p, t in zip(prompts, targets)]
+    assert [g.tolist() for g in generated] == [g.tolist() for g in live.greedy_generate(cut, 4)]
+    whole = live.score_targets(cut, targets)
+    for a, b in zip(scores.token_logprobs, whole.token_logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert scores.greedy_match.tolist() == whole.greedy_match.tolist()
+    # A model without a key/value cache gets the same from separate generation and scoring.
+    plain = LiveModel(_WithoutCache(model), pad_token_id=257, max_length=32, batch_size=batch_size)
+    plain_generated, plain_scores = plain.generate_and_score(prompts, 4, targets)
+    assert [g.tolist() for g in plain_generated] == [g.tolist() for g in generated]
+    np.testing.assert_allclose(plain_scores.logprob_sum, scores.logprob_sum, atol=1e-4)
+    assert model.training
