@@ -55,6 +55,7 @@ from typing import Any, Literal, Sequence, get_args
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import special as _sp
 from scipy import stats as _st
 
 Alternative = Literal["greater", "less", "two-sided"]
@@ -64,12 +65,6 @@ _ALTERNATIVES: tuple[str, ...] = get_args(Alternative)
 # float64): scipy otherwise materialises n_resamples x n values at once, which is
 # gigabytes for arms of tens of thousands of items.
 _MAX_BATCH_ELEMENTS = 1 << 22
-
-# BCa needs a jackknife, which scipy computes generically in O(n^2) (3 s for two
-# arms of 20,000 items). Above this many observations use the percentile
-# interval: BCa's skewness and bias corrections shrink like 1/sqrt(n), so there
-# the two intervals agree to within Monte Carlo error.
-_BCA_MAX_N = 4000
 
 # scipy >= 1.15 takes ``rng``; older releases (pyproject allows >= 1.11) only
 # ``random_state``.
@@ -277,35 +272,77 @@ def _random_splits(n: int, n_treated: int, n_resamples: int, seed: int) -> tuple
     return splits
 
 
-def _bootstrap_ci(data: tuple[np.ndarray, ...], statistic: Any, point: float, *,
-                  n_resamples: int, ci_level: float, seed: int) -> tuple[float, float, str]:
-    """Two-sided bootstrap interval, resampling each sample separately.
+def _bootstrap_ci(data: tuple[np.ndarray, ...], *, n_resamples: int, ci_level: float,
+                  seed: int) -> tuple[float, float, str]:
+    """Two-sided bootstrap interval of ``mean(data[0]) - mean(data[1])`` (of
+    ``mean(data[0])`` for one sample), each sample resampled separately.
 
-    BCa first (better coverage than percentile for skewed scores in small
-    samples); percentile when BCa is degenerate (e.g. almost-constant data, where
-    its acceleration is 0/0) or the samples hold more than ``_BCA_MAX_N``
-    observations together (see there); a point when every sample is constant; NaN when a sample has fewer than
-    two observations (scipy cannot resample it, and it carries no spread).
+    BCa (better coverage than percentile for skewed scores in small samples);
+    percentile when BCa is degenerate (its bias or acceleration is not finite); a
+    point when every sample is constant; NaN when a sample has fewer than two
+    observations (it carries no spread).
+
+    The interval is what ``scipy.stats.bootstrap`` gives for these statistics from the
+    same draws (the tests compare the two), computed directly: it runs for every
+    metric at every monitor evaluation, on every rank, between training steps, where
+    scipy's generic path (validation, and a jackknife that recomputes the statistic
+    once per observation) took most of an evaluation's statistics time. A mean's
+    leave-one-out values are closed-form, so BCa costs O(n) at any arm size.
     """
     if any(x.size < 2 for x in data):
         return math.nan, math.nan, "none (fewer than 2 observations in an arm)"
     if all(_is_constant(x) for x in data):
+        point = _contrast([np.mean(x) for x in data])
         return point, point, "degenerate (constant data)"
-    n_values = sum(x.size for x in data)
-    methods = ("BCa", "percentile") if n_values <= _BCA_MAX_N else ("percentile",)
-    for method in methods:
-        with warnings.catch_warnings():
-            # Degenerate resamples are detected below from the NaN result.
-            warnings.simplefilter("ignore")
-            res = _st.bootstrap(
-                data, statistic, n_resamples=n_resamples, batch=_batch(n_values, n_resamples),
-                vectorized=True, paired=False, confidence_level=ci_level, method=method,
-                **{_RNG_KW: _rng(seed, 1)},
-            )
-        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        if math.isfinite(low) and math.isfinite(high):
-            return low, high, f"bootstrap {method}"
+    distribution = _contrast(_resampled_means(data, n_resamples, seed))
+    alpha = (1 - ci_level) / 2
+    for method, levels in (("BCa", _bca_levels(data, distribution, alpha)), ("percentile", (alpha, 1 - alpha))):
+        if all(0.0 <= level <= 1.0 for level in levels):  # False for NaN
+            low, high = (float(v) for v in np.quantile(distribution, levels))
+            if math.isfinite(low) and math.isfinite(high):
+                return low, high, f"bootstrap {method}"
     return math.nan, math.nan, "none (bootstrap degenerate)"
+
+
+def _contrast(means: Sequence[Any]) -> Any:
+    """The statistic: the first sample's mean, minus the second's when there are two."""
+    return means[0] - means[1] if len(means) == 2 else means[0]
+
+
+def _resampled_means(data: tuple[np.ndarray, ...], n_resamples: int, seed: int) -> list[np.ndarray]:
+    """Each sample's mean in ``n_resamples`` bootstrap resamples, drawn in scipy's order
+    (per batch, one ``(batch, n)`` block of indices per sample) from the bootstrap stream."""
+    rng = _rng(seed, 1)
+    batch = _batch(sum(x.size for x in data), n_resamples)
+    means: list[list[np.ndarray]] = [[] for _ in data]
+    for start in range(0, n_resamples, batch):
+        rows = min(batch, n_resamples - start)
+        for x, out in zip(data, means):
+            out.append(x[rng.integers(0, x.size, (rows, x.size))].mean(axis=-1))
+    return [np.concatenate(m) for m in means]
+
+
+def _bca_levels(data: tuple[np.ndarray, ...], distribution: np.ndarray, alpha: float) -> tuple[float, float]:
+    """The quantile levels of a BCa interval of nominal level ``1 - 2 alpha`` (Efron &
+    Tibshirani 1993, 14.3 and 15.4, as scipy computes them): bias from where the
+    estimate falls in the bootstrap distribution, acceleration from the jackknife,
+    each sample left out one observation at a time while the others stay whole."""
+    estimate = _contrast([np.mean(x) for x in data])
+    below = np.count_nonzero(distribution < estimate) + np.count_nonzero(distribution <= estimate)
+    bias = float(_sp.ndtri(below / (2 * distribution.size)))
+    cubes = squares = 0.0
+    for sign, x in zip((1.0, -1.0), data):
+        leave_one_out = (x.sum() - x) / (x.size - 1)
+        # Jackknife influence of each observation; the other samples' means cancel out.
+        influence = (x.size - 1) * sign * (leave_one_out.mean() - leave_one_out)
+        cubes += float(np.sum(influence**3)) / x.size**3
+        squares += float(np.sum(influence**2)) / x.size**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        acceleration = float(np.float64(cubes) / 6 / np.float64(squares) ** 1.5)
+        z = float(_sp.ndtri(alpha))
+        return tuple(  # type: ignore[return-value]
+            float(_sp.ndtr(bias + (bias + edge) / (1 - acceleration * (bias + edge)))) for edge in (z, -z)
+        )
 
 
 def _nan_result(metric: str, test: str, alternative: str, ci_level: float, *,
@@ -343,8 +380,7 @@ def compare_means(treated: ArrayLike, control: ArrayLike, *, metric: str,
       here (scipy needs two per arm). Two-sided p is ``2 * min`` of the
       one-sided ones, capped at 1 (scipy's convention).
     * CI: bootstrap of the difference of means, each arm resampled separately,
-      BCa (percentile if BCa is degenerate or the arms hold more than 4000
-      items together), ``ci_resamples`` resamples.
+      BCa (percentile if BCa is degenerate), ``ci_resamples`` resamples.
 
     Args:
         treated, control: per-item scores; NaN = no score (dropped).
@@ -396,8 +432,7 @@ def compare_means(treated: ArrayLike, control: ArrayLike, *, metric: str,
         p_value = _p_from_null(null, effect, alternative)
         exact = True
 
-    low, high, ci_method = _bootstrap_ci((t, c), _diff_of_means, effect,
-                                         n_resamples=ci_resamples, ci_level=ci_level, seed=seed)
+    low, high, ci_method = _bootstrap_ci((t, c), n_resamples=ci_resamples, ci_level=ci_level, seed=seed)
     return EffectResult(
         metric=metric, test=TEST_MEANS, alternative=alternative,
         n_treated=int(t.size), n_control=int(c.size), treated_mean=t_mean, control_mean=c_mean,
@@ -417,8 +452,18 @@ def _count(value: int, name: str) -> int:
 
 
 def _wilson(k: int, n: int, ci_level: float) -> tuple[float, float]:
-    ci = _st.binomtest(k, n).proportion_ci(confidence_level=ci_level, method="wilson")
-    return float(ci.low), float(ci.high)
+    """Two-sided Wilson score interval of k successes in n (Newcombe 1998, method 3).
+
+    ``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")``'s formula, written
+    out: binomtest first computes an exact p-value that the interval does not use,
+    which made it most of a rate comparison's cost at every monitor evaluation.
+    """
+    z = float(_sp.ndtri(0.5 + 0.5 * ci_level))
+    p = k / n
+    denominator = 2 * (n + z**2)
+    center = (2 * n * p + z**2) / denominator
+    delta = z / denominator * math.sqrt(4 * n * p * (1 - p) + z**2)
+    return (0.0 if k == 0 else center - delta), (1.0 if k == n else center + delta)
 
 
 def compare_rates(treated_successes: int, treated_n: int, control_successes: int,
@@ -554,7 +599,7 @@ def paired_difference(a: ArrayLike, b: ArrayLike, *, metric: str,
       (:func:`scipy.stats.permutation_test`, ``permutation_type="samples"``),
       exact over all ``2^n`` flips when that is at most ``n_resamples``.
     * CI: paired bootstrap (pairs resampled together) of the mean difference,
-      BCa, percentile if BCa is degenerate or there are more than 4000 pairs.
+      BCa, percentile if BCa is degenerate.
 
     Example:
         >>> r = paired_difference([3.0, 4, 5], [1.0, 1, 1], metric="qa", alternative="greater")
@@ -590,8 +635,7 @@ def paired_difference(a: ArrayLike, b: ArrayLike, *, metric: str,
         # One pair: its two sign flips, enumerated (scipy needs two pairs).
         p_value = _p_from_null(np.array([effect, -effect]), effect, alternative)
         exact = True
-    low, high, ci_method = _bootstrap_ci((d,), _mean_stat, effect,
-                                         n_resamples=n_resamples, ci_level=ci_level, seed=seed)
+    low, high, ci_method = _bootstrap_ci((d,), n_resamples=n_resamples, ci_level=ci_level, seed=seed)
     if ci_method.startswith("bootstrap"):
         ci_method = ci_method.replace("bootstrap", "paired bootstrap")
     return EffectResult(

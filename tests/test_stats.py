@@ -183,6 +183,10 @@ def test_compare_means_constant_data():
     shifted = compare_means([2.0] * 3, [1.0] * 3, metric="m")
     assert (shifted.ci_low, shifted.effect, shifted.ci_high) == (1.0, 1.0, 1.0)
     assert shifted.p_value == pytest.approx(1 / math.comb(6, 3))
+    # Constant but for one ulp: the jackknife sees no spread, BCa's acceleration is 0/0,
+    # and the interval falls back to the percentile one.
+    almost = compare_means([1.0] * 9 + [1.0 + 2**-52], [0.0] * 3, metric="m")
+    assert almost.ci_method == "bootstrap percentile" and almost.ci_low == almost.ci_high == 1.0
 
 
 def test_compare_means_empty_and_nan(recwarn):
@@ -210,10 +214,28 @@ def test_compare_means_rejects_bad_arguments():
         compare_means([1.0, 2.0], [0.0, 1.0], metric="m", n_resamples=0)
 
 
-def test_compare_means_large_arms_use_percentile():
+@pytest.mark.parametrize("sizes", [(2, 3), (7, 19), (40, 40), (3000, 2500), (25,)])
+def test_bootstrap_interval_is_scipys_from_the_same_draws(sizes):
+    # The interval is computed directly (closed-form jackknife), not by scipy.stats.bootstrap;
+    # from the same seeded draws both must give the same BCa interval, one sample or two,
+    # small or large (above a few thousand items scipy's generic jackknife is slow).
+    rng = np.random.default_rng(sum(sizes))
+    data = tuple(rng.lognormal(0, 1, n) for n in sizes)  # skewed: BCa's corrections matter
+    resamples = 999
+    low, high, method = stats._bootstrap_ci(data, n_resamples=resamples, ci_level=0.9, seed=6)
+    statistic = stats._diff_of_means if len(data) == 2 else stats._mean_stat
+    reference = st.bootstrap(
+        data, statistic, n_resamples=resamples, batch=stats._batch(sum(sizes), resamples), vectorized=True,
+        paired=False, confidence_level=0.9, method="BCa", **{stats._RNG_KW: stats._rng(6, 1)},
+    ).confidence_interval
+    assert method == "bootstrap BCa"
+    assert (low, high) == pytest.approx((reference.low, reference.high), rel=1e-9)
+
+
+def test_compare_means_large_arms_are_quick_and_bca():
     rng = np.random.default_rng(0)
-    r = compare_means(rng.normal(0.1, 1, 3000), rng.normal(0, 1, 3000), metric="m", n_resamples=300)
-    assert r.ci_method == "bootstrap percentile" and r.exact is False
+    r = compare_means(rng.normal(0.1, 1, 30000), rng.normal(0, 1, 30000), metric="m", n_resamples=300)
+    assert r.ci_method == "bootstrap BCa" and r.exact is False
     assert r.ci_low < r.effect < r.ci_high
 
 
@@ -247,6 +269,14 @@ def test_compare_rates_p_equals_scipy_fisher(alternative):
 def test_compare_rates_ci_matches_newcombe_table(counts, ci):
     r = compare_rates(*counts, metric="rate")
     assert (round(r.ci_low, 4), round(r.ci_high, 4)) == ci
+
+
+def test_wilson_interval_is_scipys():
+    for n in (1, 2, 7, 40, 1000):
+        for k in sorted({0, 1, n // 3, n - 1, n}):
+            for level in (0.9, 0.95, 0.99):
+                reference = st.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+                assert stats._wilson(k, n, level) == pytest.approx((reference.low, reference.high), rel=1e-12, abs=1e-15)
 
 
 def test_compare_rates_ci_coverage():
