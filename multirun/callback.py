@@ -377,12 +377,13 @@ class MultirunCallback(Callback):
             unwrap_model(state.model), step=step, when=when, experiments=experiments, heldout=heldout,
             precision_context=lambda: get_precision_context(state.precision),
         )
-        if logger is not None:
-            self.monitors.log(logger, records)
-        if self.control is not None:
-            self.control.decide(step=step, records=records, evaluated=self.monitors.last_evaluated, logger=logger)
-            if self.interaction_after == "acquired" and self.control.all_acquired():
-                self._record_interaction_trigger(state, "all_acquired")
+        with self.monitors.follow_up("logging and control"):
+            if logger is not None:
+                self.monitors.log(logger, records)
+            if self.control is not None:
+                self.control.decide(step=step, records=records, evaluated=self.monitors.last_evaluated, logger=logger)
+        if self.control is not None and self.interaction_after == "acquired" and self.control.all_acquired():
+            self._record_interaction_trigger(state, "all_acquired")
 
     def _record_interaction_trigger(self, state: State, trigger: str) -> None:
         """Checkpoint now and record it as the interaction tests' starting point (once)."""

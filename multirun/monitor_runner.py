@@ -126,7 +126,7 @@ class MonitorRunner:
         self.evaluation_seconds: list[tuple[int, int, float]] = []  # (step, experiments scored, seconds)
         self.last_records: list[dict[str, Any]] = []
         self.last_evaluated: list[str] = []
-        self.seconds_by_part: dict[str, float] = {}  # experiment names, "heldout_loss", "statistics"
+        self.seconds_by_part: dict[str, float] = {}  # experiment names, "heldout_loss", "statistics", follow-ups
 
     @property
     def seconds(self) -> float:
@@ -219,11 +219,25 @@ class MonitorRunner:
         adjusted = holm_adjust([EffectResult.from_dict(_effect_fields(records[i])) for i in primary])
         for i, result in zip(primary, adjusted):
             records[i]["p_holm"] = result.p_holm
-        self.evaluation_seconds.append((step, len(entries), time.perf_counter() - started))
         self.last_records = records
         if dist.get_global_rank() == 0:
             self._append(records)
+        self.evaluation_seconds.append((step, len(entries), time.perf_counter() - started))
         return records
+
+    @contextlib.contextmanager
+    def follow_up(self, part: str) -> Iterator[None]:
+        """Time work that acts on the last evaluation's records (logging them, controller
+        decisions) as part of that evaluation's cost, under ``part``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - started
+            self.seconds_by_part[part] = self.seconds_by_part.get(part, 0.0) + seconds
+            if self.evaluation_seconds:
+                step, scored, total = self.evaluation_seconds[-1]
+                self.evaluation_seconds[-1] = (step, scored, total + seconds)
 
     @contextlib.contextmanager
     def _timed(self, part: str) -> Iterator[None]:
