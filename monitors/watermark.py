@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from multirun.errors import ConfigError
-from multirun.monitoring import LiveModel, MetricScores, forward_parameters, padded
+from multirun.monitoring import LiveModel, MetricScores, forward_parameters, padded, right_padding_mask
 from multirun.stats import exposures
 from multirun.noise import item_noise
 from multirun.types import EmbeddingNoise, PreparedExperiment
@@ -105,7 +105,7 @@ def gaussian_statistics(
         with torch.enable_grad():
             # No key/value cache: under grad it would hold every layer's keys and values for nothing.
             kwargs = {"use_cache": False} if "use_cache" in forward_parameters(module) else {}
-            out = module(input_ids=ids, attention_mask=mask, **kwargs)
+            out = module(input_ids=ids, attention_mask=right_padding_mask(ids), **kwargs)
             logits = (out if isinstance(out, torch.Tensor) else out.logits).float()
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
             token_lp = logprobs.gather(2, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]

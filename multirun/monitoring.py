@@ -113,8 +113,9 @@ class LiveModel:
 
     Args:
         module: the unwrapped causal LM (``module(input_ids=..., attention_mask=...)``
-            returns logits or an object with ``.logits``).
-        pad_token_id: padding for batches (masked out).
+            returns logits or an object with ``.logits``). Causal: no position's output
+            depends on a later position, so padding after a row's tokens needs no mask.
+        pad_token_id: padding for batches (masked out where it comes first).
         max_length: longest sequence the model accepts (contexts are cut from the left).
         batch_size: probes per forward pass on each rank.
     """
@@ -285,14 +286,14 @@ class LiveModel:
     def _score_batch(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
         rows = [np.concatenate([context[-(self.max_length - target.size):], target]) for context, target in batch]
         n_targets = np.array([target.size for _, target in batch])
-        ids, mask = padded(rows, self.pad_token_id)
+        ids, _ = padded(rows, self.pad_token_id)
         # Only the positions that predict a target token go through log-softmax and
         # leave the device: the full (rows, width, vocab) tensor is gigabytes for a
         # real vocabulary, and contexts are most of the tokens.
         ends = np.array([r.size for r in rows])
         row_index = np.repeat(np.arange(len(rows)), n_targets)
         position = np.concatenate([np.arange(end - n - 1, end - 1) for end, n in zip(ends, n_targets)])
-        logits = self.logits(ids, mask, positions=(torch.from_numpy(row_index), torch.from_numpy(position)))
+        logits = self.logits(ids, right_padding_mask(ids), positions=(torch.from_numpy(row_index), torch.from_numpy(position)))
         target = ids[row_index, position + 1].to(logits.device)
         token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
         greedy = logits.argmax(-1) == target
@@ -455,8 +456,8 @@ class LiveModel:
         sequences = [p.tolist() for p in prompts]
         generated: list[list[int]] = [[] for _ in prompts]
         for _ in range(max_new_tokens):
-            ids, mask = padded([np.asarray(s, dtype=np.int64) for s in sequences], self.pad_token_id)
-            logits = self.logits(ids, mask)
+            ids, _ = padded([np.asarray(s, dtype=np.int64) for s in sequences], self.pad_token_id)
+            logits = self.logits(ids, right_padding_mask(ids))
             last = torch.tensor([len(s) - 1 for s in sequences], device=logits.device)
             next_tokens = logits[torch.arange(len(sequences), device=logits.device), last].argmax(-1).tolist()
             for i, token in enumerate(next_tokens):
@@ -496,6 +497,18 @@ def padded(rows: Sequence[np.ndarray], pad_token_id: int, *, left: bool = False)
         ids[i, start : start + r.size] = torch.from_numpy(r)
         mask[i, start : start + r.size] = 1
     return ids, mask
+
+
+def right_padding_mask(ids: torch.Tensor) -> torch.Tensor:
+    """The attention mask for a right-padded batch of a causal model: all ones.
+
+    Right padding comes after every real token of its row, and a causal model's real
+    positions never attend to later ones, so masking the padding changes no real
+    position's output. Without padding in
+    the mask, attention takes its causal fast path (FlashAttention on GPUs) instead of
+    building and applying a (rows, width, width) mask.
+    """
+    return torch.ones_like(ids)
 
 
 def _select_rows(cache: Any, rows: torch.Tensor) -> Any:

@@ -14,7 +14,7 @@ from multirun.errors import ConfigError
 from multirun.experiment import build_experiments
 from multirun.model import build_gpt2
 from multirun.monitor_runner import MonitorRunner, build_monitors, effects_of, read_metrics
-from multirun.monitoring import LiveModel, MetricScores, supports_kv_cache, unwrap_model
+from multirun.monitoring import LiveModel, MetricScores, padded, right_padding_mask, supports_kv_cache, unwrap_model
 from multirun.registry import monitors
 from multirun.runplan import build_run_plan
 from multirun.tokenizers import ByteTokenizer
@@ -56,6 +56,22 @@ def test_score_targets_equals_a_forward_pass_by_hand(model: torch.nn.Module) -> 
         assert bool(scores.greedy_match[i]) == match
         assert scores.n_tokens[i] == len(t)
     assert model.training  # train mode restored
+
+
+def test_right_padding_needs_no_mask_in_a_causal_model(model: torch.nn.Module) -> None:
+    # Teacher forcing pads on the right and passes no padding mask (attention's causal
+    # fast path): every real position's logits equal those under the explicit mask.
+    rng = np.random.default_rng(2)
+    rows = [rng.integers(0, 256, n) for n in (3, 17, 9, 30)]
+    ids, mask = padded(rows, pad_token_id=257)
+    model.eval()
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=mask).logits
+        unmasked = model(input_ids=ids, attention_mask=right_padding_mask(ids)).logits
+    model.train()
+    real = mask.bool()
+    torch.testing.assert_close(unmasked[real], masked[real], rtol=0, atol=1e-6)
+    assert not torch.allclose(unmasked[~real], masked[~real])  # only padding positions differ
 
 
 def test_greedy_match_is_true_for_the_models_own_greedy_continuation(model: torch.nn.Module) -> None:
