@@ -527,8 +527,27 @@ def _empty_cache() -> Any:
     return DynamicCache()
 
 
+# Wrappers whose forward(*args, **kwargs) hands every argument to the module they hold:
+# FSDP (v1; Composer wraps the model it trains with FSDP this way), activation
+# checkpointing and torch.compile. What the model takes is the held module's signature.
+_WRAPPED_MODULE_ATTRIBUTES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
 def forward_parameters(module: torch.nn.Module) -> frozenset[str]:
-    """Names ``module.forward`` takes (empty when its signature cannot be read)."""
+    """Names ``module.forward`` takes (empty when its signature cannot be read), seen
+    through wrappers that pass their arguments on (FSDP, activation checkpointing,
+    ``torch.compile``).
+
+    Example:
+        >>> from multirun.model import build_gpt2
+        >>> model = build_gpt2(vocab_size=258, sequence_length=32, n_layer=1, n_head=2, n_embd=16, eos_token_id=256).model
+        >>> {"logits_to_keep", "past_key_values"} <= forward_parameters(torch.compile(model))
+        True
+    """
+    for attribute in _WRAPPED_MODULE_ATTRIBUTES:
+        inner = getattr(module, attribute, None)
+        if isinstance(inner, torch.nn.Module):
+            return forward_parameters(inner)
     try:
         return frozenset(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
