@@ -20,7 +20,9 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from multirun.model import build_gpt2
+from monitors.watermark import gaussian_statistics
 from multirun.monitoring import LiveModel, forward_parameters, unwrap_model
+from multirun.types import EmbeddingNoise
 from tests.support import REPO
 
 
@@ -55,7 +57,18 @@ def score_all(live: LiveModel) -> dict[str, Any]:
     targets = live.score_targets(PROBES.contexts, PROBES.targets)
     choices = live.score_continuations(PROBES.contexts, PROBES.choices)
     generated, behaviour = live.generate_and_score(PROBES.contexts, 3, PROBES.targets)
+    # The Gaussian watermark statistic: a gradient w.r.t. the input embeddings, under grad.
+    noise = EmbeddingNoise(sigma=0.1, seed=3)
+    with live.evaluating():
+        watermark = live.map_sharded(
+            lambda batch: gaussian_statistics(
+                live.module, [np.asarray(row) for _, row in batch], [item for item, _ in batch], noise,
+                pad_token_id=PROBES.pad_token_id,
+            ),
+            [(item, c + t) for item, (c, t) in enumerate(zip(PROBES.contexts, PROBES.targets))],
+        )
     return {
+        "watermark_statistic": [w.statistic for w in watermark],
         "target_logprob": targets.logprob_sum.tolist(),
         "target_greedy": targets.greedy_match.tolist(),
         "choice_logprob": choices.logprob_sum.tolist(),
@@ -96,7 +109,7 @@ def test_fsdp_wrapped_model_scores_what_the_bare_model_scores(tmp_path: Path) ->
 
     bare = LiveModel(probe_model(), pad_token_id=PROBES.pad_token_id, max_length=PROBES.max_length, batch_size=PROBES.batch_size)
     expected = score_all(bare)
-    for key in ("target_logprob", "choice_logprob", "behaviour_logprob"):
+    for key in ("target_logprob", "choice_logprob", "behaviour_logprob", "watermark_statistic"):
         np.testing.assert_allclose(sharded["scores"][key], expected[key], atol=1e-5, err_msg=key)
     assert sharded["scores"]["target_greedy"] == expected["target_greedy"]
     assert sharded["scores"]["generated"] == expected["generated"]

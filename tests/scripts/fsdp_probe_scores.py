@@ -34,6 +34,7 @@ def main(out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump({"scores": scores, "forward_passes": live.forward_passes, "widths": widths, "projected": projected,
                        "world_size": td.get_world_size()}, f)
+    td.barrier()  # both ranks done with gloo before either tears it down
     td.destroy_process_group()
 
 
