@@ -10,8 +10,9 @@ Events (see ARCHITECTURE.md, "Data flow"):
   about to be written, so a checkpoint never covers steps the ledger lacks.
 - ``FIT_END``: flush, then rank 0 writes ``summary.json``.
 
-Example (Python):
-    >>> trainer = Trainer(..., callbacks=[MultirunCallback(plan=plan, run_dir="runs/x")])  # doctest: +SKIP
+Example (Python)::
+
+    trainer = Trainer(..., callbacks=[MultirunCallback(plan=plan, run_dir="runs/x")])
 
 Example (llm-foundry YAML, through the ``llmfoundry_callbacks`` entry point)::
 

@@ -33,13 +33,13 @@ checkpoint restores it exactly on every rank.
 Metrics are assumed to grow as the model learns the payload (every registered
 monitor reports ``alternative="greater"``).
 
-Example:
-    >>> ctl = build_controller("track", {"metric": "target_probability", "target": 0.08},
-    ...                        experiment=exp, metrics_available=["target_probability"],
-    ...                        window_steps=100, num_steps=1000)           # doctest: +SKIP
-    >>> decision = ctl.decide(step=100, records=records, experiment=exp, num_steps=1000)  # doctest: +SKIP
-    >>> decision.window, sum(decision.exposures.values())                  # doctest: +SKIP
-    ((100, 200), 2)
+Example::
+
+    ctl = build_controller("track", {"metric": "target_probability", "target": 0.08},
+                           experiment=exp, metrics_available=["target_probability"],
+                           window_steps=100, num_steps=1000)
+    decision = ctl.decide(step=100, records=records, experiment=exp, num_steps=1000)
+    decision.window, sum(decision.exposures.values())   # ((100, 200), 2)
 """
 
 from __future__ import annotations
@@ -212,9 +212,9 @@ def treated_pool(experiment: PreparedExperiment) -> np.ndarray:
     items: a window of ``n`` sequences covers the items evenly instead of spending
     thousands of steps on the first item's paraphrases (a payload lists them by item).
 
-    Example:
-        >>> treated_pool(exp).tolist()      # items a: seqs 0,1,2; b: seqs 3,4  # doctest: +SKIP
-        [0, 3, 1, 4, 2]
+    Example (items a: sequences 0, 1, 2; b: sequences 3, 4)::
+
+        treated_pool(exp).tolist()   # [0, 3, 1, 4, 2]
     """
     treated = np.asarray(experiment.treated, dtype=bool)
     per_item = [seqs for seqs, t in zip(_item_sequences(experiment), treated) if t]
@@ -783,9 +783,10 @@ def build_controller(
     window, ``controller`` when the experiment has nothing to inject); the caller
     prefixes the experiment's key (``experiments[i].``) and the file.
 
-    Example:
-        >>> ctl = build_controller("budget", {"max_tokens": 1000}, experiment=exp,
-        ...                        metrics_available=[], window_steps=10, num_steps=100)  # doctest: +SKIP
+    Example::
+
+        ctl = build_controller("budget", {"max_tokens": 1000}, experiment=exp,
+                               metrics_available=[], window_steps=10, num_steps=100)
     """
     cls = CONTROLLERS.get(name) if isinstance(name, str) else None
     if cls is None:
@@ -834,9 +835,10 @@ def exposures_to_acquisition(
     table (``Ledger.open(run_dir).table``) with ``experiment``, ``item`` and ``step``
     columns, dictionary-encoded or plain.
 
-    Example:
-        >>> exposures_to_acquisition(Ledger.open(run).table, "facts", {"f0": 200, "f1": None})  # doctest: +SKIP
-        {'f0': 3, 'f1': None}
+    Example::
+
+        exposures_to_acquisition(Ledger.open(run).table, "facts", {"f0": 200, "f1": None})
+        # {'f0': 3, 'f1': None}
     """
     items = [k for k, v in acquired_at.items() if v is not None]
     out: dict[str, int | None] = {k: (0 if v is not None else None) for k, v in acquired_at.items()}

@@ -9,12 +9,12 @@ written last, so its presence marks a complete dataset.
 :class:`IdStreamingDataset` adds the global sample index to every sample so that
 the callback knows which stored row each batch row is (ARCHITECTURE invariant 3).
 
-Example:
-    >>> from multirun.tokenizers import ByteTokenizer
-    >>> info = prepare_dataset(["notes/"], "data/mds", ByteTokenizer(), 128)   # doctest: +SKIP
-    >>> loader = build_dataloader(info.path, batch_size=8)                    # doctest: +SKIP
-    >>> next(iter(loader))["sample_id"].shape                                  # doctest: +SKIP
-    torch.Size([8])
+Example::
+
+    from multirun.tokenizers import ByteTokenizer
+    info = prepare_dataset(["notes/"], "data/mds", ByteTokenizer(), 128)
+    loader = build_dataloader(info.path, batch_size=8)
+    next(iter(loader))["sample_id"].shape   # torch.Size([8])
 """
 
 from __future__ import annotations
@@ -183,8 +183,9 @@ def prepare_dataset(
         InputError: a source is missing, unreadable or not UTF-8 (naming the file),
             ``out_dir`` is not empty, or the sources yield less than one row.
 
-    Example:
-        >>> prepare_dataset(["corpus/"], "mds/", ByteTokenizer(), 256, suffixes=[".txt"])  # doctest: +SKIP
+    Example::
+
+        prepare_dataset(["corpus/"], "mds/", ByteTokenizer(), 256, suffixes=[".txt"])
     """
     if sequence_length < 1:
         raise ValueError(f"sequence_length must be positive, got {sequence_length}")

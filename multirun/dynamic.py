@@ -18,11 +18,12 @@ ordered decision log, and :func:`replay` rebuilds them exactly after a resume.
 come, numbers repetitions on from the static spans of the same sequence, counts
 unplaced spans per experiment and serves the dynamic spans of a step.
 
-Example:
-    >>> schedule = DynamicSchedule(plan.experiments, plan.spans, plan.geometry,
-    ...                            max_modified_fraction=0.05, seed=plan.seed)   # doctest: +SKIP
-    >>> spans, unplaced = schedule.apply(decision)                               # doctest: +SKIP
-    >>> step_spans = SpanTable.concat([plan.spans_at(t), schedule.spans_at(t)])  # doctest: +SKIP
+Example::
+
+    schedule = DynamicSchedule(plan.experiments, plan.spans, plan.geometry,
+                               max_modified_fraction=0.05, seed=plan.seed)
+    spans, unplaced = schedule.apply(decision)
+    step_spans = SpanTable.concat([plan.spans_at(t), schedule.spans_at(t)])
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Experiment assembly: config entries -> payload packages -> prepared experiments.
 
-Example:
-    >>> loaded = load_config(None)                                  # doctest: +SKIP
-    >>> geo = BatchGeometry(global_batch_size=16, sequence_length=128, num_steps=300)
-    >>> exps = build_experiments(loaded, tokenizer=ByteTokenizer(), geometry=geo)  # doctest: +SKIP
-    >>> arms_record(exps)["canaries"]["control"][:2]                # doctest: +SKIP
-    ['canary-003', 'canary-007']
+Example::
+
+    loaded = load_config(None)
+    geo = BatchGeometry(global_batch_size=16, sequence_length=128, num_steps=300)
+    exps = build_experiments(loaded, tokenizer=ByteTokenizer(), geometry=geo)
+    arms_record(exps)["canaries"]["control"][:2]   # ['canary-003', 'canary-007']
 """
 
 from __future__ import annotations

@@ -14,10 +14,11 @@ optimizer state), or ``interaction.lr``. Outputs go to ``<run_dir>/interaction/`
 ``matrix.json``, ``matrix.csv``, ``settings.json`` and one folder per arm with its
 ledger, manifest and ``metrics.jsonl``.
 
-Example:
-    >>> result = run_interaction("runs/demo")                      # doctest: +SKIP
-    >>> result.matrix["verdict"]                                    # doctest: +SKIP
-    'no interaction detected among 36 off-diagonal cell(s) at alpha 0.05 (Holm)'
+Example::
+
+    result = run_interaction("runs/demo")
+    result.matrix["verdict"]
+    # 'no interaction detected among 36 off-diagonal cell(s) at alpha 0.05 (Holm)'
 """
 
 from __future__ import annotations

@@ -582,10 +582,11 @@ class Ledger:
     ``table`` is sorted by ``(step, global_row, offset)``; its ``experiment``,
     ``item`` and ``arm`` columns share one dictionary each.
 
-    Example:
-        >>> led = Ledger.open("runs/demo")                      # doctest: +SKIP
-        >>> led.query(experiment="canary", steps=(0, 100))     # doctest: +SKIP
-        >>> led.summary(total_training_tokens=10_000_000)       # doctest: +SKIP
+    Example::
+
+        led = Ledger.open("runs/demo")
+        led.query(experiment="canary", steps=(0, 100))
+        led.summary(total_training_tokens=10_000_000)
     """
 
     def __init__(self, table: pa.Table, experiments: Sequence[str] = ()) -> None:

@@ -4,9 +4,10 @@ A :class:`RunPlan` is everything the callback needs to inject: the geometry, the
 experiments' token sequences, the spans of every step and the token fingerprints
 the ledger records. It is built once, before training, from a validated config.
 
-Example:
-    >>> plan = build_run_plan(loaded, tokenizer=tok, geometry=geo)   # doctest: +SKIP
-    >>> plan.spans_at(0)                                               # doctest: +SKIP
+Example::
+
+    plan = build_run_plan(loaded, tokenizer=tok, geometry=geo)
+    plan.spans_at(0)
 """
 
 from __future__ import annotations

@@ -128,10 +128,10 @@ class HFTokenizer:
         InputError: the path is missing, holds no loadable tokenizer, or the
             tokenizer has no EOS token (key ``tokenizer.path``).
 
-    Example:
-        >>> tok = HFTokenizer("/models/gpt2")          # doctest: +SKIP
-        >>> tok.encode("hello"), tok.eos_token_id      # doctest: +SKIP
-        ([31373], 50256)
+    Example::
+
+        tok = HFTokenizer("/models/gpt2")
+        tok.encode("hello"), tok.eos_token_id   # ([31373], 50256)
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

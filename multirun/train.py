@@ -3,10 +3,11 @@
 Everything that can fail on bad input (config, tokenizer, dataset, payloads,
 placement) runs in :func:`prepare_run`, before the Trainer starts training.
 
-Example:
-    >>> from multirun.config import load_config
-    >>> run = prepare_run(load_config(None))          # the embedded demo   # doctest: +SKIP
-    >>> summary = run.fit()                                                 # doctest: +SKIP
+Example (the embedded demo)::
+
+    from multirun.config import load_config
+    run = prepare_run(load_config(None))
+    summary = run.fit()
 """
 
 from __future__ import annotations

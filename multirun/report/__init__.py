@@ -13,10 +13,10 @@ last evaluation, controller trajectories, interaction matrix, training and held-
 loss (with a baseline run overlaid). Optional inputs that are absent render as
 "not run"; sections without data yet say "no data yet".
 
-Example:
-    >>> paths = build_report("runs/demo", baseline="runs/clean")   # doctest: +SKIP
-    >>> paths.html                                                  # doctest: +SKIP
-    PosixPath('runs/demo/report/report.html')
+Example::
+
+    paths = build_report("runs/demo", baseline="runs/clean")
+    paths.html   # PosixPath('runs/demo/report/report.html')
 """
 
 from __future__ import annotations

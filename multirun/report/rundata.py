@@ -6,10 +6,10 @@ file but ``manifest.json``/``resolved_config.yaml`` may be missing: a run killed
 early has no ``summary.json``, no ``training.jsonl`` before its first checkpoint,
 and the optional analyses (controllers, acquisition, interaction) may never have run.
 
-Example:
-    >>> run = load_run("runs/demo")          # doctest: +SKIP
-    >>> run.finished, run.steps_reached       # doctest: +SKIP
-    (True, 200)
+Example::
+
+    run = load_run("runs/demo")
+    run.finished, run.steps_reached   # (True, 200)
 """
 
 from __future__ import annotations
