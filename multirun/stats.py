@@ -48,7 +48,6 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Sequence, get_args
@@ -340,9 +339,8 @@ def _bca_levels(data: tuple[np.ndarray, ...], distribution: np.ndarray, alpha: f
     with np.errstate(divide="ignore", invalid="ignore"):
         acceleration = float(np.float64(cubes) / 6 / np.float64(squares) ** 1.5)
         z = float(_sp.ndtri(alpha))
-        return tuple(  # type: ignore[return-value]
-            float(_sp.ndtr(bias + (bias + edge) / (1 - acceleration * (bias + edge)))) for edge in (z, -z)
-        )
+        low, high = (float(_sp.ndtr(bias + (bias + edge) / (1 - acceleration * (bias + edge)))) for edge in (z, -z))
+    return low, high
 
 
 def _nan_result(metric: str, test: str, alternative: str, ci_level: float, *,

@@ -11,7 +11,6 @@ import torch
 
 from multirun.config import load_config
 from multirun.errors import ConfigError
-from multirun.experiment import build_experiments
 from multirun.model import build_gpt2
 from multirun.monitor_runner import MonitorRunner, build_monitors, effects_of, read_metrics
 from multirun.monitoring import LiveModel, MetricScores, padded, right_padding_mask, supports_kv_cache, unwrap_model
