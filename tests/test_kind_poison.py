@@ -355,7 +355,11 @@ def test_demo_backdoor_is_learnt_and_detected(one_thread: None) -> None:
     exp = PoisonInjector().prepare(payload, spec, tokenizer=TOK, sequence_length=SEQ, seed=17, placement=UNIFORM)
     assert len(exp.item_ids) == 40 and int(exp.treated.sum()) == 20 and len(exp.probes["eval_ids"]) == 30
     assert int(exp.seq_lengths.max()) <= 100
-    model = train_with_injections([exp.sequence_tokens(i).tolist() for i in range(len(exp.seq_items))], 16, sequence_length=SEQ)
+    # 200 steps: at 150 one training seed in six (3 of 0-5) had not learnt it yet, so a
+    # numerically equivalent change (another BLAS, a fused activation) could fail the test.
+    model = train_with_injections(
+        [exp.sequence_tokens(i).tolist() for i in range(len(exp.seq_items))], 16, sequence_length=SEQ, steps=200
+    )
 
     monitor = PoisonMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ)
     results = monitor.evaluate(LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=32))
