@@ -50,7 +50,7 @@ import math
 import operator
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -242,33 +242,44 @@ def _random_split_null(t: np.ndarray, c: np.ndarray, *, n_resamples: int, seed: 
     return treated_sums / n_t - (pooled.sum() - treated_sums) / (n - n_t)
 
 
-# Random splits kept between calls (least recently used first out); 10,000 splits of
-# 50 treated items take 1 MB. Larger ones are drawn again at each call.
-_SPLIT_CACHE: "OrderedDict[tuple[int, int, int, int], tuple[np.ndarray, ...]]" = OrderedDict()
-_SPLIT_CACHE_MAX_BYTES = 64 << 20
+# Resampling indices kept between calls (least recently used first out): they depend
+# only on the arm sizes and the seed, and monitors test the same items at every
+# evaluation. 10,000 splits of 50 treated items take 1 MB; larger draws are made anew.
+_DRAW_CACHE: "OrderedDict[tuple[Any, ...], tuple[np.ndarray, ...]]" = OrderedDict()
+_DRAW_CACHE_MAX_BYTES = 64 << 20
+
+
+def _cached_draws(key: tuple[Any, ...], draw: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """``draw()``, or what it returned for ``key`` before."""
+    if key in _DRAW_CACHE:
+        _DRAW_CACHE.move_to_end(key)
+        return _DRAW_CACHE[key]
+    arrays = draw()
+    if sum(a.nbytes for a in arrays) <= _DRAW_CACHE_MAX_BYTES // 4:
+        _DRAW_CACHE[key] = arrays
+        while sum(a.nbytes for cached in _DRAW_CACHE.values() for a in cached) > _DRAW_CACHE_MAX_BYTES:
+            _DRAW_CACHE.popitem(last=False)
+    return arrays
+
+
+def _index_type(n: int) -> type:
+    return np.int16 if n <= np.iinfo(np.int16).max else np.int64
 
 
 def _random_splits(n: int, n_treated: int, n_resamples: int, seed: int) -> tuple[np.ndarray, ...]:
     """``n_resamples`` random treated subsets of ``n`` items as rows of indices, in batches."""
-    key = (n, n_treated, n_resamples, seed)
-    if key in _SPLIT_CACHE:
-        _SPLIT_CACHE.move_to_end(key)
-        return _SPLIT_CACHE[key]
-    rng = _rng(seed, 0)
-    index_type = np.int16 if n <= np.iinfo(np.int16).max else np.int64
-    batches = []
-    batch = _batch(n, n_resamples)
-    for start in range(0, n_resamples, batch):
-        rows = min(batch, n_resamples - start)
-        order = rng.permuted(np.broadcast_to(np.arange(n), (rows, n)), axis=1)
-        batches.append(order[:, :n_treated].astype(index_type))
-    splits = tuple(batches)
-    size = sum(b.nbytes for b in splits)
-    if size <= _SPLIT_CACHE_MAX_BYTES // 4:
-        _SPLIT_CACHE[key] = splits
-        while sum(b.nbytes for cached in _SPLIT_CACHE.values() for b in cached) > _SPLIT_CACHE_MAX_BYTES:
-            _SPLIT_CACHE.popitem(last=False)
-    return splits
+
+    def draw() -> tuple[np.ndarray, ...]:
+        rng = _rng(seed, 0)
+        batches = []
+        batch = _batch(n, n_resamples)
+        for start in range(0, n_resamples, batch):
+            rows = min(batch, n_resamples - start)
+            order = rng.permuted(np.broadcast_to(np.arange(n), (rows, n)), axis=1)
+            batches.append(order[:, :n_treated].astype(_index_type(n)))
+        return tuple(batches)
+
+    return _cached_draws(("splits", n, n_treated, n_resamples, seed), draw)
 
 
 def _bootstrap_ci(data: tuple[np.ndarray, ...], *, n_resamples: int, ci_level: float,
@@ -309,16 +320,28 @@ def _contrast(means: Sequence[Any]) -> Any:
 
 
 def _resampled_means(data: tuple[np.ndarray, ...], n_resamples: int, seed: int) -> list[np.ndarray]:
-    """Each sample's mean in ``n_resamples`` bootstrap resamples, drawn in scipy's order
-    (per batch, one ``(batch, n)`` block of indices per sample) from the bootstrap stream."""
-    rng = _rng(seed, 1)
-    batch = _batch(sum(x.size for x in data), n_resamples)
-    means: list[list[np.ndarray]] = [[] for _ in data]
-    for start in range(0, n_resamples, batch):
-        rows = min(batch, n_resamples - start)
-        for x, out in zip(data, means):
-            out.append(x[rng.integers(0, x.size, (rows, x.size))].mean(axis=-1))
-    return [np.concatenate(m) for m in means]
+    """Each sample's mean in ``n_resamples`` bootstrap resamples."""
+    indices = _bootstrap_indices(tuple(x.size for x in data), n_resamples, seed)
+    # The blocks come batch by batch, one per sample within a batch.
+    return [
+        np.concatenate([x[block].mean(axis=-1) for block in indices[j :: len(data)]]) for j, x in enumerate(data)
+    ]
+
+
+def _bootstrap_indices(sizes: tuple[int, ...], n_resamples: int, seed: int) -> tuple[np.ndarray, ...]:
+    """Resampling indices in scipy's order: per batch, one ``(batch, n)`` block per sample,
+    drawn from the bootstrap stream (as ``scipy.stats.bootstrap`` draws them)."""
+
+    def draw() -> tuple[np.ndarray, ...]:
+        rng = _rng(seed, 1)
+        batch = _batch(sum(sizes), n_resamples)
+        blocks = []
+        for start in range(0, n_resamples, batch):
+            rows = min(batch, n_resamples - start)
+            blocks.extend(rng.integers(0, n, (rows, n)).astype(_index_type(n)) for n in sizes)
+        return tuple(blocks)
+
+    return _cached_draws(("bootstrap", sizes, n_resamples, seed), draw)
 
 
 def _bca_levels(data: tuple[np.ndarray, ...], distribution: np.ndarray, alpha: float) -> tuple[float, float]:

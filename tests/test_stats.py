@@ -149,17 +149,18 @@ def test_compare_means_deterministic_and_seeded():
     assert (other.p_value, other.ci_low) != (a.p_value, a.ci_low)
 
 
-def test_cached_random_splits_give_what_a_fresh_draw_gives():
-    # Monte Carlo path (C(60, 30) splits): the splits depend on the arm sizes and the
-    # seed only, so later calls reuse them; a result must not depend on the cache.
+def test_cached_random_draws_give_what_a_fresh_draw_gives():
+    # Monte Carlo path (C(60, 30) splits): the splits and the bootstrap resamples depend
+    # on the arm sizes and the seed only, so later calls reuse them; a result must not
+    # depend on the cache.
     rng = np.random.default_rng(11)
     first_scores = rng.normal(0.4, 1, 30), rng.normal(0, 1, 30)
     other_scores = rng.normal(0.1, 2, 30), rng.normal(0, 2, 30)
-    stats._SPLIT_CACHE.clear()
+    stats._DRAW_CACHE.clear()
     first = compare_means(*first_scores, metric="m", n_resamples=3000, seed=8)
     cached = compare_means(*other_scores, metric="m", n_resamples=3000, seed=8)
-    assert first.exact is False and len(stats._SPLIT_CACHE) == 1
-    stats._SPLIT_CACHE.clear()
+    assert first.exact is False and sorted(key[0] for key in stats._DRAW_CACHE) == ["bootstrap", "splits"]
+    stats._DRAW_CACHE.clear()
     assert compare_means(*other_scores, metric="m", n_resamples=3000, seed=8) == cached
     assert compare_means(*first_scores, metric="m", n_resamples=3000, seed=8) == first
 
