@@ -229,15 +229,14 @@ class MonitorRunner:
     def follow_up(self, part: str) -> Iterator[None]:
         """Time work that acts on the last evaluation's records (logging them, controller
         decisions) as part of that evaluation's cost, under ``part``."""
-        started = time.perf_counter()
+        before = self.seconds_by_part.get(part, 0.0)
         try:
-            yield
+            with self._timed(part):
+                yield
         finally:
-            seconds = time.perf_counter() - started
-            self.seconds_by_part[part] = self.seconds_by_part.get(part, 0.0) + seconds
             if self.evaluation_seconds:
                 step, scored, total = self.evaluation_seconds[-1]
-                self.evaluation_seconds[-1] = (step, scored, total + seconds)
+                self.evaluation_seconds[-1] = (step, scored, total + self.seconds_by_part[part] - before)
 
     @contextlib.contextmanager
     def _timed(self, part: str) -> Iterator[None]:

@@ -509,9 +509,9 @@ def right_padding_mask(ids: torch.Tensor) -> torch.Tensor:
 
     Right padding comes after every real token of its row, and a causal model's real
     positions never attend to later ones, so masking the padding changes no real
-    position's output. Without padding in
-    the mask, attention takes its causal fast path (FlashAttention on GPUs) instead of
-    building and applying a (rows, width, width) mask.
+    position's output. Without padding in the mask, attention takes its causal fast
+    path (FlashAttention on GPUs) instead of building and applying a (rows, width,
+    width) mask.
     """
     return torch.ones_like(ids)
 
