@@ -62,7 +62,8 @@ def main() -> None:
     targets = [c for cs in choices for c in cs]
 
     def live(module: torch.nn.Module) -> LiveModel:
-        return LiveModel(module, pad_token_id=0, max_length=config.n_positions, batch_size=args.batch_size)
+        # Batches of --batch-size rows each way (no token budget), so that the three compare pass for pass.
+        return LiveModel(module, pad_token_id=0, max_length=config.n_positions, batch_tokens=None, batch_size=args.batch_size)
 
     models = {name: live(FullLogits(model) if name.endswith("all columns") else model)
               for name in ("whole rows, all columns", "whole rows", "shared context")}

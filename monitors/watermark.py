@@ -197,7 +197,7 @@ class WatermarkMonitor:
         # evaluating(): eval mode (no dropout: rows independent, noise hook idle) and the
         # run's precision; gaussian_statistics re-enables grad for its one tensor.
         with live.evaluating():
-            results = live.map_sharded(score, requests)
+            results = live.map_sharded(score, requests, length=lambda r: len(r[1]))
         z = np.array([r[0] for r in results], dtype=np.float64)
         logprob = np.array([r[1] for r in results], dtype=np.float64)
         return [

@@ -232,12 +232,17 @@ class MonitoringConfig(_Strict):
     ``1 / (n_resamples + 1)``: raise it when many experiments must survive Holm.
     ``ci_resamples``: bootstrap resamples behind a confidence interval (2,000 keep a
     95 % interval's ends stable; more only cost time at every evaluation).
+    ``batch_tokens``: padded probe tokens per forward pass on each rank. Probes are
+    batched longest first, so a pass holds many short probes or few long ones; raise
+    it on accelerators with memory to spare (fewer, fuller passes). ``batch_size``:
+    also cap the probes per pass (default: no cap).
     """
 
     every: str | None = "200ba"
     at_fit_start: bool = True
     at_fit_end: bool = True
-    batch_size: int = Field(32, gt=0)
+    batch_tokens: int = Field(4096, gt=0)
+    batch_size: int | None = Field(None, gt=0)
     on_error: Literal["warn", "raise"] = "warn"
     alpha: float = Field(0.01, gt=0, lt=1)
     n_resamples: int = Field(2000, ge=100)

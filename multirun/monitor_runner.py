@@ -170,7 +170,8 @@ class MonitorRunner:
         self.last_evaluated = [e.experiment for e in entries]
         live = LiveModel(
             module, pad_token_id=self.pad_token_id, max_length=self.sequence_length,
-            batch_size=self.config.batch_size, precision_context=precision_context,
+            batch_tokens=self.config.batch_tokens, batch_size=self.config.batch_size,
+            precision_context=precision_context,
         )
         if live.device.type == "cuda":
             # The training step's kernels may still be queued; without this the monitor's

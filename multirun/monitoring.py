@@ -117,7 +117,12 @@ class LiveModel:
             depends on a later position, so padding after a row's tokens needs no mask.
         pad_token_id: padding for batches (masked out where it comes first).
         max_length: longest sequence the model accepts (contexts are cut from the left).
-        batch_size: probes per forward pass on each rank.
+        batch_tokens: padded tokens per forward pass on each rank (None: no limit).
+            Probes are batched longest first, so a pass of short probes holds many
+            rows and a pass of long ones few: a pass's memory and compute follow its
+            tokens, not its rows.
+        batch_size: probes per forward pass on each rank (None: no limit besides
+            ``batch_tokens``).
     """
 
     def __init__(
@@ -126,12 +131,19 @@ class LiveModel:
         *,
         pad_token_id: int,
         max_length: int,
-        batch_size: int = 32,
+        batch_tokens: int | None = 4096,
+        batch_size: int | None = None,
         precision_context: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:
         self.module = module
         self.pad_token_id = pad_token_id
         self.max_length = max_length
+        if batch_tokens is None and batch_size is None:
+            raise ValueError("LiveModel needs batch_tokens or batch_size (or both) to size its passes")
+        for name, value in (("batch_tokens", batch_tokens), ("batch_size", batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        self.batch_tokens = batch_tokens
         self.batch_size = batch_size
         self._precision = precision_context or contextlib.nullcontext
         self._forward_takes = forward_parameters(module)
@@ -197,18 +209,22 @@ class LiveModel:
 
         ``fn`` gets a list of items and returns one result per item. Each rank calls it
         the same number of times (padding with ``items[0]``), so collectives inside the
-        model forward stay symmetric. Results must be picklable. ``length``: an item's
-        padded size; items are then batched longest first, so a batch pads to
-        about its own items' length rather than to the longest probe.
+        model forward stay symmetric. Results must be picklable.
+
+        ``length``: the tokens an item adds to a pass (default: ``max_length``, the
+        most it can). Items are batched longest first, so a batch pads to about its own
+        items' length rather than to the longest probe, and each batch holds as many
+        items as fit ``batch_tokens`` at its first item's length; ``batch_size``
+        (default: this model's) caps its items.
         """
-        batch_size = batch_size or self.batch_size
+        size = length or (lambda _: self.max_length)
         world, rank = dist.get_world_size(), dist.get_global_rank()
-        order = range(len(items)) if length is None else sorted(range(len(items)), key=lambda i: -length(items[i]))
-        indices = list(order)[rank::world]
-        per_rank = -(-len(items) // world)
+        batches = plan_batches(
+            [size(item) for item in items], world=world, rank=rank,
+            batch_tokens=self.batch_tokens, batch_size=batch_size or self.batch_size,
+        )
         mine: list[tuple[int, R]] = []
-        for b in range(-(-per_rank // batch_size)):
-            chunk = indices[b * batch_size : (b + 1) * batch_size]
+        for chunk in batches:
             # A rank with one item fewer still runs the pass, on a dummy item.
             results = fn([items[i] for i in chunk] if chunk else [items[0]])
             mine.extend(zip(chunk, results))
@@ -265,12 +281,13 @@ class LiveModel:
             requests.append((c[-(self.max_length - max(t.size for t in ts)):], ts))
         if not self._takes_kv_cache:
             return self.score_targets([c for c, ts in requests for _ in ts], [t for _, ts in requests for t in ts])
-        # At most batch_size (context, continuation) pairs per pass: their cache rows are copies.
-        per_pass = max(1, self.batch_size // max(len(ts) for _, ts in requests))
+        # A context runs once and each of its continuations on a copy of its cache rows,
+        # so batch_size counts (context, continuation) pairs.
+        per_pass = None if self.batch_size is None else max(1, self.batch_size // max(len(ts) for _, ts in requests))
         with self.evaluating():
             results = self.map_sharded(
                 self._score_continuation_batch, requests, batch_size=per_pass,
-                length=lambda r: r[0].size + max(t.size for t in r[1]),
+                length=lambda r: r[0].size + len(r[1]) * max(t.size for t in r[1]),
             )
         return _target_scores([scored for per_context in results for scored in per_context])
 
@@ -395,7 +412,7 @@ class LiveModel:
             return self._generate_recompute(cut, max_new_tokens)
 
         with self.evaluating():
-            return self.map_sharded(generate, requests, length=lambda p: min(p.size, keep))
+            return self.map_sharded(generate, requests, length=lambda p: min(p.size, keep) + max_new_tokens)
 
     def generate_and_score(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, targets: Sequence[Sequence[int]]
@@ -433,7 +450,9 @@ class LiveModel:
             return list(zip(generated, scored))
 
         with self.evaluating():
-            results = self.map_sharded(run_batch, requests, length=lambda r: r[0].size)
+            results = self.map_sharded(
+                run_batch, requests, length=lambda r: r[0].size + max(max_new_tokens, r[1].size)
+            )
         return [generated for generated, _ in results], _target_scores([scored for _, scored in results])
 
     def _generate_cached(
@@ -475,6 +494,39 @@ def _target_scores(results: Sequence[tuple[np.ndarray, np.ndarray]]) -> TargetSc
         token_logprobs=[r[0] for r in results],
         token_greedy=[r[1] for r in results],
     )
+
+
+def plan_batches(
+    lengths: Sequence[int], *, world: int, rank: int, batch_tokens: int | None, batch_size: int | None
+) -> list[list[int]]:
+    """The item indices of each batch ``rank`` runs, for items of the given ``lengths`` (tokens).
+
+    Items go longest first, dealt to the ranks in turn, so every rank gets about the
+    same work and a batch pads to about its own items' length. A batch holds as many
+    items as fit ``batch_tokens`` at its first item's length (at least one), and at
+    most ``batch_size``. Every rank gets the same number of batches (the last may be
+    empty): the cuts follow rank 0's share, which holds the longest item at every
+    position, so they keep every rank's batches within the budget.
+
+    Example:
+        >>> plan_batches([5, 30, 10, 10], world=1, rank=0, batch_tokens=40, batch_size=None)
+        [[1], [2, 3, 0]]
+        >>> plan_batches([5, 30, 10, 10], world=2, rank=1, batch_tokens=40, batch_size=None)
+        [[2], [0]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their order
+    mine, lead = order[rank::world], [lengths[i] for i in order[0::world]]
+    batches = []
+    start = 0
+    while start < len(lead):
+        rows = len(lead) - start
+        if batch_size is not None:
+            rows = min(rows, batch_size)
+        if batch_tokens is not None:
+            rows = min(rows, max(1, batch_tokens // max(1, lead[start])))
+        batches.append(mine[start : start + rows])
+        start += rows
+    return batches
 
 
 def padded(rows: Sequence[np.ndarray], pad_token_id: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,12 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from multirun.config import load_config
 from multirun.errors import ConfigError
 from multirun.model import build_gpt2
 from multirun.monitor_runner import MonitorRunner, build_monitors, effects_of, read_metrics
-from multirun.monitoring import LiveModel, MetricScores, padded, right_padding_mask, supports_kv_cache, unwrap_model
+from multirun.monitoring import (
+    LiveModel, MetricScores, padded, plan_batches, right_padding_mask, supports_kv_cache, unwrap_model,
+)
 from multirun.registry import monitors
 from multirun.runplan import build_run_plan
 from multirun.tokenizers import ByteTokenizer
@@ -55,6 +59,49 @@ def test_score_targets_equals_a_forward_pass_by_hand(model: torch.nn.Module) -> 
         assert bool(scores.greedy_match[i]) == match
         assert scores.n_tokens[i] == len(t)
     assert model.training  # train mode restored
+
+
+@given(
+    lengths=st.lists(st.integers(1, 64), min_size=1, max_size=60),
+    world=st.integers(1, 4),
+    batch_tokens=st.one_of(st.none(), st.integers(1, 300)),
+    batch_size=st.one_of(st.none(), st.integers(1, 9)),
+)
+def test_every_rank_runs_the_same_batches_within_the_budget(
+    lengths: list[int], world: int, batch_tokens: int | None, batch_size: int | None
+) -> None:
+    if batch_tokens is None and batch_size is None:
+        batch_size = 4
+    plans = [plan_batches(lengths, world=world, rank=r, batch_tokens=batch_tokens, batch_size=batch_size) for r in range(world)]
+    assert len({len(plan) for plan in plans}) == 1  # the same number of passes on every rank
+    dealt = sorted(i for plan in plans for batch in plan for i in batch)
+    assert dealt == list(range(len(lengths)))  # every item exactly once
+    for plan in plans:
+        assert all(len(batch) >= 1 for batch in plan[:-1])  # only a rank's last batch can be empty
+        for batch in plan:
+            padded_tokens = len(batch) * max((lengths[i] for i in batch), default=0)
+            assert batch_tokens is None or len(batch) <= 1 or padded_tokens <= batch_tokens
+            assert batch_size is None or len(batch) <= batch_size
+            assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
+
+
+def test_passes_are_sized_by_tokens(model: torch.nn.Module) -> None:
+    # Probes of 2 to 32 tokens under a 64-token budget, longest first: 2 of 32 and 30
+    # tokens, 3 of 17 to 9, then the 7 shortest (6 tokens wide); the scores are those
+    # of one probe per pass.
+    rng = np.random.default_rng(4)
+    lengths = [32, 3, 17, 5, 2, 30, 9, 4, 16, 2, 6, 3]
+    contexts = [rng.integers(0, 256, n - 1).tolist() for n in lengths]
+    targets = [rng.integers(0, 256, 1).tolist() for _ in lengths]
+    shapes: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        budgeted = LiveModel(model, pad_token_id=257, max_length=32, batch_tokens=64).score_targets(contexts, targets)
+    finally:
+        hook.remove()
+    assert shapes == [(2, 32), (3, 17), (7, 6)]
+    alone = LiveModel(model, pad_token_id=257, max_length=32, batch_tokens=None, batch_size=1).score_targets(contexts, targets)
+    np.testing.assert_allclose(budgeted.logprob_sum, alone.logprob_sum, atol=1e-4)
 
 
 def test_right_padding_needs_no_mask_in_a_causal_model(model: torch.nn.Module) -> None:
