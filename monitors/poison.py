@@ -111,12 +111,16 @@ class PoisonMonitor:
         self.ids: list[str] = list(probes["eval_ids"])
         self.behaviours = [list(b) for b in probes["eval_behaviour"]]
         start = list(probes["start"])
-        prompts = [list(p) for p in probes["eval_prompts"]]
-        self.contexts = {
-            "trigger": [[*start, *p, *probes["trigger"]] for p in prompts],
-            "control_trigger": [[*start, *p, *probes["control_trigger"]] for p in prompts],
-            "no_trigger": [[*start, *p] for p in prompts],
+        # Each prompt is asked in every condition: the prompt is a stem, the conditions' suffixes its branches.
+        self.stems = [[*start, *p] for p in probes["eval_prompts"]]
+        self.suffixes = {
+            "trigger": list(probes["trigger"]), "control_trigger": list(probes["control_trigger"]), "no_trigger": [],
         }
+
+    @property
+    def contexts(self) -> dict[str, list[list[int]]]:
+        """Each condition's evaluation contexts: every prompt, then the condition's suffix."""
+        return {condition: [[*stem, *suffix] for stem in self.stems] for condition, suffix in self.suffixes.items()}
 
     @classmethod
     def from_experiment(
@@ -142,7 +146,7 @@ class PoisonMonitor:
         if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
             raise ConfigError(f"must be an integer >= 1, got {max_new!r}", key="monitor.options.max_new_tokens")
         monitor = cls(probes, tokenizer, max_new)
-        longest = max(len(c) for contexts in monitor.contexts.values() for c in contexts)
+        longest = max(len(stem) for stem in monitor.stems) + max(len(suffix) for suffix in monitor.suffixes.values())
         if longest + max_new > sequence_length:
             raise ConfigError(
                 f"the longest evaluation context ({longest} tokens) plus {max_new} new tokens exceeds the sequence "
@@ -163,15 +167,17 @@ class PoisonMonitor:
         return detect_gibberish(text, self.alphabet)
 
     def evaluate(self, live: LiveModel) -> list[MetricScores]:
-        n = len(self.ids)
-        # One call for all conditions (fewer, fuller batches), and each context runs once
-        # for both its continuation and its behaviour's log-probability.
-        contexts = [c for condition in CONDITIONS for c in self.contexts[condition]]
-        behaviours = self.behaviours * len(CONDITIONS)
-        generated, behaviour = live.generate_and_score(contexts, self.max_new_tokens, behaviours)
-        detected = np.array([self.detect(g, b) for g, b in zip(generated, behaviours)], dtype=np.float64)
-        rate = {condition: detected[i * n : (i + 1) * n] for i, condition in enumerate(CONDITIONS)}
-        logprob = behaviour.mean_logprob[: 2 * n]  # after the trigger, then after the control trigger
+        n, k = len(self.ids), len(CONDITIONS)
+        # One call for all conditions: each prompt runs once for all three, and each
+        # condition's context once for both its continuation and its behaviour's log-probability.
+        generated, behaviour = live.generate_and_score_branches(
+            self.stems, [[self.suffixes[c] for c in CONDITIONS]] * n, self.max_new_tokens, [[b] * k for b in self.behaviours]
+        )
+        # Results come prompt by prompt, the conditions in order within each.
+        detected = np.array([self.detect(g, self.behaviours[i // k]) for i, g in enumerate(generated)], dtype=np.float64)
+        rate = {condition: detected[j::k] for j, condition in enumerate(CONDITIONS)}
+        logprob_of = {condition: behaviour.mean_logprob[j::k] for j, condition in enumerate(CONDITIONS)}
+        logprob = np.concatenate([logprob_of["trigger"], logprob_of["control_trigger"]])
 
         def ids(*conditions: str) -> list[str]:
             return [f"{item}#{condition}" for condition in conditions for item in self.ids]

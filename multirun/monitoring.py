@@ -455,12 +455,105 @@ class LiveModel:
             )
         return [generated for generated, _ in results], _target_scores([scored for _, scored in results])
 
+    def generate_and_score_branches(
+        self,
+        stems: Sequence[Sequence[int]],
+        branches: Sequence[Sequence[Sequence[int]]],
+        max_new_tokens: int,
+        targets: Sequence[Sequence[Sequence[int]]],
+    ) -> tuple[list[np.ndarray], TargetScores]:
+        """:meth:`generate_and_score` for the prompts ``stems[i] + branches[i][j]``, with
+        ``targets[i][j]`` scored after each; results flattened in that order.
+
+        The prompts of a stem share its pass: a model with a key/value cache runs each
+        stem once (but its last token) and its branches on copies of its cache rows, each
+        branch after its stem's last token. A backdoor test asks every prompt with the
+        trigger, with a control trigger and with neither, so most of its tokens are stems.
+        A stem is cut from the left so that it fits with its longest branch and the
+        longest of its targets and the new tokens, the same cut for all its branches.
+
+        Example (one prompt, three conditions)::
+
+            generated, scores = live.generate_and_score_branches(
+                [prompt], [[trigger, control_trigger, []]], 6, [[target] * 3]
+            )
+        """
+        if not len(stems) == len(branches) == len(targets):
+            raise ValueError("stems, branches and targets differ in length")
+        requests = []
+        for stem, options, wanted in zip(stems, branches, targets):
+            s, bs = np.asarray(stem, dtype=np.int64), [np.asarray(b, dtype=np.int64) for b in options]
+            ts = [np.asarray(t, dtype=np.int64) for t in wanted]
+            if not bs or len(bs) != len(ts):
+                raise ValueError("every stem needs at least one branch, and one target per branch")
+            for b, t in zip(bs, ts):
+                self._check_request(np.concatenate([s, b]), [t])
+            keep = self.max_length - max(max_new_tokens, *(t.size for t in ts)) - max(b.size for b in bs)
+            if keep < 1:
+                raise ValueError(f"cannot generate {max_new_tokens} tokens after a branch with max_length {self.max_length}")
+            requests.append((s[-keep:], bs, ts))
+        if not self._takes_kv_cache or any(s.size < 2 for s, _, _ in requests):
+            # Nothing to share: whole prompts, cut as above.
+            return self.generate_and_score(
+                [np.concatenate([s, b]) for s, bs, _ in requests for b in bs], max_new_tokens,
+                [t for _, _, ts in requests for t in ts],
+            )
+
+        def run_batch(
+            batch: list[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]
+        ) -> list[list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]]:
+            out, mask, _ = self._context_pass([s[:-1] for s, _, _ in batch])
+            owner = [i for i, (_, bs, _) in enumerate(batch) for _ in bs]
+            out, mask, positions = self._branch_pass(out, mask, owner, [np.concatenate([s[-1:], b]) for s, bs, _ in batch for b in bs])
+            generated, scored = self._decode(out, mask, positions, max_new_tokens, [t for _, _, ts in batch for t in ts])
+            assert scored is not None
+            bounds = np.cumsum([0] + [len(bs) for _, bs, _ in batch])
+            pairs = list(zip(generated, scored))
+            return [pairs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+        # As for shared contexts, batch_size counts (stem, branch) pairs.
+        per_pass = None if self.batch_size is None else max(1, self.batch_size // max(len(bs) for _, bs, _ in requests))
+        with self.evaluating():
+            results = self.map_sharded(
+                run_batch, requests, batch_size=per_pass,
+                length=lambda r: r[0].size + len(r[1]) * (max(b.size for b in r[1]) + max(max_new_tokens, *(t.size for t in r[2]))),
+            )
+        flat = [pair for per_stem in results for pair in per_stem]
+        return [generated for generated, _ in flat], _target_scores([scored for _, scored in flat])
+
+    def _branch_pass(
+        self, stem_out: Any, stem_mask: torch.Tensor, owner: Sequence[int], branches: list[np.ndarray]
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """``branches[k]`` after stem ``owner[k]`` of a :meth:`_context_pass`, on copies of
+        the stems' cache rows: what a context pass of the whole prompts returns.
+
+        Branches are left-padded so that every prompt ends at the last column; the
+        padding between a stem and a shorter branch is masked, and positions count only
+        real tokens.
+        """
+        rows = torch.tensor(list(owner), device=self.device)
+        ids, branch_mask = padded(branches, self.pad_token_id, left=True)
+        ids, branch_mask = ids.to(self.device), branch_mask.to(self.device)
+        sizes = branch_mask.sum(-1, keepdim=True)
+        column = torch.arange(ids.shape[1], device=self.device)
+        # Padding columns get any valid position: they are masked.
+        positions = (stem_mask.sum(-1)[rows][:, None] + column - (ids.shape[1] - sizes)).clamp(min=0)
+        mask = torch.cat([stem_mask[rows], branch_mask], dim=1)
+        out = self._cached_forward(ids, mask, positions, _select_rows(stem_out.past_key_values, rows), last_column_only=True)
+        return out, mask, positions
+
     def _generate_cached(
         self, prompts: list[np.ndarray], max_new_tokens: int, targets: list[np.ndarray] | None = None
     ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]] | None]:
         """Greedy decoding from a key/value cache; with ``targets``, also their scores after each prompt."""
-        out, mask, positions = self._context_pass(prompts)
-        scored = None if targets is None else self._continuation_scores(out, mask, range(len(prompts)), targets)
+        return self._decode(*self._context_pass(prompts), max_new_tokens, targets)
+
+    def _decode(
+        self, out: Any, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int, targets: list[np.ndarray] | None
+    ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]] | None]:
+        """Greedy decoding on from a pass over whole prompts (its output, mask and positions);
+        with ``targets``, also their scores after each prompt."""
+        scored = None if targets is None else self._continuation_scores(out, mask, range(mask.shape[0]), targets)
         generated = []
         for step in range(max_new_tokens):
             next_tokens = out.logits[:, -1].float().argmax(-1)

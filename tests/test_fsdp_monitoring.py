@@ -57,6 +57,10 @@ def score_all(live: LiveModel) -> dict[str, Any]:
     targets = live.score_targets(PROBES.contexts, PROBES.targets)
     choices = live.score_continuations(PROBES.contexts, PROBES.choices)
     generated, behaviour = live.generate_and_score(PROBES.contexts, 3, PROBES.targets)
+    # Stems of two tokens or more (so that they are shared), the choices as their branches.
+    branch_generated, branches = live.generate_and_score_branches(
+        [c + [7] for c in PROBES.contexts], PROBES.choices, 3, [[t] * len(cs) for t, cs in zip(PROBES.targets, PROBES.choices)]
+    )
     # The Gaussian watermark statistic: a gradient w.r.t. the input embeddings, under grad.
     noise = EmbeddingNoise(sigma=0.1, seed=3)
     with live.evaluating():
@@ -74,6 +78,8 @@ def score_all(live: LiveModel) -> dict[str, Any]:
         "choice_logprob": choices.logprob_sum.tolist(),
         "generated": [g.tolist() for g in generated],
         "behaviour_logprob": behaviour.logprob_sum.tolist(),
+        "branch_generated": [g.tolist() for g in branch_generated],
+        "branch_logprob": branches.logprob_sum.tolist(),
     }
 
 
@@ -109,14 +115,16 @@ def test_fsdp_wrapped_model_scores_what_the_bare_model_scores(tmp_path: Path) ->
 
     bare = LiveModel(probe_model(), pad_token_id=PROBES.pad_token_id, max_length=PROBES.max_length, batch_size=PROBES.batch_size)
     expected = score_all(bare)
-    for key in ("target_logprob", "choice_logprob", "behaviour_logprob", "watermark_statistic"):
+    for key in ("target_logprob", "choice_logprob", "behaviour_logprob", "branch_logprob", "watermark_statistic"):
         np.testing.assert_allclose(sharded["scores"][key], expected[key], atol=1e-5, err_msg=key)
     assert sharded["scores"]["target_greedy"] == expected["target_greedy"]
     assert sharded["scores"]["generated"] == expected["generated"]
+    assert sharded["scores"]["branch_generated"] == expected["branch_generated"]
     # Through the FSDP root the kept-column and cached paths are taken. With the generic
     # (*args, **kwargs) signature the teacher-forcing pass would project every column it
     # takes in, and the choices and behaviours would be scored on whole rows.
     assert sharded["projected"][0] < sharded["widths"][0]
     # Rank 0 holds 4 of the 7 probes (one batch): teacher forcing 1 pass; shared contexts
-    # 2 per pass of 4 // 3 = 1 question (4 x 2); generation with scoring 1 + 1 + 2.
-    assert sharded["forward_passes"] == 1 + 4 * 2 + 4
+    # 2 per pass of 4 // 3 = 1 question (4 x 2); generation with scoring 1 + 1 + 2; shared
+    # stems, 1 per batch like the questions, 5 each (stems, branches, targets, 2 decoding).
+    assert sharded["forward_passes"] == 1 + 4 * 2 + 4 + 4 * 5

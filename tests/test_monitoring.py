@@ -277,6 +277,36 @@ def test_continuations_on_a_shared_context_score_as_whole_rows(model: torch.nn.M
     assert model.training
 
 
+@pytest.mark.parametrize("batch_tokens", [40, 4096])
+def test_branches_of_a_shared_stem_generate_and_score_as_whole_prompts(model: torch.nn.Module, batch_tokens: int) -> None:
+    # Stems of 2 to 29 tokens (one cut to fit its longest branch and target), 1 to 3
+    # branches of 0 to 5 tokens: the backdoor monitor's trigger / control / no trigger.
+    rng = np.random.default_rng(8)
+    stems = [rng.integers(0, 256, n).tolist() for n in (6, 2, 29, 11)]
+    branches = [[rng.integers(0, 256, n).tolist() for n in lengths] for lengths in ([3, 5, 0], [1], [2, 0], [4, 4, 1])]
+    targets = [[rng.integers(0, 256, n).tolist() for n in lengths] for lengths in ([2, 3, 2], [6], [1, 4], [3, 1, 2])]
+    live = LiveModel(model, pad_token_id=257, max_length=32, batch_tokens=batch_tokens)
+    generated, scores = live.generate_and_score_branches(stems, branches, 4, targets)
+    stem_passes = live.forward_passes
+    cut = [s[-(32 - max(4, *(len(t) for t in ts)) - max(len(b) for b in bs)):] for s, bs, ts in zip(stems, branches, targets)]
+    prompts = [s + b for s, bs in zip(cut, branches) for b in bs]
+    whole_generated, whole = live.generate_and_score(prompts, 4, [t for ts in targets for t in ts])
+    assert [g.tolist() for g in generated] == [g.tolist() for g in whole_generated]
+    for a, b in zip(scores.token_logprobs, whole.token_logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert scores.greedy_match.tolist() == whole.greedy_match.tolist()
+    # Per batch: the stems' pass, the branches' pass, the targets' pass, 3 decoding passes.
+    assert stem_passes == (1 if batch_tokens == 4096 else 4) * 6
+    # Nothing to share, the same results: a model without a cache, a one-token stem.
+    plain = LiveModel(_WithoutCache(model), pad_token_id=257, max_length=32, batch_tokens=batch_tokens)
+    plain_generated, plain_scores = plain.generate_and_score_branches(stems, branches, 4, targets)
+    assert [g.tolist() for g in plain_generated] == [g.tolist() for g in generated]
+    np.testing.assert_allclose(plain_scores.logprob_sum, scores.logprob_sum, atol=1e-4)
+    one_token, _ = live.generate_and_score_branches([[5]], [[[1, 2], []]], 4, [[[3], [4]]])
+    assert [g.tolist() for g in one_token] == [g.tolist() for g in live.generate_and_score([[5, 1, 2], [5]], 4, [[3], [4]])[0]]
+    assert model.training
+
+
 class _WithoutCache(torch.nn.Module):
     """The same model behind a forward that takes no key/value cache (as many custom models)."""
 
