@@ -224,9 +224,11 @@ class MonitoringConfig(_Strict):
     """When monitors score the live model, and how results are tested.
 
     ``every``: cadence in steps (default ``200ba``); null = only at fit start and end.
-    One full evaluation of the demo's experiments costs about 4 training steps at
-    GPT-2-small scale, so 200 steps keep monitors near 2 % of training time; an
-    experiment that needs more (a controlled one) sets its own ``monitor.every``.
+    One full evaluation of the demo's experiments (27,000 probe tokens, 13 of its
+    steps' worth) costs about 3.5 of its training steps, so 200 steps keep monitors
+    under 2 % of training time (``benchmarks/bench_monitors.py``); at a real batch the
+    same probes cost a fraction of one step. An experiment that needs more (a
+    controlled one) sets its own ``monitor.every``.
     ``alpha``: significance level of the verdicts in summaries (after Holm correction).
     ``n_resamples``: random splits behind a permutation p-value, which is never below
     ``1 / (n_resamples + 1)``: raise it when many experiments must survive Holm.

@@ -504,20 +504,22 @@ class LiveModel:
         ) -> list[list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]]:
             out, mask, _ = self._context_pass([s[:-1] for s, _, _ in batch])
             owner = [i for i, (_, bs, _) in enumerate(batch) for _ in bs]
-            out, mask, positions = self._branch_pass(out, mask, owner, [np.concatenate([s[-1:], b]) for s, bs, _ in batch for b in bs])
+            after_stem = [np.concatenate([s[-1:], b]) for s, bs, _ in batch for b in bs]
+            out, mask, positions = self._branch_pass(out, mask, owner, after_stem)
             generated, scored = self._decode(out, mask, positions, max_new_tokens, [t for _, _, ts in batch for t in ts])
             assert scored is not None
             bounds = np.cumsum([0] + [len(bs) for _, bs, _ in batch])
             pairs = list(zip(generated, scored))
             return [pairs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
+        def size(request: tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]) -> int:
+            stem, bs, ts = request
+            return stem.size + len(bs) * (max(b.size for b in bs) + max(max_new_tokens, *(t.size for t in ts)))
+
         # As for shared contexts, batch_size counts (stem, branch) pairs.
         per_pass = None if self.batch_size is None else max(1, self.batch_size // max(len(bs) for _, bs, _ in requests))
         with self.evaluating():
-            results = self.map_sharded(
-                run_batch, requests, batch_size=per_pass,
-                length=lambda r: r[0].size + len(r[1]) * (max(b.size for b in r[1]) + max(max_new_tokens, *(t.size for t in r[2]))),
-            )
+            results = self.map_sharded(run_batch, requests, batch_size=per_pass, length=size)
         flat = [pair for per_stem in results for pair in per_stem]
         return [generated for generated, _ in flat], _target_scores([scored for _, scored in flat])
 
