@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,10 @@ from rich.table import Table
 
 from multirun.errors import InputError, MultirunError
 
-console = Console()
+# Piped into a log file, rich would fold every table into 80 columns, and a log has no
+# width to fit: there, tables take the width they need (up to 240 columns) unless
+# COLUMNS says otherwise.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 240)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from multirun.cli import main
 from multirun.data import read_dataset_info
 from multirun.ledger import Ledger
 from tests.helpers_payload import documents, write_payload
-from tests.support import make_dataset, run_config
+from tests.support import REPO, make_dataset, run_config
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +47,17 @@ def test_train_prints_summary_and_writes_run_dir(trained_run: Path) -> None:
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["steps_trained"] == 12
     assert {e["experiment"] for e in summary["experiments"]} == {"canaries", "facts"}
+
+
+def test_tables_piped_into_a_log_keep_their_rows_whole(trained_run: Path) -> None:
+    # A cluster job's output goes to a file: an 80-column terminal width would fold the
+    # ledger table's 8 columns (about 95 characters) into unreadable fragments.
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "multirun", "ledger", str(trained_run)], cwd=REPO, env=env,
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert any("exposures/item" in line and "last step" in line for line in out.splitlines()), out
 
 
 def test_ledger_summary_query_and_export(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
