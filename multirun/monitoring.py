@@ -281,9 +281,7 @@ class LiveModel:
             requests.append((c[-(self.max_length - max(t.size for t in ts)):], ts))
         if not self._takes_kv_cache:
             return self.score_targets([c for c, ts in requests for _ in ts], [t for _, ts in requests for t in ts])
-        # A context runs once and each of its continuations on a copy of its cache rows,
-        # so batch_size counts (context, continuation) pairs.
-        per_pass = None if self.batch_size is None else max(1, self.batch_size // max(len(ts) for _, ts in requests))
+        per_pass = self._shared_per_pass(max(len(ts) for _, ts in requests))
         with self.evaluating():
             results = self.map_sharded(
                 self._score_continuation_batch, requests, batch_size=per_pass,
@@ -326,8 +324,13 @@ class LiveModel:
         out, mask, _ = self._context_pass([c for c, _ in batch])
         owner = [i for i, (_, ts) in enumerate(batch) for _ in ts]
         scored = self._continuation_scores(out, mask, owner, [t for _, ts in batch for t in ts])
-        bounds = np.cumsum([0] + [len(ts) for _, ts in batch])
-        return [scored[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return _regroup(scored, [len(ts) for _, ts in batch])
+
+    def _shared_per_pass(self, most_per_item: int) -> int | None:
+        """``batch_size`` as items per pass when each item (a context, a stem) runs once
+        and up to ``most_per_item`` continuations or branches run on copies of its cache
+        rows: ``batch_size`` counts those pairs."""
+        return None if self.batch_size is None else max(1, self.batch_size // most_per_item)
 
     def _context_pass(self, contexts: list[np.ndarray]) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Contexts through the model on a fresh key/value cache: (output, mask, positions).
@@ -508,16 +511,13 @@ class LiveModel:
             out, mask, positions = self._branch_pass(out, mask, owner, after_stem)
             generated, scored = self._decode(out, mask, positions, max_new_tokens, [t for _, _, ts in batch for t in ts])
             assert scored is not None
-            bounds = np.cumsum([0] + [len(bs) for _, bs, _ in batch])
-            pairs = list(zip(generated, scored))
-            return [pairs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            return _regroup(list(zip(generated, scored)), [len(bs) for _, bs, _ in batch])
 
         def size(request: tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]) -> int:
             stem, bs, ts = request
             return stem.size + len(bs) * (max(b.size for b in bs) + max(max_new_tokens, *(t.size for t in ts)))
 
-        # As for shared contexts, batch_size counts (stem, branch) pairs.
-        per_pass = None if self.batch_size is None else max(1, self.batch_size // max(len(bs) for _, bs, _ in requests))
+        per_pass = self._shared_per_pass(max(len(bs) for _, bs, _ in requests))
         with self.evaluating():
             results = self.map_sharded(run_batch, requests, batch_size=per_pass, length=size)
         flat = [pair for per_stem in results for pair in per_stem]
@@ -589,6 +589,12 @@ def _target_scores(results: Sequence[tuple[np.ndarray, np.ndarray]]) -> TargetSc
         token_logprobs=[r[0] for r in results],
         token_greedy=[r[1] for r in results],
     )
+
+
+def _regroup(flat: list[T], counts: Sequence[int]) -> list[list[T]]:
+    """``flat`` cut into consecutive lists of ``counts[i]`` elements."""
+    bounds = np.cumsum([0, *counts])
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def plan_batches(
