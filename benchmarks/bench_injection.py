@@ -21,8 +21,8 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
 from multirun.config import load_config
-from multirun.payloads import load_package, resolve_payload_ref
-from multirun.train import prepare_run
+from multirun.kinds.payloads import load_package, resolve_payload_ref
+from multirun.run.trainer import prepare_run
 
 
 class StepTimer(Callback):

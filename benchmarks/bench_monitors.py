@@ -31,8 +31,8 @@ import time
 import torch
 
 from multirun.config import cadence_steps, load_config
-from multirun.monitoring import unwrap_model
-from multirun.train import TrainingRun, prepare_run
+from multirun.measure.live_model import unwrap_model
+from multirun.run.trainer import TrainingRun, prepare_run
 
 
 def main() -> None:

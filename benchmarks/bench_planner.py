@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from intervaltree import IntervalTree
 
-from multirun.planner import cap_tokens, plan_static
+from multirun.plan.static import cap_tokens, plan_static
 from multirun.types import BatchGeometry, Placement, PreparedExperiment
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from multirun.monitoring import LiveModel, TargetScores
+from multirun.measure.live_model import LiveModel, TargetScores
 
 
 class FullLogits(torch.nn.Module):

@@ -80,15 +80,15 @@ import numpy as np
 
 from injectors.documents import encode_sequence, prepared_experiment, read_items, split_arms
 from multirun.errors import ConfigError, PayloadError
-from multirun.planner import experiment_rng
+from multirun.plan.static import experiment_rng
 from multirun.types import Placement, PreparedExperiment
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from multirun.config import ExperimentConfig
-    from multirun.payloads import PayloadPackage
-    from multirun.tokenizers import Tokenizer
+    from multirun.kinds.payloads import PayloadPackage
+    from multirun.data.tokenizers import Tokenizer
 
 __all__ = ["DEFAULT_FORMAT", "ContaminationInjector", "group_label", "split_format"]
 

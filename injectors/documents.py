@@ -26,13 +26,13 @@ import numpy as np
 import xxhash
 
 from multirun.errors import ConfigError, PayloadError
-from multirun.planner import experiment_rng
+from multirun.plan.static import experiment_rng
 from multirun.types import EmbeddingNoise, Placement, PreparedExperiment
 
 if TYPE_CHECKING:
     from multirun.config import ExperimentConfig
-    from multirun.payloads import PayloadPackage, TypeSpec
-    from multirun.tokenizers import Tokenizer
+    from multirun.kinds.payloads import PayloadPackage, TypeSpec
+    from multirun.data.tokenizers import Tokenizer
 
 __all__ = [
     "ARM_STREAM",

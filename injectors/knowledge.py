@@ -59,8 +59,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from multirun.config import ExperimentConfig
-    from multirun.payloads import PayloadPackage
-    from multirun.tokenizers import Tokenizer
+    from multirun.kinds.payloads import PayloadPackage
+    from multirun.data.tokenizers import Tokenizer
 
 __all__ = ["KnowledgeInjector"]
 

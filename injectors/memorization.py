@@ -74,8 +74,8 @@ from multirun.types import Placement, PreparedExperiment
 
 if TYPE_CHECKING:
     from multirun.config import ExperimentConfig
-    from multirun.payloads import PayloadPackage
-    from multirun.tokenizers import Tokenizer
+    from multirun.kinds.payloads import PayloadPackage
+    from multirun.data.tokenizers import Tokenizer
 
 __all__ = ["MemorizationInjector", "MemorizationOptions", "check_text_lengths", "parse_monitor_options"]
 

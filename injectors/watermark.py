@@ -4,7 +4,7 @@ Two methods, chosen with the injector option ``method``:
 
 ``gaussian`` (the paper's Gaussian embedding watermark, REFERENCES.md §2.2)
     Each treated *carrier* text is injected as an EOS-wrapped token span, like a
-    document, and the training-time hook (:class:`multirun.noise.EmbeddingNoiseHook`)
+    document, and the training-time hook (:class:`multirun.inject.noise.EmbeddingNoiseHook`)
     adds seeded noise ``w ~ N(0, sigma^2 I)`` to the input embeddings of every span
     of that carrier: the text is unchanged, the mark lives in the noise. Control
     carriers are never injected; their noise is drawn by the same generator and
@@ -57,7 +57,7 @@ Seeds: the noise seed is ``experiment_rng(seed, name, stream=2)``, the keys come
 recorded in ``metadata`` (written to ``manifest.json``).
 
 Example:
-    >>> from multirun.tokenizers import ByteTokenizer
+    >>> from multirun.data.tokenizers import ByteTokenizer
     >>> keys = draw_keys(3, 4, alphabet=printable_alphabet(ByteTokenizer()), seed=17, name="wm")
     >>> keys.shape, bool(((keys >= 32) & (keys <= 126)).all())
     ((3, 4), True)
@@ -73,14 +73,14 @@ import numpy as np
 
 from injectors.documents import encode_sequence, prepared_experiment, read_items, split_arms
 from multirun.errors import ConfigError, PayloadError
-from multirun.planner import experiment_rng
-from multirun.tokenizers import ByteTokenizer
+from multirun.plan.static import experiment_rng
+from multirun.data.tokenizers import ByteTokenizer
 from multirun.types import EmbeddingNoise, Placement, PreparedExperiment
 
 if TYPE_CHECKING:
     from multirun.config import ExperimentConfig
-    from multirun.payloads import PayloadPackage
-    from multirun.tokenizers import Tokenizer
+    from multirun.kinds.payloads import PayloadPackage
+    from multirun.data.tokenizers import Tokenizer
 
 __all__ = [
     "DEFAULT_KEY_LENGTH",

@@ -42,8 +42,8 @@ import numpy as np
 
 from injectors.contamination import group_label
 from multirun.errors import ConfigError
-from multirun.monitoring import LiveModel, MetricScores, TestKind
-from multirun.tokenizers import Tokenizer
+from multirun.measure.live_model import LiveModel, MetricScores, TestKind
+from multirun.data.tokenizers import Tokenizer
 from multirun.types import PreparedExperiment
 
 __all__ = ["ContaminationMonitor", "normalise"]

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from multirun.errors import ConfigError
-from multirun.monitoring import LiveModel, MetricScores
-from multirun.tokenizers import Tokenizer
+from multirun.measure.live_model import LiveModel, MetricScores
+from multirun.data.tokenizers import Tokenizer
 from multirun.types import PreparedExperiment
 
 

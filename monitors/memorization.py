@@ -40,9 +40,9 @@ import numpy as np
 
 from injectors.memorization import MemorizationOptions, check_text_lengths, parse_monitor_options
 from multirun.errors import ConfigError
-from multirun.monitoring import LiveModel, MetricScores
-from multirun.stats import exposures
-from multirun.tokenizers import Tokenizer
+from multirun.measure.live_model import LiveModel, MetricScores
+from multirun.measure.stats import exposures
+from multirun.data.tokenizers import Tokenizer
 from multirun.types import PreparedExperiment
 
 __all__ = ["MemorizationMonitor", "exposures"]

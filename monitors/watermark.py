@@ -51,13 +51,13 @@ import numpy as np
 import torch
 
 from multirun.errors import ConfigError
-from multirun.monitoring import LiveModel, MetricScores, forward_parameters, padded, right_padding_mask
-from multirun.stats import exposures
-from multirun.noise import item_noise
+from multirun.measure.live_model import LiveModel, MetricScores, forward_parameters, padded, right_padding_mask
+from multirun.measure.stats import exposures
+from multirun.inject.noise import item_noise
 from multirun.types import EmbeddingNoise, PreparedExperiment
 
 if TYPE_CHECKING:
-    from multirun.tokenizers import Tokenizer
+    from multirun.data.tokenizers import Tokenizer
 
 __all__ = ["GaussianScore", "WatermarkMonitor", "exposures", "gaussian_statistics"]
 

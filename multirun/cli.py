@@ -120,7 +120,7 @@ def _train(args: argparse.Namespace) -> int:
     from composer.utils import dist
 
     from multirun.config import load_config
-    from multirun.train import prepare_run
+    from multirun.run.trainer import prepare_run
 
     loaded = load_config(args.config, args.overrides)
     run = prepare_run(loaded, overwrite=args.overwrite, progress=not args.no_progress, run_dir=args.run_dir)
@@ -131,7 +131,7 @@ def _train(args: argparse.Namespace) -> int:
     if dist.get_global_rank() == 0 and summary:
         _print_summary(summary)
     if loaded.config.interaction.after != "none" and (run.run_dir / "interaction_trigger.json").exists():
-        from multirun.interaction import run_interaction
+        from multirun.interaction.arms import run_interaction
 
         console.print(f"interaction tests from the checkpoint of interaction.after={loaded.config.interaction.after}:")
         result = run_interaction(run.run_dir, progress=not args.no_progress)
@@ -148,8 +148,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from multirun.config import load_config
-    from multirun.runplan import build_run_plan
-    from multirun.train import resolve_dataset, run_geometry, run_tokenizer
+    from multirun.plan.run_plan import build_run_plan
+    from multirun.run.trainer import resolve_dataset, run_geometry, run_tokenizer
 
     loaded = load_config(args.config, args.overrides)
     tokenizer = run_tokenizer(loaded)
@@ -161,8 +161,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from multirun.data import prepare_dataset
-    from multirun.tokenizers import load_tokenizer
+    from multirun.data.mds import prepare_dataset
+    from multirun.data.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer("bytes") if args.tokenizer == "bytes" else load_tokenizer("huggingface", args.tokenizer)
     kwargs = {"suffixes": tuple(args.suffixes)} if args.suffixes else {}
@@ -199,7 +199,7 @@ def _ledger(args: argparse.Namespace) -> int:
 def _interact(args: argparse.Namespace) -> int:
     from composer.utils import dist
 
-    from multirun.interaction import run_interaction
+    from multirun.interaction.arms import run_interaction
     from multirun.report import build_report
 
     overrides = list(args.overrides)
@@ -223,7 +223,7 @@ def _interact(args: argparse.Namespace) -> int:
 
 
 def _print_interaction(result) -> None:  # type: ignore[no-untyped-def]
-    from multirun.stats import format_p
+    from multirun.measure.stats import format_p
 
     matrix = result.matrix
     console.print(
@@ -260,7 +260,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _payload(args: argparse.Namespace) -> int:
-    from multirun.payloads import load_payload, write_fingerprints
+    from multirun.kinds.payloads import load_payload, write_fingerprints
 
     if args.action == "fingerprint":
         write_fingerprints(args.path)
@@ -321,7 +321,7 @@ def _print_ledger_summary(rows: list[dict]) -> None:
 
 def _print_effects(effects: list[dict], *, alpha: float) -> None:
     """Each experiment's metrics against its controls, with raw and Holm-corrected p-values."""
-    from multirun.stats import format_p
+    from multirun.measure.stats import format_p
 
     table = Table(title=f"effects against never-injected controls (verdict at alpha {alpha}, Holm-corrected)")
     for column in ("experiment", "metric", "group", "treated", "control", "effect", "95% CI", "p", "p (Holm)", "test", "verdict"):

@@ -105,7 +105,7 @@ class EmbeddingNoise:
     """Seeded Gaussian noise N(0, sigma^2) on the input embeddings of injected spans.
 
     The noise of item ``i`` is regenerable from ``(seed, i)`` alone (see
-    :func:`multirun.noise.item_noise`), so monitors can test for it and never-injected
+    :func:`multirun.inject.noise.item_noise`), so monitors can test for it and never-injected
     control items get fresh noise of the same law.
     """
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from multirun.payloads import file_xxh64
+from multirun.kinds.payloads import file_xxh64
 
 
 def write_payload(

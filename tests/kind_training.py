@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from multirun.data import demo_corpus_sources
-from multirun.model import build_gpt2
-from multirun.tokenizers import ByteTokenizer
+from multirun.data.mds import demo_corpus_sources
+from multirun.run.model import build_gpt2
+from multirun.data.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer()
 

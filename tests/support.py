@@ -16,8 +16,8 @@ import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
-from multirun.data import PreparedDataset, demo_corpus_sources, prepare_dataset
-from multirun.tokenizers import ByteTokenizer
+from multirun.data.mds import PreparedDataset, demo_corpus_sources, prepare_dataset
+from multirun.data.tokenizers import ByteTokenizer
 from tests.helpers_payload import documents, write_config, write_payload
 
 REPO = Path(__file__).resolve().parents[1]

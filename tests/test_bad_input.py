@@ -19,8 +19,8 @@ import yaml
 
 from multirun.config import load_config, parse_duration_steps
 from multirun.errors import ConfigError, PayloadError, PlacementError
-from multirun.experiment import build_experiments
-from multirun.tokenizers import ByteTokenizer
+from multirun.kinds.experiments import build_experiments
+from multirun.data.tokenizers import ByteTokenizer
 from multirun.types import BatchGeometry
 from tests.helpers_payload import documents, minimal_config, write_config, write_payload
 
@@ -67,7 +67,7 @@ def _missing_file(tmp: Path) -> Callable[[], Any]:
 
 
 def _impossible_budget(tmp: Path) -> Callable[[], Any]:
-    from multirun.planner import plan_static
+    from multirun.plan.static import plan_static
 
     cfg = project(tmp, with_exp(repetitions=1000))
     loaded = load_config(cfg, env={})

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from multirun.cli import main
-from multirun.data import read_dataset_info
+from multirun.data.mds import read_dataset_info
 from multirun.ledger import Ledger
 from tests.helpers_payload import documents, write_payload
 from tests.support import REPO, make_dataset, run_config

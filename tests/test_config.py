@@ -281,8 +281,8 @@ def test_resolve_placement_errors_name_the_field(spec: PlacementConfig, field: s
 
 def test_a_resolved_config_loads_again_and_builds_the_same_experiments(tmp_path: Path) -> None:
     # multirun interact reloads run_dir/resolved_config.yaml, which spells out every default.
-    from multirun.experiment import arms_record, build_experiments
-    from multirun.tokenizers import ByteTokenizer
+    from multirun.kinds.experiments import arms_record, build_experiments
+    from multirun.data.tokenizers import ByteTokenizer
 
     original = load_config(None, env={})
     again = load_config(original.write(tmp_path), env={})

@@ -25,10 +25,10 @@ import pyarrow as pa
 import yaml
 
 from multirun.errors import InputError
-from multirun.jsonl import read_jsonl
+from multirun.run.files import read_jsonl
 from multirun.ledger import Ledger, ledger_dir
 
-# multirun.monitor_runner.METRICS_FILE; read with the same tolerant reader as its
+# multirun.measure.runner.METRICS_FILE; read with the same tolerant reader as its
 # read_metrics(), without importing it: that would pull in Composer and torch (seconds)
 # for a command that only reads files.
 METRICS_FILE = "metrics.jsonl"

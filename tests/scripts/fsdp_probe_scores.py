@@ -3,7 +3,7 @@
 Run once per rank with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; rank 0 writes
 the scores, the forward passes, and the columns each pass took in and projected onto
 the vocabulary to the JSON file given as the only argument. The model is the same seeded tiny GPT-2 the test
-scores without FSDP (tests/test_fsdp_monitoring.py).
+scores without FSDP (tests/measure/test_fsdp_monitoring.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import torch.distributed as td
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-from multirun.monitoring import LiveModel
-from tests.test_fsdp_monitoring import PROBES, probe_model, score_all
+from multirun.measure.live_model import LiveModel
+from tests.measure.test_fsdp_monitoring import PROBES, probe_model, score_all
 
 
 def main(out_path: str) -> None:

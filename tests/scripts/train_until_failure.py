@@ -15,7 +15,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
 from multirun.config import load_config
-from multirun.train import prepare_run
+from multirun.run.trainer import prepare_run
 
 
 class FailAt(Callback):

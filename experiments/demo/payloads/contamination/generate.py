@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from multirun.payloads import write_fingerprints
+from multirun.kinds.payloads import write_fingerprints
 
 SEED = 20250921
 N_QUESTIONS = 40

@@ -1,0 +1,1 @@
+"""The closed loop: controllers turn monitor results into spans for the next window."""

@@ -1,0 +1,1 @@
+"""Training data: tokenizers, text to MDS shards, the demo corpus and the Streaming loader."""

@@ -1,0 +1,662 @@
+"""Training data: text -> fixed-length token rows in MDS, and a dataloader that keeps row identity.
+
+The pretraining stream is a MosaicML Streaming (MDS) dataset with one column,
+``tokens`` (``ndarray:int32``), one fixed-length sequence per sample. Beside its
+``index.json`` lies ``multirun_dataset.json``, which records how the rows were made
+(sequence length, tokenizer name and fingerprint, sources fingerprint) and is
+written last, so its presence marks a complete dataset.
+
+:class:`IdStreamingDataset` adds the global sample index to every sample so that
+the callback knows which stored row each batch row is (ARCHITECTURE invariant 3).
+
+Example::
+
+    from multirun.data.tokenizers import ByteTokenizer
+    info = prepare_dataset(["notes/"], "data/mds", ByteTokenizer(), 128)
+    loader = build_dataloader(info.path, batch_size=8)
+    next(iter(loader))["sample_id"].shape   # torch.Size([8])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+from streaming import MDSWriter, StreamingDataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from multirun.errors import InputError
+from multirun.data.tokenizers import Tokenizer
+
+INFO_FILE = "multirun_dataset.json"
+FORMAT_VERSION = 1
+TOKENS_COLUMN = "tokens"
+_COLUMNS = {TOKENS_COLUMN: "ndarray:int32"}
+
+# Directories of the standard library that are not used for the demo corpus: installed
+# third-party code, the (huge, partly non-UTF-8) test suites, and IDLE.
+_DEMO_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"})
+# Temporary build directories older than this are leftovers of crashed builds.
+_STALE_BUILD_SECONDS = 24 * 3600
+
+
+@dataclass
+class PreparedDataset:
+    """A token dataset written by :func:`prepare_dataset`.
+
+    Attributes:
+        path: the dataset directory (holds ``index.json`` and ``multirun_dataset.json``).
+        num_samples: number of rows.
+        sequence_length: tokens per row.
+        tokenizer: the tokenizer's ``name``.
+        fingerprint: xxh64 of the sequence length and every row's tokens, in order:
+            equal fingerprints mean the model sees identical data.
+        metadata: the full content of ``multirun_dataset.json``.
+    """
+
+    path: Path
+    num_samples: int
+    sequence_length: int
+    tokenizer: str
+    fingerprint: str
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        """Fingerprint of the tokenizer that produced the rows."""
+        return str(self.metadata.get("tokenizer_fingerprint", ""))
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def _collect_files(sources: Iterable[str | os.PathLike[str]], suffixes: Sequence[str] | None) -> list[tuple[Path, str]]:
+    """Source files in order, each with the name used in the sources fingerprint.
+
+    Files named directly are always taken; directories are walked recursively in
+    sorted order, keeping files whose suffix is in ``suffixes`` (all when ``None``).
+    Names are relative to the directory given, so the same tree at another
+    location fingerprints the same.
+    """
+    wanted = None if suffixes is None else {s if s.startswith(".") else f".{s}" for s in suffixes}
+    out: list[tuple[Path, str]] = []
+    for src in sources:
+        root = Path(src).expanduser()
+        if root.is_file():
+            out.append((root, root.name))
+        elif root.is_dir():
+            found: list[tuple[tuple[str, ...], Path]] = []
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames.sort()
+                for name in filenames:
+                    p = Path(dirpath, name)
+                    if (wanted is None or p.suffix in wanted) and p.is_file():
+                        found.append((p.relative_to(root).parts, p))
+            # Sort on path parts (not os.walk's order) so the order is a pure function of the names.
+            out.extend((p, "/".join(parts)) for parts, p in sorted(found))
+        else:
+            raise InputError("source does not exist", file=root, key="sources")
+    return out
+
+
+class _RowSink:
+    """Cuts a token stream into rows of ``length`` and writes each full row to MDS."""
+
+    def __init__(self, writer: MDSWriter, length: int) -> None:
+        self.writer = writer
+        self.length = length
+        self.pending: list[np.ndarray] = []
+        self.pending_len = 0
+        self.num_rows = 0
+        self.hash = xxhash.xxh64(f"multirun-mds/v{FORMAT_VERSION}/L={length}/".encode())
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.pending_len += len(tokens)
+        if self.pending_len < self.length:
+            return
+        stream = np.concatenate(self.pending)
+        n = len(stream) // self.length
+        rows = stream[: n * self.length].reshape(n, self.length)
+        for row in rows:
+            self.writer.write({TOKENS_COLUMN: row})
+        # Fixed little-endian layout: the fingerprint must not depend on the machine.
+        self.hash.update(rows.astype("<i4", copy=False).tobytes())
+        self.num_rows += n
+        rest = stream[n * self.length :]
+        self.pending = [rest] if len(rest) else []
+        self.pending_len = len(rest)
+
+
+def prepare_dataset(
+    sources: Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    tokenizer: Tokenizer,
+    sequence_length: int,
+    *,
+    max_bytes: int | None = None,
+    compression: str | None = None,
+    progress: bool = True,
+    suffixes: Sequence[str] | None = None,
+    skip_invalid: bool = False,
+    size_limit: int | str | None = None,
+) -> PreparedDataset:
+    """Tokenize text files into an MDS dataset of fixed-length rows.
+
+    Each file is one document. Documents are tokenized, followed by EOS,
+    concatenated in order and cut into rows of exactly ``sequence_length`` tokens;
+    the incomplete tail is dropped. Empty files are skipped.
+
+    Args:
+        sources: files and/or directories (walked recursively in sorted order).
+        out_dir: output directory; must not exist or be empty.
+        tokenizer: turns text into ids (see :mod:`multirun.tokenizers`).
+        sequence_length: tokens per row.
+        max_bytes: stop after this many bytes of source text; the document that
+            crosses the budget is cut at a character boundary.
+        compression: MDS shard compression (e.g. ``"zstd"``), ``None`` for none.
+        progress: show a progress bar over files.
+        suffixes: with directories, keep only files with these suffixes
+            (``[".py", ".txt"]``); ``None`` keeps all files.
+        skip_invalid: skip files that are not valid UTF-8 (counted and listed in
+            ``multirun_dataset.json``) instead of failing.
+        size_limit: MDS shard size limit in bytes (Streaming's default when ``None``).
+
+    Returns:
+        The dataset's :class:`PreparedDataset`.
+
+    Raises:
+        InputError: a source is missing, unreadable or not UTF-8 (naming the file),
+            ``out_dir`` is not empty, or the sources yield less than one row.
+
+    Example::
+
+        prepare_dataset(["corpus/"], "mds/", ByteTokenizer(), 256, suffixes=[".txt"])
+    """
+    if sequence_length < 1:
+        raise ValueError(f"sequence_length must be positive, got {sequence_length}")
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_bytes must be positive or None, got {max_bytes}")
+    source_list = [str(s) for s in sources]
+    files = _collect_files(source_list, suffixes)
+    out = Path(out_dir).expanduser()
+    created = not out.exists()
+    if not created and (not out.is_dir() or any(out.iterdir())):
+        raise InputError("output directory exists and is not empty; choose another or delete it", file=out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    try:
+        return _write_dataset(
+            files, source_list, out, tokenizer, sequence_length,
+            max_bytes=max_bytes, compression=compression, progress=progress,
+            suffixes=suffixes, skip_invalid=skip_invalid, size_limit=size_limit,
+        )  # fmt: skip
+    except BaseException:
+        # Remove only what this call wrote: the directory was absent or empty before.
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for child in out.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
+
+
+def _write_dataset(
+    files: list[tuple[Path, str]],
+    source_list: list[str],
+    out: Path,
+    tokenizer: Tokenizer,
+    sequence_length: int,
+    *,
+    max_bytes: int | None,
+    compression: str | None,
+    progress: bool,
+    suffixes: Sequence[str] | None,
+    skip_invalid: bool,
+    size_limit: int | str | None,
+) -> PreparedDataset:
+    eos = np.array([tokenizer.eos_token_id], dtype=np.int32)
+    src_hash = xxhash.xxh64()
+    used_bytes = 0
+    num_documents = 0
+    skipped_invalid: list[str] = []
+    skipped_empty = 0
+    truncated = False
+    writer_kwargs: dict[str, Any] = {"out": str(out), "columns": _COLUMNS, "compression": compression}
+    if size_limit is not None:
+        writer_kwargs["size_limit"] = size_limit
+
+    with MDSWriter(**writer_kwargs) as writer:
+        sink = _RowSink(writer, sequence_length)
+        for path, rel in tqdm(files, desc="tokenizing", unit="file", disable=not progress):
+            if truncated or (max_bytes is not None and used_bytes >= max_bytes):
+                break  # the byte budget is spent
+            try:
+                raw = path.read_bytes()
+            except OSError as err:
+                raise InputError(f"cannot read source file: {err.strerror or err}", file=path) from err
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if skip_invalid:
+                    skipped_invalid.append(str(path))
+                    continue
+                raise InputError(
+                    f"not valid UTF-8 (byte {err.start}: {err.reason}); convert it or pass skip_invalid=True", file=path
+                ) from err
+            if max_bytes is not None and len(raw) > max_bytes - used_bytes:
+                raw = raw[: max_bytes - used_bytes]
+                # The file is valid UTF-8, so "ignore" only drops a character split by the cut.
+                text = raw.decode("utf-8", errors="ignore")
+                raw = text.encode("utf-8")  # count and hash only the bytes kept
+                truncated = True
+            if not text:
+                skipped_empty += 1
+                continue
+            used_bytes += len(raw)
+            num_documents += 1
+            src_hash.update(f"{rel}\0{len(raw)}\0".encode())
+            src_hash.update(raw)
+            ids = np.asarray(tokenizer.encode(text), dtype=np.int32)
+            sink.add(np.concatenate([ids, eos]))
+
+    if sink.num_rows == 0:
+        raise InputError(
+            f"the sources give {sink.pending_len} tokens, fewer than one sequence of {sequence_length}",
+            key="sources",
+        )
+    info = {
+        "format_version": FORMAT_VERSION,
+        "sequence_length": sequence_length,
+        "num_samples": sink.num_rows,
+        "fingerprint": sink.hash.hexdigest(),
+        "tokenizer": tokenizer.name,
+        "tokenizer_fingerprint": tokenizer.fingerprint(),
+        "vocab_size": tokenizer.vocab_size,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "column": TOKENS_COLUMN,
+        "compression": compression,
+        "sources": source_list,
+        "suffixes": None if suffixes is None else list(suffixes),
+        "sources_fingerprint": src_hash.hexdigest(),
+        "num_documents": num_documents,
+        "num_source_bytes": used_bytes,
+        "max_bytes": max_bytes,
+        "truncated_last_document": truncated,
+        "dropped_tail_tokens": sink.pending_len,
+        "skipped_empty": skipped_empty,
+        "skipped_invalid": skipped_invalid,
+    }
+    # Written last and atomically: its presence means the shards are complete.
+    tmp = out / f".{INFO_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / INFO_FILE)
+    return _info_to_dataset(out, info)
+
+
+def _info_to_dataset(path: Path, info: dict[str, Any]) -> PreparedDataset:
+    return PreparedDataset(
+        path=path,
+        num_samples=int(info["num_samples"]),
+        sequence_length=int(info["sequence_length"]),
+        tokenizer=str(info["tokenizer"]),
+        fingerprint=str(info["fingerprint"]),
+        metadata=info,
+    )
+
+
+_REQUIRED_INFO: dict[str, type] = {
+    "format_version": int,
+    "sequence_length": int,
+    "num_samples": int,
+    "fingerprint": str,
+    "tokenizer": str,
+    "tokenizer_fingerprint": str,
+    "sources_fingerprint": str,
+}
+
+
+def read_dataset_info(path: str | os.PathLike[str]) -> PreparedDataset:
+    """Read a dataset's ``multirun_dataset.json``.
+
+    Args:
+        path: the dataset directory (or the JSON file itself).
+
+    Raises:
+        InputError: the file is absent, not JSON, or misses/mistypes a key (naming
+            the file and the key), or the MDS ``index.json`` beside it is missing.
+    """
+    p = Path(path).expanduser()
+    info_file = p if p.name == INFO_FILE else p / INFO_FILE
+    directory = info_file.parent
+    if not info_file.is_file():
+        raise InputError(
+            "not a multirun dataset (no multirun_dataset.json; build one with multirun.data.mds.prepare_dataset)",
+            file=info_file,
+        )
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        line = getattr(err, "lineno", None)
+        raise InputError(f"unreadable dataset info: {err}", file=info_file, line=line) from err
+    if not isinstance(info, dict):
+        raise InputError("dataset info must be a JSON object", file=info_file)
+    for key, typ in _REQUIRED_INFO.items():
+        value = info.get(key)
+        # bool is an int subclass; a boolean sequence_length is a broken file, not a length.
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise InputError(f"missing or not a {typ.__name__} (got {value!r})", file=info_file, key=key)
+    if info["format_version"] != FORMAT_VERSION:
+        raise InputError(f"unsupported format_version {info['format_version']} (expected {FORMAT_VERSION})", file=info_file, key="format_version")
+    if info["sequence_length"] < 1 or info["num_samples"] < 1:
+        raise InputError("sequence_length and num_samples must be positive", file=info_file, key="num_samples")
+    if not (directory / "index.json").is_file():
+        raise InputError("MDS index.json is missing beside the dataset info", file=directory / "index.json")
+    return _info_to_dataset(directory, info)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class IdStreamingDataset(StreamingDataset):
+    """A StreamingDataset of token rows whose samples carry their global sample index.
+
+    ``get_item(i)`` returns ``{"input_ids": LongTensor[L], "sample_id": i}``. ``i``
+    indexes the dataset's global sample space, the same on every rank and at any
+    world size, so a batch row can always be traced to its stored row. Epoch
+    padding may repeat an id within an epoch; consumers key on occurrence.
+
+    Takes StreamingDataset's keyword arguments (``local``, ``batch_size``, ...).
+    """
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        sample = super().get_item(sample_id, retry)
+        tokens = sample[TOKENS_COLUMN]
+        return {"input_ids": torch.from_numpy(np.asarray(tokens, dtype=np.int64)), "sample_id": int(sample_id)}
+
+
+def collate_lm_batch(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack samples into a causal-LM batch.
+
+    Returns:
+        ``input_ids`` (B, L) int64; ``labels``, a copy of ``input_ids`` (the model
+        shifts them); ``attention_mask`` (B, L) of ones (rows are packed, never
+        padded); ``sample_id`` (B,) int64.
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    rows = [torch.as_tensor(s["input_ids"], dtype=torch.long) for s in samples]
+    lengths = {int(r.shape[-1]) for r in rows}
+    if len(lengths) != 1 or any(r.dim() != 1 for r in rows):
+        raise ValueError(f"samples must be 1-D rows of one length, got lengths {sorted(lengths)}")
+    input_ids = torch.stack(rows)
+    return {
+        "input_ids": input_ids,
+        "labels": input_ids.clone(),
+        "attention_mask": torch.ones_like(input_ids),
+        "sample_id": torch.tensor([int(s["sample_id"]) for s in samples], dtype=torch.long),
+    }
+
+
+def _check_mds_dir(directory: Path) -> None:
+    index = directory / "index.json"
+    if not index.is_file():
+        raise InputError("not an MDS dataset (index.json is missing)", file=index)
+    try:
+        shards = json.loads(index.read_text(encoding="utf-8"))["shards"]
+        columns = {name for shard in shards for name in shard["column_names"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"unreadable MDS index: {err}", file=index) from err
+    if TOKENS_COLUMN not in columns:
+        raise InputError(f"MDS dataset has no {TOKENS_COLUMN!r} column (columns: {sorted(columns)})", file=index)
+
+
+def _is_multi_rank() -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _new_dataset(**kwargs: Any) -> IdStreamingDataset:
+    """Construct the dataset, retrying a lost race for a shared-memory prefix.
+
+    Streaming keeps each dataset's state in shared memory named by a small integer
+    prefix; it picks the first prefix that has neither shared memory nor a filelock
+    in the temp dir, then creates it. Several datasets over one directory in one
+    process are fine (each gets its own prefix, and with ``remote=None`` local
+    directories may be shared). Two processes constructing at the same moment can
+    pick the same prefix, and the loser gets ``FileExistsError``; picking again then
+    succeeds. We deliberately do not call ``clean_stale_shared_memory()``: it
+    unlinks the shared memory of live datasets too, including other jobs'.
+
+    Under several ranks the prefix search is a collective (barriers), so one rank
+    retrying alone would desynchronise them: there the error is raised.
+    """
+    attempts = 1 if _is_multi_rank() else 6
+    for attempt in range(attempts):
+        try:
+            return IdStreamingDataset(**kwargs)
+        except FileExistsError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def build_dataloader(
+    path: str | os.PathLike[str],
+    *,
+    batch_size: int,
+    shuffle: bool = True,
+    shuffle_seed: int = 9176,
+    num_canonical_nodes: int = 1,
+    num_workers: int = 0,
+    drop_last: bool = True,
+) -> DataLoader:
+    """A DataLoader of causal-LM batches (see :func:`collate_lm_batch`) over an MDS token dataset.
+
+    Args:
+        path: a local MDS directory with a ``tokens`` column (as written by
+            :func:`prepare_dataset`).
+        batch_size: samples per batch **per rank**; Streaming partitions by it, so
+            the dataset and the DataLoader get the same value.
+        shuffle, shuffle_seed: Streaming's shuffle (``py1e``) and its seed.
+        num_canonical_nodes: pinned (never left to default to the physical node
+            count) so the global sample order is the same at any world size.
+        num_workers: DataLoader worker processes.
+        drop_last: drop the last incomplete batch.
+
+    Raises:
+        InputError: ``path`` is not an MDS dataset with a ``tokens`` column.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_canonical_nodes < 1:
+        raise ValueError(f"num_canonical_nodes must be positive, got {num_canonical_nodes}")
+    # Absolute and resolved: Streaming registers local dirs by their string.
+    local = Path(path).expanduser().resolve()
+    _check_mds_dir(local)
+    dataset = _new_dataset(
+        local=str(local),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        shuffle_seed=shuffle_seed,
+        num_canonical_nodes=num_canonical_nodes,
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=collate_lm_batch,
+        num_workers=num_workers,
+        drop_last=drop_last,
+    )
+
+
+# --------------------------------------------------------------------------- demo corpus
+
+
+def _stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def demo_corpus_sources() -> list[Path]:
+    """The running interpreter's standard-library ``.py`` files, in sorted order.
+
+    Real, human-written text that every machine has. Skips ``site-packages``
+    (third-party code), the ``test``/``tests`` suites and ``idlelib``.
+    """
+    root = _stdlib_dir()
+    found: list[tuple[tuple[str, ...], Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Prune in place: site-packages can be large and must not even be walked.
+        dirnames[:] = sorted(d for d in dirnames if d not in _DEMO_EXCLUDED_DIRS)
+        for name in filenames:
+            if name.endswith(".py"):
+                p = Path(dirpath, name)
+                if p.is_file():
+                    found.append((p.relative_to(root).parts, p))
+    return [p for _, p in sorted(found)]
+
+
+def _default_cache_dir() -> Path:
+    env = os.environ.get("MULTIRUN_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "multirun"
+
+
+def _demo_key(sources: list[Path], tokenizer: Tokenizer, sequence_length: int, max_bytes: int) -> str:
+    root = _stdlib_dir()
+    key = {
+        "format_version": FORMAT_VERSION,
+        "python": [sys.implementation.name, platform.python_version()],
+        "sources": [[p.relative_to(root).as_posix(), p.stat().st_size] for p in sources],
+        "max_bytes": max_bytes,
+        "tokenizer": tokenizer.fingerprint(),
+        "sequence_length": sequence_length,
+    }
+    return xxhash.xxh64(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _remove_stale_builds(cache_dir: Path) -> None:
+    now = time.time()
+    for p in cache_dir.glob(".demo-*.tmp-*"):
+        try:
+            if now - p.stat().st_mtime > _STALE_BUILD_SECONDS:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass  # another process removed it first
+
+
+def build_demo_dataset(
+    tokenizer: Tokenizer,
+    sequence_length: int,
+    *,
+    max_bytes: int = 4_000_000,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> PreparedDataset:
+    """The demo dataset (standard-library source as text), built once and cached.
+
+    The cache entry is named by a fingerprint of the Python version, the source
+    files and their sizes, ``max_bytes``, the tokenizer fingerprint and
+    ``sequence_length``; a second call finds it and returns without rebuilding.
+    A build goes to a temporary directory that is renamed into place, so
+    processes racing to build it never see a partial dataset.
+
+    Args:
+        tokenizer: the run's tokenizer.
+        sequence_length: tokens per row.
+        max_bytes: bytes of source text to use (a prefix of the sorted files).
+        cache_dir: where datasets are cached; default ``$MULTIRUN_CACHE`` or
+            ``~/.cache/multirun``.
+        progress: show a progress bar while building.
+    """
+    sources = demo_corpus_sources()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    final = cache / f"demo-L{sequence_length}-{_demo_key(sources, tokenizer, sequence_length, max_bytes)}"
+    if final.exists():
+        try:
+            return read_dataset_info(final)
+        except InputError:
+            # Complete builds are renamed in whole, so an invalid entry was damaged
+            # after the fact: move it out of the way and rebuild.
+            broken = final.with_name(f".{final.name}.tmp-broken-{os.getpid()}")
+            try:
+                os.replace(final, broken)
+            except OSError:
+                pass  # a concurrent process already moved it
+            shutil.rmtree(broken, ignore_errors=True)
+
+    cache.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(cache)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
+    try:
+        prepare_dataset(sources, tmp, tokenizer, sequence_length, max_bytes=max_bytes, progress=progress, skip_invalid=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another process renamed its finished build into place first; use it.
+            if not (final / INFO_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return read_dataset_info(final)
+
+
+def demo_heldout_rows(tokenizer: Tokenizer, sequence_length: int, *, count: int, train_max_bytes: int) -> np.ndarray:
+    """``count`` rows of held-out text for the demo: stdlib files the demo never trains on.
+
+    Training takes a prefix of the sorted sources (``train_max_bytes``); held-out rows
+    come from the other end of the list, so the two never share a file.
+    """
+    sources = demo_corpus_sources()
+    used, first_free = 0, len(sources)
+    for index, path in enumerate(sources):
+        if used >= train_max_bytes:
+            first_free = index
+            break
+        used += path.stat().st_size
+    tokens: list[int] = []
+    needed = count * sequence_length
+    for path in reversed(sources[first_free:]):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        tokens.extend(tokenizer.encode(text))
+        tokens.append(tokenizer.eos_token_id)
+        if len(tokens) >= needed:
+            break
+    if len(tokens) < needed:
+        raise InputError(
+            f"the standard library has too little text beyond the demo's {train_max_bytes} training bytes "
+            f"for {count} held-out rows",
+            key="data.demo_max_bytes",
+        )
+    return np.asarray(tokens[:needed], dtype=np.int64).reshape(count, sequence_length)
+
+
+def read_rows(path: str | os.PathLike[str], count: int) -> np.ndarray:
+    """The first ``count`` rows of a prepared MDS dataset (e.g. a held-out split)."""
+    info = read_dataset_info(path)
+    if info.num_samples < count:
+        raise InputError(f"the dataset has {info.num_samples} rows, {count} requested", file=info.path)
+    dataset = build_dataloader(info.path, batch_size=1, shuffle=False).dataset
+    return np.stack([np.asarray(dataset.get_item(i)["input_ids"], dtype=np.int64) for i in range(count)])

@@ -1,0 +1,1 @@
+"""Interaction tests: arms trained from one checkpoint, and the matrix of their effects."""

@@ -1,0 +1,1 @@
+"""Payload kinds: registries, payload packages, and experiments prepared from a config."""

@@ -1,0 +1,291 @@
+"""Runs every experiment's monitor at the configured cadence and tests the results.
+
+Per evaluation: each monitor scores its items on the live model; each metric's treated
+items are compared with the controls (and each group of treated items with all
+controls) by the test that fits it; primary metrics are Holm-corrected across the
+run's experiments; results go to Composer's logger (``multirun/<experiment>/<metric>/...``)
+and to ``metrics.jsonl`` in the run directory (rank 0).
+
+A monitor that raises is recorded in ``metrics.jsonl`` and warned about; training goes
+on unless ``monitoring.on_error: raise``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from composer.utils import dist
+
+from multirun.config import LoadedConfig, MonitoringConfig, cadence_steps
+from multirun.errors import ConfigError
+from multirun.run.files import append_jsonl, plain, read_jsonl, truncate_jsonl
+from multirun.measure.live_model import LiveModel, MetricScores, Monitor
+from multirun.kinds.registry import monitors as monitor_registry
+from multirun.plan.run_plan import RunPlan
+from multirun.measure.stats import EffectResult, compare_means, compare_rates, holm_adjust, one_sample_z
+from multirun.data.tokenizers import Tokenizer
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class ExperimentMonitor:
+    experiment: str
+    monitor_name: str
+    monitor: Monitor
+    every: int | None = None  # steps between interval evaluations (None: fit start and end only)
+
+
+def build_monitors(loaded: LoadedConfig, plan: RunPlan, tokenizer: Tokenizer) -> list[ExperimentMonitor]:
+    """Construct each enabled experiment's monitor now, so bad options fail before training."""
+    out = []
+    by_name = {e.name: e for e in plan.experiments}
+    for index, spec in enumerate(loaded.config.experiments):
+        if not spec.monitor.enabled:
+            continue
+        experiment = by_name[spec.name]
+        name = spec.monitor.name or experiment.kind
+        key = f"experiments[{index}].monitor"
+        monitor_class = monitor_registry.get(name, file=loaded.source, key=f"{key}.name")
+        try:
+            monitor = monitor_class.from_experiment(
+                experiment, tokenizer=tokenizer, options=dict(spec.monitor.options), sequence_length=plan.geometry.sequence_length
+            )
+        except ConfigError as exc:
+            inner = f".{exc.key}" if exc.key else ""
+            raise ConfigError(exc.message, file=loaded.source, key=f"{key}{inner}".replace(".monitor.monitor", ".monitor")) from None
+        out.append(ExperimentMonitor(spec.name, name, monitor, loaded.config.monitor_every(spec)))
+    return out
+
+
+def effects_of(
+    scores: MetricScores, *, n_resamples: int, seed: int, ci_resamples: int | None = None
+) -> list[tuple[str | None, EffectResult]]:
+    """The metric's effect over all treated items, then per group of treated items, against all controls."""
+    valid = ~np.isnan(scores.scores)
+    control = scores.scores[valid & ~scores.treated]
+    selections: list[tuple[str | None, np.ndarray]] = [(None, valid & scores.treated)]
+    if scores.groups is not None:
+        labels = np.asarray(scores.groups, dtype=object)
+        for group in sorted({g for g, t in zip(scores.groups, scores.treated) if t}):
+            selections.append((str(group), valid & scores.treated & (labels == group)))
+    out = []
+    for group, mask in selections:
+        treated = scores.scores[mask]
+        out.append((group, _compare(scores, treated, control, n_resamples=n_resamples, ci_resamples=ci_resamples, seed=seed)))
+    return out
+
+
+def _compare(
+    scores: MetricScores, treated: np.ndarray, control: np.ndarray, *, n_resamples: int, ci_resamples: int | None, seed: int
+) -> EffectResult:
+    if scores.test == "rates":
+        return compare_rates(
+            int(treated.sum()), int(treated.size), int(control.sum()), int(control.size),
+            metric=scores.metric, alternative=scores.alternative,
+        )
+    if scores.test == "z":
+        return one_sample_z(treated, metric=scores.metric, alternative=scores.alternative, control_values=control)
+    return compare_means(
+        treated, control, metric=scores.metric, alternative=scores.alternative,
+        n_resamples=n_resamples, ci_resamples=ci_resamples, seed=seed,
+    )
+
+
+class MonitorRunner:
+    """Evaluates all monitors; identical results and decisions on every rank."""
+
+    def __init__(
+        self,
+        entries: list[ExperimentMonitor],
+        config: MonitoringConfig,
+        *,
+        run_dir: Path,
+        pad_token_id: int,
+        sequence_length: int,
+        seed: int,
+        heldout: np.ndarray | None = None,
+    ) -> None:
+        self.entries = entries
+        self.heldout = heldout
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.pad_token_id = pad_token_id
+        self.sequence_length = sequence_length
+        self.seed = seed
+        self.every = cadence_steps(config.every)
+        self.evaluation_seconds: list[tuple[int, int, float]] = []  # (step, experiments scored, seconds)
+        self.last_records: list[dict[str, Any]] = []
+        self.last_evaluated: list[str] = []
+        self.seconds_by_part: dict[str, float] = {}  # experiment names, "heldout_loss", "statistics", follow-ups
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of all evaluations so far."""
+        return sum(seconds for _, _, seconds in self.evaluation_seconds)
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.evaluation_seconds)
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / METRICS_FILE
+
+    def due_experiments(self, completed_steps: int) -> list[str]:
+        """Experiments whose own cadence divides ``completed_steps``."""
+        return [e.experiment for e in self.entries if _due(e.every, completed_steps)]
+
+    def heldout_due(self, completed_steps: int) -> bool:
+        """Whether the held-out loss (the run's cadence) is due after ``completed_steps`` steps."""
+        return _due(self.every, completed_steps)
+
+    def evaluate(
+        self,
+        module: Any,
+        *,
+        step: int,
+        when: str,
+        precision_context: Any = None,
+        experiments: Collection[str] | None = None,
+        heldout: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Score monitors on ``module`` (the unwrapped causal LM) after ``step`` completed steps.
+
+        ``experiments``: only these (None: all; the callback passes :meth:`due_experiments`
+        at interval evaluations); ``heldout``: also the held-out loss. Holm's family is the
+        primary metrics scored in this evaluation, so the fit-end evaluation, which scores
+        every experiment, corrects over the whole run.
+        """
+        entries = [e for e in self.entries if experiments is None or e.experiment in experiments]
+        self.last_evaluated = [e.experiment for e in entries]
+        live = LiveModel(
+            module, pad_token_id=self.pad_token_id, max_length=self.sequence_length,
+            batch_tokens=self.config.batch_tokens, batch_size=self.config.batch_size,
+            precision_context=precision_context,
+        )
+        if live.device.type == "cuda":
+            # The training step's kernels may still be queued; without this the monitor's
+            # first synchronising call would wait for them on the monitor's clock.
+            torch.cuda.synchronize(live.device)
+        started = time.perf_counter()
+        records: list[dict[str, Any]] = []
+        primary: list[int] = []
+        if heldout and self.heldout is not None and len(self.heldout):
+            with self._timed("heldout_loss"):
+                loss = heldout_loss(live, self.heldout)
+            records.append({"step": step, "when": when, "experiment": "_run", "metric": "heldout_loss", "value": loss})
+        for entry in entries:
+            try:
+                with self._timed(entry.experiment):
+                    results = entry.monitor.evaluate(live)
+            except Exception as exc:  # a broken monitor must not silently vanish, nor stop training by default
+                if self.config.on_error == "raise":
+                    raise
+                warnings.warn(f"multirun: monitor {entry.monitor_name!r} of {entry.experiment!r} failed at step {step}: {exc!r}")
+                records.append({"step": step, "when": when, "experiment": entry.experiment, "monitor": entry.monitor_name, "error": repr(exc)})
+                continue
+            with self._timed("statistics"):
+                # One seed for every evaluation: the same random splits and resamples
+                # (common random numbers), so a p-value moves between evaluations with
+                # the scores, not with the draws; and the splits are drawn only once.
+                effects = [
+                    (scores, effects_of(
+                        scores, n_resamples=self.config.n_resamples, ci_resamples=self.config.ci_resamples, seed=self.seed
+                    ))
+                    for scores in results
+                ]
+            for scores, by_group in effects:
+                for group, effect in by_group:
+                    record = {
+                        "step": step, "when": when, "experiment": entry.experiment, "monitor": entry.monitor_name,
+                        "group": group, "primary": scores.primary and group is None, **effect.to_dict(),
+                    }
+                    if group is None:
+                        record["items"] = [
+                            [item, bool(t), plain(s)] for item, t, s in zip(scores.item_ids, scores.treated, scores.scores)
+                        ]
+                    if record["primary"]:
+                        primary.append(len(records))
+                    records.append(record)
+        adjusted = holm_adjust([EffectResult.from_dict(_effect_fields(records[i])) for i in primary])
+        for i, result in zip(primary, adjusted):
+            records[i]["p_holm"] = result.p_holm
+        self.last_records = records
+        if dist.get_global_rank() == 0:
+            self._append(records)
+        self.evaluation_seconds.append((step, len(entries), time.perf_counter() - started))
+        return records
+
+    @contextlib.contextmanager
+    def follow_up(self, part: str) -> Iterator[None]:
+        """Time work that acts on the last evaluation's records (logging them, controller
+        decisions) as part of that evaluation's cost, under ``part``."""
+        before = self.seconds_by_part.get(part, 0.0)
+        try:
+            with self._timed(part):
+                yield
+        finally:
+            if self.evaluation_seconds:
+                step, scored, total = self.evaluation_seconds[-1]
+                self.evaluation_seconds[-1] = (step, scored, total + self.seconds_by_part[part] - before)
+
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds_by_part[part] = self.seconds_by_part.get(part, 0.0) + time.perf_counter() - started
+
+    def log(self, logger: Any, records: list[dict[str, Any]]) -> None:
+        metrics: dict[str, float] = {}
+        for r in records:
+            if r["experiment"] == "_run" and "value" in r:
+                metrics[f"multirun/{r['metric']}"] = float(r["value"])
+                continue
+            if "error" in r:
+                continue
+            prefix = f"multirun/{r['experiment']}/{r['metric']}" + (f"/{r['group']}" if r["group"] else "")
+            for key in ("treated_mean", "control_mean", "effect", "p_value", "p_holm"):
+                value = r.get(key)
+                if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                    metrics[f"{prefix}/{key}"] = float(value)
+        if metrics:
+            logger.log_metrics(metrics)
+
+    def _append(self, records: list[dict[str, Any]]) -> None:
+        append_jsonl(self.path, records)
+
+    def truncate(self, after_step: int) -> None:
+        """Drop records of evaluations after ``after_step`` (they are repeated after a resume)."""
+        truncate_jsonl(self.path, lambda r: int(r.get("step", 1 << 62)) <= after_step)
+
+
+def _due(every: int | None, completed_steps: int) -> bool:
+    return every is not None and completed_steps > 0 and completed_steps % every == 0
+
+
+def heldout_loss(live: LiveModel, rows: np.ndarray) -> float:
+    """Mean next-token cross-entropy (nats) over held-out rows."""
+    scores = live.score_targets([r[:1] for r in rows], [r[1:] for r in rows])
+    return float(-scores.logprob_sum.sum() / scores.n_tokens.sum())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of ``metrics.jsonl`` (a torn last line of a killed run is skipped)."""
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
+
+
+def _effect_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    names = EffectResult.__dataclass_fields__
+    return {k: v for k, v in record.items() if k in names}

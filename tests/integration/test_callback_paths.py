@@ -1,0 +1,174 @@
+"""The callback outside `multirun train`: built from an llm-foundry YAML through the
+`llmfoundry_callbacks` entry point, and on plain tensor batches without sample ids."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from composer import Callback, Trainer
+from composer.models import ComposerModel
+from torch.utils.data import DataLoader, Dataset
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from multirun.integration.callback import MultirunCallback
+from multirun.data.mds import PreparedDataset, build_dataloader
+from multirun.errors import ConfigError, PayloadError
+from multirun.ledger import Ledger
+from multirun.run.model import build_gpt2
+from tests.support import CaptureBatches, as_numpy, make_dataset, make_payloads
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> PreparedDataset:
+    return make_dataset(tmp_path_factory.mktemp("paths") / "mds", samples=80)
+
+
+def _foundry_callback_kwargs(tmp: Path) -> dict:
+    payloads = make_payloads(tmp / "payloads")
+    # What an llm-foundry YAML gives under `callbacks:` (a dict of name -> kwargs).
+    text = f"""
+callbacks:
+  multirun:
+    run_dir: {tmp / "multirun"}
+    sequence_length: 64
+    seed: 3
+    injection: {{max_modified_fraction: 0.3}}
+    experiments:
+      - {{name: canaries, payload: {payloads["canaries"]}, repetitions: 2}}
+      - {{name: facts, payload: {payloads["facts"]}, repetitions: 1}}
+"""
+    return yaml.safe_load(text)["callbacks"]["multirun"]
+
+
+def test_llmfoundry_entry_point_builds_a_working_callback(tmp_path: Path, dataset: PreparedDataset) -> None:
+    (entry,) = [e for e in entry_points(group="llmfoundry_callbacks") if e.name == "multirun"]
+    callback_class = entry.load()
+    assert callback_class is MultirunCallback
+    callback = callback_class(**_foundry_callback_kwargs(tmp_path))
+    capture = CaptureBatches()
+    trainer = Trainer(
+        model=build_gpt2(vocab_size=258, sequence_length=64, n_layer=1, n_head=2, n_embd=32, eos_token_id=256),
+        train_dataloader=build_dataloader(dataset.path, batch_size=4),
+        max_duration="12ba",
+        callbacks=[callback, capture],
+        device="cpu",
+        progress_bar=False,
+    )
+    trainer.fit()
+    trainer.close()
+    ledger = Ledger.open(tmp_path / "multirun")
+    assert len(ledger) == len(callback.plan.spans) > 0  # planned at FIT_START from the trainer's batch and duration
+    assert callback.plan.geometry.global_batch_size == 4 and callback.plan.geometry.num_steps == 12
+    for row in ledger.table.to_pylist():
+        batch = capture.batches[row["step"]]
+        got = as_numpy(batch["input_ids"][row["local_row"], row["offset"] : row["offset"] + row["length"]])
+        experiment = callback.plan.experiments[callback.plan.experiment_names.index(row["experiment"])]
+        np.testing.assert_array_equal(got, experiment.sequence_tokens(row["sequence"]))
+    assert (tmp_path / "multirun" / "summary.json").is_file()
+
+
+def test_llmfoundry_path_runs_controllers_in_process(tmp_path: Path, dataset: PreparedDataset) -> None:
+    kwargs = _foundry_callback_kwargs(tmp_path)
+    kwargs["monitoring"] = {"every": "4ba", "n_resamples": 200}
+    kwargs["experiments"][1]["control_fraction"] = 0.25
+    kwargs["experiments"][1]["controller"] = {
+        "name": "acquire", "options": {"metric": "text_logprob", "threshold": 0.0, "initial_rate": 1, "max_rate": 2},
+    }
+    callback = MultirunCallback(**kwargs)
+    trainer = Trainer(
+        model=build_gpt2(vocab_size=258, sequence_length=64, n_layer=1, n_head=2, n_embd=32, eos_token_id=256),
+        train_dataloader=build_dataloader(dataset.path, batch_size=4),
+        max_duration="12ba",
+        callbacks=[callback],
+        device="cpu",
+        progress_bar=False,
+    )
+    trainer.fit()
+    trainer.close()
+    run_dir = tmp_path / "multirun"
+    decisions = [json.loads(line) for line in (run_dir / "controller.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in decisions] == [0, 4, 8, 12]
+    facts = Ledger.open(run_dir).query(experiment="facts").to_pylist()
+    assert facts, "the controller placed no spans"
+    for row in facts:  # every span was asked for by the decision of its window
+        assert decisions[row["step"] // 4]["exposures"][row["item"]] > 0
+    Ledger.open(run_dir).check_integrity()
+
+
+def test_llmfoundry_kwargs_are_validated_at_construction(tmp_path: Path) -> None:
+    kwargs = _foundry_callback_kwargs(tmp_path)
+    with pytest.raises(ConfigError, match="sequence_length"):
+        MultirunCallback(**{k: v for k, v in kwargs.items() if k != "sequence_length"})
+    with pytest.raises(ConfigError, match="repetitions"):
+        MultirunCallback(**{**kwargs, "experiments": [{"name": "x", "payload": "p", "repetitions": -1}]})
+    broken = dict(kwargs)
+    (Path(kwargs["experiments"][0]["payload"]) / "items.jsonl").write_text('{"id": "a", "text": "changed"}\n')
+    with pytest.raises(PayloadError, match="items.jsonl"):
+        MultirunCallback(**broken)
+
+
+class TokenRows(Dataset):
+    """Plain token tensors: no dict, no sample ids."""
+
+    def __init__(self, rows: int, length: int) -> None:
+        self.data = torch.randint(0, 200, (rows, length), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+class TensorBatchLM(ComposerModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = GPT2LMHeadModel(GPT2Config(vocab_size=258, n_positions=64, n_layer=1, n_head=2, n_embd=32))
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def loss(self, outputs: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return outputs
+
+
+def test_plain_tensor_batches_are_injected_rank_major(tmp_path: Path) -> None:
+    kwargs = _foundry_callback_kwargs(tmp_path)
+    callback = MultirunCallback(**kwargs)
+    data = TokenRows(48, 64)
+    seen: list[torch.Tensor] = []
+
+    class Keep(Callback):  # records the batch the model trained on
+        def after_dataloader(self, state, logger):  # type: ignore[no-untyped-def]
+            seen.append(state.batch.clone())
+
+    trainer = Trainer(
+        model=TensorBatchLM(),
+        train_dataloader=DataLoader(data, batch_size=4, shuffle=False),
+        max_duration="12ba",
+        callbacks=[callback, Keep()],
+        device="cpu",
+        progress_bar=False,
+    )
+    trainer.fit()
+    trainer.close()
+    table = Ledger.open(tmp_path / "multirun").table.to_pylist()
+    assert table and all(row["sample_id"] == -1 for row in table)
+    injected = [np.zeros((4, 64), dtype=bool) for _ in seen]
+    for row in table:
+        assert row["global_row"] == row["local_row"]  # one rank: rank-major rows are local rows
+        start, end = row["offset"], row["offset"] + row["length"]
+        experiment = callback.plan.experiments[callback.plan.experiment_names.index(row["experiment"])]
+        np.testing.assert_array_equal(as_numpy(seen[row["step"]][row["local_row"], start:end]), experiment.sequence_tokens(row["sequence"]))
+        injected[row["step"]][row["local_row"], start:end] = True
+    for step, batch in enumerate(seen):
+        original = as_numpy(data.data[step * 4 : step * 4 + 4])
+        np.testing.assert_array_equal(as_numpy(batch)[~injected[step]], original[~injected[step]])
