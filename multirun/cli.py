@@ -148,15 +148,19 @@ def _train(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from multirun.config import load_config
-    from multirun.plan.run_plan import build_run_plan
-    from multirun.run.trainer import resolve_dataset, run_geometry, run_tokenizer
+    from multirun.run.inputs import heldout_rows, resolve_dataset, run_dir_of, run_geometry, run_tokenizer
+    from multirun.run.parts import assemble_parts
 
     loaded = load_config(args.config, args.overrides)
     tokenizer = run_tokenizer(loaded)
     dataset = resolve_dataset(loaded, tokenizer)
-    plan = build_run_plan(loaded, tokenizer=tokenizer, geometry=run_geometry(loaded, dataset))
-    _print_plan(plan)
-    console.print("[green]config, payloads and placement are valid[/]")
+    # The same assembly as `multirun train`: monitor and controller options are checked too.
+    parts = assemble_parts(
+        loaded, tokenizer=tokenizer, geometry=run_geometry(loaded, dataset), run_dir=run_dir_of(loaded),
+        heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
+    )
+    _print_plan(parts.plan)
+    console.print("[green]config, payloads, placement, monitors and controllers are valid[/]")
     return 0
 
 

@@ -105,3 +105,35 @@ def test_payload_fingerprint_repairs_an_edited_package(tmp_path: Path, capsys: p
     assert "items.jsonl" in capsys.readouterr().out
     assert main(["payload", "fingerprint", str(root)]) == 0
     assert main(["payload", "check", str(root)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("experiment", "key"),
+    [
+        (
+            {
+                "monitor": {"every": "4ba"},
+                "controller": {"name": "acquire", "options": {"metric": "text_logprob", "treshold": 0.5}},
+            },
+            "treshold",
+        ),
+        ({"monitor": {"options": {"prefix_tokenz": 8}}}, "prefix_tokenz"),
+    ],
+    ids=["controller", "monitor"],
+)
+def test_check_rejects_mistyped_controller_and_monitor_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], experiment: dict, key: str
+) -> None:
+    # `check` assembles the run as `train` does: a typo fails here, not minutes into training.
+    dataset = make_dataset(tmp_path / "mds", samples=60)
+    good = run_config(tmp_path, dataset, steps=12, name="good")
+    assert main(["check", str(good)]) == 0
+    payloads = tmp_path / "payloads"
+    bad = run_config(
+        tmp_path, dataset, steps=12, name="bad",
+        experiments=[{"name": "facts", "payload": str(payloads / "facts"), "repetitions": 1, **experiment}],
+    )
+    capsys.readouterr()
+    assert main(["check", str(bad)]) == 2
+    out = capsys.readouterr().out
+    assert "bad.yaml" in out and key in out and "experiments[0]" in out

@@ -41,7 +41,8 @@ class RowMap:
     """Which global rows this rank holds at one step.
 
     ``global_row[i]`` is the global row of local row ``i``; ``total_rows`` is the
-    number of rows of the step across all ranks.
+    number of rows of the step across all ranks, or -1 when the batch has no sample
+    ids and rows are numbered rank-major (this rank holds a contiguous range).
     """
 
     global_row: np.ndarray
@@ -49,6 +50,11 @@ class RowMap:
 
     def local_rows_of(self, rows: np.ndarray) -> np.ndarray:
         """Local row of each global row in ``rows``, -1 where another rank holds it."""
+        if self.total_rows < 0:
+            first = int(self.global_row[0]) if self.global_row.shape[0] else 0
+            local = rows.astype(np.int64) - first
+            local[(local < 0) | (local >= self.global_row.shape[0])] = -1
+            return local
         lookup = np.full(max(self.total_rows, 1), -1, dtype=np.int64)
         lookup[self.global_row] = np.arange(self.global_row.shape[0])
         inside = rows < self.total_rows

@@ -1,128 +1,86 @@
 """The Composer callback that injects experiment payloads and records provenance.
 
-Events (see ARCHITECTURE.md, "Data flow"):
+One method per Composer event (see docs/architecture.md, "One batch through the pipeline"):
 
-- ``FIT_START``: build the plan if it was not given (llm-foundry path), check a
-  resumed checkpoint belongs to this plan, cut the ledger back to the resumed step.
-- ``AFTER_DATALOADER``: overwrite this step's spans in the host batch, before
-  Composer splits microbatches, and append them to this rank's ledger buffer.
+- ``FIT_START``: assemble the parts if they wait for the trainer (llm-foundry path),
+  check a resumed checkpoint belongs to this plan, cut the ledger back to the resumed step.
+- ``AFTER_DATALOADER``: :func:`multirun.inject.step.plan_step` says what this rank
+  injects; the callback overwrites it in the host batch, before Composer splits
+  microbatches, and appends it to this rank's ledger buffer.
+- ``BEFORE_FORWARD``: tell the embedding-noise hook which rows the microbatch holds.
+- ``BATCH_END``: evaluate the monitors that are due; controllers decide.
 - ``BATCH_CHECKPOINT`` / ``EPOCH_CHECKPOINT``: flush the ledger when a checkpoint is
   about to be written, so a checkpoint never covers steps the ledger lacks.
 - ``FIT_END``: flush, then rank 0 writes ``summary.json``.
 
-Example (Python)::
+Example (Python; :func:`multirun.run.parts.assemble_parts` builds the parts)::
 
-    trainer = Trainer(..., callbacks=[MultirunCallback(plan=plan, run_dir="runs/x")])
+    trainer = Trainer(..., callbacks=[MultirunCallback(parts)])
 
-Example (llm-foundry YAML, through the ``llmfoundry_callbacks`` entry point)::
-
-    callbacks:
-      multirun:
-        config: experiments.yaml      # a multirun YAML with `experiments:` (and optionally injection, tokenizer, seed)
-        run_dir: ${save_folder}/multirun
-        sequence_length: 2048
+On llm-foundry, :class:`multirun.integration.llmfoundry.LlmFoundryMultirunCallback`
+(the ``llmfoundry_callbacks`` entry point) gives the callback parts that are
+assembled at ``FIT_START`` from the trainer's batch size and duration.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from composer.callbacks import CheckpointSaver
-from composer.core import Callback, Event, State, TimeUnit
+from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from multirun.inject.batch import (
-    apply_spans,
-    flat_token_positions,
-    global_rows,
-    input_ids_of,
-    sample_ids_of,
-)
 from multirun.control.loop import ControlLoop
-from multirun.errors import ConfigError, MultirunError, ResumeError
-from multirun.run.files import append_jsonl, truncate_jsonl
+from multirun.errors import MultirunError, ResumeError
+from multirun.inject.batch import RowMap, apply_spans, global_rows, input_ids_of, sample_ids_of
+from multirun.inject.noise import EmbeddingNoiseHook
+from multirun.inject.step import plan_step
 from multirun.ledger import Ledger, LedgerWriter, truncate_ledger
-from multirun.measure.runner import MonitorRunner
 from multirun.measure.live_model import unwrap_model
-from multirun.inject.noise import EmbeddingNoiseHook, noised_spans
+from multirun.measure.runner import MonitorRunner
 from multirun.plan.run_plan import RunPlan, write_json_atomic
-from multirun.types import BatchGeometry, SpanTable
+from multirun.run.files import append_jsonl, truncate_jsonl
+from multirun.run.parts import RunParts
+from multirun.types import BatchGeometry
 
 STATE_FORMAT = 1
 TRAINING_LOG = "training.jsonl"
 INTERACTION_TRIGGER = "interaction_trigger.json"
 
 
+class PartsAtFitStart(Protocol):
+    """Parts that can only be assembled once the trainer exists (the llm-foundry path)."""
+
+    run_dir: Path
+    interaction_after: str
+
+    def assemble(self, state: State) -> RunParts:
+        """Build the run's parts from the trainer's batch size and duration."""
+        ...
+
+
 class MultirunCallback(Callback):
     """Inject many experiments into one Composer run with exact provenance.
 
     Args:
-        plan: a ready :class:`~multirun.plan.run_plan.RunPlan` (what ``multirun train`` passes).
-        monitors: scores the experiments on the live model at fit start, every N steps
-            and at fit end (built from the config on the llm-foundry path).
-        run_dir: where the ledger, manifest and summary go.
+        parts: the run's parts (:func:`multirun.run.parts.assemble_parts`), or an
+            object that assembles them at ``FIT_START`` from the trainer's geometry.
         overwrite: allow a fresh start in a run directory whose earlier run finished.
-        config: llm-foundry path: a multirun YAML (``experiments:``, optionally
-            ``injection:``, ``tokenizer:``, ``seed:``); the plan is built at FIT_START
-            from the trainer's batch size and duration.
-        sequence_length: llm-foundry path: the training sequence length.
-        experiments, injection, tokenizer, seed, monitoring, interaction: llm-foundry path,
-            inline instead of ``config``.
     """
 
-    def __init__(
-        self,
-        plan: RunPlan | None = None,
-        *,
-        monitors: MonitorRunner | None = None,
-        control: ControlLoop | None = None,
-        interaction_after: str = "none",
-        run_dir: str | Path | None = None,
-        overwrite: bool = False,
-        config: str | Path | None = None,
-        sequence_length: int | None = None,
-        experiments: list[dict] | None = None,
-        injection: dict | None = None,
-        tokenizer: dict | None = None,
-        seed: int | None = None,
-        monitoring: dict | None = None,
-        interaction: dict | None = None,
-    ) -> None:
-        self.plan = plan
-        self.monitors = monitors
-        self.control = control
-        self.interaction_after = interaction_after
-        self._interaction_trigger: dict[str, Any] | None = None
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+    def __init__(self, parts: RunParts | PartsAtFitStart, *, overwrite: bool = False) -> None:
+        self.parts: RunParts | None = parts if isinstance(parts, RunParts) else None
+        self._pending = None if isinstance(parts, RunParts) else parts
+        self.run_dir = Path(parts.run_dir)
+        self.interaction_after = parts.interaction_after
         self.overwrite = overwrite
-        self._deferred = None
-        if plan is None:
-            # Validate payloads and config now, so bad input fails before training starts.
-            from multirun.integration.llmfoundry import DeferredPlan
-
-            self._deferred = DeferredPlan.from_kwargs(
-                config=config,
-                sequence_length=sequence_length,
-                experiments=experiments,
-                injection=injection,
-                tokenizer=tokenizer,
-                seed=seed,
-                run_dir=run_dir,
-                monitoring=monitoring,
-                interaction=interaction,
-            )
-            self.interaction_after = self._deferred.loaded.config.interaction.after
-            if self.run_dir is None:
-                self.run_dir = self._deferred.run_dir
-        if self.run_dir is None:
-            raise ConfigError("MultirunCallback needs run_dir", key="run_dir")
+        self._interaction_trigger: dict[str, Any] | None = None
         self._writer: LedgerWriter | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._missed_spans: dict[str, int] = {}
@@ -132,6 +90,20 @@ class MultirunCallback(Callback):
         self._fit_started = time.perf_counter()
         self._microbatch_first_row = 0
         self._losses: list[dict[str, Any]] = []
+        self._savers: list[CheckpointSaver] = []
+
+    @property
+    def plan(self) -> RunPlan | None:
+        """The run plan (None on the llm-foundry path until ``FIT_START``)."""
+        return self.parts.plan if self.parts is not None else None
+
+    @property
+    def monitors(self) -> MonitorRunner | None:
+        return self.parts.monitors if self.parts is not None else None
+
+    @property
+    def control(self) -> ControlLoop | None:
+        return self.parts.control if self.parts is not None else None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -151,80 +123,141 @@ class MultirunCallback(Callback):
         self._interaction_trigger = json.loads(trigger) if trigger else None
 
     # ----------------------------------------------------------------- events
-    def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.FIT_START:
-            self._fit_start(state)
-        elif event == Event.AFTER_DATALOADER:
-            self._after_dataloader(state, logger)
-        elif event == Event.BEFORE_FORWARD and self._noise_hook is not None:
+    def fit_start(self, state: State, logger: Logger) -> None:
+        """Assemble pending parts, check a resumed checkpoint, cut the ledger back to the resumed step."""
+        self._fit_started = time.perf_counter()
+        if self.parts is None:
+            assert self._pending is not None
+            self.parts = self._pending.assemble(state)
+        parts = self.parts
+        self._check_resume(parts.plan)
+        self._order_before_checkpoint_savers(state)
+        rank = dist.get_global_rank()
+        step = int(state.timestamp.batch)
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._prepare_ledger_dir(self.run_dir, step)
+            parts.plan.write(self.run_dir)
+        dist.barrier()
+        self._writer = LedgerWriter(
+            self.run_dir,
+            rank=rank,
+            experiment_names=parts.plan.experiment_names,
+            item_ids=[e.item_ids for e in parts.plan.experiments],
+        )
+        if any(spec is not None for spec in parts.noise_specs):
+            self._noise_hook = EmbeddingNoiseHook(unwrap_model(state.model).get_input_embeddings())
+        control, monitors = parts.control, parts.monitors
+        if control is not None:
+            control.restore((self._loaded_state or {}).get("controllers"), resumed_step=step)
+            if step == 0 and not monitors.config.at_fit_start:
+                control.decide(step=0, records=[])  # the first window gets its spans too
+        if rank == 0:
+            # Evaluations after the checkpoint (or all, on a fresh start) run again.
+            monitors.truncate(after_step=step if step > 0 else -1)
+        if step == 0 and monitors.config.at_fit_start:
+            self._evaluate(state, None, step=0, when="fit_start")
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        """Overwrite this step's spans in the host batch (before Composer splits
+        microbatches) and append them to this rank's ledger buffer."""
+        assert self.parts is not None and self._writer is not None
+        plan = self.parts.plan
+        started = time.perf_counter()
+        step = int(state.timestamp.batch)
+        self._microbatch_first_row = 0
+        if self._noise_hook is not None:
+            self._noise_hook.clear()
+        batch = state.batch
+        input_ids = input_ids_of(batch)
+        local_rows, sequence_length = int(input_ids.shape[0]), int(input_ids.shape[1])
+        sample_ids = sample_ids_of(batch)
+        injection = plan_step(
+            plan,
+            step=step,
+            rows=self._row_map(sample_ids, local_rows),
+            world_size=dist.get_world_size(),
+            sequence_length=sequence_length,
+            dynamic=self.control.spans_at(step) if self.control is not None else None,
+            sample_ids=sample_ids,
+            noise_specs=self.parts.noise_specs,
+        )
+        if not self._checked_geometry:
+            self._check_geometry(plan.geometry, injection.located.total_rows, sequence_length)
+        self._record_missed(injection.located.missed, injection.located.total_rows)
+        if len(injection):
+            state.batch = apply_spans(
+                batch, positions=injection.positions, tokens=injection.tokens,
+                eos_token_id=plan.eos_token_id, rows_touched=injection.located.local_rows,
+            )
+            if self._noise_hook is not None:
+                self._noise_hook.set_step(injection.noise)
+            self._writer.append(**injection.ledger_columns())
+            injected = int(injection.spans.length.sum()) if dist.get_global_rank() == 0 else 0
+            logger.log_metrics({"multirun/injected_tokens_rank0": injected})
+        self._injection_seconds += time.perf_counter() - started
+
+    def before_forward(self, state: State, logger: Logger) -> None:
+        """Tell the embedding-noise hook which rows of the step's batch this microbatch holds."""
+        if self._noise_hook is not None:
             rows = int(input_ids_of(state.batch).shape[0])
             self._noise_hook.set_microbatch(self._microbatch_first_row, rows)
             self._microbatch_first_row += rows
-        elif event == Event.BATCH_END:
-            if self._noise_hook is not None:
-                self._noise_hook.clear()
-            self._record_loss(state)
-            self._evaluate_if_due(state, logger)
-        elif event in (Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT):
-            if self._checkpoint_due(state, event):
-                self._flush()
-        elif event == Event.FIT_END:
-            self._fit_end(state, logger)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        """Keep the step's loss; evaluate the monitors that are due."""
+        if self._noise_hook is not None:
+            self._noise_hook.clear()
+        self._record_loss(state)
+        self._evaluate_if_due(state, logger)
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        """Flush the ledger when a checkpoint is about to be written, so a checkpoint
+        never covers steps the ledger lacks."""
+        if self._checkpoint_due(state, Event.BATCH_CHECKPOINT):
+            self._flush()
+
+    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
+        if self._checkpoint_due(state, Event.EPOCH_CHECKPOINT):
+            self._flush()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        """Score every monitor, flush, and (rank 0) write ``summary.json``."""
+        if self.monitors is not None and self.monitors.config.at_fit_end:
+            self._evaluate(state, logger, step=int(state.timestamp.batch), when="fit_end")
+        if self.interaction_after in ("acquired", "end"):
+            self._record_interaction_trigger(state, "end_of_training")
+        self._flush()
+        dist.barrier()
+        if dist.get_global_rank() == 0:
+            self._write_summary(state)
+        dist.barrier()
 
     def close(self, state: State, logger: Logger) -> None:
         # Training raised or the trainer closed: keep what was trained on. Rows after
         # the last checkpoint are cut again on resume, so flushing here is safe.
         self._flush()
+        if self._noise_hook is not None:
+            self._noise_hook.remove()
+            self._noise_hook = None
 
-    def _fit_start(self, state: State) -> None:
-        self._fit_started = time.perf_counter()
-        if self.plan is None:
-            assert self._deferred is not None
-            self.plan = self._deferred.build(state)
-            self.monitors = self._deferred.build_monitors(self.plan)
-            self.control = self._deferred.build_control(self.plan, self.monitors)
-        self._check_resume()
-        self._order_before_checkpoint_savers(state)
-        rank = dist.get_global_rank()
-        step = int(state.timestamp.batch)
-        run_dir = self.run_dir
-        assert run_dir is not None
-        if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self._prepare_ledger_dir(run_dir, step)
-            self.plan.write(run_dir)
-        dist.barrier()
-        self._writer = LedgerWriter(
-            run_dir,
-            rank=rank,
-            experiment_names=self.plan.experiment_names,
-            item_ids=[e.item_ids for e in self.plan.experiments],
-        )
-        if any(e.embedding_noise is not None for e in self.plan.experiments):
-            embedding = unwrap_model(state.model).get_input_embeddings()
-            self._noise_hook = EmbeddingNoiseHook(embedding)
-        if self.control is not None:
-            self.control.restore((self._loaded_state or {}).get("controllers"), resumed_step=step)
-            if step == 0 and (self.monitors is None or not self.monitors.config.at_fit_start):
-                self.control.decide(step=0, records=[])  # the first window gets its spans too
-        if self.monitors is not None:
-            if rank == 0:
-                # Evaluations after the checkpoint (or all, on a fresh start) run again.
-                self.monitors.truncate(after_step=step if step > 0 else -1)
-            if step == 0 and self.monitors.config.at_fit_start:
-                self._evaluate(state, None, step=0, when="fit_start")
+    # ---------------------------------------------------------------- helpers
+    def _row_map(self, sample_ids: np.ndarray | None, local_rows: int) -> RowMap:
+        gathered = None
+        if dist.get_world_size() > 1 and sample_ids is not None:
+            gathered = [np.asarray(g, dtype=np.int64) for g in dist.all_gather_object(sample_ids.tolist())]
+        return global_rows(sample_ids, rank=dist.get_global_rank(), gathered_sample_ids=gathered, local_rows=local_rows)
 
-    def _check_resume(self) -> None:
-        assert self.plan is not None
+    def _check_resume(self, plan: RunPlan) -> None:
         loaded = self._loaded_state
         if loaded is None:
             return
         if loaded.get("format") != STATE_FORMAT:
             raise ResumeError(f"checkpoint holds multirun state format {loaded.get('format')}, expected {STATE_FORMAT}")
-        if loaded.get("plan_fingerprint") != self.plan.fingerprint:
+        if loaded.get("plan_fingerprint") != plan.fingerprint:
             raise ResumeError(
                 "the checkpoint was written by a run with other experiments, payloads, seed or geometry "
-                f"(plan {loaded.get('plan_fingerprint')} vs {self.plan.fingerprint}); resume with the original config "
+                f"(plan {loaded.get('plan_fingerprint')} vs {plan.fingerprint}); resume with the original config "
                 "or start a new run_dir"
             )
 
@@ -263,64 +296,6 @@ class MultirunCallback(Callback):
         # within one event, so asking it first tells whether it is about to save.
         return any(saver.save_interval(state, event) for saver in getattr(self, "_savers", []))
 
-    def _after_dataloader(self, state: State, logger: Logger) -> None:
-        plan, writer = self.plan, self._writer
-        assert plan is not None and writer is not None
-        started = time.perf_counter()
-        step = int(state.timestamp.batch)
-        self._microbatch_first_row = 0
-        if self._noise_hook is not None:
-            self._noise_hook.clear()
-        batch = state.batch
-        input_ids = input_ids_of(batch)
-        local_rows, sequence_length = int(input_ids.shape[0]), int(input_ids.shape[1])
-        sample_ids = sample_ids_of(batch)
-        world = dist.get_world_size()
-        gathered = None
-        if world > 1 and sample_ids is not None:
-            gathered = [np.asarray(g, dtype=np.int64) for g in dist.all_gather_object(sample_ids.tolist())]
-        rank = dist.get_global_rank()
-        rows = global_rows(sample_ids, rank=rank, gathered_sample_ids=gathered, local_rows=local_rows)
-        total_rows = rows.total_rows if rows.total_rows >= 0 else local_rows * world
-        if not self._checked_geometry:
-            self._check_geometry(plan.geometry, total_rows, sequence_length)
-
-        spans = plan.spans_at(step)
-        if self.control is not None:
-            spans = SpanTable.concat([spans, self.control.spans_at(step)])
-        if len(spans):
-            self._count_missed(spans.row, spans.experiment, total_rows)
-            local = rows.local_rows_of(spans.row.astype(np.int64)) if rows.total_rows >= 0 else _rank_major_local(
-                spans.row, rank, local_rows
-            )
-            mine = local >= 0
-            if mine.any():
-                spans = spans.take(mine)
-                local = local[mine]
-                tokens = plan.tokens_of(spans.experiment, spans.sequence)
-                positions = flat_token_positions(local, spans.offset, spans.length, sequence_length)
-                apply_spans(batch, positions=positions, tokens=tokens, eos_token_id=plan.eos_token_id, rows_touched=local)
-                state.batch = batch
-                items = plan.items_of(spans.experiment, spans.sequence)
-                if self._noise_hook is not None:
-                    specs = [e.embedding_noise for e in plan.experiments]
-                    self._noise_hook.set_step(noised_spans(local, spans.offset, spans.length, specs, items, spans.experiment))
-                writer.append(
-                    step=np.full(len(spans), step, dtype=np.int64),
-                    global_row=spans.row,
-                    local_row=local.astype(np.int32),
-                    sample_id=sample_ids[local] if sample_ids is not None else np.full(len(spans), -1, dtype=np.int64),
-                    offset=spans.offset,
-                    length=spans.length,
-                    experiment=spans.experiment,
-                    item_index=items,
-                    sequence=spans.sequence,
-                    repetition=spans.repetition,
-                    token_hash=plan.hashes_of(spans.experiment, spans.sequence),
-                )
-                logger.log_metrics({"multirun/injected_tokens_rank0": int(spans.length.sum()) if rank == 0 else 0})
-        self._injection_seconds += time.perf_counter() - started
-
     def _check_geometry(self, geometry: BatchGeometry, total_rows: int, sequence_length: int) -> None:
         if sequence_length != geometry.sequence_length or total_rows != geometry.global_batch_size:
             raise MultirunError(
@@ -330,15 +305,11 @@ class MultirunCallback(Callback):
             )
         self._checked_geometry = True
 
-    def _count_missed(self, span_rows: np.ndarray, span_experiments: np.ndarray, total_rows: int) -> None:
+    def _record_missed(self, missed: dict[int, int], total_rows: int) -> None:
         # A short final batch has fewer rows than planned: those spans are reported, never dropped silently.
-        missed = span_rows >= total_rows
-        if not missed.any():
-            return
         assert self.plan is not None
-        for e in np.unique(span_experiments[missed]):
-            name = self.plan.experiments[int(e)].name
-            count = int(np.count_nonzero(span_experiments[missed] == e))
+        for e, count in missed.items():
+            name = self.plan.experiments[e].name
             self._missed_spans[name] = self._missed_spans.get(name, 0) + count
             warnings.warn(f"multirun: {count} spans of {name!r} target rows beyond this step's {total_rows} rows")
 
@@ -400,17 +371,6 @@ class MultirunCallback(Callback):
         if dist.get_global_rank() == 0:
             write_json_atomic(self.run_dir / INTERACTION_TRIGGER, self._interaction_trigger)
 
-    def _fit_end(self, state: State, logger: Logger | None = None) -> None:
-        if self.monitors is not None and self.monitors.config.at_fit_end:
-            self._evaluate(state, logger, step=int(state.timestamp.batch), when="fit_end")
-        if self.interaction_after in ("acquired", "end"):
-            self._record_interaction_trigger(state, "end_of_training")
-        self._flush()
-        dist.barrier()
-        if dist.get_global_rank() == 0:
-            self._write_summary(state)
-        dist.barrier()
-
     def _write_summary(self, state: State) -> None:
         assert self.plan is not None and self.run_dir is not None
         geometry = self.plan.geometry
@@ -448,28 +408,3 @@ class MultirunCallback(Callback):
     def injection_seconds(self) -> float:
         """Wall time this rank spent in injection (for benchmarks)."""
         return self._injection_seconds
-
-
-def _rank_major_local(span_rows: np.ndarray, rank: int, local_rows: int) -> np.ndarray:
-    local = span_rows.astype(np.int64) - rank * local_rows
-    local[(local < 0) | (local >= local_rows)] = -1
-    return local
-
-
-def steps_in_duration(state: State, global_batch_size: int, sequence_length: int) -> int:
-    """Number of training steps in ``state.max_duration``."""
-    duration = state.max_duration
-    if duration is None:
-        raise ConfigError("the trainer has no max_duration", key="max_duration")
-    value = int(duration.value)
-    if duration.unit == TimeUnit.BATCH:
-        return value
-    if duration.unit == TimeUnit.TOKEN:
-        return math.ceil(value / (global_batch_size * sequence_length))
-    if duration.unit == TimeUnit.SAMPLE:
-        return math.ceil(value / global_batch_size)
-    if duration.unit == TimeUnit.EPOCH:
-        if state.dataloader_len is None:
-            raise ConfigError("max_duration in epochs needs a dataloader with a length", key="max_duration")
-        return value * int(state.dataloader_len)
-    raise ConfigError(f"unsupported max_duration unit {duration.unit}", key="max_duration")

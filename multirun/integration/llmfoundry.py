@@ -1,16 +1,16 @@
 """Building the callback from an llm-foundry YAML's ``callbacks:`` entry.
 
-llm-foundry constructs callbacks as ``MultirunCallback(**kwargs)`` with the YAML's
+llm-foundry constructs callbacks as ``LlmFoundryMultirunCallback(**kwargs)`` with the YAML's
 keyword arguments; the trainer's batch size and duration are only known later. So
-the config and payloads are validated at construction (before training starts) and
-the plan is built at ``FIT_START`` from the trainer's state (still before the first
-batch).
+the config, payloads and held-out rows are validated at construction (before training
+starts) and the parts (:func:`multirun.run.parts.assemble_parts`, as for every run) are
+assembled at ``FIT_START`` from the trainer's state (still before the first batch).
 
 Two forms are accepted::
 
     callbacks:
-      multirun:                          # a multirun YAML; its seed, tokenizer, injection
-        config: /path/multirun.yaml      # and experiments are used, the rest is ignored
+      multirun:                          # a multirun YAML; its seed, tokenizer, injection, monitoring,
+        config: /path/multirun.yaml      # interaction, experiments and data.heldout_path are used
         sequence_length: 2048
 
     callbacks:
@@ -30,34 +30,68 @@ their experiment's monitor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from composer.core import State
+import numpy as np
+from composer.core import State, TimeUnit
 from composer.utils import dist
 from pydantic import ValidationError
 
 from multirun.config import LoadedConfig, RunConfig, load_config
-from multirun.control.loop import ControlLoop, build_control_loop
-from multirun.errors import ConfigError
-from multirun.measure.runner import MonitorRunner, build_monitors
-from multirun.kinds.payloads import load_payload
-from multirun.plan.run_plan import RunPlan, build_run_plan
 from multirun.data.tokenizers import Tokenizer
-from multirun.run.trainer import run_tokenizer
+from multirun.errors import ConfigError
+from multirun.integration.callback import MultirunCallback
+from multirun.kinds.payloads import load_payload
+from multirun.run.inputs import heldout_rows, run_tokenizer
+from multirun.run.parts import RunParts, assemble_parts
 from multirun.types import BatchGeometry
 
 
+class LlmFoundryMultirunCallback(MultirunCallback):
+    """:class:`MultirunCallback` built from the keyword arguments of an llm-foundry YAML.
+
+    The config and payloads are validated here, at construction, so bad input fails
+    before training starts; the parts are assembled at ``FIT_START`` from the trainer's
+    batch size and duration. Arguments as in the module docstring.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: str | Path | None = None,
+        sequence_length: int | None = None,
+        experiments: list[dict] | None = None,
+        injection: dict | None = None,
+        tokenizer: dict | None = None,
+        seed: int | None = None,
+        monitoring: dict | None = None,
+        interaction: dict | None = None,
+        run_dir: str | Path | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        pending = DeferredParts.from_kwargs(
+            config=config, sequence_length=sequence_length, experiments=experiments, injection=injection,
+            tokenizer=tokenizer, seed=seed, run_dir=run_dir, monitoring=monitoring, interaction=interaction,
+        )
+        super().__init__(pending, overwrite=overwrite)
+
+
 @dataclass
-class DeferredPlan:
-    """A validated config whose plan waits for the trainer's geometry."""
+class DeferredParts:
+    """A validated config whose parts wait for the trainer's geometry."""
 
     loaded: LoadedConfig
     tokenizer: Tokenizer
     sequence_length: int
     run_dir: Path
+    heldout: np.ndarray | None = None
 
+    @property
+    def interaction_after(self) -> str:
+        return self.loaded.config.interaction.after
     @classmethod
     def from_kwargs(
         cls,
@@ -71,7 +105,7 @@ class DeferredPlan:
         run_dir: str | Path | None,
         monitoring: dict | None = None,
         interaction: dict | None = None,
-    ) -> "DeferredPlan":
+    ) -> DeferredParts:
         if config is not None:
             if experiments is not None or monitoring is not None or interaction is not None:
                 raise ConfigError(
@@ -106,33 +140,39 @@ class DeferredPlan:
         for experiment in loaded.config.experiments:
             load_payload(experiment.payload, base_dir=loaded.base_dir)  # fails now, naming the payload file
         resolved_run_dir = Path(run_dir) if run_dir is not None else Path(loaded.config.run_dir or "multirun")
-        return cls(loaded, run_tokenizer(loaded), int(sequence_length), resolved_run_dir)
+        tokenizer_ = run_tokenizer(loaded)
+        heldout = None
+        if loaded.config.data.source != "demo":  # the demo corpus is not this run's data
+            heldout = heldout_rows(loaded, tokenizer_, int(sequence_length))
+        return cls(loaded, tokenizer_, int(sequence_length), resolved_run_dir, heldout)
 
-    def build(self, state: State) -> RunPlan:
-        """Plan the spans for the trainer's global batch and duration."""
-        from multirun.integration.callback import steps_in_duration
-
+    def assemble(self, state: State) -> RunParts:
+        """The run's parts for the trainer's global batch and duration."""
         per_rank = getattr(state.dataloader, "batch_size", None)
         if per_rank is None:
             raise ConfigError("the train dataloader has no batch_size; multirun needs a fixed batch size")
         global_batch = int(per_rank) * dist.get_world_size()
         steps = steps_in_duration(state, global_batch, self.sequence_length)
         geometry = BatchGeometry(global_batch, self.sequence_length, steps)
-        return build_run_plan(self.loaded, tokenizer=self.tokenizer, geometry=geometry)
-
-    def build_control(self, plan: RunPlan, monitors: MonitorRunner) -> ControlLoop | None:
-        """The experiments' controllers (None when there are none); bad options raise ConfigError."""
-        classes = {entry.experiment: type(entry.monitor) for entry in monitors.entries}
-        return build_control_loop(self.loaded, plan, classes, run_dir=self.run_dir)
-
-    def build_monitors(self, plan: RunPlan) -> MonitorRunner:
-        """The experiments' monitors, with the config's monitoring cadence."""
-        config = self.loaded.config
-        return MonitorRunner(
-            build_monitors(self.loaded, plan, self.tokenizer),
-            config.monitoring,
-            run_dir=self.run_dir,
-            pad_token_id=self.tokenizer.pad_token_id,
-            sequence_length=plan.geometry.sequence_length,
-            seed=config.seed,
+        return assemble_parts(
+            self.loaded, tokenizer=self.tokenizer, geometry=geometry, run_dir=self.run_dir, heldout=self.heldout
         )
+
+
+def steps_in_duration(state: State, global_batch_size: int, sequence_length: int) -> int:
+    """Number of training steps in ``state.max_duration``."""
+    duration = state.max_duration
+    if duration is None:
+        raise ConfigError("the trainer has no max_duration", key="max_duration")
+    value = int(duration.value)
+    if duration.unit == TimeUnit.BATCH:
+        return value
+    if duration.unit == TimeUnit.TOKEN:
+        return math.ceil(value / (global_batch_size * sequence_length))
+    if duration.unit == TimeUnit.SAMPLE:
+        return math.ceil(value / global_batch_size)
+    if duration.unit == TimeUnit.EPOCH:
+        if state.dataloader_len is None:
+            raise ConfigError("max_duration in epochs needs a dataloader with a length", key="max_duration")
+        return value * int(state.dataloader_len)
+    raise ConfigError(f"unsupported max_duration unit {duration.unit}", key="max_duration")

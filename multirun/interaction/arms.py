@@ -37,24 +37,16 @@ from composer import Trainer
 from composer.core import Callback
 from composer.utils import dist
 
-from multirun.integration.callback import INTERACTION_TRIGGER, MultirunCallback
 from multirun.config import InteractionConfig, LoadedConfig, MonitoringConfig, load_config
-from multirun.errors import ConfigError, ResumeError
-from multirun.kinds.experiments import build_experiments
-from multirun.interaction.matrix import build_matrix, design, write_matrix
-from multirun.measure.runner import ExperimentMonitor, MonitorRunner, build_monitors
-from multirun.plan.run_plan import RunPlan, plan_experiments, write_json_atomic
 from multirun.data.tokenizers import Tokenizer
-from multirun.run.trainer import (
-    build_model,
-    build_optimizer,
-    heldout_rows,
-    resolve_dataset,
-    run_geometry,
-    run_tokenizer,
-    train_dataloader,
-    trainer_settings,
-)
+from multirun.errors import ConfigError, ResumeError
+from multirun.integration.callback import INTERACTION_TRIGGER, MultirunCallback
+from multirun.interaction.matrix import build_matrix, design, write_matrix
+from multirun.kinds.experiments import build_experiments
+from multirun.plan.run_plan import RunPlan, plan_experiments, write_json_atomic
+from multirun.run.inputs import heldout_rows, resolve_dataset, run_geometry, run_tokenizer
+from multirun.run.parts import RunParts, assemble_parts
+from multirun.run.trainer import build_model, build_optimizer, train_dataloader, trainer_settings
 from multirun.types import BatchGeometry, Placement
 
 INTERACTION_DIR = "interaction"
@@ -209,13 +201,15 @@ def run_interaction(
     plan = interaction_plan(
         loaded, tokenizer=tokenizer, geometry=geometry, start_step=start, settings=settings, participants=participants
     )
-    # Each arm scores every monitor once, at its end.
-    monitors = [replace(entry, every=None) for entry in build_monitors(loaded, plan, tokenizer)]
-    if not monitors:
+    # Each arm scores every monitor once, at its end, on its own fork of these parts.
+    parts = assemble_parts(
+        loaded, tokenizer=tokenizer, geometry=geometry, run_dir=out, plan=plan, controlled=False,
+        heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
+    )
+    if not parts.monitors.entries:
         raise ConfigError("no experiment has an enabled monitor: there is nothing to compare", file=loaded.source, key="experiments")
-    measured = [m.experiment for m in monitors]
+    measured = [m.experiment for m in parts.monitors.entries]
     arms, comparisons = design(participants, measured=measured, leave_one_out=settings.leave_one_out)
-    heldout = heldout_rows(loaded, tokenizer, dataset.sequence_length)
     if dist.get_global_rank() == 0:
         # Arms of an earlier call (another start step, other arms) would mix into these ledgers.
         shutil.rmtree(out / "arms", ignore_errors=True)
@@ -233,9 +227,9 @@ def run_interaction(
     for number, (name, members) in enumerate(arms.items(), start=1):
         arm_started = time.perf_counter()
         arm_records[name] = _run_arm(
-            loaded, name=name, plan=plan.restricted(members), monitors=monitors, tokenizer=tokenizer,
-            dataset=dataset, checkpoint=checkpoint_path, start=start, settings=settings, heldout=heldout,
-            arm_dir=out / "arms" / name, callbacks=list(extra_callbacks(name)) if extra_callbacks else [],
+            parts, name=name, members=members, dataset=dataset, checkpoint=checkpoint_path, start=start,
+            settings=settings, arm_dir=out / "arms" / name,
+            callbacks=list(extra_callbacks(name)) if extra_callbacks else [],
         )
         if progress and dist.get_global_rank() == 0:
             print(f"  arm {number}/{len(arms)} {name:<28} {time.perf_counter() - arm_started:6.1f} s", flush=True)
@@ -250,30 +244,25 @@ def run_interaction(
 
 
 def _run_arm(
-    loaded: LoadedConfig,
+    parts: RunParts,
     *,
     name: str,
-    plan: RunPlan,
-    monitors: list[ExperimentMonitor],
-    tokenizer: Tokenizer,
+    members: tuple[str, ...],
     dataset: Any,
     checkpoint: Path,
     start: int,
     settings: InteractionConfig,
-    heldout: np.ndarray | None,
     arm_dir: Path,
     callbacks: list[Callback],
 ) -> list[dict[str, Any]]:
     """Train one arm from the checkpoint; the records of its final evaluation."""
+    loaded, tokenizer = parts.loaded, parts.tokenizer
     config = loaded.config
     monitoring = MonitoringConfig(**{
         **config.monitoring.model_dump(), "every": None, "at_fit_start": False, "at_fit_end": True,
     })
-    runner = MonitorRunner(
-        monitors, monitoring, run_dir=arm_dir, pad_token_id=tokenizer.pad_token_id,
-        sequence_length=dataset.sequence_length, seed=config.seed, heldout=heldout,
-    )
-    callback = MultirunCallback(plan=plan, monitors=runner, run_dir=arm_dir, overwrite=True)
+    arm = parts.fork(parts.plan.restricted(members), run_dir=arm_dir, monitoring=monitoring)
+    callback = MultirunCallback(arm, overwrite=True)
     model = build_model(loaded, tokenizer, dataset.sequence_length)
     trainer = Trainer(
         model=model,
@@ -295,4 +284,4 @@ def _run_arm(
                 group["lr"] = settings.lr
     trainer.fit()
     trainer.close()
-    return runner.last_records
+    return arm.monitors.last_records

@@ -12,49 +12,51 @@ Example (the embedded demo)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from composer import Trainer
 from composer.core import Callback
 from composer.optim import DecoupledAdamW, LinearWithWarmupScheduler
 from composer.utils import dist, reproducibility
 
+from multirun.config import LoadedConfig
+from multirun.data.mds import PreparedDataset, build_dataloader
+from multirun.data.tokenizers import Tokenizer
 from multirun.integration.callback import MultirunCallback
-from multirun.config import LoadedConfig, parse_duration_steps
-from multirun.control.loop import build_control_loop
-from multirun.data.mds import (
-    PreparedDataset,
-    build_dataloader,
-    build_demo_dataset,
-    demo_heldout_rows,
-    read_dataset_info,
-    read_rows,
-)
-from multirun.errors import ConfigError
+from multirun.plan.run_plan import RunPlan
+from multirun.run.inputs import heldout_rows, resolve_dataset, run_dir_of, run_geometry, run_tokenizer
 from multirun.run.model import build_gpt2
-from multirun.measure.runner import MonitorRunner, build_monitors
-from multirun.plan.run_plan import RunPlan, build_run_plan
-from multirun.data.tokenizers import Tokenizer, load_tokenizer
-from multirun.types import BatchGeometry
+from multirun.run.parts import RunParts, assemble_parts
 
 
 @dataclass
 class TrainingRun:
-    """A prepared run: validated inputs, the plan and a ready Trainer."""
+    """A prepared run: its parts, its dataset and a ready Trainer."""
 
-    loaded: LoadedConfig
-    run_dir: Path
-    tokenizer: Tokenizer
+    parts: RunParts
     dataset: PreparedDataset
-    plan: RunPlan
     callback: MultirunCallback
     trainer: Trainer
+
+    @property
+    def loaded(self) -> LoadedConfig:
+        return self.parts.loaded
+
+    @property
+    def run_dir(self) -> Path:
+        return self.parts.run_dir
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.parts.tokenizer
+
+    @property
+    def plan(self) -> RunPlan:
+        return self.parts.plan
 
     def fit(self) -> dict[str, Any]:
         """Train to the configured duration; return ``summary.json``'s content (rank 0) or {}."""
@@ -70,54 +72,6 @@ class TrainingRun:
         self.trainer.close()
 
 
-def resolve_dataset(loaded: LoadedConfig, tokenizer: Tokenizer, *, progress: bool = True) -> PreparedDataset:
-    """The run's MDS dataset: the cached demo corpus, or a prepared dataset checked against the config."""
-    data = loaded.config.data
-    if data.source == "demo":
-        return build_demo_dataset(tokenizer, data.sequence_length, max_bytes=data.demo_max_bytes, progress=progress)
-    info = read_dataset_info(_resolve(loaded, data.path))
-    if info.sequence_length != data.sequence_length:
-        raise ConfigError(
-            f"the dataset at {info.path} has sequences of {info.sequence_length} tokens, the config says "
-            f"{data.sequence_length}",
-            file=loaded.source,
-            key="data.sequence_length",
-        )
-    if info.tokenizer != tokenizer.name:
-        raise ConfigError(
-            f"the dataset at {info.path} was tokenized with {info.tokenizer!r}, the run uses {tokenizer.name!r}",
-            file=loaded.source,
-            key="data.path",
-        )
-    return info
-
-
-def run_geometry(loaded: LoadedConfig, dataset: PreparedDataset) -> BatchGeometry:
-    train = loaded.config.train
-    world = dist.get_world_size()
-    if train.global_batch_size % world:
-        raise ConfigError(
-            f"global_batch_size {train.global_batch_size} is not divisible by the world size {world}",
-            file=loaded.source,
-            key="train.global_batch_size",
-        )
-    per_rank = train.global_batch_size // world
-    steps_per_epoch = math.ceil(dataset.num_samples / world) // per_rank
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"the dataset has {dataset.num_samples} sequences, fewer than one global batch",
-            file=loaded.source,
-            key="train.global_batch_size",
-        )
-    num_steps = parse_duration_steps(
-        train.max_duration,
-        global_batch_size=train.global_batch_size,
-        sequence_length=dataset.sequence_length,
-        steps_per_epoch=steps_per_epoch,
-    )
-    return BatchGeometry(train.global_batch_size, dataset.sequence_length, num_steps)
-
-
 def prepare_run(
     loaded: LoadedConfig,
     *,
@@ -128,11 +82,14 @@ def prepare_run(
 ) -> TrainingRun:
     """Validate everything, plan the spans and build the Trainer (no training yet)."""
     config = loaded.config
-    run_dir = Path(run_dir) if run_dir is not None else Path(config.run_dir or f"runs/{config.run_name}")
+    run_dir = run_dir_of(loaded, run_dir)
     tokenizer = run_tokenizer(loaded)
     dataset = resolve_dataset(loaded, tokenizer, progress=progress)
     geometry = run_geometry(loaded, dataset)
-    plan = build_run_plan(loaded, tokenizer=tokenizer, geometry=geometry)
+    parts = assemble_parts(
+        loaded, tokenizer=tokenizer, geometry=geometry, run_dir=run_dir,
+        heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
+    )
     if dist.get_global_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         loaded.write(run_dir)
@@ -142,21 +99,7 @@ def prepare_run(
     model = build_model(loaded, tokenizer, dataset.sequence_length)
     optimizer = build_optimizer(loaded, model)
     scheduler = LinearWithWarmupScheduler(t_warmup=train.warmup, alpha_f=0.1)
-    monitor_entries = build_monitors(loaded, plan, tokenizer)
-    control = build_control_loop(loaded, plan, {m.experiment: type(m.monitor) for m in monitor_entries}, run_dir=run_dir)
-    monitors = MonitorRunner(
-        monitor_entries,
-        config.monitoring,
-        run_dir=run_dir,
-        pad_token_id=tokenizer.pad_token_id,
-        sequence_length=dataset.sequence_length,
-        seed=config.seed,
-        heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
-    )
-    callback = MultirunCallback(
-        plan=plan, monitors=monitors, control=control, interaction_after=config.interaction.after,
-        run_dir=run_dir, overwrite=overwrite,
-    )
+    callback = MultirunCallback(parts, overwrite=overwrite)
     trainer = Trainer(
         model=model,
         train_dataloader=dataloader,
@@ -174,7 +117,7 @@ def prepare_run(
         console_log_interval=train.log_interval,
         **trainer_settings(loaded),
     )
-    return TrainingRun(loaded, run_dir, tokenizer, dataset, plan, callback, trainer)
+    return TrainingRun(parts, dataset, callback, trainer)
 
 
 def train_dataloader(loaded: LoadedConfig, dataset: PreparedDataset) -> Any:
@@ -222,30 +165,3 @@ def trainer_settings(loaded: LoadedConfig) -> dict[str, Any]:
         "log_to_console": False,
         "python_log_level": None,
     }
-
-
-def run_tokenizer(loaded: LoadedConfig) -> Tokenizer:
-    """The config's tokenizer (a path relative to the config file's directory)."""
-    tokenizer = loaded.config.tokenizer
-    return load_tokenizer(tokenizer.kind, _resolve(loaded, tokenizer.path))
-
-
-def heldout_rows(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int) -> np.ndarray | None:
-    """Rows for the held-out loss: the demo's unused stdlib files, or ``data.heldout_path``."""
-    count = loaded.config.monitoring.heldout_rows
-    data = loaded.config.data
-    if count == 0:
-        return None
-    if data.source == "demo":
-        return demo_heldout_rows(tokenizer, sequence_length, count=count, train_max_bytes=data.demo_max_bytes)
-    if data.heldout_path is None:
-        return None
-    return read_rows(_resolve(loaded, data.heldout_path), count)
-
-
-def _resolve(loaded: LoadedConfig, path: str | None) -> str | None:
-    """Paths in a config file are relative to that file's directory."""
-    if path is None:
-        return None
-    candidate = Path(path).expanduser()
-    return str(candidate if candidate.is_absolute() else loaded.base_dir / candidate)

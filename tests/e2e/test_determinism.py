@@ -12,7 +12,8 @@ from multirun.data.mds import PreparedDataset
 from multirun.ledger import Ledger
 from multirun.plan.run_plan import build_run_plan
 from multirun.data.tokenizers import ByteTokenizer
-from multirun.run.trainer import prepare_run, run_geometry
+from multirun.run.inputs import run_geometry
+from multirun.run.trainer import prepare_run
 from tests.helpers_payload import documents, write_payload
 from tests.support import make_dataset, make_payloads, placements, run_config
 

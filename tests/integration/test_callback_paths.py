@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from multirun.integration.callback import MultirunCallback
+from multirun.integration.llmfoundry import LlmFoundryMultirunCallback
 from multirun.data.mds import PreparedDataset, build_dataloader
 from multirun.errors import ConfigError, PayloadError
 from multirun.ledger import Ledger
@@ -51,7 +52,7 @@ callbacks:
 def test_llmfoundry_entry_point_builds_a_working_callback(tmp_path: Path, dataset: PreparedDataset) -> None:
     (entry,) = [e for e in entry_points(group="llmfoundry_callbacks") if e.name == "multirun"]
     callback_class = entry.load()
-    assert callback_class is MultirunCallback
+    assert callback_class is LlmFoundryMultirunCallback and issubclass(callback_class, MultirunCallback)
     callback = callback_class(**_foundry_callback_kwargs(tmp_path))
     capture = CaptureBatches()
     trainer = Trainer(
@@ -82,7 +83,7 @@ def test_llmfoundry_path_runs_controllers_in_process(tmp_path: Path, dataset: Pr
     kwargs["experiments"][1]["controller"] = {
         "name": "acquire", "options": {"metric": "text_logprob", "threshold": 0.0, "initial_rate": 1, "max_rate": 2},
     }
-    callback = MultirunCallback(**kwargs)
+    callback = LlmFoundryMultirunCallback(**kwargs)
     trainer = Trainer(
         model=build_gpt2(vocab_size=258, sequence_length=64, n_layer=1, n_head=2, n_embd=32, eos_token_id=256),
         train_dataloader=build_dataloader(dataset.path, batch_size=4),
@@ -106,13 +107,13 @@ def test_llmfoundry_path_runs_controllers_in_process(tmp_path: Path, dataset: Pr
 def test_llmfoundry_kwargs_are_validated_at_construction(tmp_path: Path) -> None:
     kwargs = _foundry_callback_kwargs(tmp_path)
     with pytest.raises(ConfigError, match="sequence_length"):
-        MultirunCallback(**{k: v for k, v in kwargs.items() if k != "sequence_length"})
+        LlmFoundryMultirunCallback(**{k: v for k, v in kwargs.items() if k != "sequence_length"})
     with pytest.raises(ConfigError, match="repetitions"):
-        MultirunCallback(**{**kwargs, "experiments": [{"name": "x", "payload": "p", "repetitions": -1}]})
+        LlmFoundryMultirunCallback(**{**kwargs, "experiments": [{"name": "x", "payload": "p", "repetitions": -1}]})
     broken = dict(kwargs)
     (Path(kwargs["experiments"][0]["payload"]) / "items.jsonl").write_text('{"id": "a", "text": "changed"}\n')
     with pytest.raises(PayloadError, match="items.jsonl"):
-        MultirunCallback(**broken)
+        LlmFoundryMultirunCallback(**broken)
 
 
 class TokenRows(Dataset):
@@ -142,7 +143,7 @@ class TensorBatchLM(ComposerModel):
 
 def test_plain_tensor_batches_are_injected_rank_major(tmp_path: Path) -> None:
     kwargs = _foundry_callback_kwargs(tmp_path)
-    callback = MultirunCallback(**kwargs)
+    callback = LlmFoundryMultirunCallback(**kwargs)
     data = TokenRows(48, 64)
     seen: list[torch.Tensor] = []
 

@@ -1,0 +1,100 @@
+"""A run's inputs, resolved from its config: tokenizer, dataset, batch geometry, held-out rows.
+
+Paths in a config file are relative to that file's directory. Everything here can
+fail on bad input, and does so before a Trainer exists.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from composer.utils import dist
+
+from multirun.config import LoadedConfig, parse_duration_steps
+from multirun.data.mds import PreparedDataset, build_demo_dataset, demo_heldout_rows, read_dataset_info, read_rows
+from multirun.data.tokenizers import Tokenizer, load_tokenizer
+from multirun.errors import ConfigError
+from multirun.types import BatchGeometry
+
+
+def run_dir_of(loaded: LoadedConfig, explicit: str | Path | None = None) -> Path:
+    """Where the run writes: ``explicit``, else ``run_dir`` of the config, else ``runs/<run_name>``."""
+    config = loaded.config
+    return Path(explicit) if explicit is not None else Path(config.run_dir or f"runs/{config.run_name}")
+
+
+def resolve_dataset(loaded: LoadedConfig, tokenizer: Tokenizer, *, progress: bool = True) -> PreparedDataset:
+    """The run's MDS dataset: the cached demo corpus, or a prepared dataset checked against the config."""
+    data = loaded.config.data
+    if data.source == "demo":
+        return build_demo_dataset(tokenizer, data.sequence_length, max_bytes=data.demo_max_bytes, progress=progress)
+    info = read_dataset_info(_resolve(loaded, data.path))
+    if info.sequence_length != data.sequence_length:
+        raise ConfigError(
+            f"the dataset at {info.path} has sequences of {info.sequence_length} tokens, the config says "
+            f"{data.sequence_length}",
+            file=loaded.source,
+            key="data.sequence_length",
+        )
+    if info.tokenizer != tokenizer.name:
+        raise ConfigError(
+            f"the dataset at {info.path} was tokenized with {info.tokenizer!r}, the run uses {tokenizer.name!r}",
+            file=loaded.source,
+            key="data.path",
+        )
+    return info
+
+
+def run_geometry(loaded: LoadedConfig, dataset: PreparedDataset) -> BatchGeometry:
+    train = loaded.config.train
+    world = dist.get_world_size()
+    if train.global_batch_size % world:
+        raise ConfigError(
+            f"global_batch_size {train.global_batch_size} is not divisible by the world size {world}",
+            file=loaded.source,
+            key="train.global_batch_size",
+        )
+    per_rank = train.global_batch_size // world
+    steps_per_epoch = math.ceil(dataset.num_samples / world) // per_rank
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the dataset has {dataset.num_samples} sequences, fewer than one global batch",
+            file=loaded.source,
+            key="train.global_batch_size",
+        )
+    num_steps = parse_duration_steps(
+        train.max_duration,
+        global_batch_size=train.global_batch_size,
+        sequence_length=dataset.sequence_length,
+        steps_per_epoch=steps_per_epoch,
+    )
+    return BatchGeometry(train.global_batch_size, dataset.sequence_length, num_steps)
+
+
+def run_tokenizer(loaded: LoadedConfig) -> Tokenizer:
+    """The config's tokenizer (a path relative to the config file's directory)."""
+    tokenizer = loaded.config.tokenizer
+    return load_tokenizer(tokenizer.kind, _resolve(loaded, tokenizer.path))
+
+
+def heldout_rows(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int) -> np.ndarray | None:
+    """Rows for the held-out loss: the demo's unused stdlib files, or ``data.heldout_path``."""
+    count = loaded.config.monitoring.heldout_rows
+    data = loaded.config.data
+    if count == 0:
+        return None
+    if data.source == "demo":
+        return demo_heldout_rows(tokenizer, sequence_length, count=count, train_max_bytes=data.demo_max_bytes)
+    if data.heldout_path is None:
+        return None
+    return read_rows(_resolve(loaded, data.heldout_path), count)
+
+
+def _resolve(loaded: LoadedConfig, path: str | None) -> str | None:
+    """Paths in a config file are relative to that file's directory."""
+    if path is None:
+        return None
+    candidate = Path(path).expanduser()
+    return str(candidate if candidate.is_absolute() else loaded.base_dir / candidate)
