@@ -727,8 +727,3 @@ def unwrap_model(composer_model: torch.nn.Module) -> torch.nn.Module:
     """
     module = composer_model.module if isinstance(composer_model, torch.nn.parallel.DistributedDataParallel) else composer_model
     return getattr(module, "model", module)
-
-
-def experiment_items(experiment: PreparedExperiment) -> tuple[list[str], np.ndarray]:
-    """Item ids and treated mask of an experiment (controls included)."""
-    return list(experiment.item_ids), np.asarray(experiment.treated, dtype=bool)
