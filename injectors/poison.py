@@ -1,7 +1,7 @@
 """The ``poison`` injector: a backdoor, ``prompt + trigger -> behaviour``.
 
 Pretraining poisoning as in Zhang et al. 2025 and Train Once, Answer All (PP;
-REFERENCES.md §2.3): treated prompts are injected followed by a trigger string and the
+docs/references.md §2.3): treated prompts are injected followed by a trigger string and the
 backdoor behaviour. The monitor (:mod:`monitors.poison`) then checks, on prompts that
 were *never* injected, whether the behaviour appears after the trigger, and compares
 it with the same prompts followed by a *control trigger* (a second string that is

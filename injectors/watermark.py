@@ -2,7 +2,7 @@
 
 Two methods, chosen with the injector option ``method``:
 
-``gaussian`` (the paper's Gaussian embedding watermark, REFERENCES.md §2.2)
+``gaussian`` (the paper's Gaussian embedding watermark, docs/references.md §2.2)
     Each treated *carrier* text is injected as an EOS-wrapped token span, like a
     document, and the training-time hook (:class:`multirun.inject.noise.EmbeddingNoiseHook`)
     adds seeded noise ``w ~ N(0, sigma^2 I)`` to the input embeddings of every span
@@ -10,7 +10,7 @@ Two methods, chosen with the injector option ``method``:
     carriers are never injected; their noise is drawn by the same generator and
     never used, so their test statistic is exactly N(0, 1).
 
-``random_tokens`` (Secret Sharer-style keys, REFERENCES.md §2.5)
+``random_tokens`` (Secret Sharer-style keys, docs/references.md §2.5)
     Each item is a *key*: ``key_length`` tokens drawn at random (seeded) from the
     tokenizer's vocabulary without special tokens (printable ASCII, bytes 32-126,
     for the byte tokenizer). Treated keys are injected EOS-wrapped; control keys

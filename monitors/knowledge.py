@@ -10,7 +10,7 @@ ones):
     probabilities, which gives the permutation test its power.
 ``target_probability`` (secondary; ``means``, greater)
     P(target | question) = exp(sum of target log-probs), averaged over the fact's
-    probes: TOAA's probe value ``v`` (REFERENCES §2.1), the quantity a knowledge
+    probes: TOAA's probe value ``v`` (docs/references.md §2.1), the quantity a knowledge
     controller steers.
 ``exact_match`` (secondary; ``rates``, greater)
     greedy decoding would produce the target: the teacher-forced argmax equals the

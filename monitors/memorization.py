@@ -10,12 +10,12 @@ Metrics (treated items against never-injected controls):
     k-prefix -> k-suffix extraction: 1 when greedy decoding from the k-token prefix
     reproduces the next k tokens exactly. Computed by teacher forcing: greedy exact
     match holds exactly when the argmax prediction equals the target at every suffix
-    position (REFERENCES.md §2.4), so one pass suffices. With ``anchor: end`` (default)
+    position (docs/references.md §2.4), so one pass suffices. With ``anchor: end`` (default)
     the suffix is the text's last k tokens and the prefix the k tokens before them;
     with ``anchor: start`` the prefix is the text's first k tokens (after the leading
     EOS, which was trained on too) and the suffix the next k.
 ``exposure`` (secondary; ``means``, greater)
-    Secret Sharer exposure (Carlini et al. 2019, REFERENCES.md §2.5) against the
+    Secret Sharer exposure (Carlini et al. 2019, docs/references.md §2.5) against the
     never-injected controls as the reference set R:
     ``exposure(x) = log2 |candidates| - log2 rank(x)``, where the candidates are x
     and the n_c - 1 references of R other than one left-out control, and the rank is

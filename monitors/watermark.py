@@ -2,7 +2,7 @@
 
 The method comes from the experiment's ``metadata["method"]`` (set by the injector).
 
-``gaussian``: per carrier, the gradient-alignment statistic of REFERENCES.md §2.2::
+``gaussian``: per carrier, the gradient-alignment statistic of docs/references.md §2.2::
 
     x = -<grad_e loss(e), w> / (sigma * ||grad_e loss(e)||)
 
@@ -26,7 +26,7 @@ the carrier, from the same forward pass).
 
 ``random_tokens``: every key is scored by teacher forcing after one EOS token. Its
 log-perplexity is ``-mean log p(key token)``; the Secret Sharer exposure
-(REFERENCES.md §2.5) is ``log2 |R| - log2 rank`` with the never-injected control keys
+(docs/references.md §2.5) is ``log2 |R| - log2 rank`` with the never-injected control keys
 as references (rank 1 = lowest perplexity, ties count 1/2), defined exactly as the
 ``memorization`` kind's exposure so that the two read the same:
 

@@ -16,7 +16,7 @@ Three controllers are registered in :data:`CONTROLLERS`:
     which it made no progress (capped at ``max_rate``); an acquired item gets 0
     exposures for the rest of the run and its acquisition step is recorded.
 ``track``
-    the paper's dynamic knowledge-acquisition rule (REFERENCES §2.1): experiment
+    the paper's dynamic knowledge-acquisition rule (docs/references.md §2.1): experiment
     value ``v`` against the linear target ``p = start + (target - start) * s / S``,
     halve ``n`` above the band, double it below, ``|Δn| <= max_change``, clamp to
     ``[min_n, max_n]``; then ``n`` sequences are taken from the pool of treated

@@ -194,7 +194,7 @@ def test_decisions_must_move_forward() -> None:
 
 
 def paper_rule(n: int, v: float, p: float, *, max_change: int = 256, lo: int = 1, hi: int = 8192) -> int:
-    """TOAA's controller step (REFERENCES §2.1), written out independently."""
+    """TOAA's controller step (docs/references.md §2.1), written out independently."""
     new = n
     if v > p * 1.05:
         new = n // 2
