@@ -328,7 +328,7 @@ class RunConfig(_Strict):
         return cadence_steps(experiment.monitor.every or self.monitoring.every)
 
     @model_validator(mode="after")
-    def _default_run_dir(self) -> "RunConfig":
+    def _default_run_dir(self) -> RunConfig:
         # Filled in here so that resolved_config.yaml and the fingerprint show it.
         if self.run_dir is None:
             self.run_dir = f"runs/{self.run_name}"

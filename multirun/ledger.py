@@ -112,7 +112,7 @@ _WRITE_OPTIONS: dict[str, Any] = dict(
     compression="zstd",
     compression_level=3,
     use_dictionary=list(_DICT_COLUMNS),
-    column_encoding={c: "DELTA_BINARY_PACKED" for c in _DELTA_COLUMNS} | {"token_hash": "PLAIN"},
+    column_encoding=dict.fromkeys(_DELTA_COLUMNS, "DELTA_BINARY_PACKED") | {"token_hash": "PLAIN"},
     write_statistics=True,
 )
 
@@ -490,7 +490,7 @@ class LedgerWriter:
             self.flush()
             self._closed = True
 
-    def __enter__(self) -> "LedgerWriter":
+    def __enter__(self) -> LedgerWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -605,7 +605,7 @@ class Ledger:
         self.experiments: list[str] = names
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> "Ledger":
+    def open(cls, run_dir: str | Path) -> Ledger:
         """Read every committed shard under ``run_dir/ledger`` (``run_dir`` may also
         be the ledger directory itself). ``*.tmp`` files are ignored."""
         run_dir = Path(run_dir)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import matplotlib
 import numpy as np
+
 # The Agg canvas is attached per figure: matplotlib.use() would switch the backend
 # of whoever imported us (a notebook, a training process), so it is never called.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
