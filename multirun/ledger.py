@@ -90,7 +90,7 @@ _SORT_KEYS = [("step", "ascending"), ("global_row", "ascending"), ("offset", "as
 
 # Numeric columns taken by ``LedgerWriter.append`` (name -> dtype on disk). ``experiment``
 # is the experiment index here; it becomes the dictionary-encoded name on flush.
-_APPEND_INT_COLUMNS: dict[str, type] = {
+_APPEND_INT_COLUMNS: dict[str, type[np.signedinteger[Any]]] = {
     "step": np.int64,
     "global_row": np.int32,
     "local_row": np.int32,
@@ -776,7 +776,7 @@ def export_table(table: pa.Table, path: str | Path, format: ExportFormat | None 
     """
     path = Path(path)
     if format is None:
-        format = _SUFFIX_FORMATS.get(path.suffix.lower())  # type: ignore[assignment]
+        format = _SUFFIX_FORMATS.get(path.suffix.lower())
         if format is None:
             raise InputError(
                 f"cannot infer export format from {path.name!r}; use .parquet, .csv or .jsonl", file=path

@@ -658,4 +658,5 @@ def read_rows(path: str | os.PathLike[str], count: int) -> np.ndarray:
     if info.num_samples < count:
         raise InputError(f"the dataset has {info.num_samples} rows, {count} requested", file=info.path)
     dataset = build_dataloader(info.path, batch_size=1, shuffle=False).dataset
+    assert isinstance(dataset, IdStreamingDataset)
     return np.stack([np.asarray(dataset.get_item(i)["input_ids"], dtype=np.int64) for i in range(count)])

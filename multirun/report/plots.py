@@ -133,7 +133,7 @@ def exposure_histograms(exposures: Mapping[str, np.ndarray], colors: Mapping[str
 
 def metric_curves(
     experiment: str,
-    metrics: Mapping[str, Mapping[str, Series | Mapping[str, Series]]],
+    metrics: Mapping[str, Mapping[str, Series]],
     color: str,
     *,
     acquired_steps: Sequence[int] = (),
