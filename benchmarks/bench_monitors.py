@@ -32,6 +32,7 @@ import torch
 
 from multirun.config import cadence_steps, load_config
 from multirun.measure.live_model import unwrap_model
+from multirun.measure.runner import MonitorRunner
 from multirun.run.trainer import TrainingRun, prepare_run
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         run = prepare_run(load_config(None, ["train.save_interval=null", *args.overrides]), progress=False, run_dir=run_dir)
         summary = run.fit()
-        runner = run.callback.monitors
+        runner = _monitors(run)
         timeline = list(runner.evaluation_seconds)
         monitored = len(runner.entries)
         full_evaluation, probe_tokens = _time_full_evaluation(run)
@@ -77,10 +78,17 @@ def main() -> None:
         print(f"  {part:<28}{seconds:8.3f} s")
 
 
+def _monitors(run: TrainingRun) -> MonitorRunner:
+    """The run's monitor runner; a config without monitors has nothing to time."""
+    if run.callback.monitors is None:
+        raise SystemExit("the run has no monitors to time")
+    return run.callback.monitors
+
+
 def _time_full_evaluation(run: TrainingRun, repeats: int = 3) -> tuple[float, int]:
     """Median seconds of one evaluation of every monitor and the held-out loss on the
     trained model, and the tokens its forward passes take in."""
-    runner = run.callback.monitors
+    runner = _monitors(run)
     module = unwrap_model(run.trainer.state.model)
     tokens = []
 

@@ -328,7 +328,7 @@ class RunConfig(_Strict):
         return cadence_steps(experiment.monitor.every or self.monitoring.every)
 
     @model_validator(mode="after")
-    def _default_run_dir(self) -> "RunConfig":
+    def _default_run_dir(self) -> RunConfig:
         # Filled in here so that resolved_config.yaml and the fingerprint show it.
         if self.run_dir is None:
             self.run_dir = f"runs/{self.run_name}"
@@ -438,7 +438,7 @@ def _canonical_json(obj: Any) -> bytes:
 def default_config_path() -> Path:
     """Path of the bundled demo config ``experiments/demo/run.yaml``."""
     # importlib.resources finds it in an installed wheel as well as in a checkout.
-    ref = resources.files("experiments").joinpath("demo", "run.yaml")
+    ref = resources.files("experiments").joinpath("demo").joinpath("run.yaml")
     path = Path(str(ref))
     if not path.is_file():
         raise ConfigError("bundled demo config not found (is the package installed with its data?)", file=path)
@@ -527,12 +527,15 @@ def _walk_nodes(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], sourc
                 dotted = _dotted((*path, key))
                 raise ConfigError("duplicate key", file=source, key=dotted, line=key_node.start_mark.line + 1)
             seen.add(key)
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            _walk_nodes(value_node, (*path, key), lines, source)
+            # A name for the tuple: mypy reads lines[(*path, key)] as the 3.11-only lines[*path, key].
+            key_path = (*path, key)
+            lines[key_path] = key_node.start_mark.line + 1
+            _walk_nodes(value_node, key_path, lines, source)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            lines[(*path, i)] = item.start_mark.line + 1
-            _walk_nodes(item, (*path, i), lines, source)
+            item_path = (*path, i)
+            lines[item_path] = item.start_mark.line + 1
+            _walk_nodes(item, item_path, lines, source)
 
 
 def _dotted(path: Sequence[str | int]) -> str:

@@ -90,7 +90,7 @@ _SORT_KEYS = [("step", "ascending"), ("global_row", "ascending"), ("offset", "as
 
 # Numeric columns taken by ``LedgerWriter.append`` (name -> dtype on disk). ``experiment``
 # is the experiment index here; it becomes the dictionary-encoded name on flush.
-_APPEND_INT_COLUMNS: dict[str, type] = {
+_APPEND_INT_COLUMNS: dict[str, type[np.signedinteger[Any]]] = {
     "step": np.int64,
     "global_row": np.int32,
     "local_row": np.int32,
@@ -112,7 +112,7 @@ _WRITE_OPTIONS: dict[str, Any] = dict(
     compression="zstd",
     compression_level=3,
     use_dictionary=list(_DICT_COLUMNS),
-    column_encoding={c: "DELTA_BINARY_PACKED" for c in _DELTA_COLUMNS} | {"token_hash": "PLAIN"},
+    column_encoding=dict.fromkeys(_DELTA_COLUMNS, "DELTA_BINARY_PACKED") | {"token_hash": "PLAIN"},
     write_statistics=True,
 )
 
@@ -490,7 +490,7 @@ class LedgerWriter:
             self.flush()
             self._closed = True
 
-    def __enter__(self) -> "LedgerWriter":
+    def __enter__(self) -> LedgerWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -605,7 +605,7 @@ class Ledger:
         self.experiments: list[str] = names
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> "Ledger":
+    def open(cls, run_dir: str | Path) -> Ledger:
         """Read every committed shard under ``run_dir/ledger`` (``run_dir`` may also
         be the ledger directory itself). ``*.tmp`` files are ignored."""
         run_dir = Path(run_dir)
@@ -776,7 +776,7 @@ def export_table(table: pa.Table, path: str | Path, format: ExportFormat | None 
     """
     path = Path(path)
     if format is None:
-        format = _SUFFIX_FORMATS.get(path.suffix.lower())  # type: ignore[assignment]
+        format = _SUFFIX_FORMATS.get(path.suffix.lower())
         if format is None:
             raise InputError(
                 f"cannot infer export format from {path.name!r}; use .parquet, .csv or .jsonl", file=path

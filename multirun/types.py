@@ -93,7 +93,7 @@ class PreparedExperiment:
     fingerprint: str
     metadata: dict = field(default_factory=dict)
     probes: dict = field(default_factory=dict)
-    embedding_noise: "EmbeddingNoise | None" = None
+    embedding_noise: EmbeddingNoise | None = None
 
     def sequence_tokens(self, seq: int) -> np.ndarray:
         start = int(self.seq_offsets[seq])
@@ -144,11 +144,11 @@ class SpanTable:
         return int(self.step.shape[0])
 
     @classmethod
-    def empty(cls) -> "SpanTable":
+    def empty(cls) -> SpanTable:
         return cls(**{name: np.empty(0, dtype) for name, dtype in SPAN_COLUMNS.items()})
 
     @classmethod
-    def concat(cls, tables: list["SpanTable"]) -> "SpanTable":
+    def concat(cls, tables: list[SpanTable]) -> SpanTable:
         """Concatenate and re-sort by (step, row, offset)."""
         if not tables:
             return cls.empty()
@@ -156,7 +156,7 @@ class SpanTable:
         order = np.lexsort((cols["offset"], cols["row"], cols["step"]))
         return cls(**{n: c[order] for n, c in cols.items()})
 
-    def take(self, index: np.ndarray | slice) -> "SpanTable":
+    def take(self, index: np.ndarray | slice) -> SpanTable:
         return SpanTable(**{n: getattr(self, n)[index] for n in SPAN_COLUMNS})
 
     def step_slice(self, step: int) -> slice:

@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -39,8 +40,8 @@ from streaming import MDSWriter, StreamingDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from multirun.errors import InputError
 from multirun.data.tokenizers import Tokenizer
+from multirun.errors import InputError
 
 INFO_FILE = "multirun_dataset.json"
 FORMAT_VERSION = 1
@@ -598,10 +599,8 @@ def build_demo_dataset(
             # Complete builds are renamed in whole, so an invalid entry was damaged
             # after the fact: move it out of the way and rebuild.
             broken = final.with_name(f".{final.name}.tmp-broken-{os.getpid()}")
-            try:
+            with contextlib.suppress(OSError):  # a concurrent process already moved it
                 os.replace(final, broken)
-            except OSError:
-                pass  # a concurrent process already moved it
             shutil.rmtree(broken, ignore_errors=True)
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -659,4 +658,5 @@ def read_rows(path: str | os.PathLike[str], count: int) -> np.ndarray:
     if info.num_samples < count:
         raise InputError(f"the dataset has {info.num_samples} rows, {count} requested", file=info.path)
     dataset = build_dataloader(info.path, batch_size=1, shuffle=False).dataset
+    assert isinstance(dataset, IdStreamingDataset)
     return np.stack([np.asarray(dataset.get_item(i)["input_ids"], dtype=np.int64) for i in range(count)])

@@ -252,4 +252,4 @@ def load_tokenizer(kind: TokenizerKind | str, path: str | os.PathLike[str] | Non
 
 def _looks_like_path(path: str) -> bool:
     """True unless ``path`` could be a Hub id (``name`` or ``org/name``) served from the cache."""
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)

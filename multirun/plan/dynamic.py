@@ -269,7 +269,7 @@ class DynamicSchedule:
         *,
         max_modified_fraction: float,
         seed: int,
-    ) -> "DynamicSchedule":
+    ) -> DynamicSchedule:
         """Rebuild the schedule from a decision log (resume): identical to the live one."""
         schedule = cls(experiments, static, geometry, max_modified_fraction=max_modified_fraction, seed=seed)
         for decision in decisions:

@@ -25,11 +25,11 @@ import xxhash
 
 from multirun import __version__
 from multirun.config import LoadedConfig
+from multirun.data.tokenizers import Tokenizer
 from multirun.kinds.experiments import arms_record, build_experiments
-from multirun.run.files import plain
 from multirun.ledger import token_hash
 from multirun.plan.static import PlanResult, plan_static
-from multirun.data.tokenizers import Tokenizer
+from multirun.run.files import plain
 from multirun.types import BatchGeometry, PreparedExperiment, SpanTable
 
 
@@ -62,7 +62,7 @@ class RunPlan:
             h.update(experiment.fingerprint.encode())
         return h.hexdigest()
 
-    def restricted(self, names: Sequence[str]) -> "RunPlan":
+    def restricted(self, names: Sequence[str]) -> RunPlan:
         """The same plan with only the spans of the experiments in ``names``.
 
         Every experiment stays (its probes and arms are still measured); the others are

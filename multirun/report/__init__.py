@@ -30,7 +30,7 @@ from multirun.report.document import Document, Figure, render_html, render_markd
 from multirun.report.plots import palette
 from multirun.report.rundata import RunData, load_run
 
-__all__ = ["ReportPaths", "build_report", "load_run", "RunData"]
+__all__ = ["ReportPaths", "RunData", "build_report", "load_run"]
 
 PLOTS_DIRNAME = "plots"
 

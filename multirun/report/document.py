@@ -18,10 +18,10 @@ import base64
 import html
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 #: A table cell: its text, or (text, CSS class) to style it in HTML.
-Cell = Union[str, tuple[str, str]]
+Cell = str | tuple[str, str]
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Figure:
     alt: str = ""
 
 
-Block = Union[Paragraph, Table, Figure]
+Block = Paragraph | Table | Figure
 
 
 @dataclass

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import matplotlib
 import numpy as np
+
 # The Agg canvas is attached per figure: matplotlib.use() would switch the backend
 # of whoever imported us (a notebook, a training process), so it is never called.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -132,7 +133,7 @@ def exposure_histograms(exposures: Mapping[str, np.ndarray], colors: Mapping[str
 
 def metric_curves(
     experiment: str,
-    metrics: Mapping[str, Mapping[str, Series | Mapping[str, Series]]],
+    metrics: Mapping[str, Mapping[str, Series]],
     color: str,
     *,
     acquired_steps: Sequence[int] = (),
