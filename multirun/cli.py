@@ -19,11 +19,18 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from multirun.errors import InputError, MultirunError
+
+if TYPE_CHECKING:  # the commands import their stages lazily, so that `multirun --help` starts fast
+    import pyarrow as pa
+
+    from multirun.interaction.arms import InteractionResult
+    from multirun.plan.run_plan import RunPlan
 
 # Piped into a log file, rich would fold every table into 80 columns, and a log has no
 # width to fit: there, tables take the width they need (up to 240 columns) unless
@@ -169,9 +176,9 @@ def _prepare(args: argparse.Namespace) -> int:
     from multirun.data.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer("bytes") if args.tokenizer == "bytes" else load_tokenizer("huggingface", args.tokenizer)
-    kwargs = {"suffixes": tuple(args.suffixes)} if args.suffixes else {}
     info = prepare_dataset(
-        args.sources, args.out, tokenizer, args.sequence_length, max_bytes=args.max_bytes, **kwargs
+        args.sources, args.out, tokenizer, args.sequence_length, max_bytes=args.max_bytes,
+        suffixes=tuple(args.suffixes) if args.suffixes else None,
     )
     console.print(f"wrote {info.num_samples} sequences of {info.sequence_length} tokens to {info.path}")
     return 0
@@ -226,7 +233,7 @@ def _interact(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_interaction(result) -> None:  # type: ignore[no-untyped-def]
+def _print_interaction(result: InteractionResult) -> None:
     from multirun.measure.stats import format_p
 
     matrix = result.matrix
@@ -275,7 +282,7 @@ def _payload(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ printing
-def _print_plan(plan) -> None:  # type: ignore[no-untyped-def]
+def _print_plan(plan: RunPlan) -> None:
     geometry = plan.geometry
     table = Table(title=f"plan: {geometry.num_steps} steps x {geometry.global_batch_size} rows x {geometry.sequence_length} tokens")
     for column in ("experiment", "kind", "treated", "control", "spans", "tokens", "share", "steps"):
@@ -344,7 +351,7 @@ def _print_effects(effects: list[dict], *, alpha: float) -> None:
     console.print(table)
 
 
-def _print_rows(table, limit: int) -> None:  # type: ignore[no-untyped-def]
+def _print_rows(table: pa.Table, limit: int) -> None:
     columns = ["step", "rank", "global_row", "sample_id", "offset", "length", "experiment", "item", "repetition", "token_hash"]
     out = Table(title=f"{table.num_rows} matching spans" + (f" (first {limit})" if table.num_rows > limit else ""))
     for column in columns:
@@ -370,11 +377,11 @@ def _tokens_trained(run_dir: Path) -> int | None:
     return None
 
 
-def _fmt(value) -> str:  # type: ignore[no-untyped-def]
+def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _sig(value) -> str:  # type: ignore[no-untyped-def]
+def _sig(value: float | None) -> str:
     """Three significant digits: interaction effects are often far below 0.01."""
     return "-" if value is None else f"{value:.3g}"
 

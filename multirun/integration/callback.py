@@ -57,8 +57,11 @@ INTERACTION_TRIGGER = "interaction_trigger.json"
 class PartsAtFitStart(Protocol):
     """Parts that can only be assembled once the trainer exists (the llm-foundry path)."""
 
-    run_dir: Path
-    interaction_after: str
+    @property
+    def run_dir(self) -> Path: ...
+
+    @property
+    def interaction_after(self) -> str: ...
 
     def assemble(self, state: State) -> RunParts:
         """Build the run's parts from the trainer's batch size and duration."""
@@ -146,7 +149,8 @@ class MultirunCallback(Callback):
             item_ids=[e.item_ids for e in parts.plan.experiments],
         )
         if any(spec is not None for spec in parts.noise_specs):
-            self._noise_hook = EmbeddingNoiseHook(unwrap_model(state.model).get_input_embeddings())
+            model: Any = unwrap_model(state.model)  # a Hugging Face model: input embeddings by method
+            self._noise_hook = EmbeddingNoiseHook(model.get_input_embeddings())
         control, monitors = parts.control, parts.monitors
         if control is not None:
             control.restore((self._loaded_state or {}).get("controllers"), resumed_step=step)
@@ -277,7 +281,9 @@ class MultirunCallback(Callback):
         removed = truncate_ledger(run_dir, from_step=0)
         (run_dir / TRAINING_LOG).unlink(missing_ok=True)
         if removed:
-            warnings.warn(f"{run_dir}: starting from step 0, removed {removed} ledger rows of an earlier attempt")
+            warnings.warn(
+                f"{run_dir}: starting from step 0, removed {removed} ledger rows of an earlier attempt", stacklevel=2
+            )
 
     def _order_before_checkpoint_savers(self, state: State) -> None:
         # The ledger must be flushed before a checkpoint is written at the same event;
@@ -311,7 +317,9 @@ class MultirunCallback(Callback):
         for e, count in missed.items():
             name = self.plan.experiments[e].name
             self._missed_spans[name] = self._missed_spans.get(name, 0) + count
-            warnings.warn(f"multirun: {count} spans of {name!r} target rows beyond this step's {total_rows} rows")
+            warnings.warn(
+                f"multirun: {count} spans of {name!r} target rows beyond this step's {total_rows} rows", stacklevel=2
+            )
 
     def _record_loss(self, state: State) -> None:
         # Rank 0 keeps the all-reduced training loss; written with the ledger at checkpoints.

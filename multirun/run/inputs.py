@@ -30,7 +30,7 @@ def resolve_dataset(loaded: LoadedConfig, tokenizer: Tokenizer, *, progress: boo
     data = loaded.config.data
     if data.source == "demo":
         return build_demo_dataset(tokenizer, data.sequence_length, max_bytes=data.demo_max_bytes, progress=progress)
-    info = read_dataset_info(_resolve(loaded, data.path))
+    info = read_dataset_info(_required(loaded, data.path, key="data.path"))
     if info.sequence_length != data.sequence_length:
         raise ConfigError(
             f"the dataset at {info.path} has sequences of {info.sequence_length} tokens, the config says "
@@ -89,7 +89,7 @@ def heldout_rows(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: in
         return demo_heldout_rows(tokenizer, sequence_length, count=count, train_max_bytes=data.demo_max_bytes)
     if data.heldout_path is None:
         return None
-    return read_rows(_resolve(loaded, data.heldout_path), count)
+    return read_rows(_required(loaded, data.heldout_path, key="data.heldout_path"), count)
 
 
 def _resolve(loaded: LoadedConfig, path: str | None) -> str | None:
@@ -98,3 +98,10 @@ def _resolve(loaded: LoadedConfig, path: str | None) -> str | None:
         return None
     candidate = Path(path).expanduser()
     return str(candidate if candidate.is_absolute() else loaded.base_dir / candidate)
+
+
+def _required(loaded: LoadedConfig, path: str | None, *, key: str) -> str:
+    resolved = _resolve(loaded, path)
+    if resolved is None:  # validation requires it in a YAML config; a config built in code may lack it
+        raise ConfigError("a path is required here", file=loaded.source, key=key)
+    return resolved

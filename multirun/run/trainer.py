@@ -150,7 +150,7 @@ def build_model(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int
 
 def build_optimizer(loaded: LoadedConfig, model: torch.nn.Module) -> DecoupledAdamW:
     train = loaded.config.train
-    return DecoupledAdamW(model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+    return DecoupledAdamW(model.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
 
 
 def trainer_settings(loaded: LoadedConfig) -> dict[str, Any]:

@@ -16,10 +16,10 @@ from composer.models import ComposerModel
 from torch.utils.data import DataLoader, Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from multirun.integration.callback import MultirunCallback
-from multirun.integration.llmfoundry import LlmFoundryMultirunCallback
 from multirun.data.mds import PreparedDataset, build_dataloader
 from multirun.errors import ConfigError, PayloadError
+from multirun.integration.callback import MultirunCallback
+from multirun.integration.llmfoundry import LlmFoundryMultirunCallback
 from multirun.ledger import Ledger
 from multirun.run.model import build_gpt2
 from tests.support import CaptureBatches, as_numpy, make_dataset, make_payloads
@@ -112,7 +112,7 @@ def test_llmfoundry_kwargs_are_validated_at_construction(tmp_path: Path) -> None
         LlmFoundryMultirunCallback(**{**kwargs, "experiments": [{"name": "x", "payload": "p", "repetitions": -1}]})
     broken = dict(kwargs)
     (Path(kwargs["experiments"][0]["payload"]) / "items.jsonl").write_text('{"id": "a", "text": "changed"}\n')
-    with pytest.raises(PayloadError, match="items.jsonl"):
+    with pytest.raises(PayloadError, match=r"items\.jsonl"):
         LlmFoundryMultirunCallback(**broken)
 
 
