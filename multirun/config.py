@@ -334,11 +334,6 @@ class RunConfig(_Strict):
             self.run_dir = f"runs/{self.run_name}"
         return self
 
-    @property
-    def save_folder(self) -> str:
-        """Composer's ``save_folder``: ``<run_dir>/checkpoints``."""
-        return str(Path(self.run_dir or f"runs/{self.run_name}") / "checkpoints")
-
 
 # --------------------------------------------------------------------------- loading
 

@@ -342,7 +342,6 @@ class LedgerWriter:
         sequence: Any,
         repetition: Any,
         token_hash: Any,
-        arm: Any = None,
     ) -> None:
         """Buffer spans (vectorised: one call per step, no per-row Python work).
 
@@ -350,8 +349,7 @@ class LedgerWriter:
         broadcast (``step=t``, ``sample_id=-1`` when the dataset gives no ids).
         ``experiment`` is the experiment index, ``item_index`` the index into that
         experiment's ``item_ids``, ``token_hash`` uint64 (see :func:`token_hash`).
-        ``arm`` is None (all ``"treated"``), ``"treated"``/``"control"``, an array of
-        those strings, a boolean array (True = treated) or codes into :data:`ARMS`.
+        Every span is of a treated item (controls are never injected): ``arm`` is ``"treated"``.
 
         Arrays are copied, so callers may reuse their buffers.
         """
@@ -393,35 +391,10 @@ class LedgerWriter:
             raise TypeError(f"append: token_hash must be an integer array (uint64), got dtype {th.dtype}")
         th = th.astype(np.uint64, copy=True) if th.ndim else np.full(n, th, dtype=np.uint64)
         cols["token_hash"] = th
-        cols["arm"] = self._arm_codes(arm, n)
+        cols["arm"] = np.zeros(n, dtype=np.int32)  # code of "treated" in ARMS
         self._validate(cols)
         self._chunks.append(tuple(cols[c] for c in _BUFFER_COLUMNS))
         self._buffered += n
-
-    def _arm_codes(self, arm: Any, n: int) -> np.ndarray:
-        if arm is None:
-            return np.zeros(n, dtype=np.int32)
-        a = np.asarray(arm)
-        if a.dtype.kind in "US" or a.dtype == object:
-            a = a.astype(str)
-            treated, control = a == ARMS[0], a == ARMS[1]
-            if not np.all(treated | control):
-                bad = sorted(set(np.unique(a[~(treated | control)]).tolist()))[:5]
-                raise ValueError(f"append: arm must be one of {ARMS}, got {bad}")
-            codes = control.astype(np.int32)
-        elif a.dtype.kind == "b":
-            codes = (~a).astype(np.int32)  # True = treated = code 0
-        elif a.dtype.kind in "iu":
-            if a.size and (int(a.min()) < 0 or int(a.max()) >= len(ARMS)):
-                raise ValueError(f"append: arm codes must index {ARMS}")
-            codes = a.astype(np.int32)
-        else:
-            raise TypeError(f"append: unsupported arm dtype {a.dtype}")
-        if codes.ndim == 0:
-            return np.full(n, int(codes), dtype=np.int32)
-        if codes.shape != (n,):
-            raise ValueError(f"append: arm has length {codes.shape[0]}, expected {n}")
-        return codes.copy()
 
     def _validate(self, cols: Mapping[str, np.ndarray]) -> None:
         exp, item = cols["experiment"], cols["item_index"]

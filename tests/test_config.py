@@ -46,7 +46,6 @@ def test_defaults_and_run_dir(tmp_path: Path) -> None:
     cfg = load_config(path, env={}).config
     assert cfg.seed == 17
     assert cfg.run_dir == "runs/tiny"
-    assert cfg.save_folder == str(Path("runs/tiny") / "checkpoints")
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (2, 2, 64)
     assert cfg.data.sequence_length == 128 and cfg.data.shuffle_seed == 9176
     assert cfg.train.device_microbatch_size is None
@@ -281,8 +280,8 @@ def test_resolve_placement_errors_name_the_field(spec: PlacementConfig, field: s
 
 def test_a_resolved_config_loads_again_and_builds_the_same_experiments(tmp_path: Path) -> None:
     # multirun interact reloads run_dir/resolved_config.yaml, which spells out every default.
-    from multirun.kinds.experiments import arms_record, build_experiments
     from multirun.data.tokenizers import ByteTokenizer
+    from multirun.kinds.experiments import arms_record, build_experiments
 
     original = load_config(None, env={})
     again = load_config(original.write(tmp_path), env={})

@@ -42,7 +42,7 @@ INT_COLS = ["step", "global_row", "local_row", "sample_id", "offset", "length",
 def gen_spans(steps: range, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
     """Non-overlapping spans (1-2 per chosen row), with real token fingerprints."""
     rng = np.random.default_rng(seed)
-    out: dict[str, list] = {k: [] for k in [*INT_COLS, "token_hash", "arm"]}
+    out: dict[str, list] = {k: [] for k in [*INT_COLS, "token_hash"]}
     for step in steps:
         for row in rng.choice(rows, size=rng.integers(1, rows + 1), replace=False):
             cut = int(rng.integers(8, SEQ_LEN - 8))
@@ -54,12 +54,10 @@ def gen_spans(steps: range, rows: int = 8, seed: int = 0) -> dict[str, np.ndarra
                 for k, v in dict(step=step, global_row=row, local_row=row // 2, sample_id=1000 * step + row,
                                  offset=offset, length=length, experiment=e,
                                  item_index=int(rng.integers(0, len(ITEMS[e]))), sequence=int(rng.integers(0, 30)),
-                                 repetition=int(rng.integers(0, 4)), token_hash=token_hash(tokens),
-                                 arm="control" if rng.random() < 0.2 else "treated").items():
+                                 repetition=int(rng.integers(0, 4)), token_hash=token_hash(tokens)).items():
                     out[k].append(v)
     cols = {k: np.asarray(v, dtype=np.int64) for k, v in out.items() if k in INT_COLS}
     cols["token_hash"] = np.asarray(out["token_hash"], dtype=np.uint64)
-    cols["arm"] = np.asarray(out["arm"])
     return cols
 
 
@@ -92,7 +90,7 @@ def expected_table(parts: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, 
                 local_row=int(sp["local_row"][i]), sample_id=int(sp["sample_id"][i]), offset=int(sp["offset"][i]),
                 length=int(sp["length"][i]), experiment=NAMES[e], item=ITEMS[e][int(sp["item_index"][i])],
                 item_index=int(sp["item_index"][i]), sequence=int(sp["sequence"][i]),
-                repetition=int(sp["repetition"][i]), arm=str(sp["arm"][i]), token_hash=int(sp["token_hash"][i]),
+                repetition=int(sp["repetition"][i]), arm="treated", token_hash=int(sp["token_hash"][i]),
             ))
     rows.sort(key=lambda r: (r["step"], r["global_row"], r["offset"]))
     return {k: [r[k] for r in rows] for k in SCHEMA.names}
@@ -108,7 +106,7 @@ def test_token_hash_definition() -> None:
 
 
 def test_round_trip_exact_columns_and_schema(tmp_path: Path) -> None:
-    spans = gen_spans(range(0, 12))
+    spans = gen_spans(range(12))
     write(tmp_path, spans)
     led = Ledger.open(tmp_path)
     assert len(led) == len(spans["step"]) > 20
@@ -124,7 +122,7 @@ def test_round_trip_exact_columns_and_schema(tmp_path: Path) -> None:
     led.check_integrity()
 
 
-def test_append_broadcasts_scalars_copies_arrays_and_arm_forms(tmp_path: Path) -> None:
+def test_append_broadcasts_scalars_and_copies_arrays(tmp_path: Path) -> None:
     w = LedgerWriter(tmp_path, rank=3, experiment_names=NAMES, item_ids=ITEMS)
     offsets = np.array([0, 10, 20])
     common = dict(step=4, global_row=np.array([1, 1, 1]), local_row=0, sample_id=-1, length=5,
@@ -132,15 +130,12 @@ def test_append_broadcasts_scalars_copies_arrays_and_arm_forms(tmp_path: Path) -
                   token_hash=np.array([1, 2, 2**64 - 1], dtype=np.uint64))
     w.append(offset=offsets, **common)
     offsets[:] = 40  # the writer must have copied
-    w.append(offset=np.array([30, 40, 50]), arm=np.array([True, False, True]), **common)
-    w.append(offset=np.array([60, 70, 80]), arm="control", **common)
-    w.append(offset=np.array([90, 100, 110]), arm=np.array(["control", "treated", "control"]), **common)
-    assert w.buffered_rows == 12
-    assert w.flush() == 12 and w.buffered_rows == 0
+    w.append(offset=np.array([30, 40, 50]), **common)
+    assert w.buffered_rows == 6
+    assert w.flush() == 6 and w.buffered_rows == 0
     t = Ledger.open(tmp_path).table.to_pydict()
-    assert t["offset"] == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110]
-    assert t["arm"] == (["treated"] * 3 + ["treated", "control", "treated"]
-                        + ["control"] * 3 + ["control", "treated", "control"])
+    assert t["offset"] == [0, 10, 20, 30, 40, 50]
+    assert t["arm"] == ["treated"] * 6  # only treated items are ever injected
     assert set(t["sample_id"]) == {-1} and set(t["rank"]) == {3} and set(t["step"]) == {4}
     assert t["item"][:3] == ["q6", "c3", "q1"]
     assert t["token_hash"][2] == 2**64 - 1
@@ -161,8 +156,6 @@ def test_append_rejects_bad_input(tmp_path: Path) -> None:
         w.append(**{**ok, "length": np.array([4.0, 4.0])})
     with pytest.raises(ValueError, match="outside int32"):
         w.append(**{**ok, "offset": np.array([0, 2**40])})
-    with pytest.raises(ValueError, match="arm must be one of"):
-        w.append(**ok, arm=np.array(["treated", "placebo"]))
     with pytest.raises(ValueError, match="lengths must be positive"):
         w.append(**{**ok, "length": np.array([4, 0])})
     assert w.buffered_rows == 0
@@ -174,7 +167,7 @@ def test_append_rejects_bad_input(tmp_path: Path) -> None:
 
 
 def test_multiple_flushes_make_named_shards(tmp_path: Path) -> None:
-    spans = gen_spans(range(0, 10))
+    spans = gen_spans(range(10))
     w = LedgerWriter(tmp_path, rank=0, experiment_names=NAMES, item_ids=ITEMS)
     assert w.flush() == 0
     rank_dir = tmp_path / "ledger" / "rank-00000"
@@ -207,7 +200,7 @@ def test_flushes_covering_the_same_steps_do_not_overwrite(tmp_path: Path) -> Non
 
 
 def test_multiple_ranks_and_sort_order(tmp_path: Path) -> None:
-    s0, s1 = gen_spans(range(0, 9), seed=1), gen_spans(range(0, 9), seed=2)
+    s0, s1 = gen_spans(range(9), seed=1), gen_spans(range(9), seed=2)
     s1["global_row"] += 8  # rank 1 owns global rows 8..15
     write(tmp_path, s0, rank=0, flush_every_step=3)
     write(tmp_path, s1, rank=1, flush_every_step=4)
@@ -221,7 +214,7 @@ def test_multiple_ranks_and_sort_order(tmp_path: Path) -> None:
 
 
 def test_query_filters(tmp_path: Path) -> None:
-    s0, s1 = gen_spans(range(0, 20), seed=3), gen_spans(range(0, 20), seed=4)
+    s0, s1 = gen_spans(range(20), seed=3), gen_spans(range(20), seed=4)
     write(tmp_path, s0, rank=0, flush_every_step=5)
     write(tmp_path, s1, rank=1)
     led = Ledger.open(tmp_path)
@@ -279,7 +272,7 @@ def test_summary_and_exposures_match_independent_counts(tmp_path: Path) -> None:
 
 
 def test_export_all_formats_round_trip(tmp_path: Path) -> None:
-    spans = gen_spans(range(0, 6), seed=6)
+    spans = gen_spans(range(6), seed=6)
     spans["token_hash"][0] = np.uint64(2**64 - 3)  # above int64: must survive every format
     write(tmp_path / "run", spans)
     led = Ledger.open(tmp_path / "run")
@@ -313,7 +306,7 @@ def _shards(run: Path, rank: int) -> dict[str, bytes]:
 
 
 def test_truncate_removes_rewrites_and_resumes(tmp_path: Path) -> None:
-    s0, s1 = gen_spans(range(0, 30), seed=7), gen_spans(range(0, 30), seed=8)
+    s0, s1 = gen_spans(range(30), seed=7), gen_spans(range(30), seed=8)
     s1["global_row"] += 8
     write(tmp_path, s0, rank=0, flush_every_step=10)  # shards 0-9, 10-19, 20-29
     write(tmp_path, s1, rank=1, flush_every_step=15)  # shards 0-14, 15-29
@@ -342,7 +335,7 @@ def test_truncate_removes_rewrites_and_resumes(tmp_path: Path) -> None:
 
 
 def test_truncate_at_zero_and_inside_single_step_shards(tmp_path: Path) -> None:
-    spans = gen_spans(range(0, 4), seed=10)
+    spans = gen_spans(range(4), seed=10)
     write(tmp_path, spans, flush_every_step=1)
     assert truncate_ledger(tmp_path, from_step=2) == int((spans["step"] >= 2).sum())
     assert sorted(_shards(tmp_path, 0)) == ["part-000000000000-000000000000.parquet",
@@ -352,7 +345,7 @@ def test_truncate_at_zero_and_inside_single_step_shards(tmp_path: Path) -> None:
 
 
 def test_tmp_leftovers_are_ignored_and_cleaned(tmp_path: Path) -> None:
-    spans = gen_spans(range(0, 5), seed=11)
+    spans = gen_spans(range(5), seed=11)
     write(tmp_path, spans)
     for rank in (0, 7):
         d = tmp_path / "ledger" / f"rank-{rank:05d}"
@@ -372,7 +365,7 @@ def test_open_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no ledger directory") as info:
         Ledger.open(tmp_path / "missing")
     assert "missing" in str(info.value)
-    write(tmp_path, gen_spans(range(0, 2)))
+    write(tmp_path, gen_spans(range(2)))
     bad = tmp_path / "ledger" / "rank-00001" / "part-000000000000-000000000001.parquet"
     bad.parent.mkdir()
     bad.write_bytes(b"not parquet at all")

@@ -12,7 +12,8 @@ Determinism (invariant 1): the generator of a decision is
 ``default_rng([seed, stable_id(experiment), 3, decision_index])``, where
 ``decision_index`` counts that experiment's earlier decisions (stream 3; the
 planner uses 0). So the spans are a pure function of the static table and the
-ordered decision log, and :func:`replay` rebuilds them exactly after a resume.
+ordered decision log, and :meth:`DynamicSchedule.from_decisions` rebuilds them exactly
+after a resume.
 
 :class:`DynamicSchedule` is what the callback keeps: it applies decisions as they
 come, numbers repetitions on from the static spans of the same sequence, counts
@@ -34,7 +35,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from multirun.control.controllers import ControllerDecision
-from multirun.errors import PlacementError
 from multirun.plan.static import Occupancy, UnplacedSpansWarning, stable_id
 from multirun.types import SPAN_COLUMNS, BatchGeometry, PreparedExperiment, SpanTable
 
@@ -43,9 +43,7 @@ __all__ = [
     "DynamicSchedule",
     "decision_rng",
     "place_decision",
-    "replay",
     "sequence_counts",
-    "validate_controlled",
 ]
 
 #: Random stream number of dynamic placement (the static planner uses 0).
@@ -66,24 +64,6 @@ def sequence_counts(spans: SpanTable, experiment_index: int, num_sequences: int)
     """Spans per sequence of one experiment in ``spans`` (where repetition numbering goes on)."""
     mine = spans.sequence[spans.experiment == experiment_index].astype(np.int64)
     return np.bincount(mine, minlength=num_sequences).astype(np.int64)
-
-
-def validate_controlled(experiment: PreparedExperiment, geometry: BatchGeometry, cap_tokens: int) -> None:
-    """Raise :class:`PlacementError` if a treated sequence could never be placed.
-
-    The static planner only checks sequences it places; a controlled experiment
-    whose static repetitions are 0 would otherwise only find out during training
-    (its over-long spans would be reported as unplaced at every decision).
-    """
-    treated = np.asarray(experiment.treated, bool)[np.asarray(experiment.seq_items, np.int64)]
-    lengths = np.asarray(experiment.seq_lengths, np.int64)[treated]
-    if lengths.size == 0:
-        return
-    limit = min(geometry.sequence_length, cap_tokens)
-    if lengths.min() < 1 or lengths.max() > limit:
-        what = f"the sequence length {geometry.sequence_length}" if lengths.max() > geometry.sequence_length else f"the per-step cap of {cap_tokens} tokens"
-        bad = int(lengths.max()) if lengths.max() > limit else int(lengths.min())
-        raise PlacementError(f"experiment {experiment.name!r}: a treated sequence of {bad} tokens cannot be placed ({what})")
 
 
 def _requested(decision: ControllerDecision, experiment: PreparedExperiment) -> np.ndarray:
@@ -275,20 +255,3 @@ class DynamicSchedule:
         for decision in decisions:
             schedule.apply(decision, warn=False)
         return schedule
-
-
-def replay(
-    decisions: Sequence[ControllerDecision],
-    experiments: Sequence[PreparedExperiment],
-    static: SpanTable,
-    geometry: BatchGeometry,
-    max_modified_fraction: float,
-    seed: int,
-) -> tuple[SpanTable, Occupancy]:
-    """All dynamic spans rebuilt from the decision log, and the occupancy holding
-    static plus dynamic spans: ``Occupancy.from_spans(static)`` then
-    :func:`place_decision` for each decision in order, exactly as live."""
-    schedule = DynamicSchedule.from_decisions(
-        decisions, experiments, static, geometry, max_modified_fraction=max_modified_fraction, seed=seed
-    )
-    return schedule.spans, schedule.occupancy
