@@ -1,4 +1,4 @@
-"""Bad input fails early and clearly (ARCHITECTURE invariant 7).
+"""Bad input fails early and clearly (docs/architecture.md, invariant 7).
 
 Every case builds a small, otherwise valid project in a temporary directory, breaks
 one thing, runs the same path a real run takes before training (load the config,

@@ -7,7 +7,7 @@ The pretraining stream is a MosaicML Streaming (MDS) dataset with one column,
 written last, so its presence marks a complete dataset.
 
 :class:`IdStreamingDataset` adds the global sample index to every sample so that
-the callback knows which stored row each batch row is (ARCHITECTURE invariant 3).
+the callback knows which stored row each batch row is (docs/architecture.md, invariant 3).
 
 Example::
 

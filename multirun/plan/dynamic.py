@@ -2,8 +2,8 @@
 
 A :class:`~multirun.control.controllers.ControllerDecision` asks for spans of given
 sequences inside a step window. :func:`place_decision` places them with the same
-:class:`~multirun.plan.static.Occupancy` that holds the static schedule (ARCHITECTURE
-pitfall "dynamic vs static collisions": one occupancy index for all spans), so
+:class:`~multirun.plan.static.Occupancy` that holds the static schedule (one occupancy
+index for all spans, docs/architecture.md invariant 5), so
 dynamic spans never overlap static ones or each other, never cross a row, and
 never push a step over the per-step cap. What cannot be placed is counted and
 returned, never dropped silently.
