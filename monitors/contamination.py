@@ -84,6 +84,10 @@ class ContaminationMonitor:
         primary: the primary metric's name.
     """
 
+    #: Per-item metrics it reports (controllers validate their metric against these);
+    #: the last two only when the payload has choices.
+    metrics = ("answer_logprob", "choice_accuracy", "answer_margin")
+
     def __init__(
         self,
         item_ids: list[str],

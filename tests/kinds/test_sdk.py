@@ -1,8 +1,9 @@
-"""The kind SDK: named random streams, the prepare context, the plugin import rule."""
+"""The kind SDK: named random streams, the prepare context, the plugin import rule, the Monitor protocol."""
 
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,16 @@ from multirun.config import ExperimentConfig
 from multirun.data.tokenizers import ByteTokenizer
 from multirun.errors import ConfigError
 from multirun.kinds.payloads import load_payload
+from multirun.kinds.registry import injectors, monitors
 from multirun.kinds.sdk import PrepareContext, RandomStream, encode_sequence, split_arms, stream_rng
+from multirun.measure.live_model import Monitor
 from multirun.plan.static import experiment_rng
 from multirun.types import Placement
 from tests.helpers_payload import documents, write_payload
 
 REPO = Path(__file__).resolve().parents[2]
 TOK = ByteTokenizer()
+BUILTIN = ("documents", "contamination", "knowledge", "poison", "watermark", "memorization")
 
 
 def draws(rng: np.random.Generator) -> list[int]:
@@ -98,3 +102,18 @@ def test_plugins_import_no_other_plugin(package: str) -> None:
     for path in files:
         bad = sorted(m for m in _imported_modules(path) if m.split(".")[0] in ("injectors", "monitors"))
         assert not bad, f"{path.relative_to(REPO)} imports {bad}; plugins import only from multirun"
+
+
+@pytest.mark.parametrize("kind", BUILTIN)
+def test_builtin_kinds_follow_the_protocols(kind: str) -> None:
+    injector = injectors.get(kind)
+    assert injector.kind == kind and list(inspect.signature(injector.prepare).parameters) == ["self", "ctx"]
+    monitor = monitors.get(kind)
+    for name in ("metrics", "from_experiment", "evaluate"):
+        assert hasattr(monitor, name), (kind, name)
+    assert isinstance(monitor.metrics, tuple) and monitor.metrics and all(isinstance(m, str) for m in monitor.metrics)
+    assert inspect.ismethod(monitor.from_experiment)  # a classmethod, bound to the class
+    params = inspect.signature(monitor.from_experiment).parameters
+    assert list(params) == ["experiment", "tokenizer", "options", "sequence_length"]
+    assert all(params[p].kind is inspect.Parameter.KEYWORD_ONLY for p in ("tokenizer", "options", "sequence_length"))
+    assert set(Monitor.__annotations__) == {"metrics"}
