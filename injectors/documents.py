@@ -14,12 +14,12 @@ The building blocks it uses (:func:`~multirun.kinds.sdk.split_arms`,
 
 from __future__ import annotations
 
+import numpy as np
+
 from multirun.errors import PayloadError
 from multirun.kinds.probes import DocumentsProbes
 from multirun.kinds.sdk import PrepareContext
 from multirun.types import PreparedExperiment
-
-import numpy as np
 
 __all__ = ["DocumentsInjector"]
 

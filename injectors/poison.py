@@ -275,7 +275,7 @@ class PoisonInjector:
     kind = "poison"
 
     def prepare(self, ctx: PrepareContext) -> PreparedExperiment:
-        payload, spec, tokenizer, sequence_length = ctx.payload, ctx.spec, ctx.tokenizer, ctx.sequence_length
+        payload, spec, sequence_length = ctx.payload, ctx.spec, ctx.sequence_length
         settings, sources = _read_settings(payload, dict(spec.options))
         required = {"id": str, "prompt": str}
         items = ctx.read_items(required=required, optional={"repetitions": float}, text_keys=("prompt",))

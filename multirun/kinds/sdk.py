@@ -361,6 +361,7 @@ class PrepareContext:
             return
         from multirun.kinds.registry import monitors  # the registry imports no plugin code
 
-        monitors.get(experiment.kind).from_experiment(
+        monitor_class: Any = monitors.get(experiment.kind)
+        monitor_class.from_experiment(
             experiment, tokenizer=self.tokenizer, options=dict(self.spec.monitor.options), sequence_length=self.sequence_length
         )

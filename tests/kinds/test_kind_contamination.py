@@ -20,7 +20,7 @@ from multirun.measure.live_model import LiveModel
 from multirun.kinds.payloads import load_payload
 from multirun.plan.static import experiment_rng
 from multirun.kinds.probes import DocumentsProbes
-from multirun.kinds.sdk import PrepareContext, split_arms
+from multirun.kinds.sdk import PrepareContext
 from multirun.kinds.registry import injectors, monitors
 from multirun.measure.stats import compare_means, compare_rates
 from multirun.data.tokenizers import ByteTokenizer
