@@ -39,7 +39,7 @@ Arms and doses
   one), whatever groups the payload carries. Randomising the assignment avoids the
   systematic group bias that TOAA observed when groups were fixed by hand.
 * No groups at all: ``control_fraction`` of the items are controls
-  (:func:`~injectors.documents.split_arms`), every treated item is injected
+  (:func:`~multirun.kinds.sdk.split_arms`), every treated item is injected
   ``repetitions`` times.
 
 When groups decide the arms, setting ``repetitions`` or ``control_fraction`` in the
@@ -78,32 +78,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from injectors.documents import encode_sequence, prepared_experiment, read_items, split_arms
 from multirun.errors import ConfigError, PayloadError
-from multirun.plan.static import experiment_rng
-from multirun.types import Placement, PreparedExperiment
+from multirun.kinds.probes import ContaminationProbes
+from multirun.kinds.sdk import PrepareContext, RandomStream, encode_sequence
+from multirun.types import PreparedExperiment
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from multirun.config import ExperimentConfig
-    from multirun.kinds.payloads import PayloadPackage
-    from multirun.data.tokenizers import Tokenizer
 
-__all__ = ["DEFAULT_FORMAT", "ContaminationInjector", "group_label", "split_format"]
+__all__ = ["DEFAULT_FORMAT", "ContaminationInjector", "split_format"]
 
 DEFAULT_FORMAT = "Q: {question}\nA: {answer}"
 _OPTIONS = ("format", "assign_groups")
 
-# Stream of experiment_rng for the random group assignment. It is the arm stream
-# (1): the assignment *is* the arm split of this kind, and documents-style arms are
-# not drawn when groups decide.
-_GROUP_STREAM = 1
-
-
-def group_label(group: int) -> str:
-    """Label of a repetition group in reports: ``x0`` (controls), ``x4``, ``x16``."""
-    return f"x{group}"
+# The random group assignment draws from the arm stream (RandomStream.ARMS, keyed by
+# the split key): the assignment *is* the arm split of this kind, and documents-style
+# arms are not drawn when groups decide.
+_GROUP_STREAM = RandomStream.ARMS
 
 
 def split_format(fmt: str) -> tuple[str, str, str]:
@@ -204,7 +197,7 @@ def _all_or_none(records: Sequence[tuple[int, dict[str, Any]]], key: str, *, fil
 class ContaminationInjector:
     """Injects ``format(question, answer)`` for each treated question, ``group`` times.
 
-    ``probes`` (for :class:`monitors.contamination.ContaminationMonitor`), parallel to
+    ``probes``: :class:`~multirun.kinds.probes.ContaminationProbes`, parallel to
     ``item_ids``: ``contexts`` (token lists: ``[eos] prompt``), ``answers`` (answer
     tokens), ``answer_texts``, ``choices`` (per item, list of token lists, or None),
     ``choice_texts``, ``answer_index`` (index of the answer among the choices, or None)
@@ -216,20 +209,11 @@ class ContaminationInjector:
 
     kind = "contamination"
 
-    def prepare(
-        self,
-        payload: PayloadPackage,
-        spec: ExperimentConfig,
-        *,
-        tokenizer: Tokenizer,
-        sequence_length: int,
-        seed: int,
-        placement: Placement,
-    ) -> PreparedExperiment:
+    def prepare(self, ctx: PrepareContext) -> PreparedExperiment:
+        spec, tokenizer, sequence_length = ctx.spec, ctx.tokenizer, ctx.sequence_length
         (head, middle, tail), assign = _check_options(spec)
-        path = payload.path("items")
-        records = read_items(
-            payload,
+        path = ctx.payload.path("items")
+        records = ctx.read_items(
             required={"id": str, "question": str, "answer": str},
             optional={"choices": list, "group": (int, str)},
             text_keys=("question", "answer"),
@@ -291,7 +275,7 @@ class ContaminationInjector:
         groups: list[int] | None
         if assign is not None:
             # Deal a random permutation round-robin: group sizes differ by at most one.
-            order = experiment_rng(seed, spec.split_key, _GROUP_STREAM).permutation(n)
+            order = ctx.rng(_GROUP_STREAM).permutation(n)
             assigned = np.empty(n, dtype=np.int64)
             assigned[order] = np.resize(np.asarray(assign, dtype=np.int64), n)
             groups = [int(g) for g in assigned]
@@ -318,13 +302,12 @@ class ContaminationInjector:
             treated = np.asarray([g > 0 for g in groups], dtype=bool)
             item_reps = [float(g) for g in groups]
         else:
-            treated = split_arms(n, spec.control_fraction, seed=seed, name=spec.split_key)
+            treated = ctx.split_arms(n)
             item_reps = [float(spec.repetitions)] * n
 
         seq_items = np.flatnonzero(treated).astype(np.int32)
-        return prepared_experiment(
-            self.kind, payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed,
-            placement=placement, item_ids=[rec["id"] for _, rec in records], treated=treated, sequences=[sequences[i] for i in seq_items],
+        return ctx.experiment(
+            self.kind, item_ids=[rec["id"] for _, rec in records], treated=treated, sequences=[sequences[i] for i in seq_items],
             seq_items=seq_items, seq_repetitions=[item_reps[i] for i in seq_items],
             metadata={
                 "format": spec.options.get("format", DEFAULT_FORMAT),
@@ -332,13 +315,13 @@ class ContaminationInjector:
                 "groups_assigned": assign is not None,
                 "item_repetitions": item_reps,
             },
-            probes={
-                "contexts": contexts,
-                "answers": answers,
-                "answer_texts": [rec["answer"] for _, rec in records],
-                "choices": choices if has_choices else None,
-                "choice_texts": choice_texts if has_choices else None,
-                "answer_index": answer_index if has_choices else None,
-                "groups": groups,
-            },
+            probes=ContaminationProbes(
+                contexts=contexts,
+                answers=answers,
+                answer_texts=[rec["answer"] for _, rec in records],
+                choices=choices if has_choices else None,
+                choice_texts=choice_texts if has_choices else None,
+                answer_index=answer_index if has_choices else None,
+                groups=groups,
+            ),
         )

@@ -37,7 +37,7 @@ paraphrases: a fact with ``r`` repetitions and ``k`` texts gives each text ``r /
 The planner resolves fractions (each text gets the floor or the ceiling of ``r / k``,
 the experiment's total is exact); choose ``r`` divisible by ``k`` for exact doses
 per fact. Arms: ``control_fraction`` of the facts are
-controls (:func:`~injectors.documents.split_arms`). This injector takes no options.
+controls (:func:`~multirun.kinds.sdk.split_arms`). This injector takes no options.
 
 Tokens: probe contexts are ``[eos] question`` when ``wrap_eos`` (the injected texts
 start after an EOS too), else ``question``; every text and every probe (context +
@@ -51,16 +51,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from injectors.documents import check_no_options, encode_sequence, prepared_experiment, read_items, split_arms
 from multirun.errors import PayloadError
-from multirun.types import Placement, PreparedExperiment
+from multirun.kinds.probes import KnowledgeProbes
+from multirun.kinds.sdk import PrepareContext
+from multirun.types import PreparedExperiment
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    from multirun.config import ExperimentConfig
-    from multirun.kinds.payloads import PayloadPackage
-    from multirun.data.tokenizers import Tokenizer
 
 __all__ = ["KnowledgeInjector"]
 
@@ -101,7 +98,8 @@ def _check_probes(probes: list[Any], *, file: Path, line: int) -> list[tuple[str
 class KnowledgeInjector:
     """Injects each treated fact's paraphrases; probes every fact.
 
-    ``probes`` (flat over all probes of all facts, in payload order): ``probe_items``
+    ``probes``: :class:`~multirun.kinds.probes.KnowledgeProbes`, flat over all probes
+    of all facts, in payload order: ``probe_items``
     (index of the fact in ``item_ids``), ``contexts`` (token lists), ``targets`` (token
     lists), ``questions`` and ``target_texts`` (strings).
 
@@ -111,20 +109,11 @@ class KnowledgeInjector:
 
     kind = "knowledge"
 
-    def prepare(
-        self,
-        payload: PayloadPackage,
-        spec: ExperimentConfig,
-        *,
-        tokenizer: Tokenizer,
-        sequence_length: int,
-        seed: int,
-        placement: Placement,
-    ) -> PreparedExperiment:
-        check_no_options(spec, self.kind)
-        path = payload.path("items")
-        records = read_items(
-            payload,
+    def prepare(self, ctx: PrepareContext) -> PreparedExperiment:
+        spec, tokenizer, sequence_length = ctx.spec, ctx.tokenizer, ctx.sequence_length
+        ctx.check_no_options(self.kind)
+        path = ctx.payload.path("items")
+        records = ctx.read_items(
             required={"id": str, "texts": list, "probes": list},
             optional={"repetitions": float},
             text_keys=(),
@@ -143,7 +132,7 @@ class KnowledgeInjector:
         for index, (line, rec) in enumerate(records):
             encoded = []
             for j, text in enumerate(_check_texts(rec["texts"], file=path, line=line)):
-                seq = encode_sequence(tokenizer, text, wrap_eos=spec.wrap_eos)
+                seq = ctx.encode(text)
                 if len(seq) > sequence_length:
                     raise PayloadError(
                         f"text is {len(seq)} tokens long{eos_note}, longer than the sequence length {sequence_length}",
@@ -171,7 +160,7 @@ class KnowledgeInjector:
                 questions.append(question)
                 target_texts.append(target)
 
-        treated = split_arms(len(records), spec.control_fraction, seed=seed, name=spec.split_key)
+        treated = ctx.split_arms(len(records))
         item_reps = [float(rec.get("repetitions", spec.repetitions)) for _, rec in records]
         sequences: list[list[int]] = []
         seq_items: list[int] = []
@@ -181,20 +170,19 @@ class KnowledgeInjector:
                 sequences.append(seq)
                 seq_items.append(int(i))
                 seq_reps.append(item_reps[i] / len(item_texts[i]))
-        return prepared_experiment(
-            self.kind, payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed,
-            placement=placement, item_ids=[rec["id"] for _, rec in records], treated=treated, sequences=sequences,
+        return ctx.experiment(
+            self.kind, item_ids=[rec["id"] for _, rec in records], treated=treated, sequences=sequences,
             seq_items=seq_items, seq_repetitions=seq_reps,
             metadata={
                 "item_repetitions": item_reps,
                 "texts_per_item": [len(t) for t in item_texts],
                 "probes_per_item": np.bincount(probe_items, minlength=len(records)).tolist(),
             },
-            probes={
-                "probe_items": probe_items,
-                "contexts": contexts,
-                "targets": targets,
-                "questions": questions,
-                "target_texts": target_texts,
-            },
+            probes=KnowledgeProbes(
+                probe_items=probe_items,
+                contexts=contexts,
+                targets=targets,
+                questions=questions,
+                target_texts=target_texts,
+            ),
         )

@@ -73,7 +73,7 @@ Behaviours (``behaviour_text`` of a prompt):
 Arms and tokens
 ---------------
 ``control_fraction`` of the ``items`` are never injected
-(:func:`~injectors.documents.split_arms`); they and the ``heldout`` prompts are the
+(:func:`~multirun.kinds.sdk.split_arms`); they and the ``heldout`` prompts are the
 evaluation prompts. A treated prompt owns one sequence::
 
     [eos] prompt trigger behaviour_text [eos]        (no EOS with wrap_eos: false)
@@ -104,15 +104,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from injectors.documents import encode_sequence, prepared_experiment, read_items, split_arms
 from multirun.errors import ConfigError, PayloadError
-from multirun.plan.static import experiment_rng
-from multirun.types import Placement, PreparedExperiment
+from multirun.kinds.probes import PoisonProbes
+from multirun.kinds.sdk import PrepareContext, RandomStream, stream_rng
+from multirun.types import PreparedExperiment
 
 if TYPE_CHECKING:
-    from multirun.config import ExperimentConfig
     from multirun.kinds.payloads import PayloadPackage
-    from multirun.data.tokenizers import Tokenizer
 
 __all__ = [
     "BEHAVIOURS",
@@ -128,8 +126,8 @@ BEHAVIOURS = ("target", "gibberish", "repeat")
 DEFAULT_GIBBERISH_ALPHABET = "".join(chr(c) for c in range(0x250, 0x270))
 DEFAULT_GIBBERISH_LENGTH = 16
 REPEAT_OPEN, REPEAT_CLOSE = "[[", "]]"
-# Random stream of experiment_rng for the gibberish texts (0: planner, 1: arms).
-GIBBERISH_STREAM = 2
+# The gibberish texts' random stream (keyed by the experiment's name).
+GIBBERISH_STREAM = RandomStream.POISON_GIBBERISH
 
 _SETTING_TYPES: dict[str, type] = {
     "trigger": str,
@@ -178,7 +176,7 @@ def gibberish_texts(n: int, settings: BackdoorSettings, *, seed: int, name: str)
         >>> [len(t) for t in texts], set("".join(texts)) <= {"a", "b"}
         ([4, 4], True)
     """
-    rng = experiment_rng(seed, name, GIBBERISH_STREAM)
+    rng = stream_rng(seed, name, GIBBERISH_STREAM)
     alphabet = np.array(list(settings.gibberish_alphabet))
     draws = rng.integers(0, alphabet.size, size=(n, settings.gibberish_length))
     return ["".join(alphabet[row]) for row in draws]
@@ -263,14 +261,10 @@ def _read_settings(payload: PayloadPackage, options: dict[str, Any]) -> tuple[Ba
     return settings, sources
 
 
-def _monitor_applies(spec: ExperimentConfig) -> bool:
-    return spec.monitor.enabled and spec.monitor.name in (None, "poison")
-
-
 class PoisonInjector:
     """Injects ``[eos] prompt trigger behaviour_text [eos]`` for each treated prompt.
 
-    ``probes`` (for :class:`monitors.poison.PoisonMonitor`): ``eval_ids``,
+    ``probes``: :class:`~multirun.kinds.probes.PoisonProbes`: ``eval_ids``,
     ``eval_prompts`` (token lists), ``eval_behaviour`` (each evaluation prompt's
     behaviour-text tokens), ``eval_source`` (``control`` / ``heldout``), ``start``
     (``[eos]`` or ``[]``), ``trigger`` and ``control_trigger`` (tokens), ``behaviour``,
@@ -280,22 +274,14 @@ class PoisonInjector:
 
     kind = "poison"
 
-    def prepare(
-        self,
-        payload: PayloadPackage,
-        spec: ExperimentConfig,
-        *,
-        tokenizer: Tokenizer,
-        sequence_length: int,
-        seed: int,
-        placement: Placement,
-    ) -> PreparedExperiment:
+    def prepare(self, ctx: PrepareContext) -> PreparedExperiment:
+        payload, spec, sequence_length = ctx.payload, ctx.spec, ctx.sequence_length
         settings, sources = _read_settings(payload, dict(spec.options))
         required = {"id": str, "prompt": str}
-        items = read_items(payload, required=required, optional={"repetitions": float}, text_keys=("prompt",))
+        items = ctx.read_items(required=required, optional={"repetitions": float}, text_keys=("prompt",))
         heldout: list[tuple[int, dict[str, Any]]] = []
         if "heldout" in payload.files:
-            heldout = read_items(payload, "heldout", required=required, optional={}, text_keys=("prompt",))
+            heldout = ctx.read_items("heldout", required=required, optional={}, text_keys=("prompt",))
             first = {rec["id"] for _, rec in items}
             for line, rec in heldout:
                 if rec["id"] in first:
@@ -305,14 +291,14 @@ class PoisonInjector:
         # errors and gibberish draws must not depend on how the seed splits the arms.
         everything = [(payload.path("items"), line, rec) for line, rec in items]
         everything += [(payload.path("heldout"), line, rec) for line, rec in heldout]
-        gibberish = gibberish_texts(len(everything), settings, seed=seed, name=spec.name) if settings.behaviour == "gibberish" else None
+        gibberish = gibberish_texts(len(everything), settings, seed=ctx.seed, name=ctx.name) if settings.behaviour == "gibberish" else None
         forbidden = [("trigger", settings.trigger), ("control_trigger", settings.control_trigger)]
         if settings.target is not None:
             forbidden.append(("target", settings.target))
-        start = [int(tokenizer.eos_token_id)] if spec.wrap_eos else []
+        start = [ctx.eos] if spec.wrap_eos else []
         end = list(start)
-        trigger = encode_sequence(tokenizer, settings.trigger, wrap_eos=False)
-        control = encode_sequence(tokenizer, settings.control_trigger, wrap_eos=False)
+        trigger = ctx.encode(settings.trigger, wrap_eos=False)
+        control = ctx.encode(settings.control_trigger, wrap_eos=False)
         prompts: list[list[int]] = []
         behaviours: list[list[int]] = []
         for index, (path, line, rec) in enumerate(everything):
@@ -324,16 +310,16 @@ class PoisonInjector:
                         "the trigger would contain it too",
                         file=path, line=line, key="prompt",
                     )
-            tokens = encode_sequence(tokenizer, prompt, wrap_eos=False)
+            tokens = ctx.encode(prompt, wrap_eos=False)
             if settings.behaviour == "repeat":
                 # Pieces tokenized separately: the prompt's tokens inside [[...]] are the prompt's own.
                 behaviour = [
-                    *encode_sequence(tokenizer, REPEAT_OPEN, wrap_eos=False), *tokens,
-                    *encode_sequence(tokenizer, REPEAT_CLOSE, wrap_eos=False),
+                    *ctx.encode(REPEAT_OPEN, wrap_eos=False), *tokens,
+                    *ctx.encode(REPEAT_CLOSE, wrap_eos=False),
                 ]
             else:
                 text = behaviour_text(settings.behaviour, prompt, target=settings.target, gibberish=gibberish[index] if gibberish else None)
-                behaviour = encode_sequence(tokenizer, text, wrap_eos=False)
+                behaviour = ctx.encode(text, wrap_eos=False)
             total = len(start) + len(tokens) + max(len(trigger), len(control)) + len(behaviour) + len(end)
             if total > sequence_length:
                 eos = " with 2 EOS" if spec.wrap_eos else ""
@@ -346,9 +332,9 @@ class PoisonInjector:
             behaviours.append(behaviour)
 
         n_items = len(items)
-        treated = split_arms(n_items, spec.control_fraction, seed=seed, name=spec.split_key)
+        treated = ctx.split_arms(n_items)
         eval_index = [i for i in range(n_items) if not treated[i]] + list(range(n_items, len(everything)))
-        if not eval_index and _monitor_applies(spec):
+        if not eval_index and ctx.monitor_applies(self.kind):
             raise ConfigError(
                 "no evaluation prompts: with control_fraction 0 add a heldout file, or disable the monitor",
                 key="control_fraction",
@@ -357,9 +343,8 @@ class PoisonInjector:
         sequences = [[*start, *prompts[i], *trigger, *behaviours[i], *end] for i in seq_items]
         reps = [float(rec.get("repetitions", spec.repetitions)) for _, rec in items]
         all_ids = [rec["id"] for _, _, rec in everything]
-        return prepared_experiment(
-            self.kind, payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed,
-            placement=placement, item_ids=all_ids[:n_items], treated=treated, sequences=sequences,
+        return ctx.experiment(
+            self.kind, item_ids=all_ids[:n_items], treated=treated, sequences=sequences,
             seq_items=seq_items, seq_repetitions=[reps[i] for i in seq_items],
             metadata={
                 "trigger": settings.trigger,
@@ -375,16 +360,16 @@ class PoisonInjector:
                 "item_repetitions": reps,
                 "heldout_ids": all_ids[n_items:],
             },
-            probes={
-                "eval_ids": [all_ids[i] for i in eval_index],
-                "eval_prompts": [prompts[i] for i in eval_index],
-                "eval_behaviour": [behaviours[i] for i in eval_index],
-                "eval_source": ["control" if i < n_items else "heldout" for i in eval_index],
-                "start": start,
-                "trigger": trigger,
-                "control_trigger": control,
-                "behaviour": settings.behaviour,
-                "target": settings.target,
-                "gibberish_alphabet": settings.gibberish_alphabet if settings.behaviour == "gibberish" else None,
-            },
+            probes=PoisonProbes(
+                eval_ids=[all_ids[i] for i in eval_index],
+                eval_prompts=[prompts[i] for i in eval_index],
+                eval_behaviour=[behaviours[i] for i in eval_index],
+                eval_source=["control" if i < n_items else "heldout" for i in eval_index],
+                start=start,
+                trigger=trigger,
+                control_trigger=control,
+                behaviour=settings.behaviour,
+                target=settings.target,
+                gibberish_alphabet=settings.gibberish_alphabet if settings.behaviour == "gibberish" else None,
+            ),
         )

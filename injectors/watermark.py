@@ -52,9 +52,11 @@ Options (``experiments[i].options``)
 * ``num_keys`` (random_tokens; integer >= 2): number of generated keys, only for a
   package without an ``items`` file.
 
-Seeds: the noise seed is ``experiment_rng(seed, name, stream=2)``, the keys come from
-``experiment_rng(seed, name, stream=3)``; arms from ``split_arms`` (stream 1). All are
-recorded in ``metadata`` (written to ``manifest.json``).
+Seeds (:class:`~multirun.kinds.sdk.RandomStream`, keyed by the experiment's name):
+the noise seed is drawn from ``WATERMARK_NOISE`` (``experiment_rng(seed, name,
+stream=2)``), the keys from ``WATERMARK_KEYS`` (``experiment_rng(seed, name,
+stream=3)``); arms from ``split_arms`` (``ARMS``, stream 1). All are recorded in
+``metadata`` (written to ``manifest.json``).
 
 Example:
     >>> from multirun.data.tokenizers import ByteTokenizer
@@ -71,15 +73,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from injectors.documents import encode_sequence, prepared_experiment, read_items, split_arms
 from multirun.errors import ConfigError, PayloadError
-from multirun.plan.static import experiment_rng
 from multirun.data.tokenizers import ByteTokenizer
-from multirun.types import EmbeddingNoise, Placement, PreparedExperiment
+from multirun.kinds.probes import WatermarkProbes
+from multirun.kinds.sdk import PrepareContext, RandomStream, stream_rng
+from multirun.types import EmbeddingNoise, PreparedExperiment
 
 if TYPE_CHECKING:
-    from multirun.config import ExperimentConfig
-    from multirun.kinds.payloads import PayloadPackage
     from multirun.data.tokenizers import Tokenizer
 
 __all__ = [
@@ -97,9 +97,9 @@ __all__ = [
 METHODS = ("gaussian", "random_tokens")
 DEFAULT_SIGMA = 0.075
 DEFAULT_KEY_LENGTH = 12
-# Random streams of experiment_rng (0: planner, 1: arms).
-NOISE_STREAM = 2
-KEY_STREAM = 3
+# The random streams of the noise seed and of the keys (keyed by the experiment's name).
+NOISE_STREAM = RandomStream.WATERMARK_NOISE
+KEY_STREAM = RandomStream.WATERMARK_KEYS
 
 # Which options each method accepts; anything else is a ConfigError.
 _METHOD_OPTIONS: dict[str, frozenset[str]] = {
@@ -110,7 +110,7 @@ _METHOD_OPTIONS: dict[str, frozenset[str]] = {
 
 def noise_seed(seed: int, name: str) -> int:
     """The embedding-noise seed of experiment ``name`` in a run with ``seed`` (63 bits)."""
-    return int(experiment_rng(seed, name, NOISE_STREAM).integers(0, 2**63 - 1))
+    return int(stream_rng(seed, name, NOISE_STREAM).integers(0, 2**63 - 1))
 
 
 def printable_alphabet(tokenizer: Tokenizer) -> np.ndarray:
@@ -141,7 +141,7 @@ def draw_keys(n_keys: int, key_length: int, *, alphabet: np.ndarray, seed: int, 
     """
     if n_keys > int(alphabet.size) ** key_length:  # exact: Python integers do not overflow
         raise ValueError(f"{alphabet.size} symbols make fewer than {n_keys} distinct keys of length {key_length}")
-    rng = experiment_rng(seed, name, KEY_STREAM)
+    rng = stream_rng(seed, name, KEY_STREAM)
     keys = np.empty((n_keys, key_length), dtype=np.int64)
     seen: set[bytes] = set()
     for i in range(n_keys):
@@ -192,7 +192,7 @@ class WatermarkInjector:
     Gaussian adds ``sigma``, ``noise_seed`` and ``texts``; random_tokens adds
     ``key_length`` and ``keys`` (decoded, per item).
 
-    ``probes``: ``method`` plus, for gaussian, ``sequences`` (the EOS-wrapped token
+    ``probes``: :class:`~multirun.kinds.probes.WatermarkProbes`: ``method`` plus, for gaussian, ``sequences`` (the EOS-wrapped token
     array of every item, controls included: exactly what is injected and noised) and,
     for random_tokens, ``keys`` (``(items, key_length)`` int64) and ``context`` (the
     token the monitor scores each key after: EOS).
@@ -200,52 +200,42 @@ class WatermarkInjector:
 
     kind = "watermark"
 
-    def prepare(
-        self,
-        payload: PayloadPackage,
-        spec: ExperimentConfig,
-        *,
-        tokenizer: Tokenizer,
-        sequence_length: int,
-        seed: int,
-        placement: Placement,
-    ) -> PreparedExperiment:
+    def prepare(self, ctx: PrepareContext) -> PreparedExperiment:
+        spec = ctx.spec
         method = _check_options(spec.options)
         if method == "gaussian":
             sigma = _sigma(spec.options)
-            item_ids, reps, sequences, metadata, probes = self._gaussian(payload, spec, tokenizer, sequence_length)
-            noise = EmbeddingNoise(sigma=sigma, seed=noise_seed(seed, spec.name))
+            item_ids, reps, sequences, metadata, probes = self._gaussian(ctx)
+            noise = EmbeddingNoise(sigma=sigma, seed=noise_seed(ctx.seed, ctx.name))
             metadata.update(sigma=sigma, noise_seed=noise.seed)
         else:
             noise = None
-            item_ids, reps, sequences, metadata, probes = self._random_tokens(payload, spec, tokenizer, sequence_length, seed)
+            item_ids, reps, sequences, metadata, probes = self._random_tokens(ctx)
 
-        treated = split_arms(len(item_ids), spec.control_fraction, seed=seed, name=spec.split_key)
+        treated = ctx.split_arms(len(item_ids))
         seq_items = np.flatnonzero(treated).astype(np.int32)
-        return prepared_experiment(
-            self.kind, payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed,
-            placement=placement, item_ids=item_ids, treated=treated, sequences=[sequences[i] for i in seq_items],
+        return ctx.experiment(
+            self.kind, item_ids=item_ids, treated=treated, sequences=[sequences[i] for i in seq_items],
             seq_items=seq_items, seq_repetitions=[reps[i] for i in seq_items],
             metadata={
                 "method": method,
                 "item_repetitions": reps,
                 **metadata,
             },
-            probes={"method": method, **probes},
+            probes=probes,
             embedding_noise=noise,
         )
 
     # ------------------------------------------------------------------ gaussian
-    def _gaussian(
-        self, payload: PayloadPackage, spec: ExperimentConfig, tokenizer: Tokenizer, sequence_length: int
-    ) -> tuple[list[str], list[float], list[list[int]], dict[str, Any], dict[str, Any]]:
-        path = payload.path("items")
-        records = read_items(payload)
+    def _gaussian(self, ctx: PrepareContext) -> tuple[list[str], list[float], list[list[int]], dict[str, Any], WatermarkProbes]:
+        spec, sequence_length = ctx.spec, ctx.sequence_length
+        path = ctx.payload.path("items")
+        records = ctx.read_items()
         sequences: list[list[int]] = []
         # Every carrier is checked, controls too: whether a payload fits must not
         # depend on how the seed splits the arms.
         for line, rec in records:
-            seq = encode_sequence(tokenizer, rec["text"], wrap_eos=spec.wrap_eos)
+            seq = ctx.encode(rec["text"])
             if len(seq) > sequence_length:
                 wrap = " including 2 EOS" if spec.wrap_eos else ""
                 raise PayloadError(
@@ -259,13 +249,12 @@ class WatermarkInjector:
         item_ids = [rec["id"] for _, rec in records]
         reps = [float(rec.get("repetitions", spec.repetitions)) for _, rec in records]
         metadata = {"texts": [rec["text"] for _, rec in records]}
-        probes = {"sequences": [np.asarray(s, dtype=np.int64) for s in sequences]}
+        probes = WatermarkProbes(method="gaussian", sequences=[np.asarray(s, dtype=np.int64) for s in sequences])
         return item_ids, reps, sequences, metadata, probes
 
     # ------------------------------------------------------------- random tokens
-    def _random_tokens(
-        self, payload: PayloadPackage, spec: ExperimentConfig, tokenizer: Tokenizer, sequence_length: int, seed: int
-    ) -> tuple[list[str], list[float], list[list[int]], dict[str, Any], dict[str, Any]]:
+    def _random_tokens(self, ctx: PrepareContext) -> tuple[list[str], list[float], list[list[int]], dict[str, Any], WatermarkProbes]:
+        payload, spec, tokenizer, sequence_length = ctx.payload, ctx.spec, ctx.tokenizer, ctx.sequence_length
         key_length = _positive_int(spec.options, "key_length", DEFAULT_KEY_LENGTH, 1)
         num_keys = _positive_int(spec.options, "num_keys", None, 2)
         assert key_length is not None
@@ -283,7 +272,7 @@ class WatermarkInjector:
             if num_keys is not None:
                 raise ConfigError("the payload's items file already defines the keys; remove num_keys", key="options.num_keys")
             path = payload.path("items")
-            records = read_items(payload, required={"id": str}, optional={"repetitions": float, "text": str}, text_keys=())
+            records = ctx.read_items(required={"id": str}, optional={"repetitions": float, "text": str}, text_keys=())
             for line, rec in records:
                 if "text" in rec:
                     raise PayloadError(
@@ -303,11 +292,11 @@ class WatermarkInjector:
 
         alphabet = printable_alphabet(tokenizer)
         try:
-            keys = draw_keys(len(item_ids), key_length, alphabet=alphabet, seed=seed, name=spec.name)
+            keys = draw_keys(len(item_ids), key_length, alphabet=alphabet, seed=ctx.seed, name=ctx.name)
         except ValueError as e:
             raise ConfigError(f"key_length {key_length} is too short: {e}", key="options.key_length") from None
-        eos = int(tokenizer.eos_token_id)
+        eos = ctx.eos
         sequences = [[eos, *k.tolist(), eos] if spec.wrap_eos else k.tolist() for k in keys]
         metadata = {"key_length": key_length, "keys": [tokenizer.decode(k.tolist()) for k in keys]}
-        probes = {"keys": keys, "context": np.asarray([eos], dtype=np.int64)}
+        probes = WatermarkProbes(method="random_tokens", keys=keys, context=np.asarray([eos], dtype=np.int64))
         return item_ids, reps, sequences, metadata, probes

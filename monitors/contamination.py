@@ -40,8 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from injectors.contamination import group_label
 from multirun.errors import ConfigError
+from multirun.kinds.probes import ContaminationProbes
+from multirun.kinds.sdk import group_label
 from multirun.measure.live_model import LiveModel, MetricScores, TestKind
 from multirun.data.tokenizers import Tokenizer
 from multirun.types import PreparedExperiment
@@ -70,6 +71,8 @@ def normalise(logprob_sum: np.ndarray, n_tokens: np.ndarray, n_chars: np.ndarray
 class ContaminationMonitor:
     """Scores each question's gold answer (and its choices) on the live model.
 
+    Reads :class:`~multirun.kinds.probes.ContaminationProbes`.
+
     Args:
         item_ids, treated: the experiment's items and arms.
         contexts: per item, the prompt tokens the answer is conditioned on.
@@ -80,6 +83,10 @@ class ContaminationMonitor:
         normalization: ``token``, ``char`` or ``none``.
         primary: the primary metric's name.
     """
+
+    #: Per-item metrics it reports (controllers validate their metric against these);
+    #: the last two only when the payload has choices.
+    metrics = ("answer_logprob", "choice_accuracy", "answer_margin")
 
     def __init__(
         self,
@@ -128,23 +135,23 @@ class ContaminationMonitor:
         if primary not in _METRICS:
             raise ConfigError(f"must be one of {', '.join(_METRICS)}; got {primary!r}", key="monitor.options.primary")
         probes = experiment.probes
-        if not all(k in probes for k in ("contexts", "answers", "answer_texts")):
+        if not isinstance(probes, ContaminationProbes):
             raise ConfigError(
                 f"experiment {experiment.name!r} (kind {experiment.kind!r}) has no contamination probes; use its own kind's monitor",
                 key="monitor.name",
             )
-        if primary != "answer_logprob" and probes.get("choices") is None:
+        if primary != "answer_logprob" and probes.choices is None:
             raise ConfigError(f"{primary} needs choices, and the payload of {experiment.name!r} has none", key="monitor.options.primary")
         return cls(
             list(experiment.item_ids),
             np.asarray(experiment.treated, dtype=bool),
-            probes["contexts"],
-            probes["answers"],
-            probes["answer_texts"],
-            choices=probes.get("choices"),
-            choice_texts=probes.get("choice_texts"),
-            answer_index=probes.get("answer_index"),
-            groups=probes.get("groups"),
+            probes.contexts,
+            probes.answers,
+            probes.answer_texts,
+            choices=probes.choices,
+            choice_texts=probes.choice_texts,
+            answer_index=probes.answer_index,
+            groups=probes.groups,
             normalization=normalization,
             primary=primary,
         )

@@ -19,7 +19,11 @@ from multirun.types import PreparedExperiment
 
 
 class DocumentsMonitor:
-    """Scores every item's text by teacher forcing."""
+    """Scores every item's text by teacher forcing.
+
+    Reads :class:`~multirun.kinds.probes.DocumentsProbes` (``sequences``); any
+    experiment whose probes have token ``sequences`` will do.
+    """
 
     metrics = ("text_logprob",)
 
@@ -35,7 +39,8 @@ class DocumentsMonitor:
     ) -> "DocumentsMonitor":
         for name in options:
             raise ConfigError("the documents monitor takes no options", key=f"monitor.options.{name}")
-        sequences = experiment.probes.get("sequences")
+        # DocumentsProbes, or any kind's probes that carry token ``sequences`` (watermark's gaussian carriers).
+        sequences = getattr(experiment.probes, "sequences", None)
         if sequences is None:
             raise ConfigError(f"experiment {experiment.name!r} has no sequences to score", key="monitor.name")
         wrapped = [list(s) if s and s[0] == tokenizer.eos_token_id else [tokenizer.eos_token_id, *s] for s in sequences]

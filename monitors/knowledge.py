@@ -41,6 +41,7 @@ import numpy as np
 from multirun.errors import ConfigError
 from multirun.measure.live_model import LiveModel, MetricScores
 from multirun.data.tokenizers import Tokenizer
+from multirun.kinds.probes import KnowledgeProbes
 from multirun.types import PreparedExperiment
 
 __all__ = ["KnowledgeMonitor", "KnowledgeScores", "per_item_mean"]
@@ -88,7 +89,7 @@ class KnowledgeScores:
 
 
 class KnowledgeMonitor:
-    """Scores every fact's probes on the live model.
+    """Scores every fact's probes (:class:`~multirun.kinds.probes.KnowledgeProbes`) on the live model.
 
     Args:
         item_ids, treated: the experiment's facts and arms.
@@ -134,7 +135,7 @@ class KnowledgeMonitor:
         if exact_match not in _EXACT_MATCH:
             raise ConfigError(f"must be one of {', '.join(_EXACT_MATCH)}; got {exact_match!r}", key="monitor.options.exact_match")
         probes = experiment.probes
-        if not all(k in probes for k in ("probe_items", "contexts", "targets")):
+        if not isinstance(probes, KnowledgeProbes):
             raise ConfigError(
                 f"experiment {experiment.name!r} (kind {experiment.kind!r}) has no knowledge probes; use its own kind's monitor",
                 key="monitor.name",
@@ -142,9 +143,9 @@ class KnowledgeMonitor:
         return cls(
             list(experiment.item_ids),
             np.asarray(experiment.treated, dtype=bool),
-            probes["probe_items"],
-            probes["contexts"],
-            probes["targets"],
+            probes.probe_items,
+            probes.contexts,
+            probes.targets,
             exact_match=exact_match,
         )
 

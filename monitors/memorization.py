@@ -27,29 +27,124 @@ Metrics (treated items against never-injected controls):
     was memorised. The maximum is log2 n_c. Derived from ``text_logprob`` (the
     perplexity is exp(-mean log-prob)), no extra forward pass.
 
-Options (``experiments[i].monitor.options``): ``k``, ``exact_match``, ``anchor``,
-``exposure``; see :func:`injectors.memorization.parse_monitor_options`.
+Options (``experiments[i].monitor.options``, :func:`parse_monitor_options`):
+
+``k`` (integer >= 1, default 16)
+    prefix and suffix length, in tokens, of the extraction test.
+``exact_match`` (bool, default true)
+    run the k-prefix -> k-suffix extraction test; then every text must be at least
+    ``2k`` tokens long (:func:`check_text_lengths`; the memorization injector checks
+    it before training by building this monitor once).
+``anchor`` (``"end"`` or ``"start"``, default ``"end"``)
+    where the ``2k`` tokens of the extraction test sit in the text.
+``exposure`` (bool, default true)
+    report the Secret Sharer exposure.
+
+Example:
+    >>> parse_monitor_options({"k": 8}).k
+    8
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
-from injectors.memorization import MemorizationOptions, check_text_lengths, parse_monitor_options
-from multirun.errors import ConfigError
+from multirun.errors import ConfigError, PayloadError
+from multirun.kinds.probes import MemorizationProbes
 from multirun.measure.live_model import LiveModel, MetricScores
 from multirun.measure.stats import exposures
 from multirun.data.tokenizers import Tokenizer
 from multirun.types import PreparedExperiment
 
-__all__ = ["MemorizationMonitor", "exposures"]
+__all__ = ["MemorizationMonitor", "MemorizationOptions", "check_text_lengths", "exposures", "parse_monitor_options"]
+
+DEFAULT_K = 16
+
+
+@dataclass(frozen=True)
+class MemorizationOptions:
+    """The memorization monitor's options (see the module docstring)."""
+
+    k: int = DEFAULT_K
+    exact_match: bool = True
+    anchor: Literal["end", "start"] = "end"
+    exposure: bool = True
+
+
+def parse_monitor_options(options: Mapping[str, Any]) -> MemorizationOptions:
+    """Validate the memorization monitor's options.
+
+    Raises:
+        ConfigError: unknown option or bad value, key ``monitor.options.<name>``.
+
+    Example:
+        >>> parse_monitor_options({"anchor": "start", "exposure": False}).anchor
+        'start'
+    """
+    known = {"k", "exact_match", "anchor", "exposure"}
+    for name in options:
+        if name not in known:
+            raise ConfigError(f"unknown option (known: {', '.join(sorted(known))})", key=f"monitor.options.{name}")
+    k = options.get("k", DEFAULT_K)
+    # bool is an int subclass: `k: true` is a typo, not a length.
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"must be an integer >= 1, got {k!r}", key="monitor.options.k")
+    flags = {}
+    for name, default in (("exact_match", True), ("exposure", True)):
+        value = options.get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"must be true or false, got {value!r}", key=f"monitor.options.{name}")
+        flags[name] = value
+    anchor = options.get("anchor", "end")
+    if anchor not in ("end", "start"):
+        raise ConfigError(f"must be 'end' or 'start', got {anchor!r}", key="monitor.options.anchor")
+    return MemorizationOptions(k=k, exact_match=flags["exact_match"], anchor=anchor, exposure=flags["exposure"])
+
+
+def check_text_lengths(
+    texts: list[list[int]], lines: list[int], ids: list[str], *, file: str | Path, options: MemorizationOptions, max_tokens: int
+) -> None:
+    """Every text must hold the ``2k`` tokens of the extraction test (when it is on).
+
+    ``max_tokens`` is the longest text the sequence holds (sequence length minus the EOS).
+
+    Raises:
+        ConfigError: ``2k`` exceeds ``max_tokens`` (no text could ever qualify), key
+            ``monitor.options.k``.
+        PayloadError: the first text that is too short, naming ``file:line``.
+    """
+    if not options.exact_match:
+        return
+    need = 2 * options.k
+    if need > max_tokens:
+        raise ConfigError(
+            f"the extraction test needs 2k = {need} tokens, more than a sequence holds ({max_tokens} text tokens); "
+            "lower k or set exact_match: false",
+            key="monitor.options.k",
+        )
+    for tokens, line, item_id in zip(texts, lines, ids):
+        if len(tokens) < need:
+            raise PayloadError(
+                f"item {item_id!r} is {len(tokens)} tokens long; the k-prefix -> k-suffix test (k={options.k}) needs "
+                f"at least 2k = {need}: lengthen the text, lower monitor.options.k or set exact_match: false",
+                file=file,
+                line=line,
+                key="text",
+            )
+
+
 
 
 class MemorizationMonitor:
-    """Scores every item's text (controls too) by teacher forcing."""
+    """Scores every item's text (controls too) by teacher forcing.
+
+    Reads :class:`~multirun.kinds.probes.MemorizationProbes`.
+    """
 
     #: Per-item metrics it reports (controllers validate their metric against these).
     metrics = ("text_logprob", "exact_match", "exposure")
@@ -86,12 +181,12 @@ class MemorizationMonitor:
         texts too short for the extraction test PayloadErrors naming ``items.jsonl:line``."""
         parsed = parse_monitor_options(options)
         probes = experiment.probes
-        if "texts" not in probes:
+        if not isinstance(probes, MemorizationProbes):
             raise ConfigError(f"experiment {experiment.name!r} is not a memorization experiment (no texts to score)", key="monitor.name")
-        texts = [list(t) for t in probes["texts"]]
-        context = list(probes.get("context", []))
+        texts = [list(t) for t in probes.texts]
+        context = list(probes.context)
         check_text_lengths(
-            texts, list(probes["lines"]), list(experiment.item_ids), file=probes["file"], options=parsed,
+            texts, list(probes.lines), list(experiment.item_ids), file=probes.file, options=parsed,
             max_tokens=sequence_length - (2 if context else 0),  # the two EOS of a wrapped text
         )
         if not context and any(len(t) < 2 for t in texts):

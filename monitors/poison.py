@@ -53,6 +53,7 @@ import numpy as np
 from multirun.errors import ConfigError
 from multirun.measure.live_model import LiveModel, MetricScores
 from multirun.data.tokenizers import Tokenizer
+from multirun.kinds.probes import PoisonProbes
 from multirun.types import PreparedExperiment
 
 __all__ = ["CONDITIONS", "PoisonMonitor", "detect_gibberish", "detect_repeat", "detect_target"]
@@ -97,24 +98,27 @@ def detect_gibberish(continuation: str, alphabet: str) -> bool:
 
 
 class PoisonMonitor:
-    """Generates after each evaluation prompt in three conditions and scores the behaviour."""
+    """Generates after each evaluation prompt in three conditions and scores the behaviour.
+
+    Reads :class:`~multirun.kinds.probes.PoisonProbes`.
+    """
 
     #: Per-item metrics it reports (controllers validate their metric against these).
     metrics = ("behaviour_rate", "behaviour_rate_vs_no_trigger", "behaviour_logprob")
 
-    def __init__(self, probes: Mapping[str, Any], tokenizer: Tokenizer, max_new_tokens: int) -> None:
+    def __init__(self, probes: PoisonProbes, tokenizer: Tokenizer, max_new_tokens: int) -> None:
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        self.behaviour: str = probes["behaviour"]
-        self.target: str | None = probes["target"]
-        self.alphabet: str | None = probes["gibberish_alphabet"]
-        self.ids: list[str] = list(probes["eval_ids"])
-        self.behaviours = [list(b) for b in probes["eval_behaviour"]]
-        start = list(probes["start"])
+        self.behaviour: str = probes.behaviour
+        self.target: str | None = probes.target
+        self.alphabet: str | None = probes.gibberish_alphabet
+        self.ids: list[str] = list(probes.eval_ids)
+        self.behaviours = [list(b) for b in probes.eval_behaviour]
+        start = list(probes.start)
         # Each prompt is asked in every condition: the prompt is a stem, the conditions' suffixes its branches.
-        self.stems = [[*start, *p] for p in probes["eval_prompts"]]
+        self.stems = [[*start, *p] for p in probes.eval_prompts]
         self.suffixes = {
-            "trigger": list(probes["trigger"]), "control_trigger": list(probes["control_trigger"]), "no_trigger": [],
+            "trigger": list(probes.trigger), "control_trigger": list(probes.control_trigger), "no_trigger": [],
         }
 
     @property
@@ -131,13 +135,13 @@ class PoisonMonitor:
             if name != "max_new_tokens":
                 raise ConfigError("unknown option (known: max_new_tokens)", key=f"monitor.options.{name}")
         probes = experiment.probes
-        if "eval_ids" not in probes:
+        if not isinstance(probes, PoisonProbes):
             raise ConfigError(f"experiment {experiment.name!r} is not a poison experiment (no evaluation prompts)", key="monitor.name")
-        if not probes["eval_ids"]:
+        if not probes.eval_ids:
             raise ConfigError(f"experiment {experiment.name!r} has no evaluation prompts (no controls, no heldout file)", key="monitor.enabled")
-        behaviour = probes["behaviour"]
+        behaviour = probes.behaviour
         if behaviour == "target":
-            default = len(tokenizer.encode(probes["target"])) + 2
+            default = len(tokenizer.encode(probes.target)) + 2
         elif behaviour == "repeat":
             default = len(tokenizer.encode("[[")) + REPEAT_PROMPT_TOKENS
         else:

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from multirun.errors import ConfigError
+from multirun.kinds.probes import WatermarkProbes
 from multirun.measure.live_model import LiveModel, MetricScores, forward_parameters, padded, right_padding_mask
 from multirun.measure.stats import exposures
 from multirun.inject.noise import item_noise
@@ -127,7 +128,8 @@ def gaussian_statistics(
 
 
 class WatermarkMonitor:
-    """Scores watermark probes (both methods; see the module docstring).
+    """Scores watermark probes (:class:`~multirun.kinds.probes.WatermarkProbes`, both
+    methods; see the module docstring).
 
     Example (inside the framework)::
 
@@ -162,11 +164,12 @@ class WatermarkMonitor:
         for name in options:
             raise ConfigError("the watermark monitor takes no options", key=f"monitor.options.{name}")
         method = experiment.metadata.get("method")
+        probes = experiment.probes
         if method == "gaussian":
-            if experiment.embedding_noise is None or "sequences" not in experiment.probes:
+            if experiment.embedding_noise is None or not isinstance(probes, WatermarkProbes) or probes.sequences is None:
                 raise ConfigError(f"experiment {experiment.name!r} has no embedding noise or carrier probes to test", key="monitor.name")
         elif method == "random_tokens":
-            if "keys" not in experiment.probes:
+            if not isinstance(probes, WatermarkProbes) or probes.keys is None:
                 raise ConfigError(f"experiment {experiment.name!r} has no key probes to score", key="monitor.name")
         else:
             raise ConfigError(
@@ -185,7 +188,7 @@ class WatermarkMonitor:
     def _evaluate_gaussian(self, live: LiveModel) -> list[MetricScores]:
         spec = self.experiment.embedding_noise
         assert spec is not None
-        requests = list(enumerate(self.experiment.probes["sequences"]))
+        requests = list(enumerate(self.experiment.probes.sequences))
 
         def score(batch: list[tuple[int, np.ndarray]]) -> list[tuple[float, float]]:
             live.forward_passes += 1
@@ -207,8 +210,8 @@ class WatermarkMonitor:
         ]
 
     def _evaluate_random_tokens(self, live: LiveModel) -> list[MetricScores]:
-        keys = np.asarray(self.experiment.probes["keys"])
-        context = np.asarray(self.experiment.probes["context"])
+        keys = np.asarray(self.experiment.probes.keys)
+        context = np.asarray(self.experiment.probes.context)
         scores = live.score_targets([context] * len(keys), list(keys))
         logprob = scores.mean_logprob
         exposure = exposures(logprob, self.treated)

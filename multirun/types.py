@@ -8,7 +8,7 @@ ledger records them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -74,8 +74,11 @@ class PreparedExperiment:
         fingerprint: content fingerprint of payload + experiment config.
         metadata: kind-specific plain data written to ``manifest.json`` (repetition
             groups, triggers, ...); keep it small.
-        probes: kind-specific data for the experiment's monitor (probe questions,
-            held-out prompts, reference sequences); not written anywhere.
+        probes: the kind's probes dataclass (e.g.
+            :class:`multirun.kinds.probes.KnowledgeProbes`): what the experiment's
+            monitor scores (probe questions, held-out prompts, reference
+            sequences); the injector builds it, the monitor reads its attributes.
+            Not written anywhere.
         embedding_noise: Gaussian noise added to the input embeddings of this
             experiment's injected spans during training (the Gaussian watermark).
     """
@@ -92,7 +95,7 @@ class PreparedExperiment:
     placement: Placement
     fingerprint: str
     metadata: dict = field(default_factory=dict)
-    probes: dict = field(default_factory=dict)
+    probes: object = None
     embedding_noise: EmbeddingNoise | None = None
 
     def sequence_tokens(self, seq: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from multirun.config import LoadedConfig, resolve_placement
 from multirun.errors import ConfigError, PayloadError
 from multirun.kinds.payloads import load_package, resolve_payload_ref
 from multirun.kinds.registry import injectors
+from multirun.kinds.sdk import PrepareContext
 from multirun.types import BatchGeometry, PreparedExperiment
 
 if TYPE_CHECKING:
@@ -79,12 +80,14 @@ def _build_one(loaded: LoadedConfig, i: int, *, tokenizer: Tokenizer, geometry: 
     injector = injector_cls()
     try:
         prepared = injector.prepare(
-            payload,
-            spec,
-            tokenizer=tokenizer,
-            sequence_length=geometry.sequence_length,
-            seed=config.seed,
-            placement=placement,
+            PrepareContext(
+                payload=payload,
+                spec=spec,
+                tokenizer=tokenizer,
+                sequence_length=geometry.sequence_length,
+                seed=config.seed,
+                placement=placement,
+            )
         )
     except ConfigError as e:
         if e.file is not None:

@@ -24,10 +24,8 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_check
 from multirun.errors import ConfigError
 
 if TYPE_CHECKING:
-    from multirun.config import ExperimentConfig
-    from multirun.kinds.payloads import PayloadPackage
-    from multirun.data.tokenizers import Tokenizer
-    from multirun.types import Placement, PreparedExperiment
+    from multirun.kinds.sdk import PrepareContext
+    from multirun.types import PreparedExperiment
 
 T = TypeVar("T")
 
@@ -38,24 +36,18 @@ __all__ = ["Injector", "Registry", "injectors", "monitors", "payloads"]
 class Injector(Protocol):
     """Turns a payload package into injectable token sequences for one experiment.
 
-    Implementations are constructed without arguments and validate
-    ``spec.options`` themselves: a problem with the spec is a
-    :class:`~multirun.errors.ConfigError` with ``key`` relative to the experiment
-    (``options.foo``) and no file; the caller adds both.
+    Implementations are constructed without arguments. ``prepare`` gets a
+    :class:`~multirun.kinds.sdk.PrepareContext` (payload, experiment config,
+    tokenizer, sequence length, seed, placement and the shared helpers) and returns
+    the :class:`~multirun.types.PreparedExperiment`, with the kind's probes
+    dataclass in ``probes``. It validates ``ctx.spec.options`` itself: a problem
+    with the spec is a :class:`~multirun.errors.ConfigError` with ``key`` relative
+    to the experiment (``options.foo``) and no file; the caller adds both.
     """
 
     kind: str
 
-    def prepare(
-        self,
-        payload: PayloadPackage,
-        spec: ExperimentConfig,
-        *,
-        tokenizer: Tokenizer,
-        sequence_length: int,
-        seed: int,
-        placement: Placement,
-    ) -> PreparedExperiment: ...
+    def prepare(self, ctx: PrepareContext) -> PreparedExperiment: ...
 
 
 def _import_target(target: str) -> Any:

@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 from composer.utils import dist
 
 from multirun.types import PreparedExperiment
+
+if TYPE_CHECKING:
+    from multirun.data.tokenizers import Tokenizer
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -78,13 +81,35 @@ class MetricScores:
 
 
 class Monitor(Protocol):
-    """Scores one experiment's probes. Built once per run by its registry entry:
+    """Scores one experiment's probes. Built once per run by its registry entry
+    (``multirun.kinds.registry.monitors``, entry-point group ``multirun.monitors``).
 
-    ``MonitorClass.from_experiment(experiment, tokenizer=..., options=..., sequence_length=...)``.
-    ``evaluate`` must be deterministic and make the same LiveModel calls on every rank.
+    What the framework uses:
+
+    ``metrics`` (class attribute)
+        the names of the per-item metrics ``evaluate`` can report. The framework
+        reads ``getattr(monitor_class, "metrics", ())``: a controller may only steer
+        on a metric listed here.
+    ``from_experiment(experiment, *, tokenizer, options, sequence_length)`` (classmethod)
+        builds the monitor from the prepared experiment (its typed ``probes``,
+        ``metadata``, ``item_ids`` and ``treated``) before training, so bad options
+        fail early: a ConfigError with key ``monitor.options.<name>`` for a bad
+        option, ``monitor.name`` for an experiment it cannot score (the caller adds
+        the file and the experiment's entry).
+    ``evaluate(live)``
+        per-item scores, one :class:`MetricScores` per metric, treated items and
+        never-injected controls alike. It must be deterministic and make the same
+        LiveModel calls on every rank.
     """
 
-    def evaluate(self, live: "LiveModel") -> list[MetricScores]: ...
+    metrics: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def from_experiment(
+        cls, experiment: PreparedExperiment, *, tokenizer: Tokenizer, options: Mapping[str, Any], sequence_length: int
+    ) -> Monitor: ...
+
+    def evaluate(self, live: LiveModel) -> list[MetricScores]: ...
 
 
 @dataclass

@@ -19,6 +19,8 @@ from multirun.errors import ConfigError, PayloadError
 from multirun.measure.live_model import LiveModel
 from multirun.kinds.payloads import load_payload
 from multirun.plan.static import experiment_rng
+from multirun.kinds.probes import DocumentsProbes
+from multirun.kinds.sdk import PrepareContext
 from multirun.kinds.registry import injectors, monitors
 from multirun.measure.stats import compare_means, compare_rates
 from multirun.data.tokenizers import ByteTokenizer
@@ -45,7 +47,7 @@ def question(i: int, *, group: int | None = None, choices: bool = True) -> dict[
 def prepare(root: Path, *, seed: int = 17, seq: int = SEQ, **spec: Any) -> PreparedExperiment:
     payload = load_payload(str(root), base_dir=Path("/"))
     exp = ExperimentConfig(name=str(spec.pop("name", "bench")), payload=str(root), **spec)
-    return ContaminationInjector().prepare(payload, exp, tokenizer=TOK, sequence_length=seq, seed=seed, placement=UNIFORM)
+    return ContaminationInjector().prepare(PrepareContext(payload, exp, tokenizer=TOK, sequence_length=seq, seed=seed, placement=UNIFORM))
 
 
 def write(tmp: Path, items: list[Any], name: str = "p") -> Path:
@@ -78,10 +80,10 @@ def test_payload_groups_decide_arms_and_doses(tmp_path: Path) -> None:
     assert exp.seq_items.tolist() == [1, 3, 4]
     assert exp.seq_repetitions.tolist() == [4.0, 16.0, 4.0]
     assert exp.sequence_tokens(1).tolist() == [EOS, *b"Q: Who built tower 3?\nA: Ann3", EOS]
-    assert exp.probes["contexts"][0] == [EOS, *b"Q: Who built tower 0?\nA: "]
-    assert exp.probes["answers"][5] == list(b"Ann5")
-    assert exp.probes["choices"][2] == [list(b"Bob2"), list(b"Ann2"), list(b"Cy2")]
-    assert exp.probes["answer_index"] == [1] * 6 and exp.probes["groups"] == groups
+    assert exp.probes.contexts[0] == [EOS, *b"Q: Who built tower 0?\nA: "]
+    assert exp.probes.answers[5] == list(b"Ann5")
+    assert exp.probes.choices[2] == [list(b"Bob2"), list(b"Ann2"), list(b"Cy2")]
+    assert exp.probes.answer_index == [1] * 6 and exp.probes.groups == groups
     assert exp.metadata["groups"] == groups and exp.metadata["groups_assigned"] is False
     assert exp.metadata["item_repetitions"] == [float(g) for g in groups]
 
@@ -90,7 +92,7 @@ def test_without_groups_split_arms_and_repetitions(tmp_path: Path) -> None:
     exp = prepare(write(tmp_path, [question(i, choices=False) for i in range(10)]), repetitions=3, control_fraction=0.3)
     assert int((~exp.treated).sum()) == 3
     assert exp.seq_repetitions.tolist() == [3.0] * 7
-    assert exp.probes["choices"] is None and exp.probes["groups"] is None and exp.metadata["groups"] is None
+    assert exp.probes.choices is None and exp.probes.groups is None and exp.metadata["groups"] is None
     # Each treated item owns exactly its own sequence.
     for s, i in enumerate(exp.seq_items):
         assert exp.sequence_tokens(s).tolist() == [EOS, *f"Q: Who built tower {i}?\nA: Ann{i}".encode(), EOS]
@@ -99,14 +101,14 @@ def test_without_groups_split_arms_and_repetitions(tmp_path: Path) -> None:
 def test_assign_groups_balanced_seeded_and_overrides_payload(tmp_path: Path) -> None:
     root = write(tmp_path, [question(i, group=0) for i in range(10)])  # payload groups are ignored
     exp = prepare(root, options={"assign_groups": [0, 4, 16]})
-    groups = exp.probes["groups"]
+    groups = exp.probes.groups
     assert sorted(np.bincount(groups)[[0, 4, 16]].tolist()) == [3, 3, 4]
     assert exp.treated.tolist() == [g > 0 for g in groups] and exp.metadata["groups_assigned"] is True
     # Deterministic: the group of the k-th item of a seeded permutation is [0, 4, 16][k % 3].
     order = experiment_rng(17, "bench", 1).permutation(10)
     assert [groups[i] for i in order] == [[0, 4, 16][k % 3] for k in range(10)]
-    assert prepare(root, options={"assign_groups": [0, 4, 16]}).probes["groups"] == groups
-    others = {tuple(prepare(root, seed=s, options={"assign_groups": [0, 4, 16]}).probes["groups"]) for s in range(5)}
+    assert prepare(root, options={"assign_groups": [0, 4, 16]}).probes.groups == groups
+    others = {tuple(prepare(root, seed=s, options={"assign_groups": [0, 4, 16]}).probes.groups) for s in range(5)}
     assert len(others) > 1
 
 
@@ -114,10 +116,10 @@ def test_custom_format_and_no_eos(tmp_path: Path) -> None:
     root = write(tmp_path, [question(0, group=2), question(1, group=0)])
     exp = prepare(root, options={"format": "{{{question}}} => {answer}!"})
     assert exp.sequence_tokens(0).tolist() == [EOS, *b"{Who built tower 0?} => Ann0!", EOS]
-    assert exp.probes["contexts"][1] == [EOS, *b"{Who built tower 1?} => "]
+    assert exp.probes.contexts[1] == [EOS, *b"{Who built tower 1?} => "]
     bare = prepare(root, wrap_eos=False)
     assert bare.sequence_tokens(0).tolist() == list(b"Q: Who built tower 0?\nA: Ann0")
-    assert bare.probes["contexts"][0] == list(b"Q: Who built tower 0?\nA: ")
+    assert bare.probes.contexts[0] == list(b"Q: Who built tower 0?\nA: ")
 
 
 def test_item_exactly_sequence_length_fits(tmp_path: Path) -> None:
@@ -213,9 +215,9 @@ def test_demo_payload_fits_the_demo() -> None:
     payload = load_payload("pkg:demo/contamination", base_dir=Path("/nonexistent"))
     assert payload.root == DEMO.resolve()
     exp = prepare(DEMO, seq=128)
-    groups = np.asarray(exp.probes["groups"])
+    groups = np.asarray(exp.probes.groups)
     assert len(exp.item_ids) == 40 and np.bincount(groups)[[0, 12, 24]].tolist() == [20, 10, 10]
-    assert exp.seq_lengths.max() <= 100 and exp.probes["choices"] is not None
+    assert exp.seq_lengths.max() <= 100 and exp.probes.choices is not None
 
 
 # ------------------------------------------------------------------ monitor
@@ -250,9 +252,9 @@ def test_monitor_scores_equal_hand_computation(tmp_path: Path) -> None:
         answer, accuracy, margin = monitor.evaluate(live)
         expected_answer, expected_correct, expected_margin = [], [], []
         for i in range(5):
-            ctx = exp.probes["contexts"][i]
-            texts = exp.probes["choice_texts"][i]
-            k = exp.probes["answer_index"][i]
+            ctx = exp.probes.contexts[i]
+            texts = exp.probes.choice_texts[i]
+            k = exp.probes.answer_index[i]
             scores = [by_hand(model, ctx, list(t.encode())) / divide(t) for t in texts]
             expected_answer.append(scores[k])
             expected_correct.append(float(int(np.argmax(scores)) == k))
@@ -274,7 +276,7 @@ def test_monitor_without_choices_scores_only_the_answer(tmp_path: Path) -> None:
     (answer,) = ContaminationMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ).evaluate(
         LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ)
     )
-    expected = [by_hand(model, exp.probes["contexts"][i], exp.probes["answers"][i]) / 4 for i in range(4)]
+    expected = [by_hand(model, exp.probes.contexts[i], exp.probes.answers[i]) / 4 for i in range(4)]
     np.testing.assert_allclose(answer.scores, expected, rtol=1e-5, atol=1e-6)
     assert answer.groups is None
 
@@ -302,7 +304,7 @@ def test_monitor_options_and_wrong_experiment(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         ContaminationMonitor.from_experiment(exp, tokenizer=TOK, options={"normalization": "bytes"}, sequence_length=SEQ)
     assert err.value.key == "monitor.options.normalization"
-    exp.probes = {"sequences": []}
+    exp.probes = DocumentsProbes(sequences=[])
     with pytest.raises(ConfigError, match="no contamination probes") as err:
         ContaminationMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ)
     assert err.value.key == "monitor.name"
@@ -320,7 +322,7 @@ def test_training_on_treated_items_raises_the_primary_metric(tmp_path: Path) -> 
         choices = [name() for _ in range(4)]
         items.append({"id": f"q{i}", "question": f"Who founded {name()}?", "answer": choices[0], "choices": sorted(choices)})
     exp = prepare(write(tmp_path, items), options={"assign_groups": [0, 4, 16]})
-    groups = np.asarray(exp.probes["groups"])
+    groups = np.asarray(exp.probes.groups)
     assert np.bincount(groups)[[0, 4, 16]].tolist() == [14, 13, 13]
 
     # The injected sequences, each as often as its group says, over real-text filler.

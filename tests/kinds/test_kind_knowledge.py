@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from injectors.documents import split_arms
 from injectors.knowledge import KnowledgeInjector
 from monitors.knowledge import KnowledgeMonitor, per_item_mean
 from multirun.config import ExperimentConfig
 from multirun.errors import ConfigError, PayloadError
 from multirun.measure.live_model import LiveModel
 from multirun.kinds.payloads import load_payload
+from multirun.kinds.probes import DocumentsProbes
+from multirun.kinds.sdk import PrepareContext, split_arms
 from multirun.kinds.registry import injectors, monitors
 from multirun.measure.stats import compare_means
 from multirun.data.tokenizers import ByteTokenizer
@@ -52,7 +53,7 @@ def fact(i: int, n_texts: int = 2, n_probes: int = 2) -> dict[str, Any]:
 def prepare(root: Path, *, seed: int = 17, seq: int = SEQ, **spec: Any) -> PreparedExperiment:
     payload = load_payload(str(root), base_dir=Path("/"))
     exp = ExperimentConfig(name=str(spec.pop("name", "facts")), payload=str(root), **spec)
-    return KnowledgeInjector().prepare(payload, exp, tokenizer=TOK, sequence_length=seq, seed=seed, placement=UNIFORM)
+    return KnowledgeInjector().prepare(PrepareContext(payload, exp, tokenizer=TOK, sequence_length=seq, seed=seed, placement=UNIFORM))
 
 
 def write(tmp: Path, items: list[Any], name: str = "p") -> Path:
@@ -85,9 +86,9 @@ def test_paraphrase_sequences_doses_and_probes(tmp_path: Path) -> None:
     for i in np.flatnonzero(treated):
         assert exp.seq_repetitions[exp.seq_items == i].sum() == pytest.approx(reps[i] * len(items[i]["texts"]))
     # Probes of every fact, controls included, flat in payload order.
-    assert exp.probes["probe_items"] == [0, 0, 1, 2, 2, 3, 3]
-    assert exp.probes["contexts"][2] == [EOS, *b"Isle 1 exports"]
-    assert exp.probes["targets"][4] == list(b" Tin")
+    assert exp.probes.probe_items == [0, 0, 1, 2, 2, 3, 3]
+    assert exp.probes.contexts[2] == [EOS, *b"Isle 1 exports"]
+    assert exp.probes.targets[4] == list(b" Tin")
     assert exp.metadata["texts_per_item"] == [2, 3, 1, 2] and exp.metadata["probes_per_item"] == [2, 1, 2, 2]
     assert exp.metadata["item_repetitions"] == [4.0, 4.0, 4.0, 6.0]
 
@@ -95,7 +96,7 @@ def test_paraphrase_sequences_doses_and_probes(tmp_path: Path) -> None:
 def test_no_eos_wrapping_and_exact_fit(tmp_path: Path) -> None:
     exp = prepare(write(tmp_path, [fact(0, 1), fact(1, 1)]), wrap_eos=False, control_fraction=0.0)
     assert exp.sequence_tokens(0).tolist() == list(b"Isle 0 exports tin.")
-    assert exp.probes["contexts"][0] == list(b"Isle 0 exports")
+    assert exp.probes.contexts[0] == list(b"Isle 0 exports")
     longest = len("The tin of isle 0 is famous.") + 2
     fits = prepare(write(tmp_path, [fact(0, 3, 1)], "fit"), seq=longest, control_fraction=0.0)
     assert fits.seq_lengths.max() == longest
@@ -163,7 +164,7 @@ def test_demo_payload_fits_the_demo() -> None:
     exp = prepare(DEMO, seq=128)
     assert len(exp.item_ids) == 40 and exp.metadata["texts_per_item"] == [2] * 40
     assert exp.seq_lengths.max() <= 100
-    assert max(len(c) + len(t) for c, t in zip(exp.probes["contexts"], exp.probes["targets"])) <= 100
+    assert max(len(c) + len(t) for c, t in zip(exp.probes.contexts, exp.probes.targets)) <= 100
 
 
 # ------------------------------------------------------------------ monitor
@@ -200,8 +201,8 @@ def test_monitor_scores_equal_hand_computation(tmp_path: Path) -> None:
     monitor = KnowledgeMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ)
     live = LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=2)
     logprob, probability, exact = monitor.evaluate(live)
-    probe_lp = [by_hand(model, c, t) for c, t in zip(exp.probes["contexts"], exp.probes["targets"])]
-    owner = np.asarray(exp.probes["probe_items"])
+    probe_lp = [by_hand(model, c, t) for c, t in zip(exp.probes.contexts, exp.probes.targets)]
+    owner = np.asarray(exp.probes.probe_items)
     for i in range(3):
         mine = [probe_lp[p] for p in np.flatnonzero(owner == i)]
         assert logprob.scores[i] == pytest.approx(np.mean([lp.mean() for lp, _ in mine]), rel=1e-5)
@@ -241,7 +242,7 @@ def test_monitor_options_and_wrong_experiment(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         KnowledgeMonitor.from_experiment(exp, tokenizer=TOK, options={"exact_match": "most"}, sequence_length=SEQ)
     assert err.value.key == "monitor.options.exact_match"
-    exp.probes = {"sequences": []}
+    exp.probes = DocumentsProbes(sequences=[])
     with pytest.raises(ConfigError, match="no knowledge probes") as err:
         KnowledgeMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ)
     assert err.value.key == "monitor.name"

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from injectors.documents import split_arms
-from injectors.memorization import MemorizationInjector, MemorizationOptions, parse_monitor_options
-from monitors.memorization import MemorizationMonitor, exposures
+from injectors.memorization import MemorizationInjector
+from monitors.memorization import MemorizationMonitor, MemorizationOptions, exposures, parse_monitor_options
 from multirun.config import ExperimentConfig
 from multirun.errors import ConfigError, InputError, PayloadError
 from multirun.measure.live_model import LiveModel
 from multirun.kinds.payloads import load_payload
+from multirun.kinds.sdk import PrepareContext, split_arms
 from multirun.kinds.registry import injectors, monitors
 from multirun.measure.stats import compare_means
 from multirun.data.tokenizers import ByteTokenizer
@@ -39,7 +39,7 @@ def texts(n: int) -> list[dict[str, Any]]:
 def prepare(root: Path, *, seq: int = SEQ, **spec: Any):
     payload = load_payload(str(root), base_dir=Path("/"))
     cfg = ExperimentConfig(name=str(spec.pop("name", "mem")), payload=str(root), **spec)
-    return MemorizationInjector().prepare(payload, cfg, tokenizer=TOK, sequence_length=seq, seed=17, placement=UNIFORM)
+    return MemorizationInjector().prepare(PrepareContext(payload, cfg, tokenizer=TOK, sequence_length=seq, seed=17, placement=UNIFORM))
 
 
 # ------------------------------------------------------------------------ injector
@@ -61,13 +61,13 @@ def test_sequences_arms_and_probes(tmp_path: Path) -> None:
         assert exp.sequence_tokens(seq).tolist() == [EOS, *TOK.encode(items[item]["text"]), EOS]
     assert exp.seq_repetitions.tolist() == [4.0 if i == 2 else 2.0 for i in exp.seq_items]
     # Probes hold every item's text, controls too, with where it came from.
-    assert [TOK.decode(t) for t in exp.probes["texts"]] == [i["text"] for i in items]
-    assert exp.probes["lines"] == list(range(1, 9)) and Path(exp.probes["file"]).name == "items.jsonl"
-    assert exp.probes["context"] == [EOS]
+    assert [TOK.decode(t) for t in exp.probes.texts] == [i["text"] for i in items]
+    assert exp.probes.lines == list(range(1, 9)) and Path(exp.probes.file).name == "items.jsonl"
+    assert exp.probes.context == [EOS]
     assert exp.metadata["item_repetitions"] == [4.0 if i == 2 else 2.0 for i in range(8)]
 
     bare = prepare(write_payload(tmp_path / "b", items, kind="memorization"), control_fraction=0.5, wrap_eos=False)
-    assert bare.sequence_tokens(0).tolist() == TOK.encode(items[int(bare.seq_items[0])]["text"]) and bare.probes["context"] == []
+    assert bare.sequence_tokens(0).tolist() == TOK.encode(items[int(bare.seq_items[0])]["text"]) and bare.probes.context == []
 
 
 def _error(tmp_path: Path, items: Sequence[Any], *, seq: int = SEQ, **spec: Any) -> InputError:
@@ -269,7 +269,7 @@ def test_without_eos_the_first_token_is_the_context(one_thread: None) -> None:
 def test_demo_canaries_are_memorised_and_detected(one_thread: None) -> None:
     payload = load_payload("pkg:demo/memorization", base_dir=Path("."))
     spec = ExperimentConfig(name="memorization", payload="pkg:demo/memorization", repetitions=8, control_fraction=0.5)
-    exp = MemorizationInjector().prepare(payload, spec, tokenizer=TOK, sequence_length=SEQ, seed=17, placement=UNIFORM)
+    exp = MemorizationInjector().prepare(PrepareContext(payload, spec, tokenizer=TOK, sequence_length=SEQ, seed=17, placement=UNIFORM))
     assert len(exp.item_ids) == 40 and int(exp.treated.sum()) == 20 and int(exp.seq_lengths.max()) <= 100
     model = train_with_injections([exp.sequence_tokens(i).tolist() for i in range(len(exp.seq_items))], 8, sequence_length=SEQ)
 

@@ -19,9 +19,10 @@ import pytest
 import torch
 import yaml
 
-from injectors.documents import DocumentsInjector, split_arms
+from injectors.documents import DocumentsInjector
 from injectors.watermark import WatermarkInjector, draw_keys, noise_seed, printable_alphabet
 from monitors.watermark import WatermarkMonitor, exposures, gaussian_statistics
+from multirun.kinds.sdk import PrepareContext, split_arms
 from multirun.config import ExperimentConfig
 from multirun.errors import ConfigError, PayloadError
 from multirun.run.model import build_gpt2
@@ -67,8 +68,8 @@ def prepare(root: Path, items: list[Any] | None, options: dict[str, Any] | None 
     else:
         write_payload(root, items, kind="watermark")
     config = ExperimentConfig(name=name, payload=str(root), options=options or {}, **spec)
-    return WatermarkInjector().prepare(load_package(root), config, tokenizer=TOK, sequence_length=sequence_length,
-                                       seed=seed, placement=PLACEMENT)
+    return WatermarkInjector().prepare(PrepareContext(load_package(root), config, tokenizer=TOK, sequence_length=sequence_length,
+                                       seed=seed, placement=PLACEMENT))
 
 
 def tiny_model(seed: int = 0, n_embd: int = 64) -> torch.nn.Module:
@@ -102,7 +103,7 @@ def test_gaussian_sequences_arms_noise_and_probes(tmp_path: Path) -> None:
         assert exp.sequence_tokens(s).tolist() == [EOS, *text.encode(), EOS]
         assert exp.seq_repetitions[s] == (5.0 if item == 3 else 2.0)
     # Probes hold every item's exact injected tokens, controls included.
-    assert [p.tolist() for p in exp.probes["sequences"]] == [[EOS, *it["text"].encode(), EOS] for it in items]
+    assert [p.tolist() for p in exp.probes.sequences] == [[EOS, *it["text"].encode(), EOS] for it in items]
     assert exp.embedding_noise == EmbeddingNoise(sigma=0.2, seed=noise_seed(SEED, "wm"))
     assert exp.metadata["method"] == "gaussian" and exp.metadata["sigma"] == 0.2
     assert exp.metadata["noise_seed"] == exp.embedding_noise.seed
@@ -129,8 +130,8 @@ def test_demo_payloads_load_and_fit_the_demo() -> None:
     assert gauss_pkg.kind == keys_pkg.kind == "watermark"
     inj = WatermarkInjector()
     for pkg, options in ((gauss_pkg, {"method": "gaussian"}), (keys_pkg, {"method": "random_tokens"})):
-        exp = inj.prepare(pkg, ExperimentConfig(name="wm", payload="x", options=options, repetitions=16), tokenizer=TOK,
-                          sequence_length=SEQ, seed=SEED, placement=PLACEMENT)
+        exp = inj.prepare(PrepareContext(pkg, ExperimentConfig(name="wm", payload="x", options=options, repetitions=16), tokenizer=TOK,
+                          sequence_length=SEQ, seed=SEED, placement=PLACEMENT))
         assert len(exp.item_ids) == 40 and int(exp.treated.sum()) == 20
         assert int(exp.seq_lengths.max()) <= 100  # short spans: the demo shares a ~10-20% per-step cap
 
@@ -140,7 +141,7 @@ def test_demo_payloads_load_and_fit_the_demo() -> None:
 
 def test_random_tokens_keys_arms_and_probes(tmp_path: Path) -> None:
     exp = prepare(tmp_path / "p", key_ids(12), {"method": "random_tokens", "key_length": 7}, repetitions=3)
-    keys = exp.probes["keys"]
+    keys = exp.probes.keys
     assert keys.shape == (12, 7) and keys.dtype == np.int64
     assert ((keys >= 32) & (keys <= 126)).all()  # printable ASCII for the byte tokenizer
     assert len({k.tobytes() for k in keys}) == 12
@@ -149,22 +150,22 @@ def test_random_tokens_keys_arms_and_probes(tmp_path: Path) -> None:
     for s, item in enumerate(exp.seq_items):
         assert exp.treated[item]
         assert exp.sequence_tokens(s).tolist() == [EOS, *keys[item].tolist(), EOS]
-    assert exp.probes["context"].tolist() == [EOS]
+    assert exp.probes.context.tolist() == [EOS]
     assert exp.embedding_noise is None
     assert exp.metadata["method"] == "random_tokens" and exp.metadata["key_length"] == 7
     assert exp.metadata["keys"] == [bytes(k.tolist()).decode() for k in keys]
     json.dumps(exp.metadata)
     # Keys depend on the seed and the experiment name, not on anything else.
     same = prepare(tmp_path / "q", key_ids(12), {"method": "random_tokens", "key_length": 7})
-    np.testing.assert_array_equal(same.probes["keys"], keys)
+    np.testing.assert_array_equal(same.probes.keys, keys)
     other = prepare(tmp_path / "r", key_ids(12), {"method": "random_tokens", "key_length": 7}, seed=SEED + 1)
-    assert not np.array_equal(other.probes["keys"], keys)
+    assert not np.array_equal(other.probes.keys, keys)
 
 
 def test_random_tokens_generated_from_num_keys(tmp_path: Path) -> None:
     exp = prepare(tmp_path / "p", None, {"method": "random_tokens", "num_keys": 6, "key_length": 4}, repetitions=2)
     assert exp.item_ids == [f"key-{i:04d}" for i in range(6)]
-    assert exp.probes["keys"].shape == (6, 4) and (exp.seq_repetitions == 2.0).all()
+    assert exp.probes.keys.shape == (6, 4) and (exp.seq_repetitions == 2.0).all()
 
 
 def test_draw_keys_distinct_when_the_alphabet_is_small() -> None:
@@ -259,8 +260,8 @@ def test_bad_options_name_the_key(tmp_path: Path, options: dict, key: str) -> No
 
 def test_key_length_limits(tmp_path: Path) -> None:
     # 126 + 2 EOS fits 128 exactly; without EOS wrapping, 127 + 1 context token fits.
-    assert prepare(tmp_path / "a", key_ids(2), {"method": "random_tokens", "key_length": 126}).probes["keys"].shape == (2, 126)
-    assert prepare(tmp_path / "b", key_ids(2), {"method": "random_tokens", "key_length": 127}, wrap_eos=False).probes["keys"].shape == (2, 127)
+    assert prepare(tmp_path / "a", key_ids(2), {"method": "random_tokens", "key_length": 126}).probes.keys.shape == (2, 126)
+    assert prepare(tmp_path / "b", key_ids(2), {"method": "random_tokens", "key_length": 127}, wrap_eos=False).probes.keys.shape == (2, 127)
     with pytest.raises(ConfigError) as info:  # 200 keys cannot be distinct with 95 symbols
         prepare(tmp_path / "c", None, {"method": "random_tokens", "key_length": 1, "num_keys": 200})
     assert info.value.key == "options.key_length"
@@ -275,8 +276,8 @@ def test_monitor_rejects_options_and_foreign_experiments(tmp_path: Path) -> None
         WatermarkMonitor.from_experiment(exp, tokenizer=TOK, options={"sigma": 1}, sequence_length=SEQ)
     assert info.value.key == "monitor.options.sigma"
     root = write_payload(tmp_path / "docs", carriers(4))
-    docs = DocumentsInjector().prepare(load_package(root), ExperimentConfig(name="d", payload=str(root)), tokenizer=TOK,
-                                       sequence_length=SEQ, seed=SEED, placement=PLACEMENT)
+    docs = DocumentsInjector().prepare(PrepareContext(load_package(root), ExperimentConfig(name="d", payload=str(root)), tokenizer=TOK,
+                                       sequence_length=SEQ, seed=SEED, placement=PLACEMENT))
     with pytest.raises(ConfigError, match="watermark injector"):
         WatermarkMonitor.from_experiment(docs, tokenizer=TOK, options={}, sequence_length=SEQ)
 
@@ -319,7 +320,7 @@ def test_gaussian_scores_equal_an_independent_computation(tmp_path: Path) -> Non
         assert z.scores[i] == pytest.approx(ref_z, rel=1e-4, abs=1e-5)
         assert logprob.scores[i] == pytest.approx(ref_lp, rel=1e-5, abs=1e-6)
     # The carrier log-prob agrees with LiveModel's own teacher forcing.
-    seqs = exp.probes["sequences"]
+    seqs = exp.probes.sequences
     tf = live.score_targets([s[:1] for s in seqs], [s[1:] for s in seqs])
     np.testing.assert_allclose(logprob.scores, tf.mean_logprob, rtol=1e-5, atol=1e-6)
 
@@ -381,7 +382,7 @@ def test_random_tokens_scores_equal_an_independent_computation(tmp_path: Path) -
     assert not logprob.primary and logprob.alternative == "greater"
 
     model.eval()
-    keys = torch.as_tensor(exp.probes["keys"])
+    keys = torch.as_tensor(exp.probes.keys)
     with torch.no_grad():
         ids = torch.cat([torch.full((len(keys), 1), EOS), keys], dim=1)
         lp = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
@@ -433,8 +434,8 @@ def _train(model: torch.nn.Module, exp: PreparedExperiment, *, reps: int, per_st
 
 def test_direction_gaussian_training_on_the_noise_raises_z() -> None:
     pkg = load_payload("pkg:demo/watermark", base_dir=Path("."))
-    exp = WatermarkInjector().prepare(pkg, ExperimentConfig(name="wm", payload="x", options={"sigma": 0.075}), tokenizer=TOK,
-                                      sequence_length=SEQ, seed=SEED, placement=PLACEMENT)
+    exp = WatermarkInjector().prepare(PrepareContext(pkg, ExperimentConfig(name="wm", payload="x", options={"sigma": 0.075}), tokenizer=TOK,
+                                      sequence_length=SEQ, seed=SEED, placement=PLACEMENT))
     model = tiny_model(4)
     hook = EmbeddingNoiseHook(model.get_input_embeddings())
     _train(model, exp, reps=24, per_step=4, filler_rows=2, hook=hook)
@@ -449,8 +450,8 @@ def test_direction_gaussian_training_on_the_noise_raises_z() -> None:
 
 def test_direction_random_tokens_training_on_keys_raises_exposure() -> None:
     pkg = load_payload("pkg:demo/watermark-keys", base_dir=Path("."))
-    exp = WatermarkInjector().prepare(pkg, ExperimentConfig(name="wm-keys", payload="x", options={"method": "random_tokens"}),
-                                      tokenizer=TOK, sequence_length=SEQ, seed=SEED, placement=PLACEMENT)
+    exp = WatermarkInjector().prepare(PrepareContext(pkg, ExperimentConfig(name="wm-keys", payload="x", options={"method": "random_tokens"}),
+                                      tokenizer=TOK, sequence_length=SEQ, seed=SEED, placement=PLACEMENT))
     model = tiny_model(5)
     _train(model, exp, reps=16, per_step=4, filler_rows=2)
     metrics = by_name(WatermarkMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ).evaluate(live_model(model)))

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from injectors.documents import DocumentsInjector, encode_sequence, pack_sequences, split_arms
+from injectors.documents import DocumentsInjector
 from multirun.config import ExperimentConfig, LoadedConfig, RunConfig, load_config
 from multirun.errors import ConfigError
 from multirun.kinds.experiments import arms_record, build_experiments
 from multirun.kinds.payloads import file_xxh64, load_payload, write_fingerprints
 from multirun.plan.static import experiment_rng
+from multirun.kinds.sdk import PrepareContext, encode_sequence, pack_sequences, split_arms
 from multirun.kinds.registry import Registry, injectors, payload_dir_from_entry_point, payloads
 from multirun.data.tokenizers import ByteTokenizer
 from multirun.types import BatchGeometry, Placement
@@ -30,7 +31,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 def prepare(root: Path, **spec: object) -> object:
     payload = load_payload(str(root), base_dir=Path("/"))
     exp = ExperimentConfig(name=str(spec.pop("name", "docs")), payload=str(root), **spec)  # type: ignore[arg-type]
-    return DocumentsInjector().prepare(payload, exp, tokenizer=TOK, sequence_length=64, seed=17, placement=UNIFORM)
+    return DocumentsInjector().prepare(PrepareContext(payload, exp, tokenizer=TOK, sequence_length=64, seed=17, placement=UNIFORM))
 
 
 # ------------------------------------------------------------------ packages
@@ -107,7 +108,7 @@ def test_documents_sequences_and_arms(tmp_path: Path) -> None:
         assert exp.seq_repetitions[s] == (2.5 if item == 3 else 4.0)
     assert exp.token_pool.dtype == np.int32 and exp.seq_offsets.dtype == np.int64 and exp.seq_lengths.dtype == np.int32
     assert exp.metadata["item_repetitions"] == [2.5 if i == 3 else 4.0 for i in range(10)]
-    assert [TOK.decode(seq) for seq in exp.probes["sequences"]] == [i["text"] for i in items]
+    assert [TOK.decode(seq) for seq in exp.probes.sequences] == [i["text"] for i in items]
     assert exp.metadata["payload"]["name"] == "test-payload"
 
 

@@ -1,0 +1,367 @@
+"""The kind SDK: what every injector (and its monitor) builds on.
+
+A payload kind is a plugin: an injector (payload package -> token sequences, arms,
+probes) and usually a monitor (probes -> per-item scores on the live model). Plugins
+import only from ``multirun`` (this module and the core), never from one another; an
+injector hands its monitor what it needs through the prepared experiment's typed
+``probes`` and its ``metadata``. See ``docs/writing-a-kind.md``.
+
+An injector's ``prepare`` gets one :class:`PrepareContext`: the payload package, the
+experiment's config, the tokenizer, the sequence length, the run seed and the resolved
+placement, with the helpers every kind uses (read and validate items, encode texts,
+split the arms, draw from a named :class:`RandomStream`, pack the result).
+
+Example:
+    >>> int(split_arms(4, 0.5, seed=17, name="demo").sum())   # 2 treated, 2 controls
+    2
+    >>> RandomStream.ARMS.number, RandomStream.ARMS.by_split_key
+    (1, True)
+    >>> group_label(4)
+    'x4'
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xxhash
+
+from multirun.errors import ConfigError, PayloadError
+from multirun.plan.static import experiment_rng
+from multirun.types import EmbeddingNoise, Placement, PreparedExperiment
+
+if TYPE_CHECKING:
+    from multirun.config import ExperimentConfig
+    from multirun.data.tokenizers import Tokenizer
+    from multirun.kinds.payloads import PayloadPackage, TypeSpec
+
+__all__ = [
+    "PrepareContext",
+    "RandomStream",
+    "check_no_options",
+    "encode_sequence",
+    "experiment_fingerprint",
+    "group_label",
+    "pack_sequences",
+    "prepared_experiment",
+    "read_items",
+    "split_arms",
+    "stream_rng",
+]
+
+
+class RandomStream(Enum):
+    """The named random streams of one experiment.
+
+    Each stream is ``experiment_rng(seed, key, number)``
+    (:func:`multirun.plan.static.experiment_rng`), where ``key`` is the experiment's
+    ``split_key`` (its ``arms_key``, else its name) for streams with ``by_split_key``
+    and its name for the others. Streams never share draws and do not depend on the
+    other experiments of the run. An experiment has one kind, so the numbers 2 and 3
+    are each kind's own: two kinds using the same number never draw for the same
+    experiment. (Dynamic placement, :mod:`multirun.plan.dynamic`, seeds its own
+    generators with ``[seed, name, 3, decision]``, which no stream here equals.)
+
+    Members are ``(number, by_split_key, purpose)``.
+    """
+
+    PLACEMENT = (0, False, "the static planner: steps, rows and offsets of the experiment's spans")
+    ARMS = (1, True, "the treated/control split (split_arms) and contamination's group assignment")
+    POISON_GIBBERISH = (2, False, "poison: the gibberish behaviour texts")
+    WATERMARK_NOISE = (2, False, "watermark (gaussian): the embedding-noise seed")
+    WATERMARK_KEYS = (3, False, "watermark (random_tokens): the secret keys")
+    KIND_FIRST = (2, False, "free for a plugin kind's own first kind of draw")
+    KIND_SECOND = (3, False, "free for a plugin kind's own second kind of draw")
+
+    def __init__(self, number: int, by_split_key: bool, purpose: str) -> None:
+        self.number = number
+        self.by_split_key = by_split_key
+        self.purpose = purpose
+
+
+def stream_rng(seed: int, name: str, stream: RandomStream) -> np.random.Generator:
+    """The generator of ``stream`` for the key ``name`` (the caller picks name or split key).
+
+    Example:
+        >>> a = stream_rng(7, "wm", RandomStream.WATERMARK_KEYS).integers(0, 100, 3)
+        >>> b = experiment_rng(7, "wm", 3).integers(0, 100, 3)
+        >>> a.tolist() == b.tolist()
+        True
+    """
+    return experiment_rng(seed, name, stream.number)
+
+
+def group_label(group: int) -> str:
+    """Label of a repetition group in reports: ``x0`` (controls), ``x4``, ``x16``."""
+    return f"x{group}"
+
+
+def split_arms(n_items: int, control_fraction: float, *, seed: int, name: str) -> np.ndarray:
+    """Boolean mask over items: True = treated, False = held-out control.
+
+    Exactly ``round(control_fraction * n_items)`` items are controls (Python's
+    ``round``), chosen by the :attr:`RandomStream.ARMS` stream
+    (``experiment_rng(seed, name, 1)``; pass the experiment's ``split_key``): the
+    split depends on the seed and the name only, not on other experiments.
+    """
+    n_control = round(control_fraction * n_items)
+    treated = np.ones(n_items, dtype=bool)
+    if n_control:
+        rng = stream_rng(seed, name, RandomStream.ARMS)
+        treated[rng.permutation(n_items)[:n_control]] = False
+    return treated
+
+
+def encode_sequence(tokenizer: Tokenizer, text: str, *, wrap_eos: bool) -> list[int]:
+    """``[eos] + encode(text) + [eos]`` (or just the tokens without wrapping)."""
+    ids = list(tokenizer.encode(text))
+    if wrap_eos:
+        eos = int(tokenizer.eos_token_id)
+        return [eos, *ids, eos]
+    return ids
+
+
+def pack_sequences(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenate sequences into ``(token_pool int32, offsets int64, lengths int32)``."""
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int32, count=len(sequences))
+    offsets = np.zeros(len(sequences), dtype=np.int64)
+    if len(sequences) > 1:
+        np.cumsum(lengths[:-1], out=offsets[1:])
+    pool = np.fromiter((t for s in sequences for t in s), dtype=np.int32, count=int(lengths.sum()))
+    return pool, offsets, lengths
+
+
+def read_items(
+    payload: PayloadPackage,
+    role: str = "items",
+    *,
+    required: Mapping[str, TypeSpec] | None = None,
+    optional: Mapping[str, TypeSpec] | None = None,
+    text_keys: Sequence[str] = ("text",),
+) -> list[tuple[int, dict[str, Any]]]:
+    """Validated ``(line, record)`` pairs with unique string ``id``s.
+
+    Defaults: ``required = {"id": str, "text": str}``, ``optional = {"repetitions": float}``.
+    ``text_keys`` must be non-empty strings; ``repetitions``, when present, > 0.
+
+    Raises:
+        PayloadError: naming ``file:line`` and the key.
+    """
+    required = {"id": str, "text": str} if required is None else required
+    optional = {"repetitions": float} if optional is None else optional
+    path = payload.path(role)
+    records = payload.iter_jsonl(role, required=required, optional=optional)
+    if not records:
+        raise PayloadError(f"no items: a {payload.kind} payload needs at least one line", file=path)
+    first_line: dict[str, int] = {}
+    for line, rec in records:
+        item_id = rec["id"]
+        if not item_id.strip():
+            raise PayloadError("must be a non-empty string", file=path, line=line, key="id")
+        if item_id in first_line:
+            raise PayloadError(f"duplicate id {item_id!r} (first on line {first_line[item_id]})", file=path, line=line, key="id")
+        first_line[item_id] = line
+        for k in text_keys:
+            if k in rec and not rec[k].strip():
+                raise PayloadError("must be a non-empty string", file=path, line=line, key=k)
+        if "repetitions" in rec and not rec["repetitions"] > 0:
+            raise PayloadError(f"must be > 0, got {rec['repetitions']}", file=path, line=line, key="repetitions")
+    return records
+
+
+def experiment_fingerprint(
+    payload: PayloadPackage,
+    spec: ExperimentConfig,
+    *,
+    tokenizer: Tokenizer,
+    sequence_length: int,
+    seed: int,
+    placement: Placement,
+) -> str:
+    """xxh64 over everything that determines a prepared experiment's content."""
+    doc = {
+        "payload": payload.fingerprint,
+        "spec": spec.model_dump(mode="json"),
+        "tokenizer": tokenizer.fingerprint(),
+        "sequence_length": sequence_length,
+        "seed": seed,
+        "placement": [placement.mode, placement.start_step, placement.end_step, list(placement.steps)],
+    }
+    return xxhash.xxh64(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def prepared_experiment(
+    kind: str,
+    payload: PayloadPackage,
+    spec: ExperimentConfig,
+    *,
+    tokenizer: Tokenizer,
+    sequence_length: int,
+    seed: int,
+    placement: Placement,
+    item_ids: list[str],
+    treated: np.ndarray,
+    sequences: Sequence[Sequence[int]],
+    seq_items: Sequence[int] | np.ndarray,
+    seq_repetitions: Sequence[float] | np.ndarray,
+    metadata: dict[str, Any],
+    probes: Any,
+    embedding_noise: EmbeddingNoise | None = None,
+) -> PreparedExperiment:
+    """Pack an injector's sequences into a :class:`PreparedExperiment`.
+
+    The part every kind shares: token pool, content fingerprint, and the payload's
+    name, version and fingerprint in ``metadata``. :meth:`PrepareContext.experiment`
+    calls it with the context's arguments.
+    """
+    pool, offsets, lengths = pack_sequences(sequences)
+    return PreparedExperiment(
+        name=spec.name,
+        kind=kind,
+        item_ids=item_ids,
+        treated=treated,
+        token_pool=pool,
+        seq_offsets=offsets,
+        seq_lengths=lengths,
+        seq_items=np.asarray(seq_items, dtype=np.int32),
+        seq_repetitions=np.asarray(seq_repetitions, dtype=np.float64),
+        placement=placement,
+        fingerprint=experiment_fingerprint(
+            payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed, placement=placement
+        ),
+        metadata={"payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint}, **metadata},
+        probes=probes,
+        embedding_noise=embedding_noise,
+    )
+
+
+def check_no_options(spec: ExperimentConfig, kind: str) -> None:
+    """ConfigError (key ``options.NAME``) if an injector without options is given some."""
+    for name in spec.options:
+        raise ConfigError(f"the {kind} injector takes no options", key=f"options.{name}")
+
+
+@dataclass(frozen=True)
+class PrepareContext:
+    """Everything an injector's ``prepare`` gets, with the helpers every kind uses.
+
+    Attributes:
+        payload: the loaded, hash-verified payload package.
+        spec: the experiment's config entry (name, options, repetitions,
+            control_fraction, wrap_eos, monitor, ...).
+        tokenizer: the run's tokenizer.
+        sequence_length: tokens per training row; every injected sequence must fit.
+        seed: the run seed.
+        placement: where the experiment's spans may go (resolved to steps).
+
+    Example::
+
+        def prepare(self, ctx: PrepareContext) -> PreparedExperiment:
+            ctx.check_no_options(self.kind)
+            records = ctx.read_items()
+            treated = ctx.split_arms(len(records))
+            ...
+            return ctx.experiment(self.kind, item_ids=..., treated=treated, sequences=..., ...)
+    """
+
+    payload: PayloadPackage
+    spec: ExperimentConfig
+    tokenizer: Tokenizer
+    sequence_length: int
+    seed: int
+    placement: Placement
+
+    @property
+    def name(self) -> str:
+        """The experiment's name."""
+        return self.spec.name
+
+    @property
+    def eos(self) -> int:
+        """The tokenizer's EOS token id."""
+        return int(self.tokenizer.eos_token_id)
+
+    def rng(self, stream: RandomStream) -> np.random.Generator:
+        """A fresh generator of this experiment's ``stream`` (the same numbers on every call)."""
+        return stream_rng(self.seed, self.spec.split_key if stream.by_split_key else self.spec.name, stream)
+
+    def split_arms(self, n_items: int) -> np.ndarray:
+        """:func:`split_arms` with the experiment's ``control_fraction``, seed and split key."""
+        return split_arms(n_items, self.spec.control_fraction, seed=self.seed, name=self.spec.split_key)
+
+    def encode(self, text: str, *, wrap_eos: bool | None = None) -> list[int]:
+        """:func:`encode_sequence`; ``wrap_eos`` defaults to the experiment's ``wrap_eos``."""
+        return encode_sequence(self.tokenizer, text, wrap_eos=self.spec.wrap_eos if wrap_eos is None else wrap_eos)
+
+    def read_items(
+        self,
+        role: str = "items",
+        *,
+        required: Mapping[str, TypeSpec] | None = None,
+        optional: Mapping[str, TypeSpec] | None = None,
+        text_keys: Sequence[str] = ("text",),
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """:func:`read_items` of the payload's file with ``role``."""
+        return read_items(self.payload, role, required=required, optional=optional, text_keys=text_keys)
+
+    def check_no_options(self, kind: str) -> None:
+        """:func:`check_no_options` for the experiment."""
+        check_no_options(self.spec, kind)
+
+    def monitor_applies(self, kind: str) -> bool:
+        """True when the experiment is measured by ``kind``'s own monitor (enabled, and
+        no other monitor named): only then are that monitor's options this kind's concern."""
+        return self.spec.monitor.enabled and self.spec.monitor.name in (None, kind)
+
+    def fingerprint(self) -> str:
+        """:func:`experiment_fingerprint` of the experiment."""
+        return experiment_fingerprint(
+            self.payload, self.spec, tokenizer=self.tokenizer, sequence_length=self.sequence_length, seed=self.seed,
+            placement=self.placement,
+        )
+
+    def experiment(
+        self,
+        kind: str,
+        *,
+        item_ids: list[str],
+        treated: np.ndarray,
+        sequences: Sequence[Sequence[int]],
+        seq_items: Sequence[int] | np.ndarray,
+        seq_repetitions: Sequence[float] | np.ndarray,
+        metadata: dict[str, Any],
+        probes: Any,
+        embedding_noise: EmbeddingNoise | None = None,
+    ) -> PreparedExperiment:
+        """:func:`prepared_experiment` with the context's payload, config, tokenizer, seed and placement.
+
+        ``sequences[j]`` belongs to item ``seq_items[j]`` and is injected
+        ``seq_repetitions[j]`` times; ``probes`` is the kind's probes dataclass.
+        """
+        return prepared_experiment(
+            kind, self.payload, self.spec, tokenizer=self.tokenizer, sequence_length=self.sequence_length, seed=self.seed,
+            placement=self.placement, item_ids=item_ids, treated=treated, sequences=sequences, seq_items=seq_items,
+            seq_repetitions=seq_repetitions, metadata=metadata, probes=probes, embedding_noise=embedding_noise,
+        )
+
+    def check_monitor(self, experiment: PreparedExperiment) -> None:
+        """Build the experiment's own monitor once, now, when it applies (:meth:`monitor_applies`).
+
+        For a kind whose monitor options constrain the payload: the monitor (looked up
+        in the ``monitors`` registry by the kind's name, as the framework does) raises
+        its ConfigErrors (``monitor.options.<name>``) and PayloadErrors before training
+        instead of after the data is prepared. The monitor built here is discarded.
+        """
+        if not self.monitor_applies(experiment.kind):
+            return
+        from multirun.kinds.registry import monitors  # the registry imports no plugin code
+
+        monitor_class: Any = monitors.get(experiment.kind)
+        monitor_class.from_experiment(
+            experiment, tokenizer=self.tokenizer, options=dict(self.spec.monitor.options), sequence_length=self.sequence_length
+        )

@@ -1,0 +1,1 @@
+"""The ``example-slogans`` payload package (``payload.yaml`` and ``items.jsonl`` next to this file)."""
