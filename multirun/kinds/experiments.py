@@ -47,7 +47,7 @@ def build_experiments(loaded: LoadedConfig, *, tokenizer: Tokenizer, geometry: B
         seen[spec.name] = i
 
     out: list[PreparedExperiment] = []
-    for i, spec in enumerate(config.experiments):
+    for i in range(len(config.experiments)):
         try:
             out.append(_build_one(loaded, i, tokenizer=tokenizer, geometry=geometry))
         except ConfigError as e:

@@ -182,7 +182,7 @@ def read_jsonl_file(
             raise PayloadError(f"invalid JSON: {e}", file=path, line=lineno) from None
         if not isinstance(record, dict):
             raise PayloadError(f"each line must be a JSON object, got {_json_name(record)}", file=path, line=lineno)
-        for key, spec in required.items():
+        for key in required:
             if key not in record:
                 raise PayloadError("required key is missing", file=path, line=lineno, key=key)
         for key, value in record.items():

@@ -19,35 +19,13 @@ from collections.abc import Callable
 from importlib import metadata, resources
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, TypeVar
 
 from multirun.errors import ConfigError
 
-if TYPE_CHECKING:
-    from multirun.kinds.sdk import PrepareContext
-    from multirun.types import PreparedExperiment
-
 T = TypeVar("T")
 
-__all__ = ["Injector", "Registry", "injectors", "monitors", "payloads"]
-
-
-@runtime_checkable
-class Injector(Protocol):
-    """Turns a payload package into injectable token sequences for one experiment.
-
-    Implementations are constructed without arguments. ``prepare`` gets a
-    :class:`~multirun.kinds.sdk.PrepareContext` (payload, experiment config,
-    tokenizer, sequence length, seed, placement and the shared helpers) and returns
-    the :class:`~multirun.types.PreparedExperiment`, with the kind's probes
-    dataclass in ``probes``. It validates ``ctx.spec.options`` itself: a problem
-    with the spec is a :class:`~multirun.errors.ConfigError` with ``key`` relative
-    to the experiment (``options.foo``) and no file; the caller adds both.
-    """
-
-    kind: str
-
-    def prepare(self, ctx: PrepareContext) -> PreparedExperiment: ...
+__all__ = ["Registry", "injectors", "monitors", "payloads"]
 
 
 def _import_target(target: str) -> Any:
@@ -126,10 +104,10 @@ class Registry(Generic[T]):
             if isinstance(entry, str):
                 try:
                     entry = _import_target(entry)
-                except Exception as e:  # noqa: BLE001 - report any import failure as bad config
+                except Exception as e:
                     raise ConfigError(f"{self.what} {name!r} failed to import ({entry}): {e}", file=file, key=key) from e
                 self._entries[name] = entry
-            return entry  # type: ignore[return-value]
+            return entry
         if name in self._loaded:
             return self._loaded[name]
         ep = self._eps().get(name)
@@ -138,7 +116,7 @@ class Registry(Generic[T]):
             raise ConfigError(f"unknown {self.what} {name!r} (known: {known}; plugins add more via the entry-point group {self.group!r})", file=file, key=key)
         try:
             obj = self._loader(ep)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ConfigError(f"{self.what} {name!r} from entry point {ep.value!r} failed to load: {e}", file=file, key=key) from e
         self._loaded[name] = obj
         return obj

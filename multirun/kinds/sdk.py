@@ -26,7 +26,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import xxhash
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from multirun.kinds.payloads import PayloadPackage, TypeSpec
 
 __all__ = [
+    "Injector",
     "PrepareContext",
     "RandomStream",
     "check_no_options",
@@ -365,3 +366,21 @@ class PrepareContext:
         monitor_class.from_experiment(
             experiment, tokenizer=self.tokenizer, options=dict(self.spec.monitor.options), sequence_length=self.sequence_length
         )
+
+
+@runtime_checkable
+class Injector(Protocol):
+    """Turns a payload package into injectable token sequences for one experiment.
+
+    Implementations are constructed without arguments. ``prepare`` gets a
+    :class:`~multirun.kinds.sdk.PrepareContext` (payload, experiment config,
+    tokenizer, sequence length, seed, placement and the shared helpers) and returns
+    the :class:`~multirun.types.PreparedExperiment`, with the kind's probes
+    dataclass in ``probes``. It validates ``ctx.spec.options`` itself: a problem
+    with the spec is a :class:`~multirun.errors.ConfigError` with ``key`` relative
+    to the experiment (``options.foo``) and no file; the caller adds both.
+    """
+
+    kind: str
+
+    def prepare(self, ctx: PrepareContext) -> PreparedExperiment: ...
