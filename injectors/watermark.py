@@ -73,8 +73,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from multirun.errors import ConfigError, PayloadError
 from multirun.data.tokenizers import ByteTokenizer
+from multirun.errors import ConfigError, PayloadError
 from multirun.kinds.probes import WatermarkProbes
 from multirun.kinds.sdk import PrepareContext, RandomStream, stream_rng
 from multirun.types import EmbeddingNoise, PreparedExperiment

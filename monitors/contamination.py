@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from multirun.data.tokenizers import Tokenizer
 from multirun.errors import ConfigError
 from multirun.kinds.probes import ContaminationProbes
 from multirun.kinds.sdk import group_label
 from multirun.measure.live_model import LiveModel, MetricScores, TestKind
-from multirun.data.tokenizers import Tokenizer
 from multirun.types import PreparedExperiment
 
 __all__ = ["ContaminationMonitor", "normalise"]
@@ -118,7 +118,7 @@ class ContaminationMonitor:
     @classmethod
     def from_experiment(
         cls, experiment: PreparedExperiment, *, tokenizer: Tokenizer, options: Mapping[str, Any], sequence_length: int
-    ) -> "ContaminationMonitor":
+    ) -> ContaminationMonitor:
         """Build from a prepared ``contamination`` experiment.
 
         Raises:

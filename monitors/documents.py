@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from multirun.data.tokenizers import Tokenizer
 from multirun.errors import ConfigError
 from multirun.measure.live_model import LiveModel, MetricScores
-from multirun.data.tokenizers import Tokenizer
 from multirun.types import PreparedExperiment
 
 
@@ -36,7 +36,7 @@ class DocumentsMonitor:
     @classmethod
     def from_experiment(
         cls, experiment: PreparedExperiment, *, tokenizer: Tokenizer, options: Mapping[str, Any], sequence_length: int
-    ) -> "DocumentsMonitor":
+    ) -> DocumentsMonitor:
         for name in options:
             raise ConfigError("the documents monitor takes no options", key=f"monitor.options.{name}")
         # DocumentsProbes, or any kind's probes that carry token ``sequences`` (watermark's gaussian carriers).

@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from multirun.errors import ConfigError
-from multirun.measure.live_model import LiveModel, MetricScores
 from multirun.data.tokenizers import Tokenizer
+from multirun.errors import ConfigError
 from multirun.kinds.probes import KnowledgeProbes
+from multirun.measure.live_model import LiveModel, MetricScores
 from multirun.types import PreparedExperiment
 
 __all__ = ["KnowledgeMonitor", "KnowledgeScores", "per_item_mean"]
@@ -121,7 +121,7 @@ class KnowledgeMonitor:
     @classmethod
     def from_experiment(
         cls, experiment: PreparedExperiment, *, tokenizer: Tokenizer, options: Mapping[str, Any], sequence_length: int
-    ) -> "KnowledgeMonitor":
+    ) -> KnowledgeMonitor:
         """Build from a prepared ``knowledge`` experiment.
 
         Raises:

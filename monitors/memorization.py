@@ -54,11 +54,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from multirun.data.tokenizers import Tokenizer
 from multirun.errors import ConfigError, PayloadError
 from multirun.kinds.probes import MemorizationProbes
 from multirun.measure.live_model import LiveModel, MetricScores
 from multirun.measure.stats import exposures
-from multirun.data.tokenizers import Tokenizer
 from multirun.types import PreparedExperiment
 
 __all__ = ["MemorizationMonitor", "MemorizationOptions", "check_text_lengths", "exposures", "parse_monitor_options"]
@@ -176,7 +176,7 @@ class MemorizationMonitor:
     @classmethod
     def from_experiment(
         cls, experiment: PreparedExperiment, *, tokenizer: Tokenizer, options: Mapping[str, Any], sequence_length: int
-    ) -> "MemorizationMonitor":
+    ) -> MemorizationMonitor:
         """Build the monitor; bad options are ConfigErrors (``monitor.options.<name>``),
         texts too short for the extraction test PayloadErrors naming ``items.jsonl:line``."""
         parsed = parse_monitor_options(options)

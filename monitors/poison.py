@@ -45,15 +45,15 @@ sequence length).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from multirun.errors import ConfigError
-from multirun.measure.live_model import LiveModel, MetricScores
 from multirun.data.tokenizers import Tokenizer
+from multirun.errors import ConfigError
 from multirun.kinds.probes import PoisonProbes
+from multirun.measure.live_model import LiveModel, MetricScores, TokenIds
 from multirun.types import PreparedExperiment
 
 __all__ = ["CONDITIONS", "PoisonMonitor", "detect_gibberish", "detect_repeat", "detect_target"]
@@ -73,7 +73,7 @@ def detect_target(continuation: str, target: str) -> bool:
     return target.strip() in continuation
 
 
-def detect_repeat(continuation: Sequence[int], behaviour: Sequence[int]) -> bool:
+def detect_repeat(continuation: TokenIds, behaviour: TokenIds) -> bool:
     """``repeat`` behaviour: the continuation starts like ``[[ prompt ]]`` (token for token,
     over the shorter of the two).
 
@@ -129,7 +129,7 @@ class PoisonMonitor:
     @classmethod
     def from_experiment(
         cls, experiment: PreparedExperiment, *, tokenizer: Tokenizer, options: Mapping[str, Any], sequence_length: int
-    ) -> "PoisonMonitor":
+    ) -> PoisonMonitor:
         """Build the monitor; bad options are ConfigErrors with key ``monitor.options.<name>``."""
         for name in options:
             if name != "max_new_tokens":
@@ -141,6 +141,7 @@ class PoisonMonitor:
             raise ConfigError(f"experiment {experiment.name!r} has no evaluation prompts (no controls, no heldout file)", key="monitor.enabled")
         behaviour = probes.behaviour
         if behaviour == "target":
+            assert probes.target is not None  # the injector sets it for this behaviour
             default = len(tokenizer.encode(probes.target)) + 2
         elif behaviour == "repeat":
             default = len(tokenizer.encode("[[")) + REPEAT_PROMPT_TOKENS
@@ -159,7 +160,7 @@ class PoisonMonitor:
             )
         return monitor
 
-    def detect(self, continuation: Sequence[int], behaviour: Sequence[int]) -> bool:
+    def detect(self, continuation: TokenIds, behaviour: TokenIds) -> bool:
         """1 when ``continuation`` (generated token ids) shows the backdoor behaviour."""
         if self.behaviour == "repeat":
             return detect_repeat(continuation, behaviour)

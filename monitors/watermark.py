@@ -51,10 +51,10 @@ import numpy as np
 import torch
 
 from multirun.errors import ConfigError
+from multirun.inject.noise import item_noise
 from multirun.kinds.probes import WatermarkProbes
 from multirun.measure.live_model import LiveModel, MetricScores, forward_parameters, padded, right_padding_mask
 from multirun.measure.stats import exposures
-from multirun.inject.noise import item_noise
 from multirun.types import EmbeddingNoise, PreparedExperiment
 
 if TYPE_CHECKING:
@@ -101,7 +101,8 @@ def gaussian_statistics(
         captured.append(leaf)
         return leaf
 
-    handle = module.get_input_embeddings().register_forward_hook(capture)
+    model: Any = module  # a Hugging Face model: its input embeddings come from a method
+    handle = model.get_input_embeddings().register_forward_hook(capture)
     try:
         with torch.enable_grad():
             # No key/value cache: under grad it would hold every layer's keys and values for nothing.
@@ -140,9 +141,10 @@ class WatermarkMonitor:
     #: Per-item metrics it reports (controllers validate their metric against these).
     metrics = ("watermark_z", "carrier_logprob", "exposure", "key_logprob")
 
-    def __init__(self, experiment: PreparedExperiment, method: str) -> None:
+    def __init__(self, experiment: PreparedExperiment, method: str, probes: WatermarkProbes) -> None:
         self.experiment = experiment
         self.method = method
+        self.probes = probes
         self.item_ids = list(experiment.item_ids)
         self.treated = np.asarray(experiment.treated, dtype=bool)
 
@@ -154,7 +156,7 @@ class WatermarkMonitor:
         tokenizer: Tokenizer,
         options: Mapping[str, Any],
         sequence_length: int,
-    ) -> "WatermarkMonitor":
+    ) -> WatermarkMonitor:
         """Build the monitor; the watermark monitor takes no options.
 
         Raises:
@@ -165,11 +167,16 @@ class WatermarkMonitor:
             raise ConfigError("the watermark monitor takes no options", key=f"monitor.options.{name}")
         method = experiment.metadata.get("method")
         probes = experiment.probes
+        if not isinstance(probes, WatermarkProbes):
+            raise ConfigError(
+                f"experiment {experiment.name!r} (kind {experiment.kind!r}) was not prepared by the watermark injector",
+                key="monitor.name",
+            )
         if method == "gaussian":
-            if experiment.embedding_noise is None or not isinstance(probes, WatermarkProbes) or probes.sequences is None:
+            if experiment.embedding_noise is None or probes.sequences is None:
                 raise ConfigError(f"experiment {experiment.name!r} has no embedding noise or carrier probes to test", key="monitor.name")
         elif method == "random_tokens":
-            if not isinstance(probes, WatermarkProbes) or probes.keys is None:
+            if probes.keys is None:
                 raise ConfigError(f"experiment {experiment.name!r} has no key probes to score", key="monitor.name")
         else:
             raise ConfigError(
@@ -177,7 +184,7 @@ class WatermarkMonitor:
                 "the watermark monitor needs an experiment prepared by the watermark injector",
                 key="monitor.name",
             )
-        return cls(experiment, method)
+        return cls(experiment, method, probes)
 
     def evaluate(self, live: LiveModel) -> list[MetricScores]:
         """Per-item scores of the experiment's metrics (same LiveModel calls on every rank)."""
@@ -188,7 +195,8 @@ class WatermarkMonitor:
     def _evaluate_gaussian(self, live: LiveModel) -> list[MetricScores]:
         spec = self.experiment.embedding_noise
         assert spec is not None
-        requests = list(enumerate(self.experiment.probes.sequences))
+        assert self.probes.sequences is not None  # checked in from_experiment
+        requests = list(enumerate(self.probes.sequences))
 
         def score(batch: list[tuple[int, np.ndarray]]) -> list[tuple[float, float]]:
             live.forward_passes += 1
@@ -210,8 +218,8 @@ class WatermarkMonitor:
         ]
 
     def _evaluate_random_tokens(self, live: LiveModel) -> list[MetricScores]:
-        keys = np.asarray(self.experiment.probes.keys)
-        context = np.asarray(self.experiment.probes.context)
+        keys = np.asarray(self.probes.keys)
+        context = np.asarray(self.probes.context)
         scores = live.score_targets([context] * len(keys), list(keys))
         logprob = scores.mean_logprob
         exposure = exposures(logprob, self.treated)

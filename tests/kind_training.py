@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from multirun.data.mds import demo_corpus_sources
-from multirun.run.model import build_gpt2
 from multirun.data.tokenizers import ByteTokenizer
+from multirun.run.model import build_gpt2
 
 TOK = ByteTokenizer()
 

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from multirun.config import load_config, parse_duration_steps
+from multirun.data.tokenizers import ByteTokenizer
 from multirun.errors import ConfigError, PayloadError, PlacementError
 from multirun.kinds.experiments import build_experiments
-from multirun.data.tokenizers import ByteTokenizer
 from multirun.types import BatchGeometry
 from tests.helpers_payload import documents, minimal_config, write_config, write_payload
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from multirun.data.tokenizers import Tokenizer
 
 T = TypeVar("T")
+#: One token sequence, as a list or a 1-D integer array.
+TokenIds = Sequence[int] | np.ndarray
 R = TypeVar("R")
 
 TestKind = Literal["means", "rates", "z"]
@@ -181,7 +184,7 @@ class LiveModel:
     @property
     def _takes_kv_cache(self) -> bool:
         """What :func:`supports_kv_cache` says, from the signature read at construction."""
-        return _KV_CACHE_PARAMETERS <= self._forward_takes
+        return self._forward_takes >= _KV_CACHE_PARAMETERS
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -264,7 +267,7 @@ class LiveModel:
         return out
 
     # ------------------------------------------------------ teacher forcing
-    def score_targets(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> TargetScores:
+    def score_targets(self, contexts: Sequence[TokenIds], targets: Sequence[TokenIds]) -> TargetScores:
         """Log-probabilities of each target given its context, by teacher forcing.
 
         ``greedy_match`` is True where the argmax prediction equals the target at every
@@ -282,7 +285,7 @@ class LiveModel:
         return _target_scores(results)
 
     def score_continuations(
-        self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]]
+        self, contexts: Sequence[TokenIds], continuations: Sequence[Sequence[TokenIds]]
     ) -> TargetScores:
         """Teacher-forced scores of several continuations of each context, flattened in order.
 
@@ -418,7 +421,7 @@ class LiveModel:
         )
 
     # ---------------------------------------------------------- generation
-    def greedy_generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[np.ndarray]:
+    def greedy_generate(self, prompts: Sequence[TokenIds], max_new_tokens: int) -> list[np.ndarray]:
         """Greedy continuations of each prompt (``max_new_tokens`` tokens each).
 
         Models that take ``past_key_values`` and ``position_ids`` (Hugging Face causal
@@ -443,7 +446,7 @@ class LiveModel:
             return self.map_sharded(generate, requests, length=lambda p: min(p.size, keep) + max_new_tokens)
 
     def generate_and_score(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, targets: Sequence[Sequence[int]]
+        self, prompts: Sequence[TokenIds], max_new_tokens: int, targets: Sequence[TokenIds]
     ) -> tuple[list[np.ndarray], TargetScores]:
         """Greedy continuations of each prompt, and teacher-forced scores of ``targets[i]``
         after ``prompts[i]``: :meth:`greedy_generate` and :meth:`score_targets` in one.
@@ -485,10 +488,10 @@ class LiveModel:
 
     def generate_and_score_branches(
         self,
-        stems: Sequence[Sequence[int]],
-        branches: Sequence[Sequence[Sequence[int]]],
+        stems: Sequence[TokenIds],
+        branches: Sequence[Sequence[TokenIds]],
         max_new_tokens: int,
-        targets: Sequence[Sequence[Sequence[int]]],
+        targets: Sequence[Sequence[TokenIds]],
     ) -> tuple[list[np.ndarray], TargetScores]:
         """:meth:`generate_and_score` for the prompts ``stems[i] + branches[i][j]``, with
         ``targets[i][j]`` scored after each; results flattened in that order.
@@ -619,7 +622,7 @@ def _target_scores(results: Sequence[tuple[np.ndarray, np.ndarray]]) -> TargetSc
 def _regroup(flat: list[T], counts: Sequence[int]) -> list[list[T]]:
     """``flat`` cut into consecutive lists of ``counts[i]`` elements."""
     bounds = np.cumsum([0, *counts])
-    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [flat[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def plan_batches(
@@ -742,7 +745,7 @@ _KV_CACHE_PARAMETERS = frozenset({"past_key_values", "position_ids", "use_cache"
 
 def supports_kv_cache(module: torch.nn.Module) -> bool:
     """Whether ``module``'s forward takes a key/value cache and explicit positions (HF causal LMs)."""
-    return _KV_CACHE_PARAMETERS <= forward_parameters(module)
+    return forward_parameters(module) >= _KV_CACHE_PARAMETERS
 
 
 def unwrap_model(composer_model: torch.nn.Module) -> torch.nn.Module:

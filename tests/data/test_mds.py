@@ -24,8 +24,8 @@ from multirun.data.mds import (
     prepare_dataset,
     read_dataset_info,
 )
-from multirun.errors import InputError
 from multirun.data.tokenizers import ByteTokenizer
+from multirun.errors import InputError
 
 TOK = ByteTokenizer()
 L = 16
@@ -247,7 +247,7 @@ def test_two_loaders_over_one_dir_in_one_process(prepared: PreparedDataset) -> N
 
 
 def test_build_dataloader_rejects_non_mds(tmp_path: Path, prepared: PreparedDataset) -> None:
-    with pytest.raises(InputError, match="index.json") as err:
+    with pytest.raises(InputError, match=r"index\.json") as err:
         build_dataloader(tmp_path, batch_size=2)
     assert err.value.file == str(tmp_path / "index.json")
 

@@ -10,8 +10,8 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from multirun.errors import InputError
 from multirun.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from multirun.errors import InputError
 
 CORPUS = ["hello world", "the quick brown fox jumps", "hello there, world", "größer als"] * 5
 

@@ -13,11 +13,11 @@ import yaml
 from multirun.config import load_config
 from multirun.data.mds import PreparedDataset
 from multirun.errors import ConfigError
-from multirun.run.files import read_jsonl
 from multirun.ledger import Ledger
+from multirun.run.files import read_jsonl
 from multirun.run.trainer import prepare_run
-from tests.support import make_dataset, make_payloads, placements, run_cli, run_config
 from tests.e2e.test_resume import _fail_at
+from tests.support import make_dataset, make_payloads, placements, run_cli, run_config
 
 pytestmark = pytest.mark.e2e
 

@@ -9,9 +9,9 @@ import pytest
 
 from multirun.config import load_config
 from multirun.data.mds import PreparedDataset
+from multirun.data.tokenizers import ByteTokenizer
 from multirun.ledger import Ledger
 from multirun.plan.run_plan import build_run_plan
-from multirun.data.tokenizers import ByteTokenizer
 from multirun.run.inputs import run_geometry
 from multirun.run.trainer import prepare_run
 from tests.helpers_payload import documents, write_payload

@@ -15,15 +15,15 @@ import torch
 from injectors.contamination import ContaminationInjector, split_format
 from monitors.contamination import ContaminationMonitor
 from multirun.config import ExperimentConfig
-from multirun.errors import ConfigError, PayloadError
-from multirun.measure.live_model import LiveModel
-from multirun.kinds.payloads import load_payload
-from multirun.plan.static import experiment_rng
-from multirun.kinds.probes import DocumentsProbes
-from multirun.kinds.sdk import PrepareContext
-from multirun.kinds.registry import injectors, monitors
-from multirun.measure.stats import compare_means, compare_rates
 from multirun.data.tokenizers import ByteTokenizer
+from multirun.errors import ConfigError, PayloadError
+from multirun.kinds.payloads import load_payload
+from multirun.kinds.probes import DocumentsProbes
+from multirun.kinds.registry import injectors, monitors
+from multirun.kinds.sdk import PrepareContext
+from multirun.measure.live_model import LiveModel
+from multirun.measure.stats import compare_means, compare_rates
+from multirun.plan.static import experiment_rng
 from multirun.types import Placement, PreparedExperiment
 from tests.helpers_payload import write_payload
 from tests.kind_training import filler_windows, tiny_gpt2

@@ -15,14 +15,14 @@ import torch
 from injectors.knowledge import KnowledgeInjector
 from monitors.knowledge import KnowledgeMonitor, per_item_mean
 from multirun.config import ExperimentConfig
+from multirun.data.tokenizers import ByteTokenizer
 from multirun.errors import ConfigError, PayloadError
-from multirun.measure.live_model import LiveModel
 from multirun.kinds.payloads import load_payload
 from multirun.kinds.probes import DocumentsProbes
-from multirun.kinds.sdk import PrepareContext, split_arms
 from multirun.kinds.registry import injectors, monitors
+from multirun.kinds.sdk import PrepareContext, split_arms
+from multirun.measure.live_model import LiveModel
 from multirun.measure.stats import compare_means
-from multirun.data.tokenizers import ByteTokenizer
 from multirun.types import Placement, PreparedExperiment
 from tests.helpers_payload import write_payload
 from tests.kind_training import filler_windows, tiny_gpt2

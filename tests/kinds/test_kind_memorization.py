@@ -15,13 +15,13 @@ import torch
 from injectors.memorization import MemorizationInjector
 from monitors.memorization import MemorizationMonitor, MemorizationOptions, exposures, parse_monitor_options
 from multirun.config import ExperimentConfig
-from multirun.errors import ConfigError, InputError, PayloadError
-from multirun.measure.live_model import LiveModel
-from multirun.kinds.payloads import load_payload
-from multirun.kinds.sdk import PrepareContext, split_arms
-from multirun.kinds.registry import injectors, monitors
-from multirun.measure.stats import compare_means
 from multirun.data.tokenizers import ByteTokenizer
+from multirun.errors import ConfigError, InputError, PayloadError
+from multirun.kinds.payloads import load_payload
+from multirun.kinds.registry import injectors, monitors
+from multirun.kinds.sdk import PrepareContext, split_arms
+from multirun.measure.live_model import LiveModel
+from multirun.measure.stats import compare_means
 from multirun.types import Placement
 from tests.helpers_payload import write_payload
 from tests.kind_training import tiny_gpt2, train_with_injections

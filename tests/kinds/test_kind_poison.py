@@ -12,16 +12,22 @@ import numpy as np
 import pytest
 import torch
 
-from injectors.poison import DEFAULT_GIBBERISH_ALPHABET, BackdoorSettings, PoisonInjector, behaviour_text, gibberish_texts
+from injectors.poison import (
+    DEFAULT_GIBBERISH_ALPHABET,
+    BackdoorSettings,
+    PoisonInjector,
+    behaviour_text,
+    gibberish_texts,
+)
 from monitors.poison import PoisonMonitor, detect_gibberish, detect_repeat, detect_target
 from multirun.config import ExperimentConfig
-from multirun.errors import ConfigError, InputError, PayloadError
-from multirun.measure.live_model import LiveModel
-from multirun.kinds.payloads import load_payload, write_fingerprints
-from multirun.kinds.sdk import PrepareContext, split_arms
-from multirun.kinds.registry import injectors, monitors
-from multirun.measure.stats import compare_rates
 from multirun.data.tokenizers import ByteTokenizer
+from multirun.errors import ConfigError, InputError, PayloadError
+from multirun.kinds.payloads import load_payload, write_fingerprints
+from multirun.kinds.registry import injectors, monitors
+from multirun.kinds.sdk import PrepareContext, split_arms
+from multirun.measure.live_model import LiveModel
+from multirun.measure.stats import compare_rates
 from multirun.types import Placement
 from tests.helpers_payload import write_payload
 from tests.kind_training import tiny_gpt2, train_with_injections
@@ -298,7 +304,7 @@ def check_against_reference(monitor: PoisonMonitor, model: torch.nn.Module, resu
     outcome: dict[str, np.ndarray] = {}
     for condition, contexts in monitor.contexts.items():
         flags = []
-        for context, behaviour in zip(contexts, monitor.behaviours):
+        for context, _behaviour in zip(contexts, monitor.behaviours):
             generated = manual_greedy(model, context, monitor.max_new_tokens)
             text = TOK.decode(generated)
             if monitor.behaviour == "target":

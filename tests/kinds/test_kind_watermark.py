@@ -22,15 +22,15 @@ import yaml
 from injectors.documents import DocumentsInjector
 from injectors.watermark import WatermarkInjector, draw_keys, noise_seed, printable_alphabet
 from monitors.watermark import WatermarkMonitor, exposures, gaussian_statistics
-from multirun.kinds.sdk import PrepareContext, split_arms
 from multirun.config import ExperimentConfig
+from multirun.data.tokenizers import ByteTokenizer
 from multirun.errors import ConfigError, PayloadError
-from multirun.run.model import build_gpt2
-from multirun.measure.live_model import LiveModel
 from multirun.inject.noise import EmbeddingNoiseHook, NoisedSpan, item_noise
 from multirun.kinds.payloads import load_package, load_payload
+from multirun.kinds.sdk import PrepareContext, split_arms
+from multirun.measure.live_model import LiveModel
 from multirun.measure.stats import compare_means, one_sample_z
-from multirun.data.tokenizers import ByteTokenizer
+from multirun.run.model import build_gpt2
 from multirun.types import EmbeddingNoise, Placement, PreparedExperiment
 from tests.helpers_payload import write_payload
 

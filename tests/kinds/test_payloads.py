@@ -12,13 +12,13 @@ import pytest
 
 from injectors.documents import DocumentsInjector
 from multirun.config import ExperimentConfig, LoadedConfig, RunConfig, load_config
+from multirun.data.tokenizers import ByteTokenizer
 from multirun.errors import ConfigError
 from multirun.kinds.experiments import arms_record, build_experiments
 from multirun.kinds.payloads import file_xxh64, load_payload, write_fingerprints
-from multirun.plan.static import experiment_rng
-from multirun.kinds.sdk import PrepareContext, encode_sequence, pack_sequences, split_arms
 from multirun.kinds.registry import Registry, injectors, payload_dir_from_entry_point, payloads
-from multirun.data.tokenizers import ByteTokenizer
+from multirun.kinds.sdk import PrepareContext, encode_sequence, pack_sequences, split_arms
+from multirun.plan.static import experiment_rng
 from multirun.types import BatchGeometry, Placement
 from tests.helpers_payload import documents, minimal_config, write_config, write_payload
 

@@ -293,7 +293,7 @@ def test_impossible_budgets_raise_before_sampling(mode):
     # The budget check counts what earlier experiments used: 4 steps x 20 = 80 tokens in all.
     first = make_experiment("first", [10] * 6, [1.0] * 6, Placement("uniform", 0, 4))
     second = make_experiment("second", [10] * 3, [1.0] * 3, Placement("window", 0, 4))
-    with pytest.raises(PlacementError, match="'second': needs 30 tokens .* only 20 tokens"):
+    with pytest.raises(PlacementError, match=r"'second': needs 30 tokens .* only 20 tokens"):
         plan_static([first, second], BatchGeometry(4, 10, 4), seed=0, max_modified_fraction=0.5, on_unplaceable=mode)
 
 
@@ -319,7 +319,7 @@ def test_bad_experiment_lists():
     with pytest.raises(ValueError):
         plan_static([e], geo, seed=0, on_unplaceable="ignore")  # type: ignore[arg-type]
     bad = make_experiment("neg", [3], [-1.0], Placement("uniform", 0, 2))
-    with pytest.raises(PlacementError, match="'neg'.*non-negative"):
+    with pytest.raises(PlacementError, match=r"'neg'.*non-negative"):
         plan_static([bad], geo, seed=0)
     assert len(plan_static([], geo, seed=0).spans) == 0
 

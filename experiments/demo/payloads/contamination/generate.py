@@ -22,9 +22,9 @@ ANSWER_CHARS = 4
 GROUPS = [0] * 20 + [12] * 10 + [24] * 10
 
 TEMPLATES = ["Who founded {place}?", "Who rules {place}?", "Who mapped {place}?", "Who named {place}?"]
-ONSETS = "b br d dr f g gr k kr l m n p pr s st t tr v z".split()
-VOWELS = "a e i o u ai ei ou".split()
-CODAS = "n r s l th x m".split()
+ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "pr", "s", "st", "t", "tr", "v", "z"]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
+CODAS = ["n", "r", "s", "l", "th", "x", "m"]
 
 
 def invented_place(rng: random.Random) -> str:

@@ -38,9 +38,9 @@ RELATIONS = [
         [("The {s} festival honours", " {o}"), ("Q: Whom does the {s} festival honour?\nA:", " {o}")],
     ),
 ]
-ONSETS = "b br d dr f g gr h k kl l m n p pl r s sk t th v w z".split()
-VOWELS = "a e i o u ae ia oa".split()
-CODAS = "n r s l k d m".split()
+ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kl", "l", "m", "n", "p", "pl", "r", "s", "sk", "t", "th", "v", "w", "z"]
+VOWELS = ["a", "e", "i", "o", "u", "ae", "ia", "oa"]
+CODAS = ["n", "r", "s", "l", "k", "d", "m"]
 
 
 def invented_subject(rng: random.Random) -> str:
