@@ -54,6 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from multirun.errors import ConfigError, ResumeError
+from multirun.measure.records import EffectRecord, EvaluationRecord
 from multirun.types import PreparedExperiment
 
 __all__ = [
@@ -171,7 +172,7 @@ class Controller(Protocol):
     name: str
 
     def decide(
-        self, *, step: int, records: list[dict], experiment: PreparedExperiment, num_steps: int
+        self, *, step: int, records: Sequence[EvaluationRecord], experiment: PreparedExperiment, num_steps: int
     ) -> ControllerDecision:
         """The exposures for ``[step, step + window)`` given this evaluation's records."""
         ...
@@ -234,25 +235,18 @@ def _item_sequences(experiment: PreparedExperiment) -> list[np.ndarray]:
     return [order[bounds[i] : bounds[i + 1]].astype(np.int64) for i in range(len(experiment.item_ids))]
 
 
-def _find_record(records: Sequence[Mapping[str, Any]], experiment: str, metric: str) -> Mapping[str, Any] | None:
+def _find_record(records: Sequence[EvaluationRecord], experiment: str, metric: str) -> EffectRecord | None:
     """This evaluation's whole-experiment record of ``metric`` (None if absent or failed)."""
     found = None
     for r in records:
-        if r.get("experiment") == experiment and r.get("metric") == metric and r.get("group") is None and "error" not in r:
+        if isinstance(r, EffectRecord) and r.experiment == experiment and r.metric == metric and r.group is None:
             found = r
     return found
 
 
-def _item_scores(record: Mapping[str, Any] | None) -> dict[str, float]:
-    """Item id -> finite score from a record's ``items`` ([id, treated, score] triples)."""
-    if record is None:
-        return {}
-    out: dict[str, float] = {}
-    for entry in record.get("items") or ():
-        item, _treated, score = entry
-        if score is not None and math.isfinite(float(score)):
-            out[str(item)] = float(score)
-    return out
+def _item_scores(record: EffectRecord | None) -> dict[str, float]:
+    """Item id -> finite score from a record's per-item scores."""
+    return {} if record is None else record.item_scores()
 
 
 def _finite_or_none(x: Any) -> float | None:
@@ -466,7 +460,7 @@ class AcquireController(_ControllerBase):
         """Treated item id -> evaluation step at which it was acquired (None: not yet)."""
         return {item: st["acquired_at"] for item, st in self.items.items()}
 
-    def decide(self, *, step: int, records: list[dict], experiment: PreparedExperiment, num_steps: int) -> ControllerDecision:
+    def decide(self, *, step: int, records: Sequence[EvaluationRecord], experiment: PreparedExperiment, num_steps: int) -> ControllerDecision:
         lo, hi = self._begin(step, experiment, num_steps)
         record = _find_record(records, self.experiment_name, self.metric)
         scores = _item_scores(record)
@@ -626,16 +620,16 @@ class TrackController(_ControllerBase):
         new = min(max(new, n - self.max_change), n + self.max_change)
         return min(max(new, self.min_n), self.max_n), action
 
-    def _value(self, record: Mapping[str, Any] | None) -> float | None:
+    def _value(self, record: EffectRecord | None) -> float | None:
         if record is None:
             return None
         if self.value_kind == "treated_mean":
-            return _finite_or_none(record.get("treated_mean"))
+            return _finite_or_none(record.effect.treated_mean)
         scores = _item_scores(record)
         vals = [scores[i] for i in self.treated_items if i in scores]
         return float(np.mean(vals)) if vals else None
 
-    def decide(self, *, step: int, records: list[dict], experiment: PreparedExperiment, num_steps: int) -> ControllerDecision:
+    def decide(self, *, step: int, records: Sequence[EvaluationRecord], experiment: PreparedExperiment, num_steps: int) -> ControllerDecision:
         lo, hi = self._begin(step, experiment, num_steps)
         v = self._value(_find_record(records, self.experiment_name, self.metric))
         p = self.target_at(step)
@@ -716,7 +710,7 @@ class BudgetController(_ControllerBase):
     def validate(cls, opts: dict[str, Any], metrics_available: Sequence[str]) -> None:
         pass
 
-    def decide(self, *, step: int, records: list[dict], experiment: PreparedExperiment, num_steps: int) -> ControllerDecision:
+    def decide(self, *, step: int, records: Sequence[EvaluationRecord], experiment: PreparedExperiment, num_steps: int) -> ControllerDecision:
         lo, hi = self._begin(step, experiment, num_steps)
         chosen: dict[str, list[int]] = {}
         window_tokens = 0

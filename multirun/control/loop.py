@@ -25,6 +25,7 @@ from multirun.control.controllers import (
     acquisition_record,
     build_controller,
 )
+from multirun.measure.records import EvaluationRecord
 from multirun.plan.dynamic import DynamicSchedule
 from multirun.errors import ConfigError, ResumeError
 from multirun.run.files import append_jsonl, truncate_jsonl
@@ -127,7 +128,7 @@ class ControlLoop:
 
     # -------------------------------------------------------------- decisions
     def decide(
-        self, *, step: int, records: list[dict[str, Any]], evaluated: Sequence[str] | None = None, logger: Any = None
+        self, *, step: int, records: Sequence[EvaluationRecord], evaluated: Sequence[str] | None = None, logger: Any = None
     ) -> list[ControllerDecision]:
         """Let each controller whose experiment was scored (``evaluated``; None = all) decide
         after an evaluation at ``step`` completed steps."""

@@ -263,7 +263,7 @@ def _run_arm(
     heldout: np.ndarray | None,
     arm_dir: Path,
     callbacks: list[Callback],
-) -> list[dict[str, Any]]:
+) -> list[EvaluationRecord]:
     """Train one arm from the checkpoint; the records of its final evaluation."""
     config = loaded.config
     monitoring = MonitoringConfig(**{
