@@ -29,9 +29,15 @@ from multirun.control.controllers import (
     treated_pool,
 )
 from multirun.errors import ConfigError, ResumeError
-from multirun.measure.records import EffectRecord, EvaluationRecord, FailureRecord, ItemScore, RunMetricRecord
-from multirun.measure.stats import EffectResult
 from multirun.ledger import Ledger, LedgerWriter
+from multirun.measure.records import (
+    EffectRecord,
+    EvaluationRecord,
+    FailureRecord,
+    ItemScore,
+    RunMetricRecord,
+)
+from multirun.measure.stats import EffectResult
 from multirun.types import Placement, PreparedExperiment
 
 METRICS = ["target_logprob", "target_probability", "exact_match"]
