@@ -39,9 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Union
-
-import numpy as np
+from typing import Any
 
 from multirun.measure.stats import EffectResult
 
@@ -90,15 +88,16 @@ class ItemScore:
         return [self.item, self.treated, self.score]
 
     @classmethod
-    def from_json(cls, entry: Sequence[Any]) -> "ItemScore":
+    def from_json(cls, entry: Sequence[Any]) -> ItemScore:
         item, treated, score = entry
         return cls(item, bool(treated), _finite(score))
 
     @classmethod
-    def of(cls, item_ids: Iterable[str], treated: Iterable[Any], scores: Iterable[Any]) -> "tuple[ItemScore, ...]":
+    def of(cls, item_ids: Iterable[str], treated: Iterable[Any], scores: Iterable[Any]) -> tuple[ItemScore, ...]:
         """Per-item scores from parallel sequences (numpy scalars become Python values).
 
         Example:
+            >>> import numpy as np
             >>> ItemScore.of(["a", "b"], np.array([True, False]), np.array([0.5, np.nan]))
             (ItemScore(item='a', treated=True, score=0.5), ItemScore(item='b', treated=False, score=None))
         """
@@ -137,7 +136,7 @@ class EffectRecord:
         """Holm-adjusted p-value (primary records; None otherwise)."""
         return self.effect.p_holm
 
-    def with_p_holm(self, p_holm: float | None) -> "EffectRecord":
+    def with_p_holm(self, p_holm: float | None) -> EffectRecord:
         return replace(self, effect=replace(self.effect, p_holm=p_holm))
 
     def item_scores(self) -> dict[str, float]:
@@ -163,7 +162,7 @@ class EffectRecord:
         return out
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "EffectRecord":
+    def from_json(cls, data: Mapping[str, Any]) -> EffectRecord:
         """Inverse of :meth:`to_json`; also reads ``summary.json``'s effects (no ``items``)."""
         items = data.get("items")
         try:
@@ -199,7 +198,7 @@ class FailureRecord:
                 "error": self.error}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "FailureRecord":
+    def from_json(cls, data: Mapping[str, Any]) -> FailureRecord:
         try:
             return cls(int(data["step"]), str(data["when"]), str(data["experiment"]), str(data["monitor"]),
                        str(data["error"]))
@@ -226,7 +225,7 @@ class RunMetricRecord:
         return {"step": self.step, "when": self.when, "experiment": _RUN, "metric": self.metric, "value": self.value}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "RunMetricRecord":
+    def from_json(cls, data: Mapping[str, Any]) -> RunMetricRecord:
         try:
             if data["experiment"] != _RUN:
                 raise ValueError(f"experiment is {data['experiment']!r}")
@@ -236,7 +235,7 @@ class RunMetricRecord:
             raise ValueError(f"not a run metric record ({exc!r}): {dict(data)!r:.200}") from None
 
 
-EvaluationRecord = Union[EffectRecord, FailureRecord, RunMetricRecord]
+EvaluationRecord = EffectRecord | FailureRecord | RunMetricRecord
 """Any record of an evaluation."""
 
 
@@ -249,7 +248,7 @@ def record_from_json(data: Mapping[str, Any]) -> EvaluationRecord:
         'FailureRecord'
     """
     if not isinstance(data, Mapping):
-        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")  # noqa: TRY004 - a bad line, like the others
     if "error" in data:
         return FailureRecord.from_json(data)
     if data.get("experiment") == _RUN:

@@ -7,7 +7,6 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest

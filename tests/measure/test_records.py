@@ -33,9 +33,11 @@ EFFECT_KEYS = [
 def _effect(**kw: object) -> EffectRecord:
     result = compare_means(np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.5, 1.0]), metric="text_logprob",
                            n_resamples=200, seed=0)
-    fields = dict(step=20, when="interval", experiment="facts", monitor="knowledge", group=None, primary=True,
-                  effect=holm_adjust([result])[0],
-                  items=ItemScore.of(["f0", "c0", "c1"], np.array([True, False, False]), np.array([-1.5, np.nan, -3.0])))
+    fields: dict[str, object] = {
+        "step": 20, "when": "interval", "experiment": "facts", "monitor": "knowledge", "group": None, "primary": True,
+        "effect": holm_adjust([result])[0],
+        "items": ItemScore.of(["f0", "c0", "c1"], np.array([True, False, False]), np.array([-1.5, np.nan, -3.0])),
+    }
     fields.update(kw)
     return EffectRecord(**fields)  # type: ignore[arg-type]
 
