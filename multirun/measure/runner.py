@@ -267,7 +267,7 @@ class MonitorRunner:
             e = r.effect
             for key, value in (("treated_mean", e.treated_mean), ("control_mean", e.control_mean), ("effect", e.effect),
                                ("p_value", e.p_value), ("p_holm", e.p_holm)):
-                if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                if value is not None and math.isfinite(value):  # metrics.jsonl has null there
                     metrics[f"{prefix}/{key}"] = float(value)
         if metrics:
             logger.log_metrics(metrics)
