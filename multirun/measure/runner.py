@@ -302,10 +302,9 @@ def with_holm(records: Sequence[EvaluationRecord]) -> list[EvaluationRecord]:
         [0.0011, 0.0704, None]
     """
     out = list(records)
-    family = [i for i, r in enumerate(out) if isinstance(r, EffectRecord) and r.primary]
-    adjusted = holm_adjust([out[i].effect for i in family])  # type: ignore[union-attr]
-    for i, result in zip(family, adjusted):
-        out[i] = replace(out[i], effect=result)  # type: ignore[type-var]
+    family = [(i, r) for i, r in enumerate(out) if isinstance(r, EffectRecord) and r.primary]
+    for (i, record), result in zip(family, holm_adjust([r.effect for _, r in family])):
+        out[i] = replace(record, effect=result)
     return out
 
 

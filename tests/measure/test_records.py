@@ -13,6 +13,7 @@ import pytest
 
 from multirun.measure.records import (
     EffectRecord,
+    EvaluationRecord,
     FailureRecord,
     ItemScore,
     RunMetricRecord,
@@ -56,7 +57,7 @@ def test_effect_record_json_is_the_metrics_jsonl_layout() -> None:
 
 def test_every_record_round_trips_through_a_jsonl_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     empty = compare_rates(0, 0, 1, 4, metric="exact_match")  # NaN effect, CI and p-value
-    records = [
+    records: list[EvaluationRecord] = [
         RunMetricRecord(step=20, when="interval", metric="heldout_loss", value=3.25),
         _effect(),
         _effect(group="x1", primary=False, items=None),

@@ -41,7 +41,7 @@ class Controller(Protocol):
     """
 
     name: ClassVar[str]
-    OPTIONS: ClassVar[Mapping[str, Option]]
+    OPTIONS: ClassVar[dict[str, Option]]
 
     @classmethod
     def validate(cls, opts: dict[str, Any], metrics_available: Sequence[str]) -> None:

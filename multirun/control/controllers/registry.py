@@ -63,7 +63,7 @@ def build_controller(
     """
     if not isinstance(name, str):
         raise ConfigError(f"unknown controller {name!r}; known: {controllers.names()}", key="controller.name")
-    cls = controllers.get(name, key="controller.name")
+    cls: type[Controller] = controllers.get(name, key="controller.name")
     if isinstance(window_steps, bool) or not isinstance(window_steps, (int, np.integer)) or window_steps < 1:
         raise ConfigError(f"the decision window must be a positive number of steps, got {window_steps!r}", key="controller.window")
     if window_steps > num_steps:
@@ -78,4 +78,5 @@ def build_controller(
     if treated_seqs.size == 0:
         raise ConfigError(f"experiment {experiment.name!r} has no treated sequences to inject", key="controller")
     cls.validate_experiment(opts, experiment)
-    return cls(experiment, **opts, window_steps=int(window_steps), num_steps=int(num_steps))  # type: ignore[arg-type]
+    # The constructor is not part of the protocol (a Protocol cannot state it): see its docstring.
+    return cls(experiment, **opts, window_steps=int(window_steps), num_steps=int(num_steps))  # type: ignore[call-arg]
