@@ -18,13 +18,8 @@ from typing import Any
 from composer.utils import dist
 
 from multirun.config import LoadedConfig
-from multirun.control.controllers import (
-    AcquireController,
-    Controller,
-    ControllerDecision,
-    acquisition_record,
-    build_controller,
-)
+from multirun.control.controllers import Controller, ControllerDecision, acquisition_record, build_controller
+from multirun.measure.records import EvaluationRecord
 from multirun.plan.dynamic import DynamicSchedule
 from multirun.errors import ConfigError, ResumeError
 from multirun.run.files import append_jsonl, truncate_jsonl
@@ -127,7 +122,7 @@ class ControlLoop:
 
     # -------------------------------------------------------------- decisions
     def decide(
-        self, *, step: int, records: list[dict[str, Any]], evaluated: Sequence[str] | None = None, logger: Any = None
+        self, *, step: int, records: Sequence[EvaluationRecord], evaluated: Sequence[str] | None = None, logger: Any = None
     ) -> list[ControllerDecision]:
         """Let each controller whose experiment was scored (``evaluated``; None = all) decide
         after an evaluation at ``step`` completed steps."""
@@ -147,11 +142,11 @@ class ControlLoop:
         return decisions
 
     def all_acquired(self) -> bool:
-        """Every acquire-controlled experiment has acquired every treated item."""
-        acquirers = [c for c in self.controllers.values() if isinstance(c, AcquireController)]
-        return bool(acquirers) and all(
-            step is not None for c in acquirers for step in c.acquired_at.values()
-        )
+        """Every experiment whose controller acquires items (``acquired_at`` is not None)
+        has acquired every treated item."""
+        acquired = [c.acquired_at for c in self.controllers.values()]
+        acquirers = [a for a in acquired if a is not None]
+        return bool(acquirers) and all(step is not None for a in acquirers for step in a.values())
 
     def spans_at(self, step: int) -> SpanTable:
         return self.schedule.spans_at(step)
@@ -162,10 +157,9 @@ class ControlLoop:
 
     def write_acquisition(self, ledger_table: Any) -> dict[str, Any]:
         """``acquisition.json``: per acquire-controlled item, the step and exposures to acquisition."""
+        acquired = {name: controller.acquired_at for name, controller in self.controllers.items()}
         record = {
-            name: acquisition_record(ledger_table, name, controller.acquired_at)
-            for name, controller in self.controllers.items()
-            if isinstance(controller, AcquireController)
+            name: acquisition_record(ledger_table, name, at) for name, at in acquired.items() if at is not None
         }
         if record:
             write_json_atomic(self.run_dir / ACQUISITION_FILE, record)

@@ -400,12 +400,17 @@ class MultirunCallback(Callback):
             summary.update(self.control.summary())
             summary["acquisition"] = acquisition
         if self.monitors is not None:
+            from multirun.measure.records import RunMetricRecord
+
+            # Effects and monitor failures without per-item scores; run-level metrics apart.
             summary["effects"] = [
-                {k: v for k, v in r.items() if k != "items"} for r in self.monitors.last_records
+                {k: v for k, v in r.to_json().items() if k != "items"}
+                for r in self.monitors.last_records if not isinstance(r, RunMetricRecord)
             ]
-            heldout = [r["value"] for r in self.monitors.last_records if r.get("metric") == "heldout_loss"]
+            heldout = [
+                r.value for r in self.monitors.last_records if isinstance(r, RunMetricRecord) and r.metric == "heldout_loss"
+            ]
             summary["heldout_loss"] = heldout[0] if heldout else None
-            summary["effects"] = [r for r in summary["effects"] if r["experiment"] != "_run"]
             summary["monitor_seconds"] = round(self.monitors.seconds, 6)
             summary["monitor_evaluations"] = self.monitors.evaluations
             summary["monitor_seconds_by_part"] = {k: round(v, 6) for k, v in sorted(self.monitors.seconds_by_part.items())}

@@ -254,7 +254,7 @@ def _run_arm(
     settings: InteractionConfig,
     arm_dir: Path,
     callbacks: list[Callback],
-) -> list[dict[str, Any]]:
+) -> list[EvaluationRecord]:
     """Train one arm from the checkpoint; the records of its final evaluation."""
     loaded, tokenizer = parts.loaded, parts.tokenizer
     config = loaded.config

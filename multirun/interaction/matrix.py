@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from multirun.plan.run_plan import write_json_atomic
+from multirun.measure.records import EffectRecord, EvaluationRecord
 from multirun.measure.stats import EffectResult, compare_means, holm_adjust
 
 MATRIX_JSON = "matrix.json"
@@ -117,20 +118,20 @@ class ItemScores:
     scores: dict[str, tuple[bool, float]]
 
 
-def primary_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, ItemScores]:
+def primary_scores(records: Iterable[EvaluationRecord]) -> dict[str, ItemScores]:
     """Per experiment, the per-item scores of its primary metric in one evaluation's records.
 
     An experiment whose monitor marks no metric primary contributes its first metric.
     """
-    chosen: dict[str, Mapping[str, Any]] = {}
+    chosen: dict[str, EffectRecord] = {}
     for record in records:
-        if record.get("group") is not None or "items" not in record:
+        if not isinstance(record, EffectRecord) or record.group is not None or record.items is None:
             continue
-        name = record["experiment"]
-        if name not in chosen or (record.get("primary") and not chosen[name].get("primary")):
+        name = record.experiment
+        if name not in chosen or (record.primary and not chosen[name].primary):
             chosen[name] = record
     return {
-        name: ItemScores(r["metric"], {str(i): (bool(t), _float(s)) for i, t, s in r["items"]})
+        name: ItemScores(r.metric, {str(s.item): (bool(s.treated), _float(s.score)) for s in r.items or ()})
         for name, r in chosen.items()
     }
 
@@ -154,7 +155,7 @@ def compare_arms(arm: ItemScores, baseline: ItemScores, *, n_resamples: int, see
 
 
 def build_matrix(
-    arm_records: Mapping[str, Sequence[Mapping[str, Any]]],
+    arm_records: Mapping[str, Sequence[EvaluationRecord]],
     comparisons: Sequence[Comparison],
     *,
     alpha: float,
@@ -163,7 +164,9 @@ def build_matrix(
 ) -> dict[str, Any]:
     """Every comparison's cell, Holm-corrected within its family, with verdicts.
 
-    ``arm_records``: per arm name, the records of its final evaluation (``metrics.jsonl``).
+    ``arm_records``: per arm name, the records of its final evaluation
+    (:attr:`~multirun.measure.runner.MonitorRunner.last_records`, or ``metrics.jsonl``
+    read back with :func:`~multirun.measure.records.records_from_json`).
     """
     scores = {arm: primary_scores(records) for arm, records in arm_records.items()}
     results: dict[int, EffectResult] = {}

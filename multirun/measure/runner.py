@@ -8,6 +8,9 @@ and to ``metrics.jsonl`` in the run directory (rank 0).
 
 A monitor that raises is recorded in ``metrics.jsonl`` and warned about; training goes
 on unless ``monitoring.on_error: raise``.
+
+Evaluations return typed records (:mod:`multirun.measure.records`); ``metrics.jsonl``
+holds their ``to_json()`` form.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +30,18 @@ from composer.utils import dist
 
 from multirun.config import LoadedConfig, MonitoringConfig, cadence_steps
 from multirun.errors import ConfigError
-from multirun.run.files import append_jsonl, plain, read_jsonl, truncate_jsonl
+from multirun.run.files import append_jsonl, read_jsonl, truncate_jsonl
 from multirun.measure.live_model import LiveModel, MetricScores, Monitor
 from multirun.kinds.registry import monitors as monitor_registry
 from multirun.plan.run_plan import RunPlan
+from multirun.measure.records import (
+    EffectRecord,
+    EvaluationRecord,
+    FailureRecord,
+    ItemScore,
+    RunMetricRecord,
+    records_from_json,
+)
 from multirun.measure.stats import EffectResult, compare_means, compare_rates, holm_adjust, one_sample_z
 from multirun.data.tokenizers import Tokenizer
 
@@ -124,7 +135,7 @@ class MonitorRunner:
         self.seed = seed
         self.every = cadence_steps(config.every)
         self.evaluation_seconds: list[tuple[int, int, float]] = []  # (step, experiments scored, seconds)
-        self.last_records: list[dict[str, Any]] = []
+        self.last_records: list[EvaluationRecord] = []
         self.last_evaluated: list[str] = []
         self.seconds_by_part: dict[str, float] = {}  # experiment names, "heldout_loss", "statistics", follow-ups
 
@@ -158,13 +169,17 @@ class MonitorRunner:
         precision_context: Any = None,
         experiments: Collection[str] | None = None,
         heldout: bool = True,
-    ) -> list[dict[str, Any]]:
+    ) -> list[EvaluationRecord]:
         """Score monitors on ``module`` (the unwrapped causal LM) after ``step`` completed steps.
 
         ``experiments``: only these (None: all; the callback passes :meth:`due_experiments`
         at interval evaluations); ``heldout``: also the held-out loss. Holm's family is the
         primary metrics scored in this evaluation, so the fit-end evaluation, which scores
         every experiment, corrects over the whole run.
+
+        Returns the held-out loss (a :class:`RunMetricRecord`) first, then per experiment
+        a :class:`FailureRecord` or its :class:`EffectRecord` s; ``metrics.jsonl`` gets
+        their ``to_json()`` (rank 0).
         """
         entries = [e for e in self.entries if experiments is None or e.experiment in experiments]
         self.last_evaluated = [e.experiment for e in entries]
@@ -178,12 +193,11 @@ class MonitorRunner:
             # first synchronising call would wait for them on the monitor's clock.
             torch.cuda.synchronize(live.device)
         started = time.perf_counter()
-        records: list[dict[str, Any]] = []
-        primary: list[int] = []
+        records: list[EvaluationRecord] = []
         if heldout and self.heldout is not None and len(self.heldout):
             with self._timed("heldout_loss"):
                 loss = heldout_loss(live, self.heldout)
-            records.append({"step": step, "when": when, "experiment": "_run", "metric": "heldout_loss", "value": loss})
+            records.append(RunMetricRecord(step=step, when=when, metric="heldout_loss", value=loss))
         for entry in entries:
             try:
                 with self._timed(entry.experiment):
@@ -192,7 +206,7 @@ class MonitorRunner:
                 if self.config.on_error == "raise":
                     raise
                 warnings.warn(f"multirun: monitor {entry.monitor_name!r} of {entry.experiment!r} failed at step {step}: {exc!r}")
-                records.append({"step": step, "when": when, "experiment": entry.experiment, "monitor": entry.monitor_name, "error": repr(exc)})
+                records.append(FailureRecord(step=step, when=when, experiment=entry.experiment, monitor=entry.monitor_name, error=repr(exc)))
                 continue
             with self._timed("statistics"):
                 # One seed for every evaluation: the same random splits and resamples
@@ -206,20 +220,12 @@ class MonitorRunner:
                 ]
             for scores, by_group in effects:
                 for group, effect in by_group:
-                    record = {
-                        "step": step, "when": when, "experiment": entry.experiment, "monitor": entry.monitor_name,
-                        "group": group, "primary": scores.primary and group is None, **effect.to_dict(),
-                    }
-                    if group is None:
-                        record["items"] = [
-                            [item, bool(t), plain(s)] for item, t, s in zip(scores.item_ids, scores.treated, scores.scores)
-                        ]
-                    if record["primary"]:
-                        primary.append(len(records))
-                    records.append(record)
-        adjusted = holm_adjust([EffectResult.from_dict(_effect_fields(records[i])) for i in primary])
-        for i, result in zip(primary, adjusted):
-            records[i]["p_holm"] = result.p_holm
+                    records.append(EffectRecord(
+                        step=step, when=when, experiment=entry.experiment, monitor=entry.monitor_name,
+                        group=group, primary=bool(scores.primary and group is None), effect=effect,
+                        items=ItemScore.of(scores.item_ids, scores.treated, scores.scores) if group is None else None,
+                    ))
+        records = with_holm(records)
         self.last_records = records
         if dist.get_global_rank() == 0:
             self._append(records)
@@ -247,24 +253,27 @@ class MonitorRunner:
         finally:
             self.seconds_by_part[part] = self.seconds_by_part.get(part, 0.0) + time.perf_counter() - started
 
-    def log(self, logger: Any, records: list[dict[str, Any]]) -> None:
+    def log(self, logger: Any, records: Sequence[EvaluationRecord]) -> None:
+        """Send an evaluation's numbers to Composer's logger: ``multirun/<run metric>`` and
+        ``multirun/<experiment>/<metric>[/<group>]/<statistic>`` (finite values only)."""
         metrics: dict[str, float] = {}
         for r in records:
-            if r["experiment"] == "_run" and "value" in r:
-                metrics[f"multirun/{r['metric']}"] = float(r["value"])
+            if isinstance(r, RunMetricRecord):
+                metrics[f"multirun/{r.metric}"] = float(r.value)
                 continue
-            if "error" in r:
+            if not isinstance(r, EffectRecord):
                 continue
-            prefix = f"multirun/{r['experiment']}/{r['metric']}" + (f"/{r['group']}" if r["group"] else "")
-            for key in ("treated_mean", "control_mean", "effect", "p_value", "p_holm"):
-                value = r.get(key)
-                if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            prefix = f"multirun/{r.experiment}/{r.metric}" + (f"/{r.group}" if r.group else "")
+            e = r.effect
+            for key, value in (("treated_mean", e.treated_mean), ("control_mean", e.control_mean), ("effect", e.effect),
+                               ("p_value", e.p_value), ("p_holm", e.p_holm)):
+                if value is not None and math.isfinite(value):  # metrics.jsonl has null there
                     metrics[f"{prefix}/{key}"] = float(value)
         if metrics:
             logger.log_metrics(metrics)
 
-    def _append(self, records: list[dict[str, Any]]) -> None:
-        append_jsonl(self.path, records)
+    def _append(self, records: Sequence[EvaluationRecord]) -> None:
+        append_jsonl(self.path, [r.to_json() for r in records])
 
     def truncate(self, after_step: int) -> None:
         """Drop records of evaluations after ``after_step`` (they are repeated after a resume)."""
@@ -281,11 +290,29 @@ def heldout_loss(live: LiveModel, rows: np.ndarray) -> float:
     return float(-scores.logprob_sum.sum() / scores.n_tokens.sum())
 
 
+def with_holm(records: Sequence[EvaluationRecord]) -> list[EvaluationRecord]:
+    """``records`` with Holm's p-value set on the primary effect records (one family).
+
+    Example:
+        >>> from multirun.measure.stats import compare_rates
+        >>> def rec(name, hits, primary=True):
+        ...     return EffectRecord(0, "fit_end", name, "m", None, primary, compare_rates(hits, 10, 1, 10, metric="x"))
+        >>> out = with_holm([rec("a", 9), rec("b", 5), rec("c", 9, primary=False)])
+        >>> [None if r.p_holm is None else round(r.p_holm, 4) for r in out]
+        [0.0011, 0.0704, None]
+    """
+    out = list(records)
+    family = [(i, r) for i, r in enumerate(out) if isinstance(r, EffectRecord) and r.primary]
+    for (i, record), result in zip(family, holm_adjust([r.effect for _, r in family])):
+        out[i] = replace(record, effect=result)
+    return out
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of ``metrics.jsonl`` (a torn last line of a killed run is skipped)."""
+    """All lines of ``metrics.jsonl`` as JSON dicts (a torn last line of a killed run is skipped)."""
     return read_jsonl(Path(run_dir) / METRICS_FILE)
 
 
-def _effect_fields(record: Mapping[str, Any]) -> dict[str, Any]:
-    names = EffectResult.__dataclass_fields__
-    return {k: v for k, v in record.items() if k in names}
+def read_records(run_dir: str | Path) -> list[EvaluationRecord]:
+    """All records of ``metrics.jsonl``, typed (see :func:`multirun.measure.records.record_from_json`)."""
+    return records_from_json(read_metrics(run_dir))

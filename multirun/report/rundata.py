@@ -25,12 +25,19 @@ import pyarrow as pa
 import yaml
 
 from multirun.errors import InputError
-from multirun.run.files import read_jsonl
 from multirun.ledger import Ledger, ledger_dir
+from multirun.measure.records import (
+    EffectRecord,
+    EvaluationRecord,
+    FailureRecord,
+    RunMetricRecord,
+    effect_records,
+    record_from_json,
+)
 
-# multirun.measure.runner.METRICS_FILE; read with the same tolerant reader as its
-# read_metrics(), without importing it: that would pull in Composer and torch (seconds)
-# for a command that only reads files.
+# multirun.measure.runner.METRICS_FILE; read as tolerantly as its read_metrics(),
+# without importing it: that would pull in Composer and torch (seconds) for a command
+# that only reads files.
 METRICS_FILE = "metrics.jsonl"
 MANIFEST = "manifest.json"
 RESOLVED_CONFIG = "resolved_config.yaml"
@@ -97,7 +104,7 @@ class RunData:
     config: dict[str, Any] | None
     summary: dict[str, Any] | None
     provenance: ProvenanceCounts | None  # None: no ledger directory yet
-    metrics: list[dict[str, Any]]
+    metrics: list[EvaluationRecord]  # metrics.jsonl, typed
     training: list[dict[str, Any]]
     controller: list[dict[str, Any]] | None = None  # None: file absent (not run)
     acquisition: dict[str, dict[str, dict[str, Any]]] | None = None
@@ -147,7 +154,7 @@ class RunData:
         reached = [0]
         if self.provenance is not None and self.provenance.last_step is not None:
             reached.append(self.provenance.last_step + 1)
-        reached += [int(r["step"]) for r in self.metrics if isinstance(r.get("step"), int)]
+        reached += [r.step for r in self.metrics]
         reached += [int(r["step"]) for r in self.training]
         return max(reached)
 
@@ -177,29 +184,26 @@ class RunData:
         return {}
 
     # ------------------------------------------------------------- metrics
-    def metric_records(self) -> list[dict[str, Any]]:
+    def metric_records(self) -> list[EffectRecord]:
         """Effect records of experiments (no held-out loss, no monitor errors)."""
-        return [r for r in self.metrics if r.get("experiment") != "_run" and "error" not in r and "metric" in r]
+        return effect_records(self.metrics)
 
-    def monitor_errors(self) -> list[dict[str, Any]]:
-        return [r for r in self.metrics if "error" in r]
+    def monitor_errors(self) -> list[FailureRecord]:
+        return [r for r in self.metrics if isinstance(r, FailureRecord)]
 
-    def last_effects(self) -> tuple[int | None, list[dict[str, Any]]]:
+    def last_effects(self) -> tuple[int | None, list[EffectRecord]]:
         """The records of the last evaluation (metrics.jsonl, else summary.json's effects)."""
         records = self.metric_records()
         if not records and self.summary and self.summary.get("effects"):
-            records = [r for r in self.summary["effects"] if "error" not in r]
-        steps = [int(r["step"]) for r in records if isinstance(r.get("step"), int)]
-        if not steps:
+            records = _summary_effects(self.summary["effects"], self.path / SUMMARY)
+        if not records:
             return None, []
-        last = max(steps)
-        return last, [r for r in records if r.get("step") == last]
+        last = max(r.step for r in records)
+        return last, [r for r in records if r.step == last]
 
     def heldout_loss(self) -> Series:
-        pairs = [
-            (int(r["step"]), r.get("value"))
-            for r in self.metrics
-            if r.get("experiment") == "_run" and r.get("metric") == "heldout_loss" and "step" in r
+        pairs: list[tuple[int, float | None]] = [
+            (r.step, r.value) for r in self.metrics if isinstance(r, RunMetricRecord) and r.metric == "heldout_loss"
         ]
         return Series.from_pairs(pairs)
 
@@ -230,7 +234,7 @@ def load_run(run_dir: str | Path) -> RunData:
         if value is not None and not isinstance(value, dict):
             raise InputError("expected a mapping at the top level", file=path / name)
     provenance = _provenance(path)
-    metrics = read_jsonl(path / METRICS_FILE)
+    metrics = _read_metrics(path / METRICS_FILE)
     training = _read_jsonl(path / TRAINING_LOG, required=("step", "loss"))
     controller_path = path / CONTROLLER_LOG
     controller = _read_jsonl(controller_path, required=("step", "experiment")) if controller_path.exists() else None
@@ -239,7 +243,7 @@ def load_run(run_dir: str | Path) -> RunData:
 
     names = [str(e.get("name")) for e in (manifest or {}).get("experiments", []) if e.get("name") is not None]
     extra_sources: list[list[str]] = [list(provenance.steps) if provenance else []]
-    extra_sources.append([str(r["experiment"]) for r in metrics if "experiment" in r and r["experiment"] != "_run"])
+    extra_sources.append([r.experiment for r in metrics if not isinstance(r, RunMetricRecord)])
     for source in extra_sources:
         for name in source:
             if name not in names:
@@ -329,6 +333,40 @@ def _read_jsonl(path: Path, *, required: tuple[str, ...]) -> list[dict[str, Any]
         if not isinstance(record["step"], int) or isinstance(record["step"], bool):
             raise InputError(f"step must be an integer, got {record['step']!r}", file=path, line=number, key="step")
         out.append(record)
+    return out
+
+
+def _read_metrics(path: Path) -> list[EvaluationRecord]:
+    """``metrics.jsonl``, typed. Lines that are not JSON (a torn last line of a killed
+    run) are skipped, as the run's own reader does; a JSON line that is not a record is
+    an error naming the file and line."""
+    if not path.exists():
+        return []
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        try:
+            out.append(record_from_json(data))
+        except ValueError as exc:
+            raise InputError(f"not a monitor record: {exc}", file=path, line=number) from None
+    return out
+
+
+def _summary_effects(effects: Any, path: Path) -> list[EffectRecord]:
+    """``summary.json``'s effects (records without per-item scores; failures left out)."""
+    out = []
+    for index, entry in enumerate(effects if isinstance(effects, list) else []):
+        if isinstance(entry, dict) and "error" in entry:
+            continue
+        try:
+            record = record_from_json(entry)
+        except ValueError as exc:
+            raise InputError(f"not an effect record: {exc}", file=path, key=f"effects[{index}]") from None
+        if isinstance(record, EffectRecord):
+            out.append(record)
     return out
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from multirun.measure.records import EffectRecord
 from multirun.report import plots
 from multirun.report.document import Cell, Figure, Paragraph, Section, Table
 from multirun.report.rundata import ACQUISITION, CONTROLLER_LOG, INTERACTION, RunData, Series, finite
@@ -268,10 +269,10 @@ def _placement(placement: Any) -> str:
 
 def metric_curves(run: RunData, colors: Mapping[str, str]) -> Section:
     section = Section("metrics", "3. Metrics over training")
-    records = [r for r in run.metric_records() if r.get("group") is None]
-    by_experiment: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    records = [r for r in run.metric_records() if r.group is None]
+    by_experiment: dict[str, dict[str, list[EffectRecord]]] = {}
     for r in records:
-        by_experiment.setdefault(str(r["experiment"]), {}).setdefault(str(r["metric"]), []).append(r)
+        by_experiment.setdefault(r.experiment, {}).setdefault(r.metric, []).append(r)
     if not by_experiment:
         section.blocks.append(_note("No data yet: no monitor evaluation has been recorded in metrics.jsonl."))
     order = [n for n in run.experiment_names if n in by_experiment]
@@ -279,7 +280,7 @@ def metric_curves(run: RunData, colors: Mapping[str, str]) -> Section:
         metrics = {}
         for metric, recs in by_experiment[name].items():
             metrics[metric] = {
-                key: Series.from_pairs([(int(r["step"]), r.get(field)) for r in recs])
+                key: Series.from_pairs([(r.step, getattr(r.effect, field)) for r in recs])
                 for key, field in (("treated", "treated_mean"), ("control", "control_mean"), ("effect", "effect"),
                                    ("ci_low", "ci_low"), ("ci_high", "ci_high"))
             }
@@ -296,8 +297,7 @@ def metric_curves(run: RunData, colors: Mapping[str, str]) -> Section:
         section.blocks.append(Paragraph(f"{len(errors)} monitor evaluation(s) failed:", kind="warning"))
         section.blocks.append(Table(
             ["step", "experiment", "monitor", "error"],
-            [[fmt_int(r.get("step")), str(r.get("experiment", "")), str(r.get("monitor", "")),
-              (str(r.get("error", ""))[:300], "code")] for r in errors],
+            [[fmt_int(r.step), r.experiment, r.monitor, (r.error[:300], "code")] for r in errors],
             numeric=(0,),
         ))
 
@@ -335,9 +335,9 @@ def _acquired(run: RunData, experiment: str) -> tuple[list[int], str]:
 # --------------------------------------------------------------------------- 4. effect table
 
 
-def verdict(record: Mapping[str, Any], alpha: float) -> Cell:
+def verdict(record: EffectRecord, alpha: float) -> Cell:
     """Significant or not at ``alpha``: Holm-corrected p when there is one, else the raw p (said so)."""
-    p_holm, p = finite(record.get("p_holm")), finite(record.get("p_value"))
+    p_holm, p = finite(record.p_holm), finite(record.effect.p_value)
     if not math.isnan(p_holm):
         return ("significant", "sig") if p_holm < alpha else ("not significant", "nonsig")
     if math.isnan(p):
@@ -352,7 +352,7 @@ def effect_table(run: RunData) -> Section:
         section.blocks.append(_note("No data yet: no monitor evaluation has been recorded."))
         return section
     alpha = run.alpha
-    when = {str(r.get("when")) for r in records if r.get("when")}
+    when = {r.when for r in records if r.when}
     section.blocks.append(Paragraph(
         f"Last evaluation at step {step:,}" + (f" ({', '.join(sorted(when))})" if when else "")
         + f". Verdicts at alpha = {alpha:g}: primary metrics use the Holm-corrected p-value across the run's "
@@ -360,23 +360,23 @@ def effect_table(run: RunData) -> Section:
         "(marked uncorrected)."
     ))
     rank = {n: i for i, n in enumerate(run.experiment_names)}
-    ordered = sorted(records, key=lambda r: (rank.get(str(r.get("experiment")), len(rank)), not r.get("primary"),
-                                             r.get("group") is not None))
+    ordered = sorted(records, key=lambda r: (rank.get(r.experiment, len(rank)), not r.primary, r.group is not None))
     rows: list[list[Cell]] = []
     for r in ordered:
-        level = finite(r.get("ci_level"))
-        low, high = fmt_num(r.get("ci_low")), fmt_num(r.get("ci_high"))
+        e = r.effect
+        level = finite(e.ci_level)
+        low, high = fmt_num(e.ci_low), fmt_num(e.ci_high)
         ci = "–" if low == "–" and high == "–" else f"[{low}, {high}]"
         if not math.isnan(level) and ci != "–":
             ci += f" ({level:.0%})"
         rows.append([
-            str(r.get("experiment", "")),
-            str(r.get("metric", "")) + (" (primary)" if r.get("primary") else ""),
-            str(r["group"]) if r.get("group") is not None else "all",
-            fmt_num(r.get("treated_mean")), fmt_num(r.get("control_mean")), fmt_num(r.get("effect")), ci,
-            fmt_num(r.get("p_value"), 3), fmt_num(r.get("p_holm"), 3),
-            str(r.get("test", "–")),
-            f"{fmt_int(r.get('n_treated'))} / {fmt_int(r.get('n_control'))}",
+            r.experiment,
+            r.metric + (" (primary)" if r.primary else ""),
+            r.group if r.group is not None else "all",
+            fmt_num(e.treated_mean), fmt_num(e.control_mean), fmt_num(e.effect), ci,
+            fmt_num(e.p_value, 3), fmt_num(r.p_holm, 3),
+            e.test,
+            f"{fmt_int(e.n_treated)} / {fmt_int(e.n_control)}",
             verdict(r, alpha),
         ])
     section.blocks.append(Table(

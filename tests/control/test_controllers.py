@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,14 @@ from multirun.control.controllers import (
 )
 from multirun.errors import ConfigError, ResumeError
 from multirun.ledger import Ledger, LedgerWriter
+from multirun.measure.records import (
+    EffectRecord,
+    EvaluationRecord,
+    FailureRecord,
+    ItemScore,
+    RunMetricRecord,
+)
+from multirun.measure.stats import EffectResult
 from multirun.types import Placement, PreparedExperiment
 
 METRICS = ["target_logprob", "target_probability", "exact_match"]
@@ -64,19 +73,26 @@ def make_experiment(
 
 
 def records(step: int, scores: dict[str, float | None], *, experiment: str = "facts",
-            metric: str = "target_probability", control: float = 0.01) -> list[dict[str, Any]]:
-    """Records shaped as MonitorRunner.evaluate writes them, plus decoys the
-    controller must ignore (other metric, other experiment, a group record)."""
-    items = [[k, True, v] for k, v in scores.items()] + [["c0", False, control], ["c1", False, control]]
+            metric: str = "target_probability", control: float = 0.01) -> list[EvaluationRecord]:
+    """Records shaped as MonitorRunner.evaluate returns them, plus decoys the
+    controller must ignore (other metric, other experiment, a group record, a failure)."""
+    items = ItemScore.of([*scores, "c0", "c1"], [True] * len(scores) + [False, False], [*scores.values(), control, control])
     valid = [v for v in scores.values() if v is not None]
-    whole = {"step": step, "when": "interval", "experiment": experiment, "monitor": "knowledge", "group": None,
-             "primary": False, "metric": metric, "treated_mean": float(np.mean(valid)) if valid else None,
-             "control_mean": control, "effect": 0.0, "p_value": 0.5, "items": items}
+
+    def effect(metric: str, treated_mean: float) -> EffectResult:
+        return EffectResult(metric=metric, test="permutation", alternative="greater", n_treated=len(valid), n_control=2,
+                            treated_mean=treated_mean, control_mean=control, effect=0.0, ci_low=math.nan,
+                            ci_high=math.nan, ci_level=0.95, p_value=0.5)
+
+    whole = EffectRecord(step=step, when="interval", experiment=experiment, monitor="knowledge", group=None,
+                         primary=False, effect=effect(metric, float(np.mean(valid)) if valid else math.nan), items=items)
+    all_ones = ItemScore.of(list(scores), [True] * len(scores), [1.0] * len(scores))
     decoys = [
-        {**whole, "metric": "exact_match", "items": [[k, True, 1.0] for k in scores]},
-        {**whole, "experiment": "other", "items": [[k, True, 1.0] for k in scores]},
-        {**whole, "group": "x4", "items": None, "treated_mean": 1.0},
-        {"step": step, "when": "interval", "experiment": "_run", "metric": "heldout_loss", "value": 3.0},
+        replace(whole, effect=effect("exact_match", whole.effect.treated_mean), items=all_ones),
+        replace(whole, experiment="other", items=all_ones),
+        replace(whole, group="x4", items=None, effect=effect(metric, 1.0)),
+        RunMetricRecord(step=step, when="interval", metric="heldout_loss", value=3.0),
+        FailureRecord(step=step, when="interval", experiment=experiment, monitor="knowledge", error="RuntimeError()"),
     ]
     return [decoys[0], whole, *decoys[1:]]
 
@@ -225,7 +241,7 @@ def test_track_reproduces_the_paper_rule_on_hand_made_values() -> None:
     ]
     for step, v, expected, action in plan:
         recs = records(step, {"f0": v, "f1": v, "f2": v}) if v is not None else [
-            {"step": step, "experiment": "facts", "monitor": "knowledge", "error": "RuntimeError('boom')"}
+            FailureRecord(step=step, when="interval", experiment="facts", monitor="knowledge", error="RuntimeError('boom')")
         ]
         d = ctl.decide(step=step, records=recs, experiment=exp, num_steps=200)
         assert (d.info["n"], d.info["action"]) == (expected, action), step
@@ -255,7 +271,7 @@ def test_track_value_options_and_negative_metrics() -> None:
     # treated_mean reads the record's field: 0.3 here, while the items average 0.2.
     ctl = build("track", {"metric": "target_probability", "target": 1.0, "value": "treated_mean"}, exp)
     recs = records(10, {"f0": 0.1, "f1": 0.2, "f2": 0.3})
-    recs[1]["treated_mean"] = 0.3
+    recs[1] = replace(recs[1], effect=replace(recs[1].effect, treated_mean=0.3))
     ctl.decide(step=0, records=[], experiment=exp, num_steps=100)
     assert ctl.decide(step=10, records=recs, experiment=exp, num_steps=100).info["value"] == 0.3
     # A log-probability ramp from -4 to -1: at step 50 the target is -2.5, band +-0.125.

@@ -7,7 +7,6 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +21,8 @@ from multirun.data.mds import PreparedDataset
 from multirun.errors import ConfigError
 from multirun.interaction.arms import run_interaction
 from multirun.interaction.matrix import build_matrix, design, write_matrix
+from multirun.measure.records import EffectRecord, EvaluationRecord, ItemScore
+from multirun.measure.stats import compare_means
 from multirun.ledger import Ledger
 from multirun.run.trainer import prepare_run
 from tests.helpers_payload import write_payload
@@ -48,22 +49,24 @@ def test_design_has_the_papers_arms_and_leave_one_out() -> None:
 # ------------------------------------------------------------------ matrix
 
 
-def _records(scores: dict[str, dict[str, float]], treated: dict[str, set[str]]) -> list[dict[str, Any]]:
-    return [
-        {"experiment": name, "metric": "logprob", "group": None, "primary": True,
-         "items": [[item, item in treated[name], value] for item, value in items.items()]}
-        for name, items in scores.items()
-    ]
+def _records(scores: dict[str, dict[str, float]], treated: dict[str, set[str]]) -> list[EvaluationRecord]:
+    out: list[EvaluationRecord] = []
+    for name, items in scores.items():
+        ids = list(items)
+        effect = compare_means([0.0], [0.0], metric="logprob")  # the matrix reads only the per-item scores
+        out.append(EffectRecord(step=0, when="fit_end", experiment=name, monitor="m", group=None, primary=True,
+                                effect=effect, items=ItemScore.of(ids, [i in treated[name] for i in ids], items.values())))
+    return out
 
 
-def _synthetic_arms(rng: np.random.Generator, *, planted: float) -> dict[str, list[dict[str, Any]]]:
+def _synthetic_arms(rng: np.random.Generator, *, planted: float) -> dict[str, list[EvaluationRecord]]:
     """Arms of two experiments; b's arm moves a's treated items by ``planted``; every arm
     shifts all items of both experiments by a common offset (the model moved)."""
     items = {name: [f"{name}{k}" for k in range(20)] for name in ("a", "b")}
     treated = {name: set(ids[:10]) for name, ids in items.items()}
     base = {name: {i: float(rng.normal(-3, 0.5)) for i in ids} for name, ids in items.items()}
 
-    def arm(shift: float, boosts: dict[str, float]) -> list[dict[str, Any]]:
+    def arm(shift: float, boosts: dict[str, float]) -> list[EvaluationRecord]:
         scores = {
             name: {i: v + shift + (boosts.get(name, 0.0) if i in treated[name] else 0.0) + rng.normal(0, 0.02)
                    for i, v in values.items()}

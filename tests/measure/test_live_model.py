@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from multirun.config import load_config
 from multirun.errors import ConfigError
 from multirun.run.model import build_gpt2
-from multirun.measure.runner import MonitorRunner, build_monitors, effects_of, read_metrics
+from multirun.measure.records import EffectRecord, RunMetricRecord
+from multirun.measure.runner import MonitorRunner, build_monitors, effects_of, read_metrics, read_records
 from multirun.measure.live_model import (
     LiveModel, MetricScores, padded, plan_batches, right_padding_mask, supports_kv_cache, unwrap_model,
 )
@@ -197,11 +198,29 @@ def test_a_failing_monitor_is_recorded_and_training_goes_on(tmp_path: Path, mode
     runner = _runner(_project(tmp_path, name="failing-for-test"), tmp_path / "run")
     with pytest.warns(UserWarning, match="probe file vanished"):
         records = runner.evaluate(model, step=10, when="interval")
-    assert records[-1]["error"] == "RuntimeError('probe file vanished')"
-    assert read_metrics(tmp_path / "run")[-1]["error"] == records[-1]["error"]
+    assert records[-1].error == "RuntimeError('probe file vanished')"
+    assert read_metrics(tmp_path / "run")[-1]["error"] == records[-1].error
     runner.config.on_error = "raise"
     with pytest.raises(RuntimeError):
         runner.evaluate(model, step=20, when="interval")
+
+
+def test_metrics_jsonl_holds_the_records_json_and_reads_back_typed(tmp_path: Path, model: torch.nn.Module) -> None:
+    loaded = load_config(_project(tmp_path), env={})
+    plan = build_run_plan(loaded, tokenizer=TOK, geometry=BatchGeometry(4, 64, 100))
+    heldout = np.arange(3 * 16, dtype=np.int64).reshape(3, 16) % 256
+    runner = MonitorRunner(build_monitors(loaded, plan, TOK), loaded.config.monitoring, run_dir=tmp_path / "run",
+                           pad_token_id=257, sequence_length=64, seed=0, heldout=heldout)
+    records = runner.evaluate(model, step=10, when="interval")
+    assert isinstance(records[0], RunMetricRecord) and records[0].metric == "heldout_loss"
+    effects = [r for r in records if isinstance(r, EffectRecord)]
+    assert effects and all((r.items is None) == (r.group is not None) for r in effects)
+    primary = [r for r in effects if r.primary]
+    assert primary and all(r.p_holm is not None for r in primary)
+    assert all(r.p_holm is None for r in effects if not r.primary)
+    assert read_metrics(tmp_path / "run") == [r.to_json() for r in records]
+    assert read_metrics(tmp_path / "run")[0]["experiment"] == "_run"
+    assert [r.to_json() for r in read_records(tmp_path / "run")] == read_metrics(tmp_path / "run")
 
 
 def test_metrics_are_cut_back_to_the_resumed_step(tmp_path: Path, model: torch.nn.Module) -> None:
@@ -222,7 +241,7 @@ def test_evaluations_of_the_same_scores_draw_the_same_resamples(tmp_path: Path) 
     # model, not with the Monte Carlo draws (and the random splits are drawn once).
     runner = _runner(_project(tmp_path), tmp_path / "run")
     big = unwrap_model(build_gpt2(vocab_size=258, sequence_length=64, n_layer=1, n_head=2, n_embd=16, eos_token_id=256))
-    first, later = (runner.evaluate(big, step=step, when="interval") for step in (10, 20))
+    first, later = ([r.to_json() for r in runner.evaluate(big, step=step, when="interval")] for step in (10, 20))
     fields = ("effect", "p_value", "ci_low", "ci_high")
     assert [[r.get(f) for f in fields] for r in first] == [[r.get(f) for f in fields] for r in later]
     assert any(r.get("ci_low") is not None and r["ci_low"] == r["ci_low"] for r in first)  # a real interval

@@ -29,6 +29,7 @@ from matplotlib.image import imread
 from multirun.config import load_config
 from multirun.errors import InputError
 from multirun.ledger import Ledger
+from multirun.measure.records import EffectRecord
 from multirun.measure.runner import read_metrics
 from multirun.report import ReportPaths, build_report
 from multirun.report.rundata import Series, load_run
@@ -164,7 +165,7 @@ def test_finished_run_report(runs: Runs, finished_report: ReportPaths) -> None:
         "04-metrics-canaries.png", "05-metrics-facts.png", "06-loss.png",
     ]
     text = _plain(md)
-    assert load_run(runs.finished).metrics == read_metrics(runs.finished)  # the report reads what the run wrote
+    assert [r.to_json() for r in load_run(runs.finished).metrics] == read_metrics(runs.finished)  # the report reads what the run wrote
     summary = json.loads((runs.finished / "summary.json").read_text())
     assert f"Finished: trained {STEPS} of {STEPS} planned steps ({summary['tokens_trained']:,} tokens)" in text
     # Tokens modified per experiment and in total agree with the ledger.
@@ -343,14 +344,40 @@ def test_a_run_that_has_not_trained_yet_says_no_data_yet(runs: Runs, tmp_path: P
     assert "Tokens modified: no data yet" in text
 
 
+def test_metrics_are_read_typed_and_a_malformed_record_names_its_line(runs: Runs, tmp_path: Path) -> None:
+    run_dir = tmp_path / "copied"
+    run_dir.mkdir()
+    for name in ("manifest.json", "resolved_config.yaml", "metrics.jsonl"):
+        shutil.copy(runs.finished / name, run_dir / name)
+    run = load_run(run_dir)
+    assert run.metric_records() and all(isinstance(r, EffectRecord) for r in run.metric_records())
+    assert len(run.heldout_loss()) == len({r["step"] for r in read_metrics(run_dir) if r.get("metric") == "heldout_loss"})
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "when": "interval", "experiment": "facts"}\n')
+    with pytest.raises(InputError, match="not a monitor record") as err:
+        load_run(run_dir)
+    assert err.value.line == len(lines) + 1 and "metrics.jsonl" in str(err.value)
+
+
 # --------------------------------------------------------------------------- pure helpers
 
 
+def _record(p_value: float | None, p_holm: float | None = None) -> EffectRecord:
+    """An effect record with these p-values (the rest does not enter the verdict)."""
+    return EffectRecord.from_json({
+        "step": 16, "when": "fit_end", "experiment": "facts", "monitor": "knowledge", "group": None, "primary": True,
+        "metric": "m", "test": "t", "alternative": "greater", "n_treated": 2, "n_control": 2, "treated_mean": 1.0,
+        "control_mean": 0.0, "effect": 1.0, "ci_low": None, "ci_high": None, "ci_level": 0.95,
+        "p_value": p_value, "p_holm": p_holm,
+    })
+
+
 def test_verdict_uses_holm_when_present_and_says_when_uncorrected() -> None:
-    assert verdict({"p_value": 0.001, "p_holm": 0.02}, 0.01) == ("not significant", "nonsig")
-    assert verdict({"p_value": 0.001, "p_holm": 0.005}, 0.01) == ("significant", "sig")
-    assert verdict({"p_value": 0.001, "p_holm": None}, 0.01) == ("significant (uncorrected)", "sig")
-    assert verdict({"p_value": None}, 0.01) == ("n/a", "nonsig")
+    assert verdict(_record(p_value=0.001, p_holm=0.02), 0.01) == ("not significant", "nonsig")
+    assert verdict(_record(p_value=0.001, p_holm=0.005), 0.01) == ("significant", "sig")
+    assert verdict(_record(p_value=0.001, p_holm=None), 0.01) == ("significant (uncorrected)", "sig")
+    assert verdict(_record(p_value=None), 0.01) == ("n/a", "nonsig")
 
 
 def test_compare_end_uses_the_last_common_step() -> None:
