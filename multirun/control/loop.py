@@ -19,11 +19,11 @@ from composer.utils import dist
 
 from multirun.config import LoadedConfig
 from multirun.control.controllers import Controller, ControllerDecision, acquisition_record, build_controller
+from multirun.errors import ConfigError, ResumeError
 from multirun.measure.records import EvaluationRecord
 from multirun.plan.dynamic import DynamicSchedule
-from multirun.errors import ConfigError, ResumeError
-from multirun.run.files import append_jsonl, truncate_jsonl
 from multirun.plan.run_plan import RunPlan, write_json_atomic
+from multirun.run.files import append_jsonl, truncate_jsonl
 from multirun.types import SpanTable
 
 CONTROLLER_LOG = "controller.jsonl"
@@ -66,7 +66,7 @@ def build_controllers(loaded: LoadedConfig, plan: RunPlan, monitor_classes: dict
 
 def build_control_loop(
     loaded: LoadedConfig, plan: RunPlan, monitor_classes: dict[str, type], *, run_dir: Path
-) -> "ControlLoop | None":
+) -> ControlLoop | None:
     """The run's control loop, or None when no experiment has a controller."""
     controllers = build_controllers(loaded, plan, monitor_classes)
     if not controllers:

@@ -43,6 +43,7 @@ from multirun.errors import ConfigError, ResumeError
 from multirun.integration.callback import INTERACTION_TRIGGER, MultirunCallback
 from multirun.interaction.matrix import build_matrix, design, write_matrix
 from multirun.kinds.experiments import build_experiments
+from multirun.measure.records import EvaluationRecord
 from multirun.plan.run_plan import RunPlan, plan_experiments, write_json_atomic
 from multirun.run.inputs import heldout_rows, resolve_dataset, run_geometry, run_tokenizer
 from multirun.run.parts import RunParts, assemble_parts
@@ -223,7 +224,7 @@ def run_interaction(
     # No barrier needed (nor possible: the process group starts with the first Trainer): the
     # other ranks write into arms/ only after that Trainer's start-up and the callback's
     # FIT_START barrier, both after rank 0 cleared the folder.
-    arm_records: dict[str, list[dict[str, Any]]] = {}
+    arm_records: dict[str, list[EvaluationRecord]] = {}
     for number, (name, members) in enumerate(arms.items(), start=1):
         arm_started = time.perf_counter()
         arm_records[name] = _run_arm(

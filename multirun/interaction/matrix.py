@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from multirun.plan.run_plan import write_json_atomic
 from multirun.measure.records import EffectRecord, EvaluationRecord
 from multirun.measure.stats import EffectResult, compare_means, holm_adjust
+from multirun.plan.run_plan import write_json_atomic
 
 MATRIX_JSON = "matrix.json"
 MATRIX_CSV = "matrix.csv"
@@ -141,7 +141,8 @@ def compare_arms(arm: ItemScores, baseline: ItemScores, *, n_resamples: int, see
     ``treated_mean``/``control_mean`` are the mean score changes of treated/control items."""
     if arm.metric != baseline.metric:
         raise ValueError(f"arms measured different metrics: {arm.metric!r} and {baseline.metric!r}")
-    treated, control = [], []
+    treated: list[float] = []
+    control: list[float] = []
     for item, (is_treated, score) in arm.scores.items():
         if item not in baseline.scores:
             continue
@@ -187,7 +188,8 @@ def build_matrix(
         members = [i for i in results if comparisons[i].family == family]
         for index, result in zip(members, holm_adjust([results[i] for i in members])):
             cells[index].update(_cell_fields(result))
-            cells[index]["significant"] = bool(result.p_holm < alpha)  # NaN (no test) is not significant
+            # NaN or None (no test) is not significant
+            cells[index]["significant"] = result.p_holm is not None and bool(result.p_holm < alpha)
     interactions = [c for c in cells if c["family"] == "off_diagonal" and c["significant"]]
     tested = sum(1 for c in cells if c["family"] == "off_diagonal" and c["p_holm"] is not None)
     return {

@@ -248,7 +248,7 @@ def record_from_json(data: Mapping[str, Any]) -> EvaluationRecord:
         'FailureRecord'
     """
     if not isinstance(data, Mapping):
-        raise ValueError(f"expected a JSON object, got {type(data).__name__}")  # noqa: TRY004 - a bad line, like the others
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     if "error" in data:
         return FailureRecord.from_json(data)
     if data.get("experiment") == _RUN:

@@ -29,11 +29,10 @@ import torch
 from composer.utils import dist
 
 from multirun.config import LoadedConfig, MonitoringConfig, cadence_steps
+from multirun.data.tokenizers import Tokenizer
 from multirun.errors import ConfigError
-from multirun.run.files import append_jsonl, read_jsonl, truncate_jsonl
-from multirun.measure.live_model import LiveModel, MetricScores, Monitor
 from multirun.kinds.registry import monitors as monitor_registry
-from multirun.plan.run_plan import RunPlan
+from multirun.measure.live_model import LiveModel, MetricScores, Monitor
 from multirun.measure.records import (
     EffectRecord,
     EvaluationRecord,
@@ -43,7 +42,8 @@ from multirun.measure.records import (
     records_from_json,
 )
 from multirun.measure.stats import EffectResult, compare_means, compare_rates, holm_adjust, one_sample_z
-from multirun.data.tokenizers import Tokenizer
+from multirun.plan.run_plan import RunPlan
+from multirun.run.files import append_jsonl, read_jsonl, truncate_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -66,7 +66,7 @@ def build_monitors(loaded: LoadedConfig, plan: RunPlan, tokenizer: Tokenizer) ->
         experiment = by_name[spec.name]
         name = spec.monitor.name or experiment.kind
         key = f"experiments[{index}].monitor"
-        monitor_class = monitor_registry.get(name, file=loaded.source, key=f"{key}.name")
+        monitor_class: type[Monitor] = monitor_registry.get(name, file=loaded.source, key=f"{key}.name")
         try:
             monitor = monitor_class.from_experiment(
                 experiment, tokenizer=tokenizer, options=dict(spec.monitor.options), sequence_length=plan.geometry.sequence_length
@@ -87,9 +87,9 @@ def effects_of(
     selections: list[tuple[str | None, np.ndarray]] = [(None, valid & scores.treated)]
     if scores.groups is not None:
         labels = np.asarray(scores.groups, dtype=object)
-        for group in sorted({g for g, t in zip(scores.groups, scores.treated) if t}):
-            selections.append((str(group), valid & scores.treated & (labels == group)))
-    out = []
+        for label in sorted({g for g, t in zip(scores.groups, scores.treated) if t}):
+            selections.append((str(label), valid & scores.treated & (labels == label)))
+    out: list[tuple[str | None, EffectResult]] = []
     for group, mask in selections:
         treated = scores.scores[mask]
         out.append((group, _compare(scores, treated, control, n_resamples=n_resamples, ci_resamples=ci_resamples, seed=seed)))
@@ -205,7 +205,10 @@ class MonitorRunner:
             except Exception as exc:  # a broken monitor must not silently vanish, nor stop training by default
                 if self.config.on_error == "raise":
                     raise
-                warnings.warn(f"multirun: monitor {entry.monitor_name!r} of {entry.experiment!r} failed at step {step}: {exc!r}")
+                warnings.warn(
+                    f"multirun: monitor {entry.monitor_name!r} of {entry.experiment!r} failed at step {step}: {exc!r}",
+                    stacklevel=2,
+                )
                 records.append(FailureRecord(step=step, when=when, experiment=entry.experiment, monitor=entry.monitor_name, error=repr(exc)))
                 continue
             with self._timed("statistics"):

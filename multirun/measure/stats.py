@@ -49,8 +49,9 @@ import inspect
 import math
 import operator
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -139,7 +140,7 @@ class EffectResult:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EffectResult":
+    def from_dict(cls, data: dict[str, Any]) -> EffectResult:
         """Inverse of :meth:`to_dict` (None in a float field becomes NaN;
         ``p_holm`` stays None). Unknown keys are an error, missing optional
         ones take their defaults."""
@@ -245,7 +246,7 @@ def _random_split_null(t: np.ndarray, c: np.ndarray, *, n_resamples: int, seed: 
 # Resampling indices kept between calls (least recently used first out): they depend
 # only on the arm sizes and the seed, and monitors test the same items at every
 # evaluation. 10,000 splits of 50 treated items take 1 MB; larger draws are made anew.
-_DRAW_CACHE: "OrderedDict[tuple[Any, ...], tuple[np.ndarray, ...]]" = OrderedDict()
+_DRAW_CACHE: OrderedDict[tuple[Any, ...], tuple[np.ndarray, ...]] = OrderedDict()
 _DRAW_CACHE_MAX_BYTES = 64 << 20
 
 
@@ -271,7 +272,7 @@ def _random_splits(n: int, n_treated: int, n_resamples: int, seed: int) -> tuple
 
     def draw() -> tuple[np.ndarray, ...]:
         rng = _rng(seed, 0)
-        batches = []
+        batches: list[np.ndarray] = []
         batch = _batch(n, n_resamples)
         for start in range(0, n_resamples, batch):
             rows = min(batch, n_resamples - start)
@@ -335,7 +336,7 @@ def _bootstrap_indices(sizes: tuple[int, ...], n_resamples: int, seed: int) -> t
     def draw() -> tuple[np.ndarray, ...]:
         rng = _rng(seed, 1)
         batch = _batch(sum(sizes), n_resamples)
-        blocks = []
+        blocks: list[np.ndarray] = []
         for start in range(0, n_resamples, batch):
             rows = min(batch, n_resamples - start)
             blocks.extend(rng.integers(0, n, (rows, n)).astype(_index_type(n)) for n in sizes)

@@ -1,7 +1,7 @@
 """Span planner: where every injected sequence goes, decided once, vectorised.
 
 The planner turns each :class:`~multirun.types.PreparedExperiment` into spans
-``(step, global row, offset, length)`` such that (invariant 5 of ARCHITECTURE.md)
+``(step, global row, offset, length)`` such that (invariant 5 of docs/architecture.md)
 
 * no span crosses a sequence boundary: ``0 <= offset`` and ``offset + length <= sequence_length``;
 * no two spans overlap, across all experiments;
@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import xxhash
@@ -206,7 +207,7 @@ class Occupancy:
             self.add(spans)
 
     @classmethod
-    def from_spans(cls, spans: SpanTable, geometry: BatchGeometry, max_modified_fraction: float) -> "Occupancy":
+    def from_spans(cls, spans: SpanTable, geometry: BatchGeometry, max_modified_fraction: float) -> Occupancy:
         """Occupancy holding ``spans`` (validated) under the cap of ``max_modified_fraction``."""
         return cls(geometry, cap_tokens(geometry, max_modified_fraction), spans)
 

@@ -60,7 +60,7 @@ class Series:
         return int(self.steps.shape[0])
 
     @classmethod
-    def from_pairs(cls, pairs: list[tuple[int, float | None]]) -> "Series":
+    def from_pairs(cls, pairs: list[tuple[int, float | None]]) -> Series:
         # A step may appear twice (e.g. a record repeated after a resume): the last one wins.
         last: dict[int, float] = {}
         for step, value in pairs:

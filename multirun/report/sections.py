@@ -409,7 +409,7 @@ def controllers(run: RunData) -> Section:
     for name, records in grouped.items():
         trajectories[name] = {}
         for part in ("decision", "state"):
-            pairs: dict[str, list[tuple[int, float]]] = {}
+            pairs: dict[str, list[tuple[int, float | None]]] = {}
             for r in records:
                 for key, value in _numeric_leaves(r.get(part)):
                     pairs.setdefault(key, []).append((int(r["step"]), value))
@@ -435,9 +435,7 @@ def _numeric_leaves(value: Any, prefix: str = "") -> Iterable[tuple[str, float]]
     if isinstance(value, dict):
         for key, v in value.items():
             yield from _numeric_leaves(v, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(value, bool):
-        yield prefix, float(value)
-    elif isinstance(value, (int, float)) and prefix:
+    elif isinstance(value, bool) or (isinstance(value, (int, float)) and prefix):
         yield prefix, float(value)
 
 
@@ -528,7 +526,8 @@ def loss(run: RunData, baseline: RunData | None) -> Section:
                 f"The baseline trains {baseline.tokens_per_step:,} tokens per step, this run {run.tokens_per_step:,}: "
                 "curves over steps are not directly comparable.", kind="warning",
             ))
-    has_any = len(training) or len(heldout) or (b_training is not None and (len(b_training) or len(b_heldout)))
+    has_baseline = b_training is not None and b_heldout is not None and (len(b_training) or len(b_heldout))
+    has_any = len(training) or len(heldout) or has_baseline
     if not has_any:
         section.blocks.append(_note(
             "No data yet: no training loss (training.jsonl) and no held-out loss (metrics.jsonl) recorded."

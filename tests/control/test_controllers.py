@@ -298,7 +298,7 @@ def test_track_pool_index_wraps_modularly() -> None:
     i = 0
     stream: list[int] = []
     ns: list[int] = []
-    for step in range(0, 60):
+    for step in range(60):
         v = 0.0 if step % 3 else 1.0  # mostly doubling, sometimes halving: n crosses the pool size
         d = ctl.decide(step=step, records=records(step, {"f0": v, "f1": v, "f2": v}), experiment=exp, num_steps=60)
         n = d.info["n"]

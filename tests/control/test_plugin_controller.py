@@ -102,7 +102,7 @@ def test_an_entry_point_controller_is_found_and_built_by_the_run(plugin: None, t
     (decision,) = loop.decide(step=10, records=[])
     treated = [i for i, t in zip(exp.item_ids, exp.treated) if t]
     assert decision.controller == "every-item" and decision.window == (10, 20)
-    assert decision.exposures == {item: 2 for item in treated}
+    assert decision.exposures == dict.fromkeys(treated, 2)
     assert not loop.all_acquired() and loop.write_acquisition(None) == {}
     assert (tmp_path / "run" / "controller.jsonl").read_text().count("\n") == 1
 
@@ -124,6 +124,6 @@ def test_a_bad_option_of_an_entry_point_controller_names_the_key(
 def test_without_the_distribution_the_name_is_unknown(tmp_path: Path) -> None:
     controllers.refresh()
     loaded, plan = _loaded(tmp_path, {"metric": "text_logprob"})
-    with pytest.raises(ConfigError, match="unknown controller 'every-item'.*multirun.controllers") as err:
+    with pytest.raises(ConfigError, match=r"unknown controller 'every-item'.*multirun\.controllers") as err:
         build_controllers(loaded, plan, {"docs": monitors.get("documents")})
     assert err.value.key == "experiments[0].controller.name"

@@ -21,9 +21,9 @@ from multirun.data.mds import PreparedDataset
 from multirun.errors import ConfigError
 from multirun.interaction.arms import run_interaction
 from multirun.interaction.matrix import build_matrix, design, write_matrix
+from multirun.ledger import Ledger
 from multirun.measure.records import EffectRecord, EvaluationRecord, ItemScore
 from multirun.measure.stats import compare_means
-from multirun.ledger import Ledger
 from multirun.run.trainer import prepare_run
 from tests.helpers_payload import write_payload
 from tests.support import CaptureBatches, make_dataset, make_payloads, placements, run_config
@@ -241,7 +241,7 @@ def test_bad_interaction_settings_fail_before_any_arm_trains(tmp_path: Path, dat
     run_dir = _trained_run_dir(tmp_path, dataset, save_interval="16ba")
     with pytest.raises(ConfigError, match=r"interaction.experiments\[0\].*not an injected experiment"):
         run_interaction(run_dir, overrides=["interaction.experiments=[nope]"], progress=False)
-    with pytest.raises(ConfigError, match="interaction.intensity"):
+    with pytest.raises(ConfigError, match=r"interaction\.intensity"):
         run_interaction(run_dir, overrides=["interaction.intensity=0.2"], progress=False)
     assert not (run_dir / "interaction" / "arms").exists()
     # the CLI reports the same before training, with exit status 2 for bad input

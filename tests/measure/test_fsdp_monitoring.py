@@ -19,9 +19,9 @@ import pytest
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from multirun.run.model import build_gpt2
 from monitors.watermark import gaussian_statistics
 from multirun.measure.live_model import LiveModel, forward_parameters, unwrap_model
+from multirun.run.model import build_gpt2
 from multirun.types import EmbeddingNoise
 from tests.support import REPO
 

@@ -12,16 +12,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from multirun.config import load_config
+from multirun.data.tokenizers import ByteTokenizer
 from multirun.errors import ConfigError
-from multirun.run.model import build_gpt2
+from multirun.kinds.registry import monitors
+from multirun.measure.live_model import (
+    LiveModel,
+    MetricScores,
+    padded,
+    plan_batches,
+    right_padding_mask,
+    supports_kv_cache,
+    unwrap_model,
+)
 from multirun.measure.records import EffectRecord, RunMetricRecord
 from multirun.measure.runner import MonitorRunner, build_monitors, effects_of, read_metrics, read_records
-from multirun.measure.live_model import (
-    LiveModel, MetricScores, padded, plan_batches, right_padding_mask, supports_kv_cache, unwrap_model,
-)
-from multirun.kinds.registry import monitors
 from multirun.plan.run_plan import build_run_plan
-from multirun.data.tokenizers import ByteTokenizer
+from multirun.run.model import build_gpt2
 from multirun.types import BatchGeometry
 from tests.helpers_payload import documents, minimal_config, write_config, write_payload
 

@@ -242,7 +242,7 @@ def test_interrupted_run_report(runs: Runs, tmp_path: Path) -> None:
 
 def test_baseline_overlay(runs: Runs, tmp_path: Path) -> None:
     paths = build_report(runs.finished, baseline=runs.baseline, out_dir=tmp_path / "report")
-    html, md = _check_documents(paths)
+    _, md = _check_documents(paths)
     text = _plain(md)
     assert f"Baseline overlay: baseline ({runs.baseline})" in text
     held = {r["step"]: r["value"] for r in read_metrics(runs.finished) if r.get("metric") == "heldout_loss"}
@@ -290,7 +290,7 @@ def test_controller_acquisition_and_interaction_sections(runs: Runs, tmp_path: P
         json.dumps({"experiments": ["canaries", "facts"], "alpha": 0.01, "cells": cells})
     )
     paths = build_report(run_dir)
-    html, md = _check_documents(paths)
+    _, md = _check_documents(paths)
     text = _plain(md)
     assert [p.name for p in paths.plots][-3:] == ["06-controllers.png", "07-interaction.png", "08-loss.png"]
     assert "| canaries | until_acquired | 4 | 12 |" in text  # the torn line is not a decision
@@ -336,7 +336,7 @@ def test_a_run_that_has_not_trained_yet_says_no_data_yet(runs: Runs, tmp_path: P
     for name in ("manifest.json", "resolved_config.yaml"):
         shutil.copy(runs.finished / name, run_dir / name)
     paths = build_report(run_dir)
-    html, md = _check_documents(paths)
+    _, md = _check_documents(paths)
     assert paths.plots == []
     text = _plain(md)
     assert "Interrupted at step 0 of 16" in text

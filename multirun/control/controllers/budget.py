@@ -40,7 +40,7 @@ class BudgetController(ControllerBase):
         self.lengths = np.asarray(experiment.seq_lengths, dtype=np.int64)
         self.tokens = 0
         self.exhausted = False
-        self.next: dict[str, int] = {item: 0 for item in self.treated_items}
+        self.next: dict[str, int] = dict.fromkeys(self.treated_items, 0)
 
     @classmethod
     def validate_experiment(cls, opts: dict[str, Any], experiment: PreparedExperiment) -> None:
@@ -71,8 +71,8 @@ class BudgetController(ControllerBase):
                     window_tokens += int(self.lengths[s])
                 if self.exhausted:
                     break
-            for item, seqs in chosen.items():
-                self.next[item] = (self.next[item] + len(seqs)) % self.seqs_of(item).size
+            for item, picked in chosen.items():
+                self.next[item] = (self.next[item] + len(picked)) % self.seqs_of(item).size
         self.tokens += window_tokens
         info = {
             "tokens": self.tokens,
