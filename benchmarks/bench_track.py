@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 from multirun.config import load_config
-from multirun.run.files import read_jsonl
 from multirun.run.trainer import prepare_run
+from multirun.run_dir import read_jsonl
 
 
 def main() -> None:

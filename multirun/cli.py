@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from multirun.errors import InputError, MultirunError
+from multirun.run_dir import RunDir
 
 if TYPE_CHECKING:  # the commands import their stages lazily, so that `multirun --help` starts fast
     import pyarrow as pa
@@ -137,7 +138,7 @@ def _train(args: argparse.Namespace) -> int:
     run.close()
     if dist.get_global_rank() == 0 and summary:
         _print_summary(summary)
-    if loaded.config.interaction.after != "none" and (run.run_dir / "interaction_trigger.json").exists():
+    if loaded.config.interaction.after != "none" and RunDir(run.run_dir).interaction_trigger.exists():
         from multirun.interaction.arms import run_interaction
 
         console.print(f"interaction tests from the checkpoint of interaction.after={loaded.config.interaction.after}:")
@@ -371,7 +372,7 @@ def _parse_steps(text: str) -> tuple[int, int]:
 
 
 def _tokens_trained(run_dir: Path) -> int | None:
-    summary = run_dir / "summary.json"
+    summary = RunDir(run_dir).summary
     if summary.exists():
         return int(json.loads(summary.read_text())["tokens_trained"])
     return None

@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from multirun.errors import ConfigError
+from multirun.run_dir import RunDir, write_text_atomic
 from multirun.types import BatchGeometry, Placement
 
 __all__ = [
@@ -411,10 +412,8 @@ class LoadedConfig:
             f"# source: {self.source if self.source is not None else '<in code>'}\n"
             f"# fingerprint: {self.fingerprint()}\n"
         )
-        out = run_dir / "resolved_config.yaml"
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
-        os.replace(tmp, out)  # a kill leaves the old file or the new one, never half of one
+        out = RunDir(run_dir).resolved_config
+        write_text_atomic(out, header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
         return out
 
 

@@ -45,22 +45,20 @@ import pyarrow.parquet as pq
 import xxhash
 
 from multirun.errors import InputError, MultirunError
+from multirun.run_dir import RunDir, atomic_path, fsync_dir
 
 __all__ = [
     "ARMS",
     "FORMAT_VERSION",
-    "LEDGER_DIRNAME",
     "SCHEMA",
     "Ledger",
     "LedgerIntegrityError",
     "LedgerWriter",
-    "ledger_dir",
     "token_hash",
     "truncate_ledger",
 ]
 
 FORMAT_VERSION = 1
-LEDGER_DIRNAME = "ledger"
 ARMS: tuple[str, str] = ("treated", "control")
 
 _META_VERSION = b"multirun.ledger.format_version"
@@ -136,36 +134,6 @@ def token_hash(tokens: np.ndarray | Sequence[int]) -> int:
     return xxhash.xxh64_intdigest(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
 
 
-def ledger_dir(run_dir: str | Path) -> Path:
-    """``RUN_DIR/ledger``."""
-    return Path(run_dir) / LEDGER_DIRNAME
-
-
-# --------------------------------------------------------------------------- disk helpers
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames/unlinks inside ``path`` durable (no-op where dirs can't be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    # fsync through a fresh descriptor: Arrow wrote the file natively (fast), and
-    # fsync flushes the inode's dirty pages whichever descriptor asks.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _shard_metadata(experiments: Sequence[str]) -> dict[bytes, bytes]:
     return {
         _META_VERSION: str(FORMAT_VERSION).encode(),
@@ -175,11 +143,8 @@ def _shard_metadata(experiments: Sequence[str]) -> dict[bytes, bytes]:
 
 def _write_shard_atomic(table: pa.Table, final: Path) -> None:
     """Write ``table`` to ``final`` so that ``final`` is either absent or complete."""
-    tmp = final.with_name(final.name + ".tmp")
-    pq.write_table(table, tmp, **_WRITE_OPTIONS)
-    _fsync_file(tmp)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    with atomic_path(final) as tmp:
+        pq.write_table(table, tmp, **_WRITE_OPTIONS)
 
 
 def _free_shard_path(directory: Path, first_step: int, last_step: int, avoid: Path | None = None) -> Path:
@@ -288,7 +253,7 @@ class LedgerWriter:
             raise ValueError(f"rank must be >= 0, got {rank}")
         self.rank = int(rank)
         self.experiment_names = [str(n) for n in experiment_names]
-        self.directory = ledger_dir(run_dir) / f"rank-{self.rank:05d}"
+        self.directory = RunDir(run_dir).ledger / f"rank-{self.rank:05d}"
         self._make_dirs()
 
         self._n_items = np.array([len(ids) for ids in item_ids], dtype=np.int64)
@@ -318,7 +283,7 @@ class LedgerWriter:
                 d.mkdir(parents=True, exist_ok=True)
                 created.append(d)
         for d in created:  # make the new directory entries themselves durable
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
         # A *.tmp here is a flush that was killed before its rename: never a shard.
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -486,7 +451,7 @@ def truncate_ledger(run_dir: str | Path, from_step: int) -> int:
     """
     if from_step < 0:
         raise ValueError(f"from_step must be >= 0, got {from_step}")
-    root = ledger_dir(run_dir)
+    root = RunDir(run_dir).ledger
     if not root.is_dir():
         return 0
     removed = 0
@@ -517,9 +482,9 @@ def truncate_ledger(run_dir: str | Path, from_step: int) -> int:
         new_path = _free_shard_path(path.parent, rng[0], int(pc.max(kept.column("step")).as_py()), avoid=path)
         if new_path != path:
             os.rename(path, new_path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
     for d in touched:
-        _fsync_dir(d)
+        fsync_dir(d)
     return removed
 
 
@@ -582,7 +547,7 @@ class Ledger:
         """Read every committed shard under ``run_dir/ledger`` (``run_dir`` may also
         be the ledger directory itself). ``*.tmp`` files are ignored."""
         run_dir = Path(run_dir)
-        root = ledger_dir(run_dir)
+        root = RunDir(run_dir).ledger
         if not root.is_dir() and any(run_dir.glob("rank-*")):
             root = run_dir
         if not root.is_dir():

@@ -22,12 +22,9 @@ from multirun.control.controllers import Controller, ControllerDecision, acquisi
 from multirun.errors import ConfigError, ResumeError
 from multirun.measure.records import EvaluationRecord
 from multirun.plan.dynamic import DynamicSchedule
-from multirun.plan.run_plan import RunPlan, write_json_atomic
-from multirun.run.files import append_jsonl, truncate_jsonl
+from multirun.plan.run_plan import RunPlan
+from multirun.run_dir import RunDir, append_jsonl, truncate_jsonl, write_json_atomic
 from multirun.types import SpanTable
-
-CONTROLLER_LOG = "controller.jsonl"
-ACQUISITION_FILE = "acquisition.json"
 
 
 def build_controllers(loaded: LoadedConfig, plan: RunPlan, monitor_classes: dict[str, type]) -> dict[str, Controller]:
@@ -86,7 +83,7 @@ class ControlLoop:
 
     @property
     def log_path(self) -> Path:
-        return self.run_dir / CONTROLLER_LOG
+        return RunDir(self.run_dir).controller_log
 
     def _fresh_schedule(self) -> DynamicSchedule:
         return DynamicSchedule(
@@ -162,5 +159,5 @@ class ControlLoop:
             name: acquisition_record(ledger_table, name, at) for name, at in acquired.items() if at is not None
         }
         if record:
-            write_json_atomic(self.run_dir / ACQUISITION_FILE, record)
+            write_json_atomic(RunDir(self.run_dir).acquisition, record)
         return record

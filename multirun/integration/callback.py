@@ -44,14 +44,12 @@ from multirun.inject.step import plan_step
 from multirun.ledger import Ledger, LedgerWriter, truncate_ledger
 from multirun.measure.live_model import unwrap_model
 from multirun.measure.runner import MonitorRunner
-from multirun.plan.run_plan import RunPlan, write_json_atomic
-from multirun.run.files import append_jsonl, truncate_jsonl
+from multirun.plan.run_plan import RunPlan
 from multirun.run.parts import RunParts
+from multirun.run_dir import RunDir, append_jsonl, truncate_jsonl, write_json_atomic
 from multirun.types import BatchGeometry
 
 STATE_FORMAT = 1
-TRAINING_LOG = "training.jsonl"
-INTERACTION_TRIGGER = "interaction_trigger.json"
 
 
 class PartsAtFitStart(Protocol):
@@ -81,6 +79,7 @@ class MultirunCallback(Callback):
         self.parts: RunParts | None = parts if isinstance(parts, RunParts) else None
         self._pending = None if isinstance(parts, RunParts) else parts
         self.run_dir = Path(parts.run_dir)
+        self.files = RunDir(self.run_dir)
         self.interaction_after = parts.interaction_after
         self.overwrite = overwrite
         self._interaction_trigger: dict[str, Any] | None = None
@@ -269,17 +268,17 @@ class MultirunCallback(Callback):
         if step > 0:
             # Steps >= step are trained again after the resume: drop rows written after the checkpoint.
             truncate_ledger(run_dir, from_step=step)
-            truncate_jsonl(run_dir / TRAINING_LOG, lambda r: int(r["step"]) <= step)
+            truncate_jsonl(RunDir(run_dir).training_log, lambda r: int(r["step"]) <= step)
             return
         if not (run_dir / "ledger").exists():
             return
-        if (run_dir / "summary.json").exists() and not self.overwrite:
+        if RunDir(run_dir).summary.exists() and not self.overwrite:
             raise ResumeError(
                 f"{run_dir} holds a finished run (summary.json); choose another run_dir or pass overwrite",
                 file=run_dir,
             )
         removed = truncate_ledger(run_dir, from_step=0)
-        (run_dir / TRAINING_LOG).unlink(missing_ok=True)
+        RunDir(run_dir).training_log.unlink(missing_ok=True)
         if removed:
             warnings.warn(
                 f"{run_dir}: starting from step 0, removed {removed} ledger rows of an earlier attempt", stacklevel=2
@@ -332,7 +331,7 @@ class MultirunCallback(Callback):
         if self._writer is not None:
             self._writer.flush()
         if self._losses and self.run_dir is not None:
-            append_jsonl(self.run_dir / TRAINING_LOG, self._losses)
+            append_jsonl(self.files.training_log, self._losses)
             self._losses = []
 
     def _evaluate_if_due(self, state: State, logger: Logger) -> None:
@@ -374,10 +373,10 @@ class MultirunCallback(Callback):
 
         self._flush()  # the ledger must cover every step the checkpoint does
         self._interaction_trigger = {"trigger": trigger, "step": step}  # before saving: the checkpoint holds it
-        path = save_checkpoint(state, str(self.run_dir / "checkpoints" / f"interaction-ba{step}-rank{{rank}}.pt"))
+        path = save_checkpoint(state, str(self.files.checkpoints / f"interaction-ba{step}-rank{{rank}}.pt"))
         self._interaction_trigger["checkpoint"] = str(path) if path else None
         if dist.get_global_rank() == 0:
-            write_json_atomic(self.run_dir / INTERACTION_TRIGGER, self._interaction_trigger)
+            write_json_atomic(self.files.interaction_trigger, self._interaction_trigger)
 
     def _write_summary(self, state: State) -> None:
         assert self.plan is not None and self.run_dir is not None
@@ -415,7 +414,7 @@ class MultirunCallback(Callback):
             summary["monitor_evaluations"] = self.monitors.evaluations
             summary["monitor_seconds_by_part"] = {k: round(v, 6) for k, v in sorted(self.monitors.seconds_by_part.items())}
             summary["alpha"] = self.monitors.config.alpha
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        write_json_atomic(self.files.summary, summary)
 
     @property
     def injection_seconds(self) -> float:

@@ -40,18 +40,16 @@ from composer.utils import dist
 from multirun.config import InteractionConfig, LoadedConfig, MonitoringConfig, load_config
 from multirun.data.tokenizers import Tokenizer
 from multirun.errors import ConfigError, ResumeError
-from multirun.integration.callback import INTERACTION_TRIGGER, MultirunCallback
+from multirun.integration.callback import MultirunCallback
 from multirun.interaction.matrix import build_matrix, design, write_matrix
 from multirun.kinds.experiments import build_experiments
 from multirun.measure.records import EvaluationRecord
-from multirun.plan.run_plan import RunPlan, plan_experiments, write_json_atomic
+from multirun.plan.run_plan import RunPlan, plan_experiments
 from multirun.run.inputs import heldout_rows, resolve_dataset, run_geometry, run_tokenizer
 from multirun.run.parts import RunParts, assemble_parts
 from multirun.run.trainer import build_model, build_optimizer, train_dataloader, trainer_settings
+from multirun.run_dir import RunDir, write_json_atomic
 from multirun.types import BatchGeometry, Placement
-
-INTERACTION_DIR = "interaction"
-RESOLVED_CONFIG = "resolved_config.yaml"
 
 
 @dataclass
@@ -77,12 +75,12 @@ def find_checkpoint(run_dir: Path, explicit: str | Path | None = None) -> Path:
         if not path.is_file():
             raise ResumeError("no such checkpoint file", file=path)
         return path.resolve()  # latest-rank0.pt is a link to the file that names the step
-    trigger = run_dir / INTERACTION_TRIGGER
+    trigger = RunDir(run_dir).interaction_trigger
     if trigger.is_file():
         recorded = json.loads(trigger.read_text()).get("checkpoint")
         if recorded and Path(recorded).is_file():
             return Path(recorded)
-    latest = run_dir / "checkpoints" / "latest-rank0.pt"
+    latest = RunDir(run_dir).latest_checkpoint
     if latest.exists():
         return latest.resolve()
     raise ResumeError(
@@ -178,7 +176,7 @@ def run_interaction(
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    config_path = run_dir / RESOLVED_CONFIG
+    config_path = RunDir(run_dir).resolved_config
     if not config_path.is_file():
         raise ConfigError("not a run directory (no resolved_config.yaml)", file=run_dir)
     loaded = load_config(config_path, list(overrides))
@@ -194,7 +192,7 @@ def run_interaction(
         )
     checkpoint_path = find_checkpoint(run_dir, checkpoint)
     start = checkpoint_step(checkpoint_path)
-    out = Path(out_dir) if out_dir is not None else run_dir / INTERACTION_DIR
+    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).interaction
 
     tokenizer = run_tokenizer(loaded)
     dataset = resolve_dataset(loaded, tokenizer, progress=False)

@@ -40,10 +40,8 @@ import numpy as np
 
 from multirun.measure.records import EffectRecord, EvaluationRecord
 from multirun.measure.stats import EffectResult, compare_means, holm_adjust
-from multirun.plan.run_plan import write_json_atomic
+from multirun.run_dir import MATRIX_CSV, MATRIX_JSON, atomic_path, write_json_atomic
 
-MATRIX_JSON = "matrix.json"
-MATRIX_CSV = "matrix.csv"
 CSV_COLUMNS = (
     "arm", "baseline", "kind", "family", "experiment", "metric", "effect", "ci_low", "ci_high",
     "p_value", "p_holm", "significant", "diagonal", "treated_change", "control_change", "n_treated", "n_control",
@@ -224,13 +222,11 @@ def write_matrix(out_dir: str | Path, matrix: Mapping[str, Any]) -> tuple[Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / MATRIX_JSON, out_dir / MATRIX_CSV
     write_json_atomic(json_path, matrix)
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for cell in matrix["cells"]:
             writer.writerow({k: ("" if cell.get(k) is None else cell.get(k)) for k in CSV_COLUMNS})
-    tmp.replace(csv_path)
     return json_path, csv_path
 
 

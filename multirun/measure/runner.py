@@ -43,9 +43,7 @@ from multirun.measure.records import (
 )
 from multirun.measure.stats import EffectResult, compare_means, compare_rates, holm_adjust, one_sample_z
 from multirun.plan.run_plan import RunPlan
-from multirun.run.files import append_jsonl, read_jsonl, truncate_jsonl
-
-METRICS_FILE = "metrics.jsonl"
+from multirun.run_dir import RunDir, append_jsonl, read_jsonl, truncate_jsonl
 
 
 @dataclass
@@ -150,7 +148,7 @@ class MonitorRunner:
 
     @property
     def path(self) -> Path:
-        return self.run_dir / METRICS_FILE
+        return RunDir(self.run_dir).metrics
 
     def due_experiments(self, completed_steps: int) -> list[str]:
         """Experiments whose own cadence divides ``completed_steps``."""
@@ -313,7 +311,7 @@ def with_holm(records: Sequence[EvaluationRecord]) -> list[EvaluationRecord]:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All lines of ``metrics.jsonl`` as JSON dicts (a torn last line of a killed run is skipped)."""
-    return read_jsonl(Path(run_dir) / METRICS_FILE)
+    return read_jsonl(RunDir(run_dir).metrics)
 
 
 def read_records(run_dir: str | Path) -> list[EvaluationRecord]:

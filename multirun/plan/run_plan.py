@@ -13,7 +13,6 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -29,7 +28,7 @@ from multirun.data.tokenizers import Tokenizer
 from multirun.kinds.experiments import arms_record, build_experiments
 from multirun.ledger import token_hash
 from multirun.plan.static import PlanResult, plan_static
-from multirun.run.files import plain
+from multirun.run_dir import RunDir, write_json_atomic
 from multirun.types import BatchGeometry, PreparedExperiment, SpanTable
 
 
@@ -152,8 +151,9 @@ class RunPlan:
         """Write ``manifest.json`` and ``arms.json`` atomically into the run directory."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "manifest.json", self.manifest())
-        write_json_atomic(run_dir / "arms.json", arms_record(self.experiments))
+        files = RunDir(run_dir)
+        write_json_atomic(files.manifest, self.manifest())
+        write_json_atomic(files.arms, arms_record(self.experiments))
 
 
 def build_run_plan(loaded: LoadedConfig, *, tokenizer: Tokenizer, geometry: BatchGeometry) -> RunPlan:
@@ -206,13 +206,3 @@ def injection_fingerprint(loaded: LoadedConfig) -> str:
     # How an experiment is measured does not change what is injected.
     relevant["experiments"] = [{k: v for k, v in e.items() if k != "monitor"} for e in resolved["experiments"]]
     return xxhash.xxh64(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON so that a kill leaves either the old or the new file, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=plain)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

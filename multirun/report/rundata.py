@@ -25,7 +25,7 @@ import pyarrow as pa
 import yaml
 
 from multirun.errors import InputError
-from multirun.ledger import Ledger, ledger_dir
+from multirun.ledger import Ledger
 from multirun.measure.records import (
     EffectRecord,
     EvaluationRecord,
@@ -34,18 +34,8 @@ from multirun.measure.records import (
     effect_records,
     record_from_json,
 )
+from multirun.run_dir import RunDir
 
-# multirun.measure.runner.METRICS_FILE; read as tolerantly as its read_metrics(),
-# without importing it: that would pull in Composer and torch (seconds) for a command
-# that only reads files.
-METRICS_FILE = "metrics.jsonl"
-MANIFEST = "manifest.json"
-RESOLVED_CONFIG = "resolved_config.yaml"
-SUMMARY = "summary.json"
-TRAINING_LOG = "training.jsonl"
-CONTROLLER_LOG = "controller.jsonl"
-ACQUISITION = "acquisition.json"
-INTERACTION = Path("interaction") / "matrix.json"
 DEFAULT_ALPHA = 0.01  # MonitoringConfig's default, for runs whose config says nothing
 
 
@@ -195,7 +185,7 @@ class RunData:
         """The records of the last evaluation (metrics.jsonl, else summary.json's effects)."""
         records = self.metric_records()
         if not records and self.summary and self.summary.get("effects"):
-            records = _summary_effects(self.summary["effects"], self.path / SUMMARY)
+            records = _summary_effects(self.summary["effects"], RunDir(self.path).summary)
         if not records:
             return None, []
         last = max(r.step for r in records)
@@ -223,23 +213,23 @@ def load_run(run_dir: str | Path) -> RunData:
     path = Path(run_dir)
     if not path.is_dir():
         raise InputError("run directory not found", file=path)
-    manifest = _read_json(path / MANIFEST)
-    config = _read_yaml(path / RESOLVED_CONFIG)
-    summary = _read_json(path / SUMMARY)
+    files = RunDir(path)
+    manifest = _read_json(files.manifest)
+    config = _read_yaml(files.resolved_config)
+    summary = _read_json(files.summary)
     if manifest is None and config is None and summary is None:
-        raise InputError(
-            f"not a multirun run directory: none of {MANIFEST}, {RESOLVED_CONFIG}, {SUMMARY} is there", file=path
-        )
-    for name, value in ((MANIFEST, manifest), (RESOLVED_CONFIG, config), (SUMMARY, summary)):
+        expected = ", ".join(f.name for f in (files.manifest, files.resolved_config, files.summary))
+        raise InputError(f"not a multirun run directory: none of {expected} is there", file=path)
+    for file, value in ((files.manifest, manifest), (files.resolved_config, config), (files.summary, summary)):
         if value is not None and not isinstance(value, dict):
-            raise InputError("expected a mapping at the top level", file=path / name)
+            raise InputError("expected a mapping at the top level", file=file)
     provenance = _provenance(path)
-    metrics = _read_metrics(path / METRICS_FILE)
-    training = _read_jsonl(path / TRAINING_LOG, required=("step", "loss"))
-    controller_path = path / CONTROLLER_LOG
+    metrics = _read_metrics(files.metrics)
+    training = _read_jsonl(files.training_log, required=("step", "loss"))
+    controller_path = files.controller_log
     controller = _read_jsonl(controller_path, required=("step", "experiment")) if controller_path.exists() else None
-    acquisition = _read_acquisition(path / ACQUISITION)
-    interaction = _read_interaction(path / INTERACTION)
+    acquisition = _read_acquisition(files.acquisition)
+    interaction = _read_interaction(files.interaction_matrix)
 
     names = [str(e.get("name")) for e in (manifest or {}).get("experiments", []) if e.get("name") is not None]
     extra_sources: list[list[str]] = [list(provenance.steps) if provenance else []]
@@ -256,7 +246,7 @@ def load_run(run_dir: str | Path) -> RunData:
 
 
 def _provenance(run_dir: Path) -> ProvenanceCounts | None:
-    if not ledger_dir(run_dir).is_dir():
+    if not RunDir(run_dir).ledger.is_dir():
         return None
     ledger = Ledger.open(run_dir)
     table = ledger.table

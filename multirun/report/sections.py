@@ -18,7 +18,14 @@ import numpy as np
 from multirun.measure.records import EffectRecord
 from multirun.report import plots
 from multirun.report.document import Cell, Figure, Paragraph, Section, Table
-from multirun.report.rundata import ACQUISITION, CONTROLLER_LOG, INTERACTION, RunData, Series, finite
+from multirun.report.rundata import RunData, Series, finite
+from multirun.run_dir import RunDir
+
+#: File names as the report's notes show them, relative to the run directory.
+_FILES = RunDir(".")
+ACQUISITION = _FILES.acquisition.as_posix()
+CONTROLLER_LOG = _FILES.controller_log.as_posix()
+INTERACTION = _FILES.interaction_matrix.as_posix()
 
 # --------------------------------------------------------------------------- formatting
 
@@ -446,11 +453,11 @@ def interaction(run: RunData) -> Section:
     section = Section("interaction", "6. Interaction matrix")
     matrix = run.interaction
     if matrix is None:
-        section.blocks.append(_note(f"Not run (no {INTERACTION.as_posix()}; see `multirun interact`)."))
+        section.blocks.append(_note(f"Not run (no {INTERACTION}; see `multirun interact`)."))
         return section
     cells = matrix["cells"]
     if not cells:
-        section.blocks.append(_note(f"No data yet: {INTERACTION.as_posix()} holds no cell."))
+        section.blocks.append(_note(f"No data yet: {INTERACTION} holds no cell."))
         return section
     arms: list[str] = []
     columns: list[str] = []
@@ -501,7 +508,7 @@ def interaction(run: RunData) -> Section:
     ))
     section.blocks.append(Table(
         ["arm", "experiment", "metric", "effect", "CI", "p", "Holm p", "significant"], rows, numeric=(3, 4, 5, 6),
-        caption=f"From {INTERACTION.as_posix()}.",
+        caption=f"From {INTERACTION}.",
     ))
     return section
 

@@ -31,6 +31,7 @@ from multirun.plan.run_plan import RunPlan
 from multirun.run.inputs import heldout_rows, resolve_dataset, run_dir_of, run_geometry, run_tokenizer
 from multirun.run.model import build_gpt2
 from multirun.run.parts import RunParts, assemble_parts
+from multirun.run_dir import RunDir
 
 
 @dataclass
@@ -61,7 +62,7 @@ class TrainingRun:
     def fit(self) -> dict[str, Any]:
         """Train to the configured duration; return ``summary.json``'s content (rank 0) or {}."""
         self.trainer.fit()
-        summary_path = self.run_dir / "summary.json"
+        summary_path = RunDir(self.run_dir).summary
         if dist.get_global_rank() == 0 and summary_path.exists():
             import json
 
@@ -108,7 +109,7 @@ def prepare_run(
         schedulers=scheduler,
         callbacks=[callback, *extra_callbacks],
         run_name=config.run_name,
-        save_folder=str(run_dir / "checkpoints"),
+        save_folder=str(RunDir(run_dir).checkpoints),
         save_interval=train.save_interval or f"{geometry.num_steps}ba",
         save_num_checkpoints_to_keep=train.save_num_checkpoints_to_keep,
         save_overwrite=overwrite,

@@ -14,8 +14,8 @@ from multirun.config import load_config
 from multirun.data.mds import PreparedDataset
 from multirun.errors import ConfigError
 from multirun.ledger import Ledger
-from multirun.run.files import read_jsonl
 from multirun.run.trainer import prepare_run
+from multirun.run_dir import read_jsonl
 from tests.e2e.test_resume import _fail_at
 from tests.support import make_dataset, make_payloads, placements, run_cli, run_config
 

@@ -16,7 +16,7 @@ import pytest
 from multirun.ledger import Ledger
 from multirun.measure.runner import read_metrics
 from multirun.measure.stats import TEST_RATES
-from multirun.run.files import read_jsonl
+from multirun.run_dir import read_jsonl
 from tests.support import REPO, make_dataset, make_payloads, placements, run_cli, run_config
 
 pytestmark = pytest.mark.e2e

@@ -22,7 +22,7 @@ from multirun.measure.records import (
     records_from_json,
 )
 from multirun.measure.stats import compare_means, compare_rates, holm_adjust
-from multirun.run.files import append_jsonl, read_jsonl
+from multirun.run_dir import append_jsonl, read_jsonl
 
 EFFECT_KEYS = [
     "step", "when", "experiment", "monitor", "group", "primary", "metric", "test", "alternative", "n_treated",
