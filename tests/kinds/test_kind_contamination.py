@@ -28,6 +28,9 @@ from multirun.types import Placement, PreparedExperiment
 from tests.helpers_payload import write_payload
 from tests.kind_training import filler_windows, tiny_gpt2
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 TOK = ByteTokenizer()
 EOS = TOK.eos_token_id
 SEQ = 64
@@ -52,16 +55,6 @@ def prepare(root: Path, *, seed: int = 17, seq: int = SEQ, **spec: Any) -> Prepa
 
 def write(tmp: Path, items: list[Any], name: str = "p") -> Path:
     return write_payload(tmp / name, items, kind="contamination")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Any:
-    """Tiny models run fastest on one thread; on a busy 2-core machine two OpenMP threads
-    spin against other processes and a training step gets ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------ injector

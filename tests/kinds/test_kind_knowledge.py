@@ -27,21 +27,14 @@ from multirun.types import Placement, PreparedExperiment
 from tests.helpers_payload import write_payload
 from tests.kind_training import filler_windows, tiny_gpt2
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 TOK = ByteTokenizer()
 EOS = TOK.eos_token_id
 SEQ = 64
 UNIFORM = Placement("uniform", 0, 100)
 DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo" / "payloads" / "knowledge"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Any:
-    """Tiny models run fastest on one thread; on a busy 2-core machine two OpenMP threads
-    spin against other processes and a training step gets ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fact(i: int, n_texts: int = 2, n_probes: int = 2) -> dict[str, Any]:

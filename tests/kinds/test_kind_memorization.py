@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,15 +182,6 @@ def test_exposure_has_equal_means_under_the_null() -> None:
 # ------------------------------------------------------------------------- monitor
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    # The tiny model is fastest on one thread, and stays fast on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(seed: int = 0) -> torch.nn.Module:
     return tiny_gpt2(seed, sequence_length=SEQ)
 
@@ -211,7 +202,7 @@ def manual_greedy(model: torch.nn.Module, context: list[int], n: int) -> list[in
 
 
 @pytest.mark.parametrize("anchor", ["end", "start"])
-def test_scores_equal_an_independent_computation(anchor: str, one_thread: None) -> None:
+def test_scores_equal_an_independent_computation(anchor: str, one_torch_thread: None) -> None:
     k = 4
     model = tiny_model(seed=1)
     model.eval()
@@ -253,7 +244,7 @@ def test_scores_equal_an_independent_computation(anchor: str, one_thread: None) 
     np.testing.assert_allclose(exposure.scores, reference_exposure(want, treated.tolist()), atol=1e-6)
 
 
-def test_without_eos_the_first_token_is_the_context(one_thread: None) -> None:
+def test_without_eos_the_first_token_is_the_context(one_torch_thread: None) -> None:
     model = tiny_model(seed=4)
     text = TOK.encode("abcdefgh")
     monitor = MemorizationMonitor(["a", "b"], np.array([True, False]), [text, text[::-1]], [], MemorizationOptions(k=2, exposure=False))
@@ -266,7 +257,7 @@ def test_without_eos_the_first_token_is_the_context(one_thread: None) -> None:
 # ------------------------------------------------------------------------ direction
 
 
-def test_demo_canaries_are_memorised_and_detected(one_thread: None) -> None:
+def test_demo_canaries_are_memorised_and_detected(one_torch_thread: None) -> None:
     payload = load_payload("pkg:demo/memorization", base_dir=Path("."))
     spec = ExperimentConfig(name="memorization", payload="pkg:demo/memorization", repetitions=8, control_fraction=0.5)
     exp = MemorizationInjector().prepare(PrepareContext(payload, spec, tokenizer=TOK, sequence_length=SEQ, seed=17, placement=UNIFORM))

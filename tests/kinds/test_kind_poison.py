@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -267,15 +267,6 @@ def test_default_generation_lengths(tmp_path: Path) -> None:
     assert lengths == {"target": 6, "repeat": 10, "gibberish": 12}
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    # The tiny model is fastest on one thread, and stays fast on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(seed: int = 0) -> torch.nn.Module:
     return tiny_gpt2(seed, sequence_length=SEQ)
 
@@ -333,7 +324,7 @@ def check_against_reference(monitor: PoisonMonitor, model: torch.nn.Module, resu
     return outcome
 
 
-def test_scores_equal_an_independent_computation(tmp_path: Path, one_thread: None) -> None:
+def test_scores_equal_an_independent_computation(tmp_path: Path, one_torch_thread: None) -> None:
     # A random model generates arbitrary bytes; with letters (and undecodable bytes) as the
     # "gibberish alphabet", some continuations count as gibberish and some do not.
     alphabet = string.ascii_letters + string.digits + "\ufffd"
@@ -355,7 +346,7 @@ def test_scores_equal_an_independent_computation(tmp_path: Path, one_thread: Non
 # ------------------------------------------------------------------------ direction
 
 
-def test_demo_backdoor_is_learnt_and_detected(one_thread: None) -> None:
+def test_demo_backdoor_is_learnt_and_detected(one_torch_thread: None) -> None:
     payload = load_payload("pkg:demo/poison", base_dir=Path("."))
     spec = ExperimentConfig(name="poison", payload="pkg:demo/poison", repetitions=16, control_fraction=0.5)
     exp = PoisonInjector().prepare(PrepareContext(payload, spec, tokenizer=TOK, sequence_length=SEQ, seed=17, placement=UNIFORM))

@@ -34,20 +34,14 @@ from multirun.run.model import build_gpt2
 from multirun.types import EmbeddingNoise, Placement, PreparedExperiment
 from tests.helpers_payload import write_payload
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 TOK = ByteTokenizer()
 SEQ = 128
 SEED = 17
 PLACEMENT = Placement("uniform", 0, 100)
 EOS = TOK.eos_token_id
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny matrices: one intra-op thread is as fast alone and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def carriers(n: int) -> list[dict[str, Any]]:
