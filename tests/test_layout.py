@@ -109,3 +109,17 @@ def test_the_core_never_imports_a_plugin_module() -> None:
     graph = _import_graph(("multirun", *PLUGIN_PACKAGES))
     core = {m: sorted(t for t in targets if t.split(".")[0] in PLUGIN_PACKAGES) for m, targets in graph.items() if m.startswith("multirun")}
     assert {m: t for m, t in core.items() if t} == {}
+
+
+def test_the_callback_implements_composers_event_methods_not_run_event() -> None:
+    from composer.core import Callback, Event
+
+    from multirun.integration.callback import MultirunCallback
+
+    assert MultirunCallback.run_event is Callback.run_event  # Composer dispatches each event to its method
+    handled = (
+        Event.FIT_START, Event.AFTER_DATALOADER, Event.BEFORE_FORWARD, Event.BATCH_END,
+        Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT, Event.FIT_END,
+    )
+    for event in handled:
+        assert getattr(MultirunCallback, event.value) is not getattr(Callback, event.value), event
