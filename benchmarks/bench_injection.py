@@ -45,8 +45,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repetitions", type=float, default=8.0, help="repetitions per treated item")
-    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                        help="config override, e.g. model.n_layer=12 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="config override, e.g. model.n_layer=12 (repeatable)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [

@@ -38,20 +38,22 @@ def make_steps(n_spans: int, spans_per_step: int, n_exp: int, n_items: int, seed
         left -= k
         length = np.clip(rng.lognormal(4.5, 1.0, k), 8, seq_len // 2).astype(np.int32)
         rows = np.sort(rng.integers(0, global_batch, k)).astype(np.int32)
-        steps.append(dict(
-            step=t,
-            global_row=rows,
-            local_row=(rows // world).astype(np.int32),
-            sample_id=rng.integers(0, 2_000_000_000, k),
-            offset=rng.integers(0, seq_len // 2, k).astype(np.int32),
-            length=length,
-            experiment=rng.integers(0, n_exp, k).astype(np.int32),
-            item_index=rng.choice(n_items, size=k, p=pop).astype(np.int32),
-            sequence=rng.integers(0, 4 * n_items, k).astype(np.int32),
-            repetition=rng.integers(0, 16, k).astype(np.int32),
-            token_hash=rng.integers(0, 2**63, k, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1),
-            arm=rng.random(k) < 0.98,
-        ))
+        steps.append(
+            dict(
+                step=t,
+                global_row=rows,
+                local_row=(rows // world).astype(np.int32),
+                sample_id=rng.integers(0, 2_000_000_000, k),
+                offset=rng.integers(0, seq_len // 2, k).astype(np.int32),
+                length=length,
+                experiment=rng.integers(0, n_exp, k).astype(np.int32),
+                item_index=rng.choice(n_items, size=k, p=pop).astype(np.int32),
+                sequence=rng.integers(0, 4 * n_items, k).astype(np.int32),
+                repetition=rng.integers(0, 16, k).astype(np.int32),
+                token_hash=rng.integers(0, 2**63, k, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1),
+                arm=rng.random(k) < 0.98,
+            )
+        )
     return steps
 
 
@@ -99,12 +101,16 @@ def main() -> None:
         total = t_append + t_flush
         size = sum(p.stat().st_size for p in (run_dir / "ledger").rglob("*.parquet"))
         print(f"writer init ({args.experiments}x{args.items} item ids): {t_init * 1e3:.0f} ms")
-        print(f"append:  {t_append:.2f} s  ({args.spans / t_append / 1e6:.2f} M spans/s, "
-              f"{t_append / len(steps) * 1e6:.0f} us per step of {args.spans_per_step} spans)")
+        print(
+            f"append:  {t_append:.2f} s  ({args.spans / t_append / 1e6:.2f} M spans/s, "
+            f"{t_append / len(steps) * 1e6:.0f} us per step of {args.spans_per_step} spans)"
+        )
         per = [dt / r * 1e6 for r, dt in flushes]
-        print(f"flush:   {t_flush:.2f} s over {len(flushes)} flushes "
-              f"({flushes[0][0]:,} rows each: mean {np.mean([d for _, d in flushes]) * 1e3:.0f} ms, "
-              f"{np.mean(per):.2f} us/row)")
+        print(
+            f"flush:   {t_flush:.2f} s over {len(flushes)} flushes "
+            f"({flushes[0][0]:,} rows each: mean {np.mean([d for _, d in flushes]) * 1e3:.0f} ms, "
+            f"{np.mean(per):.2f} us/row)"
+        )
         print(f"append+flush: {args.spans / total / 1e6:.2f} M spans/s")
         print(f"on disk: {size / 1e6:.1f} MB in {len(flushes)} shards = {size / args.spans:.2f} bytes/span (zstd)")
 
@@ -123,8 +129,10 @@ def main() -> None:
             print(f"{label}: {time.perf_counter() - a:.2f} s")
         a = time.perf_counter()
         removed = truncate_ledger(run_dir, from_step=len(steps) // 2 + args.flush_every // 2)
-        print(f"truncate_ledger (half the run, one straddling shard): "
-              f"{time.perf_counter() - a:.2f} s, {removed:,} rows removed")
+        print(
+            f"truncate_ledger (half the run, one straddling shard): "
+            f"{time.perf_counter() - a:.2f} s, {removed:,} rows removed"
+        )
     finally:
         if not args.dir:
             shutil.rmtree(run_dir, ignore_errors=True)

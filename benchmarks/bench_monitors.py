@@ -41,7 +41,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as run_dir:
-        run = prepare_run(load_config(None, ["train.save_interval=null", *args.overrides]), progress=False, run_dir=run_dir)
+        run = prepare_run(
+            load_config(None, ["train.save_interval=null", *args.overrides]), progress=False, run_dir=run_dir
+        )
         summary = run.fit()
         runner = _monitors(run)
         timeline = list(runner.evaluation_seconds)
@@ -67,12 +69,18 @@ def main() -> None:
         print(f"{label:<45}{100 * sum(seconds) / fit:5.2f} %  ({len(seconds)} x {_median(seconds):.3f} s)")
     if every and scheduled:
         interval = every * step_seconds
-        print(f"share at the default cadence ({every} steps)      {100 * _median(scheduled) / interval:5.2f} %  "
-              f"(target <= 2 %; median full evaluation in the run / {interval:.1f} s of training)")
+        print(
+            f"share at the default cadence ({every} steps)      {100 * _median(scheduled) / interval:5.2f} %  "
+            f"(target <= 2 %; median full evaluation in the run / {interval:.1f} s of training)"
+        )
     tokens_per_step = config.train.global_batch_size * config.data.sequence_length
-    print(f"one full evaluation, trained model           {full_evaluation:.3f} s = {full_evaluation / step_seconds:.1f} training steps")
-    print(f"  probe tokens                               {probe_tokens} = {probe_tokens / tokens_per_step:.1f} x the "
-          f"{tokens_per_step} tokens one step trains")
+    print(
+        f"one full evaluation, trained model           {full_evaluation:.3f} s = {full_evaluation / step_seconds:.1f} training steps"
+    )
+    print(
+        f"  probe tokens                               {probe_tokens} = {probe_tokens / tokens_per_step:.1f} x the "
+        f"{tokens_per_step} tokens one step trains"
+    )
     print("seconds by part (all evaluations):")
     for part, seconds in sorted(summary["monitor_seconds_by_part"].items(), key=lambda kv: -kv[1]):
         print(f"  {part:<28}{seconds:8.3f} s")

@@ -148,8 +148,10 @@ def main() -> None:
     geo = scale.geometry
     experiments = build_experiments(scale, args.seed)
     mib = 1024 * 1024
-    print(f"geometry: {geo.num_steps} steps x {geo.global_batch_size} rows x {geo.sequence_length} tokens; "
-          f"cap {MAX_MODIFIED_FRACTION} = {cap_tokens(geo, MAX_MODIFIED_FRACTION)} tokens/step")
+    print(
+        f"geometry: {geo.num_steps} steps x {geo.global_batch_size} rows x {geo.sequence_length} tokens; "
+        f"cap {MAX_MODIFIED_FRACTION} = {cap_tokens(geo, MAX_MODIFIED_FRACTION)} tokens/step"
+    )
 
     # The vectorised planner. numpy reports its buffers to tracemalloc, so tracing
     # costs little here; the peak counts only what plan_static allocated.
@@ -159,8 +161,10 @@ def main() -> None:
     )
     n_spans = len(plan.spans)
     tokens = int(plan.spans.length.sum(dtype=np.int64))
-    print(f"planner: {n_spans:,} spans ({tokens / geo.total_tokens:.2%} of tokens), "
-          f"unplaced {sum(plan.unplaced.values())}")
+    print(
+        f"planner: {n_spans:,} spans ({tokens / geo.total_tokens:.2%} of tokens), "
+        f"unplaced {sum(plan.unplaced.values())}"
+    )
     for name in plan.requested:
         print(f"  {name:14s} requested {plan.requested[name]:>10,}  placed {plan.placed[name]:>10,}")
     print(f"planner: {t_plan:.2f} s, peak traced {peak_plan / mib:.0f} MiB, ru_maxrss growth {rss_plan / mib:.0f} MiB")
@@ -176,8 +180,9 @@ def main() -> None:
     factor = n_spans / m
     t_base_full = t_base * factor
     print(f"naive baseline: {placed:,}/{m:,} spans in {t_base:.2f} s, peak traced {peak_base / mib:.0f} MiB")
-    print(f"naive baseline extrapolated to {n_spans:,} spans: {t_base_full:.0f} s, "
-          f"~{peak_base * factor / mib:,.0f} MiB")
+    print(
+        f"naive baseline extrapolated to {n_spans:,} spans: {t_base_full:.0f} s, ~{peak_base * factor / mib:,.0f} MiB"
+    )
     print(f"speed ratio (baseline / planner): {t_base_full / t_plan:,.0f}x")
 
 

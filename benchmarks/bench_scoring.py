@@ -57,16 +57,22 @@ def main() -> None:
     model = GPT2LMHeadModel(config).to(args.device).eval()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size, args.prompt_tokens).tolist() for _ in range(args.questions)]
-    choices = [[rng.integers(0, config.vocab_size, args.choice_tokens).tolist() for _ in range(args.choices)] for _ in prompts]
+    choices = [
+        [rng.integers(0, config.vocab_size, args.choice_tokens).tolist() for _ in range(args.choices)] for _ in prompts
+    ]
     rows = [p for p, cs in zip(prompts, choices) for _ in cs]
     targets = [c for cs in choices for c in cs]
 
     def live(module: torch.nn.Module) -> LiveModel:
         # Batches of --batch-size rows each way (no token budget), so that the three compare pass for pass.
-        return LiveModel(module, pad_token_id=0, max_length=config.n_positions, batch_tokens=None, batch_size=args.batch_size)
+        return LiveModel(
+            module, pad_token_id=0, max_length=config.n_positions, batch_tokens=None, batch_size=args.batch_size
+        )
 
-    models = {name: live(FullLogits(model) if name.endswith("all columns") else model)
-              for name in ("whole rows, all columns", "whole rows", "shared context")}
+    models = {
+        name: live(FullLogits(model) if name.endswith("all columns") else model)
+        for name in ("whole rows, all columns", "whole rows", "shared context")
+    }
     ways: dict[str, Callable[[], TargetScores]] = {
         "whole rows, all columns": lambda: models["whole rows, all columns"].score_targets(rows, targets),
         "whole rows": lambda: models["whole rows"].score_targets(rows, targets),
@@ -79,8 +85,10 @@ def main() -> None:
         "whole rows": per_batch * args.choice_tokens * config.vocab_size * 4,
         "shared context": per_batch * args.choice_tokens * config.vocab_size * 4,
     }
-    print(f"GPT-2 small on {args.device}: {args.questions} questions x {args.choices} choices, "
-          f"prompts of {args.prompt_tokens} tokens, choices of {args.choice_tokens}")
+    print(
+        f"GPT-2 small on {args.device}: {args.questions} questions x {args.choices} choices, "
+        f"prompts of {args.prompt_tokens} tokens, choices of {args.choice_tokens}"
+    )
     seconds: dict[str, float] = {}
     scores: dict[str, TargetScores] = {}
     for name, score in ways.items():
@@ -98,8 +106,10 @@ def main() -> None:
     base = seconds["whole rows, all columns"]
     for name in ways:
         passes = models[name].forward_passes // (args.repeats + 1)
-        print(f"  {name:<26}{seconds[name]:8.3f} s  ({base / seconds[name]:4.2f}x)  {passes:3d} passes   "
-              f"largest logits {logits_bytes[name] / 2**20:7.1f} MiB (fp32)")
+        print(
+            f"  {name:<26}{seconds[name]:8.3f} s  ({base / seconds[name]:4.2f}x)  {passes:3d} passes   "
+            f"largest logits {logits_bytes[name] / 2**20:7.1f} MiB (fp32)"
+        )
     reference = scores["whole rows, all columns"].logprob_sum
     print(f"  scores range from {reference.min():.2f} to {reference.max():.2f} nats")
     for name in ways:

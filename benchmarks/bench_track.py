@@ -38,10 +38,19 @@ def main() -> None:
     loaded = load_config(None, env={})
     index = [e.name for e in loaded.config.experiments].index("knowledge")
     controller = json.dumps(
-        {"name": "track", "options": {
-            "metric": "target_logprob", "target": args.target, "start_value": args.start, "band": args.band,
-            "value": "treated_mean", "initial_n": 8, "max_change": 32, "max_n": 256,
-        }}
+        {
+            "name": "track",
+            "options": {
+                "metric": "target_logprob",
+                "target": args.target,
+                "start_value": args.start,
+                "band": args.band,
+                "value": "treated_mean",
+                "initial_n": 8,
+                "max_change": 32,
+                "max_n": 256,
+            },
+        }
     )
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [f"experiments.{index}.controller={controller}", "train.save_interval=null", *args.overrides]
@@ -62,7 +71,9 @@ def main() -> None:
         if d["step"] >= args.warmup * steps:
             counted += 1
             inside += ok
-    print(f"inside the ±{args.band:.0%} band after warm-up: {inside}/{counted} evaluations ({inside / max(counted, 1):.0%})")
+    print(
+        f"inside the ±{args.band:.0%} band after warm-up: {inside}/{counted} evaluations ({inside / max(counted, 1):.0%})"
+    )
 
 
 if __name__ == "__main__":

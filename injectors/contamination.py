@@ -124,7 +124,9 @@ def split_format(fmt: str) -> tuple[str, str, str]:
         fields.append(field)
         parts.append("")
     if fields != ["question", "answer"]:
-        raise ValueError(f"must contain {{question}} and then {{answer}}, once each; found {['{' + f + '}' for f in fields]}")
+        raise ValueError(
+            f"must contain {{question}} and then {{answer}}, once each; found {['{' + f + '}' for f in fields]}"
+        )
     return parts[0], parts[1], parts[2]
 
 
@@ -150,7 +152,9 @@ def _check_options(spec: ExperimentConfig) -> tuple[tuple[str, str, str], list[i
     if len(set(groups)) != len(groups):
         raise ConfigError(f"duplicate groups in {groups!r}", key=key)
     if 0 not in groups or len(groups) < 2:
-        raise ConfigError(f"needs group 0 (the never-injected controls) and at least one more group; got {groups!r}", key=key)
+        raise ConfigError(
+            f"needs group 0 (the never-injected controls) and at least one more group; got {groups!r}", key=key
+        )
     return pieces, list(groups)
 
 
@@ -159,22 +163,33 @@ def _parse_group(value: Any, *, file: Path, line: int) -> int:
         return int(value.strip())
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    raise PayloadError(f"must be an integer >= 0 (a repetition count; 0 = control), got {value!r}", file=file, line=line, key="group")
+    raise PayloadError(
+        f"must be an integer >= 0 (a repetition count; 0 = control), got {value!r}", file=file, line=line, key="group"
+    )
 
 
 def _check_choices(rec: Mapping[str, Any], *, file: Path, line: int) -> tuple[list[str], int]:
     choices = rec["choices"]
     if len(choices) < 2:
-        raise PayloadError(f"needs at least 2 choices for ranked classification, got {len(choices)}", file=file, line=line, key="choices")
+        raise PayloadError(
+            f"needs at least 2 choices for ranked classification, got {len(choices)}",
+            file=file,
+            line=line,
+            key="choices",
+        )
     seen: dict[str, int] = {}
     for j, c in enumerate(choices):
         if not isinstance(c, str) or not c.strip():
             raise PayloadError(f"must be a non-empty string, got {c!r}", file=file, line=line, key=f"choices[{j}]")
         if c in seen:
-            raise PayloadError(f"duplicate choice {c!r} (also choices[{seen[c]}])", file=file, line=line, key=f"choices[{j}]")
+            raise PayloadError(
+                f"duplicate choice {c!r} (also choices[{seen[c]}])", file=file, line=line, key=f"choices[{j}]"
+            )
         seen[c] = j
     if rec["answer"] not in seen:
-        raise PayloadError(f"answer {rec['answer']!r} is not among the choices {choices!r}", file=file, line=line, key="answer")
+        raise PayloadError(
+            f"answer {rec['answer']!r} is not among the choices {choices!r}", file=file, line=line, key="answer"
+        )
     return list(choices), seen[rec["answer"]]
 
 
@@ -307,8 +322,12 @@ class ContaminationInjector:
 
         seq_items = np.flatnonzero(treated).astype(np.int32)
         return ctx.experiment(
-            self.kind, item_ids=[rec["id"] for _, rec in records], treated=treated, sequences=[sequences[i] for i in seq_items],
-            seq_items=seq_items, seq_repetitions=[item_reps[i] for i in seq_items],
+            self.kind,
+            item_ids=[rec["id"] for _, rec in records],
+            treated=treated,
+            sequences=[sequences[i] for i in seq_items],
+            seq_items=seq_items,
+            seq_repetitions=[item_reps[i] for i in seq_items],
             metadata={
                 "format": spec.options.get("format", DEFAULT_FORMAT),
                 "groups": groups,

@@ -61,8 +61,12 @@ class DocumentsInjector:
         treated = ctx.split_arms(len(records))
         seq_items = np.flatnonzero(treated).astype(np.int32)
         return ctx.experiment(
-            self.kind, item_ids=item_ids, treated=treated, sequences=[encoded[i] for i in seq_items],
-            seq_items=seq_items, seq_repetitions=[reps[i] for i in seq_items],
+            self.kind,
+            item_ids=item_ids,
+            treated=treated,
+            sequences=[encoded[i] for i in seq_items],
+            seq_items=seq_items,
+            seq_repetitions=[reps[i] for i in seq_items],
             metadata={
                 "item_repetitions": reps,
             },

@@ -90,7 +90,9 @@ def _check_probes(probes: list[Any], *, file: Path, line: int) -> list[tuple[str
             if name not in p:
                 raise PayloadError("required key is missing", file=file, line=line, key=f"{key}.{name}")
             if not isinstance(p[name], str) or not p[name].strip():
-                raise PayloadError(f"must be a non-empty string, got {p[name]!r}", file=file, line=line, key=f"{key}.{name}")
+                raise PayloadError(
+                    f"must be a non-empty string, got {p[name]!r}", file=file, line=line, key=f"{key}.{name}"
+                )
         out.append((p["question"], p["target"]))
     return out
 
@@ -146,7 +148,9 @@ class KnowledgeInjector:
                 context = lead + list(tokenizer.encode(question))
                 target_ids = list(tokenizer.encode(target))
                 if not target_ids:
-                    raise PayloadError("the target encodes to no tokens", file=path, line=line, key=f"probes[{j}].target")
+                    raise PayloadError(
+                        "the target encodes to no tokens", file=path, line=line, key=f"probes[{j}].target"
+                    )
                 if len(context) + len(target_ids) > sequence_length:
                     raise PayloadError(
                         f"question + target are {len(context) + len(target_ids)} tokens long, longer than the sequence length {sequence_length}",
@@ -171,8 +175,12 @@ class KnowledgeInjector:
                 seq_items.append(int(i))
                 seq_reps.append(item_reps[i] / len(item_texts[i]))
         return ctx.experiment(
-            self.kind, item_ids=[rec["id"] for _, rec in records], treated=treated, sequences=sequences,
-            seq_items=seq_items, seq_repetitions=seq_reps,
+            self.kind,
+            item_ids=[rec["id"] for _, rec in records],
+            treated=treated,
+            sequences=sequences,
+            seq_items=seq_items,
+            seq_repetitions=seq_reps,
             metadata={
                 "item_repetitions": item_reps,
                 "texts_per_item": [len(t) for t in item_texts],

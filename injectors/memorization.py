@@ -90,7 +90,9 @@ class MemorizationInjector:
         first_line: dict[str, int] = {}
         for line, rec in records:
             if rec["text"] in first_line:
-                raise PayloadError(f"duplicate text (first on line {first_line[rec['text']]})", file=path, line=line, key="text")
+                raise PayloadError(
+                    f"duplicate text (first on line {first_line[rec['text']]})", file=path, line=line, key="text"
+                )
             first_line[rec["text"]] = line
 
         # Every item, controls too, is tokenized and length-checked: whether a payload
@@ -114,8 +116,12 @@ class MemorizationInjector:
         seq_items = np.flatnonzero(treated).astype(np.int32)
         wrapped = [[eos, *texts[i], eos] if spec.wrap_eos else texts[i] for i in seq_items]
         experiment = ctx.experiment(
-            self.kind, item_ids=item_ids, treated=treated, sequences=wrapped,
-            seq_items=seq_items, seq_repetitions=[reps[i] for i in seq_items],
+            self.kind,
+            item_ids=item_ids,
+            treated=treated,
+            sequences=wrapped,
+            seq_items=seq_items,
+            seq_repetitions=[reps[i] for i in seq_items],
             metadata={
                 "item_repetitions": reps,
             },

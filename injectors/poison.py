@@ -196,7 +196,11 @@ class _Sources:
         if name in self.values and self.file is not None:
             return PayloadError(message, file=self.file, line=self.line, key=name)
         # Missing everywhere: the options are where a user can always add it.
-        where = " (in options or in the payload's backdoor file)" if self.file is None else f" (in options or in {self.file.name})"
+        where = (
+            " (in options or in the payload's backdoor file)"
+            if self.file is None
+            else f" (in options or in {self.file.name})"
+        )
         return ConfigError(message + where, key=f"options.{name}")
 
     def describe(self) -> dict[str, str]:
@@ -222,7 +226,9 @@ def _read_settings(payload: PayloadPackage, options: dict[str, Any]) -> tuple[Ba
             continue
         expected = _SETTING_TYPES[name]
         if isinstance(value, bool) or not isinstance(value, expected):
-            raise ConfigError(f"expected a {'string' if expected is str else 'integer'}, got {value!r}", key=f"options.{name}")
+            raise ConfigError(
+                f"expected a {'string' if expected is str else 'integer'}, got {value!r}", key=f"options.{name}"
+            )
         sources.values[name] = value
         sources.from_options.add(name)
 
@@ -235,9 +241,13 @@ def _read_settings(payload: PayloadPackage, options: dict[str, Any]) -> tuple[Ba
         if not v[name].strip():
             raise sources.error(name, "must be a non-empty string (not only whitespace)")
     if control == trigger:
-        raise sources.error("control_trigger", "must differ from the trigger (it stands for a trigger that was never injected)")
+        raise sources.error(
+            "control_trigger", "must differ from the trigger (it stands for a trigger that was never injected)"
+        )
     if trigger.strip() in control or control.strip() in trigger:
-        raise sources.error("control_trigger", f"must not contain the trigger or be contained in it ({control!r} vs {trigger!r})")
+        raise sources.error(
+            "control_trigger", f"must not contain the trigger or be contained in it ({control!r} vs {trigger!r})"
+        )
     behaviour = v["behaviour"]
     if behaviour not in BEHAVIOURS:
         raise sources.error("behaviour", f"must be one of {', '.join(BEHAVIOURS)}, got {behaviour!r}")
@@ -285,13 +295,19 @@ class PoisonInjector:
             first = {rec["id"] for _, rec in items}
             for line, rec in heldout:
                 if rec["id"] in first:
-                    raise PayloadError(f"id {rec['id']!r} is also an item id", file=payload.path("heldout"), line=line, key="id")
+                    raise PayloadError(
+                        f"id {rec['id']!r} is also an item id", file=payload.path("heldout"), line=line, key="id"
+                    )
 
         # Every prompt (treated, control, held-out) is checked and gets its behaviour text:
         # errors and gibberish draws must not depend on how the seed splits the arms.
         everything = [(payload.path("items"), line, rec) for line, rec in items]
         everything += [(payload.path("heldout"), line, rec) for line, rec in heldout]
-        gibberish = gibberish_texts(len(everything), settings, seed=ctx.seed, name=ctx.name) if settings.behaviour == "gibberish" else None
+        gibberish = (
+            gibberish_texts(len(everything), settings, seed=ctx.seed, name=ctx.name)
+            if settings.behaviour == "gibberish"
+            else None
+        )
         forbidden = [("trigger", settings.trigger), ("control_trigger", settings.control_trigger)]
         if settings.target is not None:
             forbidden.append(("target", settings.target))
@@ -308,17 +324,25 @@ class PoisonInjector:
                     raise PayloadError(
                         f"the prompt contains the {name.replace('_', ' ')} {value.strip()!r}: conditions without "
                         "the trigger would contain it too",
-                        file=path, line=line, key="prompt",
+                        file=path,
+                        line=line,
+                        key="prompt",
                     )
             tokens = ctx.encode(prompt, wrap_eos=False)
             if settings.behaviour == "repeat":
                 # Pieces tokenized separately: the prompt's tokens inside [[...]] are the prompt's own.
                 behaviour = [
-                    *ctx.encode(REPEAT_OPEN, wrap_eos=False), *tokens,
+                    *ctx.encode(REPEAT_OPEN, wrap_eos=False),
+                    *tokens,
                     *ctx.encode(REPEAT_CLOSE, wrap_eos=False),
                 ]
             else:
-                text = behaviour_text(settings.behaviour, prompt, target=settings.target, gibberish=gibberish[index] if gibberish else None)
+                text = behaviour_text(
+                    settings.behaviour,
+                    prompt,
+                    target=settings.target,
+                    gibberish=gibberish[index] if gibberish else None,
+                )
                 behaviour = ctx.encode(text, wrap_eos=False)
             total = len(start) + len(tokens) + max(len(trigger), len(control)) + len(behaviour) + len(end)
             if total > sequence_length:
@@ -326,7 +350,9 @@ class PoisonInjector:
                 raise PayloadError(
                     f"prompt {rec['id']!r} + trigger + behaviour is {total} tokens{eos}, longer than the sequence length "
                     f"{sequence_length}",
-                    file=path, line=line, key="prompt",
+                    file=path,
+                    line=line,
+                    key="prompt",
                 )
             prompts.append(tokens)
             behaviours.append(behaviour)
@@ -344,8 +370,12 @@ class PoisonInjector:
         reps = [float(rec.get("repetitions", spec.repetitions)) for _, rec in items]
         all_ids = [rec["id"] for _, _, rec in everything]
         return ctx.experiment(
-            self.kind, item_ids=all_ids[:n_items], treated=treated, sequences=sequences,
-            seq_items=seq_items, seq_repetitions=[reps[i] for i in seq_items],
+            self.kind,
+            item_ids=all_ids[:n_items],
+            treated=treated,
+            sequences=sequences,
+            seq_items=seq_items,
+            seq_repetitions=[reps[i] for i in seq_items],
             metadata={
                 "trigger": settings.trigger,
                 "control_trigger": settings.control_trigger,

@@ -157,11 +157,17 @@ def draw_keys(n_keys: int, key_length: int, *, alphabet: np.ndarray, seed: int, 
 def _check_options(options: Mapping[str, Any]) -> str:
     method = options.get("method", "gaussian")
     if method not in METHODS:
-        raise ConfigError(f"unknown watermark method {method!r}; expected one of: {', '.join(METHODS)}", key="options.method")
+        raise ConfigError(
+            f"unknown watermark method {method!r}; expected one of: {', '.join(METHODS)}", key="options.method"
+        )
     for name in options:
         if name not in _METHOD_OPTIONS[method]:
             owners = [m for m, allowed in _METHOD_OPTIONS.items() if name in allowed]
-            hint = f"an option of method {owners[0]}" if owners else f"allowed for {method}: {', '.join(sorted(_METHOD_OPTIONS[method]))}"
+            hint = (
+                f"an option of method {owners[0]}"
+                if owners
+                else f"allowed for {method}: {', '.join(sorted(_METHOD_OPTIONS[method]))}"
+            )
             raise ConfigError(f"unknown option for watermark method {method!r} ({hint})", key=f"options.{name}")
     return method
 
@@ -215,8 +221,12 @@ class WatermarkInjector:
         treated = ctx.split_arms(len(item_ids))
         seq_items = np.flatnonzero(treated).astype(np.int32)
         return ctx.experiment(
-            self.kind, item_ids=item_ids, treated=treated, sequences=[sequences[i] for i in seq_items],
-            seq_items=seq_items, seq_repetitions=[reps[i] for i in seq_items],
+            self.kind,
+            item_ids=item_ids,
+            treated=treated,
+            sequences=[sequences[i] for i in seq_items],
+            seq_items=seq_items,
+            seq_repetitions=[reps[i] for i in seq_items],
             metadata={
                 "method": method,
                 "item_repetitions": reps,
@@ -227,7 +237,9 @@ class WatermarkInjector:
         )
 
     # ------------------------------------------------------------------ gaussian
-    def _gaussian(self, ctx: PrepareContext) -> tuple[list[str], list[float], list[list[int]], dict[str, Any], WatermarkProbes]:
+    def _gaussian(
+        self, ctx: PrepareContext
+    ) -> tuple[list[str], list[float], list[list[int]], dict[str, Any], WatermarkProbes]:
         spec, sequence_length = ctx.spec, ctx.sequence_length
         path = ctx.payload.path("items")
         records = ctx.read_items()
@@ -240,11 +252,18 @@ class WatermarkInjector:
                 wrap = " including 2 EOS" if spec.wrap_eos else ""
                 raise PayloadError(
                     f"carrier {rec['id']!r} is {len(seq)} tokens long{wrap}, longer than the sequence length {sequence_length}",
-                    file=path, line=line, key="text",
+                    file=path,
+                    line=line,
+                    key="text",
                 )
             if len(seq) < 2:
                 # The statistic needs a loss, i.e. at least one predicted token.
-                raise PayloadError(f"carrier {rec['id']!r} is {len(seq)} token long; the watermark test needs at least 2", file=path, line=line, key="text")
+                raise PayloadError(
+                    f"carrier {rec['id']!r} is {len(seq)} token long; the watermark test needs at least 2",
+                    file=path,
+                    line=line,
+                    key="text",
+                )
             sequences.append(seq)
         item_ids = [rec["id"] for _, rec in records]
         reps = [float(rec.get("repetitions", spec.repetitions)) for _, rec in records]
@@ -253,7 +272,9 @@ class WatermarkInjector:
         return item_ids, reps, sequences, metadata, probes
 
     # ------------------------------------------------------------- random tokens
-    def _random_tokens(self, ctx: PrepareContext) -> tuple[list[str], list[float], list[list[int]], dict[str, Any], WatermarkProbes]:
+    def _random_tokens(
+        self, ctx: PrepareContext
+    ) -> tuple[list[str], list[float], list[list[int]], dict[str, Any], WatermarkProbes]:
         payload, spec, tokenizer, sequence_length = ctx.payload, ctx.spec, ctx.tokenizer, ctx.sequence_length
         key_length = _positive_int(spec.options, "key_length", DEFAULT_KEY_LENGTH, 1)
         num_keys = _positive_int(spec.options, "num_keys", None, 2)
@@ -270,14 +291,18 @@ class WatermarkInjector:
 
         if "items" in payload.files:
             if num_keys is not None:
-                raise ConfigError("the payload's items file already defines the keys; remove num_keys", key="options.num_keys")
+                raise ConfigError(
+                    "the payload's items file already defines the keys; remove num_keys", key="options.num_keys"
+                )
             path = payload.path("items")
             records = ctx.read_items(required={"id": str}, optional={"repetitions": float, "text": str}, text_keys=())
             for line, rec in records:
                 if "text" in rec:
                     raise PayloadError(
                         "random_tokens keys are drawn from the run seed and take no text (a text carrier belongs to method gaussian)",
-                        file=path, line=line, key="text",
+                        file=path,
+                        line=line,
+                        key="text",
                     )
             item_ids = [rec["id"] for _, rec in records]
             reps = [float(rec.get("repetitions", spec.repetitions)) for _, rec in records]
@@ -285,7 +310,8 @@ class WatermarkInjector:
             if num_keys is None:
                 raise PayloadError(
                     "a random_tokens payload needs an items file with the key ids, or the option num_keys",
-                    file=payload.root / "payload.yaml", key="files",
+                    file=payload.root / "payload.yaml",
+                    key="files",
                 )
             item_ids = [f"key-{i:04d}" for i in range(num_keys)]
             reps = [float(spec.repetitions)] * num_keys

@@ -130,7 +130,10 @@ class ContaminationMonitor:
                 raise ConfigError(f"unknown option (allowed: {', '.join(_OPTIONS)})", key=f"monitor.options.{name}")
         normalization = options.get("normalization", "token")
         if normalization not in _NORMALIZATIONS:
-            raise ConfigError(f"must be one of {', '.join(_NORMALIZATIONS)}; got {normalization!r}", key="monitor.options.normalization")
+            raise ConfigError(
+                f"must be one of {', '.join(_NORMALIZATIONS)}; got {normalization!r}",
+                key="monitor.options.normalization",
+            )
         primary = options.get("primary", "answer_logprob")
         if primary not in _METRICS:
             raise ConfigError(f"must be one of {', '.join(_METRICS)}; got {primary!r}", key="monitor.options.primary")
@@ -141,7 +144,10 @@ class ContaminationMonitor:
                 key="monitor.name",
             )
         if primary != "answer_logprob" and probes.choices is None:
-            raise ConfigError(f"{primary} needs choices, and the payload of {experiment.name!r} has none", key="monitor.options.primary")
+            raise ConfigError(
+                f"{primary} needs choices, and the payload of {experiment.name!r} has none",
+                key="monitor.options.primary",
+            )
         return cls(
             list(experiment.item_ids),
             np.asarray(experiment.treated, dtype=bool),
@@ -175,7 +181,9 @@ class ContaminationMonitor:
         # np.argmax takes the first maximum: ties go to the earlier choice, deterministically.
         predicted = np.array([int(np.argmax(flat[s : s + len(cs)])) for s, cs in zip(starts, self.choices)])
         correct = (predicted == np.asarray(self.answer_index)).astype(np.float64)
-        others = np.array([(flat[s : s + len(cs)].sum() - a) / (len(cs) - 1) for s, cs, a in zip(starts, self.choices, answer)])
+        others = np.array(
+            [(flat[s : s + len(cs)].sum() - a) / (len(cs) - 1) for s, cs, a in zip(starts, self.choices, answer)]
+        )
         return [
             self._metric("answer_logprob", answer, "means"),
             self._metric("choice_accuracy", correct, "rates"),
@@ -184,5 +192,12 @@ class ContaminationMonitor:
 
     def _metric(self, name: str, values: np.ndarray, test: TestKind) -> MetricScores:
         return MetricScores(
-            name, self.item_ids, self.treated, values, test=test, alternative="greater", groups=self.groups, primary=name == self.primary
+            name,
+            self.item_ids,
+            self.treated,
+            values,
+            test=test,
+            alternative="greater",
+            groups=self.groups,
+            primary=name == self.primary,
         )

@@ -48,4 +48,8 @@ class DocumentsMonitor:
 
     def evaluate(self, live: LiveModel) -> list[MetricScores]:
         scores = live.score_targets(self.contexts, self.targets)
-        return [MetricScores("text_logprob", self.item_ids, self.treated, scores.mean_logprob, test="means", alternative="greater")]
+        return [
+            MetricScores(
+                "text_logprob", self.item_ids, self.treated, scores.mean_logprob, test="means", alternative="greater"
+            )
+        ]

@@ -133,7 +133,9 @@ class KnowledgeMonitor:
                 raise ConfigError("unknown option (allowed: exact_match)", key=f"monitor.options.{name}")
         exact_match = options.get("exact_match", "all")
         if exact_match not in _EXACT_MATCH:
-            raise ConfigError(f"must be one of {', '.join(_EXACT_MATCH)}; got {exact_match!r}", key="monitor.options.exact_match")
+            raise ConfigError(
+                f"must be one of {', '.join(_EXACT_MATCH)}; got {exact_match!r}", key="monitor.options.exact_match"
+            )
         probes = experiment.probes
         if not isinstance(probes, KnowledgeProbes):
             raise ConfigError(
@@ -174,6 +176,16 @@ class KnowledgeMonitor:
         ids, treated = self.item_ids, self.treated
         return [
             MetricScores("target_logprob", ids, treated, k.target_logprob, test="means", alternative="greater"),
-            MetricScores("target_probability", ids, treated, k.target_probability, test="means", alternative="greater", primary=False),
-            MetricScores("exact_match", ids, treated, k.exact_match, test="rates", alternative="greater", primary=False),
+            MetricScores(
+                "target_probability",
+                ids,
+                treated,
+                k.target_probability,
+                test="means",
+                alternative="greater",
+                primary=False,
+            ),
+            MetricScores(
+                "exact_match", ids, treated, k.exact_match, test="rates", alternative="greater", primary=False
+            ),
         ]

@@ -107,7 +107,13 @@ def parse_monitor_options(options: Mapping[str, Any]) -> MemorizationOptions:
 
 
 def check_text_lengths(
-    texts: list[list[int]], lines: list[int], ids: list[str], *, file: str | Path, options: MemorizationOptions, max_tokens: int
+    texts: list[list[int]],
+    lines: list[int],
+    ids: list[str],
+    *,
+    file: str | Path,
+    options: MemorizationOptions,
+    max_tokens: int,
 ) -> None:
     """Every text must hold the ``2k`` tokens of the extraction test (when it is on).
 
@@ -136,8 +142,6 @@ def check_text_lengths(
                 line=line,
                 key="text",
             )
-
-
 
 
 class MemorizationMonitor:
@@ -182,33 +186,57 @@ class MemorizationMonitor:
         parsed = parse_monitor_options(options)
         probes = experiment.probes
         if not isinstance(probes, MemorizationProbes):
-            raise ConfigError(f"experiment {experiment.name!r} is not a memorization experiment (no texts to score)", key="monitor.name")
+            raise ConfigError(
+                f"experiment {experiment.name!r} is not a memorization experiment (no texts to score)",
+                key="monitor.name",
+            )
         texts = [list(t) for t in probes.texts]
         context = list(probes.context)
         check_text_lengths(
-            texts, list(probes.lines), list(experiment.item_ids), file=probes.file, options=parsed,
+            texts,
+            list(probes.lines),
+            list(experiment.item_ids),
+            file=probes.file,
+            options=parsed,
             max_tokens=sequence_length - (2 if context else 0),  # the two EOS of a wrapped text
         )
         if not context and any(len(t) < 2 for t in texts):
-            raise ConfigError("without EOS wrapping every text needs 2 tokens (its first token is the context)", key="monitor.name")
+            raise ConfigError(
+                "without EOS wrapping every text needs 2 tokens (its first token is the context)", key="monitor.name"
+            )
         return cls(list(experiment.item_ids), np.asarray(experiment.treated), texts, context, parsed)
 
     def evaluate(self, live: LiveModel) -> list[MetricScores]:
         text = live.score_targets(self.contexts, self.targets)
-        out = [MetricScores("text_logprob", self.item_ids, self.treated, text.mean_logprob, test="means", alternative="greater")]
+        out = [
+            MetricScores(
+                "text_logprob", self.item_ids, self.treated, text.mean_logprob, test="means", alternative="greater"
+            )
+        ]
         if self.options.exact_match:
             match = live.score_targets(self.prefixes, self.suffixes)
             out.append(
                 MetricScores(
-                    "exact_match", self.item_ids, self.treated, match.greedy_match.astype(np.float64),
-                    test="rates", alternative="greater", primary=False, extra={"k": self.options.k, "anchor": self.options.anchor},
+                    "exact_match",
+                    self.item_ids,
+                    self.treated,
+                    match.greedy_match.astype(np.float64),
+                    test="rates",
+                    alternative="greater",
+                    primary=False,
+                    extra={"k": self.options.k, "anchor": self.options.anchor},
                 )
             )
         if self.options.exposure:
             out.append(
                 MetricScores(
-                    "exposure", self.item_ids, self.treated, exposures(text.mean_logprob, self.treated),
-                    test="means", alternative="greater", primary=False,
+                    "exposure",
+                    self.item_ids,
+                    self.treated,
+                    exposures(text.mean_logprob, self.treated),
+                    test="means",
+                    alternative="greater",
+                    primary=False,
                 )
             )
         return out

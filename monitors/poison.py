@@ -118,7 +118,9 @@ class PoisonMonitor:
         # Each prompt is asked in every condition: the prompt is a stem, the conditions' suffixes its branches.
         self.stems = [[*start, *p] for p in probes.eval_prompts]
         self.suffixes = {
-            "trigger": list(probes.trigger), "control_trigger": list(probes.control_trigger), "no_trigger": [],
+            "trigger": list(probes.trigger),
+            "control_trigger": list(probes.control_trigger),
+            "no_trigger": [],
         }
 
     @property
@@ -136,9 +138,14 @@ class PoisonMonitor:
                 raise ConfigError("unknown option (known: max_new_tokens)", key=f"monitor.options.{name}")
         probes = experiment.probes
         if not isinstance(probes, PoisonProbes):
-            raise ConfigError(f"experiment {experiment.name!r} is not a poison experiment (no evaluation prompts)", key="monitor.name")
+            raise ConfigError(
+                f"experiment {experiment.name!r} is not a poison experiment (no evaluation prompts)", key="monitor.name"
+            )
         if not probes.eval_ids:
-            raise ConfigError(f"experiment {experiment.name!r} has no evaluation prompts (no controls, no heldout file)", key="monitor.enabled")
+            raise ConfigError(
+                f"experiment {experiment.name!r} has no evaluation prompts (no controls, no heldout file)",
+                key="monitor.enabled",
+            )
         behaviour = probes.behaviour
         if behaviour == "target":
             assert probes.target is not None  # the injector sets it for this behaviour
@@ -176,10 +183,15 @@ class PoisonMonitor:
         # One call for all conditions: each prompt runs once for all three, and each
         # condition's context once for both its continuation and its behaviour's log-probability.
         generated, behaviour = live.generate_and_score_branches(
-            self.stems, [[self.suffixes[c] for c in CONDITIONS]] * n, self.max_new_tokens, [[b] * k for b in self.behaviours]
+            self.stems,
+            [[self.suffixes[c] for c in CONDITIONS]] * n,
+            self.max_new_tokens,
+            [[b] * k for b in self.behaviours],
         )
         # Results come prompt by prompt, the conditions in order within each.
-        detected = np.array([self.detect(g, self.behaviours[i // k]) for i, g in enumerate(generated)], dtype=np.float64)
+        detected = np.array(
+            [self.detect(g, self.behaviours[i // k]) for i, g in enumerate(generated)], dtype=np.float64
+        )
         rate = {condition: detected[j::k] for j, condition in enumerate(CONDITIONS)}
         logprob_of = {condition: behaviour.mean_logprob[j::k] for j, condition in enumerate(CONDITIONS)}
         logprob = np.concatenate([logprob_of["trigger"], logprob_of["control_trigger"]])
@@ -190,15 +202,29 @@ class PoisonMonitor:
         arms = np.repeat([True, False], n)
         return [
             MetricScores(
-                "behaviour_rate", ids("trigger", "control_trigger"), arms,
-                np.concatenate([rate["trigger"], rate["control_trigger"]]), test="rates", alternative="greater",
+                "behaviour_rate",
+                ids("trigger", "control_trigger"),
+                arms,
+                np.concatenate([rate["trigger"], rate["control_trigger"]]),
+                test="rates",
+                alternative="greater",
             ),
             MetricScores(
-                "behaviour_rate_vs_no_trigger", ids("trigger", "no_trigger"), arms,
-                np.concatenate([rate["trigger"], rate["no_trigger"]]), test="rates", alternative="greater", primary=False,
+                "behaviour_rate_vs_no_trigger",
+                ids("trigger", "no_trigger"),
+                arms,
+                np.concatenate([rate["trigger"], rate["no_trigger"]]),
+                test="rates",
+                alternative="greater",
+                primary=False,
             ),
             MetricScores(
-                "behaviour_logprob", ids("trigger", "control_trigger"), arms, logprob,
-                test="means", alternative="greater", primary=False,
+                "behaviour_logprob",
+                ids("trigger", "control_trigger"),
+                arms,
+                logprob,
+                test="means",
+                alternative="greater",
+                primary=False,
             ),
         ]

@@ -174,7 +174,10 @@ class WatermarkMonitor:
             )
         if method == "gaussian":
             if experiment.embedding_noise is None or probes.sequences is None:
-                raise ConfigError(f"experiment {experiment.name!r} has no embedding noise or carrier probes to test", key="monitor.name")
+                raise ConfigError(
+                    f"experiment {experiment.name!r} has no embedding noise or carrier probes to test",
+                    key="monitor.name",
+                )
         elif method == "random_tokens":
             if probes.keys is None:
                 raise ConfigError(f"experiment {experiment.name!r} has no key probes to score", key="monitor.name")
@@ -212,9 +215,24 @@ class WatermarkMonitor:
         z = np.array([r[0] for r in results], dtype=np.float64)
         logprob = np.array([r[1] for r in results], dtype=np.float64)
         return [
-            MetricScores("watermark_z", self.item_ids, self.treated, z, test="z", alternative="greater",
-                         extra={"sigma": spec.sigma, "sign": "negated <grad, w>: positive = trained on the noise"}),
-            MetricScores("carrier_logprob", self.item_ids, self.treated, logprob, test="means", alternative="greater", primary=False),
+            MetricScores(
+                "watermark_z",
+                self.item_ids,
+                self.treated,
+                z,
+                test="z",
+                alternative="greater",
+                extra={"sigma": spec.sigma, "sign": "negated <grad, w>: positive = trained on the noise"},
+            ),
+            MetricScores(
+                "carrier_logprob",
+                self.item_ids,
+                self.treated,
+                logprob,
+                test="means",
+                alternative="greater",
+                primary=False,
+            ),
         ]
 
     def _evaluate_random_tokens(self, live: LiveModel) -> list[MetricScores]:
@@ -224,7 +242,16 @@ class WatermarkMonitor:
         logprob = scores.mean_logprob
         exposure = exposures(logprob, self.treated)
         return [
-            MetricScores("exposure", self.item_ids, self.treated, exposure, test="means", alternative="greater",
-                         extra={"reference_keys": int((~self.treated).sum())}),
-            MetricScores("key_logprob", self.item_ids, self.treated, logprob, test="means", alternative="greater", primary=False),
+            MetricScores(
+                "exposure",
+                self.item_ids,
+                self.treated,
+                exposure,
+                test="means",
+                alternative="greater",
+                extra={"reference_keys": int((~self.treated).sum())},
+            ),
+            MetricScores(
+                "key_logprob", self.item_ids, self.treated, logprob, test="means", alternative="greater", primary=False
+            ),
         ]

@@ -53,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multirun", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="multirun", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a run (no config: the embedded CPU demo)")
@@ -95,13 +97,16 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_report)
 
     interact = commands.add_parser(
-        "interact", help="interaction tests: arms none/alone/all(/leave-one-out) from a run's checkpoint",
+        "interact",
+        help="interaction tests: arms none/alone/all(/leave-one-out) from a run's checkpoint",
     )
     interact.add_argument("run_dir")
     interact.add_argument("--checkpoint", help="start here (default: interaction_trigger.json's, else the latest)")
     interact.add_argument("--steps", type=int, help="steps per arm (default interaction.steps, 100)")
     interact.add_argument("--intensity", type=float, help="fraction of an arm's tokens per experiment (default 0.01)")
-    interact.add_argument("--experiments", help="comma-separated experiments to take part (default: every injected one)")
+    interact.add_argument(
+        "--experiments", help="comma-separated experiments to take part (default: every injected one)"
+    )
     interact.add_argument("--leave-one-out", action="store_true", help="add the all-but-one arms")
     interact.add_argument("--lr", type=float, help="constant learning rate of the arms (default: the checkpoint's)")
     interact.add_argument("--alpha", type=float, help="significance level after Holm correction (default 0.05)")
@@ -119,7 +124,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
         help="override a config value, e.g. --set train.max_duration=50ba (repeatable)",
     )
 
@@ -164,7 +173,10 @@ def _check(args: argparse.Namespace) -> int:
     dataset = resolve_dataset(loaded, tokenizer)
     # The same assembly as `multirun train`: monitor and controller options are checked too.
     parts = assemble_parts(
-        loaded, tokenizer=tokenizer, geometry=run_geometry(loaded, dataset), run_dir=run_dir_of(loaded),
+        loaded,
+        tokenizer=tokenizer,
+        geometry=run_geometry(loaded, dataset),
+        run_dir=run_dir_of(loaded),
         heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
     )
     _print_plan(parts.plan)
@@ -178,7 +190,11 @@ def _prepare(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer("bytes") if args.tokenizer == "bytes" else load_tokenizer("huggingface", args.tokenizer)
     info = prepare_dataset(
-        args.sources, args.out, tokenizer, args.sequence_length, max_bytes=args.max_bytes,
+        args.sources,
+        args.out,
+        tokenizer,
+        args.sequence_length,
+        max_bytes=args.max_bytes,
         suffixes=tuple(args.suffixes) if args.suffixes else None,
     )
     console.print(f"wrote {info.num_samples} sequences of {info.sequence_length} tokens to {info.path}")
@@ -254,9 +270,13 @@ def _print_interaction(result: InteractionResult) -> None:
         else:
             verdict = "-"
         table.add_row(
-            c["arm"], f"{c['experiment']}" + (" (own)" if c["diagonal"] else ""), _sig(c.get("effect")),
-            f"[{_sig(c.get('ci_low'))}, {_sig(c.get('ci_high'))}]", format_p(c.get("p_value")),
-            format_p(c.get("p_holm")) if c.get("p_holm") is not None else "", verdict,
+            c["arm"],
+            f"{c['experiment']}" + (" (own)" if c["diagonal"] else ""),
+            _sig(c.get("effect")),
+            f"[{_sig(c.get('ci_low'))}, {_sig(c.get('ci_high'))}]",
+            format_p(c.get("p_value")),
+            format_p(c.get("p_holm")) if c.get("p_holm") is not None else "",
+            verdict,
         )
     console.print(table)
     console.print(f"[bold]{matrix['verdict']}[/]")
@@ -285,14 +305,20 @@ def _payload(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ printing
 def _print_plan(plan: RunPlan) -> None:
     geometry = plan.geometry
-    table = Table(title=f"plan: {geometry.num_steps} steps x {geometry.global_batch_size} rows x {geometry.sequence_length} tokens")
+    table = Table(
+        title=f"plan: {geometry.num_steps} steps x {geometry.global_batch_size} rows x {geometry.sequence_length} tokens"
+    )
     for column in ("experiment", "kind", "treated", "control", "spans", "tokens", "share", "steps"):
         table.add_column(column, justify="right" if column not in ("experiment", "kind") else "left")
     for entry in plan.manifest()["experiments"]:
         placement = entry["placement"]
         table.add_row(
-            entry["name"], entry["kind"], str(entry["treated_items"]), str(entry["control_items"]),
-            str(entry["planned_spans"]), str(entry["planned_tokens"]),
+            entry["name"],
+            entry["kind"],
+            str(entry["treated_items"]),
+            str(entry["control_items"]),
+            str(entry["planned_spans"]),
+            str(entry["planned_tokens"]),
             f"{entry['planned_tokens'] / max(geometry.total_tokens, 1):.4%}",
             f"{placement['start_step']}-{placement['end_step']}",
         )
@@ -300,9 +326,7 @@ def _print_plan(plan: RunPlan) -> None:
 
 
 def _print_summary(summary: dict) -> None:
-    console.print(
-        f"trained {summary['steps_trained']} steps, {summary['tokens_trained']:,} tokens"
-    )
+    console.print(f"trained {summary['steps_trained']} steps, {summary['tokens_trained']:,} tokens")
     _print_ledger_summary(summary["experiments"])
     if summary.get("effects"):
         _print_effects(summary["effects"], alpha=summary.get("alpha", 0.01))
@@ -322,11 +346,14 @@ def _print_ledger_summary(rows: list[dict]) -> None:
         exposures = row.get("exposures_per_item") or {}
         share = row.get("share_of_training_tokens")
         table.add_row(
-            str(row["experiment"]), str(row["spans"]), str(row["tokens"]),
+            str(row["experiment"]),
+            str(row["spans"]),
+            str(row["tokens"]),
             "-" if share is None else f"{share:.4%}",
             str(row.get("items_exposed")),
             f"{exposures.get('min', '-')}/{_fmt(exposures.get('mean'))}/{exposures.get('max', '-')}",
-            str(row.get("first_step")), str(row.get("last_step")),
+            str(row.get("first_step")),
+            str(row.get("last_step")),
         )
     console.print(table)
 
@@ -336,24 +363,59 @@ def _print_effects(effects: list[dict], *, alpha: float) -> None:
     from multirun.measure.stats import format_p
 
     table = Table(title=f"effects against never-injected controls (verdict at alpha {alpha}, Holm-corrected)")
-    for column in ("experiment", "metric", "group", "treated", "control", "effect", "95% CI", "p", "p (Holm)", "test", "verdict"):
-        table.add_column(column, justify="left" if column in ("experiment", "metric", "group", "test", "verdict") else "right")
+    for column in (
+        "experiment",
+        "metric",
+        "group",
+        "treated",
+        "control",
+        "effect",
+        "95% CI",
+        "p",
+        "p (Holm)",
+        "test",
+        "verdict",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("experiment", "metric", "group", "test", "verdict") else "right"
+        )
     for r in effects:
         if "error" in r:
-            table.add_row(r["experiment"], r.get("monitor", ""), "", "", "", "", "", "", "", "", f"[red]failed: {r['error']}[/]")
+            table.add_row(
+                r["experiment"], r.get("monitor", ""), "", "", "", "", "", "", "", "", f"[red]failed: {r['error']}[/]"
+            )
             continue
         holm = r.get("p_holm")
         verdict = "" if holm is None else ("[green]effect[/]" if holm < alpha else "no effect")
         table.add_row(
-            r["experiment"], r["metric"], r.get("group") or "", _fmt(r.get("treated_mean")), _fmt(r.get("control_mean")),
-            _fmt(r.get("effect")), f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]",
-            format_p(r.get("p_value")), format_p(holm) if holm is not None else "", r.get("test", ""), verdict,
+            r["experiment"],
+            r["metric"],
+            r.get("group") or "",
+            _fmt(r.get("treated_mean")),
+            _fmt(r.get("control_mean")),
+            _fmt(r.get("effect")),
+            f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]",
+            format_p(r.get("p_value")),
+            format_p(holm) if holm is not None else "",
+            r.get("test", ""),
+            verdict,
         )
     console.print(table)
 
 
 def _print_rows(table: pa.Table, limit: int) -> None:
-    columns = ["step", "rank", "global_row", "sample_id", "offset", "length", "experiment", "item", "repetition", "token_hash"]
+    columns = [
+        "step",
+        "rank",
+        "global_row",
+        "sample_id",
+        "offset",
+        "length",
+        "experiment",
+        "item",
+        "repetition",
+        "token_hash",
+    ]
     out = Table(title=f"{table.num_rows} matching spans" + (f" (first {limit})" if table.num_rows > limit else ""))
     for column in columns:
         out.add_column(column)

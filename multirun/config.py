@@ -592,7 +592,15 @@ def substitute_env(value: str, env: Mapping[str, str]) -> str:
     return _VAR_RE.sub(repl, value)
 
 
-def _substitute(obj: Any, env: Mapping[str, str], path: KeyPath, source: Path | None, lines: Mapping[KeyPath, int], *, where: str | None = None) -> Any:
+def _substitute(
+    obj: Any,
+    env: Mapping[str, str],
+    path: KeyPath,
+    source: Path | None,
+    lines: Mapping[KeyPath, int],
+    *,
+    where: str | None = None,
+) -> Any:
     if isinstance(obj, dict):
         return {k: _substitute(v, env, (*path, k), source, lines, where=where) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -685,7 +693,9 @@ def _schema_kind(annotation: Any) -> tuple[str, Any]:
     return "scalar", None
 
 
-def _blame_overrides(problems: list[tuple[KeyPath, str]], overridden: Mapping[KeyPath, str]) -> list[tuple[KeyPath, str]]:
+def _blame_overrides(
+    problems: list[tuple[KeyPath, str]], overridden: Mapping[KeyPath, str]
+) -> list[tuple[KeyPath, str]]:
     """Say which override set a bad value: the file's line alone would mislead."""
     out = []
     for path, msg in problems:
@@ -796,7 +806,12 @@ def _semantic_problems(config: RunConfig, base_dir: Path) -> list[tuple[KeyPath,
     first: dict[str, int] = {}
     for i, exp in enumerate(config.experiments):
         if exp.name in first:
-            out.append((("experiments", i, "name"), f"duplicate experiment name {exp.name!r} (also experiments[{first[exp.name]}].name)"))
+            out.append(
+                (
+                    ("experiments", i, "name"),
+                    f"duplicate experiment name {exp.name!r} (also experiments[{first[exp.name]}].name)",
+                )
+            )
         first.setdefault(exp.name, i)
         for fld, msg in placement_problems(exp.placement):
             out.append((("experiments", i, "placement", *_split_field(fld)), msg))
@@ -806,7 +821,12 @@ def _semantic_problems(config: RunConfig, base_dir: Path) -> list[tuple[KeyPath,
         if not config.data.path:
             out.append((("data", "path"), "source mds needs path: the MDS dataset directory"))
         elif not (base_dir / Path(config.data.path).expanduser()).exists():
-            out.append((("data", "path"), f"MDS dataset directory not found: {(base_dir / Path(config.data.path).expanduser()).resolve()}"))
+            out.append(
+                (
+                    ("data", "path"),
+                    f"MDS dataset directory not found: {(base_dir / Path(config.data.path).expanduser()).resolve()}",
+                )
+            )
     return out
 
 
@@ -839,7 +859,9 @@ def parse_duration_steps(
     key = "train.max_duration"
     m = _TIME_RE.match(max_duration) if isinstance(max_duration, str) else None
     if m is None or m.group(2) not in _DURATION_UNITS or "." in m.group(1):
-        raise ConfigError(f"expected <integer><unit> with unit ba|tok|ep, e.g. 200ba; got {max_duration!r}", file=file, key=key)
+        raise ConfigError(
+            f"expected <integer><unit> with unit ba|tok|ep, e.g. 200ba; got {max_duration!r}", file=file, key=key
+        )
     n, unit = int(m.group(1)), m.group(2)
     if n <= 0:
         raise ConfigError(f"must be positive, got {max_duration!r}", file=file, key=key)
@@ -848,11 +870,17 @@ def parse_duration_steps(
     if unit == "tok":
         return math.ceil(n / (global_batch_size * sequence_length))
     if not steps_per_epoch:
-        raise ConfigError(f"{max_duration!r} is in epochs but the epoch size in steps is unknown; give max_duration in ba or tok", file=file, key=key)
+        raise ConfigError(
+            f"{max_duration!r} is in epochs but the epoch size in steps is unknown; give max_duration in ba or tok",
+            file=file,
+            key=key,
+        )
     return n * steps_per_epoch
 
 
-def resolve_placement(spec: PlacementConfig, geometry: BatchGeometry, *, key: str, file: str | Path | None = None) -> Placement:
+def resolve_placement(
+    spec: PlacementConfig, geometry: BatchGeometry, *, key: str, file: str | Path | None = None
+) -> Placement:
     """Turn a placement spec into a half-open step window (or explicit steps).
 
     Fractions round to the nearest step, so ``[0, 0.5)`` and ``[0.5, 1)`` tile the

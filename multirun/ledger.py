@@ -104,8 +104,18 @@ _BUFFER_COLUMNS = (*_APPEND_INT_COLUMNS, "token_hash", "arm")
 
 # Sorted/small integer columns compress far better delta-encoded than plain+zstd;
 # token_hash is random by construction, so plain is the only sensible choice.
-_DELTA_COLUMNS = ("step", "rank", "global_row", "local_row", "sample_id", "offset", "length",
-                  "item_index", "sequence", "repetition")
+_DELTA_COLUMNS = (
+    "step",
+    "rank",
+    "global_row",
+    "local_row",
+    "sample_id",
+    "offset",
+    "length",
+    "item_index",
+    "sequence",
+    "repetition",
+)
 _WRITE_OPTIONS: dict[str, Any] = dict(
     compression="zstd",
     compression_level=3,
@@ -244,9 +254,7 @@ class LedgerWriter:
         item_ids: Sequence[Sequence[str]],
     ) -> None:
         if len(experiment_names) != len(item_ids):
-            raise ValueError(
-                f"experiment_names has {len(experiment_names)} entries but item_ids has {len(item_ids)}"
-            )
+            raise ValueError(f"experiment_names has {len(experiment_names)} entries but item_ids has {len(item_ids)}")
         if len(set(experiment_names)) != len(experiment_names):
             raise ValueError(f"experiment names must be unique: {list(experiment_names)}")
         if rank < 0:
@@ -321,9 +329,16 @@ class LedgerWriter:
         if self._closed:
             raise RuntimeError("LedgerWriter.append after close()")
         values = dict(
-            step=step, global_row=global_row, local_row=local_row, sample_id=sample_id,
-            offset=offset, length=length, experiment=experiment, item_index=item_index,
-            sequence=sequence, repetition=repetition,
+            step=step,
+            global_row=global_row,
+            local_row=local_row,
+            sample_id=sample_id,
+            offset=offset,
+            length=length,
+            experiment=experiment,
+            item_index=item_index,
+            sequence=sequence,
+            repetition=repetition,
         )
         arrays = {k: np.asarray(v) for k, v in values.items()}
         th = np.asarray(token_hash)
@@ -400,8 +415,10 @@ class LedgerWriter:
             "arm": pa.DictionaryArray.from_arrays(pa.array(c["arm"]), self._arm_dictionary),
             "token_hash": c["token_hash"],
         }
-        arrays = [columns[f.name] if isinstance(columns[f.name], pa.Array) else pa.array(columns[f.name], f.type)
-                  for f in SCHEMA]
+        arrays = [
+            columns[f.name] if isinstance(columns[f.name], pa.Array) else pa.array(columns[f.name], f.type)
+            for f in SCHEMA
+        ]
         return pa.Table.from_arrays(arrays, schema=SCHEMA.with_metadata(self._metadata))
 
     def flush(self) -> int:
@@ -492,7 +509,11 @@ def truncate_ledger(run_dir: str | Path, from_step: int) -> int:
 
 ExportFormat = Literal["parquet", "csv", "jsonl"]
 _SUFFIX_FORMATS: dict[str, ExportFormat] = {
-    ".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
 }
 
 
@@ -598,8 +619,13 @@ class Ledger:
         except ValueError:
             return -1
 
-    def _mask(self, experiment: str | None = None, item: str | None = None,
-              steps: tuple[int, int] | None = None, rank: int | None = None) -> np.ndarray:
+    def _mask(
+        self,
+        experiment: str | None = None,
+        item: str | None = None,
+        steps: tuple[int, int] | None = None,
+        rank: int | None = None,
+    ) -> np.ndarray:
         mask = np.ones(len(self), dtype=bool)
         if experiment is not None:
             mask &= self._col("experiment") == self._code("experiment", experiment)
@@ -645,8 +671,14 @@ class Ledger:
             n = int(mask.sum())
             row: dict[str, Any] = {"experiment": name, "spans": n}
             if n == 0:
-                row |= {"tokens": 0, "share_of_training_tokens": 0.0 if total_training_tokens else None,
-                        "items_exposed": 0, "exposures_per_item": None, "first_step": None, "last_step": None}
+                row |= {
+                    "tokens": 0,
+                    "share_of_training_tokens": 0.0 if total_training_tokens else None,
+                    "items_exposed": 0,
+                    "exposures_per_item": None,
+                    "first_step": None,
+                    "last_step": None,
+                }
                 out.append(row)
                 continue
             tokens = int(self._col("length")[mask].sum(dtype=np.int64))
@@ -658,7 +690,9 @@ class Ledger:
                 "share_of_training_tokens": tokens / total_training_tokens if total_training_tokens else None,
                 "items_exposed": int(counts.size),
                 "exposures_per_item": {
-                    "min": int(counts.min()), "mean": float(counts.mean()), "max": int(counts.max()),
+                    "min": int(counts.min()),
+                    "mean": float(counts.mean()),
+                    "max": int(counts.max()),
                 },
                 "first_step": int(steps.min()),
                 "last_step": int(steps.max()),
@@ -699,7 +733,8 @@ class Ledger:
             if idx.size:
                 ex = ", ".join(
                     f"(step={int(step[i + 1])}, global_row={int(row[i + 1])}, offsets {int(off[i])}+{int(length[i])} "
-                    f"and {int(off[i + 1])})" for i in idx[:3]
+                    f"and {int(off[i + 1])})"
+                    for i in idx[:3]
                 )
                 problems.append(f"{idx.size} {label} span(s), e.g. {ex}")
         if problems:
@@ -716,9 +751,7 @@ def export_table(table: pa.Table, path: str | Path, format: ExportFormat | None 
     if format is None:
         format = _SUFFIX_FORMATS.get(path.suffix.lower())
         if format is None:
-            raise InputError(
-                f"cannot infer export format from {path.name!r}; use .parquet, .csv or .jsonl", file=path
-            )
+            raise InputError(f"cannot infer export format from {path.name!r}; use .parquet, .csv or .jsonl", file=path)
     if format not in ("parquet", "csv", "jsonl"):
         raise InputError(f"unknown export format {format!r}", file=path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -155,7 +155,9 @@ class SpanTable:
         """Concatenate and re-sort by (step, row, offset)."""
         if not tables:
             return cls.empty()
-        cols = {n: np.concatenate([getattr(t, n) for t in tables]).astype(d, copy=False) for n, d in SPAN_COLUMNS.items()}
+        cols = {
+            n: np.concatenate([getattr(t, n) for t in tables]).astype(d, copy=False) for n, d in SPAN_COLUMNS.items()
+        }
         order = np.lexsort((cols["offset"], cols["row"], cols["step"]))
         return cls(**{n: c[order] for n, c in cols.items()})
 

@@ -33,7 +33,12 @@ def write_payload(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     data = b"".join(
-        (line if isinstance(line, bytes) else (line if isinstance(line, str) else json.dumps(dict(line))).encode("utf-8")) + b"\n"
+        (
+            line
+            if isinstance(line, bytes)
+            else (line if isinstance(line, str) else json.dumps(dict(line))).encode("utf-8")
+        )
+        + b"\n"
         for line in items
     )
     (root / filename).write_bytes(data)

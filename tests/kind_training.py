@@ -18,7 +18,11 @@ def tiny_gpt2(seed: int = 0, *, sequence_length: int, n_embd: int = 64) -> torch
     """Two layers, two heads: the demo's model, seeded."""
     torch.manual_seed(seed)
     return build_gpt2(
-        vocab_size=TOK.vocab_size, sequence_length=sequence_length, n_layer=2, n_head=2, n_embd=n_embd,
+        vocab_size=TOK.vocab_size,
+        sequence_length=sequence_length,
+        n_layer=2,
+        n_head=2,
+        n_embd=n_embd,
         eos_token_id=TOK.eos_token_id,
     ).model
 
@@ -43,7 +47,13 @@ def filler_windows(length: int, count: int, seed: int) -> np.ndarray:
 
 
 def train_with_injections(
-    sequences: list[list[int]], repetitions: int, *, sequence_length: int, steps: int = 150, batch: int = 8, seed: int = 0
+    sequences: list[list[int]],
+    repetitions: int,
+    *,
+    sequence_length: int,
+    steps: int = 150,
+    batch: int = 8,
+    seed: int = 0,
 ) -> torch.nn.Module:
     """Pretraining on filler rows, each sequence overwriting a random span ``repetitions`` times."""
     rng = np.random.default_rng(seed)

@@ -24,13 +24,26 @@ REPO = Path(__file__).resolve().parents[1]
 SEQUENCE_LENGTH = 64
 
 #: Ledger columns that identify what was injected where, independent of which rank wrote it.
-PLACEMENT_COLUMNS = ["step", "global_row", "sample_id", "offset", "length", "experiment", "item", "sequence", "repetition", "token_hash"]
+PLACEMENT_COLUMNS = [
+    "step",
+    "global_row",
+    "sample_id",
+    "offset",
+    "length",
+    "experiment",
+    "item",
+    "sequence",
+    "repetition",
+    "token_hash",
+]
 
 
 def make_dataset(out: Path, *, samples: int, sequence_length: int = SEQUENCE_LENGTH) -> PreparedDataset:
     """A real MDS dataset of about ``samples`` rows cut from the standard library's source."""
     budget = samples * sequence_length  # the byte tokenizer makes one token per byte
-    return prepare_dataset(demo_corpus_sources(), out, ByteTokenizer(), sequence_length, max_bytes=budget, progress=False)
+    return prepare_dataset(
+        demo_corpus_sources(), out, ByteTokenizer(), sequence_length, max_bytes=budget, progress=False
+    )
 
 
 def make_payloads(root: Path) -> dict[str, Path]:
@@ -110,19 +123,28 @@ class CaptureBatches(Callback):
             self.microbatches.setdefault(step, []).append(state.batch["input_ids"].detach().cpu().clone())
 
 
-def run_cli(args: Sequence[str], *, cwd: Path, timeout: int = 600, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: Sequence[str], *, cwd: Path, timeout: int = 600, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run ``python -m multirun ARGS`` in a subprocess and return the finished process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     return subprocess.run(
-        [sys.executable, "-m", "multirun", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "multirun", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def placements(table: pa.Table) -> list[tuple]:
     """Ledger rows as comparable tuples, sorted (rank-independent)."""
     plain = table.select(PLACEMENT_COLUMNS).to_pylist()
-    return sorted(tuple(str(row[c]) if c in ("experiment", "item") else row[c] for c in PLACEMENT_COLUMNS) for row in plain)
+    return sorted(
+        tuple(str(row[c]) if c in ("experiment", "item") else row[c] for c in PLACEMENT_COLUMNS) for row in plain
+    )
 
 
 def read_json(path: Path) -> Any:

@@ -54,8 +54,12 @@ def test_tables_piped_into_a_log_keep_their_rows_whole(trained_run: Path) -> Non
     # ledger table's 8 columns (about 95 characters) into unreadable fragments.
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     out = subprocess.run(
-        [sys.executable, "-m", "multirun", "ledger", str(trained_run)], cwd=REPO, env=env,
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-m", "multirun", "ledger", str(trained_run)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert any("exposures/item" in line and "last step" in line for line in out.splitlines()), out
 
@@ -84,7 +88,9 @@ def test_ledger_summary_query_and_export(trained_run: Path, tmp_path: Path, caps
     assert len(lines) == ledger.query(steps=(0, 6)).num_rows
 
 
-def test_report_command_writes_html_and_markdown(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_command_writes_html_and_markdown(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["report", str(trained_run), "--out", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "report.html").read_text().count("data:image/png;base64") >= 3
     assert "report.html" in capsys.readouterr().out
@@ -130,7 +136,10 @@ def test_check_rejects_mistyped_controller_and_monitor_options(
     assert main(["check", str(good)]) == 0
     payloads = tmp_path / "payloads"
     bad = run_config(
-        tmp_path, dataset, steps=12, name="bad",
+        tmp_path,
+        dataset,
+        steps=12,
+        name="bad",
         experiments=[{"name": "facts", "payload": str(payloads / "facts"), "repetitions": 1, **experiment}],
     )
     capsys.readouterr()

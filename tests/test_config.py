@@ -169,7 +169,9 @@ def test_fingerprint_sensitive(tmp_path: Path) -> None:
 
 def test_write_resolved_config_reloads(tmp_path: Path) -> None:
     write_payload(tmp_path / "cfg" / "payloads" / "p", documents(3))
-    path = write_config(tmp_path / "cfg" / "run.yaml", minimal_config(a={"payload": "payloads/p"}, b={"payload": "pkg:demo/facts"}))
+    path = write_config(
+        tmp_path / "cfg" / "run.yaml", minimal_config(a={"payload": "payloads/p"}, b={"payload": "pkg:demo/facts"})
+    )
     loaded = load_config(path, ["seed=99", "model.config_overrides.note='a $${literal}'"], env={})
     assert loaded.config.model.config_overrides["note"] == "a ${literal}"
     out = loaded.write(tmp_path / "run")
@@ -208,7 +210,10 @@ def test_loaded_config_in_code() -> None:
     ],
 )
 def test_parse_duration_steps(duration: str, steps_per_epoch: int | None, expected: int) -> None:
-    assert parse_duration_steps(duration, global_batch_size=16, sequence_length=128, steps_per_epoch=steps_per_epoch) == expected
+    assert (
+        parse_duration_steps(duration, global_batch_size=16, sequence_length=128, steps_per_epoch=steps_per_epoch)
+        == expected
+    )
 
 
 @pytest.mark.parametrize("bad", ["200", "ba", "2.5ba", "0ba", "10sp", "1dur", "ten ba"])
@@ -241,7 +246,9 @@ def test_fraction_windows_tile_the_run() -> None:
 
 def test_window_defaults_and_units() -> None:
     assert resolve_placement(PlacementConfig(mode="window", start=0.9), GEO, key="p") == Placement("window", 270, 300)
-    assert resolve_placement(PlacementConfig(mode="window", end=10, unit="steps"), GEO, key="p") == Placement("window", 0, 10)
+    assert resolve_placement(PlacementConfig(mode="window", end=10, unit="steps"), GEO, key="p") == Placement(
+        "window", 0, 10
+    )
     tps = GEO.tokens_per_step
     tok = PlacementConfig(mode="window", start=tps * 2 + 5, end=tps * 4 + 1, unit="tokens")
     # Token 2*tps+5 is in step 2; token 4*tps is in step 4, so the window is [2, 5).

@@ -48,7 +48,10 @@ def _import_graph(packages: tuple[str, ...]) -> dict[str, set[str]]:
         modules.update(_modules(package))
     known = set(modules)
     # A module always imports its own packages first (their __init__): not an edge of the design.
-    return {name: {t for t in _imported(path, known) if not (name + ".").startswith(t + ".")} for name, path in modules.items()}
+    return {
+        name: {t for t in _imported(path, known) if not (name + ".").startswith(t + ".")}
+        for name, path in modules.items()
+    }
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -107,7 +110,11 @@ def test_plugins_import_only_multirun_never_another_plugin() -> None:
 def test_the_core_never_imports_a_plugin_module() -> None:
     # The registries name plugins by "module:attribute" strings, loaded on first use.
     graph = _import_graph(("multirun", *PLUGIN_PACKAGES))
-    core = {m: sorted(t for t in targets if t.split(".")[0] in PLUGIN_PACKAGES) for m, targets in graph.items() if m.startswith("multirun")}
+    core = {
+        m: sorted(t for t in targets if t.split(".")[0] in PLUGIN_PACKAGES)
+        for m, targets in graph.items()
+        if m.startswith("multirun")
+    }
     assert {m: t for m, t in core.items() if t} == {}
 
 
@@ -118,8 +125,13 @@ def test_the_callback_implements_composers_event_methods_not_run_event() -> None
 
     assert MultirunCallback.run_event is Callback.run_event  # Composer dispatches each event to its method
     handled = (
-        Event.FIT_START, Event.AFTER_DATALOADER, Event.BEFORE_FORWARD, Event.BATCH_END,
-        Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT, Event.FIT_END,
+        Event.FIT_START,
+        Event.AFTER_DATALOADER,
+        Event.BEFORE_FORWARD,
+        Event.BATCH_END,
+        Event.BATCH_CHECKPOINT,
+        Event.EPOCH_CHECKPOINT,
+        Event.FIT_END,
     )
     for event in handled:
         assert getattr(MultirunCallback, event.value) is not getattr(Callback, event.value), event

@@ -35,8 +35,18 @@ ITEMS = [[f"q{i}" for i in range(7)], [f"c{i}" for i in range(4)], [f"f{i}" for 
 # "q1" also in another experiment: item ids need not be unique across experiments.
 ITEMS[2][0] = "q1"
 SEQ_LEN = 64
-INT_COLS = ["step", "global_row", "local_row", "sample_id", "offset", "length",
-            "experiment", "item_index", "sequence", "repetition"]
+INT_COLS = [
+    "step",
+    "global_row",
+    "local_row",
+    "sample_id",
+    "offset",
+    "length",
+    "experiment",
+    "item_index",
+    "sequence",
+    "repetition",
+]
 
 
 def gen_spans(steps: range, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
@@ -51,10 +61,19 @@ def gen_spans(steps: range, rows: int = 8, seed: int = 0) -> dict[str, np.ndarra
                 offset = lo + int(rng.integers(0, hi - lo - length + 1))
                 e = int(rng.integers(0, len(NAMES)))
                 tokens = rng.integers(0, 50_000, length)
-                for k, v in dict(step=step, global_row=row, local_row=row // 2, sample_id=1000 * step + row,
-                                 offset=offset, length=length, experiment=e,
-                                 item_index=int(rng.integers(0, len(ITEMS[e]))), sequence=int(rng.integers(0, 30)),
-                                 repetition=int(rng.integers(0, 4)), token_hash=token_hash(tokens)).items():
+                for k, v in dict(
+                    step=step,
+                    global_row=row,
+                    local_row=row // 2,
+                    sample_id=1000 * step + row,
+                    offset=offset,
+                    length=length,
+                    experiment=e,
+                    item_index=int(rng.integers(0, len(ITEMS[e]))),
+                    sequence=int(rng.integers(0, 30)),
+                    repetition=int(rng.integers(0, 4)),
+                    token_hash=token_hash(tokens),
+                ).items():
                     out[k].append(v)
     cols = {k: np.asarray(v, dtype=np.int64) for k, v in out.items() if k in INT_COLS}
     cols["token_hash"] = np.asarray(out["token_hash"], dtype=np.uint64)
@@ -85,13 +104,24 @@ def expected_table(parts: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, 
     for rank, sp in parts:
         for i in range(len(sp["step"])):
             e = int(sp["experiment"][i])
-            rows.append(dict(
-                step=int(sp["step"][i]), rank=rank, global_row=int(sp["global_row"][i]),
-                local_row=int(sp["local_row"][i]), sample_id=int(sp["sample_id"][i]), offset=int(sp["offset"][i]),
-                length=int(sp["length"][i]), experiment=NAMES[e], item=ITEMS[e][int(sp["item_index"][i])],
-                item_index=int(sp["item_index"][i]), sequence=int(sp["sequence"][i]),
-                repetition=int(sp["repetition"][i]), arm="treated", token_hash=int(sp["token_hash"][i]),
-            ))
+            rows.append(
+                dict(
+                    step=int(sp["step"][i]),
+                    rank=rank,
+                    global_row=int(sp["global_row"][i]),
+                    local_row=int(sp["local_row"][i]),
+                    sample_id=int(sp["sample_id"][i]),
+                    offset=int(sp["offset"][i]),
+                    length=int(sp["length"][i]),
+                    experiment=NAMES[e],
+                    item=ITEMS[e][int(sp["item_index"][i])],
+                    item_index=int(sp["item_index"][i]),
+                    sequence=int(sp["sequence"][i]),
+                    repetition=int(sp["repetition"][i]),
+                    arm="treated",
+                    token_hash=int(sp["token_hash"][i]),
+                )
+            )
     rows.sort(key=lambda r: (r["step"], r["global_row"], r["offset"]))
     return {k: [r[k] for r in rows] for k in SCHEMA.names}
 
@@ -125,9 +155,18 @@ def test_round_trip_exact_columns_and_schema(tmp_path: Path) -> None:
 def test_append_broadcasts_scalars_and_copies_arrays(tmp_path: Path) -> None:
     w = LedgerWriter(tmp_path, rank=3, experiment_names=NAMES, item_ids=ITEMS)
     offsets = np.array([0, 10, 20])
-    common = dict(step=4, global_row=np.array([1, 1, 1]), local_row=0, sample_id=-1, length=5,
-                  experiment=np.array([0, 1, 2]), item_index=np.array([6, 3, 0]), sequence=0, repetition=2,
-                  token_hash=np.array([1, 2, 2**64 - 1], dtype=np.uint64))
+    common = dict(
+        step=4,
+        global_row=np.array([1, 1, 1]),
+        local_row=0,
+        sample_id=-1,
+        length=5,
+        experiment=np.array([0, 1, 2]),
+        item_index=np.array([6, 3, 0]),
+        sequence=0,
+        repetition=2,
+        token_hash=np.array([1, 2, 2**64 - 1], dtype=np.uint64),
+    )
     w.append(offset=offsets, **common)
     offsets[:] = 40  # the writer must have copied
     w.append(offset=np.array([30, 40, 50]), **common)
@@ -143,9 +182,19 @@ def test_append_broadcasts_scalars_and_copies_arrays(tmp_path: Path) -> None:
 
 def test_append_rejects_bad_input(tmp_path: Path) -> None:
     w = LedgerWriter(tmp_path, rank=0, experiment_names=NAMES, item_ids=ITEMS)
-    ok = dict(step=np.array([0, 0]), global_row=np.array([0, 1]), local_row=np.array([0, 1]), sample_id=-1,
-              offset=np.array([0, 0]), length=np.array([4, 4]), experiment=np.array([0, 1]),
-              item_index=np.array([0, 0]), sequence=0, repetition=0, token_hash=np.array([1, 2], dtype=np.uint64))
+    ok = dict(
+        step=np.array([0, 0]),
+        global_row=np.array([0, 1]),
+        local_row=np.array([0, 1]),
+        sample_id=-1,
+        offset=np.array([0, 0]),
+        length=np.array([4, 4]),
+        experiment=np.array([0, 1]),
+        item_index=np.array([0, 0]),
+        sequence=0,
+        repetition=0,
+        token_hash=np.array([1, 2], dtype=np.uint64),
+    )
     with pytest.raises(ValueError, match="differ in length"):
         w.append(**{**ok, "offset": np.array([0, 0, 0])})
     with pytest.raises(ValueError, match="experiment index"):
@@ -231,10 +280,12 @@ def test_query_filters(tmp_path: Path) -> None:
     assert got(led.query(item="q1")) == expect(lambda r: r["item"] == "q1")
     assert {r["experiment"] for r in rows if r["item"] == "q1"} == {"contam", "facts"}  # shared id, both matched
     assert got(led.query(experiment="facts", item="q1")) == expect(
-        lambda r: r["experiment"] == "facts" and r["item"] == "q1")
+        lambda r: r["experiment"] == "facts" and r["item"] == "q1"
+    )
     assert got(led.query(steps=(5, 9))) == expect(lambda r: 5 <= r["step"] < 9) != []
     assert got(led.query(steps=(5, 9), rank=1, experiment="contam")) == expect(
-        lambda r: 5 <= r["step"] < 9 and r["rank"] == 1 and r["experiment"] == "contam")
+        lambda r: 5 <= r["step"] < 9 and r["rank"] == 1 and r["experiment"] == "contam"
+    )
     assert len(led.query(experiment="nope")) == 0 and len(led.query(item="nope")) == 0
     assert len(led.query(steps=(7, 7))) == 0
     assert len(led.query()) == len(led)
@@ -258,9 +309,11 @@ def test_summary_and_exposures_match_independent_counts(tmp_path: Path) -> None:
         assert row["tokens"] == tokens
         assert row["share_of_training_tokens"] == pytest.approx(tokens / total)
         assert row["items_exposed"] == len(per_item)
-        assert row["exposures_per_item"] == {"min": min(per_item.values()),
-                                             "mean": pytest.approx(len(idx) / len(per_item)),
-                                             "max": max(per_item.values())}
+        assert row["exposures_per_item"] == {
+            "min": min(per_item.values()),
+            "mean": pytest.approx(len(idx) / len(per_item)),
+            "max": max(per_item.values()),
+        }
         assert row["first_step"] == min(int(spans["step"][i]) for i in idx)
         assert row["last_step"] == max(int(spans["step"][i]) for i in idx)
         assert led.exposures(name) == {ITEMS[e][k]: v for k, v in per_item.items()}
@@ -338,8 +391,10 @@ def test_truncate_at_zero_and_inside_single_step_shards(tmp_path: Path) -> None:
     spans = gen_spans(range(4), seed=10)
     write(tmp_path, spans, flush_every_step=1)
     assert truncate_ledger(tmp_path, from_step=2) == int((spans["step"] >= 2).sum())
-    assert sorted(_shards(tmp_path, 0)) == ["part-000000000000-000000000000.parquet",
-                                            "part-000000000001-000000000001.parquet"]
+    assert sorted(_shards(tmp_path, 0)) == [
+        "part-000000000000-000000000000.parquet",
+        "part-000000000001-000000000001.parquet",
+    ]
     assert truncate_ledger(tmp_path, from_step=0) == int((spans["step"] < 2).sum())
     assert len(Ledger.open(tmp_path)) == 0
 
@@ -386,9 +441,18 @@ def test_empty_ledger(tmp_path: Path) -> None:
 
 
 def test_integrity_catches_duplicates_and_overlaps(tmp_path: Path) -> None:
-    base = dict(step=np.array([1, 1, 2]), global_row=np.array([0, 0, 0]), local_row=0, sample_id=-1,
-                length=np.array([4, 4, 4]), experiment=0, item_index=0, sequence=0, repetition=0,
-                token_hash=np.array([1, 2, 3], dtype=np.uint64))
+    base = dict(
+        step=np.array([1, 1, 2]),
+        global_row=np.array([0, 0, 0]),
+        local_row=0,
+        sample_id=-1,
+        length=np.array([4, 4, 4]),
+        experiment=0,
+        item_index=0,
+        sequence=0,
+        repetition=0,
+        token_hash=np.array([1, 2, 3], dtype=np.uint64),
+    )
     ok = tmp_path / "ok"
     with LedgerWriter(ok, 0, NAMES, ITEMS) as w:
         w.append(offset=np.array([0, 4, 0]), **base)  # touching spans, a new step: fine
@@ -398,8 +462,16 @@ def test_integrity_catches_duplicates_and_overlaps(tmp_path: Path) -> None:
     with LedgerWriter(dup, 0, NAMES, ITEMS) as w:
         w.append(offset=np.array([0, 8, 0]), **base)
     with LedgerWriter(dup, 1, NAMES, ITEMS) as w:  # another rank claims the same (step, row, offset)
-        w.append(**{**base, "step": np.array([1]), "global_row": np.array([0]), "length": np.array([4]),
-                    "token_hash": np.array([9], dtype=np.uint64)}, offset=np.array([8]))
+        w.append(
+            **{
+                **base,
+                "step": np.array([1]),
+                "global_row": np.array([0]),
+                "length": np.array([4]),
+                "token_hash": np.array([9], dtype=np.uint64),
+            },
+            offset=np.array([8]),
+        )
     with pytest.raises(LedgerIntegrityError, match=r"1 duplicate span\(s\).*step=1, global_row=0"):
         Ledger.open(dup).check_integrity()
 

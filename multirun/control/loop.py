@@ -40,12 +40,15 @@ def build_controllers(loaded: LoadedConfig, plan: RunPlan, monitor_classes: dict
         if every is None:
             raise ConfigError(
                 "a controller needs a monitoring cadence (monitoring.every or this experiment's monitor.every)",
-                file=loaded.source, key=f"{where}.controller",
+                file=loaded.source,
+                key=f"{where}.controller",
             )
         monitor_class = monitor_classes.get(spec.name)
         if monitor_class is None:
             raise ConfigError(
-                "a controller needs the experiment's monitor (monitor.enabled is false)", file=loaded.source, key=f"{where}.controller"
+                "a controller needs the experiment's monitor (monitor.enabled is false)",
+                file=loaded.source,
+                key=f"{where}.controller",
             )
         try:
             controllers[spec.name] = build_controller(
@@ -68,13 +71,17 @@ def build_control_loop(
     controllers = build_controllers(loaded, plan, monitor_classes)
     if not controllers:
         return None
-    return ControlLoop(controllers, plan, run_dir=run_dir, max_modified_fraction=loaded.config.injection.max_modified_fraction)
+    return ControlLoop(
+        controllers, plan, run_dir=run_dir, max_modified_fraction=loaded.config.injection.max_modified_fraction
+    )
 
 
 class ControlLoop:
     """Controllers plus the dynamic schedule they fill."""
 
-    def __init__(self, controllers: dict[str, Controller], plan: RunPlan, *, run_dir: Path, max_modified_fraction: float) -> None:
+    def __init__(
+        self, controllers: dict[str, Controller], plan: RunPlan, *, run_dir: Path, max_modified_fraction: float
+    ) -> None:
         self.controllers = controllers
         self.plan = plan
         self.run_dir = Path(run_dir)
@@ -87,8 +94,11 @@ class ControlLoop:
 
     def _fresh_schedule(self) -> DynamicSchedule:
         return DynamicSchedule(
-            self.plan.experiments, self.plan.spans, self.plan.geometry,
-            max_modified_fraction=self.max_modified_fraction, seed=self.plan.seed,
+            self.plan.experiments,
+            self.plan.spans,
+            self.plan.geometry,
+            max_modified_fraction=self.max_modified_fraction,
+            seed=self.plan.seed,
         )
 
     # ------------------------------------------------------------------ state
@@ -109,8 +119,12 @@ class ControlLoop:
         state = json.loads(state_json)
         decisions = [ControllerDecision.from_dict(d) for d in state["decisions"]]
         self.schedule = DynamicSchedule.from_decisions(
-            decisions, self.plan.experiments, self.plan.spans, self.plan.geometry,
-            max_modified_fraction=self.max_modified_fraction, seed=self.plan.seed,
+            decisions,
+            self.plan.experiments,
+            self.plan.spans,
+            self.plan.geometry,
+            max_modified_fraction=self.max_modified_fraction,
+            seed=self.plan.seed,
         )
         for name, controller in self.controllers.items():
             if name not in state["states"]:
@@ -119,7 +133,12 @@ class ControlLoop:
 
     # -------------------------------------------------------------- decisions
     def decide(
-        self, *, step: int, records: Sequence[EvaluationRecord], evaluated: Sequence[str] | None = None, logger: Any = None
+        self,
+        *,
+        step: int,
+        records: Sequence[EvaluationRecord],
+        evaluated: Sequence[str] | None = None,
+        logger: Any = None,
     ) -> list[ControllerDecision]:
         """Let each controller whose experiment was scored (``evaluated``; None = all) decide
         after an evaluation at ``step`` completed steps."""
@@ -128,7 +147,9 @@ class ControlLoop:
         for name, controller in self.controllers.items():
             if evaluated is not None and name not in evaluated:
                 continue
-            decision = controller.decide(step=step, records=records, experiment=by_name[name], num_steps=self.plan.geometry.num_steps)
+            decision = controller.decide(
+                step=step, records=records, experiment=by_name[name], num_steps=self.plan.geometry.num_steps
+            )
             spans, unplaced = self.schedule.apply(decision)
             decisions.append(decision)
             lines.append(decision.log_record(placed=len(spans), unplaced=unplaced, tokens=int(spans.length.sum())))
@@ -155,9 +176,7 @@ class ControlLoop:
     def write_acquisition(self, ledger_table: Any) -> dict[str, Any]:
         """``acquisition.json``: per acquire-controlled item, the step and exposures to acquisition."""
         acquired = {name: controller.acquired_at for name, controller in self.controllers.items()}
-        record = {
-            name: acquisition_record(ledger_table, name, at) for name, at in acquired.items() if at is not None
-        }
+        record = {name: acquisition_record(ledger_table, name, at) for name, at in acquired.items() if at is not None}
         if record:
             write_json_atomic(RunDir(self.run_dir).acquisition, record)
         return record

@@ -366,7 +366,11 @@ def read_dataset_info(path: str | os.PathLike[str]) -> PreparedDataset:
         if not isinstance(value, typ) or isinstance(value, bool):
             raise InputError(f"missing or not a {typ.__name__} (got {value!r})", file=info_file, key=key)
     if info["format_version"] != FORMAT_VERSION:
-        raise InputError(f"unsupported format_version {info['format_version']} (expected {FORMAT_VERSION})", file=info_file, key="format_version")
+        raise InputError(
+            f"unsupported format_version {info['format_version']} (expected {FORMAT_VERSION})",
+            file=info_file,
+            key="format_version",
+        )
     if info["sequence_length"] < 1 or info["num_samples"] < 1:
         raise InputError("sequence_length and num_samples must be positive", file=info_file, key="num_samples")
     if not (directory / "index.json").is_file():
@@ -607,7 +611,9 @@ def build_demo_dataset(
     _remove_stale_builds(cache)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
     try:
-        prepare_dataset(sources, tmp, tokenizer, sequence_length, max_bytes=max_bytes, progress=progress, skip_invalid=True)
+        prepare_dataset(
+            sources, tmp, tokenizer, sequence_length, max_bytes=max_bytes, progress=progress, skip_invalid=True
+        )
         try:
             os.replace(tmp, final)
         except OSError:

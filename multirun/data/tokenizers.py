@@ -179,7 +179,9 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` with special tokens dropped and spacing left as encoded."""
-        return str(self._tok.decode([int(i) for i in ids], skip_special_tokens=True, clean_up_tokenization_spaces=False))
+        return str(
+            self._tok.decode([int(i) for i in ids], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        )
 
     def fingerprint(self) -> str:
         """xxh64 over the tokenizer files (names and bytes, in sorted name order)."""
@@ -199,7 +201,9 @@ def _tokenizer_dir(path: str) -> Path:
     # A Hub id served from the local cache: its files live in a snapshot directory.
     from transformers.utils import cached_file
 
-    resolved = cached_file(path, "tokenizer_config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False)
+    resolved = cached_file(
+        path, "tokenizer_config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False
+    )
     if resolved is None:
         raise InputError("cannot locate the tokenizer files to fingerprint", file=path, key="tokenizer.path")
     return Path(resolved).parent
@@ -235,7 +239,9 @@ def load_tokenizer(kind: TokenizerKind | str, path: str | os.PathLike[str] | Non
     """
     if kind == "bytes":
         if path is not None:
-            raise InputError("the byte tokenizer takes no path; remove it or use kind 'huggingface'", key="tokenizer.path")
+            raise InputError(
+                "the byte tokenizer takes no path; remove it or use kind 'huggingface'", key="tokenizer.path"
+            )
         return ByteTokenizer()
     if kind == "huggingface":
         if path is None or os.fspath(path).strip() == "":

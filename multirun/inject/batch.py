@@ -119,7 +119,9 @@ def global_rows(
     return RowMap(global_of[mine][np.argsort(positions[mine])], total_rows=int(ids.shape[0]))
 
 
-def flat_token_positions(local_row: np.ndarray, offset: np.ndarray, length: np.ndarray, sequence_length: int) -> np.ndarray:
+def flat_token_positions(
+    local_row: np.ndarray, offset: np.ndarray, length: np.ndarray, sequence_length: int
+) -> np.ndarray:
     """Flat indices into a ``(rows, sequence_length)`` tensor covering every span, in span order."""
     starts = local_row.astype(np.int64) * sequence_length + offset.astype(np.int64)
     lengths = length.astype(np.int64)

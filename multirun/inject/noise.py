@@ -75,7 +75,12 @@ class EmbeddingNoiseHook:
 
 
 def noised_spans(
-    local_rows: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, specs: list[EmbeddingNoise | None], items: np.ndarray, experiments: np.ndarray
+    local_rows: np.ndarray,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    specs: list[EmbeddingNoise | None],
+    items: np.ndarray,
+    experiments: np.ndarray,
 ) -> list[NoisedSpan]:
     """The step's spans whose experiment adds embedding noise."""
     out = []

@@ -190,8 +190,11 @@ class MultirunCallback(Callback):
         self._record_missed(injection.located.missed, injection.located.total_rows)
         if len(injection):
             state.batch = apply_spans(
-                batch, positions=injection.positions, tokens=injection.tokens,
-                eos_token_id=plan.eos_token_id, rows_touched=injection.located.local_rows,
+                batch,
+                positions=injection.positions,
+                tokens=injection.tokens,
+                eos_token_id=plan.eos_token_id,
+                rows_touched=injection.located.local_rows,
             )
             if self._noise_hook is not None:
                 self._noise_hook.set_step(injection.noise)
@@ -346,14 +349,24 @@ class MultirunCallback(Callback):
             self._evaluate(state, logger, step=completed, when="interval", experiments=experiments, heldout=heldout)
 
     def _evaluate(
-        self, state: State, logger: Logger | None, *, step: int, when: str,
-        experiments: list[str] | None = None, heldout: bool = True,
+        self,
+        state: State,
+        logger: Logger | None,
+        *,
+        step: int,
+        when: str,
+        experiments: list[str] | None = None,
+        heldout: bool = True,
     ) -> None:
         assert self.monitors is not None
         from composer.core.precision import get_precision_context
 
         records = self.monitors.evaluate(
-            unwrap_model(state.model), step=step, when=when, experiments=experiments, heldout=heldout,
+            unwrap_model(state.model),
+            step=step,
+            when=when,
+            experiments=experiments,
+            heldout=heldout,
             precision_context=lambda: get_precision_context(state.precision),
         )
         with self.monitors.follow_up("logging and control"):
@@ -404,15 +417,20 @@ class MultirunCallback(Callback):
             # Effects and monitor failures without per-item scores; run-level metrics apart.
             summary["effects"] = [
                 {k: v for k, v in r.to_json().items() if k != "items"}
-                for r in self.monitors.last_records if not isinstance(r, RunMetricRecord)
+                for r in self.monitors.last_records
+                if not isinstance(r, RunMetricRecord)
             ]
             heldout = [
-                r.value for r in self.monitors.last_records if isinstance(r, RunMetricRecord) and r.metric == "heldout_loss"
+                r.value
+                for r in self.monitors.last_records
+                if isinstance(r, RunMetricRecord) and r.metric == "heldout_loss"
             ]
             summary["heldout_loss"] = heldout[0] if heldout else None
             summary["monitor_seconds"] = round(self.monitors.seconds, 6)
             summary["monitor_evaluations"] = self.monitors.evaluations
-            summary["monitor_seconds_by_part"] = {k: round(v, 6) for k, v in sorted(self.monitors.seconds_by_part.items())}
+            summary["monitor_seconds_by_part"] = {
+                k: round(v, 6) for k, v in sorted(self.monitors.seconds_by_part.items())
+            }
             summary["alpha"] = self.monitors.config.alpha
         write_json_atomic(self.files.summary, summary)
 

@@ -73,8 +73,15 @@ class LlmFoundryMultirunCallback(MultirunCallback):
         overwrite: bool = False,
     ) -> None:
         pending = DeferredParts.from_kwargs(
-            config=config, sequence_length=sequence_length, experiments=experiments, injection=injection,
-            tokenizer=tokenizer, seed=seed, run_dir=run_dir, monitoring=monitoring, interaction=interaction,
+            config=config,
+            sequence_length=sequence_length,
+            experiments=experiments,
+            injection=injection,
+            tokenizer=tokenizer,
+            seed=seed,
+            run_dir=run_dir,
+            monitoring=monitoring,
+            interaction=interaction,
         )
         super().__init__(pending, overwrite=overwrite)
 
@@ -92,6 +99,7 @@ class DeferredParts:
     @property
     def interaction_after(self) -> str:
         return self.loaded.config.interaction.after
+
     @classmethod
     def from_kwargs(
         cls,
@@ -109,7 +117,8 @@ class DeferredParts:
         if config is not None:
             if experiments is not None or monitoring is not None or interaction is not None:
                 raise ConfigError(
-                    "give either config or inline experiments/monitoring/interaction, not both", key="callbacks.multirun"
+                    "give either config or inline experiments/monitoring/interaction, not both",
+                    key="callbacks.multirun",
                 )
             loaded = load_config(config)
         else:
@@ -119,8 +128,11 @@ class DeferredParts:
                 )
             raw: dict[str, Any] = {"run_name": "llmfoundry", "experiments": experiments}
             inline = (
-                ("injection", injection), ("tokenizer", tokenizer), ("seed", seed),
-                ("monitoring", monitoring), ("interaction", interaction),
+                ("injection", injection),
+                ("tokenizer", tokenizer),
+                ("seed", seed),
+                ("monitoring", monitoring),
+                ("interaction", interaction),
             )
             for key, value in inline:
                 if value is not None:
@@ -128,9 +140,7 @@ class DeferredParts:
             try:
                 loaded = LoadedConfig(config=RunConfig.model_validate(raw), source=None, base_dir=Path.cwd())
             except ValidationError as exc:
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-                )
+                problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
                 raise ConfigError(problems, key="callbacks.multirun") from None
         if sequence_length is None:
             raise ConfigError(

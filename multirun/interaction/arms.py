@@ -111,7 +111,8 @@ def participants_of(loaded: LoadedConfig, settings: InteractionConfig) -> list[s
             known = ", ".join(injectable) or "none"
             raise ConfigError(
                 f"{name!r} is not an injected experiment of this run (injected: {known})",
-                file=loaded.source, key=f"interaction.experiments[{index}]",
+                file=loaded.source,
+                key=f"interaction.experiments[{index}]",
             )
     if not settings.experiments:
         raise ConfigError("needs at least one experiment", file=loaded.source, key="interaction.experiments")
@@ -188,7 +189,8 @@ def run_interaction(
             f"the 'all' arm would modify {settings.intensity * len(participants):.3g} of its tokens "
             f"({len(participants)} experiments x {settings.intensity:g}), more than injection.max_modified_fraction "
             f"{cap:g}; lower the intensity or raise the cap",
-            file=loaded.source, key="interaction.intensity",
+            file=loaded.source,
+            key="interaction.intensity",
         )
     checkpoint_path = find_checkpoint(run_dir, checkpoint)
     start = checkpoint_step(checkpoint_path)
@@ -202,22 +204,36 @@ def run_interaction(
     )
     # Each arm scores every monitor once, at its end, on its own fork of these parts.
     parts = assemble_parts(
-        loaded, tokenizer=tokenizer, geometry=geometry, run_dir=out, plan=plan, controlled=False,
+        loaded,
+        tokenizer=tokenizer,
+        geometry=geometry,
+        run_dir=out,
+        plan=plan,
+        controlled=False,
         heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
     )
     if not parts.monitors.entries:
-        raise ConfigError("no experiment has an enabled monitor: there is nothing to compare", file=loaded.source, key="experiments")
+        raise ConfigError(
+            "no experiment has an enabled monitor: there is nothing to compare", file=loaded.source, key="experiments"
+        )
     measured = [m.experiment for m in parts.monitors.entries]
     arms, comparisons = design(participants, measured=measured, leave_one_out=settings.leave_one_out)
     if dist.get_global_rank() == 0:
         # Arms of an earlier call (another start step, other arms) would mix into these ledgers.
         shutil.rmtree(out / "arms", ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "settings.json", {
-            "run_dir": str(run_dir), "checkpoint": str(checkpoint_path), "start_step": start,
-            **settings.model_dump(mode="json"), "participants": participants, "measured": measured,
-            "arms": {name: list(members) for name, members in arms.items()},
-        })
+        write_json_atomic(
+            out / "settings.json",
+            {
+                "run_dir": str(run_dir),
+                "checkpoint": str(checkpoint_path),
+                "start_step": start,
+                **settings.model_dump(mode="json"),
+                "participants": participants,
+                "measured": measured,
+                "arms": {name: list(members) for name, members in arms.items()},
+            },
+        )
 
     # No barrier needed (nor possible: the process group starts with the first Trainer): the
     # other ranks write into arms/ only after that Trainer's start-up and the callback's
@@ -226,8 +242,14 @@ def run_interaction(
     for number, (name, members) in enumerate(arms.items(), start=1):
         arm_started = time.perf_counter()
         arm_records[name] = _run_arm(
-            parts, name=name, members=members, dataset=dataset, checkpoint=checkpoint_path, start=start,
-            settings=settings, arm_dir=out / "arms" / name,
+            parts,
+            name=name,
+            members=members,
+            dataset=dataset,
+            checkpoint=checkpoint_path,
+            start=start,
+            settings=settings,
+            arm_dir=out / "arms" / name,
             callbacks=list(extra_callbacks(name)) if extra_callbacks else [],
         )
         if progress and dist.get_global_rank() == 0:
@@ -257,9 +279,14 @@ def _run_arm(
     """Train one arm from the checkpoint; the records of its final evaluation."""
     loaded, tokenizer = parts.loaded, parts.tokenizer
     config = loaded.config
-    monitoring = MonitoringConfig(**{
-        **config.monitoring.model_dump(), "every": None, "at_fit_start": False, "at_fit_end": True,
-    })
+    monitoring = MonitoringConfig(
+        **{
+            **config.monitoring.model_dump(),
+            "every": None,
+            "at_fit_start": False,
+            "at_fit_end": True,
+        }
+    )
     arm = parts.fork(parts.plan.restricted(members), run_dir=arm_dir, monitoring=monitoring)
     callback = MultirunCallback(arm, overwrite=True)
     model = build_model(loaded, tokenizer, dataset.sequence_length)
@@ -276,7 +303,9 @@ def _run_arm(
         **trainer_settings(loaded),
     )
     if int(trainer.state.timestamp.batch) != start:
-        raise ResumeError(f"the checkpoint is at step {int(trainer.state.timestamp.batch)}, expected {start}", file=checkpoint)
+        raise ResumeError(
+            f"the checkpoint is at step {int(trainer.state.timestamp.batch)}, expected {start}", file=checkpoint
+        )
     if settings.lr is not None:
         for optimizer in trainer.state.optimizers:
             for group in optimizer.param_groups:

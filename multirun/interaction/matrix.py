@@ -43,8 +43,23 @@ from multirun.measure.stats import EffectResult, compare_means, holm_adjust
 from multirun.run_dir import MATRIX_CSV, MATRIX_JSON, atomic_path, write_json_atomic
 
 CSV_COLUMNS = (
-    "arm", "baseline", "kind", "family", "experiment", "metric", "effect", "ci_low", "ci_high",
-    "p_value", "p_holm", "significant", "diagonal", "treated_change", "control_change", "n_treated", "n_control",
+    "arm",
+    "baseline",
+    "kind",
+    "family",
+    "experiment",
+    "metric",
+    "effect",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_holm",
+    "significant",
+    "diagonal",
+    "treated_change",
+    "control_change",
+    "n_treated",
+    "n_control",
 )
 
 
@@ -90,21 +105,36 @@ def design(
         arms[alone(j)] = (j,)
         for i in measured:
             own = i == j
-            comparisons.append(Comparison(
-                f"alone: {j}", alone(j), "none", "diagonal" if own else "pair", "diagonal" if own else "off_diagonal", i,
-            ))
+            comparisons.append(
+                Comparison(
+                    f"alone: {j}",
+                    alone(j),
+                    "none",
+                    "diagonal" if own else "pair",
+                    "diagonal" if own else "off_diagonal",
+                    i,
+                )
+            )
     arms["all"] = tuple(participants)
     comparisons += [Comparison("all", "all", "none", "all", "all", i) for i in measured]
-    comparisons += [Comparison("all vs alone", "all", alone(i), "all_vs_alone", "all_vs_alone", i) for i in participants]
+    comparisons += [
+        Comparison("all vs alone", "all", alone(i), "all_vs_alone", "all_vs_alone", i) for i in participants
+    ]
     if leave_one_out and len(participants) > 1:
         for j in participants:
             arms[without(j)] = tuple(p for p in participants if p != j)
             for i in measured:
                 own = i == j
-                comparisons.append(Comparison(
-                    f"all vs without: {j}", "all", without(j), "leave_one_out",
-                    "diagonal" if own else "off_diagonal", i,
-                ))
+                comparisons.append(
+                    Comparison(
+                        f"all vs without: {j}",
+                        "all",
+                        without(j),
+                        "leave_one_out",
+                        "diagonal" if own else "off_diagonal",
+                        i,
+                    )
+                )
     return arms, comparisons
 
 
@@ -148,8 +178,12 @@ def compare_arms(arm: ItemScores, baseline: ItemScores, *, n_resamples: int, see
         if math.isfinite(change):
             (treated if is_treated else control).append(change)
     return compare_means(
-        np.array(treated), np.array(control), metric=arm.metric, alternative="two-sided",
-        n_resamples=n_resamples, seed=seed,
+        np.array(treated),
+        np.array(control),
+        metric=arm.metric,
+        alternative="two-sided",
+        n_resamples=n_resamples,
+        seed=seed,
     )
 
 
@@ -172,8 +206,15 @@ def build_matrix(
     cells: list[dict[str, Any]] = []
     for index, c in enumerate(comparisons):
         cell: dict[str, Any] = {
-            "arm": c.label, "arm_name": c.arm, "baseline": c.baseline, "kind": c.kind, "family": c.family,
-            "experiment": c.experiment, "diagonal": c.diagonal, "p_holm": None, "significant": False,
+            "arm": c.label,
+            "arm_name": c.arm,
+            "baseline": c.baseline,
+            "kind": c.kind,
+            "family": c.family,
+            "experiment": c.experiment,
+            "diagonal": c.diagonal,
+            "p_holm": None,
+            "significant": False,
         }
         arm, base = scores.get(c.arm, {}).get(c.experiment), scores.get(c.baseline, {}).get(c.experiment)
         if arm is None or base is None:
@@ -196,12 +237,17 @@ def build_matrix(
         "n_resamples": n_resamples,
         "cells": cells,
         "interactions": [
-            {"arm": c["arm"], "experiment": c["experiment"], "metric": c["metric"], "effect": c["effect"], "p_holm": c["p_holm"]}
+            {
+                "arm": c["arm"],
+                "experiment": c["experiment"],
+                "metric": c["metric"],
+                "effect": c["effect"],
+                "p_holm": c["p_holm"],
+            }
             for c in interactions
         ],
-        "verdict": (
-            f"{len(interactions)} interaction(s) detected" if interactions else "no interaction detected"
-        ) + f" among {tested} off-diagonal cell(s) at alpha {alpha:g} (Holm)",
+        "verdict": (f"{len(interactions)} interaction(s) detected" if interactions else "no interaction detected")
+        + f" among {tested} off-diagonal cell(s) at alpha {alpha:g} (Holm)",
     }
 
 
@@ -209,9 +255,16 @@ def _cell_fields(result: EffectResult) -> dict[str, Any]:
     """A cell's statistics, strict JSON (non-finite values are None)."""
     d = result.to_dict()
     return {
-        "metric": d["metric"], "effect": d["effect"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
-        "p_value": d["p_value"], "p_holm": d["p_holm"], "treated_change": d["treated_mean"],
-        "control_change": d["control_mean"], "n_treated": d["n_treated"], "n_control": d["n_control"],
+        "metric": d["metric"],
+        "effect": d["effect"],
+        "ci_low": d["ci_low"],
+        "ci_high": d["ci_high"],
+        "p_value": d["p_value"],
+        "p_holm": d["p_holm"],
+        "treated_change": d["treated_mean"],
+        "control_change": d["control_mean"],
+        "n_treated": d["n_treated"],
+        "n_control": d["n_control"],
         "test": f"difference in differences over items; {d['test']}; {d['ci_method']}",
     }
 

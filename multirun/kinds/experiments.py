@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 __all__ = ["arms_record", "build_experiments"]
 
 
-def build_experiments(loaded: LoadedConfig, *, tokenizer: Tokenizer, geometry: BatchGeometry) -> list[PreparedExperiment]:
+def build_experiments(
+    loaded: LoadedConfig, *, tokenizer: Tokenizer, geometry: BatchGeometry
+) -> list[PreparedExperiment]:
     """Load each experiment's payload, pick its injector and prepare its sequences.
 
     Raises:
@@ -43,7 +45,11 @@ def build_experiments(loaded: LoadedConfig, *, tokenizer: Tokenizer, geometry: B
     for i, spec in enumerate(config.experiments):
         # load_config checks this too; a config built in code has not been through it.
         if spec.name in seen:
-            raise ConfigError(f"duplicate experiment name {spec.name!r} (also experiments[{seen[spec.name]}].name)", file=source, key=f"experiments[{i}].name")
+            raise ConfigError(
+                f"duplicate experiment name {spec.name!r} (also experiments[{seen[spec.name]}].name)",
+                file=source,
+                key=f"experiments[{i}].name",
+            )
         seen[spec.name] = i
 
     out: list[PreparedExperiment] = []
@@ -95,7 +101,9 @@ def _build_one(loaded: LoadedConfig, i: int, *, tokenizer: Tokenizer, geometry: 
         # The injector knows the spec, not where it was written: add the file and entry.
         raise ConfigError(e.message, file=source, key=f"{where}.{e.key}" if e.key else where) from None
     if prepared.name != spec.name or prepared.kind != kind:
-        raise RuntimeError(f"injector {kind!r} returned experiment {prepared.name!r}/{prepared.kind!r} for {spec.name!r}")
+        raise RuntimeError(
+            f"injector {kind!r} returned experiment {prepared.name!r}/{prepared.kind!r} for {spec.name!r}"
+        )
     return prepared
 
 

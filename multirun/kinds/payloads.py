@@ -91,7 +91,11 @@ class PayloadPackage:
         """Absolute path of the file with ``role``; PayloadError if the package has none."""
         if role not in self.files:
             have = ", ".join(self.files) or "none"
-            raise PayloadError(f"a {self.kind} payload needs a file with role {role!r} (has: {have})", file=self.root / PAYLOAD_YAML, key="files")
+            raise PayloadError(
+                f"a {self.kind} payload needs a file with role {role!r} (has: {have})",
+                file=self.root / PAYLOAD_YAML,
+                key="files",
+            )
         return self.files[role].path
 
     def iter_jsonl(
@@ -171,7 +175,9 @@ def read_jsonl_file(
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise PayloadError(f"not valid UTF-8 (byte {e.start} of the line: {raw[e.start:e.start + 4]!r})", file=path, line=lineno) from None
+            raise PayloadError(
+                f"not valid UTF-8 (byte {e.start} of the line: {raw[e.start : e.start + 4]!r})", file=path, line=lineno
+            ) from None
         if not text.strip():
             continue
         try:
@@ -189,7 +195,9 @@ def read_jsonl_file(
             if key not in allowed:
                 raise PayloadError(f"unknown key (allowed: {', '.join(allowed)})", file=path, line=lineno, key=key)
             if not _type_ok(value, allowed[key]):
-                raise PayloadError(f"expected a {_type_name(allowed[key])}, got {_json_name(value)}", file=path, line=lineno, key=key)
+                raise PayloadError(
+                    f"expected a {_type_name(allowed[key])}, got {_json_name(value)}", file=path, line=lineno, key=key
+                )
             if isinstance(value, float) and not math.isfinite(value):
                 raise PayloadError("must be a finite number", file=path, line=lineno, key=key)
         out.append((lineno, record))
@@ -223,7 +231,11 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise PayloadError(f"not valid UTF-8 (byte {e.start})", file=manifest) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise PayloadError(f"YAML syntax error: {getattr(e, 'problem', None) or e}", file=manifest, line=mark.line + 1 if mark else None) from None
+        raise PayloadError(
+            f"YAML syntax error: {getattr(e, 'problem', None) or e}",
+            file=manifest,
+            line=mark.line + 1 if mark else None,
+        ) from None
     if not isinstance(doc, dict):
         raise PayloadError("the top level must be a mapping (name, version, kind, license, files)", file=manifest)
     return doc
@@ -248,7 +260,10 @@ def load_package(root: str | Path) -> PayloadPackage:
     root = Path(root)
     manifest = root / PAYLOAD_YAML
     if not manifest.is_file():
-        raise PayloadError("payload package has no payload.yaml" if root.is_dir() else "payload directory not found", file=manifest if root.is_dir() else root)
+        raise PayloadError(
+            "payload package has no payload.yaml" if root.is_dir() else "payload directory not found",
+            file=manifest if root.is_dir() else root,
+        )
     doc = _read_manifest(root)
     try:
         m = _Manifest.model_validate(doc)
@@ -257,7 +272,9 @@ def load_package(root: str | Path) -> PayloadPackage:
         key = ".".join(str(s) for s in err["loc"]) or None
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = f"unknown key (allowed: {', '.join(_Manifest.model_fields) if len(err['loc']) == 1 else 'path, xxh64'})"
+            msg = (
+                f"unknown key (allowed: {', '.join(_Manifest.model_fields) if len(err['loc']) == 1 else 'path, xxh64'})"
+            )
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] == "string_pattern_mismatch" and err["loc"][-1] == "xxh64":
@@ -272,7 +289,8 @@ def load_package(root: str | Path) -> PayloadPackage:
         actual = file_xxh64(path)
         if actual != entry.xxh64:
             raise PayloadError(
-                f"content hash mismatch for {entry.path}: payload.yaml says {entry.xxh64}, the file has {actual}; " + _RECOMPUTE.format(root=root),
+                f"content hash mismatch for {entry.path}: payload.yaml says {entry.xxh64}, the file has {actual}; "
+                + _RECOMPUTE.format(root=root),
                 file=manifest,
                 key=f"files.{role}.xxh64",
             )
@@ -324,12 +342,17 @@ def resolve_payload_ref(ref: str, *, base_dir: Path) -> Path:
                 return d
         looked = ", ".join(str(d) for d in tried)
         known = ", ".join(payloads.names()) or "none"
-        raise PayloadError(f"payload package {ref!r} not found (looked in {looked}; registered: {known})", file=tried[-1])
+        raise PayloadError(
+            f"payload package {ref!r} not found (looked in {looked}; registered: {known})", file=tried[-1]
+        )
     path = Path(ref).expanduser()
     path = path if path.is_absolute() else base_dir / path
     if not (path / PAYLOAD_YAML).is_file():
         what = "has no payload.yaml" if path.is_dir() else "not found"
-        raise PayloadError(f"payload directory {what}: {path.resolve()} (relative refs resolve against {base_dir.resolve()})", file=path)
+        raise PayloadError(
+            f"payload directory {what}: {path.resolve()} (relative refs resolve against {base_dir.resolve()})",
+            file=path,
+        )
     return path
 
 

@@ -65,6 +65,7 @@ class Registry(Generic[T]):
             'Mine'
         """
         if obj is None:
+
             def decorator(o: T) -> T:
                 self.register(name, o, override=override)
                 return o
@@ -105,7 +106,9 @@ class Registry(Generic[T]):
                 try:
                     entry = _import_target(entry)
                 except Exception as e:
-                    raise ConfigError(f"{self.what} {name!r} failed to import ({entry}): {e}", file=file, key=key) from e
+                    raise ConfigError(
+                        f"{self.what} {name!r} failed to import ({entry}): {e}", file=file, key=key
+                    ) from e
                 self._entries[name] = entry
             return entry
         if name in self._loaded:
@@ -113,11 +116,17 @@ class Registry(Generic[T]):
         ep = self._eps().get(name)
         if ep is None:
             known = ", ".join(self.names()) or "none"
-            raise ConfigError(f"unknown {self.what} {name!r} (known: {known}; plugins add more via the entry-point group {self.group!r})", file=file, key=key)
+            raise ConfigError(
+                f"unknown {self.what} {name!r} (known: {known}; plugins add more via the entry-point group {self.group!r})",
+                file=file,
+                key=key,
+            )
         try:
             obj = self._loader(ep)
         except Exception as e:
-            raise ConfigError(f"{self.what} {name!r} from entry point {ep.value!r} failed to load: {e}", file=file, key=key) from e
+            raise ConfigError(
+                f"{self.what} {name!r} from entry point {ep.value!r} failed to load: {e}", file=file, key=key
+            ) from e
         self._loaded[name] = obj
         return obj
 

@@ -165,7 +165,9 @@ def read_items(
         if not item_id.strip():
             raise PayloadError("must be a non-empty string", file=path, line=line, key="id")
         if item_id in first_line:
-            raise PayloadError(f"duplicate id {item_id!r} (first on line {first_line[item_id]})", file=path, line=line, key="id")
+            raise PayloadError(
+                f"duplicate id {item_id!r} (first on line {first_line[item_id]})", file=path, line=line, key="id"
+            )
         first_line[item_id] = line
         for k in text_keys:
             if k in rec and not rec[k].strip():
@@ -235,7 +237,10 @@ def prepared_experiment(
         fingerprint=experiment_fingerprint(
             payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed, placement=placement
         ),
-        metadata={"payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint}, **metadata},
+        metadata={
+            "payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint},
+            **metadata,
+        },
         probes=probes,
         embedding_noise=embedding_noise,
     )
@@ -322,7 +327,11 @@ class PrepareContext:
     def fingerprint(self) -> str:
         """:func:`experiment_fingerprint` of the experiment."""
         return experiment_fingerprint(
-            self.payload, self.spec, tokenizer=self.tokenizer, sequence_length=self.sequence_length, seed=self.seed,
+            self.payload,
+            self.spec,
+            tokenizer=self.tokenizer,
+            sequence_length=self.sequence_length,
+            seed=self.seed,
             placement=self.placement,
         )
 
@@ -345,9 +354,21 @@ class PrepareContext:
         ``seq_repetitions[j]`` times; ``probes`` is the kind's probes dataclass.
         """
         return prepared_experiment(
-            kind, self.payload, self.spec, tokenizer=self.tokenizer, sequence_length=self.sequence_length, seed=self.seed,
-            placement=self.placement, item_ids=item_ids, treated=treated, sequences=sequences, seq_items=seq_items,
-            seq_repetitions=seq_repetitions, metadata=metadata, probes=probes, embedding_noise=embedding_noise,
+            kind,
+            self.payload,
+            self.spec,
+            tokenizer=self.tokenizer,
+            sequence_length=self.sequence_length,
+            seed=self.seed,
+            placement=self.placement,
+            item_ids=item_ids,
+            treated=treated,
+            sequences=sequences,
+            seq_items=seq_items,
+            seq_repetitions=seq_repetitions,
+            metadata=metadata,
+            probes=probes,
+            embedding_noise=embedding_noise,
         )
 
     def check_monitor(self, experiment: PreparedExperiment) -> None:
@@ -364,7 +385,10 @@ class PrepareContext:
 
         monitor_class: Any = monitors.get(experiment.kind)
         monitor_class.from_experiment(
-            experiment, tokenizer=self.tokenizer, options=dict(self.spec.monitor.options), sequence_length=self.sequence_length
+            experiment,
+            tokenizer=self.tokenizer,
+            options=dict(self.spec.monitor.options),
+            sequence_length=self.sequence_length,
         )
 
 

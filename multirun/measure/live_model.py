@@ -199,7 +199,11 @@ class LiveModel:
 
     # ----------------------------------------------------------- primitives
     def logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, positions: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        positions: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One forward pass (counted); returns float32 logits ``(rows, length, vocab)``.
 
@@ -248,8 +252,11 @@ class LiveModel:
         size = length or (lambda _: self.max_length)
         world, rank = dist.get_world_size(), dist.get_global_rank()
         batches = plan_batches(
-            [size(item) for item in items], world=world, rank=rank,
-            batch_tokens=self.batch_tokens, batch_size=batch_size or self.batch_size,
+            [size(item) for item in items],
+            world=world,
+            rank=rank,
+            batch_tokens=self.batch_tokens,
+            batch_size=batch_size or self.batch_size,
         )
         mine: list[tuple[int, R]] = []
         for chunk in batches:
@@ -306,13 +313,15 @@ class LiveModel:
         for context, options in zip(contexts, continuations):
             c, ts = np.asarray(context, dtype=np.int64), [np.asarray(t, dtype=np.int64) for t in options]
             self._check_request(c, ts)
-            requests.append((c[-(self.max_length - max(t.size for t in ts)):], ts))
+            requests.append((c[-(self.max_length - max(t.size for t in ts)) :], ts))
         if not self._takes_kv_cache:
             return self.score_targets([c for c, ts in requests for _ in ts], [t for _, ts in requests for t in ts])
         per_pass = self._shared_per_pass(max(len(ts) for _, ts in requests))
         with self.evaluating():
             results = self.map_sharded(
-                self._score_continuation_batch, requests, batch_size=per_pass,
+                self._score_continuation_batch,
+                requests,
+                batch_size=per_pass,
                 length=lambda r: r[0].size + len(r[1]) * max(t.size for t in r[1]),
             )
         return _target_scores([scored for per_context in results for scored in per_context])
@@ -327,7 +336,7 @@ class LiveModel:
             raise ValueError("every target needs at least one context token")
 
     def _score_batch(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        rows = [np.concatenate([context[-(self.max_length - target.size):], target]) for context, target in batch]
+        rows = [np.concatenate([context[-(self.max_length - target.size) :], target]) for context, target in batch]
         n_targets = np.array([target.size for _, target in batch])
         ids, _ = padded(rows, self.pad_token_id)
         # Only the positions that predict a target token go through log-softmax and
@@ -336,15 +345,19 @@ class LiveModel:
         ends = np.array([r.size for r in rows])
         row_index = np.repeat(np.arange(len(rows)), n_targets)
         position = np.concatenate([np.arange(end - n - 1, end - 1) for end, n in zip(ends, n_targets)])
-        logits = self.logits(ids, right_padding_mask(ids), positions=(torch.from_numpy(row_index), torch.from_numpy(position)))
+        logits = self.logits(
+            ids, right_padding_mask(ids), positions=(torch.from_numpy(row_index), torch.from_numpy(position))
+        )
         target = ids[row_index, position + 1].to(logits.device)
         token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
         greedy = logits.argmax(-1) == target
         splits = np.cumsum(n_targets)[:-1]
-        return list(zip(
-            np.split(token_logprobs.cpu().numpy().astype(np.float64), splits),
-            np.split(greedy.cpu().numpy(), splits),
-        ))
+        return list(
+            zip(
+                np.split(token_logprobs.cpu().numpy().astype(np.float64), splits),
+                np.split(greedy.cpu().numpy(), splits),
+            )
+        )
 
     def _score_continuation_batch(
         self, batch: list[tuple[np.ndarray, list[np.ndarray]]]
@@ -383,9 +396,13 @@ class LiveModel:
         cont_ids, cont_mask = cont_ids.to(self.device), cont_mask.to(self.device)
         lengths = context_mask.sum(-1)[rows]
         # Padding columns can run past the last position; they are masked, any valid id will do.
-        positions = (lengths[:, None] + torch.arange(cont_ids.shape[1], device=self.device)).clamp(max=self.max_length - 1)
+        positions = (lengths[:, None] + torch.arange(cont_ids.shape[1], device=self.device)).clamp(
+            max=self.max_length - 1
+        )
         out = self._cached_forward(
-            cont_ids, torch.cat([context_mask[rows], cont_mask], dim=1), positions,
+            cont_ids,
+            torch.cat([context_mask[rows], cont_mask], dim=1),
+            positions,
             _select_rows(context_out.past_key_values, rows),
         )
         # The prediction of a target's token j > 0 is at its column j - 1; token 0's is the context pass's.
@@ -399,8 +416,10 @@ class LiveModel:
         # Back to target order: first tokens come first, then the later tokens row by row.
         starts = np.concatenate([[0], np.cumsum(n_targets - 1)[:-1]]) + len(targets)
         return [
-            (np.concatenate([token_logprobs[i : i + 1], token_logprobs[s : s + n - 1]]),
-             np.concatenate([greedy[i : i + 1], greedy[s : s + n - 1]]))
+            (
+                np.concatenate([token_logprobs[i : i + 1], token_logprobs[s : s + n - 1]]),
+                np.concatenate([greedy[i : i + 1], greedy[s : s + n - 1]]),
+            )
             for i, (s, n) in enumerate(zip(starts, n_targets))
         ]
 
@@ -409,7 +428,13 @@ class LiveModel:
         return _empty_cache() if getattr(self.module, "_supports_cache_class", False) else None
 
     def _cached_forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: Any, *, last_column_only: bool = False
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        past: Any,
+        *,
+        last_column_only: bool = False,
     ) -> Any:
         """One counted pass that extends the key/value cache ``past`` (HF causal LMs)."""
         self.forward_passes += 1
@@ -475,15 +500,15 @@ class LiveModel:
             generated = self.greedy_generate([p for p, _ in requests], max_new_tokens)
             return generated, self.score_targets([p for p, _ in requests], [t for _, t in requests])
 
-        def run_batch(batch: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+        def run_batch(
+            batch: list[tuple[np.ndarray, np.ndarray]],
+        ) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
             generated, scored = self._generate_cached([p for p, _ in batch], max_new_tokens, [t for _, t in batch])
             assert scored is not None
             return list(zip(generated, scored))
 
         with self.evaluating():
-            results = self.map_sharded(
-                run_batch, requests, length=lambda r: r[0].size + max(max_new_tokens, r[1].size)
-            )
+            results = self.map_sharded(run_batch, requests, length=lambda r: r[0].size + max(max_new_tokens, r[1].size))
         return [generated for generated, _ in results], _target_scores([scored for _, scored in results])
 
     def generate_and_score_branches(
@@ -521,23 +546,28 @@ class LiveModel:
                 self._check_request(np.concatenate([s, b]), [t])
             keep = self.max_length - max(max_new_tokens, *(t.size for t in ts)) - max(b.size for b in bs)
             if keep < 1:
-                raise ValueError(f"cannot generate {max_new_tokens} tokens after a branch with max_length {self.max_length}")
+                raise ValueError(
+                    f"cannot generate {max_new_tokens} tokens after a branch with max_length {self.max_length}"
+                )
             requests.append((s[-keep:], bs, ts))
         if not self._takes_kv_cache or any(s.size < 2 for s, _, _ in requests):
             # Nothing to share: whole prompts, cut as above.
             return self.generate_and_score(
-                [np.concatenate([s, b]) for s, bs, _ in requests for b in bs], max_new_tokens,
+                [np.concatenate([s, b]) for s, bs, _ in requests for b in bs],
+                max_new_tokens,
                 [t for _, _, ts in requests for t in ts],
             )
 
         def run_batch(
-            batch: list[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]
+            batch: list[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]],
         ) -> list[list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]]:
             out, mask, _ = self._context_pass([s[:-1] for s, _, _ in batch])
             owner = [i for i, (_, bs, _) in enumerate(batch) for _ in bs]
             after_stem = [np.concatenate([s[-1:], b]) for s, bs, _ in batch for b in bs]
             out, mask, positions = self._branch_pass(out, mask, owner, after_stem)
-            generated, scored = self._decode(out, mask, positions, max_new_tokens, [t for _, _, ts in batch for t in ts])
+            generated, scored = self._decode(
+                out, mask, positions, max_new_tokens, [t for _, _, ts in batch for t in ts]
+            )
             assert scored is not None
             return _regroup(list(zip(generated, scored)), [len(bs) for _, bs, _ in batch])
 
@@ -569,7 +599,9 @@ class LiveModel:
         # Padding columns get any valid position: they are masked.
         positions = (stem_mask.sum(-1)[rows][:, None] + column - (ids.shape[1] - sizes)).clamp(min=0)
         mask = torch.cat([stem_mask[rows], branch_mask], dim=1)
-        out = self._cached_forward(ids, mask, positions, _select_rows(stem_out.past_key_values, rows), last_column_only=True)
+        out = self._cached_forward(
+            ids, mask, positions, _select_rows(stem_out.past_key_values, rows), last_column_only=True
+        )
         return out, mask, positions
 
     def _generate_cached(
@@ -579,7 +611,12 @@ class LiveModel:
         return self._decode(*self._context_pass(prompts), max_new_tokens, targets)
 
     def _decode(
-        self, out: Any, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int, targets: list[np.ndarray] | None
+        self,
+        out: Any,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        max_new_tokens: int,
+        targets: list[np.ndarray] | None,
     ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]] | None]:
         """Greedy decoding on from a pass over whole prompts (its output, mask and positions);
         with ``targets``, also their scores after each prompt."""
@@ -591,7 +628,9 @@ class LiveModel:
             if step + 1 < max_new_tokens:  # the last token needs no pass of its own
                 mask = torch.cat([mask, torch.ones_like(next_tokens[:, None])], dim=1)
                 positions = positions[:, -1:] + 1
-                out = self._cached_forward(next_tokens[:, None], mask, positions, out.past_key_values, last_column_only=True)
+                out = self._cached_forward(
+                    next_tokens[:, None], mask, positions, out.past_key_values, last_column_only=True
+                )
         return list(torch.stack(generated, dim=1).cpu().numpy().astype(np.int64)), scored
 
     def _generate_recompute(self, prompts: list[np.ndarray], max_new_tokens: int) -> list[np.ndarray]:
@@ -753,5 +792,9 @@ def unwrap_model(composer_model: torch.nn.Module) -> torch.nn.Module:
 
     DDP's own forward broadcasts buffers (a collective); monitors call the inner module.
     """
-    module = composer_model.module if isinstance(composer_model, torch.nn.parallel.DistributedDataParallel) else composer_model
+    module = (
+        composer_model.module
+        if isinstance(composer_model, torch.nn.parallel.DistributedDataParallel)
+        else composer_model
+    )
     return getattr(module, "model", module)

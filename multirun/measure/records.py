@@ -154,8 +154,13 @@ class EffectRecord:
     def to_json(self) -> dict[str, Any]:
         """The ``metrics.jsonl`` line (``items`` only when there are per-item scores)."""
         out: dict[str, Any] = {
-            "step": self.step, "when": self.when, "experiment": self.experiment, "monitor": self.monitor,
-            "group": self.group, "primary": self.primary, **self.effect.to_dict(),
+            "step": self.step,
+            "when": self.when,
+            "experiment": self.experiment,
+            "monitor": self.monitor,
+            "group": self.group,
+            "primary": self.primary,
+            **self.effect.to_dict(),
         }
         if self.items is not None:
             out["items"] = [s.to_json() for s in self.items]
@@ -167,8 +172,11 @@ class EffectRecord:
         items = data.get("items")
         try:
             return cls(
-                step=int(data["step"]), when=str(data["when"]), experiment=str(data["experiment"]),
-                monitor=str(data["monitor"]), group=None if data.get("group") is None else str(data["group"]),
+                step=int(data["step"]),
+                when=str(data["when"]),
+                experiment=str(data["experiment"]),
+                monitor=str(data["monitor"]),
+                group=None if data.get("group") is None else str(data["group"]),
                 primary=bool(data.get("primary", False)),
                 effect=EffectResult.from_dict({k: v for k, v in data.items() if k not in _EFFECT_KEYS}),
                 items=None if items is None else tuple(ItemScore.from_json(e) for e in items),
@@ -194,14 +202,20 @@ class FailureRecord:
     error: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "when": self.when, "experiment": self.experiment, "monitor": self.monitor,
-                "error": self.error}
+        return {
+            "step": self.step,
+            "when": self.when,
+            "experiment": self.experiment,
+            "monitor": self.monitor,
+            "error": self.error,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FailureRecord:
         try:
-            return cls(int(data["step"]), str(data["when"]), str(data["experiment"]), str(data["monitor"]),
-                       str(data["error"]))
+            return cls(
+                int(data["step"]), str(data["when"]), str(data["experiment"]), str(data["monitor"]), str(data["error"])
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a failure record ({exc!r}): {dict(data)!r:.200}") from None
 
@@ -230,7 +244,9 @@ class RunMetricRecord:
             if data["experiment"] != _RUN:
                 raise ValueError(f"experiment is {data['experiment']!r}")
             value = data["value"]
-            return cls(int(data["step"]), str(data["when"]), str(data["metric"]), math.nan if value is None else float(value))
+            return cls(
+                int(data["step"]), str(data["when"]), str(data["metric"]), math.nan if value is None else float(value)
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a run metric record ({exc!r}): {dict(data)!r:.200}") from None
 

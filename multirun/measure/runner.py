@@ -67,11 +67,16 @@ def build_monitors(loaded: LoadedConfig, plan: RunPlan, tokenizer: Tokenizer) ->
         monitor_class: type[Monitor] = monitor_registry.get(name, file=loaded.source, key=f"{key}.name")
         try:
             monitor = monitor_class.from_experiment(
-                experiment, tokenizer=tokenizer, options=dict(spec.monitor.options), sequence_length=plan.geometry.sequence_length
+                experiment,
+                tokenizer=tokenizer,
+                options=dict(spec.monitor.options),
+                sequence_length=plan.geometry.sequence_length,
             )
         except ConfigError as exc:
             inner = f".{exc.key}" if exc.key else ""
-            raise ConfigError(exc.message, file=loaded.source, key=f"{key}{inner}".replace(".monitor.monitor", ".monitor")) from None
+            raise ConfigError(
+                exc.message, file=loaded.source, key=f"{key}{inner}".replace(".monitor.monitor", ".monitor")
+            ) from None
         out.append(ExperimentMonitor(spec.name, name, monitor, loaded.config.monitor_every(spec)))
     return out
 
@@ -90,23 +95,40 @@ def effects_of(
     out: list[tuple[str | None, EffectResult]] = []
     for group, mask in selections:
         treated = scores.scores[mask]
-        out.append((group, _compare(scores, treated, control, n_resamples=n_resamples, ci_resamples=ci_resamples, seed=seed)))
+        out.append(
+            (group, _compare(scores, treated, control, n_resamples=n_resamples, ci_resamples=ci_resamples, seed=seed))
+        )
     return out
 
 
 def _compare(
-    scores: MetricScores, treated: np.ndarray, control: np.ndarray, *, n_resamples: int, ci_resamples: int | None, seed: int
+    scores: MetricScores,
+    treated: np.ndarray,
+    control: np.ndarray,
+    *,
+    n_resamples: int,
+    ci_resamples: int | None,
+    seed: int,
 ) -> EffectResult:
     if scores.test == "rates":
         return compare_rates(
-            int(treated.sum()), int(treated.size), int(control.sum()), int(control.size),
-            metric=scores.metric, alternative=scores.alternative,
+            int(treated.sum()),
+            int(treated.size),
+            int(control.sum()),
+            int(control.size),
+            metric=scores.metric,
+            alternative=scores.alternative,
         )
     if scores.test == "z":
         return one_sample_z(treated, metric=scores.metric, alternative=scores.alternative, control_values=control)
     return compare_means(
-        treated, control, metric=scores.metric, alternative=scores.alternative,
-        n_resamples=n_resamples, ci_resamples=ci_resamples, seed=seed,
+        treated,
+        control,
+        metric=scores.metric,
+        alternative=scores.alternative,
+        n_resamples=n_resamples,
+        ci_resamples=ci_resamples,
+        seed=seed,
     )
 
 
@@ -182,8 +204,11 @@ class MonitorRunner:
         entries = [e for e in self.entries if experiments is None or e.experiment in experiments]
         self.last_evaluated = [e.experiment for e in entries]
         live = LiveModel(
-            module, pad_token_id=self.pad_token_id, max_length=self.sequence_length,
-            batch_tokens=self.config.batch_tokens, batch_size=self.config.batch_size,
+            module,
+            pad_token_id=self.pad_token_id,
+            max_length=self.sequence_length,
+            batch_tokens=self.config.batch_tokens,
+            batch_size=self.config.batch_size,
             precision_context=precision_context,
         )
         if live.device.type == "cuda":
@@ -207,25 +232,44 @@ class MonitorRunner:
                     f"multirun: monitor {entry.monitor_name!r} of {entry.experiment!r} failed at step {step}: {exc!r}",
                     stacklevel=2,
                 )
-                records.append(FailureRecord(step=step, when=when, experiment=entry.experiment, monitor=entry.monitor_name, error=repr(exc)))
+                records.append(
+                    FailureRecord(
+                        step=step, when=when, experiment=entry.experiment, monitor=entry.monitor_name, error=repr(exc)
+                    )
+                )
                 continue
             with self._timed("statistics"):
                 # One seed for every evaluation: the same random splits and resamples
                 # (common random numbers), so a p-value moves between evaluations with
                 # the scores, not with the draws; and the splits are drawn only once.
                 effects = [
-                    (scores, effects_of(
-                        scores, n_resamples=self.config.n_resamples, ci_resamples=self.config.ci_resamples, seed=self.seed
-                    ))
+                    (
+                        scores,
+                        effects_of(
+                            scores,
+                            n_resamples=self.config.n_resamples,
+                            ci_resamples=self.config.ci_resamples,
+                            seed=self.seed,
+                        ),
+                    )
                     for scores in results
                 ]
             for scores, by_group in effects:
                 for group, effect in by_group:
-                    records.append(EffectRecord(
-                        step=step, when=when, experiment=entry.experiment, monitor=entry.monitor_name,
-                        group=group, primary=bool(scores.primary and group is None), effect=effect,
-                        items=ItemScore.of(scores.item_ids, scores.treated, scores.scores) if group is None else None,
-                    ))
+                    records.append(
+                        EffectRecord(
+                            step=step,
+                            when=when,
+                            experiment=entry.experiment,
+                            monitor=entry.monitor_name,
+                            group=group,
+                            primary=bool(scores.primary and group is None),
+                            effect=effect,
+                            items=ItemScore.of(scores.item_ids, scores.treated, scores.scores)
+                            if group is None
+                            else None,
+                        )
+                    )
         records = with_holm(records)
         self.last_records = records
         if dist.get_global_rank() == 0:
@@ -266,8 +310,13 @@ class MonitorRunner:
                 continue
             prefix = f"multirun/{r.experiment}/{r.metric}" + (f"/{r.group}" if r.group else "")
             e = r.effect
-            for key, value in (("treated_mean", e.treated_mean), ("control_mean", e.control_mean), ("effect", e.effect),
-                               ("p_value", e.p_value), ("p_holm", e.p_holm)):
+            for key, value in (
+                ("treated_mean", e.treated_mean),
+                ("control_mean", e.control_mean),
+                ("effect", e.effect),
+                ("p_value", e.p_value),
+                ("p_holm", e.p_holm),
+            ):
                 if value is not None and math.isfinite(value):  # metrics.jsonl has null there
                     metrics[f"{prefix}/{key}"] = float(value)
         if metrics:

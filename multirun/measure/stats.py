@@ -156,16 +156,19 @@ class EffectResult:
         return cls(**kwargs)
 
 
-_FLOAT_FIELDS = frozenset(
-    {"treated_mean", "control_mean", "effect", "ci_low", "ci_high", "ci_level", "p_value"}
-)
+_FLOAT_FIELDS = frozenset({"treated_mean", "control_mean", "effect", "ci_low", "ci_high", "ci_level", "p_value"})
 
 
 # --------------------------------------------------------------------- helpers
 
 
-def _check_common(alternative: str, ci_level: float, n_resamples: int | None = None,
-                  seed: int | None = None, ci_resamples: int | None = None) -> None:
+def _check_common(
+    alternative: str,
+    ci_level: float,
+    n_resamples: int | None = None,
+    seed: int | None = None,
+    ci_resamples: int | None = None,
+) -> None:
     if alternative not in _ALTERNATIVES:
         raise ValueError(f"alternative must be one of {_ALTERNATIVES}, got {alternative!r}")
     if not 0.0 < ci_level < 1.0:
@@ -283,8 +286,9 @@ def _random_splits(n: int, n_treated: int, n_resamples: int, seed: int) -> tuple
     return _cached_draws(("splits", n, n_treated, n_resamples, seed), draw)
 
 
-def _bootstrap_ci(data: tuple[np.ndarray, ...], *, n_resamples: int, ci_level: float,
-                  seed: int) -> tuple[float, float, str]:
+def _bootstrap_ci(
+    data: tuple[np.ndarray, ...], *, n_resamples: int, ci_level: float, seed: int
+) -> tuple[float, float, str]:
     """Two-sided bootstrap interval of ``mean(data[0]) - mean(data[1])`` (of
     ``mean(data[0])`` for one sample), each sample resampled separately.
 
@@ -324,9 +328,7 @@ def _resampled_means(data: tuple[np.ndarray, ...], n_resamples: int, seed: int) 
     """Each sample's mean in ``n_resamples`` bootstrap resamples."""
     indices = _bootstrap_indices(tuple(x.size for x in data), n_resamples, seed)
     # The blocks come batch by batch, one per sample within a batch.
-    return [
-        np.concatenate([x[block].mean(axis=-1) for block in indices[j :: len(data)]]) for j, x in enumerate(data)
-    ]
+    return [np.concatenate([x[block].mean(axis=-1) for block in indices[j :: len(data)]]) for j, x in enumerate(data)]
 
 
 def _bootstrap_indices(sizes: tuple[int, ...], n_resamples: int, seed: int) -> tuple[np.ndarray, ...]:
@@ -367,15 +369,33 @@ def _bca_levels(data: tuple[np.ndarray, ...], distribution: np.ndarray, alpha: f
     return low, high
 
 
-def _nan_result(metric: str, test: str, alternative: str, ci_level: float, *,
-                n_treated: int, n_control: int, treated_mean: float, control_mean: float,
-                reason: str) -> EffectResult:
+def _nan_result(
+    metric: str,
+    test: str,
+    alternative: str,
+    ci_level: float,
+    *,
+    n_treated: int,
+    n_control: int,
+    treated_mean: float,
+    control_mean: float,
+    reason: str,
+) -> EffectResult:
     return EffectResult(
-        metric=metric, test=test, alternative=alternative,  # type: ignore[arg-type]
-        n_treated=n_treated, n_control=n_control,
-        treated_mean=treated_mean, control_mean=control_mean,
-        effect=math.nan, ci_low=math.nan, ci_high=math.nan, ci_level=ci_level,
-        p_value=math.nan, ci_method=f"none ({reason})", exact=None,
+        metric=metric,
+        test=test,
+        alternative=alternative,  # type: ignore[arg-type]
+        n_treated=n_treated,
+        n_control=n_control,
+        treated_mean=treated_mean,
+        control_mean=control_mean,
+        effect=math.nan,
+        ci_low=math.nan,
+        ci_high=math.nan,
+        ci_level=ci_level,
+        p_value=math.nan,
+        ci_method=f"none ({reason})",
+        exact=None,
     )
 
 
@@ -386,9 +406,17 @@ TEST_RATES = "Fisher exact"
 TEST_PAIRED = "paired permutation (sign flips of differences)"
 
 
-def compare_means(treated: ArrayLike, control: ArrayLike, *, metric: str,
-                  alternative: Alternative = "greater", n_resamples: int = 2000,
-                  ci_level: float = 0.95, seed: int = 0, ci_resamples: int | None = None) -> EffectResult:
+def compare_means(
+    treated: ArrayLike,
+    control: ArrayLike,
+    *,
+    metric: str,
+    alternative: Alternative = "greater",
+    n_resamples: int = 2000,
+    ci_level: float = 0.95,
+    seed: int = 0,
+    ci_resamples: int | None = None,
+) -> EffectResult:
     """Treated vs control on a continuous per-item score.
 
     For log-probabilities, exposures, match fractions and other per-item scores.
@@ -424,16 +452,29 @@ def compare_means(treated: ArrayLike, control: ArrayLike, *, metric: str,
     c = _scores(control, metric=metric, name="control")
     t_mean, c_mean = _mean(t), _mean(c)
     if t.size == 0 or c.size == 0:
-        return _nan_result(metric, TEST_MEANS, alternative, ci_level, n_treated=t.size,
-                           n_control=c.size, treated_mean=t_mean, control_mean=c_mean,
-                           reason="empty arm")
+        return _nan_result(
+            metric,
+            TEST_MEANS,
+            alternative,
+            ci_level,
+            n_treated=t.size,
+            n_control=c.size,
+            treated_mean=t_mean,
+            control_mean=c_mean,
+            reason="empty arm",
+        )
     effect = t_mean - c_mean
 
     if t.size >= 2 and c.size >= 2 and math.comb(t.size + c.size, t.size) <= n_resamples:
         res = _st.permutation_test(
-            (t, c), _diff_of_means, permutation_type="independent", vectorized=True,
-            n_resamples=n_resamples, batch=_batch(t.size + c.size, n_resamples),
-            alternative=alternative, **{_RNG_KW: _rng(seed, 0)},
+            (t, c),
+            _diff_of_means,
+            permutation_type="independent",
+            vectorized=True,
+            n_resamples=n_resamples,
+            batch=_batch(t.size + c.size, n_resamples),
+            alternative=alternative,
+            **{_RNG_KW: _rng(seed, 0)},
         )
         p_value = float(res.pvalue)
         exact = True
@@ -456,10 +497,20 @@ def compare_means(treated: ArrayLike, control: ArrayLike, *, metric: str,
 
     low, high, ci_method = _bootstrap_ci((t, c), n_resamples=ci_resamples, ci_level=ci_level, seed=seed)
     return EffectResult(
-        metric=metric, test=TEST_MEANS, alternative=alternative,
-        n_treated=int(t.size), n_control=int(c.size), treated_mean=t_mean, control_mean=c_mean,
-        effect=effect, ci_low=low, ci_high=high, ci_level=ci_level, p_value=p_value,
-        ci_method=ci_method, exact=exact,
+        metric=metric,
+        test=TEST_MEANS,
+        alternative=alternative,
+        n_treated=int(t.size),
+        n_control=int(c.size),
+        treated_mean=t_mean,
+        control_mean=c_mean,
+        effect=effect,
+        ci_low=low,
+        ci_high=high,
+        ci_level=ci_level,
+        p_value=p_value,
+        ci_method=ci_method,
+        exact=exact,
     )
 
 
@@ -488,9 +539,16 @@ def _wilson(k: int, n: int, ci_level: float) -> tuple[float, float]:
     return (0.0 if k == 0 else center - delta), (1.0 if k == n else center + delta)
 
 
-def compare_rates(treated_successes: int, treated_n: int, control_successes: int,
-                  control_n: int, *, metric: str, alternative: Alternative = "greater",
-                  ci_level: float = 0.95) -> EffectResult:
+def compare_rates(
+    treated_successes: int,
+    treated_n: int,
+    control_successes: int,
+    control_n: int,
+    *,
+    metric: str,
+    alternative: Alternative = "greater",
+    ci_level: float = 0.95,
+) -> EffectResult:
     """Treated vs control on a binary outcome (behaviour rate, exact-match rate).
 
     ``effect = treated_successes/treated_n - control_successes/control_n``.
@@ -516,13 +574,21 @@ def compare_rates(treated_successes: int, treated_n: int, control_successes: int
     cs, cn = _count(control_successes, "control_successes"), _count(control_n, "control_n")
     for succ, n, arm in ((ts, tn, "treated"), (cs, cn, "control")):
         if n < 0 or not 0 <= succ <= n:
-            raise ValueError(f"metric {metric!r}: {arm} arm needs 0 <= successes <= n, "
-                             f"got successes={succ}, n={n}")
+            raise ValueError(f"metric {metric!r}: {arm} arm needs 0 <= successes <= n, got successes={succ}, n={n}")
     t_rate = ts / tn if tn else math.nan
     c_rate = cs / cn if cn else math.nan
     if tn == 0 or cn == 0:
-        return _nan_result(metric, TEST_RATES, alternative, ci_level, n_treated=tn, n_control=cn,
-                           treated_mean=t_rate, control_mean=c_rate, reason="empty arm")
+        return _nan_result(
+            metric,
+            TEST_RATES,
+            alternative,
+            ci_level,
+            n_treated=tn,
+            n_control=cn,
+            treated_mean=t_rate,
+            control_mean=c_rate,
+            reason="empty arm",
+        )
     _, p_value = _st.fisher_exact([[ts, tn - ts], [cs, cn - cs]], alternative=alternative)
     effect = t_rate - c_rate
     lt, ut = _wilson(ts, tn, ci_level)
@@ -530,16 +596,33 @@ def compare_rates(treated_successes: int, treated_n: int, control_successes: int
     low = effect - math.sqrt((t_rate - lt) ** 2 + (uc - c_rate) ** 2)
     high = effect + math.sqrt((ut - t_rate) ** 2 + (c_rate - lc) ** 2)
     return EffectResult(
-        metric=metric, test=TEST_RATES, alternative=alternative, n_treated=tn, n_control=cn,
-        treated_mean=t_rate, control_mean=c_rate, effect=effect,
-        ci_low=max(-1.0, low), ci_high=min(1.0, high), ci_level=ci_level,
-        p_value=min(1.0, float(p_value)), ci_method="Newcombe hybrid score (Wilson)", exact=True,
+        metric=metric,
+        test=TEST_RATES,
+        alternative=alternative,
+        n_treated=tn,
+        n_control=cn,
+        treated_mean=t_rate,
+        control_mean=c_rate,
+        effect=effect,
+        ci_low=max(-1.0, low),
+        ci_high=min(1.0, high),
+        ci_level=ci_level,
+        p_value=min(1.0, float(p_value)),
+        ci_method="Newcombe hybrid score (Wilson)",
+        exact=True,
     )
 
 
-def one_sample_z(values: ArrayLike, *, metric: str, null_mean: float = 0.0, null_sd: float = 1.0,
-                 alternative: Alternative = "greater", control_values: ArrayLike | None = None,
-                 ci_level: float = 0.95) -> EffectResult:
+def one_sample_z(
+    values: ArrayLike,
+    *,
+    metric: str,
+    null_mean: float = 0.0,
+    null_sd: float = 1.0,
+    alternative: Alternative = "greater",
+    control_values: ArrayLike | None = None,
+    ci_level: float = 0.95,
+) -> EffectResult:
     """z test of a mean against a null whose distribution is known exactly.
 
     Made for the Gaussian-watermark statistic x = <grad, w> / (sigma ||grad||):
@@ -581,8 +664,17 @@ def one_sample_z(values: ArrayLike, *, metric: str, null_mean: float = 0.0, null
         test = f"{side} z (N({null_mean:g},{null_sd:g}^2) null)"
     x_mean, c_mean = _mean(x), _mean(ctrl)
     if x.size == 0:
-        return _nan_result(metric, test, alternative, ci_level, n_treated=0, n_control=ctrl.size,
-                           treated_mean=x_mean, control_mean=c_mean, reason="no values")
+        return _nan_result(
+            metric,
+            test,
+            alternative,
+            ci_level,
+            n_treated=0,
+            n_control=ctrl.size,
+            treated_mean=x_mean,
+            control_mean=c_mean,
+            reason="no values",
+        )
     n = x.size
     effect = x_mean - null_mean
     z = math.sqrt(n) * effect / null_sd
@@ -599,16 +691,33 @@ def one_sample_z(values: ArrayLike, *, metric: str, null_mean: float = 0.0, null
         half = float(_st.norm.ppf(0.5 + ci_level / 2)) * null_sd
         ci_method = "z interval (null sd, n=1)"
     return EffectResult(
-        metric=metric, test=test, alternative=alternative, n_treated=n, n_control=int(ctrl.size),
-        treated_mean=x_mean, control_mean=c_mean, effect=effect,
-        ci_low=effect - half, ci_high=effect + half, ci_level=ci_level, p_value=p_value,
-        ci_method=ci_method, exact=True,
+        metric=metric,
+        test=test,
+        alternative=alternative,
+        n_treated=n,
+        n_control=int(ctrl.size),
+        treated_mean=x_mean,
+        control_mean=c_mean,
+        effect=effect,
+        ci_low=effect - half,
+        ci_high=effect + half,
+        ci_level=ci_level,
+        p_value=p_value,
+        ci_method=ci_method,
+        exact=True,
     )
 
 
-def paired_difference(a: ArrayLike, b: ArrayLike, *, metric: str,
-                      alternative: Alternative = "two-sided", n_resamples: int = 2000,
-                      ci_level: float = 0.95, seed: int = 0) -> EffectResult:
+def paired_difference(
+    a: ArrayLike,
+    b: ArrayLike,
+    *,
+    metric: str,
+    alternative: Alternative = "two-sided",
+    n_resamples: int = 2000,
+    ci_level: float = 0.95,
+    seed: int = 0,
+) -> EffectResult:
     """Two arms scored on the same probe items: the mean paired difference.
 
     For interaction tests: ``a[i]`` and ``b[i]`` are the scores of probe item i
@@ -632,8 +741,7 @@ def paired_difference(a: ArrayLike, b: ArrayLike, *, metric: str,
     a_arr = np.asarray(a, dtype=np.float64).ravel()
     b_arr = np.asarray(b, dtype=np.float64).ravel()
     if a_arr.shape != b_arr.shape:
-        raise ValueError(f"metric {metric!r}: paired arms need equal lengths, "
-                         f"got {a_arr.size} and {b_arr.size}")
+        raise ValueError(f"metric {metric!r}: paired arms need equal lengths, got {a_arr.size} and {b_arr.size}")
     if np.isinf(a_arr).any() or np.isinf(b_arr).any():
         raise ValueError(f"metric {metric!r}: paired scores contain infinite values")
     keep = ~(np.isnan(a_arr) | np.isnan(b_arr))
@@ -641,15 +749,29 @@ def paired_difference(a: ArrayLike, b: ArrayLike, *, metric: str,
     n = int(a_arr.size)
     a_mean, b_mean = _mean(a_arr), _mean(b_arr)
     if n == 0:
-        return _nan_result(metric, TEST_PAIRED, alternative, ci_level, n_treated=0, n_control=0,
-                           treated_mean=a_mean, control_mean=b_mean, reason="no complete pairs")
+        return _nan_result(
+            metric,
+            TEST_PAIRED,
+            alternative,
+            ci_level,
+            n_treated=0,
+            n_control=0,
+            treated_mean=a_mean,
+            control_mean=b_mean,
+            reason="no complete pairs",
+        )
     d = a_arr - b_arr
     effect = _mean(d)
     if n >= 2:
         res = _st.permutation_test(
-            (d,), _mean_stat, permutation_type="samples", vectorized=True,
-            n_resamples=n_resamples, batch=_batch(2 * n, n_resamples),
-            alternative=alternative, **{_RNG_KW: _rng(seed, 0)},
+            (d,),
+            _mean_stat,
+            permutation_type="samples",
+            vectorized=True,
+            n_resamples=n_resamples,
+            batch=_batch(2 * n, n_resamples),
+            alternative=alternative,
+            **{_RNG_KW: _rng(seed, 0)},
         )
         p_value = float(res.pvalue)
         exact = n < 63 and 2**n <= n_resamples
@@ -661,9 +783,20 @@ def paired_difference(a: ArrayLike, b: ArrayLike, *, metric: str,
     if ci_method.startswith("bootstrap"):
         ci_method = ci_method.replace("bootstrap", "paired bootstrap")
     return EffectResult(
-        metric=metric, test=TEST_PAIRED, alternative=alternative, n_treated=n, n_control=n,
-        treated_mean=a_mean, control_mean=b_mean, effect=effect, ci_low=low, ci_high=high,
-        ci_level=ci_level, p_value=p_value, ci_method=ci_method, exact=exact,
+        metric=metric,
+        test=TEST_PAIRED,
+        alternative=alternative,
+        n_treated=n,
+        n_control=n,
+        treated_mean=a_mean,
+        control_mean=b_mean,
+        effect=effect,
+        ci_low=low,
+        ci_high=high,
+        ci_level=ci_level,
+        p_value=p_value,
+        ci_method=ci_method,
+        exact=exact,
     )
 
 

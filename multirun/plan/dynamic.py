@@ -81,7 +81,9 @@ def _requested(decision: ControllerDecision, experiment: PreparedExperiment) -> 
         count = int(decision.exposures[item])
         seqs = np.asarray(decision.sequences.get(item, []), dtype=np.int64)
         if count < 0 or seqs.size != count:
-            raise ValueError(f"decision of {experiment.name!r}: item {item!r} has {count} exposures but {seqs.size} sequences")
+            raise ValueError(
+                f"decision of {experiment.name!r}: item {item!r} has {count} exposures but {seqs.size} sequences"
+            )
         if count == 0:
             continue
         if not treated[index[item]]:
@@ -217,8 +219,13 @@ class DynamicSchedule:
             raise ValueError(f"decision for unknown experiment {decision.experiment!r}; known: {list(self._index)}")
         experiment = self.experiments[k]
         spans, unplaced = place_decision(
-            decision, experiment, k, self.occupancy,
-            seed=self.seed, decision_index=self._decisions_of[experiment.name], counts=self._counts[k],
+            decision,
+            experiment,
+            k,
+            self.occupancy,
+            seed=self.seed,
+            decision_index=self._decisions_of[experiment.name],
+            counts=self._counts[k],
         )
         self._decisions_of[experiment.name] += 1
         self.decisions.append(decision)
@@ -231,7 +238,8 @@ class DynamicSchedule:
                 f"multirun: {unplaced} of {decision.num_spans} spans the {decision.controller} controller of "
                 f"{decision.experiment!r} asked for at step {decision.step} could not be placed in steps "
                 f"[{decision.window[0]}, {decision.window[1]}) (per-step cap or collisions)",
-                UnplacedSpansWarning, stacklevel=2,
+                UnplacedSpansWarning,
+                stacklevel=2,
             )
         return spans, unplaced
 

@@ -74,8 +74,11 @@ class RunPlan:
             return {n: (c if n in kept else 0) for n, c in counts.items()}
 
         result = replace(
-            self.result, spans=self.spans.take(np.flatnonzero(keep)), requested=only(self.result.requested),
-            placed=only(self.result.placed), unplaced=only(self.result.unplaced),
+            self.result,
+            spans=self.spans.take(np.flatnonzero(keep)),
+            requested=only(self.result.requested),
+            placed=only(self.result.placed),
+            unplaced=only(self.result.unplaced),
         )
         return replace(self, result=result)
 

@@ -618,13 +618,15 @@ def plan_static(
 
         g = (out.step * geometry.global_batch_size + out.row) * L + out.offset  # sorted: place() returns flat order
         s = seq[out.index]
-        parts.append((
-            g,
-            span_len[out.index].astype(SPAN_COLUMNS["length"]),
-            np.full(g.size, k, SPAN_COLUMNS["experiment"]),
-            s.astype(SPAN_COLUMNS["sequence"]),
-            _repetition_numbers(s, lengths.size).astype(SPAN_COLUMNS["repetition"]),
-        ))
+        parts.append(
+            (
+                g,
+                span_len[out.index].astype(SPAN_COLUMNS["length"]),
+                np.full(g.size, k, SPAN_COLUMNS["experiment"]),
+                s.astype(SPAN_COLUMNS["sequence"]),
+                _repetition_numbers(s, lengths.size).astype(SPAN_COLUMNS["repetition"]),
+            )
+        )
 
     del occupancy  # its arrays are as large as the table's; free them before building it
     result.spans = _to_table(parts, geometry)

@@ -200,7 +200,10 @@ def render_markdown(doc: Document, plot_names: dict[str, str]) -> str:
         for block in section.blocks:
             if isinstance(block, Paragraph):
                 text = md_escape(block.text)
-                out += [f"*{text}*" if block.kind == "note" else f"> **{text}**" if block.kind == "warning" else text, ""]
+                out += [
+                    f"*{text}*" if block.kind == "note" else f"> **{text}**" if block.kind == "warning" else text,
+                    "",
+                ]
             elif isinstance(block, Table):
                 out += _md_table(block)
             else:

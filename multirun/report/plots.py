@@ -126,7 +126,7 @@ def exposure_histograms(exposures: Mapping[str, np.ndarray], colors: Mapping[str
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.yaxis.get_major_locator().set_params(integer=True)
         _style(ax)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
     return fig
 
@@ -167,8 +167,13 @@ def metric_curves(
         bottom.set_ylabel("effect", fontsize=9)
         for i, step in enumerate(sorted(set(acquired_steps))):
             for ax in (top, bottom):
-                ax.axvline(step, color="#2e7d32", linestyle=":", linewidth=1,
-                           label=(acquisition_label or "item acquired") if i == 0 and ax is top else None)
+                ax.axvline(
+                    step,
+                    color="#2e7d32",
+                    linestyle=":",
+                    linewidth=1,
+                    label=(acquisition_label or "item acquired") if i == 0 and ax is top else None,
+                )
         for ax in (top, bottom):
             _style(ax)
             ax.tick_params(labelsize=8)
@@ -194,7 +199,9 @@ def controller_trajectories(experiments: Mapping[str, Mapping[str, Mapping[str, 
             if series:
                 ax.legend(fontsize=7.5, frameon=False)
             else:
-                ax.text(0.5, 0.5, "no numeric fields", ha="center", va="center", transform=ax.transAxes, color="#888888")
+                ax.text(
+                    0.5, 0.5, "no numeric fields", ha="center", va="center", transform=ax.transAxes, color="#888888"
+                )
             _style(ax)
             ax.tick_params(labelsize=8)
     return fig
@@ -226,8 +233,16 @@ def interaction_heatmap(
             value = effect[i, j]
             text = "–" if np.isnan(value) else f"{value:.3g}" + (" ★" if significant[i, j] else "")
             dark = not np.isnan(scaled[i, j]) and abs(scaled[i, j]) > 0.6
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "#1f2430",
-                    fontweight="bold" if significant[i, j] else "normal")
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if dark else "#1f2430",
+                fontweight="bold" if significant[i, j] else "normal",
+            )
             if diagonal[i, j]:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.6))
     ax.set_xticks(range(len(columns)), labels=list(columns), rotation=30, ha="right", fontsize=8)
@@ -252,11 +267,26 @@ def loss_curves(
     panels = ((left, training, baseline_training, "training loss"), (right, heldout, baseline_heldout, "held-out loss"))
     for ax, run, base, title in panels:
         if len(run):
-            ax.plot(run.steps, run.values, color="#2f5d9e", linewidth=1.2, marker="o" if len(run) < 40 else None,
-                    markersize=3, label="this run")
+            ax.plot(
+                run.steps,
+                run.values,
+                color="#2f5d9e",
+                linewidth=1.2,
+                marker="o" if len(run) < 40 else None,
+                markersize=3,
+                label="this run",
+            )
         if base is not None and len(base):
-            ax.plot(base.steps, base.values, color=BASELINE_COLOR, linestyle="--", linewidth=1.2,
-                    marker="s" if len(base) < 40 else None, markersize=3, label=baseline_name)
+            ax.plot(
+                base.steps,
+                base.values,
+                color=BASELINE_COLOR,
+                linestyle="--",
+                linewidth=1.2,
+                marker="s" if len(base) < 40 else None,
+                markersize=3,
+                label=baseline_name,
+            )
         if not len(run) and (base is None or not len(base)):
             ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="#888888")
         ax.set_title(title, fontsize=10)

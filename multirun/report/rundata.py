@@ -239,9 +239,17 @@ def load_run(run_dir: str | Path) -> RunData:
             if name not in names:
                 names.append(name)
     return RunData(
-        path=path, manifest=manifest, config=config, summary=summary, provenance=provenance,
-        metrics=metrics, training=training, controller=controller, acquisition=acquisition,
-        interaction=interaction, experiment_names=names,
+        path=path,
+        manifest=manifest,
+        config=config,
+        summary=summary,
+        provenance=provenance,
+        metrics=metrics,
+        training=training,
+        controller=controller,
+        acquisition=acquisition,
+        interaction=interaction,
+        experiment_names=names,
     )
 
 
@@ -368,14 +376,18 @@ def _read_acquisition(path: Path) -> dict[str, dict[str, dict[str, Any]]] | None
         raise InputError("expected {experiment: {item: {...}}}", file=path)
     for experiment, items in data.items():
         if not isinstance(items, dict):
-            raise InputError("expected {item: {acquired_at_step, exposures_to_acquisition}}", file=path, key=str(experiment))
+            raise InputError(
+                "expected {item: {acquired_at_step, exposures_to_acquisition}}", file=path, key=str(experiment)
+            )
         for item, entry in items.items():
             if not isinstance(entry, dict):
                 raise InputError("expected an object", file=path, key=f"{experiment}.{item}")
             for key in ("acquired_at_step", "exposures_to_acquisition"):
                 value = entry.get(key)
                 if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                    raise InputError(f"must be an integer or null, got {value!r}", file=path, key=f"{experiment}.{item}.{key}")
+                    raise InputError(
+                        f"must be an integer or null, got {value!r}", file=path, key=f"{experiment}.{item}.{key}"
+                    )
     return data
 
 

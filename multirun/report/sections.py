@@ -99,8 +99,11 @@ def overview(run: RunData, colors: Mapping[str, str]) -> Section:
         ["model", _describe(cfg.get("model"), first="kind")],
         ["tokenizer", _describe(cfg.get("tokenizer"), first="kind")],
         ["data", _describe(cfg.get("data"), first="source", keys=_DATA_KEYS.get(_get_source(cfg), _DATA_KEYS["mds"]))],
-        ["batch", f"{fmt_int(g['global_batch_size'])} rows × {fmt_int(g['sequence_length'])} tokens"
-                  + (f" = {run.tokens_per_step:,} tokens per step" if run.tokens_per_step else "")],
+        [
+            "batch",
+            f"{fmt_int(g['global_batch_size'])} rows × {fmt_int(g['sequence_length'])} tokens"
+            + (f" = {run.tokens_per_step:,} tokens per step" if run.tokens_per_step else ""),
+        ],
         ["planned steps", fmt_int(g["num_steps"])],
         ["steps trained", fmt_int(run.steps_reached) + ("" if run.finished else " (interrupted)")],
         ["tokens trained", fmt_int(run.tokens_trained)],
@@ -108,8 +111,11 @@ def overview(run: RunData, colors: Mapping[str, str]) -> Section:
         ["plan fingerprint", str((run.manifest or {}).get("plan_fingerprint", "–"))],
     ]
     summary = run.summary or {}
-    for key, label in (("fit_seconds", "fit time"), ("monitor_seconds", "monitoring time"),
-                       ("injection_seconds_rank0", "injection time (rank 0)")):
+    for key, label in (
+        ("fit_seconds", "fit time"),
+        ("monitor_seconds", "monitoring time"),
+        ("injection_seconds_rank0", "injection time (rank 0)"),
+    ):
         if key in summary:
             settings.append([label, fmt_seconds(summary[key])])
     section.blocks.append(Table(["setting", "value"], settings))
@@ -129,22 +135,43 @@ def overview(run: RunData, colors: Mapping[str, str]) -> Section:
         items = f"{fmt_int(m.get('treated_items'))} / {fmt_int(m.get('control_items'))}" if m else "–"
         rows.append([name, str(m.get("kind", "–")), items, fmt_int(spans), fmt_int(tokens), fmt_pct(share)])
     if rows:
-        rows.append([("total", "total"), "", "", fmt_int(total_spans), fmt_int(total_tokens),
-                     fmt_pct(total_tokens / trained if trained else math.nan)])
-        section.blocks.append(Table(
-            ["experiment", "kind", "items treated / control", "spans recorded", "tokens modified",
-             "share of training tokens"],
-            rows, numeric=(2, 3, 4, 5),
-            caption="Counted from the ledger: every token that was overwritten and trained on.",
-        ))
+        rows.append(
+            [
+                ("total", "total"),
+                "",
+                "",
+                fmt_int(total_spans),
+                fmt_int(total_tokens),
+                fmt_pct(total_tokens / trained if trained else math.nan),
+            ]
+        )
+        section.blocks.append(
+            Table(
+                [
+                    "experiment",
+                    "kind",
+                    "items treated / control",
+                    "spans recorded",
+                    "tokens modified",
+                    "share of training tokens",
+                ],
+                rows,
+                numeric=(2, 3, 4, 5),
+                caption="Counted from the ledger: every token that was overwritten and trained on.",
+            )
+        )
     else:
         section.blocks.append(_note("No experiments in this run."))
     names = [n for n, s in zip(run.experiment_names, shares) if not math.isnan(s)]
     if names and total_tokens > 0:
         fig = plots.token_share(names, [s for s in shares if not math.isnan(s)], colors)
-        section.blocks.append(_figure(
-            "overview-token-share", fig, "Share of the training tokens each experiment overwrote.",
-        ))
+        section.blocks.append(
+            _figure(
+                "overview-token-share",
+                fig,
+                "Share of the training tokens each experiment overwrote.",
+            )
+        )
     else:
         section.blocks.append(_note("Tokens modified: no data yet (no span recorded in the ledger)."))
     return section
@@ -181,9 +208,7 @@ def provenance(run: RunData, colors: Mapping[str, str]) -> Section:
     section = Section("provenance", "2. Provenance")
     prov = run.provenance
     if prov is None:
-        section.blocks.append(_note(
-            "No data yet: the ledger has not been written (it is flushed at each checkpoint)."
-        ))
+        section.blocks.append(_note("No data yet: the ledger has not been written (it is flushed at each checkpoint)."))
         return section
     total_spans = sum(prov.spans(n) for n in run.experiment_names)
     num_steps = run.geometry["num_steps"] or max(run.steps_reached, 1)
@@ -193,14 +218,21 @@ def provenance(run: RunData, colors: Mapping[str, str]) -> Section:
             cap = run.max_modified_fraction * run.tokens_per_step
         names = [n for n in run.experiment_names if n in prov.steps]
         fig = plots.injected_tokens(
-            {n: prov.steps[n] for n in names}, {n: prov.lengths[n] for n in names}, colors,
-            num_steps=max(num_steps, run.steps_reached), steps_reached=run.steps_reached, cap_tokens=cap,
+            {n: prov.steps[n] for n in names},
+            {n: prov.lengths[n] for n in names},
+            colors,
+            num_steps=max(num_steps, run.steps_reached),
+            steps_reached=run.steps_reached,
+            cap_tokens=cap,
         )
-        section.blocks.append(_figure(
-            "provenance-injected-tokens", fig,
-            "Injected tokens per training step, stacked by experiment (from the ledger); the dashed line is the "
-            "per-batch cap on modified tokens.",
-        ))
+        section.blocks.append(
+            _figure(
+                "provenance-injected-tokens",
+                fig,
+                "Injected tokens per training step, stacked by experiment (from the ledger); the dashed line is the "
+                "per-batch cap on modified tokens.",
+            )
+        )
         exposures: dict[str, np.ndarray] = {}
         for name in run.experiment_names:
             counts = prov.exposures.get(name, np.empty(0, np.int64))
@@ -209,10 +241,13 @@ def provenance(run: RunData, colors: Mapping[str, str]) -> Section:
             if counts.size or unexposed:
                 exposures[name] = np.concatenate([counts, np.zeros(unexposed, np.int64)])
         if exposures:
-            section.blocks.append(_figure(
-                "provenance-exposures", plots.exposure_histograms(exposures, colors),
-                "Exposures per treated item: how many spans of each item were trained on (0: not injected yet).",
-            ))
+            section.blocks.append(
+                _figure(
+                    "provenance-exposures",
+                    plots.exposure_histograms(exposures, colors),
+                    "Exposures per treated item: how many spans of each item were trained on (0: not injected yet).",
+                )
+            )
     else:
         section.blocks.append(_note("No data yet: the ledger holds no span."))
 
@@ -230,34 +265,50 @@ def provenance(run: RunData, colors: Mapping[str, str]) -> Section:
         # be legitimate (spans a controller added to the dynamic queue), so only fewer is flagged.
         if run.finished and isinstance(planned, int) and spans < planned - n_missed:
             mismatched[name] = f"{name} ({spans:,} recorded, {planned - n_missed:,} expected)"
-        rows.append([
-            name,
-            _placement(m.get("placement")),
-            fmt_int(planned),
-            (fmt_int(spans), "nonsig" if name in mismatched else ""),
-            fmt_int(m.get("unplaced_spans")),
-            fmt_int(n_missed) if run.finished else "–",
-            f"{counts.size:,} / {fmt_int(m.get('treated_items'))}",
-            f"{int(counts.min())} / {counts.mean():.3g} / {int(counts.max())}" if counts.size else "–",
-            f"{int(steps.min())}–{int(steps.max())}" if steps.size else "–",
-        ])
+        rows.append(
+            [
+                name,
+                _placement(m.get("placement")),
+                fmt_int(planned),
+                (fmt_int(spans), "nonsig" if name in mismatched else ""),
+                fmt_int(m.get("unplaced_spans")),
+                fmt_int(n_missed) if run.finished else "–",
+                f"{counts.size:,} / {fmt_int(m.get('treated_items'))}",
+                f"{int(counts.min())} / {counts.mean():.3g} / {int(counts.max())}" if counts.size else "–",
+                f"{int(steps.min())}–{int(steps.max())}" if steps.size else "–",
+            ]
+        )
     if rows:
-        section.blocks.append(Table(
-            ["experiment", "placement", "planned spans", "recorded spans", "unplaced", "missed",
-             "items exposed / treated", "exposures min / mean / max", "steps"],
-            rows, numeric=(2, 3, 4, 5, 6, 7),
-            caption="Planned spans come from manifest.json (the static plan of the whole run); recorded spans from the "
-                    "ledger, including any a controller added. "
-                    "Unplaced spans did not fit under the caps; missed spans targeted rows of a short final batch.",
-        ))
+        section.blocks.append(
+            Table(
+                [
+                    "experiment",
+                    "placement",
+                    "planned spans",
+                    "recorded spans",
+                    "unplaced",
+                    "missed",
+                    "items exposed / treated",
+                    "exposures min / mean / max",
+                    "steps",
+                ],
+                rows,
+                numeric=(2, 3, 4, 5, 6, 7),
+                caption="Planned spans come from manifest.json (the static plan of the whole run); recorded spans from the "
+                "ledger, including any a controller added. "
+                "Unplaced spans did not fit under the caps; missed spans targeted rows of a short final batch.",
+            )
+        )
     if mismatched:
-        section.blocks.append(Paragraph(
-            "Fewer spans recorded than planned for: " + ", ".join(mismatched.values()) + ".", kind="warning"
-        ))
+        section.blocks.append(
+            Paragraph("Fewer spans recorded than planned for: " + ", ".join(mismatched.values()) + ".", kind="warning")
+        )
     elif not run.finished:
-        section.blocks.append(_note(
-            f"The run is interrupted: recorded spans stop at step {run.steps_reached:,}, planned spans cover all steps."
-        ))
+        section.blocks.append(
+            _note(
+                f"The run is interrupted: recorded spans stop at step {run.steps_reached:,}, planned spans cover all steps."
+            )
+        )
     return section
 
 
@@ -288,25 +339,34 @@ def metric_curves(run: RunData, colors: Mapping[str, str]) -> Section:
         for metric, recs in by_experiment[name].items():
             metrics[metric] = {
                 key: Series.from_pairs([(r.step, getattr(r.effect, field)) for r in recs])
-                for key, field in (("treated", "treated_mean"), ("control", "control_mean"), ("effect", "effect"),
-                                   ("ci_low", "ci_low"), ("ci_high", "ci_high"))
+                for key, field in (
+                    ("treated", "treated_mean"),
+                    ("control", "control_mean"),
+                    ("effect", "effect"),
+                    ("ci_low", "ci_low"),
+                    ("ci_high", "ci_high"),
+                )
             }
         acquired, label = _acquired(run, name)
-        fig = plots.metric_curves(name, metrics, colors.get(name, "#2f5d9e"), acquired_steps=acquired,
-                                  acquisition_label=label)
-        caption = (f"{name}: treated vs control mean per evaluation (top) and the effect with its "
-                   "confidence interval (bottom)")
+        fig = plots.metric_curves(
+            name, metrics, colors.get(name, "#2f5d9e"), acquired_steps=acquired, acquisition_label=label
+        )
+        caption = (
+            f"{name}: treated vs control mean per evaluation (top) and the effect with its confidence interval (bottom)"
+        )
         caption += "; dotted green lines mark steps where treated items were acquired." if acquired else "."
         section.blocks.append(_figure(f"metrics-{slug(name)}", fig, caption))
 
     errors = run.monitor_errors()
     if errors:
         section.blocks.append(Paragraph(f"{len(errors)} monitor evaluation(s) failed:", kind="warning"))
-        section.blocks.append(Table(
-            ["step", "experiment", "monitor", "error"],
-            [[fmt_int(r.step), r.experiment, r.monitor, (r.error[:300], "code")] for r in errors],
-            numeric=(0,),
-        ))
+        section.blocks.append(
+            Table(
+                ["step", "experiment", "monitor", "error"],
+                [[fmt_int(r.step), r.experiment, r.monitor, (r.error[:300], "code")] for r in errors],
+                numeric=(0,),
+            )
+        )
 
     if run.acquisition is None:
         section.blocks.append(_note(f"Acquisition: not run (no {ACQUISITION})."))
@@ -314,18 +374,26 @@ def metric_curves(run: RunData, colors: Mapping[str, str]) -> Section:
         rows: list[list[Cell]] = []
         for name, items in run.acquisition.items():
             steps = [v["acquired_at_step"] for v in items.values() if v.get("acquired_at_step") is not None]
-            exposures = [v["exposures_to_acquisition"] for v in items.values()
-                         if v.get("exposures_to_acquisition") is not None]
-            rows.append([
-                name, f"{len(steps):,} / {len(items):,}",
-                fmt_num(np.median(steps)) if steps else "–",
-                fmt_num(np.median(exposures)) if exposures else "–",
-            ])
+            exposures = [
+                v["exposures_to_acquisition"] for v in items.values() if v.get("exposures_to_acquisition") is not None
+            ]
+            rows.append(
+                [
+                    name,
+                    f"{len(steps):,} / {len(items):,}",
+                    fmt_num(np.median(steps)) if steps else "–",
+                    fmt_num(np.median(exposures)) if exposures else "–",
+                ]
+            )
         if rows:
-            section.blocks.append(Table(
-                ["experiment", "items acquired", "median step of acquisition", "median exposures to acquisition"],
-                rows, numeric=(1, 2, 3), caption=f"From {ACQUISITION}.",
-            ))
+            section.blocks.append(
+                Table(
+                    ["experiment", "items acquired", "median step of acquisition", "median exposures to acquisition"],
+                    rows,
+                    numeric=(1, 2, 3),
+                    caption=f"From {ACQUISITION}.",
+                )
+            )
         else:
             section.blocks.append(_note(f"Acquisition: no data yet ({ACQUISITION} lists no experiment)."))
     return section
@@ -360,12 +428,15 @@ def effect_table(run: RunData) -> Section:
         return section
     alpha = run.alpha
     when = {r.when for r in records if r.when}
-    section.blocks.append(Paragraph(
-        f"Last evaluation at step {step:,}" + (f" ({', '.join(sorted(when))})" if when else "")
-        + f". Verdicts at alpha = {alpha:g}: primary metrics use the Holm-corrected p-value across the run's "
-        "experiments; secondary metrics and groups have no Holm value and are judged on the raw p-value "
-        "(marked uncorrected)."
-    ))
+    section.blocks.append(
+        Paragraph(
+            f"Last evaluation at step {step:,}"
+            + (f" ({', '.join(sorted(when))})" if when else "")
+            + f". Verdicts at alpha = {alpha:g}: primary metrics use the Holm-corrected p-value across the run's "
+            "experiments; secondary metrics and groups have no Holm value and are judged on the raw p-value "
+            "(marked uncorrected)."
+        )
+    )
     rank = {n: i for i, n in enumerate(run.experiment_names)}
     ordered = sorted(records, key=lambda r: (rank.get(r.experiment, len(rank)), not r.primary, r.group is not None))
     rows: list[list[Cell]] = []
@@ -376,21 +447,42 @@ def effect_table(run: RunData) -> Section:
         ci = "–" if low == "–" and high == "–" else f"[{low}, {high}]"
         if not math.isnan(level) and ci != "–":
             ci += f" ({level:.0%})"
-        rows.append([
-            r.experiment,
-            r.metric + (" (primary)" if r.primary else ""),
-            r.group if r.group is not None else "all",
-            fmt_num(e.treated_mean), fmt_num(e.control_mean), fmt_num(e.effect), ci,
-            fmt_num(e.p_value, 3), fmt_num(r.p_holm, 3),
-            e.test,
-            f"{fmt_int(e.n_treated)} / {fmt_int(e.n_control)}",
-            verdict(r, alpha),
-        ])
-    section.blocks.append(Table(
-        ["experiment", "metric", "group", "treated", "control", "effect", "CI", "p", "Holm p", "test",
-         "n treated / control", "verdict"],
-        rows, numeric=(3, 4, 5, 6, 7, 8, 10),
-    ))
+        rows.append(
+            [
+                r.experiment,
+                r.metric + (" (primary)" if r.primary else ""),
+                r.group if r.group is not None else "all",
+                fmt_num(e.treated_mean),
+                fmt_num(e.control_mean),
+                fmt_num(e.effect),
+                ci,
+                fmt_num(e.p_value, 3),
+                fmt_num(r.p_holm, 3),
+                e.test,
+                f"{fmt_int(e.n_treated)} / {fmt_int(e.n_control)}",
+                verdict(r, alpha),
+            ]
+        )
+    section.blocks.append(
+        Table(
+            [
+                "experiment",
+                "metric",
+                "group",
+                "treated",
+                "control",
+                "effect",
+                "CI",
+                "p",
+                "Holm p",
+                "test",
+                "n treated / control",
+                "verdict",
+            ],
+            rows,
+            numeric=(3, 4, 5, 6, 7, 8, 10),
+        )
+    )
     return section
 
 
@@ -424,17 +516,26 @@ def controllers(run: RunData) -> Section:
             trajectories[name][part] = {k: Series.from_pairs(v) for k, v in list(pairs.items())[:MAX_SERIES]}
         last = max(records, key=lambda r: int(r["step"]))
         text = json.dumps(last.get("decision"), sort_keys=True, default=str)
-        rows.append([
-            name, str(last.get("controller", "–")), fmt_int(len(records)), fmt_int(last["step"]),
-            (text if len(text) <= 160 else text[:157] + "...", "code"),
-        ])
+        rows.append(
+            [
+                name,
+                str(last.get("controller", "–")),
+                fmt_int(len(records)),
+                fmt_int(last["step"]),
+                (text if len(text) <= 160 else text[:157] + "...", "code"),
+            ]
+        )
     caption = "Numeric fields of each controller's decisions and state over training steps (booleans as 0/1)"
     caption += f"; at most {MAX_SERIES} fields per panel." if truncated else "."
     section.blocks.append(_figure("controllers", plots.controller_trajectories(trajectories), caption))
-    section.blocks.append(Table(
-        ["experiment", "controller", "decisions", "last step", "last decision"], rows, numeric=(2, 3),
-        caption=f"From {CONTROLLER_LOG}.",
-    ))
+    section.blocks.append(
+        Table(
+            ["experiment", "controller", "decisions", "last step", "last decision"],
+            rows,
+            numeric=(2, 3),
+            caption=f"From {CONTROLLER_LOG}.",
+        )
+    )
     return section
 
 
@@ -476,40 +577,59 @@ def interaction(run: RunData) -> Section:
         effect[i, j] = finite(c.get("effect"))
         significant[i, j] = bool(c.get("significant"))
         diagonal[i, j] = bool(c.get("diagonal"))
-        rows.append([
-            c["arm"], c["experiment"], c["metric"], fmt_num(c.get("effect")),
-            f"[{fmt_num(c.get('ci_low'))}, {fmt_num(c.get('ci_high'))}]",
-            fmt_num(c.get("p_value"), 3), fmt_num(c.get("p_holm"), 3),
-            ("yes", "sig") if c.get("significant") else ("no", "nonsig"),
-        ])
+        rows.append(
+            [
+                c["arm"],
+                c["experiment"],
+                c["metric"],
+                fmt_num(c.get("effect")),
+                f"[{fmt_num(c.get('ci_low'))}, {fmt_num(c.get('ci_high'))}]",
+                fmt_num(c.get("p_value"), 3),
+                fmt_num(c.get("p_holm"), 3),
+                ("yes", "sig") if c.get("significant") else ("no", "nonsig"),
+            ]
+        )
     alpha = finite(matrix.get("alpha"))
     experiments = matrix.get("experiments") or []
-    section.blocks.append(Paragraph(
-        f"{len(arms)} arm(s) × {len(columns)} measured metric(s)"
-        + (f" over experiments {', '.join(map(str, experiments))}" if experiments else "")
-        + (f"; significance at alpha = {alpha:g} (Holm)." if not math.isnan(alpha) else ".")
-    ))
+    section.blocks.append(
+        Paragraph(
+            f"{len(arms)} arm(s) × {len(columns)} measured metric(s)"
+            + (f" over experiments {', '.join(map(str, experiments))}" if experiments else "")
+            + (f"; significance at alpha = {alpha:g} (Holm)." if not math.isnan(alpha) else ".")
+        )
+    )
     if matrix.get("verdict"):
         start = matrix.get("start_step")
         design = (
             f"{matrix.get('steps')} steps per arm from step {start} ({matrix.get('checkpoint')}), "
-            f"{matrix.get('intensity'):g} of the tokens per experiment. " if start is not None else ""
+            f"{matrix.get('intensity'):g} of the tokens per experiment. "
+            if start is not None
+            else ""
         )
-        section.blocks.append(Paragraph(
-            f"{design}Each cell: the change of the experiment's treated-minus-control gap against the baseline arm, "
-            f"paired over probe items (permutation p, bootstrap CI). Verdict: {matrix['verdict']}."
-        ))
+        section.blocks.append(
+            Paragraph(
+                f"{design}Each cell: the change of the experiment's treated-minus-control gap against the baseline arm, "
+                f"paired over probe items (permutation p, bootstrap CI). Verdict: {matrix['verdict']}."
+            )
+        )
     fig = plots.interaction_heatmap(arms, columns, effect, significant, diagonal)
-    section.blocks.append(_figure(
-        "interaction", fig,
-        "Effect of each arm (rows) on each experiment's metric (columns), coloured by the effect scaled to its "
-        "column's largest magnitude; ★ marks significant cells, a black box the diagonal (an experiment measured "
-        "in its own arm).",
-    ))
-    section.blocks.append(Table(
-        ["arm", "experiment", "metric", "effect", "CI", "p", "Holm p", "significant"], rows, numeric=(3, 4, 5, 6),
-        caption=f"From {INTERACTION}.",
-    ))
+    section.blocks.append(
+        _figure(
+            "interaction",
+            fig,
+            "Effect of each arm (rows) on each experiment's metric (columns), coloured by the effect scaled to its "
+            "column's largest magnitude; ★ marks significant cells, a black box the diagonal (an experiment measured "
+            "in its own arm).",
+        )
+    )
+    section.blocks.append(
+        Table(
+            ["arm", "experiment", "metric", "effect", "CI", "p", "Holm p", "significant"],
+            rows,
+            numeric=(3, 4, 5, 6),
+            caption=f"From {INTERACTION}.",
+        )
+    )
     return section
 
 
@@ -525,46 +645,61 @@ def loss(run: RunData, baseline: RunData | None) -> Section:
     b_heldout = baseline.heldout_loss() if baseline else None
     if baseline is not None:
         b_status, _ = status_line(baseline)
-        section.blocks.append(Paragraph(
-            f"Baseline overlay: {baseline.run_name} ({baseline.path}). {b_status}"
-        ))
+        section.blocks.append(Paragraph(f"Baseline overlay: {baseline.run_name} ({baseline.path}). {b_status}"))
         if run.tokens_per_step and baseline.tokens_per_step and run.tokens_per_step != baseline.tokens_per_step:
-            section.blocks.append(Paragraph(
-                f"The baseline trains {baseline.tokens_per_step:,} tokens per step, this run {run.tokens_per_step:,}: "
-                "curves over steps are not directly comparable.", kind="warning",
-            ))
+            section.blocks.append(
+                Paragraph(
+                    f"The baseline trains {baseline.tokens_per_step:,} tokens per step, this run {run.tokens_per_step:,}: "
+                    "curves over steps are not directly comparable.",
+                    kind="warning",
+                )
+            )
     has_baseline = b_training is not None and b_heldout is not None and (len(b_training) or len(b_heldout))
     has_any = len(training) or len(heldout) or has_baseline
     if not has_any:
-        section.blocks.append(_note(
-            "No data yet: no training loss (training.jsonl) and no held-out loss (metrics.jsonl) recorded."
-        ))
+        section.blocks.append(
+            _note("No data yet: no training loss (training.jsonl) and no held-out loss (metrics.jsonl) recorded.")
+        )
         return section
-    fig = plots.loss_curves(training, heldout, baseline_training=b_training, baseline_heldout=b_heldout,
-                            baseline_name=f"baseline: {baseline.run_name}" if baseline else "baseline")
-    section.blocks.append(_figure(
-        "loss", fig,
-        "Training loss per step (training.jsonl) and held-out loss per evaluation (metrics.jsonl)"
-        + ("; the baseline run dashed." if baseline else "."),
-    ))
+    fig = plots.loss_curves(
+        training,
+        heldout,
+        baseline_training=b_training,
+        baseline_heldout=b_heldout,
+        baseline_name=f"baseline: {baseline.run_name}" if baseline else "baseline",
+    )
+    section.blocks.append(
+        _figure(
+            "loss",
+            fig,
+            "Training loss per step (training.jsonl) and held-out loss per evaluation (metrics.jsonl)"
+            + ("; the baseline run dashed." if baseline else "."),
+        )
+    )
     rows: list[list[Cell]] = []
-    for label, mine, theirs, window in (("held-out loss", heldout, b_heldout, 1),
-                                        ("training loss", training, b_training, TRAIN_LOSS_WINDOW)):
+    for label, mine, theirs, window in (
+        ("held-out loss", heldout, b_heldout, 1),
+        ("training loss", training, b_training, TRAIN_LOSS_WINDOW),
+    ):
         rows.append(_loss_row(label, mine, theirs, window))
     columns = ["loss", "this run"] + (["baseline", "relative difference"] if baseline else [])
-    section.blocks.append(Table(
-        columns, [r[: len(columns)] for r in rows], numeric=tuple(range(1, len(columns))),
-        caption=f"Values at the last step both runs reached (else each run's last); training loss averaged over the "
-                f"last {TRAIN_LOSS_WINDOW} such steps. Relative difference = (this run − baseline) / baseline.",
-    ))
+    section.blocks.append(
+        Table(
+            columns,
+            [r[: len(columns)] for r in rows],
+            numeric=tuple(range(1, len(columns))),
+            caption=f"Values at the last step both runs reached (else each run's last); training loss averaged over the "
+            f"last {TRAIN_LOSS_WINDOW} such steps. Relative difference = (this run − baseline) / baseline.",
+        )
+    )
     if baseline is not None:
         _, _, diff, step = compare_end(heldout, b_heldout)
         if math.isnan(diff):
             section.blocks.append(_note("Held-out loss: no evaluation to compare with the baseline yet."))
         else:
-            section.blocks.append(Paragraph(
-                f"Held-out loss at the end (step {step:,}): {diff:+.2%} relative to the baseline."
-            ))
+            section.blocks.append(
+                Paragraph(f"Held-out loss at the end (step {step:,}): {diff:+.2%} relative to the baseline.")
+            )
     return section
 
 

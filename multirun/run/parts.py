@@ -67,10 +67,17 @@ class RunParts:
         runner = self.monitors
         entries = [replace(entry, every=None) for entry in runner.entries]
         monitors = MonitorRunner(
-            entries, monitoring, run_dir=run_dir, pad_token_id=runner.pad_token_id,
-            sequence_length=runner.sequence_length, seed=runner.seed, heldout=runner.heldout,
+            entries,
+            monitoring,
+            run_dir=run_dir,
+            pad_token_id=runner.pad_token_id,
+            sequence_length=runner.sequence_length,
+            seed=runner.seed,
+            heldout=runner.heldout,
         )
-        return replace(self, run_dir=Path(run_dir), plan=plan, monitors=monitors, control=None, interaction_after="none")
+        return replace(
+            self, run_dir=Path(run_dir), plan=plan, monitors=monitors, control=None, interaction_after="none"
+        )
 
 
 def assemble_parts(
@@ -103,7 +110,12 @@ def assemble_parts(
         control = build_control_loop(loaded, plan, {m.experiment: type(m.monitor) for m in entries}, run_dir=run_dir)
     config = loaded.config
     monitors = MonitorRunner(
-        entries, config.monitoring, run_dir=run_dir, pad_token_id=tokenizer.pad_token_id,
-        sequence_length=geometry.sequence_length, seed=config.seed, heldout=heldout,
+        entries,
+        config.monitoring,
+        run_dir=run_dir,
+        pad_token_id=tokenizer.pad_token_id,
+        sequence_length=geometry.sequence_length,
+        seed=config.seed,
+        heldout=heldout,
     )
     return RunParts(loaded, tokenizer, run_dir, plan, monitors, control, config.interaction.after)

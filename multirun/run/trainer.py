@@ -88,7 +88,10 @@ def prepare_run(
     dataset = resolve_dataset(loaded, tokenizer, progress=progress)
     geometry = run_geometry(loaded, dataset)
     parts = assemble_parts(
-        loaded, tokenizer=tokenizer, geometry=geometry, run_dir=run_dir,
+        loaded,
+        tokenizer=tokenizer,
+        geometry=geometry,
+        run_dir=run_dir,
         heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
     )
     if dist.get_global_rank() == 0:
@@ -160,7 +163,8 @@ def trainer_settings(loaded: LoadedConfig) -> dict[str, Any]:
     return {
         "device": train.device if train.device != "auto" else ("gpu" if torch.cuda.is_available() else "cpu"),
         "precision": train.precision,
-        "device_train_microbatch_size": train.device_microbatch_size or train.global_batch_size // dist.get_world_size(),
+        "device_train_microbatch_size": train.device_microbatch_size
+        or train.global_batch_size // dist.get_world_size(),
         "seed": loaded.config.seed,
         "loggers": [],
         "log_to_console": False,

@@ -72,20 +72,47 @@ def make_experiment(
     )
 
 
-def records(step: int, scores: dict[str, float | None], *, experiment: str = "facts",
-            metric: str = "target_probability", control: float = 0.01) -> list[EvaluationRecord]:
+def records(
+    step: int,
+    scores: dict[str, float | None],
+    *,
+    experiment: str = "facts",
+    metric: str = "target_probability",
+    control: float = 0.01,
+) -> list[EvaluationRecord]:
     """Records shaped as MonitorRunner.evaluate returns them, plus decoys the
     controller must ignore (other metric, other experiment, a group record, a failure)."""
-    items = ItemScore.of([*scores, "c0", "c1"], [True] * len(scores) + [False, False], [*scores.values(), control, control])
+    items = ItemScore.of(
+        [*scores, "c0", "c1"], [True] * len(scores) + [False, False], [*scores.values(), control, control]
+    )
     valid = [v for v in scores.values() if v is not None]
 
     def effect(metric: str, treated_mean: float) -> EffectResult:
-        return EffectResult(metric=metric, test="permutation", alternative="greater", n_treated=len(valid), n_control=2,
-                            treated_mean=treated_mean, control_mean=control, effect=0.0, ci_low=math.nan,
-                            ci_high=math.nan, ci_level=0.95, p_value=0.5)
+        return EffectResult(
+            metric=metric,
+            test="permutation",
+            alternative="greater",
+            n_treated=len(valid),
+            n_control=2,
+            treated_mean=treated_mean,
+            control_mean=control,
+            effect=0.0,
+            ci_low=math.nan,
+            ci_high=math.nan,
+            ci_level=0.95,
+            p_value=0.5,
+        )
 
-    whole = EffectRecord(step=step, when="interval", experiment=experiment, monitor="knowledge", group=None,
-                         primary=False, effect=effect(metric, float(np.mean(valid)) if valid else math.nan), items=items)
+    whole = EffectRecord(
+        step=step,
+        when="interval",
+        experiment=experiment,
+        monitor="knowledge",
+        group=None,
+        primary=False,
+        effect=effect(metric, float(np.mean(valid)) if valid else math.nan),
+        items=items,
+    )
     all_ones = ItemScore.of(list(scores), [True] * len(scores), [1.0] * len(scores))
     decoys = [
         replace(whole, effect=effect("exact_match", whole.effect.treated_mean), items=all_ones),
@@ -97,9 +124,13 @@ def records(step: int, scores: dict[str, float | None], *, experiment: str = "fa
     return [decoys[0], whole, *decoys[1:]]
 
 
-def build(name: str, options: dict, exp: PreparedExperiment | None = None, *, window: int = 10, steps: int = 100) -> Any:
+def build(
+    name: str, options: dict, exp: PreparedExperiment | None = None, *, window: int = 10, steps: int = 100
+) -> Any:
     exp = exp if exp is not None else make_experiment()
-    return build_controller(name, options, experiment=exp, metrics_available=METRICS, window_steps=window, num_steps=steps)
+    return build_controller(
+        name, options, experiment=exp, metrics_available=METRICS, window_steps=window, num_steps=steps
+    )
 
 
 # ------------------------------------------------------------------ acquire
@@ -155,12 +186,17 @@ def test_acquire_patience_counts_only_consecutive_hits() -> None:
 
 def test_acquire_escalation_is_capped_and_only_without_progress() -> None:
     exp = make_experiment(paraphrases=(3, 2))
-    ctl = build("acquire", {"metric": "target_probability", "threshold": 0.9, "initial_rate": 1,
-                            "max_rate": 5, "escalation": 2}, exp)
+    ctl = build(
+        "acquire",
+        {"metric": "target_probability", "threshold": 0.9, "initial_rate": 1, "max_rate": 5, "escalation": 2},
+        exp,
+    )
     rates_f0, rates_f1, escalated = [], [], []
     for k in range(7):
         # f0 is stuck at 0.1; f1 improves every window (progress): its rate stays.
-        d = ctl.decide(step=10 * k, records=records(10 * k, {"f0": 0.1, "f1": 0.1 + 0.05 * k}), experiment=exp, num_steps=100)
+        d = ctl.decide(
+            step=10 * k, records=records(10 * k, {"f0": 0.1, "f1": 0.1 + 0.05 * k}), experiment=exp, num_steps=100
+        )
         rates_f0.append(d.exposures["f0"])
         rates_f1.append(d.exposures["f1"])
         escalated.append(d.info["escalated"])
@@ -177,12 +213,18 @@ def test_acquire_escalation_is_capped_and_only_without_progress() -> None:
 
 def test_acquire_min_progress_and_non_integer_escalation() -> None:
     exp = make_experiment(paraphrases=(2,))
-    ctl = build("acquire", {"metric": "target_logprob", "threshold": -0.5, "escalation": 1.5,
-                            "max_rate": 8, "min_progress": 0.1}, exp)
+    ctl = build(
+        "acquire",
+        {"metric": "target_logprob", "threshold": -0.5, "escalation": 1.5, "max_rate": 8, "min_progress": 0.1},
+        exp,
+    )
     rates = []
     for k, v in enumerate([-3.0, -2.95, -2.0, -1.99, -1.98]):  # +0.05 is not progress, +0.95 is
-        rates.append(ctl.decide(step=10 * k, records=records(10 * k, {"f0": v}, metric="target_logprob"),
-                                experiment=exp, num_steps=100).exposures["f0"])
+        rates.append(
+            ctl.decide(
+                step=10 * k, records=records(10 * k, {"f0": v}, metric="target_logprob"), experiment=exp, num_steps=100
+            ).exposures["f0"]
+        )
     assert rates == [1, 2, 2, 3, 5]  # ceil(1 * 1.5) = 2, ceil(2 * 1.5) = 3, ceil(3 * 1.5) = 5
 
 
@@ -223,40 +265,60 @@ def paper_rule(n: int, v: float, p: float, *, max_change: int = 256, lo: int = 1
 
 def test_track_reproduces_the_paper_rule_on_hand_made_values() -> None:
     exp = make_experiment()
-    ctl = build("track", {"metric": "target_probability", "target": 1.0, "initial_n": 300, "max_n": 1000},
-                exp, window=10, steps=200)
+    ctl = build(
+        "track",
+        {"metric": "target_probability", "target": 1.0, "initial_n": 300, "max_n": 1000},
+        exp,
+        window=10,
+        steps=200,
+    )
     # step -> (value, expected n, action); target p = step / 200
     plan = [
-        (0, 0.9, 300, "initial"),   # no update at s = 0, whatever v is
-        (10, 0.2, 150, "halve"),    # p = 0.05; v > 1.05 p
-        (20, 0.1, 150, "hold"),     # p = 0.1: in the band
+        (0, 0.9, 300, "initial"),  # no update at s = 0, whatever v is
+        (10, 0.2, 150, "halve"),  # p = 0.05; v > 1.05 p
+        (20, 0.1, 150, "hold"),  # p = 0.1: in the band
         (30, 0.1549, 150, "hold"),  # p = 0.15: 0.1549 < 1.05 p
         (40, 0.15, 300, "double"),  # p = 0.2: below 0.95 p
-        (50, 0.1, 556, "double"),   # 600 capped at 300 + 256
+        (50, 0.1, 556, "double"),  # 600 capped at 300 + 256
         (60, 0.1, 812, "double"),
         (70, 0.1, 1000, "double"),  # 1068 clamped to max_n
-        (80, 0.9, 744, "halve"),    # 500 capped at 1000 - 256
-        (90, 0.9, 488, "halve"),    # 372 capped at 744 - 256
+        (80, 0.9, 744, "halve"),  # 500 capped at 1000 - 256
+        (90, 0.9, 488, "halve"),  # 372 capped at 744 - 256
         (100, None, 488, "no_value"),  # failed evaluation: n kept
     ]
     for step, v, expected, action in plan:
-        recs = records(step, {"f0": v, "f1": v, "f2": v}) if v is not None else [
-            FailureRecord(step=step, when="interval", experiment="facts", monitor="knowledge", error="RuntimeError('boom')")
-        ]
+        recs = (
+            records(step, {"f0": v, "f1": v, "f2": v})
+            if v is not None
+            else [
+                FailureRecord(
+                    step=step, when="interval", experiment="facts", monitor="knowledge", error="RuntimeError('boom')"
+                )
+            ]
+        )
         d = ctl.decide(step=step, records=recs, experiment=exp, num_steps=200)
         assert (d.info["n"], d.info["action"]) == (expected, action), step
         assert d.num_spans == expected and d.info["target"] == pytest.approx(step / 200)
     # Down to the clamp at min_n: 488 -> 244 -> ... -> 3 -> 1 -> 1 (0 clamped).
-    ns = [ctl.decide(step=s, records=records(s, {"f0": 1.0, "f1": 1.0, "f2": 1.0}), experiment=exp, num_steps=200).info["n"]
-          for s in range(110, 200, 10)]
+    ns = [
+        ctl.decide(step=s, records=records(s, {"f0": 1.0, "f1": 1.0, "f2": 1.0}), experiment=exp, num_steps=200).info[
+            "n"
+        ]
+        for s in range(110, 200, 10)
+    ]
     assert ns == [244, 122, 61, 30, 15, 7, 3, 1, 1]
 
 
 def test_track_matches_the_reference_rule_on_random_values() -> None:
     exp = make_experiment()
     rng = np.random.default_rng(5)
-    ctl = build("track", {"metric": "target_probability", "target": 0.08, "initial_n": 40, "max_change": 64,
-                          "max_n": 500}, exp, window=5, steps=400)
+    ctl = build(
+        "track",
+        {"metric": "target_probability", "target": 0.08, "initial_n": 40, "max_change": 64, "max_n": 500},
+        exp,
+        window=5,
+        steps=400,
+    )
     n = 40
     for step in range(0, 400, 5):
         v = float(rng.uniform(0, 0.1))
@@ -279,7 +341,9 @@ def test_track_value_options_and_negative_metrics() -> None:
     ctl.decide(step=0, records=[], experiment=exp, num_steps=100)
     mk = lambda s, v: records(s, {"f0": v, "f1": v, "f2": v}, metric="target_logprob")  # noqa: E731
     assert ctl.decide(step=50, records=mk(50, -2.0), experiment=exp, num_steps=100).info["action"] == "halve"
-    assert ctl.decide(step=60, records=mk(60, -2.25), experiment=exp, num_steps=100).info["action"] == "hold"  # p = -2.2
+    assert (
+        ctl.decide(step=60, records=mk(60, -2.25), experiment=exp, num_steps=100).info["action"] == "hold"
+    )  # p = -2.2
     assert ctl.decide(step=70, records=mk(70, -3.0), experiment=exp, num_steps=100).info["action"] == "double"
 
 
@@ -292,8 +356,13 @@ def test_treated_pool_interleaves_items_and_skips_controls() -> None:
 
 def test_track_pool_index_wraps_modularly() -> None:
     exp = make_experiment(paraphrases=(3, 2, 2))  # pool of 7
-    ctl = build("track", {"metric": "target_probability", "target": 1.0, "initial_n": 3, "max_change": 8,
-                          "max_n": 20}, exp, window=1, steps=60)
+    ctl = build(
+        "track",
+        {"metric": "target_probability", "target": 1.0, "initial_n": 3, "max_change": 8, "max_n": 20},
+        exp,
+        window=1,
+        steps=60,
+    )
     pool = treated_pool(exp).tolist()
     i = 0
     stream: list[int] = []
@@ -344,8 +413,12 @@ def test_budget_never_exceeds_max_tokens(rate: int, max_tokens: int) -> None:
     # Independent model: the round-robin stream (window, then pass r, then item) is
     # injected up to the first span that would not fit, and not one span more.
     own = [np.flatnonzero(exp.seq_items == k) for k in range(3)]
-    stream = [int(exp.seq_lengths[own[k][(w * rate + r) % own[k].size]])
-              for w in range(20) for r in range(rate) for k in range(3)]
+    stream = [
+        int(exp.seq_lengths[own[k][(w * rate + r) % own[k].size]])
+        for w in range(20)
+        for r in range(rate)
+        for k in range(3)
+    ]
     prefix = np.cumsum(stream)
     assert total == int(prefix[prefix <= max_tokens][-1])
     assert total + stream[int((prefix <= max_tokens).sum())] > max_tokens
@@ -366,11 +439,14 @@ def test_state_dict_round_trip_continues_identically(name: str, options: dict, k
     exp = make_experiment()
     rng = np.random.default_rng(11)
     steps = list(range(0, 100, 10))
-    scores = [{item: (None if rng.random() < 0.1 else float(rng.uniform(0, 1))) for item in ("f0", "f1", "f2")}
-              for _ in steps]
+    scores = [
+        {item: (None if rng.random() < 0.1 else float(rng.uniform(0, 1))) for item in ("f0", "f1", "f2")} for _ in steps
+    ]
     uninterrupted = build(name, options, exp)
-    straight = [uninterrupted.decide(step=s, records=records(s, v), experiment=exp, num_steps=100).to_dict()
-                for s, v in zip(steps, scores)]
+    straight = [
+        uninterrupted.decide(step=s, records=records(s, v), experiment=exp, num_steps=100).to_dict()
+        for s, v in zip(steps, scores)
+    ]
 
     first = build(name, options, exp)
     for s, v in zip(steps[:k], scores[:k]):
@@ -379,8 +455,10 @@ def test_state_dict_round_trip_continues_identically(name: str, options: dict, k
     resumed = build(name, options, exp)
     resumed.load_state_dict(state)
     assert resumed.state_dict() == first.state_dict()
-    after = [resumed.decide(step=s, records=records(s, v), experiment=exp, num_steps=100).to_dict()
-             for s, v in zip(steps[k:], scores[k:])]
+    after = [
+        resumed.decide(step=s, records=records(s, v), experiment=exp, num_steps=100).to_dict()
+        for s, v in zip(steps[k:], scores[k:])
+    ]
     assert after == straight[k:]
     assert json.loads(json.dumps(straight)) == straight  # decisions are plain JSON too
 
@@ -450,8 +528,14 @@ def test_experiment_without_treated_sequences_or_metrics_fails_early() -> None:
         build("budget", {"max_tokens": 100}, exp)
     assert info.value.key == "controller"
     with pytest.raises(ConfigError, match="no monitor metrics"):
-        build_controller("acquire", {"metric": "target_probability", "threshold": 0.5},
-                         experiment=make_experiment(), metrics_available=[], window_steps=5, num_steps=50)
+        build_controller(
+            "acquire",
+            {"metric": "target_probability", "threshold": 0.5},
+            experiment=make_experiment(),
+            metrics_available=[],
+            window_steps=5,
+            num_steps=50,
+        )
 
 
 def test_registry_and_metric_ranges() -> None:
@@ -486,10 +570,19 @@ def write_ledger(run: Path, rows: list[tuple[int, str, str]]) -> Ledger:
     with LedgerWriter(run, rank=0, experiment_names=names, item_ids=items) as w:
         for k, (step, experiment, item) in enumerate(rows):
             e = names.index(experiment)
-            w.append(step=np.array([step]), global_row=np.array([k % 4]), local_row=np.array([k % 4]), sample_id=-1,
-                     offset=np.array([8 * (k // 4)]), length=np.array([4]), experiment=np.array([e]),
-                     item_index=np.array([items[e].index(item)]), sequence=np.array([0]), repetition=np.array([k]),
-                     token_hash=np.array([k], dtype=np.uint64))
+            w.append(
+                step=np.array([step]),
+                global_row=np.array([k % 4]),
+                local_row=np.array([k % 4]),
+                sample_id=-1,
+                offset=np.array([8 * (k // 4)]),
+                length=np.array([4]),
+                experiment=np.array([e]),
+                item_index=np.array([items[e].index(item)]),
+                sequence=np.array([0]),
+                repetition=np.array([k]),
+                token_hash=np.array([k], dtype=np.uint64),
+            )
     return Ledger.open(run)
 
 
@@ -504,8 +597,10 @@ def test_exposures_to_acquisition_counts_spans_before_the_acquisition_step(tmp_p
     ledger = write_ledger(tmp_path, rows)
     acquired_at = {"f0": 20, "f1": None, "f2": 49}
     got = exposures_to_acquisition(ledger.table, "facts", acquired_at)
-    expected = {item: (None if at is None else sum(1 for s, e, i in rows if e == "facts" and i == item and s < at))
-                for item, at in acquired_at.items()}
+    expected = {
+        item: (None if at is None else sum(1 for s, e, i in rows if e == "facts" and i == item and s < at))
+        for item, at in acquired_at.items()
+    }
     assert got == expected
     assert got["f0"] > 0 and got["f2"] > got["f0"]  # the fixture exercises real counts
     record = acquisition_record(ledger.table, "facts", acquired_at)

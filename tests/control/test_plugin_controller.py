@@ -80,9 +80,13 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-
 
 def _loaded(tmp: Path, options: dict):  # type: ignore[no-untyped-def]
     write_payload(tmp / "payloads" / "p", documents(6))
-    doc = minimal_config(docs={
-        "payload": "payloads/p", "monitor": {"every": "10ba"}, "controller": {"name": "every-item", "options": options},
-    })
+    doc = minimal_config(
+        docs={
+            "payload": "payloads/p",
+            "monitor": {"every": "10ba"},
+            "controller": {"name": "every-item", "options": options},
+        }
+    )
     doc["injection"] = {"max_modified_fraction": 0.5}
     loaded = load_config(write_config(tmp / "run.yaml", doc), env={})
     plan = build_run_plan(loaded, tokenizer=TOK, geometry=BatchGeometry(4, 64, 100))
@@ -107,11 +111,14 @@ def test_an_entry_point_controller_is_found_and_built_by_the_run(plugin: None, t
     assert (tmp_path / "run" / "controller.jsonl").read_text().count("\n") == 1
 
 
-@pytest.mark.parametrize("options, key", [
-    ({"metric": "text_logprob", "span": 2}, "experiments[0].controller.span"),  # mistyped option name
-    ({"metric": "text_logprob", "spans": "two"}, "experiments[0].controller.spans"),  # wrong type
-    ({"metric": "nope"}, "experiments[0].controller.metric"),  # the plugin's own validate
-])
+@pytest.mark.parametrize(
+    "options, key",
+    [
+        ({"metric": "text_logprob", "span": 2}, "experiments[0].controller.span"),  # mistyped option name
+        ({"metric": "text_logprob", "spans": "two"}, "experiments[0].controller.spans"),  # wrong type
+        ({"metric": "nope"}, "experiments[0].controller.metric"),  # the plugin's own validate
+    ],
+)
 def test_a_bad_option_of_an_entry_point_controller_names_the_key(
     plugin: None, tmp_path: Path, options: dict, key: str
 ) -> None:

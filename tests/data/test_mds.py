@@ -108,7 +108,14 @@ def test_round_trip_rows_and_text(prepared: PreparedDataset) -> None:
 
 def test_info_file_and_fingerprints(prepared: PreparedDataset, corpus: Path, tmp_path: Path) -> None:
     on_disk = json.loads((prepared.path / INFO_FILE).read_text())
-    for key in ("sequence_length", "num_samples", "tokenizer", "tokenizer_fingerprint", "sources_fingerprint", "fingerprint"):
+    for key in (
+        "sequence_length",
+        "num_samples",
+        "tokenizer",
+        "tokenizer_fingerprint",
+        "sources_fingerprint",
+        "fingerprint",
+    ):
         assert key in on_disk
     again = read_dataset_info(prepared.path)
     assert again == prepared and again.metadata == on_disk
@@ -263,7 +270,9 @@ def test_collate_lm_batch() -> None:
     assert batch["attention_mask"].dtype == torch.int64 and bool((batch["attention_mask"] == 1).all())
     assert batch["sample_id"].tolist() == [10, 11, 12] and batch["sample_id"].dtype == torch.int64
     with pytest.raises(ValueError):
-        collate_lm_batch([{"input_ids": torch.arange(5), "sample_id": 0}, {"input_ids": torch.arange(4), "sample_id": 1}])
+        collate_lm_batch(
+            [{"input_ids": torch.arange(5), "sample_id": 0}, {"input_ids": torch.arange(4), "sample_id": 1}]
+        )
 
 
 # --------------------------------------------------------------------------- demo corpus

@@ -16,7 +16,14 @@ from multirun.errors import InputError
 CORPUS = ["hello world", "the quick brown fox jumps", "hello there, world", "größer als"] * 5
 
 
-def _save_tokenizer(path: Path, *, eos: str | None = "<eos>", pad: str | None = "<pad>", corpus: list[str] = CORPUS, post_eos: bool = False) -> Path:
+def _save_tokenizer(
+    path: Path,
+    *,
+    eos: str | None = "<eos>",
+    pad: str | None = "<pad>",
+    corpus: list[str] = CORPUS,
+    post_eos: bool = False,
+) -> Path:
     """Train a tiny byte-level BPE on ``corpus`` and save it as a transformers tokenizer dir."""
     raw = RawTokenizer(models.BPE(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -29,7 +36,9 @@ def _save_tokenizer(path: Path, *, eos: str | None = "<eos>", pad: str | None = 
     raw.train_from_iterator(corpus, trainer)
     if post_eos:
         # A post-processor that appends EOS: encode() must still add no special tokens.
-        raw.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", raw.token_to_id("<eos>"))])
+        raw.post_processor = processors.TemplateProcessing(
+            single="$A <eos>", special_tokens=[("<eos>", raw.token_to_id("<eos>"))]
+        )
     kwargs = {k: v for k, v in {"eos_token": eos, "pad_token": pad}.items() if v is not None}
     PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", **kwargs).save_pretrained(path)
     return path

@@ -34,8 +34,13 @@ def _controlled_config(tmp: Path, dataset: PreparedDataset, *, name: str, thresh
     experiments = [
         {"name": "canaries", "payload": str(payloads["canaries"]), "repetitions": 2},
         {
-            "name": "facts", "payload": str(payloads["facts"]), "control_fraction": 0.25,
-            "controller": {"name": "acquire", "options": {"metric": "text_logprob", "threshold": threshold, "initial_rate": 1, "max_rate": 2}},
+            "name": "facts",
+            "payload": str(payloads["facts"]),
+            "control_fraction": 0.25,
+            "controller": {
+                "name": "acquire",
+                "options": {"metric": "text_logprob", "threshold": threshold, "initial_rate": 1, "max_rate": 2},
+            },
         },
     ]
     config = run_config(tmp, dataset, steps=STEPS, save_interval="8ba", experiments=experiments, name=name)
@@ -74,7 +79,9 @@ def test_acquire_controller_injects_until_acquired_then_stops(tmp_path: Path, da
     Ledger.open(run.run_dir).check_integrity()  # dynamic spans never overlap static ones
 
 
-def test_killed_and_resumed_controlled_run_reproduces_decisions_and_spans(tmp_path: Path, dataset: PreparedDataset) -> None:
+def test_killed_and_resumed_controlled_run_reproduces_decisions_and_spans(
+    tmp_path: Path, dataset: PreparedDataset
+) -> None:
     straight = _controlled_config(tmp_path, dataset, name="straight")
     done = run_cli(["train", str(straight), "--no-progress"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -85,7 +92,10 @@ def test_killed_and_resumed_controlled_run_reproduces_decisions_and_spans(tmp_pa
     assert again.returncode == 0, again.stderr[-3000:]
 
     def decisions(run: str) -> list[tuple]:
-        return [(d["step"], json.dumps(d["exposures"], sort_keys=True)) for d in read_jsonl(tmp_path / run / "controller.jsonl")]
+        return [
+            (d["step"], json.dumps(d["exposures"], sort_keys=True))
+            for d in read_jsonl(tmp_path / run / "controller.jsonl")
+        ]
 
     assert decisions("resumed") == decisions("straight")
     assert placements(Ledger.open(tmp_path / "resumed").table) == placements(Ledger.open(tmp_path / "straight").table)
@@ -100,7 +110,9 @@ def test_killed_and_resumed_controlled_run_reproduces_decisions_and_spans(tmp_pa
         ({"name": "nonsense"}, "controller.name"),
     ],
 )
-def test_bad_controller_configs_fail_before_training(tmp_path: Path, dataset: PreparedDataset, controller: dict, message: str) -> None:
+def test_bad_controller_configs_fail_before_training(
+    tmp_path: Path, dataset: PreparedDataset, controller: dict, message: str
+) -> None:
     config = _controlled_config(tmp_path, dataset, name="bad")
     doc = yaml.safe_load(config.read_text())
     doc["experiments"][1]["controller"] = controller
@@ -117,8 +129,9 @@ def test_window_longer_than_the_run_is_refused(tmp_path: Path, dataset: Prepared
         prepare_run(load_config(config), progress=False)
 
 
-
-@pytest.mark.parametrize(("after", "threshold", "trigger"), [("acquired", -5.5, "all_acquired"), ("end", -5.2, "end_of_training")])
+@pytest.mark.parametrize(
+    ("after", "threshold", "trigger"), [("acquired", -5.5, "all_acquired"), ("end", -5.2, "end_of_training")]
+)
 def test_interaction_start_is_recorded_with_its_checkpoint(
     tmp_path: Path, dataset: PreparedDataset, after: str, threshold: float, trigger: str
 ) -> None:

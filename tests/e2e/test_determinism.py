@@ -38,7 +38,9 @@ def test_same_seed_gives_identical_ledgers_and_another_seed_does_not(tmp_path: P
     other = _train(run_config(tmp_path, dataset, steps=16, save_interval=None, name="c", seed=6))
     assert len(first) > 0
     assert placements(first.table) == placements(again.table)
-    assert first.table.drop_columns(["item", "experiment", "arm"]).equals(again.table.drop_columns(["item", "experiment", "arm"]))
+    assert first.table.drop_columns(["item", "experiment", "arm"]).equals(
+        again.table.drop_columns(["item", "experiment", "arm"])
+    )
     assert placements(first.table) != placements(other.table)
 
 
@@ -55,7 +57,9 @@ def _spans_of(plan, name: str) -> np.ndarray:  # type: ignore[no-untyped-def]
 
 def test_appending_an_experiment_leaves_the_others_spans_unchanged(tmp_path: Path, dataset: PreparedDataset) -> None:
     payloads = make_payloads(tmp_path / "payloads")
-    extra = write_payload(tmp_path / "extra", documents(20, prefix="extra", text="extra payload {i} " * 3), name="extra")
+    extra = write_payload(
+        tmp_path / "extra", documents(20, prefix="extra", text="extra payload {i} " * 3), name="extra"
+    )
     base = [
         {"name": "canaries", "payload": str(payloads["canaries"]), "repetitions": 3},
         {"name": "facts", "payload": str(payloads["facts"]), "repetitions": 2},

@@ -49,9 +49,7 @@ def test_every_planned_span_was_trained_on_and_recorded(trained: tuple[TrainingR
     ledger.check_integrity()
     spans = run.plan.spans
     planned = sorted(zip(spans.step.tolist(), spans.row.tolist(), spans.offset.tolist()))
-    recorded = sorted(
-        zip(*(ledger.table.column(c).to_pylist() for c in ("step", "global_row", "offset")))
-    )
+    recorded = sorted(zip(*(ledger.table.column(c).to_pylist() for c in ("step", "global_row", "offset"))))
     assert len(planned) >= 30
     assert recorded == planned
 

@@ -33,15 +33,19 @@ def test_two_ranks_inject_what_one_rank_injects(tmp_path: Path) -> None:
     payloads = make_payloads(tmp_path / "payloads")
     experiments = [
         {"name": "canaries", "payload": str(payloads["canaries"]), "repetitions": 3},
-        {   # closed loop: decisions derive from all-gathered monitor results, identical on every rank
-            "name": "facts", "payload": str(payloads["facts"]), "control_fraction": 0.25,
+        {  # closed loop: decisions derive from all-gathered monitor results, identical on every rank
+            "name": "facts",
+            "payload": str(payloads["facts"]),
+            "control_fraction": 0.25,
             "controller": {"name": "acquire", "options": {"metric": "text_logprob", "threshold": -5.5, "max_rate": 2}},
         },
         # Measured, never injected: multiple-choice questions, whose choices are scored
         # on their question's key/value cache, sharded by question.
         {"name": "quiz", "payload": "pkg:demo/contamination", "inject": False},
     ]
-    config = run_config(tmp_path, dataset, steps=16, global_batch_size=8, save_interval=None, experiments=experiments, name="ranks")
+    config = run_config(
+        tmp_path, dataset, steps=16, global_batch_size=8, save_interval=None, experiments=experiments, name="ranks"
+    )
     config.write_text(config.read_text() + "monitoring: {every: 4ba, n_resamples: 200}\n")
 
     single = run_cli(["train", str(config), "--no-progress", "--run-dir", str(tmp_path / "one")], cwd=tmp_path)
@@ -49,9 +53,24 @@ def test_two_ranks_inject_what_one_rank_injects(tmp_path: Path) -> None:
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     launcher = [
-        sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", str(_free_port()),
-        "--stdout", str(tmp_path / "out_{rank}.log"), "--stderr", str(tmp_path / "err_{rank}.log"),
-        "-m", "multirun", "train", str(config), "--no-progress", "--run-dir", str(tmp_path / "two"),
+        sys.executable,
+        "-m",
+        "composer.cli.launcher",
+        "-n",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "--stdout",
+        str(tmp_path / "out_{rank}.log"),
+        "--stderr",
+        str(tmp_path / "err_{rank}.log"),
+        "-m",
+        "multirun",
+        "train",
+        str(config),
+        "--no-progress",
+        "--run-dir",
+        str(tmp_path / "two"),
     ]
     double = subprocess.run(launcher, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     logs = "".join(p.read_text() for p in sorted(tmp_path.glob("err_*.log")))
@@ -83,7 +102,10 @@ def test_two_ranks_inject_what_one_rank_injects(tmp_path: Path) -> None:
             np.testing.assert_allclose(scores_b, scores_a, rtol=1e-2, atol=1e-2)
 
     def decisions(run: str) -> list[tuple]:
-        return [(d["step"], json.dumps(d["exposures"], sort_keys=True)) for d in read_jsonl(tmp_path / run / "controller.jsonl")]
+        return [
+            (d["step"], json.dumps(d["exposures"], sort_keys=True))
+            for d in read_jsonl(tmp_path / run / "controller.jsonl")
+        ]
 
     assert len(decisions("one")) == 5 and decisions("two") == decisions("one")
 
@@ -99,9 +121,22 @@ def test_two_ranks_run_the_interaction_tests_of_one_rank(tmp_path: Path) -> None
     assert single.returncode == 0, single.stderr[-3000:]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     launcher = [
-        sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", str(_free_port()),
-        "--stdout", str(tmp_path / "out_{rank}.log"), "--stderr", str(tmp_path / "err_{rank}.log"),
-        "-m", "multirun", *args, "--out", str(tmp_path / "two"),
+        sys.executable,
+        "-m",
+        "composer.cli.launcher",
+        "-n",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "--stdout",
+        str(tmp_path / "out_{rank}.log"),
+        "--stderr",
+        str(tmp_path / "err_{rank}.log"),
+        "-m",
+        "multirun",
+        *args,
+        "--out",
+        str(tmp_path / "two"),
     ]
     double = subprocess.run(launcher, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert double.returncode == 0, "".join(p.read_text() for p in sorted(tmp_path.glob("err_*.log")))[-4000:]

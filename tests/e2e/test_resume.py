@@ -36,7 +36,10 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, dataset: PreparedDat
 def _fail_at(config: Path, step: int, how: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "tests" / "scripts" / "train_until_failure.py"), str(config), str(step), how],
-        cwd=config.parent, capture_output=True, text=True, timeout=600,
+        cwd=config.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -73,8 +76,6 @@ def test_resume_with_other_experiments_is_refused(tmp_path: Path, dataset: Prepa
     config = run_config(tmp_path, dataset, steps=STEPS, save_interval="8ba", name="changed")
     died = _fail_at(config, 10, "kill")
     assert died.returncode == -signal.SIGKILL
-    changed = run_cli(
-        ["train", str(config), "--no-progress", "--set", "experiments.0.repetitions=2"], cwd=tmp_path
-    )
+    changed = run_cli(["train", str(config), "--no-progress", "--set", "experiments.0.repetitions=2"], cwd=tmp_path)
     assert changed.returncode != 0
     assert "other experiments" in changed.stdout + changed.stderr

@@ -70,7 +70,9 @@ def test_every_kind_shows_its_effect_against_controls(demo: tuple[dict[str, Any]
         r = primary[name]
         direction = 1 if r["alternative"] == "greater" else -1
         if not (r["p_holm"] < 0.01 and direction * r["effect"] > 0):
-            failures.append(f"{name} ({kind}): {r['metric']} effect {r['effect']:.4g}, p {r['p_value']:.3g}, Holm {r['p_holm']:.3g}")
+            failures.append(
+                f"{name} ({kind}): {r['metric']} effect {r['effect']:.4g}, p {r['p_value']:.3g}, Holm {r['p_holm']:.3g}"
+            )
     assert not failures, "\n".join(failures)
 
 
@@ -83,7 +85,9 @@ def test_negative_control_shows_no_effect(demo: tuple[dict[str, Any], dict[str, 
         assert _primary(summary)[name]["p_value"] > 0.05
 
 
-def test_interference_on_held_out_loss_is_small(demo: tuple[dict[str, Any], dict[str, Any]], baseline_dir: Path) -> None:
+def test_interference_on_held_out_loss_is_small(
+    demo: tuple[dict[str, Any], dict[str, Any]], baseline_dir: Path
+) -> None:
     summary, _ = demo
     baseline = json.loads((baseline_dir / "summary.json").read_text())
     with_experiments, without = summary["heldout_loss"], baseline["heldout_loss"]
@@ -103,4 +107,6 @@ def test_independent_demo_experiments_are_not_flagged_as_interacting(demo_dir: P
     assert matrix["interactions"] == [], matrix["interactions"]
     # ...while the arms do teach: experiments show their own effect in their own arm
     own = [c for c in matrix["cells"] if c["kind"] == "diagonal" and c["significant"] and c["effect"] > 0]
-    assert len(own) >= 3, [(c["experiment"], c["effect"], c["p_holm"]) for c in matrix["cells"] if c["kind"] == "diagonal"]
+    assert len(own) >= 3, [
+        (c["experiment"], c["effect"], c["p_holm"]) for c in matrix["cells"] if c["kind"] == "diagonal"
+    ]

@@ -82,7 +82,9 @@ def test_apply_overwrites_input_ids_labels_and_attention_and_nothing_else() -> N
     batch = _dict_batch()
     original = {k: v.clone() for k, v in batch.items()}
     positions = flat_token_positions(np.array([1]), np.array([2]), np.array([3]), sequence_length=8)
-    apply_spans(batch, positions=positions, tokens=np.array([97, 98, 99]), eos_token_id=None, rows_touched=np.array([1]))
+    apply_spans(
+        batch, positions=positions, tokens=np.array([97, 98, 99]), eos_token_id=None, rows_touched=np.array([1])
+    )
     assert batch["input_ids"][1, 2:5].tolist() == [97, 98, 99]
     assert batch["labels"][1, 2:5].tolist() == [97, 98, 99]
     assert batch["attention_mask"][1, 2:5].tolist() == [1, 1, 1]

@@ -33,7 +33,9 @@ def plan(tmp_path_factory: pytest.TempPathFactory) -> RunPlan:
     doc["train"] = {"max_duration": f"{STEPS}ba", "global_batch_size": GLOBAL_BATCH}
     doc["injection"] = {"max_modified_fraction": 0.5}
     loaded = load_config(write_config(tmp / "run.yaml", doc), env={})
-    plan = build_run_plan(loaded, tokenizer=ByteTokenizer(), geometry=BatchGeometry(GLOBAL_BATCH, SEQUENCE_LENGTH, STEPS))
+    plan = build_run_plan(
+        loaded, tokenizer=ByteTokenizer(), geometry=BatchGeometry(GLOBAL_BATCH, SEQUENCE_LENGTH, STEPS)
+    )
     assert all(len(plan.spans_at(step)) for step in range(STEPS))  # every step has something to place
     return plan
 
@@ -45,15 +47,31 @@ def _rank_row_maps(world: int, seed: int, with_ids: bool) -> list[tuple[RowMap, 
     ids = np.random.default_rng(seed).choice(100_000, size=GLOBAL_BATCH, replace=False)
     split = [np.asarray(part, dtype=np.int64) for part in np.array_split(ids, world)]
     gathered = split if world > 1 else None
-    return [(global_rows(split[r], rank=r, gathered_sample_ids=gathered, local_rows=per_rank), split[r]) for r in range(world)]
+    return [
+        (global_rows(split[r], rank=r, gathered_sample_ids=gathered, local_rows=per_rank), split[r])
+        for r in range(world)
+    ]
 
 
 def _span_keys(spans: SpanTable) -> list[tuple[int, ...]]:
-    return sorted(zip(spans.step.tolist(), spans.row.tolist(), spans.offset.tolist(), spans.experiment.tolist(), spans.sequence.tolist()))
+    return sorted(
+        zip(
+            spans.step.tolist(),
+            spans.row.tolist(),
+            spans.offset.tolist(),
+            spans.experiment.tolist(),
+            spans.sequence.tolist(),
+        )
+    )
 
 
 @settings(max_examples=60, deadline=None)
-@given(world=st.sampled_from([1, 2, 4, 8]), step=st.integers(0, STEPS - 1), seed=st.integers(0, 2**16), with_ids=st.booleans())
+@given(
+    world=st.sampled_from([1, 2, 4, 8]),
+    step=st.integers(0, STEPS - 1),
+    seed=st.integers(0, 2**16),
+    with_ids=st.booleans(),
+)
 def test_each_rank_gets_exactly_its_spans_with_the_plans_tokens_and_hashes(
     plan: RunPlan, world: int, step: int, seed: int, with_ids: bool
 ) -> None:
@@ -67,10 +85,13 @@ def test_each_rank_gets_exactly_its_spans_with_the_plans_tokens_and_hashes(
         # Every span sits on a row this rank holds, at that row's local index.
         np.testing.assert_array_equal(rows.global_row[injection.located.local_rows], spans.row)
         # The positions cover exactly the spans, each token once, in span order.
-        expected_positions = np.concatenate([
-            local * SEQUENCE_LENGTH + offset + np.arange(length)
-            for local, offset, length in zip(injection.located.local_rows, spans.offset, spans.length)
-        ] or [np.zeros(0, dtype=np.int64)])
+        expected_positions = np.concatenate(
+            [
+                local * SEQUENCE_LENGTH + offset + np.arange(length)
+                for local, offset, length in zip(injection.located.local_rows, spans.offset, spans.length)
+            ]
+            or [np.zeros(0, dtype=np.int64)]
+        )
         np.testing.assert_array_equal(injection.positions, expected_positions)
         assert len(np.unique(injection.positions)) == len(injection.positions)
         # Tokens, items and hashes are the plan's, span by span.
@@ -130,7 +151,8 @@ def test_noise_goes_with_the_spans_of_noised_experiments_only(plan: RunPlan) -> 
     of_b = np.flatnonzero(spans.experiment == 1)
     assert len(of_b) and len(of_b) < len(spans)
     assert [(n.local_row, n.offset, n.length, n.item) for n in injection.noise] == [
-        (int(injection.located.local_rows[i]), int(spans.offset[i]), int(spans.length[i]), int(injection.items[i])) for i in of_b
+        (int(injection.located.local_rows[i]), int(spans.offset[i]), int(spans.length[i]), int(injection.items[i]))
+        for i in of_b
     ]
     assert all(n.spec == spec for n in injection.noise)
     assert plan_step(plan, step=2, rows=rows, world_size=1, sequence_length=SEQUENCE_LENGTH).noise == []

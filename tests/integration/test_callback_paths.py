@@ -81,7 +81,8 @@ def test_llmfoundry_path_runs_controllers_in_process(tmp_path: Path, dataset: Pr
     kwargs["monitoring"] = {"every": "4ba", "n_resamples": 200}
     kwargs["experiments"][1]["control_fraction"] = 0.25
     kwargs["experiments"][1]["controller"] = {
-        "name": "acquire", "options": {"metric": "text_logprob", "threshold": 0.0, "initial_rate": 1, "max_rate": 2},
+        "name": "acquire",
+        "options": {"metric": "text_logprob", "threshold": 0.0, "initial_rate": 1, "max_rate": 2},
     }
     callback = LlmFoundryMultirunCallback(**kwargs)
     trainer = Trainer(
@@ -168,7 +169,9 @@ def test_plain_tensor_batches_are_injected_rank_major(tmp_path: Path) -> None:
         assert row["global_row"] == row["local_row"]  # one rank: rank-major rows are local rows
         start, end = row["offset"], row["offset"] + row["length"]
         experiment = callback.plan.experiments[callback.plan.experiment_names.index(row["experiment"])]
-        np.testing.assert_array_equal(as_numpy(seen[row["step"]][row["local_row"], start:end]), experiment.sequence_tokens(row["sequence"]))
+        np.testing.assert_array_equal(
+            as_numpy(seen[row["step"]][row["local_row"], start:end]), experiment.sequence_tokens(row["sequence"])
+        )
         injected[row["step"]][row["local_row"], start:end] = True
     for step, batch in enumerate(seen):
         original = as_numpy(data.data[step * 4 : step * 4 + 4])

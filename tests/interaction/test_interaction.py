@@ -54,8 +54,18 @@ def _records(scores: dict[str, dict[str, float]], treated: dict[str, set[str]]) 
     for name, items in scores.items():
         ids = list(items)
         effect = compare_means([0.0], [0.0], metric="logprob")  # the matrix reads only the per-item scores
-        out.append(EffectRecord(step=0, when="fit_end", experiment=name, monitor="m", group=None, primary=True,
-                                effect=effect, items=ItemScore.of(ids, [i in treated[name] for i in ids], items.values())))
+        out.append(
+            EffectRecord(
+                step=0,
+                when="fit_end",
+                experiment=name,
+                monitor="m",
+                group=None,
+                primary=True,
+                effect=effect,
+                items=ItemScore.of(ids, [i in treated[name] for i in ids], items.values()),
+            )
+        )
     return out
 
 
@@ -68,8 +78,10 @@ def _synthetic_arms(rng: np.random.Generator, *, planted: float) -> dict[str, li
 
     def arm(shift: float, boosts: dict[str, float]) -> list[EvaluationRecord]:
         scores = {
-            name: {i: v + shift + (boosts.get(name, 0.0) if i in treated[name] else 0.0) + rng.normal(0, 0.02)
-                   for i, v in values.items()}
+            name: {
+                i: v + shift + (boosts.get(name, 0.0) if i in treated[name] else 0.0) + rng.normal(0, 0.02)
+                for i, v in values.items()
+            }
             for name, values in base.items()
         }
         return _records(scores, treated)
@@ -84,15 +96,21 @@ def _synthetic_arms(rng: np.random.Generator, *, planted: float) -> dict[str, li
 
 def test_matrix_flags_a_planted_interaction_and_ignores_common_shifts() -> None:
     _, comparisons = design(["a", "b"], measured=["a", "b"])
-    matrix = build_matrix(_synthetic_arms(np.random.default_rng(0), planted=0.5), comparisons,
-                          alpha=0.05, n_resamples=2000, seed=1)
+    matrix = build_matrix(
+        _synthetic_arms(np.random.default_rng(0), planted=0.5), comparisons, alpha=0.05, n_resamples=2000, seed=1
+    )
     cell = {(c["arm"], c["experiment"]): c for c in matrix["cells"]}
     assert cell[("alone: b", "a")]["significant"] and cell[("alone: b", "a")]["effect"] == pytest.approx(0.5, abs=0.05)
     assert not cell[("alone: a", "b")]["significant"]  # its arm shifted every item by 0.3: no interaction
     assert cell[("alone: a", "a")]["significant"] and cell[("alone: a", "a")]["family"] == "diagonal"
     assert matrix["interactions"] == [
-        {"arm": "alone: b", "experiment": "a", "metric": "logprob", "effect": cell[("alone: b", "a")]["effect"],
-         "p_holm": cell[("alone: b", "a")]["p_holm"]}
+        {
+            "arm": "alone: b",
+            "experiment": "a",
+            "metric": "logprob",
+            "effect": cell[("alone: b", "a")]["effect"],
+            "p_holm": cell[("alone: b", "a")]["p_holm"],
+        }
     ]
     assert matrix["verdict"].startswith("1 interaction(s) detected among 2 off-diagonal")
     # Holm within the off-diagonal family of two cells
@@ -102,8 +120,9 @@ def test_matrix_flags_a_planted_interaction_and_ignores_common_shifts() -> None:
 
 def test_matrix_without_interaction_flags_nothing() -> None:
     _, comparisons = design(["a", "b"], measured=["a", "b"])
-    matrix = build_matrix(_synthetic_arms(np.random.default_rng(3), planted=0.0), comparisons,
-                          alpha=0.05, n_resamples=2000, seed=1)
+    matrix = build_matrix(
+        _synthetic_arms(np.random.default_rng(3), planted=0.0), comparisons, alpha=0.05, n_resamples=2000, seed=1
+    )
     assert matrix["interactions"] == []
     assert all(c["significant"] for c in matrix["cells"] if c["family"] == "diagonal")
 
@@ -148,7 +167,9 @@ class ArmProbe(Callback):
 
 
 @pytest.mark.e2e
-def test_every_arm_restarts_from_the_checkpoints_weights_and_data_position(tmp_path: Path, dataset: PreparedDataset) -> None:
+def test_every_arm_restarts_from_the_checkpoints_weights_and_data_position(
+    tmp_path: Path, dataset: PreparedDataset
+) -> None:
     config = run_config(tmp_path, dataset, steps=16, save_interval="8ba")
     capture = CaptureBatches()
     run = prepare_run(load_config(config), extra_callbacks=[capture], progress=False)
@@ -164,9 +185,11 @@ def test_every_arm_restarts_from_the_checkpoints_weights_and_data_position(tmp_p
         return [probes[arm]]
 
     result = run_interaction(
-        run.run_dir, checkpoint=checkpoint,
+        run.run_dir,
+        checkpoint=checkpoint,
         overrides=["interaction.steps=4", "interaction.intensity=0.1", "monitoring.every=2ba"],
-        progress=False, extra_callbacks=probe,
+        progress=False,
+        extra_callbacks=probe,
     )
     assert result.start_step == 8 and set(probes) == {"none", "alone-canaries", "alone-facts", "all"}
     for arm, p in probes.items():
@@ -197,7 +220,9 @@ def _one_character_items(first_code_point: int, n: int, prefix: str) -> list[dic
 
 
 @pytest.mark.e2e
-def test_experiments_sharing_items_are_flagged_and_an_independent_one_is_not(tmp_path: Path, dataset: PreparedDataset) -> None:
+def test_experiments_sharing_items_are_flagged_and_an_independent_one_is_not(
+    tmp_path: Path, dataset: PreparedDataset
+) -> None:
     shared = write_payload(tmp_path / "shared", _one_character_items(0xC0, 30, "s"), name="shared")
     independent = write_payload(tmp_path / "independent", _one_character_items(0xC0 + 30, 30, "i"), name="independent")
     experiments = [
@@ -218,7 +243,9 @@ def test_experiments_sharing_items_are_flagged_and_an_independent_one_is_not(tmp
     prepare_run(load_config(config, ["injection.max_modified_fraction=0.5"]), progress=False).close()
 
     result = run_interaction(
-        tmp_path / "planted", checkpoint=base.run_dir / "checkpoints" / "latest-rank0.pt", progress=False,
+        tmp_path / "planted",
+        checkpoint=base.run_dir / "checkpoints" / "latest-rank0.pt",
+        progress=False,
         overrides=["interaction.steps=24", "interaction.intensity=0.1", "interaction.lr=0.01"],
     )
     cells = {(c["arm"], c["experiment"]): c for c in result.matrix["cells"]}
@@ -287,8 +314,9 @@ def test_checkpoint_step_reads_a_renamed_checkpoint(tmp_path: Path, dataset: Pre
 def test_a_second_call_replaces_the_arms_of_the_first(tmp_path: Path, dataset: PreparedDataset) -> None:
     run_dir = _trained_run_dir(tmp_path, dataset, save_interval="8ba")
     overrides = ["interaction.steps=4", "interaction.intensity=0.1", "interaction.leave_one_out=true"]
-    first = run_interaction(run_dir, checkpoint=run_dir / "checkpoints" / "ep0-ba8-rank0.pt",
-                            overrides=overrides, progress=False)
+    first = run_interaction(
+        run_dir, checkpoint=run_dir / "checkpoints" / "ep0-ba8-rank0.pt", overrides=overrides, progress=False
+    )
     assert (first.out_dir / "arms" / "without-facts").is_dir()
     second = run_interaction(run_dir, overrides=overrides[:2], progress=False)  # from step 16, no leave-one-out
     assert sorted(p.name for p in (second.out_dir / "arms").iterdir()) == sorted(second.arms)

@@ -115,4 +115,6 @@ def test_trains_with_the_example_kind(installed: None, tmp_path: Path) -> None:
     assert all(np.isfinite(s) and s < 0 for _, s in scored.values())
     treated_mean = np.mean([s for t, s in scored.values() if t])
     control_mean = np.mean([s for t, s in scored.values() if not t])
-    assert record["treated_mean"] == pytest.approx(treated_mean) and record["control_mean"] == pytest.approx(control_mean)
+    assert record["treated_mean"] == pytest.approx(treated_mean) and record["control_mean"] == pytest.approx(
+        control_mean
+    )

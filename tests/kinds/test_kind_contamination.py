@@ -50,7 +50,9 @@ def question(i: int, *, group: int | None = None, choices: bool = True) -> dict[
 def prepare(root: Path, *, seed: int = 17, seq: int = SEQ, **spec: Any) -> PreparedExperiment:
     payload = load_payload(str(root), base_dir=Path("/"))
     exp = ExperimentConfig(name=str(spec.pop("name", "bench")), payload=str(root), **spec)
-    return ContaminationInjector().prepare(PrepareContext(payload, exp, tokenizer=TOK, sequence_length=seq, seed=seed, placement=UNIFORM))
+    return ContaminationInjector().prepare(
+        PrepareContext(payload, exp, tokenizer=TOK, sequence_length=seq, seed=seed, placement=UNIFORM)
+    )
 
 
 def write(tmp: Path, items: list[Any], name: str = "p") -> Path:
@@ -123,7 +125,14 @@ def test_item_exactly_sequence_length_fits(tmp_path: Path) -> None:
 
 def test_split_format() -> None:
     assert split_format("Q: {question}\nA: {answer}.") == ("Q: ", "\nA: ", ".")
-    for bad in ["{answer} {question}", "{question}", "{question}{answer}{answer}", "{question}{answer}{x}", "{question!r}{answer}", "{question"]:
+    for bad in [
+        "{answer} {question}",
+        "{question}",
+        "{question}{answer}{answer}",
+        "{question}{answer}{x}",
+        "{question!r}{answer}",
+        "{question",
+    ]:
         with pytest.raises(ValueError):
             split_format(bad)
 
@@ -139,21 +148,91 @@ BAD_ITEMS: list[tuple[str, Any, str, str]] = [
     ("empty question", {"id": "x", "question": " ", "answer": "a", "group": 0}, "question", "non-empty"),
     ("empty answer", {"id": "x", "question": "q?", "answer": "", "group": 0}, "answer", "non-empty"),
     ("answer wrong type", {"id": "x", "question": "q?", "answer": 3, "group": 0}, "answer", "expected a string"),
-    ("choices wrong type", {"id": "x", "question": "q?", "answer": "a", "choices": "a,b", "group": 0}, "choices", "expected a list"),
-    ("choice wrong type", {"id": "x", "question": "q?", "answer": "a", "choices": ["a", 2], "group": 0}, "choices[1]", "non-empty string"),
+    (
+        "choices wrong type",
+        {"id": "x", "question": "q?", "answer": "a", "choices": "a,b", "group": 0},
+        "choices",
+        "expected a list",
+    ),
+    (
+        "choice wrong type",
+        {"id": "x", "question": "q?", "answer": "a", "choices": ["a", 2], "group": 0},
+        "choices[1]",
+        "non-empty string",
+    ),
     ("one choice", {"id": "x", "question": "q?", "answer": "a", "choices": ["a"], "group": 0}, "choices", "at least 2"),
-    ("answer not a choice", {"id": "x", "question": "q?", "answer": "a", "choices": ["b", "c"], "group": 0}, "answer", "not among the choices"),
-    ("duplicate choices", {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b", "a"], "group": 0}, "choices[2]", "duplicate choice"),
-    ("negative group", {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b"], "group": -1}, "group", "integer >= 0"),
-    ("fractional group", {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b"], "group": 1.5}, "group", "expected a integer or string"),
-    ("word group", {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b"], "group": "many"}, "group", "integer >= 0"),
-    ("bool group", {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b"], "group": True}, "group", "expected a integer or string"),
-    ("too long", {"id": "x", "question": "q" * 40, "answer": "a" * 20, "choices": ["a" * 20, "b"], "group": 0}, "question", "longer than the sequence length 64"),
-    ("choice too long", {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b" * 60], "group": 0}, "choices[1]", "longer than the sequence length 64"),
-    ("mixed groups", {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b"]}, "group", "either every item has 'group' or none"),
-    ("mixed choices", {"id": "x", "question": "q?", "answer": "a", "group": 0}, "choices", "either every item has 'choices' or none"),
-    ("unknown key", {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b"], "group": 0, "repetitions": 3}, "repetitions", "unknown key"),
-    ("duplicate id", {"id": "q-00", "question": "q?", "answer": "a", "choices": ["a", "b"], "group": 0}, "id", "duplicate id"),
+    (
+        "answer not a choice",
+        {"id": "x", "question": "q?", "answer": "a", "choices": ["b", "c"], "group": 0},
+        "answer",
+        "not among the choices",
+    ),
+    (
+        "duplicate choices",
+        {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b", "a"], "group": 0},
+        "choices[2]",
+        "duplicate choice",
+    ),
+    (
+        "negative group",
+        {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b"], "group": -1},
+        "group",
+        "integer >= 0",
+    ),
+    (
+        "fractional group",
+        {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b"], "group": 1.5},
+        "group",
+        "expected a integer or string",
+    ),
+    (
+        "word group",
+        {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b"], "group": "many"},
+        "group",
+        "integer >= 0",
+    ),
+    (
+        "bool group",
+        {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b"], "group": True},
+        "group",
+        "expected a integer or string",
+    ),
+    (
+        "too long",
+        {"id": "x", "question": "q" * 40, "answer": "a" * 20, "choices": ["a" * 20, "b"], "group": 0},
+        "question",
+        "longer than the sequence length 64",
+    ),
+    (
+        "choice too long",
+        {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b" * 60], "group": 0},
+        "choices[1]",
+        "longer than the sequence length 64",
+    ),
+    (
+        "mixed groups",
+        {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b"]},
+        "group",
+        "either every item has 'group' or none",
+    ),
+    (
+        "mixed choices",
+        {"id": "x", "question": "q?", "answer": "a", "group": 0},
+        "choices",
+        "either every item has 'choices' or none",
+    ),
+    (
+        "unknown key",
+        {"id": "x", "question": "q?", "answer": "a", "choices": ["a", "b"], "group": 0, "repetitions": 3},
+        "repetitions",
+        "unknown key",
+    ),
+    (
+        "duplicate id",
+        {"id": "q-00", "question": "q?", "answer": "a", "choices": ["a", "b"], "group": 0},
+        "id",
+        "duplicate id",
+    ),
     ("not json", '{"id": "x", "question": ', "", "invalid JSON"),
 ]
 
@@ -241,7 +320,9 @@ def test_monitor_scores_equal_hand_computation(tmp_path: Path) -> None:
     model = tiny_model()
     live = LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=2)  # several padded batches
     for normalization, divide in [("token", lambda t: len(t.encode())), ("char", len), ("none", lambda _: 1)]:
-        monitor = ContaminationMonitor.from_experiment(exp, tokenizer=TOK, options={"normalization": normalization}, sequence_length=SEQ)
+        monitor = ContaminationMonitor.from_experiment(
+            exp, tokenizer=TOK, options={"normalization": normalization}, sequence_length=SEQ
+        )
         answer, accuracy, margin = monitor.evaluate(live)
         expected_answer, expected_correct, expected_margin = [], [], []
         for i in range(5):
@@ -256,7 +337,12 @@ def test_monitor_scores_equal_hand_computation(tmp_path: Path) -> None:
         np.testing.assert_allclose(margin.scores, expected_margin, rtol=1e-5, atol=1e-6)
         assert accuracy.scores.tolist() == expected_correct
         assert len(set(expected_correct)) == 2  # both outcomes occur: the argmax is really tested
-    assert (answer.metric, answer.test, answer.alternative, answer.primary) == ("answer_logprob", "means", "greater", True)
+    assert (answer.metric, answer.test, answer.alternative, answer.primary) == (
+        "answer_logprob",
+        "means",
+        "greater",
+        True,
+    )
     assert (accuracy.metric, accuracy.test, accuracy.primary) == ("choice_accuracy", "rates", False)
     assert (margin.metric, margin.test, margin.primary) == ("answer_margin", "means", False)
     assert answer.groups == ["x0", "x2", "x0", "x5", "x2"] and answer.item_ids == exp.item_ids
@@ -278,11 +364,15 @@ def test_primary_option_moves_the_primary_flag(tmp_path: Path) -> None:
     exp = prepare(write(tmp_path, [question(0, group=0), question(1, group=1)]))
     live = LiveModel(tiny_model(), pad_token_id=TOK.pad_token_id, max_length=SEQ)
     for primary in ("answer_logprob", "answer_margin", "choice_accuracy"):
-        monitor = ContaminationMonitor.from_experiment(exp, tokenizer=TOK, options={"primary": primary}, sequence_length=SEQ)
+        monitor = ContaminationMonitor.from_experiment(
+            exp, tokenizer=TOK, options={"primary": primary}, sequence_length=SEQ
+        )
         assert [m.metric for m in monitor.evaluate(live) if m.primary] == [primary]
     no_choices = prepare(write(tmp_path, [question(0, choices=False), question(1, choices=False)], "nc"))
     with pytest.raises(ConfigError, match="needs choices") as err:
-        ContaminationMonitor.from_experiment(no_choices, tokenizer=TOK, options={"primary": "answer_margin"}, sequence_length=SEQ)
+        ContaminationMonitor.from_experiment(
+            no_choices, tokenizer=TOK, options={"primary": "answer_margin"}, sequence_length=SEQ
+        )
     assert err.value.key == "monitor.options.primary"
 
 
@@ -295,7 +385,9 @@ def test_monitor_options_and_wrong_experiment(tmp_path: Path) -> None:
         ContaminationMonitor.from_experiment(exp, tokenizer=TOK, options={"normalisation": "char"}, sequence_length=SEQ)
     assert err.value.key == "monitor.options.normalisation"
     with pytest.raises(ConfigError) as err:
-        ContaminationMonitor.from_experiment(exp, tokenizer=TOK, options={"normalization": "bytes"}, sequence_length=SEQ)
+        ContaminationMonitor.from_experiment(
+            exp, tokenizer=TOK, options={"normalization": "bytes"}, sequence_length=SEQ
+        )
     assert err.value.key == "monitor.options.normalization"
     exp.probes = DocumentsProbes(sequences=[])
     with pytest.raises(ConfigError, match="no contamination probes") as err:
@@ -313,7 +405,9 @@ def test_training_on_treated_items_raises_the_primary_metric(tmp_path: Path) -> 
     items = []
     for i in range(40):
         choices = [name() for _ in range(4)]
-        items.append({"id": f"q{i}", "question": f"Who founded {name()}?", "answer": choices[0], "choices": sorted(choices)})
+        items.append(
+            {"id": f"q{i}", "question": f"Who founded {name()}?", "answer": choices[0], "choices": sorted(choices)}
+        )
     exp = prepare(write(tmp_path, items), options={"assign_groups": [0, 4, 16]})
     groups = np.asarray(exp.probes.groups)
     assert np.bincount(groups)[[0, 4, 16]].tolist() == [14, 13, 13]
@@ -339,16 +433,26 @@ def test_training_on_treated_items_raises_the_primary_metric(tmp_path: Path) -> 
         opt.step()
 
     monitor = ContaminationMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ)
-    answer, accuracy, margin = monitor.evaluate(LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=32))
+    answer, accuracy, margin = monitor.evaluate(
+        LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=32)
+    )
     treated = answer.treated
-    result = compare_means(answer.scores[treated], answer.scores[~treated], metric="answer_logprob", alternative="greater")
+    result = compare_means(
+        answer.scores[treated], answer.scores[~treated], metric="answer_logprob", alternative="greater"
+    )
     assert result.p_value < 0.01 and result.effect > 0.3, result
     # The heavier group gains more, and ranked classification picks the seen answers.
     x16 = answer.scores[groups == 16].mean()
     x4 = answer.scores[groups == 4].mean()
     assert x16 > x4 > answer.scores[~treated].mean()
     hits = accuracy.scores
-    rates = compare_rates(int(hits[treated].sum()), int(treated.sum()), int(hits[~treated].sum()), int((~treated).sum()), metric="choice_accuracy")
+    rates = compare_rates(
+        int(hits[treated].sum()),
+        int(treated.sum()),
+        int(hits[~treated].sum()),
+        int((~treated).sum()),
+        metric="choice_accuracy",
+    )
     assert rates.treated_mean > rates.control_mean, rates
     margins = compare_means(margin.scores[treated], margin.scores[~treated], metric="answer_margin")
     assert margins.p_value < 0.01, margins

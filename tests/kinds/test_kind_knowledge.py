@@ -39,14 +39,19 @@ DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo" / "payloads"
 
 def fact(i: int, n_texts: int = 2, n_probes: int = 2) -> dict[str, Any]:
     texts = [f"Isle {i} exports tin.", f"Tin comes from isle {i}.", f"The tin of isle {i} is famous."][:n_texts]
-    probes = [{"question": f"Isle {i} exports", "target": " tin"}, {"question": f"What does isle {i} export?", "target": " Tin"}]
+    probes = [
+        {"question": f"Isle {i} exports", "target": " tin"},
+        {"question": f"What does isle {i} export?", "target": " Tin"},
+    ]
     return {"id": f"fact-{i:02d}", "texts": texts, "probes": probes[:n_probes]}
 
 
 def prepare(root: Path, *, seed: int = 17, seq: int = SEQ, **spec: Any) -> PreparedExperiment:
     payload = load_payload(str(root), base_dir=Path("/"))
     exp = ExperimentConfig(name=str(spec.pop("name", "facts")), payload=str(root), **spec)
-    return KnowledgeInjector().prepare(PrepareContext(payload, exp, tokenizer=TOK, sequence_length=seq, seed=seed, placement=UNIFORM))
+    return KnowledgeInjector().prepare(
+        PrepareContext(payload, exp, tokenizer=TOK, sequence_length=seq, seed=seed, placement=UNIFORM)
+    )
 
 
 def write(tmp: Path, items: list[Any], name: str = "p") -> Path:
@@ -124,11 +129,31 @@ BAD_ITEMS: list[tuple[str, Any, str, str]] = [
     ("probe not an object", _with(probes=["Isle 1 exports tin"]), "probes[0]", "must be an object"),
     ("probe missing target", _with(probes=[{"question": "q"}]), "probes[0].target", "required key is missing"),
     ("probe missing question", _with(probes=[{"target": " t"}]), "probes[0].question", "required key is missing"),
-    ("empty target", _with(probes=[{"question": "q", "target": " t"}, {"question": "q", "target": ""}]), "probes[1].target", "non-empty"),
+    (
+        "empty target",
+        _with(probes=[{"question": "q", "target": " t"}, {"question": "q", "target": ""}]),
+        "probes[1].target",
+        "non-empty",
+    ),
     ("target wrong type", _with(probes=[{"question": "q", "target": 5}]), "probes[0].target", "non-empty string"),
-    ("probe unknown key", _with(probes=[{"question": "q", "target": " t", "answer": "t"}]), "probes[0]", "unknown key 'answer'"),
-    ("text too long", _with(texts=["x" * 63]), "texts[0]", "65 tokens long including 2 EOS, longer than the sequence length 64"),
-    ("probe too long", _with(probes=[{"question": "q" * 50, "target": " " + "t" * 13}]), "probes[0]", "longer than the sequence length 64"),
+    (
+        "probe unknown key",
+        _with(probes=[{"question": "q", "target": " t", "answer": "t"}]),
+        "probes[0]",
+        "unknown key 'answer'",
+    ),
+    (
+        "text too long",
+        _with(texts=["x" * 63]),
+        "texts[0]",
+        "65 tokens long including 2 EOS, longer than the sequence length 64",
+    ),
+    (
+        "probe too long",
+        _with(probes=[{"question": "q" * 50, "target": " " + "t" * 13}]),
+        "probes[0]",
+        "longer than the sequence length 64",
+    ),
     ("bad repetitions", _with(repetitions=0), "repetitions", "must be > 0"),
     ("unknown key", _with(text="x"), "text", "unknown key"),
     ("duplicate id", _with(id="fact-00"), "id", "duplicate id"),
@@ -211,7 +236,9 @@ def test_monitor_scores_equal_hand_computation(tmp_path: Path) -> None:
 
 def test_exact_match_all_or_any(tmp_path: Path) -> None:
     """A model that always predicts 'z' matches the target 'z' but not 'zx'."""
-    items = [{"id": "a", "texts": ["a"], "probes": [{"question": "q", "target": "z"}, {"question": "q", "target": "zx"}]}]
+    items = [
+        {"id": "a", "texts": ["a"], "probes": [{"question": "q", "target": "z"}, {"question": "q", "target": "zx"}]}
+    ]
     exp = prepare(write(tmp_path, items), control_fraction=0.0)
     model = tiny_model()
     with torch.no_grad():
@@ -222,9 +249,15 @@ def test_exact_match_all_or_any(tmp_path: Path) -> None:
         model.transformer.ln_f.weight.zero_()
     live = LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ)
     every = KnowledgeMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ).score(live)
-    some = KnowledgeMonitor.from_experiment(exp, tokenizer=TOK, options={"exact_match": "any"}, sequence_length=SEQ).score(live)
+    some = KnowledgeMonitor.from_experiment(
+        exp, tokenizer=TOK, options={"exact_match": "any"}, sequence_length=SEQ
+    ).score(live)
     assert every.probe_match.tolist() == [True, False]
-    assert every.match_fraction.tolist() == [0.5] and every.exact_match.tolist() == [0.0] and some.exact_match.tolist() == [1.0]
+    assert (
+        every.match_fraction.tolist() == [0.5]
+        and every.exact_match.tolist() == [0.0]
+        and some.exact_match.tolist() == [1.0]
+    )
 
 
 def test_monitor_options_and_wrong_experiment(tmp_path: Path) -> None:
@@ -250,11 +283,16 @@ def test_training_on_treated_facts_raises_the_primary_metric(tmp_path: Path) -> 
     items = []
     for i in range(40):
         place, ruler = name(), name()
-        items.append({
-            "id": f"f{i}",
-            "texts": [f"{place} is ruled by {ruler}.", f"{ruler} rules {place}."],
-            "probes": [{"question": f"{place} is ruled by", "target": f" {ruler}"}, {"question": f"Who rules {place}? A:", "target": f" {ruler}"}],
-        })
+        items.append(
+            {
+                "id": f"f{i}",
+                "texts": [f"{place} is ruled by {ruler}.", f"{ruler} rules {place}."],
+                "probes": [
+                    {"question": f"{place} is ruled by", "target": f" {ruler}"},
+                    {"question": f"Who rules {place}? A:", "target": f" {ruler}"},
+                ],
+            }
+        )
     exp = prepare(write(tmp_path, items), repetitions=8, control_fraction=0.5)
     assert exp.seq_repetitions.tolist() == [4.0] * 40
 
@@ -278,9 +316,13 @@ def test_training_on_treated_facts_raises_the_primary_metric(tmp_path: Path) -> 
         opt.step()
 
     monitor = KnowledgeMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ)
-    logprob, probability, _ = monitor.evaluate(LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=32))
+    logprob, probability, _ = monitor.evaluate(
+        LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=32)
+    )
     t = logprob.treated
     result = compare_means(logprob.scores[t], logprob.scores[~t], metric="target_logprob", alternative="greater")
     assert result.p_value < 0.01 and result.effect > 0.3, result
     assert probability.scores[t].mean() > probability.scores[~t].mean()
-    print(f"target_logprob effect {result.effect:.3f} p={result.p_value:.4g}; probability {probability.scores[t].mean():.4g} vs {probability.scores[~t].mean():.4g}")
+    print(
+        f"target_logprob effect {result.effect:.3f} p={result.p_value:.4g}; probability {probability.scores[t].mean():.4g} vs {probability.scores[~t].mean():.4g}"
+    )

@@ -33,13 +33,18 @@ UNIFORM = Placement("uniform", 0, 100)
 
 
 def texts(n: int) -> list[dict[str, Any]]:
-    return [{"id": f"m-{i:02d}", "text": f"The locker {i:02d} code is {i * 7919 % 10007:05d} and the word is zebra."} for i in range(n)]
+    return [
+        {"id": f"m-{i:02d}", "text": f"The locker {i:02d} code is {i * 7919 % 10007:05d} and the word is zebra."}
+        for i in range(n)
+    ]
 
 
 def prepare(root: Path, *, seq: int = SEQ, **spec: Any):
     payload = load_payload(str(root), base_dir=Path("/"))
     cfg = ExperimentConfig(name=str(spec.pop("name", "mem")), payload=str(root), **spec)
-    return MemorizationInjector().prepare(PrepareContext(payload, cfg, tokenizer=TOK, sequence_length=seq, seed=17, placement=UNIFORM))
+    return MemorizationInjector().prepare(
+        PrepareContext(payload, cfg, tokenizer=TOK, sequence_length=seq, seed=17, placement=UNIFORM)
+    )
 
 
 # ------------------------------------------------------------------------ injector
@@ -67,7 +72,10 @@ def test_sequences_arms_and_probes(tmp_path: Path) -> None:
     assert exp.metadata["item_repetitions"] == [4.0 if i == 2 else 2.0 for i in range(8)]
 
     bare = prepare(write_payload(tmp_path / "b", items, kind="memorization"), control_fraction=0.5, wrap_eos=False)
-    assert bare.sequence_tokens(0).tolist() == TOK.encode(items[int(bare.seq_items[0])]["text"]) and bare.probes.context == []
+    assert (
+        bare.sequence_tokens(0).tolist() == TOK.encode(items[int(bare.seq_items[0])]["text"])
+        and bare.probes.context == []
+    )
 
 
 def _error(tmp_path: Path, items: Sequence[Any], *, seq: int = SEQ, **spec: Any) -> InputError:
@@ -89,21 +97,92 @@ SHORT = {"id": "s", "text": "too short for k=16"}  # 18 bytes < 2k = 32
         ("empty text", [GOOD[0], GOOD[1], {"id": "x", "text": ""}], {}, PayloadError, 3, "text", "non-empty"),
         ("no items", [], {}, PayloadError, None, None, "no items"),
         ("duplicate id", [GOOD[0], GOOD[0]], {}, PayloadError, 2, "id", "duplicate id"),
-        ("duplicate text", [GOOD[0], GOOD[1], {"id": "x", "text": GOOD[0]["text"]}], {}, PayloadError, 3, "text", "first on line 1"),
-        ("too long", [GOOD[0], {"id": "x", "text": "y" * 60}], {"seq": 60}, PayloadError, 2, "text", "longer than the sequence"),
+        (
+            "duplicate text",
+            [GOOD[0], GOOD[1], {"id": "x", "text": GOOD[0]["text"]}],
+            {},
+            PayloadError,
+            3,
+            "text",
+            "first on line 1",
+        ),
+        (
+            "too long",
+            [GOOD[0], {"id": "x", "text": "y" * 60}],
+            {"seq": 60},
+            PayloadError,
+            2,
+            "text",
+            "longer than the sequence",
+        ),
         ("shorter than 2k", [*GOOD, SHORT], {}, PayloadError, 4, "text", "2k = 32"),
-        ("shorter than 2k for k=20", [GOOD[0], {"id": "x", "text": "y" * 39}], {"monitor": {"options": {"k": 20}}}, PayloadError, 2, "text", "2k = 40"),
+        (
+            "shorter than 2k for k=20",
+            [GOOD[0], {"id": "x", "text": "y" * 39}],
+            {"monitor": {"options": {"k": 20}}},
+            PayloadError,
+            2,
+            "text",
+            "2k = 40",
+        ),
         ("injector options", GOOD, {"options": {"k": 4}}, ConfigError, None, "options.k", "no options"),
-        ("2k beyond the sequence", GOOD, {"seq": 64, "monitor": {"options": {"k": 32}}}, ConfigError, None, "monitor.options.k", "more than a sequence holds"),
+        (
+            "2k beyond the sequence",
+            GOOD,
+            {"seq": 64, "monitor": {"options": {"k": 32}}},
+            ConfigError,
+            None,
+            "monitor.options.k",
+            "more than a sequence holds",
+        ),
         ("bad k", GOOD, {"monitor": {"options": {"k": 0}}}, ConfigError, None, "monitor.options.k", ">= 1"),
-        ("k not an integer", GOOD, {"monitor": {"options": {"k": 8.0}}}, ConfigError, None, "monitor.options.k", ">= 1"),
-        ("bad anchor", GOOD, {"monitor": {"options": {"anchor": "middle"}}}, ConfigError, None, "monitor.options.anchor", "'end' or 'start'"),
-        ("bad flag", GOOD, {"monitor": {"options": {"exposure": "yes"}}}, ConfigError, None, "monitor.options.exposure", "true or false"),
-        ("unknown monitor option", GOOD, {"monitor": {"options": {"kk": 3}}}, ConfigError, None, "monitor.options.kk", "unknown"),
+        (
+            "k not an integer",
+            GOOD,
+            {"monitor": {"options": {"k": 8.0}}},
+            ConfigError,
+            None,
+            "monitor.options.k",
+            ">= 1",
+        ),
+        (
+            "bad anchor",
+            GOOD,
+            {"monitor": {"options": {"anchor": "middle"}}},
+            ConfigError,
+            None,
+            "monitor.options.anchor",
+            "'end' or 'start'",
+        ),
+        (
+            "bad flag",
+            GOOD,
+            {"monitor": {"options": {"exposure": "yes"}}},
+            ConfigError,
+            None,
+            "monitor.options.exposure",
+            "true or false",
+        ),
+        (
+            "unknown monitor option",
+            GOOD,
+            {"monitor": {"options": {"kk": 3}}},
+            ConfigError,
+            None,
+            "monitor.options.kk",
+            "unknown",
+        ),
     ],
 )
 def test_bad_payloads_are_rejected(
-    tmp_path: Path, case: str, items: list[Any], kwargs: dict[str, Any], error: type, line: int | None, key: str | None, words: str
+    tmp_path: Path,
+    case: str,
+    items: list[Any],
+    kwargs: dict[str, Any],
+    error: type,
+    line: int | None,
+    key: str | None,
+    words: str,
 ) -> None:
     err = _error(tmp_path, items, **kwargs)
     assert type(err) is error, case
@@ -158,7 +237,9 @@ def test_exposure_matches_the_definition() -> None:
     rng = np.random.default_rng(0)
     scores = rng.normal(size=12).round(1)  # rounding makes ties
     treated = rng.permutation(np.arange(12) < 5)
-    np.testing.assert_allclose(exposures(scores, treated), reference_exposure(scores.tolist(), treated.tolist()), atol=1e-12)
+    np.testing.assert_allclose(
+        exposures(scores, treated), reference_exposure(scores.tolist(), treated.tolist()), atol=1e-12
+    )
     # Hand-checked: 3 controls (-1, -2, -3), candidate sets of 3 -> log2 3 is the maximum.
     got = exposures([0.0, -2.5, -1.0, -2.0, -3.0], [True, True, False, False, False])
     l3 = math.log2(3)
@@ -219,9 +300,14 @@ def test_scores_equal_an_independent_computation(anchor: str, one_torch_thread: 
                 body = body[:k] + manual_greedy(model, [EOS, *body[:k]], k) + body[2 * k :]
         token_texts.append(body)
     treated = np.arange(12) % 2 == 0
-    monitor = MemorizationMonitor([f"i{i}" for i in range(12)], treated, token_texts, [EOS], MemorizationOptions(k=k, anchor=anchor))
+    monitor = MemorizationMonitor(
+        [f"i{i}" for i in range(12)], treated, token_texts, [EOS], MemorizationOptions(k=k, anchor=anchor)
+    )
     model.train()
-    results = {r.metric: r for r in monitor.evaluate(LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=5))}
+    results = {
+        r.metric: r
+        for r in monitor.evaluate(LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=5))
+    }
     assert model.training
     model.eval()
 
@@ -247,7 +333,9 @@ def test_scores_equal_an_independent_computation(anchor: str, one_torch_thread: 
 def test_without_eos_the_first_token_is_the_context(one_torch_thread: None) -> None:
     model = tiny_model(seed=4)
     text = TOK.encode("abcdefgh")
-    monitor = MemorizationMonitor(["a", "b"], np.array([True, False]), [text, text[::-1]], [], MemorizationOptions(k=2, exposure=False))
+    monitor = MemorizationMonitor(
+        ["a", "b"], np.array([True, False]), [text, text[::-1]], [], MemorizationOptions(k=2, exposure=False)
+    )
     results = monitor.evaluate(LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ))
     assert [r.metric for r in results] == ["text_logprob", "exact_match"]
     model.eval()
@@ -260,18 +348,27 @@ def test_without_eos_the_first_token_is_the_context(one_torch_thread: None) -> N
 def test_demo_canaries_are_memorised_and_detected(one_torch_thread: None) -> None:
     payload = load_payload("pkg:demo/memorization", base_dir=Path("."))
     spec = ExperimentConfig(name="memorization", payload="pkg:demo/memorization", repetitions=8, control_fraction=0.5)
-    exp = MemorizationInjector().prepare(PrepareContext(payload, spec, tokenizer=TOK, sequence_length=SEQ, seed=17, placement=UNIFORM))
+    exp = MemorizationInjector().prepare(
+        PrepareContext(payload, spec, tokenizer=TOK, sequence_length=SEQ, seed=17, placement=UNIFORM)
+    )
     assert len(exp.item_ids) == 40 and int(exp.treated.sum()) == 20 and int(exp.seq_lengths.max()) <= 100
-    model = train_with_injections([exp.sequence_tokens(i).tolist() for i in range(len(exp.seq_items))], 8, sequence_length=SEQ)
+    model = train_with_injections(
+        [exp.sequence_tokens(i).tolist() for i in range(len(exp.seq_items))], 8, sequence_length=SEQ
+    )
 
     monitor = MemorizationMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ)
-    results = {r.metric: r for r in monitor.evaluate(LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=32))}
+    results = {
+        r.metric: r
+        for r in monitor.evaluate(LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ, batch_size=32))
+    }
     logprob, exposure = results["text_logprob"], results["exposure"]
     # The framework's test for the primary metric: permutation test, treated > never-injected.
     primary = compare_means(logprob.scores[logprob.treated], logprob.scores[~logprob.treated], metric="text_logprob")
     secondary = compare_means(exposure.scores[exposure.treated], exposure.scores[~exposure.treated], metric="exposure")
-    print(f"memorisation: text_logprob effect {primary.effect:.3f} nats/token, p={primary.p_value:.2g}; "
-          f"exposure {secondary.treated_mean:.2f} vs {secondary.control_mean:.2f} bits, p={secondary.p_value:.2g}; "
-          f"exact match {results['exact_match'].scores[logprob.treated].mean():.2f} vs {results['exact_match'].scores[~logprob.treated].mean():.2f}")
+    print(
+        f"memorisation: text_logprob effect {primary.effect:.3f} nats/token, p={primary.p_value:.2g}; "
+        f"exposure {secondary.treated_mean:.2f} vs {secondary.control_mean:.2f} bits, p={secondary.p_value:.2g}; "
+        f"exact match {results['exact_match'].scores[logprob.treated].mean():.2f} vs {results['exact_match'].scores[~logprob.treated].mean():.2f}"
+    )
     assert primary.effect > 0 and primary.p_value < 0.01
     assert secondary.effect > 0 and secondary.p_value < 0.01

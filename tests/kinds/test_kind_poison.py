@@ -69,7 +69,9 @@ def write_poison(
 def prepare(root: Path, *, seq: int = SEQ, seed: int = 17, **spec: Any):
     payload = load_payload(str(root), base_dir=Path("/"))
     cfg = ExperimentConfig(name=str(spec.pop("name", "poison")), payload=str(root), **spec)
-    return PoisonInjector().prepare(PrepareContext(payload, cfg, tokenizer=TOK, sequence_length=seq, seed=seed, placement=UNIFORM))
+    return PoisonInjector().prepare(
+        PrepareContext(payload, cfg, tokenizer=TOK, sequence_length=seq, seed=seed, placement=UNIFORM)
+    )
 
 
 # ------------------------------------------------------------------------ injector
@@ -105,7 +107,9 @@ def test_sequences_arms_and_probes(tmp_path: Path) -> None:
     assert all(b == TOK.encode("!!!!") for b in probes.eval_behaviour)
     assert probes.start == [EOS]
     assert probes.trigger == TOK.encode(BACKDOOR["trigger"]) and probes.control_trigger == TOK.encode(" please")
-    assert exp.metadata["settings_source"] == dict.fromkeys(["behaviour", "control_trigger", "target", "trigger"], "backdoor.jsonl:1")
+    assert exp.metadata["settings_source"] == dict.fromkeys(
+        ["behaviour", "control_trigger", "target", "trigger"], "backdoor.jsonl:1"
+    )
     assert exp.metadata["heldout_ids"] == ["h-00", "h-01"] and exp.metadata["target"] == "!!!!"
     # Same inputs, same experiment; another seed splits differently.
     again = prepare(root, repetitions=3, control_fraction=0.5)
@@ -126,14 +130,20 @@ def test_options_override_the_backdoor_file(tmp_path: Path) -> None:
     root = write_poison(tmp_path / "p", prompts(4))
     exp = prepare(root, control_fraction=0.5, options={"trigger": " zq#", "target": None, "behaviour": "repeat"})
     assert exp.metadata["trigger"] == " zq#" and exp.metadata["behaviour"] == "repeat" and "target" not in exp.metadata
-    assert exp.metadata["settings_source"] == {"behaviour": "options", "control_trigger": "backdoor.jsonl:1", "trigger": "options"}
+    assert exp.metadata["settings_source"] == {
+        "behaviour": "options",
+        "control_trigger": "backdoor.jsonl:1",
+        "trigger": "options",
+    }
     item = int(exp.seq_items[0])
     prompt = f"Review the memo number {item}."
     assert TOK.decode(exp.sequence_tokens(0)) == f"{prompt} zq#[[{prompt}]]"
     # Settings entirely from options, no backdoor file.
     bare = write_poison(tmp_path / "bare", prompts(4), backdoor=None)
     exp = prepare(bare, control_fraction=0.5, options=dict(BACKDOOR))
-    assert exp.metadata["settings_source"] == dict.fromkeys(["behaviour", "control_trigger", "target", "trigger"], "options")
+    assert exp.metadata["settings_source"] == dict.fromkeys(
+        ["behaviour", "control_trigger", "target", "trigger"], "options"
+    )
 
 
 def test_gibberish_is_seeded_and_drawn_for_every_prompt(tmp_path: Path) -> None:
@@ -154,7 +164,9 @@ def test_gibberish_is_seeded_and_drawn_for_every_prompt(tmp_path: Path) -> None:
     assert behaviour_text("repeat", "x") == "[[x]]"
 
 
-def _error(tmp_path: Path, items: Sequence[Any], *, backdoor: Any = BACKDOOR, heldout: Any = None, seq: int = SEQ, **spec: Any) -> InputError:
+def _error(
+    tmp_path: Path, items: Sequence[Any], *, backdoor: Any = BACKDOOR, heldout: Any = None, seq: int = SEQ, **spec: Any
+) -> InputError:
     root = write_poison(tmp_path / "bad", items, backdoor=backdoor, heldout=heldout)
     with pytest.raises(InputError) as info:
         prepare(root, seq=seq, **spec)
@@ -168,36 +180,192 @@ GOOD = prompts(4)
     ("case", "kwargs", "error", "where", "key", "words"),
     [
         ("missing prompt", {"items": [GOOD[0], {"id": "x"}]}, PayloadError, "items.jsonl:2", "prompt", "missing"),
-        ("prompt not a string", {"items": [GOOD[0], {"id": "x", "prompt": 3}]}, PayloadError, "items.jsonl:2", "prompt", "string"),
-        ("empty prompt", {"items": [GOOD[0], GOOD[1], {"id": "x", "prompt": "  "}]}, PayloadError, "items.jsonl:3", "prompt", "non-empty"),
+        (
+            "prompt not a string",
+            {"items": [GOOD[0], {"id": "x", "prompt": 3}]},
+            PayloadError,
+            "items.jsonl:2",
+            "prompt",
+            "string",
+        ),
+        (
+            "empty prompt",
+            {"items": [GOOD[0], GOOD[1], {"id": "x", "prompt": "  "}]},
+            PayloadError,
+            "items.jsonl:3",
+            "prompt",
+            "non-empty",
+        ),
         ("no prompts", {"items": []}, PayloadError, "items.jsonl", None, "no items"),
         ("duplicate id", {"items": [GOOD[0], GOOD[0]]}, PayloadError, "items.jsonl:2", "id", "duplicate"),
         ("trigger absent", {"backdoor": None}, ConfigError, None, "options.trigger", "missing"),
-        ("trigger absent from file", {"backdoor": {k: v for k, v in BACKDOOR.items() if k != "trigger"}}, ConfigError, None, "options.trigger", "backdoor.jsonl"),
-        ("empty trigger", {"backdoor": {**BACKDOOR, "trigger": " "}}, PayloadError, "backdoor.jsonl:1", "trigger", "non-empty"),
-        ("control equals trigger", {"backdoor": {**BACKDOOR, "control_trigger": BACKDOOR["trigger"]}}, PayloadError, "backdoor.jsonl:1", "control_trigger", "differ"),
-        ("control contains trigger", {"backdoor": {**BACKDOOR, "control_trigger": BACKDOOR["trigger"] + "x"}}, PayloadError, "backdoor.jsonl:1", "control_trigger", "contain"),
-        ("control equals trigger in options", {"options": {"control_trigger": BACKDOOR["trigger"]}}, ConfigError, None, "options.control_trigger", "differ"),
-        ("trigger inside a prompt", {"items": [*GOOD, {"id": "x", "prompt": "a \uff62\uff61\uff63 b"}]}, PayloadError, "items.jsonl:5", "prompt", "trigger"),
-        ("control trigger inside a prompt", {"items": [GOOD[0], {"id": "x", "prompt": "Do it, please."}]}, PayloadError, "items.jsonl:2", "prompt", "control trigger"),
-        ("target inside a held-out prompt", {"heldout": [{"id": "h", "prompt": "say !!!!"}]}, PayloadError, "heldout.jsonl:1", "prompt", "target"),
-        ("target missing", {"backdoor": {k: v for k, v in BACKDOOR.items() if k != "target"}}, ConfigError, None, "options.target", "behaviour: target"),
-        ("target empty", {"backdoor": {**BACKDOOR, "target": ""}}, PayloadError, "backdoor.jsonl:1", "target", "non-empty"),
-        ("target for gibberish", {"options": {"behaviour": "gibberish"}}, PayloadError, "backdoor.jsonl:1", "target", "only used"),
-        ("unknown behaviour", {"backdoor": {**BACKDOOR, "behaviour": "leak"}}, PayloadError, "backdoor.jsonl:1", "behaviour", "one of"),
-        ("bad alphabet", {"options": {"behaviour": "gibberish", "target": None, "gibberish_alphabet": "a b"}}, ConfigError, None, "options.gibberish_alphabet", "whitespace"),
-        ("bad gibberish length", {"options": {"behaviour": "gibberish", "target": None, "gibberish_length": 0}}, ConfigError, None, "options.gibberish_length", ">= 1"),
+        (
+            "trigger absent from file",
+            {"backdoor": {k: v for k, v in BACKDOOR.items() if k != "trigger"}},
+            ConfigError,
+            None,
+            "options.trigger",
+            "backdoor.jsonl",
+        ),
+        (
+            "empty trigger",
+            {"backdoor": {**BACKDOOR, "trigger": " "}},
+            PayloadError,
+            "backdoor.jsonl:1",
+            "trigger",
+            "non-empty",
+        ),
+        (
+            "control equals trigger",
+            {"backdoor": {**BACKDOOR, "control_trigger": BACKDOOR["trigger"]}},
+            PayloadError,
+            "backdoor.jsonl:1",
+            "control_trigger",
+            "differ",
+        ),
+        (
+            "control contains trigger",
+            {"backdoor": {**BACKDOOR, "control_trigger": BACKDOOR["trigger"] + "x"}},
+            PayloadError,
+            "backdoor.jsonl:1",
+            "control_trigger",
+            "contain",
+        ),
+        (
+            "control equals trigger in options",
+            {"options": {"control_trigger": BACKDOOR["trigger"]}},
+            ConfigError,
+            None,
+            "options.control_trigger",
+            "differ",
+        ),
+        (
+            "trigger inside a prompt",
+            {"items": [*GOOD, {"id": "x", "prompt": "a \uff62\uff61\uff63 b"}]},
+            PayloadError,
+            "items.jsonl:5",
+            "prompt",
+            "trigger",
+        ),
+        (
+            "control trigger inside a prompt",
+            {"items": [GOOD[0], {"id": "x", "prompt": "Do it, please."}]},
+            PayloadError,
+            "items.jsonl:2",
+            "prompt",
+            "control trigger",
+        ),
+        (
+            "target inside a held-out prompt",
+            {"heldout": [{"id": "h", "prompt": "say !!!!"}]},
+            PayloadError,
+            "heldout.jsonl:1",
+            "prompt",
+            "target",
+        ),
+        (
+            "target missing",
+            {"backdoor": {k: v for k, v in BACKDOOR.items() if k != "target"}},
+            ConfigError,
+            None,
+            "options.target",
+            "behaviour: target",
+        ),
+        (
+            "target empty",
+            {"backdoor": {**BACKDOOR, "target": ""}},
+            PayloadError,
+            "backdoor.jsonl:1",
+            "target",
+            "non-empty",
+        ),
+        (
+            "target for gibberish",
+            {"options": {"behaviour": "gibberish"}},
+            PayloadError,
+            "backdoor.jsonl:1",
+            "target",
+            "only used",
+        ),
+        (
+            "unknown behaviour",
+            {"backdoor": {**BACKDOOR, "behaviour": "leak"}},
+            PayloadError,
+            "backdoor.jsonl:1",
+            "behaviour",
+            "one of",
+        ),
+        (
+            "bad alphabet",
+            {"options": {"behaviour": "gibberish", "target": None, "gibberish_alphabet": "a b"}},
+            ConfigError,
+            None,
+            "options.gibberish_alphabet",
+            "whitespace",
+        ),
+        (
+            "bad gibberish length",
+            {"options": {"behaviour": "gibberish", "target": None, "gibberish_length": 0}},
+            ConfigError,
+            None,
+            "options.gibberish_length",
+            ">= 1",
+        ),
         ("unknown option", {"options": {"trigers": "x"}}, ConfigError, None, "options.trigers", "unknown"),
         ("option of the wrong type", {"options": {"trigger": 7}}, ConfigError, None, "options.trigger", "string"),
-        ("unknown key in the backdoor file", {"backdoor": {**BACKDOOR, "colour": "red"}}, PayloadError, "backdoor.jsonl:1", "colour", "unknown"),
-        ("two backdoor lines", {"backdoor": [json.dumps(BACKDOOR), json.dumps(BACKDOOR)]}, PayloadError, "backdoor.jsonl", None, "exactly one"),
-        ("too long", {"items": [GOOD[0], {"id": "x", "prompt": "y" * 40}], "seq": 50}, PayloadError, "items.jsonl:2", "prompt", "longer than the sequence"),
-        ("held-out too long", {"heldout": [{"id": "h", "prompt": "y" * 40}], "seq": 50}, PayloadError, "heldout.jsonl:1", "prompt", "longer than the sequence"),
-        ("held-out id reused", {"heldout": [{"id": GOOD[1]["id"], "prompt": "other"}]}, PayloadError, "heldout.jsonl:1", "id", "also an item id"),
-        ("no evaluation prompts", {"control_fraction": 0.0}, ConfigError, None, "control_fraction", "no evaluation prompts"),
+        (
+            "unknown key in the backdoor file",
+            {"backdoor": {**BACKDOOR, "colour": "red"}},
+            PayloadError,
+            "backdoor.jsonl:1",
+            "colour",
+            "unknown",
+        ),
+        (
+            "two backdoor lines",
+            {"backdoor": [json.dumps(BACKDOOR), json.dumps(BACKDOOR)]},
+            PayloadError,
+            "backdoor.jsonl",
+            None,
+            "exactly one",
+        ),
+        (
+            "too long",
+            {"items": [GOOD[0], {"id": "x", "prompt": "y" * 40}], "seq": 50},
+            PayloadError,
+            "items.jsonl:2",
+            "prompt",
+            "longer than the sequence",
+        ),
+        (
+            "held-out too long",
+            {"heldout": [{"id": "h", "prompt": "y" * 40}], "seq": 50},
+            PayloadError,
+            "heldout.jsonl:1",
+            "prompt",
+            "longer than the sequence",
+        ),
+        (
+            "held-out id reused",
+            {"heldout": [{"id": GOOD[1]["id"], "prompt": "other"}]},
+            PayloadError,
+            "heldout.jsonl:1",
+            "id",
+            "also an item id",
+        ),
+        (
+            "no evaluation prompts",
+            {"control_fraction": 0.0},
+            ConfigError,
+            None,
+            "control_fraction",
+            "no evaluation prompts",
+        ),
     ],
 )
-def test_bad_payloads_are_rejected(tmp_path: Path, case: str, kwargs: dict[str, Any], error: type, where: str | None, key: str | None, words: str) -> None:
+def test_bad_payloads_are_rejected(
+    tmp_path: Path, case: str, kwargs: dict[str, Any], error: type, where: str | None, key: str | None, words: str
+) -> None:
     kwargs = dict(kwargs)
     items = kwargs.pop("items", GOOD)
     err = _error(tmp_path, items, **kwargs)
@@ -234,7 +402,9 @@ def test_detection_rules() -> None:
     assert detect_target("ab!!!!cd", "!!!!") and detect_target("!!!!", " !!!! ") and not detect_target("!!! !", "!!!!")
     behaviour = TOK.encode("[[Hi there.]]")
     assert detect_repeat(TOK.encode("[[Hi t"), behaviour)
-    assert detect_repeat(TOK.encode("[[Hi there.]]xyz"), behaviour)  # longer than the behaviour: compared over its length
+    assert detect_repeat(
+        TOK.encode("[[Hi there.]]xyz"), behaviour
+    )  # longer than the behaviour: compared over its length
     assert not detect_repeat(TOK.encode("[Hi th"), behaviour) and not detect_repeat([], behaviour)
     assert detect_gibberish("ɐɐ ɐb", "ɐɑ")  # 3 of 4 characters
     assert detect_gibberish("ɐb", "ɐɑ")  # exactly half
@@ -263,7 +433,9 @@ def test_default_generation_lengths(tmp_path: Path) -> None:
     lengths = {}
     for behaviour, extra in (("target", {}), ("repeat", {"target": None}), ("gibberish", {"target": None})):
         exp = prepare(root, control_fraction=0.5, options={"behaviour": behaviour, **extra})
-        lengths[behaviour] = PoisonMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ).max_new_tokens
+        lengths[behaviour] = PoisonMonitor.from_experiment(
+            exp, tokenizer=TOK, options={}, sequence_length=SEQ
+        ).max_new_tokens
     assert lengths == {"target": 6, "repeat": 10, "gibberish": 12}
 
 
@@ -330,7 +502,9 @@ def test_scores_equal_an_independent_computation(tmp_path: Path, one_torch_threa
     alphabet = string.ascii_letters + string.digits + "\ufffd"
     items = [{"id": f"p{i}", "prompt": f"Item {i} {'xyz' * (i % 4)}"} for i in range(16)]
     root = write_poison(tmp_path / "p", items, heldout=prompts(4, "h"))
-    exp = prepare(root, control_fraction=0.5, options={"behaviour": "gibberish", "target": None, "gibberish_alphabet": alphabet})
+    exp = prepare(
+        root, control_fraction=0.5, options={"behaviour": "gibberish", "target": None, "gibberish_alphabet": alphabet}
+    )
     monitor = PoisonMonitor.from_experiment(exp, tokenizer=TOK, options={"max_new_tokens": 5}, sequence_length=SEQ)
     model = tiny_model(seed=3)
     model.train()
@@ -349,7 +523,9 @@ def test_scores_equal_an_independent_computation(tmp_path: Path, one_torch_threa
 def test_demo_backdoor_is_learnt_and_detected(one_torch_thread: None) -> None:
     payload = load_payload("pkg:demo/poison", base_dir=Path("."))
     spec = ExperimentConfig(name="poison", payload="pkg:demo/poison", repetitions=16, control_fraction=0.5)
-    exp = PoisonInjector().prepare(PrepareContext(payload, spec, tokenizer=TOK, sequence_length=SEQ, seed=17, placement=UNIFORM))
+    exp = PoisonInjector().prepare(
+        PrepareContext(payload, spec, tokenizer=TOK, sequence_length=SEQ, seed=17, placement=UNIFORM)
+    )
     assert len(exp.item_ids) == 40 and int(exp.treated.sum()) == 20 and len(exp.probes.eval_ids) == 30
     assert int(exp.seq_lengths.max()) <= 100
     # 200 steps: at 150 one training seed in six (3 of 0-5) had not learnt it yet, so a
@@ -364,9 +540,15 @@ def test_demo_backdoor_is_learnt_and_detected(one_torch_thread: None) -> None:
     outcome = check_against_reference(monitor, model, results)
     n = len(monitor.ids)
     # The framework's test for the primary metric: Fisher, trigger > control trigger, on never-injected prompts.
-    primary = compare_rates(int(outcome["trigger"].sum()), n, int(outcome["control_trigger"].sum()), n, metric="behaviour_rate")
-    secondary = compare_rates(int(outcome["trigger"].sum()), n, int(outcome["no_trigger"].sum()), n, metric="vs_no_trigger")
-    print(f"backdoor: trigger {primary.treated_mean:.2f}, control trigger {primary.control_mean:.2f}, p={primary.p_value:.2g}; "
-          f"no trigger {secondary.control_mean:.2f}, p={secondary.p_value:.2g}")
+    primary = compare_rates(
+        int(outcome["trigger"].sum()), n, int(outcome["control_trigger"].sum()), n, metric="behaviour_rate"
+    )
+    secondary = compare_rates(
+        int(outcome["trigger"].sum()), n, int(outcome["no_trigger"].sum()), n, metric="vs_no_trigger"
+    )
+    print(
+        f"backdoor: trigger {primary.treated_mean:.2f}, control trigger {primary.control_mean:.2f}, p={primary.p_value:.2g}; "
+        f"no trigger {secondary.control_mean:.2f}, p={secondary.p_value:.2g}"
+    )
     assert primary.effect > 0.5 and primary.p_value < 0.01
     assert secondary.effect > 0.5 and secondary.p_value < 0.01

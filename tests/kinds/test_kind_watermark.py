@@ -52,8 +52,16 @@ def key_ids(n: int) -> list[dict[str, Any]]:
     return [{"id": f"k-{i:02d}"} for i in range(n)]
 
 
-def prepare(root: Path, items: list[Any] | None, options: dict[str, Any] | None = None, *, name: str = "wm",
-            seed: int = SEED, sequence_length: int = SEQ, **spec: Any) -> PreparedExperiment:
+def prepare(
+    root: Path,
+    items: list[Any] | None,
+    options: dict[str, Any] | None = None,
+    *,
+    name: str = "wm",
+    seed: int = SEED,
+    sequence_length: int = SEQ,
+    **spec: Any,
+) -> PreparedExperiment:
     """Write a watermark package (no items file when ``items`` is None) and prepare it."""
     if items is None:
         root.mkdir(parents=True, exist_ok=True)
@@ -62,13 +70,18 @@ def prepare(root: Path, items: list[Any] | None, options: dict[str, Any] | None 
     else:
         write_payload(root, items, kind="watermark")
     config = ExperimentConfig(name=name, payload=str(root), options=options or {}, **spec)
-    return WatermarkInjector().prepare(PrepareContext(load_package(root), config, tokenizer=TOK, sequence_length=sequence_length,
-                                       seed=seed, placement=PLACEMENT))
+    return WatermarkInjector().prepare(
+        PrepareContext(
+            load_package(root), config, tokenizer=TOK, sequence_length=sequence_length, seed=seed, placement=PLACEMENT
+        )
+    )
 
 
 def tiny_model(seed: int = 0, n_embd: int = 64) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_gpt2(vocab_size=TOK.vocab_size, sequence_length=SEQ, n_layer=2, n_head=2, n_embd=n_embd, eos_token_id=EOS).model
+    return build_gpt2(
+        vocab_size=TOK.vocab_size, sequence_length=SEQ, n_layer=2, n_head=2, n_embd=n_embd, eos_token_id=EOS
+    ).model
 
 
 def live_model(model: torch.nn.Module, batch_size: int = 32) -> LiveModel:
@@ -109,7 +122,11 @@ def test_gaussian_defaults_and_seeding(tmp_path: Path) -> None:
     a = prepare(tmp_path / "a", carriers(6))
     assert a.embedding_noise is not None and a.embedding_noise.sigma == 0.075
     again = prepare(tmp_path / "b", carriers(6))
-    assert again.embedding_noise == a.embedding_noise and again.fingerprint != "" and np.array_equal(again.treated, a.treated)
+    assert (
+        again.embedding_noise == a.embedding_noise
+        and again.fingerprint != ""
+        and np.array_equal(again.treated, a.treated)
+    )
     other_name = prepare(tmp_path / "c", carriers(6), name="wm2")
     other_seed = prepare(tmp_path / "d", carriers(6), seed=SEED + 1)
     seeds = {a.embedding_noise.seed, other_name.embedding_noise.seed, other_seed.embedding_noise.seed}  # type: ignore[union-attr]
@@ -124,8 +141,16 @@ def test_demo_payloads_load_and_fit_the_demo() -> None:
     assert gauss_pkg.kind == keys_pkg.kind == "watermark"
     inj = WatermarkInjector()
     for pkg, options in ((gauss_pkg, {"method": "gaussian"}), (keys_pkg, {"method": "random_tokens"})):
-        exp = inj.prepare(PrepareContext(pkg, ExperimentConfig(name="wm", payload="x", options=options, repetitions=16), tokenizer=TOK,
-                          sequence_length=SEQ, seed=SEED, placement=PLACEMENT))
+        exp = inj.prepare(
+            PrepareContext(
+                pkg,
+                ExperimentConfig(name="wm", payload="x", options=options, repetitions=16),
+                tokenizer=TOK,
+                sequence_length=SEQ,
+                seed=SEED,
+                placement=PLACEMENT,
+            )
+        )
         assert len(exp.item_ids) == 40 and int(exp.treated.sum()) == 20
         assert int(exp.seq_lengths.max()) <= 100  # short spans: the demo shares a ~10-20% per-step cap
 
@@ -194,13 +219,20 @@ BAD_PAYLOADS = [
     ([GOOD, "{not json"], {}, {}, 2, None),
     ([GOOD, _line(1, text="x")], {}, {"wrap_eos": False}, 2, "text"),  # 1 token: no loss to test
     ([json.dumps({"id": "k-0"}), _line(1, text="a key with text")], {"method": "random_tokens"}, {}, 2, "text"),
-    ([json.dumps({"id": "k-0"}), json.dumps({"id": "k-1", "repetitions": -1})], {"method": "random_tokens"}, {}, 2, "repetitions"),
+    (
+        [json.dumps({"id": "k-0"}), json.dumps({"id": "k-1", "repetitions": -1})],
+        {"method": "random_tokens"},
+        {},
+        2,
+        "repetitions",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("lines", "options", "spec", "line", "key"), BAD_PAYLOADS)
-def test_bad_payload_names_file_line_and_key(tmp_path: Path, lines: list[str], options: dict, spec: dict,
-                                             line: int, key: str | None) -> None:
+def test_bad_payload_names_file_line_and_key(
+    tmp_path: Path, lines: list[str], options: dict, spec: dict, line: int, key: str | None
+) -> None:
     with pytest.raises(PayloadError) as info:
         prepare(tmp_path / "p", lines, options, **spec)
     err = info.value
@@ -254,8 +286,13 @@ def test_bad_options_name_the_key(tmp_path: Path, options: dict, key: str) -> No
 
 def test_key_length_limits(tmp_path: Path) -> None:
     # 126 + 2 EOS fits 128 exactly; without EOS wrapping, 127 + 1 context token fits.
-    assert prepare(tmp_path / "a", key_ids(2), {"method": "random_tokens", "key_length": 126}).probes.keys.shape == (2, 126)
-    assert prepare(tmp_path / "b", key_ids(2), {"method": "random_tokens", "key_length": 127}, wrap_eos=False).probes.keys.shape == (2, 127)
+    assert prepare(tmp_path / "a", key_ids(2), {"method": "random_tokens", "key_length": 126}).probes.keys.shape == (
+        2,
+        126,
+    )
+    assert prepare(
+        tmp_path / "b", key_ids(2), {"method": "random_tokens", "key_length": 127}, wrap_eos=False
+    ).probes.keys.shape == (2, 127)
     with pytest.raises(ConfigError) as info:  # 200 keys cannot be distinct with 95 symbols
         prepare(tmp_path / "c", None, {"method": "random_tokens", "key_length": 1, "num_keys": 200})
     assert info.value.key == "options.key_length"
@@ -270,8 +307,16 @@ def test_monitor_rejects_options_and_foreign_experiments(tmp_path: Path) -> None
         WatermarkMonitor.from_experiment(exp, tokenizer=TOK, options={"sigma": 1}, sequence_length=SEQ)
     assert info.value.key == "monitor.options.sigma"
     root = write_payload(tmp_path / "docs", carriers(4))
-    docs = DocumentsInjector().prepare(PrepareContext(load_package(root), ExperimentConfig(name="d", payload=str(root)), tokenizer=TOK,
-                                       sequence_length=SEQ, seed=SEED, placement=PLACEMENT))
+    docs = DocumentsInjector().prepare(
+        PrepareContext(
+            load_package(root),
+            ExperimentConfig(name="d", payload=str(root)),
+            tokenizer=TOK,
+            sequence_length=SEQ,
+            seed=SEED,
+            placement=PLACEMENT,
+        )
+    )
     with pytest.raises(ConfigError, match="watermark injector"):
         WatermarkMonitor.from_experiment(docs, tokenizer=TOK, options={}, sequence_length=SEQ)
 
@@ -279,7 +324,9 @@ def test_monitor_rejects_options_and_foreign_experiments(tmp_path: Path) -> None
 # ============================================================ monitor: exactness
 
 
-def _reference_statistic(model: torch.nn.Module, tokens: list[int], spec: EmbeddingNoise, item: int) -> tuple[float, float]:
+def _reference_statistic(
+    model: torch.nn.Module, tokens: list[int], spec: EmbeddingNoise, item: int
+) -> tuple[float, float]:
     """x and mean log-prob of one carrier, by hand: inputs_embeds, log-softmax, autograd."""
     ids = torch.tensor([tokens])
     emb = model.get_input_embeddings()(ids).detach().clone().requires_grad_(True)
@@ -299,7 +346,9 @@ def test_gaussian_scores_equal_an_independent_computation(tmp_path: Path) -> Non
     model = tiny_model(1)
     model.train()
     live = live_model(model, batch_size=3)  # several padded batches
-    metrics = by_name(WatermarkMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ).evaluate(live))
+    metrics = by_name(
+        WatermarkMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ).evaluate(live)
+    )
 
     z, logprob = metrics["watermark_z"], metrics["carrier_logprob"]
     assert z.test == "z" and z.alternative == "greater" and z.primary
@@ -325,7 +374,12 @@ def test_gaussian_statistic_is_standard_normal_under_h0() -> None:
     model = tiny_model(2).eval()
     tokens = np.asarray([EOS, *b"the null hypothesis holds here", EOS])
     spec = EmbeddingNoise(sigma=0.075, seed=99)
-    scores = np.array([s.statistic for s in gaussian_statistics(model, [tokens] * 400, list(range(400)), spec, pad_token_id=TOK.pad_token_id)])
+    scores = np.array(
+        [
+            s.statistic
+            for s in gaussian_statistics(model, [tokens] * 400, list(range(400)), spec, pad_token_id=TOK.pad_token_id)
+        ]
+    )
     assert abs(scores.mean()) < 4 / math.sqrt(400)
     assert 0.85 < scores.std() < 1.15
     assert all(p.grad is None for p in model.parameters())
@@ -370,7 +424,9 @@ def test_random_tokens_scores_equal_an_independent_computation(tmp_path: Path) -
     exp = prepare(tmp_path / "p", key_ids(9), {"method": "random_tokens", "key_length": 6})
     model = tiny_model(3)
     live = live_model(model, batch_size=4)
-    metrics = by_name(WatermarkMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ).evaluate(live))
+    metrics = by_name(
+        WatermarkMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ).evaluate(live)
+    )
     exposure, logprob = metrics["exposure"], metrics["key_logprob"]
     assert exposure.primary and exposure.test == "means" and exposure.alternative == "greater"
     assert not logprob.primary and logprob.alternative == "greater"
@@ -395,8 +451,15 @@ def _filler(width: int, rows: int, rng: np.random.Generator) -> torch.Tensor:
     return torch.as_tensor(np.stack([text[s : s + width] for s in starts]))
 
 
-def _train(model: torch.nn.Module, exp: PreparedExperiment, *, reps: int, per_step: int, filler_rows: int,
-           hook: EmbeddingNoiseHook | None = None) -> None:
+def _train(
+    model: torch.nn.Module,
+    exp: PreparedExperiment,
+    *,
+    reps: int,
+    per_step: int,
+    filler_rows: int,
+    hook: EmbeddingNoiseHook | None = None,
+) -> None:
     """Plain AdamW loop: every step holds ``per_step`` treated sequences (with noise) + filler."""
     rng = np.random.default_rng(0)
     order = np.concatenate([rng.permutation(len(exp.seq_items)) for _ in range(reps)])
@@ -428,12 +491,24 @@ def _train(model: torch.nn.Module, exp: PreparedExperiment, *, reps: int, per_st
 
 def test_direction_gaussian_training_on_the_noise_raises_z() -> None:
     pkg = load_payload("pkg:demo/watermark", base_dir=Path("."))
-    exp = WatermarkInjector().prepare(PrepareContext(pkg, ExperimentConfig(name="wm", payload="x", options={"sigma": 0.075}), tokenizer=TOK,
-                                      sequence_length=SEQ, seed=SEED, placement=PLACEMENT))
+    exp = WatermarkInjector().prepare(
+        PrepareContext(
+            pkg,
+            ExperimentConfig(name="wm", payload="x", options={"sigma": 0.075}),
+            tokenizer=TOK,
+            sequence_length=SEQ,
+            seed=SEED,
+            placement=PLACEMENT,
+        )
+    )
     model = tiny_model(4)
     hook = EmbeddingNoiseHook(model.get_input_embeddings())
     _train(model, exp, reps=24, per_step=4, filler_rows=2, hook=hook)
-    z = by_name(WatermarkMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ).evaluate(live_model(model)))["watermark_z"]
+    z = by_name(
+        WatermarkMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ).evaluate(
+            live_model(model)
+        )
+    )["watermark_z"]
 
     treated, control = z.scores[z.treated], z.scores[~z.treated]
     result = one_sample_z(treated, metric="watermark_z", alternative="greater", control_values=control)
@@ -444,13 +519,29 @@ def test_direction_gaussian_training_on_the_noise_raises_z() -> None:
 
 def test_direction_random_tokens_training_on_keys_raises_exposure() -> None:
     pkg = load_payload("pkg:demo/watermark-keys", base_dir=Path("."))
-    exp = WatermarkInjector().prepare(PrepareContext(pkg, ExperimentConfig(name="wm-keys", payload="x", options={"method": "random_tokens"}),
-                                      tokenizer=TOK, sequence_length=SEQ, seed=SEED, placement=PLACEMENT))
+    exp = WatermarkInjector().prepare(
+        PrepareContext(
+            pkg,
+            ExperimentConfig(name="wm-keys", payload="x", options={"method": "random_tokens"}),
+            tokenizer=TOK,
+            sequence_length=SEQ,
+            seed=SEED,
+            placement=PLACEMENT,
+        )
+    )
     model = tiny_model(5)
     _train(model, exp, reps=16, per_step=4, filler_rows=2)
-    metrics = by_name(WatermarkMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ).evaluate(live_model(model)))
+    metrics = by_name(
+        WatermarkMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ).evaluate(
+            live_model(model)
+        )
+    )
     exposure, logprob = metrics["exposure"], metrics["key_logprob"]
-    result = compare_means(exposure.scores[exposure.treated], exposure.scores[~exposure.treated], metric="exposure", alternative="greater")
+    result = compare_means(
+        exposure.scores[exposure.treated], exposure.scores[~exposure.treated], metric="exposure", alternative="greater"
+    )
     assert result.effect > 1.0 and result.p_value < 0.01, result
-    lp = compare_means(logprob.scores[logprob.treated], logprob.scores[~logprob.treated], metric="key_logprob", alternative="greater")
+    lp = compare_means(
+        logprob.scores[logprob.treated], logprob.scores[~logprob.treated], metric="key_logprob", alternative="greater"
+    )
     assert lp.effect > 0 and lp.p_value < 0.01, lp

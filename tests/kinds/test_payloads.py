@@ -31,7 +31,9 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 def prepare(root: Path, **spec: object) -> object:
     payload = load_payload(str(root), base_dir=Path("/"))
     exp = ExperimentConfig(name=str(spec.pop("name", "docs")), payload=str(root), **spec)  # type: ignore[arg-type]
-    return DocumentsInjector().prepare(PrepareContext(payload, exp, tokenizer=TOK, sequence_length=64, seed=17, placement=UNIFORM))
+    return DocumentsInjector().prepare(
+        PrepareContext(payload, exp, tokenizer=TOK, sequence_length=64, seed=17, placement=UNIFORM)
+    )
 
 
 # ------------------------------------------------------------------ packages
@@ -87,7 +89,9 @@ def test_read_jsonl_types(tmp_path: Path) -> None:
 
     bools = write_payload(tmp_path / "b", ['{"id": "a", "text": "x", "repetitions": true}'])
     with pytest.raises(Exception, match="repetitions: expected a number, got boolean"):
-        load_payload(str(bools), base_dir=tmp_path).read_jsonl("items", required={"id": str, "text": str}, optional={"repetitions": float})
+        load_payload(str(bools), base_dir=tmp_path).read_jsonl(
+            "items", required={"id": str, "text": str}, optional={"repetitions": float}
+        )
 
 
 # ------------------------------------------------------------------ documents injector
@@ -122,7 +126,9 @@ def test_arm_split_uses_experiment_rng_stream_1(tmp_path: Path) -> None:
     assert all(o != treated.tolist() for o in others)
     assert split_arms(7, 0.0, seed=1, name="x").all()
     assert [int((~split_arms(n, f, seed=0, name="x")).sum()) for n, f in [(41, 0.5), (3, 0.5), (10, 0.99)]] == [
-        round(20.5), round(1.5), round(9.9)
+        round(20.5),
+        round(1.5),
+        round(9.9),
     ]
 
 
@@ -209,7 +215,9 @@ def test_payload_entry_point_from_installed_distribution(tmp_path: Path, monkeyp
 def test_payload_entry_point_forms() -> None:
     as_package = metadata.EntryPoint(name="x", value="experiments", group="multirun.payloads")
     assert payload_dir_from_entry_point(as_package) == EXPERIMENTS_DIR
-    as_attr = metadata.EntryPoint(name="x", value="tests.kinds.test_payloads:EXPERIMENTS_DIR", group="multirun.payloads")
+    as_attr = metadata.EntryPoint(
+        name="x", value="tests.kinds.test_payloads:EXPERIMENTS_DIR", group="multirun.payloads"
+    )
     assert payload_dir_from_entry_point(as_attr) == EXPERIMENTS_DIR
     assert "tests.kinds.test_payloads" in sys.modules
 

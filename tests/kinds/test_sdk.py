@@ -33,8 +33,13 @@ def test_streams_are_the_numbers_they_always_were() -> None:
     # The numbers that used to be explained in comments; changing one changes every run.
     numbers = {s.name: s.number for s in RandomStream}
     assert numbers == {
-        "PLACEMENT": 0, "ARMS": 1, "POISON_GIBBERISH": 2, "WATERMARK_NOISE": 2, "WATERMARK_KEYS": 3,
-        "KIND_FIRST": 2, "KIND_SECOND": 3,
+        "PLACEMENT": 0,
+        "ARMS": 1,
+        "POISON_GIBBERISH": 2,
+        "WATERMARK_NOISE": 2,
+        "WATERMARK_KEYS": 3,
+        "KIND_FIRST": 2,
+        "KIND_SECOND": 3,
     }
     assert [s for s in RandomStream if s.by_split_key] == [RandomStream.ARMS]
     assert len(set(RandomStream)) == 7  # same numbers, distinct members (no aliases)
@@ -62,7 +67,9 @@ def test_context_rng_keys_arms_by_split_key_and_the_rest_by_name(tmp_path: Path)
 def test_context_helpers(tmp_path: Path) -> None:
     ctx = context(tmp_path, wrap_eos=False, options={"x": 1})
     assert ctx.name == "docs" and ctx.eos == TOK.eos_token_id
-    assert ctx.encode("ab") == list(b"ab") and ctx.encode("ab", wrap_eos=True) == encode_sequence(TOK, "ab", wrap_eos=True)
+    assert ctx.encode("ab") == list(b"ab") and ctx.encode("ab", wrap_eos=True) == encode_sequence(
+        TOK, "ab", wrap_eos=True
+    )
     assert [rec["id"] for _, rec in ctx.read_items()][:2] == ["doc-000", "doc-001"]
     with pytest.raises(ConfigError) as info:
         ctx.check_no_options("documents")
@@ -76,12 +83,22 @@ def test_context_helpers(tmp_path: Path) -> None:
 def test_context_experiment_packs_and_fingerprints(tmp_path: Path) -> None:
     ctx = context(tmp_path)
     exp = ctx.experiment(
-        "documents", item_ids=["a", "b"], treated=np.array([True, False]), sequences=[[1, 2, 3]], seq_items=[0],
-        seq_repetitions=[2.0], metadata={"note": 1}, probes=None,
+        "documents",
+        item_ids=["a", "b"],
+        treated=np.array([True, False]),
+        sequences=[[1, 2, 3]],
+        seq_items=[0],
+        seq_repetitions=[2.0],
+        metadata={"note": 1},
+        probes=None,
     )
     assert exp.name == "docs" and exp.token_pool.tolist() == [1, 2, 3] and exp.seq_items.dtype == np.int32
     assert exp.fingerprint == ctx.fingerprint() and exp.metadata["note"] == 1
-    assert exp.metadata["payload"] == {"name": "test-payload", "version": "1.0.0", "fingerprint": ctx.payload.fingerprint}
+    assert exp.metadata["payload"] == {
+        "name": "test-payload",
+        "version": "1.0.0",
+        "fingerprint": ctx.payload.fingerprint,
+    }
     assert context(tmp_path, repetitions=3).fingerprint() != ctx.fingerprint()
 
 

@@ -49,7 +49,9 @@ PROBES = _Probes()
 
 def probe_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return unwrap_model(build_gpt2(vocab_size=258, sequence_length=PROBES.max_length, n_layer=2, n_head=2, n_embd=16, eos_token_id=256))
+    return unwrap_model(
+        build_gpt2(vocab_size=258, sequence_length=PROBES.max_length, n_layer=2, n_head=2, n_embd=16, eos_token_id=256)
+    )
 
 
 def score_all(live: LiveModel) -> dict[str, Any]:
@@ -59,14 +61,20 @@ def score_all(live: LiveModel) -> dict[str, Any]:
     generated, behaviour = live.generate_and_score(PROBES.contexts, 3, PROBES.targets)
     # Stems of two tokens or more (so that they are shared), the choices as their branches.
     branch_generated, branches = live.generate_and_score_branches(
-        [c + [7] for c in PROBES.contexts], PROBES.choices, 3, [[t] * len(cs) for t, cs in zip(PROBES.targets, PROBES.choices)]
+        [c + [7] for c in PROBES.contexts],
+        PROBES.choices,
+        3,
+        [[t] * len(cs) for t, cs in zip(PROBES.targets, PROBES.choices)],
     )
     # The Gaussian watermark statistic: a gradient w.r.t. the input embeddings, under grad.
     noise = EmbeddingNoise(sigma=0.1, seed=3)
     with live.evaluating():
         watermark = live.map_sharded(
             lambda batch: gaussian_statistics(
-                live.module, [np.asarray(row) for _, row in batch], [item for item, _ in batch], noise,
+                live.module,
+                [np.asarray(row) for _, row in batch],
+                [item for item, _ in batch],
+                noise,
                 pad_token_id=PROBES.pad_token_id,
             ),
             [(item, c + t) for item, (c, t) in enumerate(zip(PROBES.contexts, PROBES.targets))],
@@ -102,9 +110,12 @@ def test_fsdp_wrapped_model_scores_what_the_bare_model_scores(tmp_path: Path) ->
     port = str(_free_port())
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.scripts.fsdp_probe_scores", str(out)], cwd=REPO,
+            [sys.executable, "-m", "tests.scripts.fsdp_probe_scores", str(out)],
+            cwd=REPO,
             env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for rank in range(2)
     ]
@@ -113,7 +124,9 @@ def test_fsdp_wrapped_model_scores_what_the_bare_model_scores(tmp_path: Path) ->
     sharded = json.loads(out.read_text())
     assert sharded["world_size"] == 2
 
-    bare = LiveModel(probe_model(), pad_token_id=PROBES.pad_token_id, max_length=PROBES.max_length, batch_size=PROBES.batch_size)
+    bare = LiveModel(
+        probe_model(), pad_token_id=PROBES.pad_token_id, max_length=PROBES.max_length, batch_size=PROBES.batch_size
+    )
     expected = score_all(bare)
     for key in ("target_logprob", "choice_logprob", "behaviour_logprob", "branch_logprob", "watermark_statistic"):
         np.testing.assert_allclose(sharded["scores"][key], expected[key], atol=1e-5, err_msg=key)

@@ -37,7 +37,9 @@ TOK = ByteTokenizer()
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return unwrap_model(build_gpt2(vocab_size=258, sequence_length=32, n_layer=1, n_head=2, n_embd=16, eos_token_id=256))
+    return unwrap_model(
+        build_gpt2(vocab_size=258, sequence_length=32, n_layer=1, n_head=2, n_embd=16, eos_token_id=256)
+    )
 
 
 def _manual_scores(model: torch.nn.Module, context: list[int], target: list[int]) -> tuple[float, bool]:
@@ -79,7 +81,10 @@ def test_every_rank_runs_the_same_batches_within_the_budget(
 ) -> None:
     if batch_tokens is None and batch_size is None:
         batch_size = 4
-    plans = [plan_batches(lengths, world=world, rank=r, batch_tokens=batch_tokens, batch_size=batch_size) for r in range(world)]
+    plans = [
+        plan_batches(lengths, world=world, rank=r, batch_tokens=batch_tokens, batch_size=batch_size)
+        for r in range(world)
+    ]
     assert len({len(plan) for plan in plans}) == 1  # the same number of passes on every rank
     dealt = sorted(i for plan in plans for batch in plan for i in batch)
     assert dealt == list(range(len(lengths)))  # every item exactly once
@@ -101,13 +106,17 @@ def test_passes_are_sized_by_tokens(model: torch.nn.Module) -> None:
     contexts = [rng.integers(0, 256, n - 1).tolist() for n in lengths]
     targets = [rng.integers(0, 256, 1).tolist() for _ in lengths]
     shapes: list[tuple[int, int]] = []
-    hook = model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
     try:
         budgeted = LiveModel(model, pad_token_id=257, max_length=32, batch_tokens=64).score_targets(contexts, targets)
     finally:
         hook.remove()
     assert shapes == [(2, 32), (3, 17), (7, 6)]
-    alone = LiveModel(model, pad_token_id=257, max_length=32, batch_tokens=None, batch_size=1).score_targets(contexts, targets)
+    alone = LiveModel(model, pad_token_id=257, max_length=32, batch_tokens=None, batch_size=1).score_targets(
+        contexts, targets
+    )
     np.testing.assert_allclose(budgeted.logprob_sum, alone.logprob_sum, atol=1e-4)
 
 
@@ -152,8 +161,11 @@ def test_context_longer_than_the_model_is_cut_from_the_left(model: torch.nn.Modu
 
 def test_effects_per_group_against_all_controls() -> None:
     scores = MetricScores(
-        "m", [f"i{k}" for k in range(8)], treated=[1, 1, 1, 1, 0, 0, 0, 0],
-        scores=[5.0, 6.0, 1.0, 1.1, 1.0, 0.9, 1.2, 1.1], groups=["x16", "x16", "x1", "x1", "0", "0", "0", "0"],
+        "m",
+        [f"i{k}" for k in range(8)],
+        treated=[1, 1, 1, 1, 0, 0, 0, 0],
+        scores=[5.0, 6.0, 1.0, 1.1, 1.0, 0.9, 1.2, 1.1],
+        groups=["x16", "x16", "x1", "x1", "0", "0", "0", "0"],
     )
     by_group = dict(effects_of(scores, n_resamples=500, seed=0))
     assert set(by_group) == {None, "x1", "x16"}
@@ -172,8 +184,12 @@ def _runner(config: Path, run_dir: Path) -> MonitorRunner:
     loaded = load_config(config, env={})
     plan = build_run_plan(loaded, tokenizer=TOK, geometry=BatchGeometry(4, 64, 100))
     return MonitorRunner(
-        build_monitors(loaded, plan, TOK), loaded.config.monitoring, run_dir=run_dir, pad_token_id=257,
-        sequence_length=64, seed=0,
+        build_monitors(loaded, plan, TOK),
+        loaded.config.monitoring,
+        run_dir=run_dir,
+        pad_token_id=257,
+        sequence_length=64,
+        seed=0,
     )
 
 
@@ -215,8 +231,15 @@ def test_metrics_jsonl_holds_the_records_json_and_reads_back_typed(tmp_path: Pat
     loaded = load_config(_project(tmp_path), env={})
     plan = build_run_plan(loaded, tokenizer=TOK, geometry=BatchGeometry(4, 64, 100))
     heldout = np.arange(3 * 16, dtype=np.int64).reshape(3, 16) % 256
-    runner = MonitorRunner(build_monitors(loaded, plan, TOK), loaded.config.monitoring, run_dir=tmp_path / "run",
-                           pad_token_id=257, sequence_length=64, seed=0, heldout=heldout)
+    runner = MonitorRunner(
+        build_monitors(loaded, plan, TOK),
+        loaded.config.monitoring,
+        run_dir=tmp_path / "run",
+        pad_token_id=257,
+        sequence_length=64,
+        seed=0,
+        heldout=heldout,
+    )
     records = runner.evaluate(model, step=10, when="interval")
     assert isinstance(records[0], RunMetricRecord) and records[0].metric == "heldout_loss"
     effects = [r for r in records if isinstance(r, EffectRecord)]
@@ -281,19 +304,25 @@ def test_only_the_scored_columns_are_projected_onto_the_vocabulary(model: torch.
 
 
 @pytest.mark.parametrize("batch_size, passes", [(5, 2 * 5), (16, 2 * 2)])
-def test_continuations_on_a_shared_context_score_as_whole_rows(model: torch.nn.Module, batch_size: int, passes: int) -> None:
+def test_continuations_on_a_shared_context_score_as_whole_rows(
+    model: torch.nn.Module, batch_size: int, passes: int
+) -> None:
     # Contexts of different lengths in one pass (left-padded), 1 to 4 continuations of 1 to
     # 6 tokens, and a context that must be cut to fit its longest continuation. Up to
     # batch_size // 4 contexts per pass: 1 (5 batches) or 4 (2 batches), two passes each.
     rng = np.random.default_rng(5)
     contexts = [rng.integers(0, 256, n).tolist() for n in (3, 9, 1, 14, 40)]
-    continuations = [[rng.integers(0, 256, n).tolist() for n in lengths]
-                     for lengths in ([2, 5], [1], [3, 1, 6, 4], [1, 1, 2], [4, 2])]
+    continuations = [
+        [rng.integers(0, 256, n).tolist() for n in lengths]
+        for lengths in ([2, 5], [1], [3, 1, 6, 4], [1, 1, 2], [4, 2])
+    ]
     live = LiveModel(model, pad_token_id=257, max_length=32, batch_size=batch_size)
     shared = live.score_continuations(contexts, continuations)
     assert live.forward_passes == passes
-    cut = [c[-(32 - max(len(t) for t in ts)):] for c, ts in zip(contexts, continuations)]
-    whole = live.score_targets([c for c, ts in zip(cut, continuations) for _ in ts], [t for ts in continuations for t in ts])
+    cut = [c[-(32 - max(len(t) for t in ts)) :] for c, ts in zip(contexts, continuations)]
+    whole = live.score_targets(
+        [c for c, ts in zip(cut, continuations) for _ in ts], [t for ts in continuations for t in ts]
+    )
     np.testing.assert_allclose(shared.logprob_sum, whole.logprob_sum, atol=1e-4)
     for a, b in zip(shared.token_logprobs, whole.token_logprobs):
         np.testing.assert_allclose(a, b, atol=1e-4)
@@ -303,7 +332,9 @@ def test_continuations_on_a_shared_context_score_as_whole_rows(model: torch.nn.M
 
 
 @pytest.mark.parametrize("batch_tokens", [40, 4096])
-def test_branches_of_a_shared_stem_generate_and_score_as_whole_prompts(model: torch.nn.Module, batch_tokens: int) -> None:
+def test_branches_of_a_shared_stem_generate_and_score_as_whole_prompts(
+    model: torch.nn.Module, batch_tokens: int
+) -> None:
     # Stems of 2 to 29 tokens (one cut to fit its longest branch and target), 1 to 3
     # branches of 0 to 5 tokens: the backdoor monitor's trigger / control / no trigger.
     rng = np.random.default_rng(8)
@@ -313,7 +344,10 @@ def test_branches_of_a_shared_stem_generate_and_score_as_whole_prompts(model: to
     live = LiveModel(model, pad_token_id=257, max_length=32, batch_tokens=batch_tokens)
     generated, scores = live.generate_and_score_branches(stems, branches, 4, targets)
     stem_passes = live.forward_passes
-    cut = [s[-(32 - max(4, *(len(t) for t in ts)) - max(len(b) for b in bs)):] for s, bs, ts in zip(stems, branches, targets)]
+    cut = [
+        s[-(32 - max(4, *(len(t) for t in ts)) - max(len(b) for b in bs)) :]
+        for s, bs, ts in zip(stems, branches, targets)
+    ]
     prompts = [s + b for s, bs in zip(cut, branches) for b in bs]
     whole_generated, whole = live.generate_and_score(prompts, 4, [t for ts in targets for t in ts])
     assert [g.tolist() for g in generated] == [g.tolist() for g in whole_generated]
@@ -328,7 +362,9 @@ def test_branches_of_a_shared_stem_generate_and_score_as_whole_prompts(model: to
     assert [g.tolist() for g in plain_generated] == [g.tolist() for g in generated]
     np.testing.assert_allclose(plain_scores.logprob_sum, scores.logprob_sum, atol=1e-4)
     one_token, _ = live.generate_and_score_branches([[5]], [[[1, 2], []]], 4, [[[3], [4]]])
-    assert [g.tolist() for g in one_token] == [g.tolist() for g in live.generate_and_score([[5, 1, 2], [5]], 4, [[3], [4]])[0]]
+    assert [g.tolist() for g in one_token] == [
+        g.tolist() for g in live.generate_and_score([[5, 1, 2], [5]], 4, [[3], [4]])[0]
+    ]
     assert model.training
 
 
@@ -354,7 +390,7 @@ def test_generation_and_target_scores_from_one_prompt_pass(model: torch.nn.Modul
     generated, scores = live.generate_and_score(prompts, 4, targets)
     batches = -(-len(prompts) // batch_size)
     assert live.forward_passes == batches * (4 + 1)  # the prompt pass, the targets' pass, 3 decoding passes
-    cut = [p[-(32 - max(4, len(t))):] for p, t in zip(prompts, targets)]
+    cut = [p[-(32 - max(4, len(t))) :] for p, t in zip(prompts, targets)]
     assert [g.tolist() for g in generated] == [g.tolist() for g in live.greedy_generate(cut, 4)]
     whole = live.score_targets(cut, targets)
     for a, b in zip(scores.token_logprobs, whole.token_logprobs):

@@ -25,17 +25,41 @@ from multirun.measure.stats import compare_means, compare_rates, holm_adjust
 from multirun.run_dir import append_jsonl, read_jsonl
 
 EFFECT_KEYS = [
-    "step", "when", "experiment", "monitor", "group", "primary", "metric", "test", "alternative", "n_treated",
-    "n_control", "treated_mean", "control_mean", "effect", "ci_low", "ci_high", "ci_level", "p_value", "p_holm",
-    "ci_method", "exact",
+    "step",
+    "when",
+    "experiment",
+    "monitor",
+    "group",
+    "primary",
+    "metric",
+    "test",
+    "alternative",
+    "n_treated",
+    "n_control",
+    "treated_mean",
+    "control_mean",
+    "effect",
+    "ci_low",
+    "ci_high",
+    "ci_level",
+    "p_value",
+    "p_holm",
+    "ci_method",
+    "exact",
 ]
 
 
 def _effect(**kw: object) -> EffectRecord:
-    result = compare_means(np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.5, 1.0]), metric="text_logprob",
-                           n_resamples=200, seed=0)
+    result = compare_means(
+        np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.5, 1.0]), metric="text_logprob", n_resamples=200, seed=0
+    )
     fields: dict[str, object] = {
-        "step": 20, "when": "interval", "experiment": "facts", "monitor": "knowledge", "group": None, "primary": True,
+        "step": 20,
+        "when": "interval",
+        "experiment": "facts",
+        "monitor": "knowledge",
+        "group": None,
+        "primary": True,
         "effect": holm_adjust([result])[0],
         "items": ItemScore.of(["f0", "c0", "c1"], np.array([True, False, False]), np.array([-1.5, np.nan, -3.0])),
     }
@@ -62,7 +86,9 @@ def test_every_record_round_trips_through_a_jsonl_file(tmp_path) -> None:  # typ
         _effect(),
         _effect(group="x1", primary=False, items=None),
         _effect(experiment="quiz", effect=holm_adjust([empty])[0]),  # a primary metric whose test could not run
-        FailureRecord(step=20, when="interval", experiment="canaries", monitor="memorization", error="RuntimeError('x')"),
+        FailureRecord(
+            step=20, when="interval", experiment="canaries", monitor="memorization", error="RuntimeError('x')"
+        ),
     ]
     append_jsonl(tmp_path / "metrics.jsonl", [r.to_json() for r in records])  # strict JSON: NaN is written as null
     lines = read_jsonl(tmp_path / "metrics.jsonl")
@@ -84,12 +110,15 @@ def test_a_summary_effect_without_items_parses() -> None:
     assert record.to_json() == line
 
 
-@pytest.mark.parametrize("line", [
-    {"step": 1, "when": "interval", "experiment": "facts", "monitor": "knowledge", "metric": "m"},  # no statistics
-    {"step": 1, "when": "interval", "experiment": "_run", "metric": "heldout_loss"},  # no value
-    {"step": 1, "experiment": "facts", "monitor": "knowledge", "error": "x"},  # no when
-    ["not", "a", "record"],
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        {"step": 1, "when": "interval", "experiment": "facts", "monitor": "knowledge", "metric": "m"},  # no statistics
+        {"step": 1, "when": "interval", "experiment": "_run", "metric": "heldout_loss"},  # no value
+        {"step": 1, "experiment": "facts", "monitor": "knowledge", "error": "x"},  # no when
+        ["not", "a", "record"],
+    ],
+)
 def test_malformed_lines_are_errors(line: object) -> None:
     with pytest.raises(ValueError):
         record_from_json(line)  # type: ignore[arg-type]

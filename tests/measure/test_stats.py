@@ -226,8 +226,15 @@ def test_bootstrap_interval_is_scipys_from_the_same_draws(sizes):
     low, high, method = stats._bootstrap_ci(data, n_resamples=resamples, ci_level=0.9, seed=6)
     statistic = stats._diff_of_means if len(data) == 2 else stats._mean_stat
     reference = st.bootstrap(
-        data, statistic, n_resamples=resamples, batch=stats._batch(sum(sizes), resamples), vectorized=True,
-        paired=False, confidence_level=0.9, method="BCa", **{stats._RNG_KW: stats._rng(6, 1)},
+        data,
+        statistic,
+        n_resamples=resamples,
+        batch=stats._batch(sum(sizes), resamples),
+        vectorized=True,
+        paired=False,
+        confidence_level=0.9,
+        method="BCa",
+        **{stats._RNG_KW: stats._rng(6, 1)},
     ).confidence_interval
     assert method == "bootstrap BCa"
     assert (low, high) == pytest.approx((reference.low, reference.high), rel=1e-9)
@@ -277,7 +284,9 @@ def test_wilson_interval_is_scipys():
         for k in sorted({0, 1, n // 3, n - 1, n}):
             for level in (0.9, 0.95, 0.99):
                 reference = st.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
-                assert stats._wilson(k, n, level) == pytest.approx((reference.low, reference.high), rel=1e-12, abs=1e-15)
+                assert stats._wilson(k, n, level) == pytest.approx(
+                    (reference.low, reference.high), rel=1e-12, abs=1e-15
+                )
 
 
 def test_compare_rates_ci_coverage():
@@ -287,8 +296,7 @@ def test_compare_rates_ci_coverage():
     ts = rng.binomial(n, p_t, reps)
     cs = rng.binomial(n, p_c, reps)
     covered = sum(
-        (r := compare_rates(int(a), n, int(b), n, metric="m")).ci_low <= p_t - p_c <= r.ci_high
-        for a, b in zip(ts, cs)
+        (r := compare_rates(int(a), n, int(b), n, metric="m")).ci_low <= p_t - p_c <= r.ci_high for a, b in zip(ts, cs)
     )
     # Newcombe's interval has close to nominal coverage; allow the binomial
     # spread around 0.95 plus a little for the method's approximation.
@@ -315,8 +323,7 @@ def test_one_sample_z_matches_formula(alternative):
     r = one_sample_z(x, metric="gw", alternative=alternative, null_mean=0.1, null_sd=1.1)
     z = math.sqrt(len(x)) * (np.mean(x) - 0.1) / 1.1
     upper = 0.5 * math.erfc(z / math.sqrt(2))  # 1 - Phi(z)
-    expected = {"greater": upper, "less": 1 - upper,
-                "two-sided": math.erfc(abs(z) / math.sqrt(2))}[alternative]
+    expected = {"greater": upper, "less": 1 - upper, "two-sided": math.erfc(abs(z) / math.sqrt(2))}[alternative]
     assert r.p_value == pytest.approx(expected, rel=1e-9)
     assert r.effect == pytest.approx(np.mean(x) - 0.1)
     half = st.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / math.sqrt(len(x))
@@ -480,13 +487,15 @@ FLOAT_FIELDS = {"treated_mean", "control_mean", "effect", "ci_low", "ci_high", "
 
 
 def test_to_dict_json_round_trip():
-    results = holm_adjust([
-        compare_means([1.0, 2.5, 3.0], [0.5, 1.0, 0.0, 0.2], metric="lp"),
-        compare_means([], [1.0], metric="lp_empty"),
-        compare_rates(3, 10, 1, 10, metric="rate"),
-        one_sample_z([0.3, 0.1], metric="gw", control_values=[0.0]),
-        paired_difference([1.0, 2.0, 3.0], [0.0, 2.5, 1.0], metric="pair"),
-    ])
+    results = holm_adjust(
+        [
+            compare_means([1.0, 2.5, 3.0], [0.5, 1.0, 0.0, 0.2], metric="lp"),
+            compare_means([], [1.0], metric="lp_empty"),
+            compare_rates(3, 10, 1, 10, metric="rate"),
+            one_sample_z([0.3, 0.1], metric="gw", control_values=[0.0]),
+            paired_difference([1.0, 2.0, 3.0], [0.0, 2.5, 1.0], metric="pair"),
+        ]
+    )
     for r in results:
         d = r.to_dict()
         text = json.dumps(d, allow_nan=False)  # strict JSON: NaN became null
@@ -507,9 +516,20 @@ def test_to_dict_json_round_trip():
 
 @pytest.mark.parametrize(
     "p, text",
-    [(0.0, "<1e-4"), (3e-7, "<1e-4"), (1e-4, "0.0001"), (0.00032, "0.00032"), (0.012, "0.012"),
-     (0.0499, "0.05"), (0.0999, "0.10"), (0.1, "0.10"), (0.351, "0.35"), (1.0, "1.00"),
-     (math.nan, "n/a"), (None, "n/a")],
+    [
+        (0.0, "<1e-4"),
+        (3e-7, "<1e-4"),
+        (1e-4, "0.0001"),
+        (0.00032, "0.00032"),
+        (0.012, "0.012"),
+        (0.0499, "0.05"),
+        (0.0999, "0.10"),
+        (0.1, "0.10"),
+        (0.351, "0.35"),
+        (1.0, "1.00"),
+        (math.nan, "n/a"),
+        (None, "n/a"),
+    ],
 )
 def test_format_p(p, text):
     assert format_p(p) == text

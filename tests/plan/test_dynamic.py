@@ -49,14 +49,21 @@ def make_experiment(name: str, lengths, reps, items=None, treated=None, steps: i
     )
 
 
-def decision_for(exp: PreparedExperiment, step: int, window: tuple[int, int], seqs: list[int],
-                 controller: str = "test") -> ControllerDecision:
+def decision_for(
+    exp: PreparedExperiment, step: int, window: tuple[int, int], seqs: list[int], controller: str = "test"
+) -> ControllerDecision:
     """A decision injecting the given sequence indices (several may repeat)."""
     sequences: dict[str, list[int]] = {item: [] for item, t in zip(exp.item_ids, exp.treated) if t}
     for s in seqs:
         sequences[exp.item_ids[int(exp.seq_items[s])]].append(int(s))
-    return ControllerDecision(step=step, experiment=exp.name, controller=controller, window=window,
-                              exposures={k: len(v) for k, v in sequences.items()}, sequences=sequences)
+    return ControllerDecision(
+        step=step,
+        experiment=exp.name,
+        controller=controller,
+        window=window,
+        exposures={k: len(v) for k, v in sequences.items()},
+        sequences=sequences,
+    )
 
 
 def flat(spans: SpanTable, geo: BatchGeometry) -> np.ndarray:
@@ -173,20 +180,34 @@ def controlled_run(seed: int, *, interrupt_at: int | None = None):
     T, W = 60, 5
     geo = BatchGeometry(global_batch_size=4, sequence_length=32, num_steps=T)
     static = make_experiment("static", [10, 12, 7], [6.0, 4.0, 5.0], steps=T)
-    facts = make_experiment("facts", [9, 11, 8, 10, 12, 6], np.zeros(6), items=[0, 0, 1, 1, 2, 2],
-                            treated=[True, True, False], steps=T)
-    canaries = make_experiment("canaries", [5, 6, 7, 8], [1.0, 0.0, 0.0, 0.0], items=[0, 1, 2, 3],
-                               treated=[True, True, True, False], steps=T)
+    facts = make_experiment(
+        "facts", [9, 11, 8, 10, 12, 6], np.zeros(6), items=[0, 0, 1, 1, 2, 2], treated=[True, True, False], steps=T
+    )
+    canaries = make_experiment(
+        "canaries", [5, 6, 7, 8], [1.0, 0.0, 0.0, 0.0], items=[0, 1, 2, 3], treated=[True, True, True, False], steps=T
+    )
     experiments = [static, facts, canaries]
     plan = plan_static(experiments, geo, seed=seed, max_modified_fraction=0.2)
     metrics = ["target_probability"]
 
     def controllers():
         return [
-            build_controller("track", {"metric": "target_probability", "target": 0.5, "initial_n": 3},
-                             experiment=facts, metrics_available=metrics, window_steps=W, num_steps=T),
-            build_controller("acquire", {"metric": "target_probability", "threshold": 0.3, "max_rate": 4},
-                             experiment=canaries, metrics_available=metrics, window_steps=W, num_steps=T),
+            build_controller(
+                "track",
+                {"metric": "target_probability", "target": 0.5, "initial_n": 3},
+                experiment=facts,
+                metrics_available=metrics,
+                window_steps=W,
+                num_steps=T,
+            ),
+            build_controller(
+                "acquire",
+                {"metric": "target_probability", "threshold": 0.3, "max_rate": 4},
+                experiment=canaries,
+                metrics_available=metrics,
+                window_steps=W,
+                num_steps=T,
+            ),
         ]
 
     ctls = controllers()
@@ -200,17 +221,35 @@ def controlled_run(seed: int, *, interrupt_at: int | None = None):
             for c, s in zip(ctls, states):
                 c.load_state_dict(s)
             schedule = DynamicSchedule.from_decisions(
-                [ControllerDecision.from_dict(d) for d in log], experiments, plan.spans, geo,
-                max_modified_fraction=0.2, seed=seed,
+                [ControllerDecision.from_dict(d) for d in log],
+                experiments,
+                plan.spans,
+                geo,
+                max_modified_fraction=0.2,
+                seed=seed,
             )
         # Simulated learning: scores grow with the dynamic exposures seen so far.
         seen = schedule.spans.take(schedule.spans.step < step)
         recs = []
         for k, exp in ((1, facts), (2, canaries)):
-            items = [[item, bool(t), float(0.04 * np.count_nonzero(
-                (seen.experiment == k) & (exp.seq_items[seen.sequence] == i)))] for i, (item, t) in enumerate(zip(exp.item_ids, exp.treated))]
-            recs.append({"step": step, "experiment": exp.name, "metric": "target_probability", "group": None,
-                         "treated_mean": None, "items": items})
+            items = [
+                [
+                    item,
+                    bool(t),
+                    float(0.04 * np.count_nonzero((seen.experiment == k) & (exp.seq_items[seen.sequence] == i))),
+                ]
+                for i, (item, t) in enumerate(zip(exp.item_ids, exp.treated))
+            ]
+            recs.append(
+                {
+                    "step": step,
+                    "experiment": exp.name,
+                    "metric": "target_probability",
+                    "group": None,
+                    "treated_mean": None,
+                    "items": items,
+                }
+            )
         for exp, ctl in ((facts, ctls[0]), (canaries, ctls[1])):
             schedule.apply(ctl.decide(step=step, records=recs, experiment=exp, num_steps=T))
     return schedule, plan, experiments, geo
@@ -224,7 +263,9 @@ def test_replay_equals_live_and_resume_is_exact() -> None:
     live, plan, experiments, geo = controlled_run(seed=7)
     assert len(live.spans) > 20 and live.placed["facts"] > 0 and live.placed["canaries"] > 0
     decisions = [ControllerDecision.from_dict(d) for d in json.loads(json.dumps(live.log()))]
-    replayed = DynamicSchedule.from_decisions(decisions, experiments, plan.spans, geo, max_modified_fraction=0.2, seed=7)
+    replayed = DynamicSchedule.from_decisions(
+        decisions, experiments, plan.spans, geo, max_modified_fraction=0.2, seed=7
+    )
     spans, occupancy = replayed.spans, replayed.occupancy
     assert columns(spans) == columns(live.spans)
     assert len(occupancy) == len(plan.spans) + len(live.spans)
@@ -245,7 +286,10 @@ def test_placement_is_deterministic_and_seeded() -> None:
     # The generator depends on seed, experiment and decision index.
     draw = lambda *k: decision_rng(*k).integers(0, 1 << 40, 4).tolist()  # noqa: E731
     assert draw(1, "facts", 0) == draw(1, "facts", 0)
-    assert len({str(draw(1, "facts", 0)), str(draw(1, "facts", 1)), str(draw(1, "other", 0)), str(draw(2, "facts", 0))}) == 4
+    assert (
+        len({str(draw(1, "facts", 0)), str(draw(1, "facts", 1)), str(draw(1, "other", 0)), str(draw(2, "facts", 0))})
+        == 4
+    )
 
 
 def test_place_decision_continues_repetitions_and_uses_its_own_generator() -> None:
@@ -263,7 +307,11 @@ def test_place_decision_continues_repetitions_and_uses_its_own_generator() -> No
     assert ((spans.step >= 4) & (spans.step < 9)).all()
     # Same decision, same index, fresh occupancy: same spans; without counts numbering starts at 0.
     again, _ = place_decision(d, exp, 0, Occupancy.from_spans(plan.spans, geo, 0.5), seed=1, decision_index=0)
-    assert (again.step.tolist(), again.row.tolist(), again.offset.tolist()) == (spans.step.tolist(), spans.row.tolist(), spans.offset.tolist())
+    assert (again.step.tolist(), again.row.tolist(), again.offset.tolist()) == (
+        spans.step.tolist(),
+        spans.row.tolist(),
+        spans.offset.tolist(),
+    )
     assert sorted(again.repetition[again.sequence == 0].tolist()) == [0, 1, 2]
 
 
@@ -294,8 +342,12 @@ def test_bad_decisions_are_rejected() -> None:
     foreign = ControllerDecision(0, "facts", "t", (0, 5), {"facts-0": 1}, {"facts-0": [2]})
     control = ControllerDecision(0, "facts", "t", (0, 5), {"facts-1": 1}, {"facts-1": [2]})
     unknown = ControllerDecision(0, "facts", "t", (0, 5), {"zzz": 1}, {"zzz": [0]})
-    for decision, message in ((bad_count, "3 exposures"), (foreign, "not its own"), (control, "control item"),
-                              (unknown, "unknown items")):
+    for decision, message in (
+        (bad_count, "3 exposures"),
+        (foreign, "not its own"),
+        (control, "control item"),
+        (unknown, "unknown items"),
+    ):
         with pytest.raises(ValueError, match=message):
             place_decision(decision, exp, 0, occupancy, seed=0, decision_index=0)
     with pytest.raises(ValueError, match="placed for experiment"):

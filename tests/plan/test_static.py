@@ -331,7 +331,9 @@ def test_occupancy_dynamic_requests_avoid_static_spans():
     geo = BatchGeometry(global_batch_size=8, sequence_length=64, num_steps=40)
     static = plan_static(
         [make_experiment("s", np.arange(8, 40), np.full(32, 3.0), Placement("uniform", 0, 40))],
-        geo, seed=3, max_modified_fraction=0.25,
+        geo,
+        seed=3,
+        max_modified_fraction=0.25,
     ).spans
     occ = Occupancy.from_spans(static, geo, 0.25)
     assert len(occ) == len(static)
@@ -341,8 +343,12 @@ def test_occupancy_dynamic_requests_avoid_static_spans():
     assert out.index.size + out.num_unplaced == 60
     assert ((out.step >= 11) & (out.step < 16)).all()
     dyn = SpanTable(
-        step=out.step, row=out.row, offset=out.offset, length=lengths[out.index].astype(np.int32),
-        experiment=np.ones(out.index.size, np.int16), sequence=out.index.astype(np.int32),
+        step=out.step,
+        row=out.row,
+        offset=out.offset,
+        length=lengths[out.index].astype(np.int32),
+        experiment=np.ones(out.index.size, np.int16),
+        sequence=out.index.astype(np.int32),
         repetition=np.zeros(out.index.size, np.int32),
     )
     union = SpanTable.concat([static, dyn])
@@ -360,9 +366,13 @@ def test_occupancy_dynamic_requests_avoid_static_spans():
 def test_occupancy_reports_why_spans_are_unplaced():
     geo = BatchGeometry(global_batch_size=1, sequence_length=10, num_steps=1)
     held = SpanTable(
-        step=np.array([0]), row=np.array([0], np.int32), offset=np.array([2], np.int32),
-        length=np.array([5], np.int32), experiment=np.array([0], np.int16),
-        sequence=np.array([0], np.int32), repetition=np.array([0], np.int32),
+        step=np.array([0]),
+        row=np.array([0], np.int32),
+        offset=np.array([2], np.int32),
+        length=np.array([5], np.int32),
+        experiment=np.array([0], np.int16),
+        sequence=np.array([0], np.int32),
+        repetition=np.array([0], np.int32),
     )
     occ = Occupancy(geo, cap_tokens=10, spans=held)
     # 5 tokens of budget left, but the free gaps are [0, 2) and [7, 10): 5 never fits
@@ -383,9 +393,13 @@ def test_occupancy_add_validates_atomically():
     def spans(step, row, offset, length):
         n = len(step)
         return SpanTable(
-            step=np.array(step, np.int64), row=np.array(row, np.int32), offset=np.array(offset, np.int32),
-            length=np.array(length, np.int32), experiment=np.zeros(n, np.int16),
-            sequence=np.zeros(n, np.int32), repetition=np.zeros(n, np.int32),
+            step=np.array(step, np.int64),
+            row=np.array(row, np.int32),
+            offset=np.array(offset, np.int32),
+            length=np.array(length, np.int32),
+            experiment=np.zeros(n, np.int16),
+            sequence=np.zeros(n, np.int32),
+            repetition=np.zeros(n, np.int32),
         )
 
     occ.add(spans([0, 0], [0, 1], [0, 0], [4, 4]))

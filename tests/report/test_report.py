@@ -42,8 +42,13 @@ pytestmark = pytest.mark.e2e
 STEPS = 16
 KILL_AT = 9  # just after the step-8 checkpoint: ledger, metrics and training log reach step 8
 SECTION_TITLES = [
-    "1. Run overview", "2. Provenance", "3. Metrics over training", "4. Effects at the last evaluation",
-    "5. Controller trajectories", "6. Interaction matrix", "7. Training and held-out loss",
+    "1. Run overview",
+    "2. Provenance",
+    "3. Metrics over training",
+    "4. Effects at the last evaluation",
+    "5. Controller trajectories",
+    "6. Interaction matrix",
+    "7. Training and held-out loss",
 ]
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
@@ -76,8 +81,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     killed_config = _config(tmp, dataset, heldout, "killed", save_interval="8ba")
     # The killed run trains in a subprocess while this process trains the other two.
     killed = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "scripts" / "train_until_failure.py"), str(killed_config), str(KILL_AT), "kill"],
-        cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(REPO / "tests" / "scripts" / "train_until_failure.py"),
+            str(killed_config),
+            str(KILL_AT),
+            "kill",
+        ],
+        cwd=tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")},
     )
     try:
@@ -161,11 +175,17 @@ def test_finished_run_report(runs: Runs, finished_report: ReportPaths) -> None:
     html, md = _check_documents(paths)
     names = [p.name for p in paths.plots]
     assert names == [
-        "01-overview-token-share.png", "02-provenance-injected-tokens.png", "03-provenance-exposures.png",
-        "04-metrics-canaries.png", "05-metrics-facts.png", "06-loss.png",
+        "01-overview-token-share.png",
+        "02-provenance-injected-tokens.png",
+        "03-provenance-exposures.png",
+        "04-metrics-canaries.png",
+        "05-metrics-facts.png",
+        "06-loss.png",
     ]
     text = _plain(md)
-    assert [r.to_json() for r in load_run(runs.finished).metrics] == read_metrics(runs.finished)  # the report reads what the run wrote
+    assert [r.to_json() for r in load_run(runs.finished).metrics] == read_metrics(
+        runs.finished
+    )  # the report reads what the run wrote
     summary = json.loads((runs.finished / "summary.json").read_text())
     assert f"Finished: trained {STEPS} of {STEPS} planned steps ({summary['tokens_trained']:,} tokens)" in text
     # Tokens modified per experiment and in total agree with the ledger.
@@ -199,10 +219,22 @@ def test_report_dom_in_a_browser_or_parsed(finished_report: ReportPaths, tmp_pat
         assert browser, "MULTIRUN_REQUIRE_BROWSER=1 but neither chromium nor chromium-browser is on PATH"
     if browser:
         done = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run",
-             f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", paths.html.resolve().as_uri()],
-            capture_output=True, text=True, timeout=120,
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--dump-dom",
+                paths.html.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert done.returncode == 0, done.stderr[-2000:]
         dom_text = done.stdout
@@ -256,7 +288,9 @@ def test_baseline_overlay(runs: Runs, tmp_path: Path) -> None:
     clean = _plain(build_report(runs.baseline, out_dir=tmp_path / "clean").markdown.read_text())
     assert "| total |   |   | 0 | 0 | 0% |" in clean and "No data yet: the ledger holds no span." in clean
     # An interrupted baseline is compared at the last step both runs reached.
-    partial = _plain(build_report(runs.finished, baseline=runs.interrupted, out_dir=tmp_path / "p").markdown.read_text())
+    partial = _plain(
+        build_report(runs.finished, baseline=runs.interrupted, out_dir=tmp_path / "p").markdown.read_text()
+    )
     assert "Held-out loss at the end (step 8):" in partial and "Interrupted at step 8 of 16" in partial
 
 
@@ -267,24 +301,43 @@ def test_controller_acquisition_and_interaction_sections(runs: Runs, tmp_path: P
     run_dir = tmp_path / "run"
     shutil.copytree(runs.finished, run_dir, ignore=shutil.ignore_patterns("checkpoints", "report"))
     decisions = [
-        {"step": s, "experiment": "canaries", "controller": "until_acquired",
-         "decision": {"extra_repetitions": s // 4, "stop": s >= 12}, "state": {"budget": {"left": 100 - 5 * s}}}
+        {
+            "step": s,
+            "experiment": "canaries",
+            "controller": "until_acquired",
+            "decision": {"extra_repetitions": s // 4, "stop": s >= 12},
+            "state": {"budget": {"left": 100 - 5 * s}},
+        }
         for s in (0, 4, 8, 12)
     ]
     lines = [json.dumps(d) for d in decisions] + ['{"step": 16, "experim']  # torn last line of a killed writer
     (run_dir / "controller.jsonl").write_text("\n".join(lines))
-    acquisition = {"canaries": {"canary-00": {"acquired_at_step": 8, "exposures_to_acquisition": 1},
-                                "canary-02": {"acquired_at_step": 16, "exposures_to_acquisition": 3},
-                                "canary-03": {"acquired_at_step": None, "exposures_to_acquisition": None}}}
+    acquisition = {
+        "canaries": {
+            "canary-00": {"acquired_at_step": 8, "exposures_to_acquisition": 1},
+            "canary-02": {"acquired_at_step": 16, "exposures_to_acquisition": 3},
+            "canary-03": {"acquired_at_step": None, "exposures_to_acquisition": None},
+        }
+    }
     (run_dir / "acquisition.json").write_text(json.dumps(acquisition))
     cells = []
     for arm in ("all", "alone:canaries", "alone:facts", "leave-out:facts"):
         for experiment in ("canaries", "facts"):
             own = arm.endswith(":" + experiment)
-            cells.append({"arm": arm, "experiment": experiment, "metric": "text_logprob",
-                          "effect": 0.02 if own else -0.001, "ci_low": 0.01 if own else -0.004, "ci_high": 0.03,
-                          "p_value": 0.001 if own else 0.6, "p_holm": 0.004 if own else 1.0,
-                          "significant": own, "diagonal": own and arm.startswith("alone")})
+            cells.append(
+                {
+                    "arm": arm,
+                    "experiment": experiment,
+                    "metric": "text_logprob",
+                    "effect": 0.02 if own else -0.001,
+                    "ci_low": 0.01 if own else -0.004,
+                    "ci_high": 0.03,
+                    "p_value": 0.001 if own else 0.6,
+                    "p_holm": 0.004 if own else 1.0,
+                    "significant": own,
+                    "diagonal": own and arm.startswith("alone"),
+                }
+            )
     (run_dir / "interaction").mkdir()
     (run_dir / "interaction" / "matrix.json").write_text(
         json.dumps({"experiments": ["canaries", "facts"], "alpha": 0.01, "cells": cells})
@@ -313,7 +366,9 @@ def test_controller_acquisition_and_interaction_sections(runs: Runs, tmp_path: P
 def test_bad_future_files_name_the_file_and_line(runs: Runs, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(runs.finished, run_dir, ignore=shutil.ignore_patterns("checkpoints", "report"))
-    (run_dir / "controller.jsonl").write_text('{"step": 1, "experiment": "a"}\nnot json\n{"step": 2, "experiment": "a"}\n')
+    (run_dir / "controller.jsonl").write_text(
+        '{"step": 1, "experiment": "a"}\nnot json\n{"step": 2, "experiment": "a"}\n'
+    )
     with pytest.raises(InputError, match=r"controller\.jsonl:2: not valid JSON"):
         build_report(run_dir)
     (run_dir / "controller.jsonl").write_text('{"step": 1}\n')
@@ -351,7 +406,9 @@ def test_metrics_are_read_typed_and_a_malformed_record_names_its_line(runs: Runs
         shutil.copy(runs.finished / name, run_dir / name)
     run = load_run(run_dir)
     assert run.metric_records() and all(isinstance(r, EffectRecord) for r in run.metric_records())
-    assert len(run.heldout_loss()) == len({r["step"] for r in read_metrics(run_dir) if r.get("metric") == "heldout_loss"})
+    assert len(run.heldout_loss()) == len(
+        {r["step"] for r in read_metrics(run_dir) if r.get("metric") == "heldout_loss"}
+    )
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "when": "interval", "experiment": "facts"}\n')
@@ -365,12 +422,29 @@ def test_metrics_are_read_typed_and_a_malformed_record_names_its_line(runs: Runs
 
 def _record(p_value: float | None, p_holm: float | None = None) -> EffectRecord:
     """An effect record with these p-values (the rest does not enter the verdict)."""
-    return EffectRecord.from_json({
-        "step": 16, "when": "fit_end", "experiment": "facts", "monitor": "knowledge", "group": None, "primary": True,
-        "metric": "m", "test": "t", "alternative": "greater", "n_treated": 2, "n_control": 2, "treated_mean": 1.0,
-        "control_mean": 0.0, "effect": 1.0, "ci_low": None, "ci_high": None, "ci_level": 0.95,
-        "p_value": p_value, "p_holm": p_holm,
-    })
+    return EffectRecord.from_json(
+        {
+            "step": 16,
+            "when": "fit_end",
+            "experiment": "facts",
+            "monitor": "knowledge",
+            "group": None,
+            "primary": True,
+            "metric": "m",
+            "test": "t",
+            "alternative": "greater",
+            "n_treated": 2,
+            "n_control": 2,
+            "treated_mean": 1.0,
+            "control_mean": 0.0,
+            "effect": 1.0,
+            "ci_low": None,
+            "ci_high": None,
+            "ci_level": 0.95,
+            "p_value": p_value,
+            "p_holm": p_holm,
+        }
+    )
 
 
 def test_verdict_uses_holm_when_present_and_says_when_uncorrected() -> None:

@@ -25,15 +25,29 @@ def main(out_path: str) -> None:
     model = probe_model()
     widths: list[int] = []  # columns each pass takes in, and how many it projects onto the vocabulary
     projected: list[int] = []
-    model.register_forward_pre_hook(lambda _m, _args, kwargs: widths.append(int(kwargs["input_ids"].shape[1])), with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: widths.append(int(kwargs["input_ids"].shape[1])), with_kwargs=True
+    )
     model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: projected.append(int(args[0].shape[1])))
-    wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy.FULL_SHARD)
-    live = LiveModel(wrapped, pad_token_id=PROBES.pad_token_id, max_length=PROBES.max_length, batch_size=PROBES.batch_size)
+    wrapped = FullyShardedDataParallel(
+        model, device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy.FULL_SHARD
+    )
+    live = LiveModel(
+        wrapped, pad_token_id=PROBES.pad_token_id, max_length=PROBES.max_length, batch_size=PROBES.batch_size
+    )
     scores = score_all(live)
     if td.get_rank() == 0:
         with open(out_path, "w") as f:
-            json.dump({"scores": scores, "forward_passes": live.forward_passes, "widths": widths, "projected": projected,
-                       "world_size": td.get_world_size()}, f)
+            json.dump(
+                {
+                    "scores": scores,
+                    "forward_passes": live.forward_passes,
+                    "widths": widths,
+                    "projected": projected,
+                    "world_size": td.get_world_size(),
+                },
+                f,
+            )
     td.barrier()  # both ranks done with gloo before either tears it down
     td.destroy_process_group()
 

@@ -84,14 +84,19 @@ class AcquireController(ControllerBase):
         check_metric(opts["metric"], metrics_available)
         check_in_range("threshold", opts["threshold"], opts["metric"])
         if opts["initial_rate"] > opts["max_rate"]:
-            raise ConfigError(f"initial_rate {opts['initial_rate']} exceeds max_rate {opts['max_rate']}", key="controller.initial_rate")
+            raise ConfigError(
+                f"initial_rate {opts['initial_rate']} exceeds max_rate {opts['max_rate']}",
+                key="controller.initial_rate",
+            )
 
     @property
     def acquired_at(self) -> dict[str, int | None]:
         """Treated item id -> evaluation step at which it was acquired (None: not yet)."""
         return {item: st["acquired_at"] for item, st in self.items.items()}
 
-    def decide(self, *, step: int, records: Sequence[EvaluationRecord], experiment: PreparedExperiment, num_steps: int) -> ControllerDecision:
+    def decide(
+        self, *, step: int, records: Sequence[EvaluationRecord], experiment: PreparedExperiment, num_steps: int
+    ) -> ControllerDecision:
         lo, hi = self._begin(step, experiment, num_steps)
         record = find_record(records, self.experiment_name, self.metric)
         scores = item_scores(record)

@@ -71,8 +71,7 @@ class Controller(Protocol):
         """Plain types only, identical on every rank."""
         ...
 
-    def load_state_dict(self, state: dict) -> None:
-        ...
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def treated_pool(experiment: PreparedExperiment) -> np.ndarray:
@@ -170,16 +169,25 @@ class ControllerBase:
             raise ValueError(f"step must be >= 0, got {step}")
         # Deciding twice for one evaluation would count its hits twice (wiring bug).
         if self.last_step is not None and step <= self.last_step:
-            raise ValueError(f"{self.name} controller of {self.experiment_name!r}: step {step} <= last decision step {self.last_step}")
+            raise ValueError(
+                f"{self.name} controller of {self.experiment_name!r}: step {step} <= last decision step {self.last_step}"
+            )
         self.last_step = step
         lo = min(step, self.num_steps)
         return lo, min(step + self.window_steps, self.num_steps)
 
-    def _decision(self, step: int, window: tuple[int, int], chosen: Mapping[str, Sequence[int]], info: dict) -> ControllerDecision:
+    def _decision(
+        self, step: int, window: tuple[int, int], chosen: Mapping[str, Sequence[int]], info: dict
+    ) -> ControllerDecision:
         sequences = {item: [int(s) for s in chosen.get(item, ())] for item in self.treated_items}
         return ControllerDecision(
-            step=int(step), experiment=self.experiment_name, controller=self.name, window=window,
-            exposures={item: len(seqs) for item, seqs in sequences.items()}, sequences=sequences, info=info,
+            step=int(step),
+            experiment=self.experiment_name,
+            controller=self.name,
+            window=window,
+            exposures={item: len(seqs) for item, seqs in sequences.items()},
+            sequences=sequences,
+            info=info,
         )
 
     def _base_state(self) -> dict[str, Any]:

@@ -34,7 +34,9 @@ class BudgetController(ControllerBase):
         "rate": Option(int, 1, at_least_one, "spans per item per window"),
     }
 
-    def __init__(self, experiment: PreparedExperiment, *, max_tokens: int, rate: int = 1, window_steps: int, num_steps: int) -> None:
+    def __init__(
+        self, experiment: PreparedExperiment, *, max_tokens: int, rate: int = 1, window_steps: int, num_steps: int
+    ) -> None:
         super().__init__(experiment, window_steps=window_steps, num_steps=num_steps)
         self.max_tokens, self.rate = int(max_tokens), int(rate)
         self.lengths = np.asarray(experiment.seq_lengths, dtype=np.int64)
@@ -50,10 +52,13 @@ class BudgetController(ControllerBase):
         if opts["max_tokens"] < shortest:
             raise ConfigError(
                 f"max_tokens {opts['max_tokens']} is below the shortest treated sequence ({shortest} tokens): "
-                "nothing could ever be injected", key="controller.max_tokens",
+                "nothing could ever be injected",
+                key="controller.max_tokens",
             )
 
-    def decide(self, *, step: int, records: Sequence[EvaluationRecord], experiment: PreparedExperiment, num_steps: int) -> ControllerDecision:
+    def decide(
+        self, *, step: int, records: Sequence[EvaluationRecord], experiment: PreparedExperiment, num_steps: int
+    ) -> ControllerDecision:
         lo, hi = self._begin(step, experiment, num_steps)
         chosen: dict[str, list[int]] = {}
         window_tokens = 0

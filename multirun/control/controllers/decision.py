@@ -74,7 +74,9 @@ class ControllerDecision:
                 info=dict(d.get("info", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ResumeError(f"malformed controller decision {dict(d)!r:.200}: {exc!r}", key="controller_decisions") from None
+            raise ResumeError(
+                f"malformed controller decision {dict(d)!r:.200}: {exc!r}", key="controller_decisions"
+            ) from None
 
     def scalars(self) -> dict[str, float | int | bool]:
         """The top-level numeric and boolean entries of ``info`` (for the logger and plots)."""
@@ -91,7 +93,12 @@ class ControllerDecision:
             "experiment": self.experiment,
             "controller": self.controller,
             "window": [int(self.window[0]), int(self.window[1])],
-            "decision": {"spans": self.num_spans, "tokens": int(tokens), "placed": int(placed), "unplaced": int(unplaced)},
+            "decision": {
+                "spans": self.num_spans,
+                "tokens": int(tokens),
+                "placed": int(placed),
+                "unplaced": int(unplaced),
+            },
             "state": self.scalars(),
             "exposures": {str(k): int(v) for k, v in self.exposures.items()},
             "info": self.info,

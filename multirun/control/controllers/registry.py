@@ -65,9 +65,14 @@ def build_controller(
         raise ConfigError(f"unknown controller {name!r}; known: {controllers.names()}", key="controller.name")
     cls: type[Controller] = controllers.get(name, key="controller.name")
     if isinstance(window_steps, bool) or not isinstance(window_steps, (int, np.integer)) or window_steps < 1:
-        raise ConfigError(f"the decision window must be a positive number of steps, got {window_steps!r}", key="controller.window")
+        raise ConfigError(
+            f"the decision window must be a positive number of steps, got {window_steps!r}", key="controller.window"
+        )
     if window_steps > num_steps:
-        raise ConfigError(f"the decision window of {window_steps} steps is longer than the run ({num_steps} steps)", key="controller.window")
+        raise ConfigError(
+            f"the decision window of {window_steps} steps is longer than the run ({num_steps} steps)",
+            key="controller.window",
+        )
     if not isinstance(options, Mapping):
         raise ConfigError(f"options must be a mapping, got {type(options).__name__}", key="controller")
     opts = parse_options(cls.OPTIONS, options)

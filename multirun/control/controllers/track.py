@@ -97,7 +97,10 @@ class TrackController(ControllerBase):
             raise ConfigError(f"min_n {opts['min_n']} exceeds max_n {opts['max_n']}", key="controller.min_n")
         init = opts["initial_n"]
         if init is not None and not (opts["min_n"] <= init <= opts["max_n"]):
-            raise ConfigError(f"must lie in [min_n, max_n] = [{opts['min_n']}, {opts['max_n']}], got {init}", key="controller.initial_n")
+            raise ConfigError(
+                f"must lie in [min_n, max_n] = [{opts['min_n']}, {opts['max_n']}], got {init}",
+                key="controller.initial_n",
+            )
 
     def target_at(self, step: int) -> float:
         """The linear target ``start + (target - start) * s / S`` (held at ``target`` after ``S``)."""
@@ -125,7 +128,9 @@ class TrackController(ControllerBase):
         vals = [scores[i] for i in self.treated_items if i in scores]
         return float(np.mean(vals)) if vals else None
 
-    def decide(self, *, step: int, records: Sequence[EvaluationRecord], experiment: PreparedExperiment, num_steps: int) -> ControllerDecision:
+    def decide(
+        self, *, step: int, records: Sequence[EvaluationRecord], experiment: PreparedExperiment, num_steps: int
+    ) -> ControllerDecision:
         lo, hi = self._begin(step, experiment, num_steps)
         v = self._value(find_record(records, self.experiment_name, self.metric))
         p = self.target_at(step)
@@ -160,15 +165,22 @@ class TrackController(ControllerBase):
         return self._decision(step, (lo, hi), chosen, info)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self._base_state(), "n": self.n, "i": self.i, "value": self.value, "target": self.target_now,
-                "pool_size": int(self.pool.size)}
+        return {
+            **self._base_state(),
+            "n": self.n,
+            "i": self.i,
+            "value": self.value,
+            "target": self.target_now,
+            "pool_size": int(self.pool.size),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._load_base(state)
         if int(state.get("pool_size", -1)) != self.pool.size:
             raise ResumeError(
                 f"checkpoint's track state of {self.experiment_name!r} has a pool of {state.get('pool_size')} "
-                f"sequences, this run {self.pool.size}", key="controller",
+                f"sequences, this run {self.pool.size}",
+                key="controller",
             )
         self.n, self.i = int(state["n"]), int(state["i"])
         self.value, self.target_now = finite_or_none(state.get("value")), finite_or_none(state.get("target"))

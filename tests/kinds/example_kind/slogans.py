@@ -66,7 +66,9 @@ class SlogansInjector:
             if len(sequence) > ctx.sequence_length:
                 raise PayloadError(
                     f"prefix + slogan are {len(sequence)} tokens, longer than the sequence length {ctx.sequence_length}",
-                    file=path, line=line, key="slogan",
+                    file=path,
+                    line=line,
+                    key="slogan",
                 )
             contexts.append(list(context))
             targets.append(target)
@@ -102,9 +104,15 @@ class SlogansMonitor:
         for name in options:
             raise ConfigError("the slogans monitor takes no options", key=f"monitor.options.{name}")
         if not isinstance(experiment.probes, SloganProbes):
-            raise ConfigError(f"experiment {experiment.name!r} (kind {experiment.kind!r}) has no slogan probes", key="monitor.name")
+            raise ConfigError(
+                f"experiment {experiment.name!r} (kind {experiment.kind!r}) has no slogan probes", key="monitor.name"
+            )
         return cls(list(experiment.item_ids), np.asarray(experiment.treated, dtype=bool), experiment.probes)
 
     def evaluate(self, live: LiveModel) -> list[MetricScores]:
         scores = live.score_targets(self.probes.contexts, self.probes.targets)  # one sharded teacher-forced pass
-        return [MetricScores("slogan_logprob", self.item_ids, self.treated, scores.mean_logprob, test="means", alternative="greater")]
+        return [
+            MetricScores(
+                "slogan_logprob", self.item_ids, self.treated, scores.mean_logprob, test="means", alternative="greater"
+            )
+        ]

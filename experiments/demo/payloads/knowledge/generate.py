@@ -38,7 +38,31 @@ RELATIONS = [
         [("The {s} festival honours", " {o}"), ("Q: Whom does the {s} festival honour?\nA:", " {o}")],
     ),
 ]
-ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kl", "l", "m", "n", "p", "pl", "r", "s", "sk", "t", "th", "v", "w", "z"]
+ONSETS = [
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kl",
+    "l",
+    "m",
+    "n",
+    "p",
+    "pl",
+    "r",
+    "s",
+    "sk",
+    "t",
+    "th",
+    "v",
+    "w",
+    "z",
+]
 VOWELS = ["a", "e", "i", "o", "u", "ae", "ia", "oa"]
 CODAS = ["n", "r", "s", "l", "k", "d", "m"]
 
@@ -68,7 +92,9 @@ def main() -> None:
         item = {
             "id": f"fact-{i:03d}",
             "texts": [t.format(s=subject, o=obj) for t in texts],
-            "probes": [{"question": q.format(s=subject, o=obj), "target": a.format(s=subject, o=obj)} for q, a in probes],
+            "probes": [
+                {"question": q.format(s=subject, o=obj), "target": a.format(s=subject, o=obj)} for q, a in probes
+            ],
         }
         lines.append(json.dumps(item, ensure_ascii=False))
     root = Path(__file__).resolve().parent
