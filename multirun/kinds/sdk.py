@@ -44,12 +44,9 @@ __all__ = [
     "Injector",
     "PrepareContext",
     "RandomStream",
-    "check_no_options",
     "encode_sequence",
-    "experiment_fingerprint",
     "group_label",
     "pack_sequences",
-    "prepared_experiment",
     "read_items",
     "split_arms",
     "stream_rng",
@@ -177,81 +174,6 @@ def read_items(
     return records
 
 
-def experiment_fingerprint(
-    payload: PayloadPackage,
-    spec: ExperimentConfig,
-    *,
-    tokenizer: Tokenizer,
-    sequence_length: int,
-    seed: int,
-    placement: Placement,
-) -> str:
-    """xxh64 over everything that determines a prepared experiment's content."""
-    doc = {
-        "payload": payload.fingerprint,
-        "spec": spec.model_dump(mode="json"),
-        "tokenizer": tokenizer.fingerprint(),
-        "sequence_length": sequence_length,
-        "seed": seed,
-        "placement": [placement.mode, placement.start_step, placement.end_step, list(placement.steps)],
-    }
-    return xxhash.xxh64(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
-
-
-def prepared_experiment(
-    kind: str,
-    payload: PayloadPackage,
-    spec: ExperimentConfig,
-    *,
-    tokenizer: Tokenizer,
-    sequence_length: int,
-    seed: int,
-    placement: Placement,
-    item_ids: list[str],
-    treated: np.ndarray,
-    sequences: Sequence[Sequence[int]],
-    seq_items: Sequence[int] | np.ndarray,
-    seq_repetitions: Sequence[float] | np.ndarray,
-    metadata: dict[str, Any],
-    probes: Any,
-    embedding_noise: EmbeddingNoise | None = None,
-) -> PreparedExperiment:
-    """Pack an injector's sequences into a :class:`PreparedExperiment`.
-
-    The part every kind shares: token pool, content fingerprint, and the payload's
-    name, version and fingerprint in ``metadata``. :meth:`PrepareContext.experiment`
-    calls it with the context's arguments.
-    """
-    pool, offsets, lengths = pack_sequences(sequences)
-    return PreparedExperiment(
-        name=spec.name,
-        kind=kind,
-        item_ids=item_ids,
-        treated=treated,
-        token_pool=pool,
-        seq_offsets=offsets,
-        seq_lengths=lengths,
-        seq_items=np.asarray(seq_items, dtype=np.int32),
-        seq_repetitions=np.asarray(seq_repetitions, dtype=np.float64),
-        placement=placement,
-        fingerprint=experiment_fingerprint(
-            payload, spec, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed, placement=placement
-        ),
-        metadata={
-            "payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint},
-            **metadata,
-        },
-        probes=probes,
-        embedding_noise=embedding_noise,
-    )
-
-
-def check_no_options(spec: ExperimentConfig, kind: str) -> None:
-    """ConfigError (key ``options.NAME``) if an injector without options is given some."""
-    for name in spec.options:
-        raise ConfigError(f"the {kind} injector takes no options", key=f"options.{name}")
-
-
 @dataclass(frozen=True)
 class PrepareContext:
     """Everything an injector's ``prepare`` gets, with the helpers every kind uses.
@@ -316,8 +238,9 @@ class PrepareContext:
         return read_items(self.payload, role, required=required, optional=optional, text_keys=text_keys)
 
     def check_no_options(self, kind: str) -> None:
-        """:func:`check_no_options` for the experiment."""
-        check_no_options(self.spec, kind)
+        """ConfigError (key ``options.NAME``) if an injector that takes no options is given some."""
+        for name in self.spec.options:
+            raise ConfigError(f"the {kind} injector takes no options", key=f"options.{name}")
 
     def monitor_applies(self, kind: str) -> bool:
         """True when the experiment is measured by ``kind``'s own monitor (enabled, and
@@ -325,15 +248,17 @@ class PrepareContext:
         return self.spec.monitor.enabled and self.spec.monitor.name in (None, kind)
 
     def fingerprint(self) -> str:
-        """:func:`experiment_fingerprint` of the experiment."""
-        return experiment_fingerprint(
-            self.payload,
-            self.spec,
-            tokenizer=self.tokenizer,
-            sequence_length=self.sequence_length,
-            seed=self.seed,
-            placement=self.placement,
-        )
+        """xxh64 over everything that determines the prepared experiment's content."""
+        placement = self.placement
+        doc = {
+            "payload": self.payload.fingerprint,
+            "spec": self.spec.model_dump(mode="json"),
+            "tokenizer": self.tokenizer.fingerprint(),
+            "sequence_length": self.sequence_length,
+            "seed": self.seed,
+            "placement": [placement.mode, placement.start_step, placement.end_step, list(placement.steps)],
+        }
+        return xxhash.xxh64(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
     def experiment(
         self,
@@ -348,25 +273,31 @@ class PrepareContext:
         probes: Any,
         embedding_noise: EmbeddingNoise | None = None,
     ) -> PreparedExperiment:
-        """:func:`prepared_experiment` with the context's payload, config, tokenizer, seed and placement.
+        """Pack the injector's sequences into a :class:`PreparedExperiment`.
 
         ``sequences[j]`` belongs to item ``seq_items[j]`` and is injected
-        ``seq_repetitions[j]`` times; ``probes`` is the kind's probes dataclass.
+        ``seq_repetitions[j]`` times; ``probes`` is the kind's probes dataclass. The
+        context adds what every kind shares: the token pool, the content fingerprint,
+        and the payload's name, version and fingerprint in ``metadata``.
         """
-        return prepared_experiment(
-            kind,
-            self.payload,
-            self.spec,
-            tokenizer=self.tokenizer,
-            sequence_length=self.sequence_length,
-            seed=self.seed,
-            placement=self.placement,
+        pool, offsets, lengths = pack_sequences(sequences)
+        payload = self.payload
+        return PreparedExperiment(
+            name=self.spec.name,
+            kind=kind,
             item_ids=item_ids,
             treated=treated,
-            sequences=sequences,
-            seq_items=seq_items,
-            seq_repetitions=seq_repetitions,
-            metadata=metadata,
+            token_pool=pool,
+            seq_offsets=offsets,
+            seq_lengths=lengths,
+            seq_items=np.asarray(seq_items, dtype=np.int32),
+            seq_repetitions=np.asarray(seq_repetitions, dtype=np.float64),
+            placement=self.placement,
+            fingerprint=self.fingerprint(),
+            metadata={
+                "payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint},
+                **metadata,
+            },
             probes=probes,
             embedding_noise=embedding_noise,
         )
