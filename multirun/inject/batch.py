@@ -28,8 +28,12 @@ LABELS_KEY = "labels"
 ATTENTION_KEY = "attention_mask"
 SAMPLE_ID_KEY = "sample_id"
 SEQUENCE_ID_KEY = "sequence_id"
-#: Per-row counts llm-foundry derives at collate time; they cannot be kept exact here.
-STALE_KEYS = ("total_tokens", "loss_generating_tokens")
+#: Per-row token counts llm-foundry's LossGeneratingTokensCollatorWrapper adds at collate time;
+#: recounted on the touched rows, as its get_tokens_per_batch_func counts them.
+TOTAL_TOKENS_KEY = "total_tokens"
+LOSS_GENERATING_KEY = "loss_generating_tokens"
+#: Label of a position that generates no loss (Hugging Face's and llm-foundry's convention).
+IGNORE_INDEX = -100
 
 
 class BatchFormatError(MultirunError):
@@ -141,8 +145,9 @@ def apply_spans(
     """Overwrite ``tokens`` at flat ``positions`` of the batch, in place.
 
     ``labels`` get the same tokens (they are a copy of ``input_ids`` in causal LM
-    batches), ``attention_mask`` becomes 1 on injected tokens, and llm-foundry's
-    ``sequence_id`` is recomputed from EOS positions on the touched rows.
+    batches), ``attention_mask`` becomes 1 on injected tokens, and on the touched rows
+    llm-foundry's ``sequence_id`` is recomputed from EOS positions and its per-row
+    ``total_tokens`` and ``loss_generating_tokens`` are counted again.
     Returns the (same) batch.
     """
     if positions.shape[0] == 0:
@@ -160,13 +165,33 @@ def apply_spans(
             if eos_token_id is None:
                 raise BatchFormatError("the batch has 'sequence_id' but the tokenizer has no EOS token to recompute it")
             _recompute_sequence_id(batch, rows_touched, eos_token_id)
-        stale = [k for k in STALE_KEYS if k in batch]
-        if stale:
-            raise BatchFormatError(
-                f"the batch carries per-row counts {stale} derived from the original tokens; "
-                "disable them in the collator (multirun keeps the token count unchanged)"
-            )
+        if TOTAL_TOKENS_KEY in batch or LOSS_GENERATING_KEY in batch:
+            _recount_tokens(batch, rows_touched)
     return batch
+
+
+def _recount_tokens(batch: MutableMapping, rows: np.ndarray) -> None:
+    """llm-foundry's per-row counts, counted again on ``rows`` as its ``get_tokens_per_batch_func``
+    counts one row: tokens under the attention mask (all, without one), and label positions
+    after the first that are not ``IGNORE_INDEX`` (the token count, without labels)."""
+    index = torch.from_numpy(np.unique(rows))
+    input_ids = batch[INPUT_KEY]
+    if ATTENTION_KEY in batch:
+        total = batch[ATTENTION_KEY][index].sum(dim=1)
+    else:
+        total = torch.full((index.shape[0],), input_ids.shape[1])
+    generating = total
+    if LABELS_KEY in batch:
+        labels = batch[LABELS_KEY][index]
+        generating = (labels.shape[1] - 1) - (labels[:, 1:] == IGNORE_INDEX).sum(dim=1)
+    for key, counts in ((TOTAL_TOKENS_KEY, total), (LOSS_GENERATING_KEY, generating)):
+        if key not in batch:
+            continue
+        column = batch[key]
+        if not isinstance(column, (list, torch.Tensor)) or len(column) != input_ids.shape[0]:
+            raise BatchFormatError(f"the batch's {key!r} is not one count per row")
+        for row, count in zip(index.tolist(), counts.tolist()):
+            column[row] = int(count) if isinstance(column, list) else count
 
 
 def _recompute_sequence_id(batch: MutableMapping, rows: np.ndarray, eos_token_id: int) -> None:

@@ -113,9 +113,23 @@ def test_apply_on_plain_tensor_batch() -> None:
     assert batch.tolist() == [[0, 0, 0, 0], [5, 6, 0, 0]]
 
 
-def test_stale_per_row_counts_are_refused() -> None:
+def test_per_row_counts_follow_the_attention_mask_and_labels() -> None:
+    # llm-foundry's counting rule, on a batch with an attention mask (the test in
+    # tests/integration/test_llmfoundry_batches.py checks it against llm-foundry itself).
+    batch = _dict_batch(rows=2, length=6)
+    batch["attention_mask"][:] = 1
+    batch["attention_mask"][0, 3:] = 0
+    batch["labels"][0, 3:] = -100
+    batch["total_tokens"] = [3, 6]
+    batch["loss_generating_tokens"] = [2, 5]
+    positions = flat_token_positions(np.array([0]), np.array([2]), np.array([3]), sequence_length=6)
+    apply_spans(batch, positions=positions, tokens=np.array([7, 8, 9]), eos_token_id=None, rows_touched=np.array([0]))
+    assert batch["total_tokens"] == [5, 6] and batch["loss_generating_tokens"] == [4, 5]
+
+
+def test_a_count_that_is_not_one_per_row_is_named() -> None:
     batch = _dict_batch()
-    batch["loss_generating_tokens"] = torch.ones(3)
+    batch["loss_generating_tokens"] = torch.ones(2)
     positions = flat_token_positions(np.array([0]), np.array([0]), np.array([1]), sequence_length=8)
     with pytest.raises(BatchFormatError, match="loss_generating_tokens"):
         apply_spans(batch, positions=positions, tokens=np.array([1]), eos_token_id=None, rows_touched=np.array([0]))

@@ -1,0 +1,62 @@
+"""llm-foundry's text batches as its own collator makes them: overwriting keeps every key exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from llmfoundry.data.utils import get_text_collator, get_tokens_per_batch_func
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers import models
+from transformers import PreTrainedTokenizerFast
+
+from multirun.inject.batch import apply_spans, flat_token_positions
+
+PAD, EOS = 0, 1
+LENGTH = 12
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": PAD, "<eos>": EOS, **{f"w{i}": i for i in range(2, 50)}}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
+
+
+def _collate(rows: list[list[int]]) -> dict:
+    """The collator llm-foundry's text dataloader builds (language modelling, EOS-separated sequences)."""
+    collate, _ = get_text_collator({"dataset": {"eos_token_id": EOS}}, _tokenizer(), dataset_batch_size=len(rows))
+    return collate([torch.tensor(row) for row in rows])
+
+
+def _counted_by_llmfoundry(batch: dict) -> tuple[list[int], list[int]]:
+    """Each row counted again by llm-foundry's own function, as its collator counted it."""
+    count = get_tokens_per_batch_func()
+    keys = [k for k in ("input_ids", "attention_mask", "labels") if k in batch]
+    counts = [count({k: batch[k][row : row + 1] for k in keys}) for row in range(batch["input_ids"].shape[0])]
+    return [int(c["total"]) for c in counts], [int(c["loss_generating"]) for c in counts]
+
+
+def test_injected_rows_keep_llmfoundrys_counts_labels_and_sequence_ids() -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.integers(2, 50, size=(4, LENGTH)).tolist()
+    rows[0][8:] = [PAD] * 4  # padding generates no loss: its labels are the ignore index
+    rows[2][5] = EOS
+    batch = _collate(rows)
+    assert set(batch) == {"input_ids", "labels", "sequence_id", "total_tokens", "loss_generating_tokens"}
+    before = list(batch["loss_generating_tokens"])
+
+    # One span over row 0's padding, one across row 2's EOS; row 1 and 3 untouched.
+    local, offset, length = np.array([0, 2]), np.array([6, 3]), np.array([5, 4])
+    tokens = np.array([7, 8, EOS, 9, 10, 11, 12, 13, 14])
+    positions = flat_token_positions(local, offset, length, sequence_length=LENGTH)
+    apply_spans(batch, positions=positions, tokens=tokens, eos_token_id=EOS, rows_touched=local)
+
+    # The counts are what llm-foundry counts on the batch as trained on ...
+    total, generating = _counted_by_llmfoundry({k: batch[k] for k in ("input_ids", "labels")})
+    assert batch["total_tokens"] == total
+    assert batch["loss_generating_tokens"] == generating
+    assert generating[0] > before[0] and generating[1:] == before[1:]  # padding overwritten now generates loss
+    # ... and sequence ids and labels are what its collator gives the injected rows.
+    recollated = _collate(batch["input_ids"].tolist())
+    torch.testing.assert_close(batch["sequence_id"], recollated["sequence_id"])
+    untouched_padding = batch["input_ids"] == PAD
+    torch.testing.assert_close(batch["labels"][~untouched_padding], recollated["labels"][~untouched_padding])
