@@ -834,10 +834,9 @@ _KV_CACHE_PARAMETERS = frozenset({"past_key_values", "position_ids", "use_cache"
 def vocabulary_projection(module: torch.nn.Module) -> torch.nn.Module | None:
     """The module that projects a Hugging Face causal LM's final hidden states onto the
     vocabulary (its ``get_output_embeddings()``), seen through FSDP and activation
-    checkpointing; None where there is none, where it is not a linear layer of its own
-    (an embedding module that also embeds the input tokens, as with tied weights in some
-    models), and under
-    ``torch.compile`` (a hook added for one pass would make it compile the model again).
+    checkpointing. None where there is none, where it is not a linear layer of its own
+    (an embedding module that also embeds the input tokens, as some models tie them),
+    and under ``torch.compile`` (a hook added for one pass would make it compile again).
 
     Example:
         >>> from multirun.run.model import build_gpt2
