@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -54,7 +55,8 @@ def main() -> None:
     # GPT-2 small; a wider initialisation than GPT-2's makes the predictions far from
     # uniform, so that the scores differ between rows and the agreement check means something.
     config = GPT2Config(n_positions=512, initializer_range=0.2)
-    model = GPT2LMHeadModel(config).to(args.device).eval()
+    # A cast: to mypy, transformers 4.51's PreTrainedModel is not an nn.Module (it has no .to).
+    model = cast(torch.nn.Module, GPT2LMHeadModel(config)).to(args.device).eval()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size, args.prompt_tokens).tolist() for _ in range(args.questions)]
     choices = [

@@ -175,6 +175,9 @@ class LiveModel:
         self.batch_size = batch_size
         self._precision = precision_context or contextlib.nullcontext
         self._forward_takes = forward_parameters(module)
+        # Where the forward takes no logits_to_keep (GPT-2 before transformers 4.53), the
+        # vocabulary projection itself is narrowed to the kept columns (see _keeping).
+        self._head = None if "logits_to_keep" in self._forward_takes else vocabulary_projection(module)
         self.forward_passes = 0
 
     @property
@@ -208,26 +211,67 @@ class LiveModel:
         """One forward pass (counted); returns float32 logits ``(rows, length, vocab)``.
 
         ``positions``: (row indices, column indices) to keep; then ``(len(rows), vocab)``,
-        selected before the float32 copy. A model that takes ``logits_to_keep`` (Hugging
-        Face causal LMs) then projects only the kept columns onto the vocabulary: the
-        full ``(rows, length, vocab)`` tensor is most of a probe pass's memory and, at a
-        real vocabulary, a large share of its compute.
+        selected before the float32 copy. A Hugging Face causal LM then projects only the
+        kept columns onto the vocabulary (through ``logits_to_keep`` where its forward
+        takes it, else by narrowing its output embedding's input, see :meth:`_keeping`):
+        the full ``(rows, length, vocab)`` tensor is most of a probe pass's memory and, at
+        a real vocabulary, a large share of its compute. Other models project every
+        column, and the kept ones are selected from those.
         """
         self.forward_passes += 1
         kwargs: dict[str, Any] = {}
         if "use_cache" in self._forward_takes:
             kwargs["use_cache"] = False  # a key/value cache nobody reads is a copy per layer
-        rows = columns = None
-        if positions is not None:
-            rows, columns = positions
-            if "logits_to_keep" in self._forward_takes:
-                kept, columns = torch.unique(columns, sorted=True, return_inverse=True)
-                kwargs["logits_to_keep"] = kept.to(self.device)
-        out = self.module(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs)
+        if positions is None:
+            out = self.module(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs
+            )
+            return (out if isinstance(out, torch.Tensor) else out.logits).float()
+        rows, columns = positions
+        kept, kept_columns = torch.unique(columns, sorted=True, return_inverse=True)
+        with self._keeping(kept.to(self.device), input_ids.shape[1], kwargs) as narrowed:
+            out = self.module(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs
+            )
         logits = out if isinstance(out, torch.Tensor) else out.logits
-        if rows is not None and columns is not None:
-            logits = logits[rows.to(logits.device), columns.to(logits.device)]
-        return logits.float()
+        if narrowed():
+            columns = kept_columns  # the logits hold the kept columns only, in order
+        return logits[rows.to(logits.device), columns.to(logits.device)].float()
+
+    @contextlib.contextmanager
+    def _keeping(self, kept: torch.Tensor | int, width: int, kwargs: dict[str, Any]) -> Iterator[Callable[[], bool]]:
+        """Project only the columns ``kept`` (sorted column indices, or ``k``: the last
+        ``k``) of a ``width``-column pass onto the vocabulary, during one forward pass.
+
+        A forward that takes ``logits_to_keep`` gets it in ``kwargs``. Otherwise, where the
+        model has an output embedding to narrow (:func:`vocabulary_projection`), a forward
+        pre-hook hands it the hidden states of the kept columns only: what
+        ``logits_to_keep`` does inside the model (any elementwise step after the
+        projection, such as a logit soft cap, still runs). Yields a function that says,
+        after the pass, whether the logits hold only the kept columns.
+        """
+        if "logits_to_keep" in self._forward_takes:
+            kwargs["logits_to_keep"] = kept
+            yield lambda: True
+            return
+        if self._head is None:
+            yield lambda: False
+            return
+        fired: list[bool] = []
+
+        def narrow(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            hidden = args[0] if args else None
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[1] != width:
+                return None  # not the final hidden states of this pass: leave the call alone
+            fired.append(True)
+            narrowed = hidden[:, -kept:] if isinstance(kept, int) else hidden.index_select(1, kept)
+            return (narrowed, *args[1:])
+
+        handle = self._head.register_forward_pre_hook(narrow)
+        try:
+            yield lambda: bool(fired)
+        finally:
+            handle.remove()
 
     def map_sharded(
         self,
@@ -439,11 +483,16 @@ class LiveModel:
         """One counted pass that extends the key/value cache ``past`` (HF causal LMs)."""
         self.forward_passes += 1
         kwargs: dict[str, Any] = {}
-        if last_column_only and "logits_to_keep" in self._forward_takes:
-            kwargs["logits_to_keep"] = 1  # the next token only: a prompt's other columns are not read
-        return self.module(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, **kwargs
-        )
+        # The next token only: a prompt's other columns are not read (callers read logits[:, -1]).
+        with self._keeping(1, ids.shape[1], kwargs) if last_column_only else contextlib.nullcontext():
+            return self.module(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=past,
+                use_cache=True,
+                **kwargs,
+            )
 
     # ---------------------------------------------------------- generation
     def greedy_generate(self, prompts: Sequence[TokenIds], max_new_tokens: int) -> list[np.ndarray]:
@@ -766,7 +815,7 @@ def forward_parameters(module: torch.nn.Module) -> frozenset[str]:
     Example:
         >>> from multirun.run.model import build_gpt2
         >>> model = build_gpt2(vocab_size=258, sequence_length=32, n_layer=1, n_head=2, n_embd=16, eos_token_id=256).model
-        >>> {"logits_to_keep", "past_key_values"} <= forward_parameters(torch.compile(model))
+        >>> {"input_ids", "past_key_values", "position_ids"} <= forward_parameters(torch.compile(model))
         True
     """
     for attribute in _WRAPPED_MODULE_ATTRIBUTES:
@@ -780,6 +829,46 @@ def forward_parameters(module: torch.nn.Module) -> frozenset[str]:
 
 
 _KV_CACHE_PARAMETERS = frozenset({"past_key_values", "position_ids", "use_cache"})
+
+
+def vocabulary_projection(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The module that projects a Hugging Face causal LM's final hidden states onto the
+    vocabulary (its ``get_output_embeddings()``), seen through FSDP and activation
+    checkpointing. None where there is none, where it is not a linear layer of its own
+    (an embedding module that also embeds the input tokens, as some models tie them),
+    and under ``torch.compile`` (a hook added for one pass would make it compile again).
+
+    Example:
+        >>> from multirun.run.model import build_gpt2
+        >>> model = build_gpt2(vocab_size=258, sequence_length=32, n_layer=1, n_head=2, n_embd=16, eos_token_id=256).model
+        >>> vocabulary_projection(model) is model.lm_head
+        True
+    """
+    if isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+        return None
+    for attribute in _WRAPPED_MODULE_ATTRIBUTES:
+        inner = getattr(module, attribute, None)
+        if isinstance(inner, torch.nn.Module):
+            return vocabulary_projection(inner)
+    output_embeddings = getattr(module, "get_output_embeddings", None)
+    if not callable(output_embeddings):
+        return None
+    try:
+        head = output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(head, torch.nn.Module):
+        return None
+    # It may be an FSDP unit of its own: the hook goes on the unit, which hands the layer its input.
+    return head if isinstance(_innermost(head), torch.nn.Linear) else None
+
+
+def _innermost(module: torch.nn.Module) -> torch.nn.Module:
+    for attribute in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
+        inner = getattr(module, attribute, None)
+        if isinstance(inner, torch.nn.Module):
+            return _innermost(inner)
+    return module
 
 
 def supports_kv_cache(module: torch.nn.Module) -> bool:

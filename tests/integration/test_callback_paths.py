@@ -117,6 +117,20 @@ def test_llmfoundry_kwargs_are_validated_at_construction(tmp_path: Path) -> None
         LlmFoundryMultirunCallback(**broken)
 
 
+def test_llm_foundry_builds_the_callback_from_its_yaml_name(tmp_path: Path) -> None:
+    # llm-foundry itself (the foundry extra), as `train_from_yaml` builds a callback from the
+    # `callbacks:` section: its registry finds the entry point and hands it the YAML kwargs.
+    from llmfoundry.command_utils import train_from_yaml
+    from llmfoundry.utils.builders import build_callback
+
+    assert callable(train_from_yaml)
+    kwargs = _foundry_callback_kwargs(tmp_path)
+    callback = build_callback("multirun", dict(kwargs))
+    assert type(callback) is LlmFoundryMultirunCallback
+    with pytest.raises(ConfigError, match="sequence_length"):
+        build_callback("multirun", {k: v for k, v in kwargs.items() if k != "sequence_length"})
+
+
 class TokenRows(Dataset):
     """Plain token tensors: no dict, no sample ids."""
 

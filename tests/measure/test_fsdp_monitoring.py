@@ -95,7 +95,7 @@ def score_all(live: LiveModel) -> dict[str, Any]:
 def test_wrappers_that_pass_arguments_on_show_the_wrapped_signature(wrap: Any) -> None:
     model = probe_model()
     assert forward_parameters(wrap(model)) == forward_parameters(model)
-    assert {"logits_to_keep", "past_key_values", "position_ids", "use_cache"} <= forward_parameters(model)
+    assert {"input_ids", "past_key_values", "position_ids", "use_cache"} <= forward_parameters(model)
 
 
 def _free_port() -> int:

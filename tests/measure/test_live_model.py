@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -289,18 +290,71 @@ def test_cached_generation_equals_full_recompute(model: torch.nn.Module) -> None
     assert model.training
 
 
-def test_only_the_scored_columns_are_projected_onto_the_vocabulary(model: torch.nn.Module) -> None:
+@pytest.mark.parametrize(
+    "wrap, projected",
+    [
+        # GPT-2's own forward: with logits_to_keep from transformers 4.53, without it before,
+        # when the output embedding's input is narrowed instead. Either way 2 columns.
+        (lambda m: m, 2),
+        (lambda m: _KeepsLogits(m), 2),  # a forward that takes logits_to_keep, whatever the version
+        (lambda m: _WithoutCache(m), 20),  # a forward that takes neither: every column, then selected
+    ],
+    ids=["GPT-2", "logits_to_keep", "plain forward"],
+)
+def test_only_the_scored_columns_are_projected_onto_the_vocabulary(
+    model: torch.nn.Module, wrap: Any, projected: int
+) -> None:
     # Long contexts, short targets: a probe pass needs the vocabulary at 2 columns, not 20.
     seen: list[int] = []
     hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
     try:
-        live = LiveModel(model, pad_token_id=257, max_length=32)
+        live = LiveModel(wrap(model), pad_token_id=257, max_length=32)
         scores = live.score_targets([list(range(18)), list(range(10, 28))], [[1, 2], [3, 4]])
     finally:
         hook.remove()
-    assert seen == [2]  # both rows end at the same column: their targets share 2 columns
+    assert seen == [projected]  # both rows end at the same column: their targets share 2 columns
     for i, (c, t) in enumerate(zip([list(range(18)), list(range(10, 28))], [[1, 2], [3, 4]])):
         assert scores.logprob_sum[i] == pytest.approx(_manual_scores(model, c, t)[0], abs=1e-4)
+    # Rows that end at different columns keep the union of their columns, each row its own.
+    seen.clear()
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    try:
+        uneven = live.score_targets([list(range(18)), list(range(10, 15))], [[1, 2], [3, 4, 5]])
+    finally:
+        hook.remove()
+    assert seen == [20 if projected == 20 else 5]  # columns 17, 18 and 4, 5, 6
+    for i, (c, t) in enumerate(zip([list(range(18)), list(range(10, 15))], [[1, 2], [3, 4, 5]])):
+        assert uneven.logprob_sum[i] == pytest.approx(_manual_scores(model, c, t)[0], abs=1e-4)
+
+
+def test_a_shared_context_pass_projects_only_its_last_column(model: torch.nn.Module) -> None:
+    # The contexts' pass predicts only each context's next token (left-padded: the last column).
+    seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    try:
+        live = LiveModel(model, pad_token_id=257, max_length=32)
+        shared = live.score_continuations([list(range(20)), list(range(5))], [[[1, 2], [3]], [[4, 5, 6]]])
+    finally:
+        hook.remove()
+    assert seen == [1, 3]  # the contexts' pass, then the continuations' pass (the longest is 3 tokens)
+    for k, (c, t) in enumerate([(list(range(20)), [1, 2]), (list(range(20)), [3]), (list(range(5)), [4, 5, 6])]):
+        assert shared.logprob_sum[k] == pytest.approx(_manual_scores(model, c, t)[0], abs=1e-4)
+
+
+class _KeepsLogits(torch.nn.Module):
+    """GPT-2 behind a forward that takes ``logits_to_keep`` as Hugging Face causal LMs do: the
+    last ``k`` columns (0: all), or the given column indices, go through the output embedding."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int | torch.Tensor = 0
+    ) -> torch.Tensor:
+        hidden = self.inner.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return self.inner.lm_head(hidden[:, keep])
 
 
 @pytest.mark.parametrize("batch_size, passes", [(5, 2 * 5), (16, 2 * 2)])
