@@ -138,7 +138,7 @@ class MultirunCallback(Callback):
         step = int(state.timestamp.batch)
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._prepare_ledger_dir(self.run_dir, step)
+            self._prepare_ledger_dir(step)
             parts.plan.write(self.run_dir)
         dist.barrier()
         self._writer = LedgerWriter(
@@ -267,24 +267,25 @@ class MultirunCallback(Callback):
                 "or start a new run_dir"
             )
 
-    def _prepare_ledger_dir(self, run_dir: Path, step: int) -> None:
+    def _prepare_ledger_dir(self, step: int) -> None:
+        files = self.files
         if step > 0:
             # Steps >= step are trained again after the resume: drop rows written after the checkpoint.
-            truncate_ledger(run_dir, from_step=step)
-            truncate_jsonl(RunDir(run_dir).training_log, lambda r: int(r["step"]) <= step)
+            truncate_ledger(files.root, from_step=step)
+            truncate_jsonl(files.training_log, lambda r: int(r["step"]) <= step)
             return
-        if not (run_dir / "ledger").exists():
+        if not files.ledger.exists():
             return
-        if RunDir(run_dir).summary.exists() and not self.overwrite:
+        if files.summary.exists() and not self.overwrite:
             raise ResumeError(
-                f"{run_dir} holds a finished run (summary.json); choose another run_dir or pass overwrite",
-                file=run_dir,
+                f"{files.root} holds a finished run (summary.json); choose another run_dir or pass overwrite",
+                file=files.root,
             )
-        removed = truncate_ledger(run_dir, from_step=0)
-        RunDir(run_dir).training_log.unlink(missing_ok=True)
+        removed = truncate_ledger(files.root, from_step=0)
+        files.training_log.unlink(missing_ok=True)
         if removed:
             warnings.warn(
-                f"{run_dir}: starting from step 0, removed {removed} ledger rows of an earlier attempt", stacklevel=2
+                f"{files.root}: starting from step 0, removed {removed} ledger rows of an earlier attempt", stacklevel=2
             )
 
     def _order_before_checkpoint_savers(self, state: State) -> None:

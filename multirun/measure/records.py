@@ -36,12 +36,16 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from multirun.errors import InputError
 from multirun.measure.stats import EffectResult
+from multirun.run_dir import RunDir
 
 __all__ = [
     "EffectRecord",
@@ -280,3 +284,23 @@ def records_from_json(lines: Iterable[Mapping[str, Any]]) -> list[EvaluationReco
 def effect_records(records: Iterable[EvaluationRecord]) -> list[EffectRecord]:
     """The effect records among ``records`` (no failures, no run-level metrics)."""
     return [r for r in records if isinstance(r, EffectRecord)]
+
+
+def read_records(run_dir: str | Path) -> list[EvaluationRecord]:
+    """A run's ``metrics.jsonl``, typed. Lines that are not JSON (a torn last line of a
+    killed run) are skipped; a JSON line that is not a record is an InputError naming
+    the file and line."""
+    path = RunDir(run_dir).metrics
+    if not path.exists():
+        return []
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        try:
+            out.append(record_from_json(data))
+        except ValueError as exc:
+            raise InputError(f"not a monitor record: {exc}", file=path, line=number) from None
+    return out

@@ -39,7 +39,6 @@ from multirun.measure.records import (
     FailureRecord,
     ItemScore,
     RunMetricRecord,
-    records_from_json,
 )
 from multirun.measure.stats import EffectResult, compare_means, compare_rates, holm_adjust, one_sample_z
 from multirun.plan.run_plan import RunPlan
@@ -361,8 +360,3 @@ def with_holm(records: Sequence[EvaluationRecord]) -> list[EvaluationRecord]:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All lines of ``metrics.jsonl`` as JSON dicts (a torn last line of a killed run is skipped)."""
     return read_jsonl(RunDir(run_dir).metrics)
-
-
-def read_records(run_dir: str | Path) -> list[EvaluationRecord]:
-    """All records of ``metrics.jsonl``, typed (see :func:`multirun.measure.records.record_from_json`)."""
-    return records_from_json(read_metrics(run_dir))

@@ -29,6 +29,7 @@ from multirun.report import sections
 from multirun.report.document import Document, Figure, render_html, render_markdown
 from multirun.report.plots import palette
 from multirun.report.rundata import RunData, load_run
+from multirun.run_dir import RunDir
 
 __all__ = ["ReportPaths", "RunData", "build_report", "load_run"]
 
@@ -65,7 +66,7 @@ def build_report(
     """
     run = load_run(run_dir)
     base = load_run(baseline) if baseline is not None else None
-    out = Path(out_dir) if out_dir is not None else run.path / "report"
+    out = Path(out_dir) if out_dir is not None else RunDir(run.path).report
     document = build_document(run, base)
 
     figures = [b for s in document.sections for b in s.blocks if isinstance(b, Figure)]

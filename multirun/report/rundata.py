@@ -32,6 +32,7 @@ from multirun.measure.records import (
     FailureRecord,
     RunMetricRecord,
     effect_records,
+    read_records,
     record_from_json,
 )
 from multirun.run_dir import RunDir
@@ -224,7 +225,7 @@ def load_run(run_dir: str | Path) -> RunData:
         if value is not None and not isinstance(value, dict):
             raise InputError("expected a mapping at the top level", file=file)
     provenance = _provenance(path)
-    metrics = _read_metrics(files.metrics)
+    metrics = read_records(path)
     training = _read_jsonl(files.training_log, required=("step", "loss"))
     controller_path = files.controller_log
     controller = _read_jsonl(controller_path, required=("step", "experiment")) if controller_path.exists() else None
@@ -331,25 +332,6 @@ def _read_jsonl(path: Path, *, required: tuple[str, ...]) -> list[dict[str, Any]
         if not isinstance(record["step"], int) or isinstance(record["step"], bool):
             raise InputError(f"step must be an integer, got {record['step']!r}", file=path, line=number, key="step")
         out.append(record)
-    return out
-
-
-def _read_metrics(path: Path) -> list[EvaluationRecord]:
-    """``metrics.jsonl``, typed. Lines that are not JSON (a torn last line of a killed
-    run) are skipped, as the run's own reader does; a JSON line that is not a record is
-    an error naming the file and line."""
-    if not path.exists():
-        return []
-    out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        try:
-            out.append(record_from_json(data))
-        except ValueError as exc:
-            raise InputError(f"not a monitor record: {exc}", file=path, line=number) from None
     return out
 
 

@@ -25,8 +25,8 @@ from multirun.measure.live_model import (
     supports_kv_cache,
     unwrap_model,
 )
-from multirun.measure.records import EffectRecord, RunMetricRecord
-from multirun.measure.runner import MonitorRunner, build_monitors, effects_of, read_metrics, read_records
+from multirun.measure.records import EffectRecord, RunMetricRecord, read_records
+from multirun.measure.runner import MonitorRunner, build_monitors, effects_of, read_metrics
 from multirun.plan.run_plan import build_run_plan
 from multirun.run.model import build_gpt2
 from multirun.types import BatchGeometry
