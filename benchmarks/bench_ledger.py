@@ -51,7 +51,7 @@ def make_steps(n_spans: int, spans_per_step: int, n_exp: int, n_items: int, seed
                 sequence=rng.integers(0, 4 * n_items, k).astype(np.int32),
                 repetition=rng.integers(0, 16, k).astype(np.int32),
                 token_hash=rng.integers(0, 2**63, k, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1),
-                arm=rng.random(k) < 0.98,
+                row_fingerprint=rng.integers(0, 2**63, k, dtype=np.int64).astype(np.uint64),
             )
         )
     return steps

@@ -21,7 +21,8 @@ Example:
     >>> w.append(step=np.array([0, 0]), global_row=np.array([3, 5]), local_row=np.array([3, 5]),
     ...          sample_id=-1, offset=np.array([10, 0]), length=np.array([8, 8]),
     ...          experiment=np.array([0, 0]), item_index=np.array([1, 0]), sequence=np.array([1, 0]),
-    ...          repetition=np.array([0, 0]), token_hash=np.array([token_hash([1, 2]), 7], dtype=np.uint64))
+    ...          repetition=np.array([0, 0]), token_hash=np.array([token_hash([1, 2]), 7], dtype=np.uint64),
+    ...          row_fingerprint=np.array([5, 6], dtype=np.uint64))
     >>> w.close()
     >>> led = Ledger.open(run)
     >>> len(led), led.exposures("canary")
@@ -58,7 +59,7 @@ __all__ = [
     "truncate_ledger",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: row_fingerprint, the overwritten row's content
 ARMS: tuple[str, str] = ("treated", "control")
 
 _META_VERSION = b"multirun.ledger.format_version"
@@ -80,6 +81,7 @@ _FIELDS: list[tuple[str, pa.DataType]] = [
     ("repetition", pa.int32()),
     ("arm", _DICT),
     ("token_hash", pa.uint64()),
+    ("row_fingerprint", pa.uint64()),
 ]
 #: Arrow schema of a ledger shard (without its metadata).
 SCHEMA = pa.schema(_FIELDS)
@@ -100,10 +102,10 @@ _APPEND_INT_COLUMNS: dict[str, type[np.signedinteger[Any]]] = {
     "sequence": np.int32,
     "repetition": np.int32,
 }
-_BUFFER_COLUMNS = (*_APPEND_INT_COLUMNS, "token_hash", "arm")
+_BUFFER_COLUMNS = (*_APPEND_INT_COLUMNS, "token_hash", "row_fingerprint", "arm")
 
 # Sorted/small integer columns compress far better delta-encoded than plain+zstd;
-# token_hash is random by construction, so plain is the only sensible choice.
+# the hashes are random by construction, so plain is the only sensible choice.
 _DELTA_COLUMNS = (
     "step",
     "rank",
@@ -120,7 +122,8 @@ _WRITE_OPTIONS: dict[str, Any] = dict(
     compression="zstd",
     compression_level=3,
     use_dictionary=list(_DICT_COLUMNS),
-    column_encoding=dict.fromkeys(_DELTA_COLUMNS, "DELTA_BINARY_PACKED") | {"token_hash": "PLAIN"},
+    column_encoding=dict.fromkeys(_DELTA_COLUMNS, "DELTA_BINARY_PACKED")
+    | {"token_hash": "PLAIN", "row_fingerprint": "PLAIN"},
     write_statistics=True,
 )
 
@@ -207,6 +210,12 @@ def _check_version(schema: pa.Schema, path: Path) -> None:
     if int(raw) > FORMAT_VERSION:
         raise InputError(
             f"ledger format version {int(raw)} is newer than this multirun understands ({FORMAT_VERSION})",
+            file=path,
+        )
+    if int(raw) < FORMAT_VERSION:
+        raise InputError(
+            f"ledger format version {int(raw)} was written by an earlier multirun, before the overwritten rows' "
+            f"fingerprints (version {FORMAT_VERSION}); read it with the multirun that wrote it",
             file=path,
         )
 
@@ -315,13 +324,15 @@ class LedgerWriter:
         sequence: Any,
         repetition: Any,
         token_hash: Any,
+        row_fingerprint: Any,
     ) -> None:
         """Buffer spans (vectorised: one call per step, no per-row Python work).
 
         All arguments are integer arrays of one common length; a scalar is
         broadcast (``step=t``, ``sample_id=-1`` when the dataset gives no ids).
         ``experiment`` is the experiment index, ``item_index`` the index into that
-        experiment's ``item_ids``, ``token_hash`` uint64 (see :func:`token_hash`).
+        experiment's ``item_ids``, ``token_hash`` uint64 (see :func:`token_hash`), and
+        ``row_fingerprint`` the :func:`token_hash` of the whole original row the span overwrote.
         Every span is of a treated item (controls are never injected): ``arm`` is ``"treated"``.
 
         Arrays are copied, so callers may reuse their buffers.
@@ -341,15 +352,13 @@ class LedgerWriter:
             repetition=repetition,
         )
         arrays = {k: np.asarray(v) for k, v in values.items()}
-        th = np.asarray(token_hash)
-        lengths = {k: a.shape[0] for k, a in arrays.items() if a.ndim > 0}
-        if th.ndim > 0:
-            lengths["token_hash"] = th.shape[0]
+        hashes = {"token_hash": np.asarray(token_hash), "row_fingerprint": np.asarray(row_fingerprint)}
+        lengths = {k: a.shape[0] for k, a in (*arrays.items(), *hashes.items()) if a.ndim > 0}
         n = max(lengths.values()) if lengths else 1
         bad = {k: m for k, m in lengths.items() if m != n}
         if bad:
             raise ValueError(f"append: columns differ in length (expected {n}): {bad}")
-        if any(a.ndim > 1 for a in (*arrays.values(), th)):
+        if any(a.ndim > 1 for a in (*arrays.values(), *hashes.values())):
             raise ValueError("append: every column must be 1-D or a scalar")
         if n == 0:
             return
@@ -367,10 +376,10 @@ class LedgerWriter:
                     raise ValueError(f"append: column {name!r} has values outside {np.dtype(dtype).name}")
             # Copy: the caller's arrays may be views of buffers it reuses.
             cols[name] = np.full(n, a, dtype=dtype) if a.ndim == 0 else a.astype(dtype, copy=True)
-        if th.dtype.kind not in "iu":
-            raise TypeError(f"append: token_hash must be an integer array (uint64), got dtype {th.dtype}")
-        th = th.astype(np.uint64, copy=True) if th.ndim else np.full(n, th, dtype=np.uint64)
-        cols["token_hash"] = th
+        for name, h in hashes.items():
+            if h.dtype.kind not in "iu":
+                raise TypeError(f"append: {name} must be an integer array (uint64), got dtype {h.dtype}")
+            cols[name] = h.astype(np.uint64, copy=True) if h.ndim else np.full(n, h, dtype=np.uint64)
         cols["arm"] = np.zeros(n, dtype=np.int32)  # code of "treated" in ARMS
         self._validate(cols)
         self._chunks.append(tuple(cols[c] for c in _BUFFER_COLUMNS))
@@ -414,6 +423,7 @@ class LedgerWriter:
             "repetition": c["repetition"],
             "arm": pa.DictionaryArray.from_arrays(pa.array(c["arm"]), self._arm_dictionary),
             "token_hash": c["token_hash"],
+            "row_fingerprint": c["row_fingerprint"],
         }
         arrays = [
             columns[f.name] if isinstance(columns[f.name], pa.Array) else pa.array(columns[f.name], f.type)

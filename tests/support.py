@@ -35,6 +35,7 @@ PLACEMENT_COLUMNS = [
     "sequence",
     "repetition",
     "token_hash",
+    "row_fingerprint",
 ]
 
 

@@ -52,7 +52,7 @@ INT_COLS = [
 def gen_spans(steps: range, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
     """Non-overlapping spans (1-2 per chosen row), with real token fingerprints."""
     rng = np.random.default_rng(seed)
-    out: dict[str, list] = {k: [] for k in [*INT_COLS, "token_hash"]}
+    out: dict[str, list] = {k: [] for k in [*INT_COLS, "token_hash", "row_fingerprint"]}
     for step in steps:
         for row in rng.choice(rows, size=rng.integers(1, rows + 1), replace=False):
             cut = int(rng.integers(8, SEQ_LEN - 8))
@@ -73,10 +73,12 @@ def gen_spans(steps: range, rows: int = 8, seed: int = 0) -> dict[str, np.ndarra
                     sequence=int(rng.integers(0, 30)),
                     repetition=int(rng.integers(0, 4)),
                     token_hash=token_hash(tokens),
+                    row_fingerprint=token_hash(rng.integers(0, 50_000, SEQ_LEN)),
                 ).items():
                     out[k].append(v)
     cols = {k: np.asarray(v, dtype=np.int64) for k, v in out.items() if k in INT_COLS}
     cols["token_hash"] = np.asarray(out["token_hash"], dtype=np.uint64)
+    cols["row_fingerprint"] = np.asarray(out["row_fingerprint"], dtype=np.uint64)
     return cols
 
 
@@ -120,6 +122,7 @@ def expected_table(parts: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, 
                     repetition=int(sp["repetition"][i]),
                     arm="treated",
                     token_hash=int(sp["token_hash"][i]),
+                    row_fingerprint=int(sp["row_fingerprint"][i]),
                 )
             )
     rows.sort(key=lambda r: (r["step"], r["global_row"], r["offset"]))
@@ -166,6 +169,7 @@ def test_append_broadcasts_scalars_and_copies_arrays(tmp_path: Path) -> None:
         sequence=0,
         repetition=2,
         token_hash=np.array([1, 2, 2**64 - 1], dtype=np.uint64),
+        row_fingerprint=np.uint64(2**64 - 2),
     )
     w.append(offset=offsets, **common)
     offsets[:] = 40  # the writer must have copied
@@ -178,6 +182,7 @@ def test_append_broadcasts_scalars_and_copies_arrays(tmp_path: Path) -> None:
     assert set(t["sample_id"]) == {-1} and set(t["rank"]) == {3} and set(t["step"]) == {4}
     assert t["item"][:3] == ["q6", "c3", "q1"]
     assert t["token_hash"][2] == 2**64 - 1
+    assert t["row_fingerprint"] == [2**64 - 2] * 6
 
 
 def test_append_rejects_bad_input(tmp_path: Path) -> None:
@@ -194,6 +199,7 @@ def test_append_rejects_bad_input(tmp_path: Path) -> None:
         sequence=0,
         repetition=0,
         token_hash=np.array([1, 2], dtype=np.uint64),
+        row_fingerprint=np.array([3, 4], dtype=np.uint64),
     )
     with pytest.raises(ValueError, match="differ in length"):
         w.append(**{**ok, "offset": np.array([0, 0, 0])})
@@ -452,6 +458,7 @@ def test_integrity_catches_duplicates_and_overlaps(tmp_path: Path) -> None:
         sequence=0,
         repetition=0,
         token_hash=np.array([1, 2, 3], dtype=np.uint64),
+        row_fingerprint=7,
     )
     ok = tmp_path / "ok"
     with LedgerWriter(ok, 0, NAMES, ITEMS) as w:
@@ -496,7 +503,7 @@ KILL_SCRIPT = textwrap.dedent("""
         w.append(step=step, global_row=r % 512, local_row=r % 512, sample_id=step * K + r,
                  offset=(r // 512) * 40, length=np.full(K, 32), experiment=r % 2,
                  item_index=(7 * r + step) % np.where(r % 2 == 0, 100, 50), sequence=r % 13,
-                 repetition=np.full(K, step % 5), token_hash=h)
+                 repetition=np.full(K, step % 5), token_hash=h, row_fingerprint=h ^ np.uint64(1))
         w.flush()
         print(step, flush=True)  # printed only once the flush is durable
 """)

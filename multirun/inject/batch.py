@@ -1,19 +1,22 @@
 """Overwrite planned spans into one rank's host batch.
 
-The callback calls :func:`global_rows` once per step to learn which global rows this
-rank holds, then :func:`apply_spans` to overwrite the tokens in place. Sequence length
-never changes: injected tokens *replace* pretraining tokens, as in the paper.
+The callback reads each step's :class:`LocalRows` (sample ids and content fingerprints
+of the original rows) once per step, maps them to global rows with
+:func:`global_rows`, then overwrites the tokens in place with :func:`apply_spans`.
+Sequence length never changes: injected tokens *replace* pretraining tokens, as in
+the paper.
 
-Global rows are defined so that 1 rank and N ranks agree (invariant 3): when the batch
-carries dataset sample ids, the rows of a step are ordered by ``(sample_id, rank,
-local_row)`` across all ranks; Streaming gives every world size the same set of
-samples per global step when the global batch and ``num_canonical_nodes`` are fixed.
-Without sample ids rows are numbered rank-major, which is exact for one world size only.
+Global rows are defined so that 1 rank and N ranks agree (invariant 3): the rows of a
+step are ordered by ``(key, rank, local_row)`` across all ranks, where the key is the
+dataset's sample id or, for datasets without ids (llm-foundry's text dataset), a
+fingerprint of the row's original tokens. Streaming gives every world size the same
+set of samples per global step when the global batch and ``num_canonical_nodes`` are
+fixed, so every world size overwrites the same original rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from multirun.errors import MultirunError
+from multirun.ledger import token_hash
 
 #: Batch keys kept consistent with ``input_ids`` (Hugging Face / llm-foundry convention).
 INPUT_KEY = "input_ids"
@@ -41,24 +45,65 @@ class BatchFormatError(MultirunError):
 
 
 @dataclass(frozen=True)
+class LocalRows:
+    """What identifies each of this rank's batch rows at one step, read before any overwrite.
+
+    Attributes:
+        sample_id: the dataset's sample id of each row, -1 where the dataset gives none.
+        fingerprint: :func:`multirun.ledger.token_hash` of each original row (xxh64 of its
+            tokens as int32), so anyone can match a ledger row to the data it replaced.
+    """
+
+    sample_id: np.ndarray
+    fingerprint: np.ndarray
+
+    @classmethod
+    def of_batch(cls, batch: Any) -> LocalRows:
+        """The rows of a training batch (dict with ``input_ids`` or a plain token tensor)."""
+        tokens = input_ids_of(batch).detach().cpu().numpy()
+        ids = sample_ids_of(batch)
+        return cls(
+            sample_id=ids if ids is not None else np.full(tokens.shape[0], -1, dtype=np.int64),
+            fingerprint=row_fingerprints(tokens),
+        )
+
+    def __len__(self) -> int:
+        return int(self.fingerprint.shape[0])
+
+    @property
+    def keyed_by(self) -> str:
+        """``sample_id`` when the dataset gives ids, else ``content``."""
+        return "sample_id" if len(self) and bool((self.sample_id >= 0).all()) else "content"
+
+    @property
+    def key(self) -> np.ndarray:
+        """The int64 key that orders the step's rows across ranks: the sample id when every
+        row has one, else the row's fingerprint (its bits read as int64)."""
+        if self.keyed_by == "sample_id":
+            return self.sample_id.astype(np.int64)
+        return self.fingerprint.astype(np.uint64).view(np.int64)
+
+
+def row_fingerprints(tokens: np.ndarray) -> np.ndarray:
+    """:func:`multirun.ledger.token_hash` of each row of a ``(rows, sequence_length)`` token array."""
+    rows = np.ascontiguousarray(tokens, dtype=np.int32)
+    return np.fromiter((token_hash(row) for row in rows), dtype=np.uint64, count=rows.shape[0])
+
+
+@dataclass(frozen=True)
 class RowMap:
     """Which global rows this rank holds at one step.
 
     ``global_row[i]`` is the global row of local row ``i``; ``total_rows`` is the
-    number of rows of the step across all ranks, or -1 when the batch has no sample
-    ids and rows are numbered rank-major (this rank holds a contiguous range).
+    number of rows of the step across all ranks; ``local`` identifies each local row.
     """
 
     global_row: np.ndarray
     total_rows: int
+    local: LocalRows
 
     def local_rows_of(self, rows: np.ndarray) -> np.ndarray:
         """Local row of each global row in ``rows``, -1 where another rank holds it."""
-        if self.total_rows < 0:
-            first = int(self.global_row[0]) if self.global_row.shape[0] else 0
-            local = rows.astype(np.int64) - first
-            local[(local < 0) | (local >= self.global_row.shape[0])] = -1
-            return local
         lookup = np.full(max(self.total_rows, 1), -1, dtype=np.int64)
         lookup[self.global_row] = np.arange(self.global_row.shape[0])
         inside = rows < self.total_rows
@@ -90,37 +135,31 @@ def sample_ids_of(batch: Any) -> np.ndarray | None:
     return None
 
 
-def global_rows(
-    sample_ids: np.ndarray | None,
-    *,
-    rank: int,
-    gathered_sample_ids: list[np.ndarray] | None,
-    local_rows: int,
-) -> RowMap:
+def global_rows(local: LocalRows, *, rank: int, gathered_keys: Sequence[np.ndarray] | None) -> RowMap:
     """Map this rank's local rows to global rows.
 
+    The step's rows are ordered by ``(key, rank, local_row)`` across all ranks, where
+    the key is the sample id or, without ids, the original row's content fingerprint.
+    Whenever the world sizes train on the same samples at each step (Streaming with a
+    fixed global batch and ``num_canonical_nodes``), every world size gives each sample
+    the same global row; rows whose keys tie hold the same sample or the same tokens,
+    so whichever of them a span lands on, the model trains on the same tokens.
+
     Args:
-        sample_ids: this rank's sample ids, or None if the batch has none.
+        local: this rank's rows (:meth:`LocalRows.of_batch`).
         rank: this process's global rank.
-        gathered_sample_ids: every rank's sample ids (index = rank), from an all-gather;
-            None in a single process.
-        local_rows: rows in this rank's batch.
+        gathered_keys: every rank's :attr:`LocalRows.key` (index = rank); None in a single process.
     """
-    if sample_ids is None or gathered_sample_ids is None:
-        if sample_ids is not None:  # single process: order by sample id
-            gathered_sample_ids = [sample_ids]
-            rank = 0
-        else:
-            start = rank * local_rows
-            return RowMap(np.arange(start, start + local_rows), total_rows=-1)
-    ids = np.concatenate(gathered_sample_ids)
-    owners = np.concatenate([np.full(len(g), r) for r, g in enumerate(gathered_sample_ids)])
-    positions = np.concatenate([np.arange(len(g)) for g in gathered_sample_ids])
-    order = np.lexsort((positions, owners, ids))
-    global_of = np.empty(ids.shape[0], dtype=np.int64)
-    global_of[order] = np.arange(ids.shape[0])
+    if gathered_keys is None:
+        gathered_keys, rank = [local.key], 0
+    keys = np.concatenate([np.asarray(g, dtype=np.int64) for g in gathered_keys])
+    owners = np.concatenate([np.full(len(g), r) for r, g in enumerate(gathered_keys)])
+    positions = np.concatenate([np.arange(len(g)) for g in gathered_keys])
+    order = np.lexsort((positions, owners, keys))
+    global_of = np.empty(keys.shape[0], dtype=np.int64)
+    global_of[order] = np.arange(keys.shape[0])
     mine = owners == rank
-    return RowMap(global_of[mine][np.argsort(positions[mine])], total_rows=int(ids.shape[0]))
+    return RowMap(global_of[mine][np.argsort(positions[mine])], total_rows=int(keys.shape[0]), local=local)
 
 
 def flat_token_positions(

@@ -10,12 +10,13 @@ batch (:func:`multirun.inject.batch.apply_spans`) and appends
 
 Example:
     >>> import numpy as np
-    >>> from multirun.inject.batch import RowMap
+    >>> from multirun.inject.batch import LocalRows, RowMap
     >>> from multirun.types import SpanTable
     >>> spans = SpanTable(step=np.array([0]), row=np.array([1]), offset=np.array([2]), length=np.array([3]),
     ...                   experiment=np.array([0]), sequence=np.array([0]), repetition=np.array([0]))
-    >>> rows = RowMap(global_row=np.array([1, 0]), total_rows=2)  # this rank holds global rows 1 and 0
-    >>> located = locate_spans(spans, rows, world_size=1)
+    >>> local = LocalRows(sample_id=np.array([-1, -1]), fingerprint=np.array([11, 7], dtype=np.uint64))
+    >>> rows = RowMap(global_row=np.array([1, 0]), total_rows=2, local=local)  # this rank holds rows 1 and 0
+    >>> located = locate_spans(spans, rows)
     >>> located.local_rows.tolist(), located.positions(sequence_length=8).tolist()
     ([0], [2, 3, 4])
 """
@@ -55,10 +56,9 @@ class LocatedSpans:
         return flat_token_positions(self.local_rows, self.spans.offset, self.spans.length, sequence_length)
 
 
-def locate_spans(spans: SpanTable, rows: RowMap, *, world_size: int) -> LocatedSpans:
+def locate_spans(spans: SpanTable, rows: RowMap) -> LocatedSpans:
     """Keep the spans whose global row this rank holds, and find their local rows."""
-    local_count = int(rows.global_row.shape[0])
-    total_rows = rows.total_rows if rows.total_rows >= 0 else local_count * world_size
+    total_rows = rows.total_rows
     missed: dict[int, int] = {}
     beyond = spans.row >= total_rows
     if beyond.any():
@@ -81,6 +81,7 @@ class StepInjection:
         items: item index (into the experiment's ``item_ids``) of each span.
         token_hashes: xxh64 of each span's tokens.
         sample_ids: dataset sample id of each span's row (-1 when the batch has none).
+        row_fingerprints: content fingerprint of each span's original row (before any overwrite).
         noise: spans whose experiment adds embedding noise.
     """
 
@@ -91,6 +92,7 @@ class StepInjection:
     items: np.ndarray
     token_hashes: np.ndarray
     sample_ids: np.ndarray
+    row_fingerprints: np.ndarray
     noise: list[NoisedSpan]
 
     @property
@@ -115,6 +117,7 @@ class StepInjection:
             "sequence": spans.sequence,
             "repetition": spans.repetition,
             "token_hash": self.token_hashes,
+            "row_fingerprint": self.row_fingerprints,
         }
 
 
@@ -123,10 +126,8 @@ def plan_step(
     *,
     step: int,
     rows: RowMap,
-    world_size: int,
     sequence_length: int,
     dynamic: SpanTable | None = None,
-    sample_ids: np.ndarray | None = None,
     noise_specs: Sequence[EmbeddingNoise | None] = (),
 ) -> StepInjection:
     """This rank's injection at ``step``: the plan's spans plus the controllers' ``dynamic`` ones.
@@ -134,17 +135,16 @@ def plan_step(
     Args:
         plan: the run plan (static spans, token sequences, hashes).
         step: the training step.
-        rows: which global rows this rank's batch holds (:func:`multirun.inject.batch.global_rows`).
-        world_size: number of ranks (rows are rank-major when the batch has no sample ids).
+        rows: which global rows this rank's batch holds, and what identifies each
+            (:func:`multirun.inject.batch.global_rows`).
         sequence_length: tokens per batch row.
         dynamic: the controllers' spans of this step, if any.
-        sample_ids: the batch rows' dataset sample ids, if the batch has them.
         noise_specs: each experiment's embedding noise, in plan order (empty: none).
     """
     spans = plan.spans_at(step)
     if dynamic is not None and len(dynamic):
         spans = SpanTable.concat([spans, dynamic])
-    located = locate_spans(spans, rows, world_size=world_size)
+    located = locate_spans(spans, rows)
     mine = located.spans
     items = plan.items_of(mine.experiment, mine.sequence)
     noise = []
@@ -157,8 +157,7 @@ def plan_step(
         tokens=plan.tokens_of(mine.experiment, mine.sequence),
         items=items,
         token_hashes=plan.hashes_of(mine.experiment, mine.sequence),
-        sample_ids=(
-            sample_ids[located.local_rows] if sample_ids is not None else np.full(len(mine), -1, dtype=np.int64)
-        ),
+        sample_ids=rows.local.sample_id[located.local_rows],
+        row_fingerprints=rows.local.fingerprint[located.local_rows],
         noise=noise,
     )

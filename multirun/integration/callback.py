@@ -30,15 +30,16 @@ import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
+import torch
 from composer.callbacks import CheckpointSaver
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
 from multirun.control.loop import ControlLoop
+from multirun.data.order import DataOrder, data_order
 from multirun.errors import MultirunError, ResumeError
-from multirun.inject.batch import RowMap, apply_spans, global_rows, input_ids_of, sample_ids_of
+from multirun.inject.batch import BatchFormatError, LocalRows, RowMap, apply_spans, global_rows, input_ids_of
 from multirun.inject.noise import EmbeddingNoiseHook
 from multirun.inject.step import plan_step
 from multirun.ledger import Ledger, LedgerWriter, truncate_ledger
@@ -93,6 +94,9 @@ class MultirunCallback(Callback):
         self._microbatch_first_row = 0
         self._losses: list[dict[str, Any]] = []
         self._savers: list[CheckpointSaver] = []
+        self._rows_per_rank = 0
+        self._data_order: DataOrder | None = None
+        self._rows_keyed_by: str | None = None
 
     @property
     def plan(self) -> RunPlan | None:
@@ -135,6 +139,14 @@ class MultirunCallback(Callback):
         self._check_resume(parts.plan)
         self._order_before_checkpoint_savers(state)
         rank = dist.get_global_rank()
+        self._rows_per_rank = int(
+            getattr(state.dataloader, "batch_size", None) or parts.plan.geometry.global_batch_size
+        )
+        self._data_order = data_order(getattr(state.dataloader, "dataset", None))
+        if rank == 0 and not self._data_order.world_size_independent:
+            warnings.warn(
+                f"multirun: global rows may depend on the world size: {self._data_order.reason}", stacklevel=2
+            )
         step = int(state.timestamp.batch)
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,17 +184,15 @@ class MultirunCallback(Callback):
         if self._noise_hook is not None:
             self._noise_hook.clear()
         batch = state.batch
-        input_ids = input_ids_of(batch)
-        local_rows, sequence_length = int(input_ids.shape[0]), int(input_ids.shape[1])
-        sample_ids = sample_ids_of(batch)
+        sequence_length = int(input_ids_of(batch).shape[1])
+        local = LocalRows.of_batch(batch)  # before anything is overwritten
+        self._rows_keyed_by = self._rows_keyed_by or local.keyed_by
         injection = plan_step(
             plan,
             step=step,
-            rows=self._row_map(sample_ids, local_rows),
-            world_size=dist.get_world_size(),
+            rows=self._row_map(local, state),
             sequence_length=sequence_length,
             dynamic=self.control.spans_at(step) if self.control is not None else None,
-            sample_ids=sample_ids,
             noise_specs=self.parts.noise_specs,
         )
         if not self._checked_geometry:
@@ -248,11 +258,21 @@ class MultirunCallback(Callback):
             self._noise_hook = None
 
     # ---------------------------------------------------------------- helpers
-    def _row_map(self, sample_ids: np.ndarray | None, local_rows: int) -> RowMap:
-        gathered = None
-        if dist.get_world_size() > 1 and sample_ids is not None:
-            gathered = [np.asarray(g, dtype=np.int64) for g in dist.all_gather_object(sample_ids.tolist())]
-        return global_rows(sample_ids, rank=dist.get_global_rank(), gathered_sample_ids=gathered, local_rows=local_rows)
+    def _row_map(self, local: LocalRows, state: State) -> RowMap:
+        if dist.get_world_size() == 1:
+            return global_rows(local, rank=0, gathered_keys=None)
+        # One small int64 tensor per step, [row count, each row's key, padding]: every rank
+        # passes the same shape (a short final batch is padded), and nothing is pickled.
+        capacity = self._rows_per_rank
+        if len(local) > capacity:
+            raise BatchFormatError(
+                f"a batch of {len(local)} rows on one rank, but the dataloader's batch size is {capacity}"
+            )
+        buffer = torch.zeros(capacity + 1, dtype=torch.int64)
+        buffer[0] = len(local)
+        buffer[1 : len(local) + 1] = torch.from_numpy(local.key)
+        gathered = [g.cpu().numpy() for g in dist.all_gather(state.device.tensor_to_device(buffer))]
+        return global_rows(local, rank=dist.get_global_rank(), gathered_keys=[g[1 : 1 + int(g[0])] for g in gathered])
 
     def _check_resume(self, plan: RunPlan) -> None:
         loaded = self._loaded_state
@@ -406,6 +426,11 @@ class MultirunCallback(Callback):
             "planned": dict(self.plan.result.placed),
             "unplaced": dict(self.plan.result.unplaced),
             "missed_spans": dict(self._missed_spans),
+            "row_identity": {
+                "keyed_by": self._rows_keyed_by,
+                "world_size": dist.get_world_size(),
+                **(self._data_order.to_json() if self._data_order is not None else {}),
+            },
             "injection_seconds_rank0": round(self._injection_seconds, 6),
             "fit_seconds": round(time.perf_counter() - self._fit_started, 3),
         }

@@ -582,6 +582,7 @@ def write_ledger(run: Path, rows: list[tuple[int, str, str]]) -> Ledger:
                 sequence=np.array([0]),
                 repetition=np.array([k]),
                 token_hash=np.array([k], dtype=np.uint64),
+                row_fingerprint=np.array([k + 1], dtype=np.uint64),
             )
     return Ledger.open(run)
 

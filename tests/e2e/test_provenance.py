@@ -78,6 +78,9 @@ def test_ledger_reconstructs_injected_tokens_and_nothing_else_changed(
         injected[row["step"]][local, start:end] = True
 
     source = build_dataloader(run.dataset.path, batch_size=1, shuffle=False).dataset
+    for row in rows:  # each span names the original row it overwrote by its content
+        original_row = as_numpy(source.get_item(row["sample_id"])["input_ids"])
+        assert row["row_fingerprint"] == token_hash(original_row)
     for step, batch in capture.batches.items():
         original = np.stack([as_numpy(source.get_item(int(i))["input_ids"]) for i in batch["sample_id"]])
         trained_ids = as_numpy(batch["input_ids"])

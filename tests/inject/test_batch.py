@@ -10,11 +10,20 @@ from hypothesis import strategies as st
 
 from multirun.inject.batch import (
     BatchFormatError,
+    LocalRows,
     apply_spans,
     flat_token_positions,
     global_rows,
     input_ids_of,
+    row_fingerprints,
 )
+from multirun.ledger import token_hash
+
+
+def _rows(sample_ids: list[int] | np.ndarray, fingerprints: list[int] | np.ndarray | None = None) -> LocalRows:
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    prints = np.arange(len(ids)) * 7 + 1 if fingerprints is None else fingerprints
+    return LocalRows(sample_id=ids, fingerprint=np.asarray(prints, dtype=np.uint64))
 
 
 @settings(max_examples=50, deadline=None)
@@ -22,43 +31,61 @@ from multirun.inject.batch import (
     world=st.integers(1, 4),
     per_rank=st.integers(1, 6),
     seed=st.integers(0, 2**16),
+    with_ids=st.booleans(),
+    duplicates=st.booleans(),
 )
-def test_global_rows_do_not_depend_on_how_samples_are_split_across_ranks(world: int, per_rank: int, seed: int) -> None:
+def test_global_rows_do_not_depend_on_how_samples_are_split_across_ranks(
+    world: int, per_rank: int, seed: int, with_ids: bool, duplicates: bool
+) -> None:
     rng = np.random.default_rng(seed)
     total = world * per_rank
-    ids = rng.choice(10_000, size=total, replace=False)
-    # One process sees every sample; `world` processes see a random split of the same samples.
-    single = global_rows(ids, rank=0, gathered_sample_ids=None, local_rows=total)
-    split = np.array_split(rng.permutation(ids), world)
-    row_of_id_single = dict(zip(ids.tolist(), single.global_row.tolist()))
+    # Streaming pads an epoch with repeated samples: a step can hold one sample twice.
+    samples = rng.choice(total // 2 + 1 if duplicates else 10_000, size=total, replace=duplicates)
+    tokens = rng.integers(0, 50_000, size=(10_000, 16))[samples]  # the content of each sample
+    ids = samples if with_ids else np.full(total, -1)
+    single = global_rows(LocalRows(ids, row_fingerprints(tokens)), rank=0, gathered_keys=None)
+    content_of_row = {row: tokens[i].tolist() for i, row in enumerate(single.global_row.tolist())}
+    # `world` processes see a random split of the same samples.
+    split = np.array_split(rng.permutation(total), world)
+    parts = [LocalRows(ids[i], row_fingerprints(tokens[i])) for i in split]
     seen = []
-    for rank in range(world):
-        rows = global_rows(split[rank], rank=rank, gathered_sample_ids=split, local_rows=len(split[rank]))
+    for rank, part in enumerate(parts):
+        rows = global_rows(part, rank=rank, gathered_keys=[p.key for p in parts])
         assert rows.total_rows == total
-        for sample, row in zip(split[rank].tolist(), rows.global_row.tolist()):
-            assert row_of_id_single[sample] == row
+        for i, row in zip(split[rank].tolist(), rows.global_row.tolist()):
+            assert content_of_row[row] == tokens[i].tolist()  # the same original tokens at each global row
         seen.extend(rows.global_row.tolist())
     assert sorted(seen) == list(range(total))
 
 
+def test_rows_are_keyed_by_sample_id_when_the_dataset_gives_ids_else_by_content() -> None:
+    tokens = np.array([[5, 6], [1, 2]])
+    with_ids = LocalRows.of_batch({"input_ids": torch.from_numpy(tokens), "sample_id": torch.tensor([9, 4])})
+    bare = LocalRows.of_batch(torch.from_numpy(tokens))
+    assert with_ids.keyed_by == "sample_id" and with_ids.key.tolist() == [9, 4]
+    assert bare.keyed_by == "content" and bare.sample_id.tolist() == [-1, -1]
+    # The fingerprint is the ledger's token hash of the whole row, whatever the tensor's integer type.
+    assert bare.fingerprint.tolist() == [token_hash([5, 6]), token_hash([1, 2])]
+    assert (
+        LocalRows.of_batch(torch.from_numpy(tokens.astype(np.int32))).fingerprint.tolist() == bare.fingerprint.tolist()
+    )
+    assert bare.key.tolist() == bare.fingerprint.view(np.int64).tolist()
+    assert global_rows(bare, rank=0, gathered_keys=None).global_row.tolist() == list(np.argsort(np.argsort(bare.key)))
+
+
 def test_duplicate_sample_ids_still_get_distinct_rows() -> None:
-    # Streaming pads an epoch with repeated samples: ids can repeat within a step.
-    gathered = [np.array([5, 3]), np.array([5, 9])]
-    rows0 = global_rows(gathered[0], rank=0, gathered_sample_ids=gathered, local_rows=2)
-    rows1 = global_rows(gathered[1], rank=1, gathered_sample_ids=gathered, local_rows=2)
+    parts = [_rows([5, 3]), _rows([5, 9])]
+    keys = [p.key for p in parts]
+    rows0 = global_rows(parts[0], rank=0, gathered_keys=keys)
+    rows1 = global_rows(parts[1], rank=1, gathered_keys=keys)
     assert sorted([*rows0.global_row, *rows1.global_row]) == [0, 1, 2, 3]
     assert rows0.global_row.tolist() == [1, 0]
     assert rows1.global_row.tolist() == [2, 3]
 
 
-def test_rank_major_rows_without_sample_ids() -> None:
-    rows = global_rows(None, rank=2, gathered_sample_ids=None, local_rows=4)
-    assert rows.global_row.tolist() == [8, 9, 10, 11]
-
-
 def test_local_rows_of_marks_rows_held_elsewhere_and_rows_beyond_the_batch() -> None:
-    gathered = [np.array([10, 30]), np.array([20, 40])]
-    rows = global_rows(gathered[1], rank=1, gathered_sample_ids=gathered, local_rows=2)
+    parts = [_rows([10, 30]), _rows([20, 40])]
+    rows = global_rows(parts[1], rank=1, gathered_keys=[p.key for p in parts])
     # Sorted ids 10,20,30,40 -> rank 1 holds global rows 1 and 3.
     assert rows.local_rows_of(np.array([0, 1, 2, 3, 7])).tolist() == [-1, 0, -1, 1, -1]
 

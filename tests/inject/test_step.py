@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from multirun.config import load_config
 from multirun.data.tokenizers import ByteTokenizer
-from multirun.inject.batch import RowMap, global_rows
+from multirun.inject.batch import LocalRows, RowMap, global_rows
 from multirun.inject.step import StepInjection, plan_step
 from multirun.ledger import token_hash
 from multirun.plan.run_plan import RunPlan, build_run_plan
@@ -40,17 +40,23 @@ def plan(tmp_path_factory: pytest.TempPathFactory) -> RunPlan:
     return plan
 
 
-def _rank_row_maps(world: int, seed: int, with_ids: bool) -> list[tuple[RowMap, np.ndarray | None]]:
-    per_rank = GLOBAL_BATCH // world
-    if not with_ids:
-        return [(global_rows(None, rank=r, gathered_sample_ids=None, local_rows=per_rank), None) for r in range(world)]
-    ids = np.random.default_rng(seed).choice(100_000, size=GLOBAL_BATCH, replace=False)
-    split = [np.asarray(part, dtype=np.int64) for part in np.array_split(ids, world)]
-    gathered = split if world > 1 else None
-    return [
-        (global_rows(split[r], rank=r, gathered_sample_ids=gathered, local_rows=per_rank), split[r])
-        for r in range(world)
-    ]
+def _local_rows(count: int, *, seed: int = 0, with_ids: bool = False) -> LocalRows:
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(100_000, size=count, replace=False) if with_ids else np.full(count, -1)
+    return LocalRows(sample_id=ids.astype(np.int64), fingerprint=rng.integers(0, 2**63, count).astype(np.uint64))
+
+
+def _rank_row_maps(world: int, seed: int, with_ids: bool) -> list[RowMap]:
+    """The same step's rows, split at random across ``world`` ranks."""
+    rows = _local_rows(GLOBAL_BATCH, seed=seed, with_ids=with_ids)
+    split = np.array_split(np.random.default_rng(seed + 1).permutation(GLOBAL_BATCH), world)
+    parts = [LocalRows(rows.sample_id[i], rows.fingerprint[i]) for i in split]
+    gathered = [p.key for p in parts] if world > 1 else None
+    return [global_rows(p, rank=r, gathered_keys=gathered) for r, p in enumerate(parts)]
+
+
+def _whole_batch(count: int = GLOBAL_BATCH) -> RowMap:
+    return global_rows(_local_rows(count), rank=0, gathered_keys=None)
 
 
 def _span_keys(spans: SpanTable) -> list[tuple[int, ...]]:
@@ -76,10 +82,8 @@ def test_each_rank_gets_exactly_its_spans_with_the_plans_tokens_and_hashes(
     plan: RunPlan, world: int, step: int, seed: int, with_ids: bool
 ) -> None:
     placed: list[tuple[int, ...]] = []
-    for rows, sample_ids in _rank_row_maps(world, seed, with_ids):
-        injection = plan_step(
-            plan, step=step, rows=rows, world_size=world, sequence_length=SEQUENCE_LENGTH, sample_ids=sample_ids
-        )
+    for rows in _rank_row_maps(world, seed, with_ids):
+        injection = plan_step(plan, step=step, rows=rows, sequence_length=SEQUENCE_LENGTH)
         spans = injection.spans
         assert injection.located.total_rows == GLOBAL_BATCH and not injection.located.missed
         # Every span sits on a row this rank holds, at that row's local index.
@@ -102,8 +106,9 @@ def test_each_rank_gets_exactly_its_spans_with_the_plans_tokens_and_hashes(
             np.testing.assert_array_equal(tokens, experiment.sequence_tokens(sequence))
             assert injection.token_hashes[i] == token_hash(tokens)
             assert injection.items[i] == experiment.seq_items[sequence]
-        expected_ids = sample_ids[injection.located.local_rows] if sample_ids is not None else np.full(len(spans), -1)
-        np.testing.assert_array_equal(injection.sample_ids, expected_ids)
+        # Each span names the original row it overwrote: its sample id and content fingerprint.
+        np.testing.assert_array_equal(injection.sample_ids, rows.local.sample_id[injection.located.local_rows])
+        np.testing.assert_array_equal(injection.row_fingerprints, rows.local.fingerprint[injection.located.local_rows])
         columns = injection.ledger_columns()
         assert {len(v) for v in columns.values()} == {len(spans)}
         placed.extend(_span_keys(spans))
@@ -113,14 +118,14 @@ def test_each_rank_gets_exactly_its_spans_with_the_plans_tokens_and_hashes(
 
 def test_dynamic_spans_are_injected_exactly_like_static_ones(plan: RunPlan) -> None:
     step = 3
-    rows = global_rows(None, rank=0, gathered_sample_ids=None, local_rows=GLOBAL_BATCH)
-    full = plan_step(plan, step=step, rows=rows, world_size=1, sequence_length=SEQUENCE_LENGTH)
+    rows = _whole_batch()
+    full = plan_step(plan, step=step, rows=rows, sequence_length=SEQUENCE_LENGTH)
     # Take experiment b's spans of this step out of the static plan and give them as a controller's.
     is_b = plan.spans.experiment == 1
     static = replace(plan, result=replace(plan.result, spans=plan.spans.take(np.flatnonzero(~is_b))))
     dynamic = plan.spans.take(np.flatnonzero(is_b & (plan.spans.step == step)))
     assert len(dynamic)
-    split = plan_step(static, step=step, rows=rows, world_size=1, sequence_length=SEQUENCE_LENGTH, dynamic=dynamic)
+    split = plan_step(static, step=step, rows=rows, sequence_length=SEQUENCE_LENGTH, dynamic=dynamic)
     for name, column in full.ledger_columns().items():
         np.testing.assert_array_equal(split.ledger_columns()[name], column, err_msg=name)
     np.testing.assert_array_equal(split.positions, full.positions)
@@ -130,10 +135,7 @@ def test_dynamic_spans_are_injected_exactly_like_static_ones(plan: RunPlan) -> N
 def test_spans_beyond_a_short_batch_are_counted_not_placed(plan: RunPlan) -> None:
     step = 0
     short = 5  # a final batch with fewer rows than planned
-    rows = global_rows(np.arange(short), rank=0, gathered_sample_ids=None, local_rows=short)
-    injection: StepInjection = plan_step(
-        plan, step=step, rows=rows, world_size=1, sequence_length=SEQUENCE_LENGTH, sample_ids=np.arange(short)
-    )
+    injection: StepInjection = plan_step(plan, step=step, rows=_whole_batch(short), sequence_length=SEQUENCE_LENGTH)
     planned = plan.spans_at(step)
     beyond = planned.row >= short
     assert beyond.any() and (~beyond).any()
@@ -142,11 +144,9 @@ def test_spans_beyond_a_short_batch_are_counted_not_placed(plan: RunPlan) -> Non
 
 
 def test_noise_goes_with_the_spans_of_noised_experiments_only(plan: RunPlan) -> None:
-    rows = global_rows(None, rank=0, gathered_sample_ids=None, local_rows=GLOBAL_BATCH)
+    rows = _whole_batch()
     spec = EmbeddingNoise(sigma=0.1, seed=7)
-    injection = plan_step(
-        plan, step=2, rows=rows, world_size=1, sequence_length=SEQUENCE_LENGTH, noise_specs=[None, spec]
-    )
+    injection = plan_step(plan, step=2, rows=rows, sequence_length=SEQUENCE_LENGTH, noise_specs=[None, spec])
     spans = injection.spans
     of_b = np.flatnonzero(spans.experiment == 1)
     assert len(of_b) and len(of_b) < len(spans)
@@ -155,10 +155,4 @@ def test_noise_goes_with_the_spans_of_noised_experiments_only(plan: RunPlan) -> 
         for i in of_b
     ]
     assert all(n.spec == spec for n in injection.noise)
-    assert plan_step(plan, step=2, rows=rows, world_size=1, sequence_length=SEQUENCE_LENGTH).noise == []
-
-
-def test_row_map_without_sample_ids_is_rank_major() -> None:
-    rows = global_rows(None, rank=2, gathered_sample_ids=None, local_rows=4)
-    assert rows.total_rows == -1
-    np.testing.assert_array_equal(rows.local_rows_of(np.array([7, 8, 11, 12, 3])), [-1, 0, 3, -1, -1])
+    assert plan_step(plan, step=2, rows=rows, sequence_length=SEQUENCE_LENGTH).noise == []

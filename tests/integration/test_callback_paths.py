@@ -20,7 +20,7 @@ from multirun.data.mds import PreparedDataset, build_dataloader
 from multirun.errors import ConfigError, PayloadError
 from multirun.integration.callback import MultirunCallback
 from multirun.integration.llmfoundry import LlmFoundryMultirunCallback
-from multirun.ledger import Ledger
+from multirun.ledger import Ledger, token_hash
 from multirun.run.model import build_gpt2
 from tests.support import CaptureBatches, as_numpy, make_dataset, make_payloads
 
@@ -156,7 +156,7 @@ class TensorBatchLM(ComposerModel):
         return outputs
 
 
-def test_plain_tensor_batches_are_injected_rank_major(tmp_path: Path) -> None:
+def test_plain_tensor_batches_are_keyed_by_row_content(tmp_path: Path) -> None:
     kwargs = _foundry_callback_kwargs(tmp_path)
     callback = LlmFoundryMultirunCallback(**kwargs)
     data = TokenRows(48, 64)
@@ -180,7 +180,12 @@ def test_plain_tensor_batches_are_injected_rank_major(tmp_path: Path) -> None:
     assert table and all(row["sample_id"] == -1 for row in table)
     injected = [np.zeros((4, 64), dtype=bool) for _ in seen]
     for row in table:
-        assert row["global_row"] == row["local_row"]  # one rank: rank-major rows are local rows
+        # Without sample ids a step's rows are ordered by their original content's fingerprint.
+        original = as_numpy(data.data[row["step"] * 4 : row["step"] * 4 + 4])
+        fingerprints = [token_hash(r) for r in original]
+        assert row["row_fingerprint"] == fingerprints[row["local_row"]]
+        by_content = np.argsort(np.array(fingerprints, dtype=np.uint64).view(np.int64), kind="stable")
+        assert row["global_row"] == int(np.flatnonzero(by_content == row["local_row"])[0])
         start, end = row["offset"], row["offset"] + row["length"]
         experiment = callback.plan.experiments[callback.plan.experiment_names.index(row["experiment"])]
         np.testing.assert_array_equal(
