@@ -16,7 +16,7 @@ fixed, so every world size overwrites the same original rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,20 +173,122 @@ def flat_token_positions(
     return starts[span_of_token] + within
 
 
+#: Batch keys multirun keeps exact when it overwrites tokens; any other per-row key is refused.
+KEPT_KEYS = frozenset(
+    {INPUT_KEY, LABELS_KEY, ATTENTION_KEY, SAMPLE_ID_KEY, SEQUENCE_ID_KEY, TOTAL_TOKENS_KEY, LOSS_GENERATING_KEY}
+)
+_COUNTED_KEYS = (INPUT_KEY, ATTENTION_KEY, LABELS_KEY, "decoder_attention_mask")
+
+
+@dataclass(frozen=True)
+class SequenceIdRule:
+    """How ``sequence_id`` follows from the tokens (llm-foundry's ``ConcatenatedSequenceCollatorWrapper``):
+    a new sequence starts after each EOS, or at each BOS in ``bos_mode``.
+
+    Example:
+        >>> SequenceIdRule(split_token_id=0).of(torch.tensor([[5, 0, 6, 0, 7]])).tolist()
+        [[0, 0, 1, 1, 2]]
+        >>> SequenceIdRule(split_token_id=1, bos_mode=True).of(torch.tensor([[1, 5, 1, 6]])).tolist()
+        [[1, 1, 2, 2]]
+    """
+
+    split_token_id: int
+    bos_mode: bool = False
+
+    def of(self, input_ids: torch.Tensor) -> torch.Tensor:
+        cumulative = torch.cumsum(input_ids == self.split_token_id, dim=1).to(input_ids.dtype)
+        if self.bos_mode:
+            return cumulative
+        return torch.cat([cumulative.new_zeros((cumulative.shape[0], 1)), cumulative[:, :-1]], dim=1)
+
+
+@dataclass(frozen=True)
+class DerivedKeys:
+    """How a batch's derived per-row keys follow from its tokens.
+
+    Found on the dataloader's collator (:meth:`of_collator`), so that after an overwrite
+    they are computed again by the same rule that made them: llm-foundry's sequence-id
+    wrapper and its loss-generating-token counter.
+
+    Attributes:
+        sequence_id: the rule of ``sequence_id``; None when the batch has none or no rule is known.
+        count_tokens: llm-foundry's per-row token counting function (``token_counting_func``
+            of its ``LossGeneratingTokensCollatorWrapper``); None: multirun counts by the same rule.
+    """
+
+    sequence_id: SequenceIdRule | None = None
+    count_tokens: Callable[[dict[str, torch.Tensor]], Any] | None = None
+
+    @classmethod
+    def of_collator(cls, collate_fn: object, *, eos_token_id: int | None) -> DerivedKeys:
+        """Walk the collator's ``base_collator`` chain; without a sequence-id wrapper, assume EOS mode."""
+        rule, count = None, None
+        seen: set[int] = set()
+        while collate_fn is not None and id(collate_fn) not in seen:
+            seen.add(id(collate_fn))
+            split = getattr(collate_fn, "split_token_id", None)
+            if rule is None and isinstance(split, int):
+                rule = SequenceIdRule(split, bool(getattr(collate_fn, "bos_mode", False)))
+            counter = getattr(collate_fn, "token_counting_func", None)
+            if count is None and callable(counter):
+                count = counter
+            collate_fn = getattr(collate_fn, "base_collator", None)
+        if rule is None and eos_token_id is not None:
+            rule = SequenceIdRule(eos_token_id)
+        return cls(rule, count)
+
+
+def check_batch(batch: Any, derived: DerivedKeys) -> None:
+    """Refuse, before anything is overwritten, a batch multirun cannot keep exact.
+
+    Every per-row key must be one multirun keeps consistent (:data:`KEPT_KEYS`), and the
+    batch's own ``sequence_id``, ``total_tokens`` and ``loss_generating_tokens`` must be
+    what ``derived`` computes from its tokens: then they are exact after the overwrite too.
+    """
+    tokens = input_ids_of(batch)
+    if not isinstance(batch, Mapping):
+        return
+    rows = tokens.shape[0]
+    unknown = sorted(
+        str(k)
+        for k, v in batch.items()
+        if k not in KEPT_KEYS and isinstance(v, (torch.Tensor, list)) and len(v) == rows
+    )
+    if unknown:
+        raise BatchFormatError(
+            f"the batch carries per-row keys multirun cannot keep consistent with injected tokens: {unknown}; "
+            f"multirun keeps {sorted(KEPT_KEYS)}: remove the others from the collator, or inject elsewhere"
+        )
+    if SEQUENCE_ID_KEY in batch:
+        if derived.sequence_id is None:
+            raise BatchFormatError("the batch has 'sequence_id' but the tokenizer has no EOS token to recompute it")
+        if not torch.equal(derived.sequence_id.of(tokens), batch[SEQUENCE_ID_KEY].to(tokens.dtype)):
+            raise BatchFormatError(
+                f"the batch's 'sequence_id' does not follow from token {derived.sequence_id.split_token_id} "
+                f"({'BOS' if derived.sequence_id.bos_mode else 'EOS'} mode), so it could not be recomputed after an "
+                "overwrite; use llm-foundry's sequence-id collator or the tokenizer's EOS"
+            )
+    for key, counted in zip((TOTAL_TOKENS_KEY, LOSS_GENERATING_KEY), _token_counts(batch, np.arange(rows), derived)):
+        if key in batch and [int(c) for c in batch[key]] != counted:
+            raise BatchFormatError(
+                f"the batch's {key!r} are not the per-row counts multirun would compute again after an overwrite"
+            )
+
+
 def apply_spans(
     batch: Any,
     *,
     positions: np.ndarray,
     tokens: np.ndarray,
-    eos_token_id: int | None,
     rows_touched: np.ndarray,
+    derived: DerivedKeys,
 ) -> Any:
     """Overwrite ``tokens`` at flat ``positions`` of the batch, in place.
 
     ``labels`` get the same tokens (they are a copy of ``input_ids`` in causal LM
     batches), ``attention_mask`` becomes 1 on injected tokens, and on the touched rows
-    llm-foundry's ``sequence_id`` is recomputed from EOS positions and its per-row
-    ``total_tokens`` and ``loss_generating_tokens`` are counted again.
+    llm-foundry's ``sequence_id`` and per-row ``total_tokens`` and
+    ``loss_generating_tokens`` are computed again by ``derived``'s rules.
     Returns the (same) batch.
     """
     if positions.shape[0] == 0:
@@ -200,44 +302,50 @@ def apply_spans(
             batch[LABELS_KEY].view(-1)[index] = values.to(batch[LABELS_KEY].dtype)
         if ATTENTION_KEY in batch and isinstance(batch[ATTENTION_KEY], torch.Tensor):
             batch[ATTENTION_KEY].view(-1)[index] = 1
+        rows = np.unique(rows_touched)
         if SEQUENCE_ID_KEY in batch:
-            if eos_token_id is None:
+            if derived.sequence_id is None:
                 raise BatchFormatError("the batch has 'sequence_id' but the tokenizer has no EOS token to recompute it")
-            _recompute_sequence_id(batch, rows_touched, eos_token_id)
+            index_rows = torch.from_numpy(rows)
+            column = batch[SEQUENCE_ID_KEY]
+            column[index_rows] = derived.sequence_id.of(input_ids[index_rows]).to(column.dtype)
         if TOTAL_TOKENS_KEY in batch or LOSS_GENERATING_KEY in batch:
-            _recount_tokens(batch, rows_touched)
+            _store_counts(batch, rows, _token_counts(batch, rows, derived))
     return batch
 
 
-def _recount_tokens(batch: MutableMapping, rows: np.ndarray) -> None:
-    """llm-foundry's per-row counts, counted again on ``rows`` as its ``get_tokens_per_batch_func``
-    counts one row: tokens under the attention mask (all, without one), and label positions
-    after the first that are not ``IGNORE_INDEX`` (the token count, without labels)."""
-    index = torch.from_numpy(np.unique(rows))
-    input_ids = batch[INPUT_KEY]
-    if ATTENTION_KEY in batch:
-        total = batch[ATTENTION_KEY][index].sum(dim=1)
-    else:
-        total = torch.full((index.shape[0],), input_ids.shape[1])
-    generating = total
-    if LABELS_KEY in batch:
-        labels = batch[LABELS_KEY][index]
-        generating = (labels.shape[1] - 1) - (labels[:, 1:] == IGNORE_INDEX).sum(dim=1)
-    for key, counts in ((TOTAL_TOKENS_KEY, total), (LOSS_GENERATING_KEY, generating)):
+def _token_counts(batch: Mapping, rows: np.ndarray, derived: DerivedKeys) -> tuple[list[int], list[int]]:
+    """(total, loss-generating) token counts of ``rows``, one row at a time as llm-foundry's
+    collator counts them: with its own counting function when the collator has one, else
+    by its rule (tokens under the attention mask, all without one; label positions after the
+    first that are not ``IGNORE_INDEX``, the total without labels)."""
+    totals: list[int] = []
+    generating: list[int] = []
+    for row in rows.tolist():
+        one = {k: batch[k][row : row + 1] for k in _COUNTED_KEYS if k in batch}
+        if derived.count_tokens is not None:
+            counted = derived.count_tokens(one)
+            total, loss = (
+                (counted["total"], counted["loss_generating"]) if isinstance(counted, dict) else (counted, counted)
+            )
+        else:
+            total = int(one[ATTENTION_KEY].sum()) if ATTENTION_KEY in one else int(one[INPUT_KEY].shape[1])
+            loss = total
+            if LABELS_KEY in one:
+                labels = one[LABELS_KEY]
+                loss = int(labels.shape[1] - 1 - (labels[:, 1:] == IGNORE_INDEX).sum())
+        totals.append(int(total))
+        generating.append(int(loss))
+    return totals, generating
+
+
+def _store_counts(batch: MutableMapping, rows: np.ndarray, counts: tuple[list[int], list[int]]) -> None:
+    rows_in_batch = input_ids_of(batch).shape[0]
+    for key, values in zip((TOTAL_TOKENS_KEY, LOSS_GENERATING_KEY), counts):
         if key not in batch:
             continue
         column = batch[key]
-        if not isinstance(column, (list, torch.Tensor)) or len(column) != input_ids.shape[0]:
+        if not isinstance(column, (list, torch.Tensor)) or len(column) != rows_in_batch:
             raise BatchFormatError(f"the batch's {key!r} is not one count per row")
-        for row, count in zip(index.tolist(), counts.tolist()):
-            column[row] = int(count) if isinstance(column, list) else count
-
-
-def _recompute_sequence_id(batch: MutableMapping, rows: np.ndarray, eos_token_id: int) -> None:
-    # llm-foundry's ConcatenatedSequenceCollatorWrapper: a new sequence starts after each EOS.
-    index = torch.from_numpy(np.unique(rows))
-    ids = batch[INPUT_KEY][index]
-    is_sep = (ids == eos_token_id).to(batch[SEQUENCE_ID_KEY].dtype)
-    cumulative = torch.cumsum(is_sep, dim=1)
-    shifted = torch.cat([cumulative.new_zeros((cumulative.shape[0], 1)), cumulative[:, :-1]], dim=1)
-    batch[SEQUENCE_ID_KEY][index] = shifted
+        for row, value in zip(rows.tolist(), values):
+            column[row] = value if isinstance(column, list) else torch.as_tensor(value, dtype=column.dtype)

@@ -39,7 +39,16 @@ from composer.utils import dist
 from multirun.control.loop import ControlLoop
 from multirun.data.order import DataOrder, data_order
 from multirun.errors import MultirunError, ResumeError
-from multirun.inject.batch import BatchFormatError, LocalRows, RowMap, apply_spans, global_rows, input_ids_of
+from multirun.inject.batch import (
+    BatchFormatError,
+    DerivedKeys,
+    LocalRows,
+    RowMap,
+    apply_spans,
+    check_batch,
+    global_rows,
+    input_ids_of,
+)
 from multirun.inject.noise import EmbeddingNoiseHook
 from multirun.inject.step import plan_step
 from multirun.ledger import Ledger, LedgerWriter, truncate_ledger
@@ -97,6 +106,8 @@ class MultirunCallback(Callback):
         self._rows_per_rank = 0
         self._data_order: DataOrder | None = None
         self._rows_keyed_by: str | None = None
+        self._derived = DerivedKeys()
+        self._checked_batch = False
 
     @property
     def plan(self) -> RunPlan | None:
@@ -143,6 +154,9 @@ class MultirunCallback(Callback):
             getattr(state.dataloader, "batch_size", None) or parts.plan.geometry.global_batch_size
         )
         self._data_order = data_order(getattr(state.dataloader, "dataset", None))
+        self._derived = DerivedKeys.of_collator(
+            getattr(state.dataloader, "collate_fn", None), eos_token_id=parts.plan.eos_token_id
+        )
         if rank == 0 and not self._data_order.world_size_independent:
             warnings.warn(
                 f"multirun: global rows may depend on the world size: {self._data_order.reason}", stacklevel=2
@@ -185,6 +199,9 @@ class MultirunCallback(Callback):
             self._noise_hook.clear()
         batch = state.batch
         sequence_length = int(input_ids_of(batch).shape[1])
+        if not self._checked_batch:  # before anything is overwritten
+            check_batch(batch, self._derived)
+            self._checked_batch = True
         local = LocalRows.of_batch(batch)  # before anything is overwritten
         self._rows_keyed_by = self._rows_keyed_by or local.keyed_by
         injection = plan_step(
@@ -203,8 +220,8 @@ class MultirunCallback(Callback):
                 batch,
                 positions=injection.positions,
                 tokens=injection.tokens,
-                eos_token_id=plan.eos_token_id,
                 rows_touched=injection.located.local_rows,
+                derived=self._derived,
             )
             if self._noise_hook is not None:
                 self._noise_hook.set_step(injection.noise)

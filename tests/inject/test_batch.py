@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from multirun.inject.batch import (
     BatchFormatError,
+    DerivedKeys,
     LocalRows,
+    SequenceIdRule,
     apply_spans,
     flat_token_positions,
     global_rows,
@@ -110,7 +112,7 @@ def test_apply_overwrites_input_ids_labels_and_attention_and_nothing_else() -> N
     original = {k: v.clone() for k, v in batch.items()}
     positions = flat_token_positions(np.array([1]), np.array([2]), np.array([3]), sequence_length=8)
     apply_spans(
-        batch, positions=positions, tokens=np.array([97, 98, 99]), eos_token_id=None, rows_touched=np.array([1])
+        batch, positions=positions, tokens=np.array([97, 98, 99]), rows_touched=np.array([1]), derived=DerivedKeys()
     )
     assert batch["input_ids"][1, 2:5].tolist() == [97, 98, 99]
     assert batch["labels"][1, 2:5].tolist() == [97, 98, 99]
@@ -128,7 +130,13 @@ def test_apply_recomputes_sequence_id_from_eos() -> None:
     batch["input_ids"][:] = 1
     batch["sequence_id"] = torch.zeros(1, 6, dtype=torch.long)
     positions = flat_token_positions(np.array([0]), np.array([1]), np.array([3]), sequence_length=6)
-    apply_spans(batch, positions=positions, tokens=np.array([0, 7, 0]), eos_token_id=0, rows_touched=np.array([0]))
+    apply_spans(
+        batch,
+        positions=positions,
+        tokens=np.array([0, 7, 0]),
+        rows_touched=np.array([0]),
+        derived=DerivedKeys(SequenceIdRule(0)),
+    )
     # EOS at positions 1 and 3: a new sequence starts after each.
     assert batch["sequence_id"][0].tolist() == [0, 0, 1, 1, 2, 2]
 
@@ -136,7 +144,7 @@ def test_apply_recomputes_sequence_id_from_eos() -> None:
 def test_apply_on_plain_tensor_batch() -> None:
     batch = torch.zeros(2, 4, dtype=torch.long)
     positions = flat_token_positions(np.array([1]), np.array([0]), np.array([2]), sequence_length=4)
-    apply_spans(batch, positions=positions, tokens=np.array([5, 6]), eos_token_id=None, rows_touched=np.array([1]))
+    apply_spans(batch, positions=positions, tokens=np.array([5, 6]), rows_touched=np.array([1]), derived=DerivedKeys())
     assert batch.tolist() == [[0, 0, 0, 0], [5, 6, 0, 0]]
 
 
@@ -150,7 +158,9 @@ def test_per_row_counts_follow_the_attention_mask_and_labels() -> None:
     batch["total_tokens"] = [3, 6]
     batch["loss_generating_tokens"] = [2, 5]
     positions = flat_token_positions(np.array([0]), np.array([2]), np.array([3]), sequence_length=6)
-    apply_spans(batch, positions=positions, tokens=np.array([7, 8, 9]), eos_token_id=None, rows_touched=np.array([0]))
+    apply_spans(
+        batch, positions=positions, tokens=np.array([7, 8, 9]), rows_touched=np.array([0]), derived=DerivedKeys()
+    )
     assert batch["total_tokens"] == [5, 6] and batch["loss_generating_tokens"] == [4, 5]
 
 
@@ -159,7 +169,7 @@ def test_a_count_that_is_not_one_per_row_is_named() -> None:
     batch["loss_generating_tokens"] = torch.ones(2)
     positions = flat_token_positions(np.array([0]), np.array([0]), np.array([1]), sequence_length=8)
     with pytest.raises(BatchFormatError, match="loss_generating_tokens"):
-        apply_spans(batch, positions=positions, tokens=np.array([1]), eos_token_id=None, rows_touched=np.array([0]))
+        apply_spans(batch, positions=positions, tokens=np.array([1]), rows_touched=np.array([0]), derived=DerivedKeys())
 
 
 @pytest.mark.parametrize("batch", [{"tokens": torch.zeros(2, 2)}, torch.zeros(4), [torch.zeros(2, 2)]])

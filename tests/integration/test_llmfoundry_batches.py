@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from llmfoundry.data.utils import get_text_collator, get_tokens_per_batch_func
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import models
 from transformers import PreTrainedTokenizerFast
 
-from multirun.inject.batch import apply_spans, flat_token_positions
+from multirun.inject.batch import BatchFormatError, DerivedKeys, apply_spans, check_batch, flat_token_positions
 
 PAD, EOS = 0, 1
 LENGTH = 12
@@ -21,10 +22,14 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
 
 
-def _collate(rows: list[list[int]]) -> dict:
-    """The collator llm-foundry's text dataloader builds (language modelling, EOS-separated sequences)."""
-    collate, _ = get_text_collator({"dataset": {"eos_token_id": EOS}}, _tokenizer(), dataset_batch_size=len(rows))
-    return collate([torch.tensor(row) for row in rows])
+def _collator(rows: int, **dataset: int) -> object:
+    """The collator llm-foundry's text dataloader builds (language modelling, EOS- or BOS-separated sequences)."""
+    collate, _ = get_text_collator({"dataset": dataset or {"eos_token_id": EOS}}, _tokenizer(), dataset_batch_size=rows)
+    return collate
+
+
+def _collate(rows: list[list[int]], **dataset: int) -> dict:
+    return _collator(len(rows), **dataset)([torch.tensor(row) for row in rows])  # type: ignore[operator]
 
 
 def _counted_by_llmfoundry(batch: dict) -> tuple[list[int], list[int]]:
@@ -43,12 +48,16 @@ def test_injected_rows_keep_llmfoundrys_counts_labels_and_sequence_ids() -> None
     batch = _collate(rows)
     assert set(batch) == {"input_ids", "labels", "sequence_id", "total_tokens", "loss_generating_tokens"}
     before = list(batch["loss_generating_tokens"])
+    derived = DerivedKeys.of_collator(_collator(4), eos_token_id=None)  # the rules come from llm-foundry's collator
+    assert derived.sequence_id is not None and derived.sequence_id.split_token_id == EOS
+    assert derived.count_tokens is not None
+    check_batch(batch, derived)
 
     # One span over row 0's padding, one across row 2's EOS; row 1 and 3 untouched.
     local, offset, length = np.array([0, 2]), np.array([6, 3]), np.array([5, 4])
     tokens = np.array([7, 8, EOS, 9, 10, 11, 12, 13, 14])
     positions = flat_token_positions(local, offset, length, sequence_length=LENGTH)
-    apply_spans(batch, positions=positions, tokens=tokens, eos_token_id=EOS, rows_touched=local)
+    apply_spans(batch, positions=positions, tokens=tokens, rows_touched=local, derived=derived)
 
     # The counts are what llm-foundry counts on the batch as trained on ...
     total, generating = _counted_by_llmfoundry({k: batch[k] for k in ("input_ids", "labels")})
@@ -60,3 +69,38 @@ def test_injected_rows_keep_llmfoundrys_counts_labels_and_sequence_ids() -> None
     torch.testing.assert_close(batch["sequence_id"], recollated["sequence_id"])
     untouched_padding = batch["input_ids"] == PAD
     torch.testing.assert_close(batch["labels"][~untouched_padding], recollated["labels"][~untouched_padding])
+
+
+def test_bos_separated_sequences_keep_llmfoundrys_sequence_ids() -> None:
+    BOS = 1
+    rows = [[BOS, 5, 6, 7, BOS, 8, 9, 10, 11, 12, 13, 14], [9] * LENGTH]
+    batch = _collate(rows, bos_token_id=BOS)
+    derived = DerivedKeys.of_collator(_collator(2, bos_token_id=BOS), eos_token_id=2)  # not the EOS rule
+    assert derived.sequence_id is not None and derived.sequence_id.bos_mode
+    check_batch(batch, derived)
+    tokens = np.array([BOS, 20, 21])
+    apply_spans(
+        batch,
+        positions=flat_token_positions(np.array([1]), np.array([4]), np.array([3]), sequence_length=LENGTH),
+        tokens=tokens,
+        rows_touched=np.array([1]),
+        derived=derived,
+    )
+    torch.testing.assert_close(
+        batch["sequence_id"], _collate(batch["input_ids"].tolist(), bos_token_id=BOS)["sequence_id"]
+    )
+    assert batch["sequence_id"][1].tolist() == [0] * 4 + [1] * 8
+
+
+def test_batches_multirun_cannot_keep_exact_are_refused_before_any_overwrite() -> None:
+    rows = np.random.default_rng(1).integers(2, 50, size=(2, LENGTH)).tolist()
+    rows[0][3] = EOS
+    derived = DerivedKeys.of_collator(_collator(2), eos_token_id=None)
+    batch = _collate(rows)
+    with pytest.raises(BatchFormatError, match="bidirectional_mask"):  # a per-row key of prefix-LM batches
+        check_batch({**batch, "bidirectional_mask": torch.ones(2, LENGTH)}, derived)
+    bos_rule = DerivedKeys.of_collator(_collator(2, bos_token_id=EOS), eos_token_id=None)
+    with pytest.raises(BatchFormatError, match=r"sequence_id.*BOS mode"):  # built by another rule than assumed
+        check_batch(batch, bos_rule)
+    with pytest.raises(BatchFormatError, match="total_tokens"):
+        check_batch({**batch, "total_tokens": [1, 1]}, derived)
