@@ -81,6 +81,11 @@ class RunDir:
         return self.root / "interaction_trigger.json"
 
     @property
+    def llmfoundry_config(self) -> Path:
+        """The llm-foundry training config of a run trained through llm-foundry (as it logged it)."""
+        return self.root / "llmfoundry.yaml"
+
+    @property
     def summary(self) -> Path:
         """Written at fit end; its presence marks a finished run."""
         return self.root / "summary.json"

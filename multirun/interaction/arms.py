@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from composer import Trainer
@@ -64,11 +64,12 @@ class InteractionResult:
     seconds: float
 
 
-def find_checkpoint(run_dir: Path, explicit: str | Path | None = None) -> Path:
+def find_checkpoint(run_dir: Path, explicit: str | Path | None = None, *, latest: Path | None = None) -> Path:
     """The checkpoint the arms start from.
 
     ``explicit`` if given; else the one ``interaction_trigger.json`` records (taken when
-    the run's ``interaction.after`` condition held); else the run's latest checkpoint.
+    the run's ``interaction.after`` condition held); else the run's latest checkpoint
+    (``latest``, or ``checkpoints/latest-rank0.pt`` of the run directory).
     """
     if explicit is not None:
         path = Path(explicit)
@@ -80,7 +81,7 @@ def find_checkpoint(run_dir: Path, explicit: str | Path | None = None) -> Path:
         recorded = json.loads(trigger.read_text()).get("checkpoint")
         if recorded and Path(recorded).is_file():
             return Path(recorded)
-    latest = RunDir(run_dir).latest_checkpoint
+    latest = latest if latest is not None else RunDir(run_dir).latest_checkpoint
     if latest.exists():
         return latest.resolve()
     raise ResumeError(
@@ -192,13 +193,13 @@ def run_interaction(
             file=loaded.source,
             key="interaction.intensity",
         )
-    checkpoint_path = find_checkpoint(run_dir, checkpoint)
+    tokenizer = run_tokenizer(loaded)
+    trainer = _arm_trainer(run_dir, loaded, tokenizer)
+    checkpoint_path = find_checkpoint(run_dir, checkpoint, latest=trainer.latest_checkpoint())
     start = checkpoint_step(checkpoint_path)
     out = Path(out_dir) if out_dir is not None else RunDir(run_dir).interaction
 
-    tokenizer = run_tokenizer(loaded)
-    dataset = resolve_dataset(loaded, tokenizer, progress=False)
-    geometry = replace(run_geometry(loaded, dataset), num_steps=start + settings.steps)
+    geometry = replace(trainer.geometry(), num_steps=start + settings.steps)
     plan = interaction_plan(
         loaded, tokenizer=tokenizer, geometry=geometry, start_step=start, settings=settings, participants=participants
     )
@@ -210,7 +211,7 @@ def run_interaction(
         run_dir=out,
         plan=plan,
         controlled=False,
-        heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
+        heldout=heldout_rows(loaded, tokenizer, geometry.sequence_length),
     )
     if not parts.monitors.entries:
         raise ConfigError(
@@ -243,9 +244,9 @@ def run_interaction(
         arm_started = time.perf_counter()
         arm_records[name] = _run_arm(
             parts,
+            trainer,
             name=name,
             members=members,
-            dataset=dataset,
             checkpoint=checkpoint_path,
             start=start,
             settings=settings,
@@ -264,12 +265,96 @@ def run_interaction(
     return InteractionResult(out, checkpoint_path, start, arms, matrix, time.perf_counter() - started)
 
 
+class ArmTrainer(Protocol):
+    """Trains one arm from the checkpoint: the run's own trainer, or llm-foundry for its runs."""
+
+    def geometry(self) -> BatchGeometry:
+        """The run's global batch size and sequence length."""
+        ...
+
+    def latest_checkpoint(self) -> Path | None:
+        """The run's newest checkpoint, where its trainer saves them."""
+        ...
+
+    def fit(
+        self,
+        parts: RunParts,
+        *,
+        name: str,
+        checkpoint: Path,
+        start: int,
+        steps: int,
+        lr: float | None,
+        callbacks: list[Callback],
+    ) -> None:
+        """Train ``parts``'s plan from ``checkpoint`` (at ``start``) for ``steps`` batches."""
+        ...
+
+
+def _arm_trainer(run_dir: Path, loaded: LoadedConfig, tokenizer: Tokenizer) -> ArmTrainer:
+    from multirun.integration.foundry_arms import FoundryArms
+
+    foundry = FoundryArms.of_run(run_dir)
+    if foundry is not None:
+        return foundry
+    return OwnArms(loaded, tokenizer, resolve_dataset(loaded, tokenizer, progress=False))
+
+
+class OwnArms:
+    """Arms of a run made by ``multirun train``: the same model, data and optimizer settings."""
+
+    def __init__(self, loaded: LoadedConfig, tokenizer: Tokenizer, dataset: Any) -> None:
+        self.loaded, self.tokenizer, self.dataset = loaded, tokenizer, dataset
+
+    def geometry(self) -> BatchGeometry:
+        return run_geometry(self.loaded, self.dataset)
+
+    def latest_checkpoint(self) -> Path | None:
+        return None  # the run directory's own checkpoints/latest-rank0.pt
+
+    def fit(
+        self,
+        parts: RunParts,
+        *,
+        name: str,
+        checkpoint: Path,
+        start: int,
+        steps: int,
+        lr: float | None,
+        callbacks: list[Callback],
+    ) -> None:
+        loaded, config = self.loaded, self.loaded.config
+        model = build_model(loaded, self.tokenizer, self.dataset.sequence_length)
+        trainer = Trainer(
+            model=model,
+            train_dataloader=train_dataloader(loaded, self.dataset),
+            max_duration=f"{start + steps}ba",
+            optimizers=build_optimizer(loaded, model),
+            callbacks=[MultirunCallback(parts, overwrite=True), *callbacks],
+            run_name=f"{config.run_name}-interaction-{name}",
+            load_path=str(checkpoint),
+            load_ignore_keys=_drop_run_state,
+            progress_bar=False,
+            **trainer_settings(loaded),
+        )
+        if int(trainer.state.timestamp.batch) != start:
+            raise ResumeError(
+                f"the checkpoint is at step {int(trainer.state.timestamp.batch)}, expected {start}", file=checkpoint
+            )
+        if lr is not None:
+            for optimizer in trainer.state.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+        trainer.fit()
+        trainer.close()
+
+
 def _run_arm(
     parts: RunParts,
+    trainer: ArmTrainer,
     *,
     name: str,
     members: tuple[str, ...],
-    dataset: Any,
     checkpoint: Path,
     start: int,
     settings: InteractionConfig,
@@ -277,39 +362,16 @@ def _run_arm(
     callbacks: list[Callback],
 ) -> list[EvaluationRecord]:
     """Train one arm from the checkpoint; the records of its final evaluation."""
-    loaded, tokenizer = parts.loaded, parts.tokenizer
-    config = loaded.config
     monitoring = MonitoringConfig(
         **{
-            **config.monitoring.model_dump(),
+            **parts.loaded.config.monitoring.model_dump(),
             "every": None,
             "at_fit_start": False,
             "at_fit_end": True,
         }
     )
     arm = parts.fork(parts.plan.restricted(members), run_dir=arm_dir, monitoring=monitoring)
-    callback = MultirunCallback(arm, overwrite=True)
-    model = build_model(loaded, tokenizer, dataset.sequence_length)
-    trainer = Trainer(
-        model=model,
-        train_dataloader=train_dataloader(loaded, dataset),
-        max_duration=f"{start + settings.steps}ba",
-        optimizers=build_optimizer(loaded, model),
-        callbacks=[callback, *callbacks],
-        run_name=f"{config.run_name}-interaction-{name}",
-        load_path=str(checkpoint),
-        load_ignore_keys=_drop_run_state,
-        progress_bar=False,
-        **trainer_settings(loaded),
+    trainer.fit(
+        arm, name=name, checkpoint=checkpoint, start=start, steps=settings.steps, lr=settings.lr, callbacks=callbacks
     )
-    if int(trainer.state.timestamp.batch) != start:
-        raise ResumeError(
-            f"the checkpoint is at step {int(trainer.state.timestamp.batch)}, expected {start}", file=checkpoint
-        )
-    if settings.lr is not None:
-        for optimizer in trainer.state.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = settings.lr
-    trainer.fit()
-    trainer.close()
     return arm.monitors.last_records
