@@ -14,6 +14,7 @@ the plan for the YAML's geometry:
   ``train_loader.dataset.max_seq_len`` (the width of llm-foundry's rows);
 - steps: ``max_duration`` in ``ba``, ``tok`` or ``sp``; in ``ep`` only when the train
   loader reads a local MDS directory whose size says how many steps an epoch has.
+- vocabulary: the block's tokenizer has no more ids than ``model.vocab_size`` (when given).
 
 Errors name the llm-foundry YAML and the key, e.g.
 ``mpt.yaml: callbacks.multirun.experiments[1].payload: ...``.
@@ -188,6 +189,7 @@ def check_foundry_yaml(path: str | Path, overrides: Sequence[str] = ()) -> Found
     deferred = DeferredParts.from_kwargs(
         **{name: block.get(name) for name in known if name != "overwrite"}, file=source
     )
+    _check_vocab(cfg, deferred, source)
     global_batch = _global_batch(cfg, source)
     notes: list[str] = []
     duration = _duration(cfg, source)
@@ -240,6 +242,26 @@ def _sequence_length(cfg: Mapping[str, Any], block: Mapping[str, Any], source: P
             key=key,
         )
     return given
+
+
+def _check_vocab(cfg: Mapping[str, Any], deferred: DeferredParts, source: Path) -> None:
+    """Payload tokens must be ids the model embeds: the block's tokenizer fits the model's vocabulary.
+
+    Only where the YAML states ``model.vocab_size`` (llm-foundry's own models; a Hugging Face
+    model's comes with its checkpoint). A larger model vocabulary is usual (padded to a multiple).
+    """
+    model = cfg.get("model")
+    vocab = model.get("vocab_size") if isinstance(model, Mapping) else None
+    if isinstance(vocab, bool) or not isinstance(vocab, int):
+        return
+    if deferred.tokenizer.vocab_size > vocab:
+        raise ConfigError(
+            f"the tokenizer {deferred.tokenizer.name!r} has {deferred.tokenizer.vocab_size} ids, more than the "
+            f"model's vocab_size {vocab}: payload tokens would index past its embeddings (use the tokenizer "
+            "llm-foundry trains with)",
+            file=source,
+            key=f"{BLOCK}.tokenizer" if deferred.inline else f"{BLOCK}.config",
+        )
 
 
 def _global_batch(cfg: Mapping[str, Any], source: Path) -> int:

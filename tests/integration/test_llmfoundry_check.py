@@ -265,6 +265,11 @@ def test_epochs_are_counted_from_a_local_dataset_or_refused(
             id="both-forms",
         ),
         pytest.param(
+            ["model.vocab_size=200"],
+            r"callbacks\.multirun\.tokenizer: the tokenizer 'bytes' has 258 ids, more than the model's vocab_size 200",
+            id="tokenizer-larger-than-model-vocabulary",
+        ),
+        pytest.param(
             ["callbacks.multirun.data={path: /data}"],
             r"callbacks\.multirun\.data\.path: unknown key \(allowed: heldout_path",
             id="data-other-than-heldout",
