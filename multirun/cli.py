@@ -4,6 +4,7 @@ Commands::
 
     multirun train [CONFIG] [--set KEY=VALUE ...]    train (no CONFIG: the embedded demo)
     multirun check CONFIG [--set ...]                validate config, payloads and placement; train nothing
+                                                     (CONFIG may be an llm-foundry YAML: its callbacks.multirun)
     multirun prepare OUT SOURCE... --sequence-length N [--tokenizer PATH]   text -> MDS
     multirun ledger RUN_DIR [--experiment E] [--item I] [--steps A:B] [--export FILE]
     multirun report RUN_DIR [--baseline OTHER_RUN] [--out DIR]   HTML + Markdown report with plots
@@ -66,8 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train.set_defaults(handler=_train)
 
-    check = commands.add_parser("check", help="validate a config, its payloads and placement without training")
-    check.add_argument("config", nargs="?")
+    check = commands.add_parser(
+        "check",
+        help="validate a config (or an llm-foundry YAML's callbacks.multirun), its payloads and placement "
+        "without training",
+    )
+    check.add_argument("config", nargs="?", help="multirun YAML, or llm-foundry training YAML (--set max_duration=..)")
     _add_overrides(check)
     check.set_defaults(handler=_check)
 
@@ -164,6 +169,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from multirun.integration.foundry_yaml import is_foundry_yaml
+
+    if args.config is not None and is_foundry_yaml(args.config):
+        return _check_foundry(args)
     from multirun.config import load_config
     from multirun.run.inputs import heldout_rows, resolve_dataset, run_dir_of, run_geometry, run_tokenizer
     from multirun.run.parts import assemble_parts
@@ -181,6 +190,27 @@ def _check(args: argparse.Namespace) -> int:
     )
     _print_plan(parts.plan)
     console.print("[green]config, payloads, placement, monitors and controllers are valid[/]")
+    return 0
+
+
+def _check_foundry(args: argparse.Namespace) -> int:
+    """``multirun check`` on an llm-foundry training YAML: its ``callbacks.multirun`` block."""
+    from multirun.integration.foundry_yaml import check_foundry_yaml
+
+    result = check_foundry_yaml(args.config, args.overrides)
+    geometry = result.geometry
+    console.print(
+        f"{result.path}: global_train_batch_size {geometry.global_batch_size}, sequence_length "
+        f"{geometry.sequence_length}, max_duration {result.max_duration} = {geometry.num_steps} steps",
+        highlight=False,
+    )
+    for note in result.notes:
+        console.print(f"  {note}", highlight=False)
+    _print_plan(result.parts.plan)
+    heldout = result.parts.monitors.heldout
+    if heldout is not None:
+        console.print(f"held-out loss on {len(heldout)} rows of {heldout.shape[1]} tokens", highlight=False)
+    console.print("[green]callbacks.multirun, payloads, placement, monitors and controllers are valid[/]")
     return 0
 
 

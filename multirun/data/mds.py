@@ -658,11 +658,92 @@ def demo_heldout_rows(tokenizer: Tokenizer, sequence_length: int, *, count: int,
     return np.asarray(tokens[:needed], dtype=np.int64).reshape(count, sequence_length)
 
 
-def read_rows(path: str | os.PathLike[str], count: int) -> np.ndarray:
-    """The first ``count`` rows of a prepared MDS dataset (e.g. a held-out split)."""
-    info = read_dataset_info(path)
-    if info.num_samples < count:
-        raise InputError(f"the dataset has {info.num_samples} rows, {count} requested", file=info.path)
-    dataset = build_dataloader(info.path, batch_size=1, shuffle=False).dataset
-    assert isinstance(dataset, IdStreamingDataset)
-    return np.stack([np.asarray(dataset.get_item(i)["input_ids"], dtype=np.int64) for i in range(count)])
+def read_rows(path: str | os.PathLike[str], count: int, sequence_length: int | None = None) -> np.ndarray:
+    """The first ``count`` token rows of an MDS dataset (e.g. a held-out split), as int64.
+
+    Reads multirun's datasets (:func:`prepare_dataset`, checked through their
+    ``multirun_dataset.json``) and llm-foundry's pretokenized ones (``llmfoundry data_prep
+    convert_text_to_mds`` or ``convert_dataset_hf`` with ``--concat-tokens``): a ``tokens``
+    column of ``ndarray`` (llm-foundry 0.22 writes ``ndarray:int32``) or of ``bytes`` (older
+    converters), which are read as int64, llm-foundry's default ``token_encoding_type``.
+
+    Args:
+        path: the dataset directory (holds ``index.json``).
+        count: rows to read, from the first.
+        sequence_length: cut each row to this many tokens, as llm-foundry's
+            ``StreamingTextDataset`` cuts rows to ``max_seq_len``; None keeps rows whole.
+
+    Raises:
+        InputError: naming the path: no MDS index, no ``tokens`` column (or one of another
+            encoding), fewer than ``count`` rows, or a row shorter than ``sequence_length``.
+    """
+    directory = Path(path).expanduser()
+    if (directory / INFO_FILE).is_file():
+        directory = read_dataset_info(directory).path  # ours: the metadata must be whole, too
+    encoding = _tokens_encoding(directory)
+    # Absolute and resolved: Streaming registers local dirs by their string.
+    dataset = _new_dataset(local=str(directory.resolve()), batch_size=1, shuffle=False, num_canonical_nodes=1)
+    if dataset.num_samples < count:
+        raise InputError(f"the dataset has {dataset.num_samples} rows, {count} requested", file=directory)
+    rows = []
+    for i in range(count):
+        # StreamingDataset's own get_item: the stored sample, before IdStreamingDataset makes it a training row.
+        stored = StreamingDataset.get_item(dataset, i)[TOKENS_COLUMN]
+        if encoding == "bytes":
+            if len(stored) % 8:
+                raise InputError(
+                    f"row {i} of the bytes column {TOKENS_COLUMN!r} has {len(stored)} bytes, not a whole number "
+                    "of int64 tokens (llm-foundry's default token_encoding_type)",
+                    file=directory,
+                )
+            tokens = np.frombuffer(stored, dtype=np.int64)
+        else:
+            tokens = np.asarray(stored).reshape(-1)
+        if sequence_length is not None:
+            if len(tokens) < sequence_length:
+                raise InputError(
+                    f"row {i} has {len(tokens)} tokens, fewer than the sequence length {sequence_length}",
+                    file=directory,
+                )
+            tokens = tokens[:sequence_length]
+        rows.append(tokens.astype(np.int64))
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) > 1:
+        raise InputError(f"rows of different lengths {lengths}; give the sequence length to cut them", file=directory)
+    return np.stack(rows) if rows else np.zeros((0, sequence_length or 0), dtype=np.int64)
+
+
+def _tokens_encoding(directory: Path) -> str:
+    """The MDS encoding of the ``tokens`` column: ``ndarray:<dtype>`` or ``bytes``."""
+    index = directory / "index.json"
+    if not index.is_file():
+        raise InputError("not an MDS dataset (index.json is missing)", file=index)
+    try:
+        shards = json.loads(index.read_text(encoding="utf-8"))["shards"]
+        encodings = {
+            name: encoding
+            for shard in shards
+            for name, encoding in zip(shard["column_names"], shard["column_encodings"])
+        }
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"unreadable MDS index: {err}", file=index) from err
+    encoding = encodings.get(TOKENS_COLUMN)
+    if encoding is None:
+        hint = (
+            " (a 'text' column holds untokenized text: tokenize it with llm-foundry's converter and "
+            "--concat-tokens, or with `multirun prepare`)"
+            if "text" in encodings
+            else ""
+        )
+        raise InputError(
+            f"no token rows: neither multirun's nor llm-foundry's {TOKENS_COLUMN!r} column "
+            f"(columns: {sorted(encodings)}){hint}",
+            file=directory,
+        )
+    if encoding != "bytes" and not encoding.startswith("ndarray"):
+        raise InputError(
+            f"the {TOKENS_COLUMN!r} column is encoded as {encoding!r}; expected ndarray (multirun, llm-foundry 0.22) "
+            "or bytes (older llm-foundry converters)",
+            file=directory,
+        )
+    return str(encoding)

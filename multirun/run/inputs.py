@@ -80,7 +80,7 @@ def run_tokenizer(loaded: LoadedConfig) -> Tokenizer:
 
 
 def heldout_rows(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int) -> np.ndarray | None:
-    """Rows for the held-out loss: the demo's unused stdlib files, or ``data.heldout_path``."""
+    """Rows for the held-out loss: the demo's unused stdlib files, or ``data.heldout_path`` (multirun's or llm-foundry's MDS)."""
     count = loaded.config.monitoring.heldout_rows
     data = loaded.config.data
     if count == 0:
@@ -89,7 +89,8 @@ def heldout_rows(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: in
         return demo_heldout_rows(tokenizer, sequence_length, count=count, train_max_bytes=data.demo_max_bytes)
     if data.heldout_path is None:
         return None
-    return read_rows(_required(loaded, data.heldout_path, key="data.heldout_path"), count)
+    # Cut to the run's sequence length, as llm-foundry cuts its rows to max_seq_len.
+    return read_rows(_required(loaded, data.heldout_path, key="data.heldout_path"), count, sequence_length)
 
 
 def _resolve(loaded: LoadedConfig, path: str | None) -> str | None:
