@@ -62,7 +62,7 @@ def train_once(data: Path, out: Path, *, steps: int, with_multirun: bool, overri
         experiment.pop("controller", None)  # decisions follow monitors, which are off
         experiment.pop("monitor", None)
     (out / "multirun.yaml").write_text(yaml.safe_dump(config))
-    for name in ("tokenizer", "mds", "heldout-rows"):
+    for name in ("tokenizer", "mds"):
         link = out / name
         if not link.exists() and (data / name).exists():
             link.symlink_to((data / name).resolve())

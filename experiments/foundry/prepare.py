@@ -11,12 +11,9 @@ Writes under ``OUT_DIR`` (the ``data_root`` of ``mpt.yaml`` and ``llama.yaml``):
   ``tokenizers`` library, saved as a Hugging Face tokenizer (``<eos>`` and ``<pad>``);
 - ``mds/train``, ``mds/heldout``: both text folders converted to MDS by llm-foundry's
   own converter (``llmfoundry data_prep convert_text_to_mds``), EOS between files;
-- ``heldout-rows/``: the held-out text once more, written by multirun's
-  ``prepare_dataset`` (see ``multirun.yaml``: the callback's held-out loss reads
-  multirun datasets only, for now);
 - ``llama/config.json``: a tiny ``LlamaConfig`` for ``llama.yaml`` (``pretrained: false``);
 - ``multirun.yaml``: a copy of ``experiments/foundry/multirun.yaml``, whose relative
-  paths (``tokenizer``, ``heldout-rows``) resolve against ``OUT_DIR``.
+  paths (``tokenizer``, ``mds/heldout``) resolve against ``OUT_DIR``.
 
 Nothing is downloaded.
 """
@@ -86,7 +83,7 @@ def train_tokenizer(files: list[Path], out: Path, *, vocab_size: int) -> int:
 
 def convert_with_llmfoundry(text_dir: Path, out: Path, *, tokenizer_dir: Path, concat_tokens: int) -> None:
     """llm-foundry's ``convert_text_to_mds``: concatenated rows of ``concat_tokens``, EOS between files."""
-    from llmfoundry.command_utils import convert_text_to_mds_from_args  # type: ignore[import-untyped]
+    from llmfoundry.command_utils import convert_text_to_mds_from_args
 
     convert_text_to_mds_from_args(
         output_folder=str(out),
@@ -140,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concat-tokens", type=int, default=128, help="tokens per row (the YAMLs' max_seq_len)")
     args = parser.parse_args(argv)
 
-    from multirun.data.mds import demo_corpus_sources, prepare_dataset
-    from multirun.data.tokenizers import load_tokenizer
+    from multirun.data.mds import demo_corpus_sources
 
     out: Path = args.out_dir.expanduser().resolve()
     if out.exists() and any(out.iterdir()):
@@ -164,14 +160,6 @@ def main(argv: list[str] | None = None) -> int:
         convert_with_llmfoundry(
             out / "text" / split, out / "mds" / split, tokenizer_dir=tokenizer_dir, concat_tokens=args.concat_tokens
         )
-    prepare_dataset(
-        [out / "text" / "heldout"],
-        out / "heldout-rows",
-        load_tokenizer("huggingface", tokenizer_dir),
-        args.concat_tokens,
-        suffixes=[".txt"],
-        progress=False,
-    )
     write_llama_config(
         out / "llama", vocab_size=args.vocab_size, tokenizer_dir=tokenizer_dir, max_positions=args.concat_tokens
     )
@@ -184,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  tokenizer/      byte-level BPE, {size} tokens (<eos>, <pad>)")
     print(f"  mds/train       {count_rows(out / 'mds' / 'train')} rows of {args.concat_tokens} tokens (llm-foundry)")
     print(f"  mds/heldout     {count_rows(out / 'mds' / 'heldout')} rows of {args.concat_tokens} tokens (llm-foundry)")
-    print(f"  heldout-rows/   {count_rows(out / 'heldout-rows')} rows (multirun, for the held-out loss)")
     print("  llama/config.json, multirun.yaml")
     print(f"train with: llmfoundry train {HERE / 'mpt.yaml'} variables.data_root={out}")
     return 0

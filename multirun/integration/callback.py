@@ -18,7 +18,7 @@ Example (Python; :func:`multirun.run.parts.assemble_parts` builds the parts)::
     trainer = Trainer(..., callbacks=[MultirunCallback(parts)])
 
 On llm-foundry, :class:`multirun.integration.llmfoundry.LlmFoundryMultirunCallback`
-(the ``llmfoundry_callbacks`` entry point) gives the callback parts that are
+(the ``llmfoundry_callbacks_with_config`` entry point) gives the callback parts that are
 assembled at ``FIT_START`` from the trainer's batch size and duration.
 """
 

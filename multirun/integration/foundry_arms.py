@@ -113,7 +113,7 @@ class FoundryArms:
         if callbacks:
             raise ConfigError("extra callbacks are not supported for arms trained through llm-foundry")
         callback_registry.register(ARM_CALLBACK, func=InteractionArmCallback)
-        config = copy.deepcopy(self.train_config)
+        config = _as_given(self.train_config)
         for key in _DROPPED_KEYS:
             config.pop(key, None)
         optimizer = dict(config.get("optimizer") or {})
@@ -140,6 +140,22 @@ class FoundryArms:
                 file=checkpoint,
             )
         trainer.close()
+
+
+def _as_given(logged: dict[str, Any]) -> dict[str, Any]:
+    """The training config as a user could have written it, from llm-foundry's logged copy: without
+    what its transforms derived (per-device batch size and accumulation, GPU count, bookkeeping),
+    which its ``train`` derives again and would otherwise refuse as unused."""
+    import dataclasses
+
+    from llmfoundry.utils.config_utils import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {
+        "n_gpus",
+        "device_train_batch_size",
+        "device_train_grad_accum",
+    }
+    return {k: copy.deepcopy(v) for k, v in logged.items() if k in fields}
 
 
 def checkpoint_lr(checkpoint: Path) -> float:

@@ -107,7 +107,7 @@ def load_foundry_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[s
         with warnings.catch_warnings():
             # llm-foundry 0.22 imports pkg_resources, whose deprecation warning says nothing about this YAML.
             warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-            from llmfoundry.utils.config_utils import (  # type: ignore[import-untyped]
+            from llmfoundry.utils.config_utils import (
                 TRAIN_CONFIG_KEYS,
                 TrainConfig,
                 make_dataclass_and_log_config,

@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from composer.core import State, Time, TimeUnit
+from composer.loggers import Logger
 from composer.utils import dist
 from pydantic import ValidationError
 
@@ -55,6 +57,7 @@ from multirun.integration.callback import MultirunCallback
 from multirun.kinds.payloads import load_payload
 from multirun.run.inputs import heldout_rows, run_tokenizer
 from multirun.run.parts import RunParts, assemble_parts
+from multirun.run_dir import write_text_atomic
 from multirun.types import BatchGeometry
 
 #: Where llm-foundry's YAML holds the callback's keyword arguments; errors name keys below it.
@@ -83,7 +86,11 @@ class LlmFoundryMultirunCallback(MultirunCallback):
         data: dict | None = None,
         run_dir: str | Path | None = None,
         overwrite: bool = False,
+        train_config: Any = None,
     ) -> None:
+        # llm-foundry passes its whole training config (callbacks_with_config): kept in the run
+        # directory, so that `multirun interact` rebuilds the arms exactly as the run was built.
+        self.train_config = _plain(train_config)
         pending = DeferredParts.from_kwargs(
             config=config,
             sequence_length=sequence_length,
@@ -98,10 +105,32 @@ class LlmFoundryMultirunCallback(MultirunCallback):
         )
         super().__init__(pending, overwrite=overwrite)
 
+    def fit_start(self, state: State, logger: Logger) -> None:
+        """As :meth:`MultirunCallback.fit_start`; rank 0 also keeps the multirun config and
+        llm-foundry's training config in the run directory."""
+        super().fit_start(state, logger)
+        if dist.get_global_rank() == 0 and self.parts is not None:
+            self.parts.loaded.write(self.run_dir)
+            if self.train_config is not None:
+                write_text_atomic(self.files.llmfoundry_config, yaml.safe_dump(self.train_config, sort_keys=False))
+
+
+def _plain(config: Any) -> dict[str, Any] | None:
+    """llm-foundry's logged config (an OmegaConf container or a dict) as plain, resolved data."""
+    if config is None:
+        return None
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+    return dict(config)
+
 
 def callback_keys() -> list[str]:
-    """The keyword arguments :class:`LlmFoundryMultirunCallback` takes (the keys of ``callbacks.multirun``)."""
-    return [name for name in inspect.signature(LlmFoundryMultirunCallback.__init__).parameters if name != "self"]
+    """The keyword arguments :class:`LlmFoundryMultirunCallback` takes (the keys of ``callbacks.multirun``;
+    ``train_config`` is llm-foundry's own, reserved)."""
+    reserved = {"self", "train_config"}
+    return [name for name in inspect.signature(LlmFoundryMultirunCallback.__init__).parameters if name not in reserved]
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The callback outside `multirun train`: built from an llm-foundry YAML through the
-`llmfoundry_callbacks` entry point, and on plain tensor batches without sample ids."""
+`llmfoundry_callbacks_with_config` entry point, and on plain tensor batches without sample ids."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ callbacks:
 
 
 def test_llmfoundry_entry_point_builds_a_working_callback(tmp_path: Path, dataset: PreparedDataset) -> None:
-    (entry,) = [e for e in entry_points(group="llmfoundry_callbacks") if e.name == "multirun"]
+    (entry,) = [e for e in entry_points(group="llmfoundry_callbacks_with_config") if e.name == "multirun"]
     callback_class = entry.load()
     assert callback_class is LlmFoundryMultirunCallback and issubclass(callback_class, MultirunCallback)
     callback = callback_class(**_foundry_callback_kwargs(tmp_path))

@@ -4,7 +4,7 @@
 local BPE), and a tiny MPT from ``experiments/foundry/mpt.yaml`` trains through
 llm-foundry's command line (``python -m llmfoundry.cli.cli train``) in a subprocess:
 real llm-foundry, Composer and Streaming, the callback built from ``callbacks: multirun``
-through the ``llmfoundry_callbacks`` entry point. Only the duration, the intervals and
+through the ``llmfoundry_callbacks_with_config`` entry point. Only the duration, the intervals and
 the multirun config's repetitions and cadences are made smaller, so the worked example
 and these tests cannot drift apart.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -38,7 +40,7 @@ from multirun.plan.run_plan import RunPlan, build_run_plan
 from multirun.run.inputs import run_tokenizer
 from multirun.run_dir import read_jsonl
 from multirun.types import BatchGeometry
-from tests.support import REPO, read_json, run_cli
+from tests.support import REPO, placements, read_json, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -101,8 +103,9 @@ def _example_yaml(out: Path, root: Path, *, kill_marker: Path | None = None) -> 
     return out
 
 
-def _train(config: Path, *, data: Path, root: Path) -> subprocess.CompletedProcess:
-    """``python -m llmfoundry.cli.cli train CONFIG overrides`` with the repository importable."""
+def _train(config: Path, *, data: Path, root: Path, processes: int = 1) -> subprocess.CompletedProcess:
+    """``python -m llmfoundry.cli.cli train CONFIG overrides`` with the repository importable
+    (under Composer's launcher when ``processes`` > 1)."""
     overrides = [
         f"variables.data_root={data}",
         f"variables.save_root={root}",
@@ -120,14 +123,24 @@ def _train(config: Path, *, data: Path, root: Path) -> subprocess.CompletedProce
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",  # tiny matrices: one thread is as fast and shares a busy machine
     }
+    launcher: list[str] = []
+    if processes > 1:
+        launcher = ["-m", "composer.cli.launcher", "-n", str(processes), "--master_port", str(_free_port())]
+        launcher += ["--stdout", str(root / "out_{rank}.log"), "--stderr", str(root / "err_{rank}.log")]
     return subprocess.run(
-        [sys.executable, "-m", "llmfoundry.cli.cli", "train", str(config), *overrides],
+        [sys.executable, *launcher, "-m", "llmfoundry.cli.cli", "train", str(config), *overrides],
         cwd=root,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _tail(done: subprocess.CompletedProcess) -> str:
@@ -179,7 +192,7 @@ def plan(data: Path, straight: Trained) -> RunPlan:
 
 def _text_collator(data: Path) -> Any:
     """llm-foundry's own collator for the text loader, as mpt.yaml configures it."""
-    from llmfoundry.data.utils import get_text_collator  # type: ignore[import-untyped]
+    from llmfoundry.data.utils import get_text_collator
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
@@ -243,6 +256,16 @@ def test_ledger_reconstructs_every_injected_token_and_nothing_else_changed(
         assert row["item"] == item and row["arm"] == "treated"
         assert not injected[row["step"]][local, start:end].any()  # no two spans overlap
         injected[row["step"]][local, start:end] = True
+        # No sample ids on this path: the ledger names the overwritten row by its original content.
+        assert row["sample_id"] == -1
+        assert row["row_fingerprint"] == token_hash(original[row["step"]]["input_ids"][local].numpy())
+    assert read_json(straight.run_dir / "summary.json")["row_identity"] == {
+        "keyed_by": "content",
+        "world_size": 1,
+        "world_size_independent": True,
+        "reason": "a StreamingDataset with num_canonical_nodes=1: every world size with the same global batch size "
+        "trains on the same samples at each step",
+    }
 
     # The original capture saw llm-foundry's rows before the overwrite: rows of its MDS.
     stored = {tuple(r) for r in _mds_rows(data / "mds" / "train").tolist()}
@@ -339,3 +362,77 @@ def test_killed_run_resumed_by_llmfoundrys_autoresume_equals_the_uninterrupted_r
     assert sorted(got) == sorted(expected)
     for step, batch in got.items():
         _assert_same_batch(batch, expected[step], step=step)
+
+
+# --------------------------------------------------------------------------- ranks and interaction
+
+
+def test_two_processes_overwrite_the_same_original_rows_as_one(data: Path, straight: Trained) -> None:
+    """Composer's launcher, gloo, 2 processes, the same YAML: llm-foundry's text dataset has no
+    sample ids, so global rows are keyed by content; the ledgers must be equal, row identity included."""
+    root = data.parent / "two"
+    root.mkdir()
+    config = _example_yaml(root / "mpt.yaml", root)
+    done = _train(config, data=data, root=root, processes=2)
+    assert done.returncode == 0, _tail(done) + "".join(p.read_text()[-3000:] for p in sorted(root.glob("err_*.log")))
+    one, two = Ledger.open(straight.run_dir), Ledger.open(root / "foundry-mpt" / "multirun")
+    two.check_integrity()
+    assert set(two.table.column("rank").to_pylist()) == {0, 1}
+    static = [n for n in EXPERIMENTS if n != "knowledge"]  # controller decisions follow monitor scores
+    assert static and placements(one.table.filter(_of(one, static))) == placements(two.table.filter(_of(two, static)))
+    # Each process's captured original rows: the overwritten content is the same in both runs.
+    for rank in (0, 1):
+        for path in sorted((root / "capture" / "original" / f"rank{rank}").glob("step*.pt")):
+            batch = torch.load(path, weights_only=False)
+            step = int(path.stem.removeprefix("step"))
+            for row in two.table.filter(_at(two, step, rank)).to_pylist():
+                assert row["row_fingerprint"] == token_hash(batch["input_ids"][row["local_row"]].numpy())
+    assert read_json(root / "foundry-mpt" / "multirun" / "summary.json")["row_identity"]["world_size"] == 2
+
+
+def _of(ledger: Ledger, experiments: list[str]) -> Any:
+    import pyarrow.compute as pc
+
+    return pc.is_in(ledger.table.column("experiment").cast("string"), value_set=pa.array(experiments))
+
+
+def _at(ledger: Ledger, step: int, rank: int) -> Any:
+    import pyarrow.compute as pc
+
+    return pc.and_(pc.equal(ledger.table.column("step"), step), pc.equal(ledger.table.column("rank"), rank))
+
+
+def test_interaction_tests_run_on_the_llmfoundry_run(straight: Trained) -> None:
+    """`multirun interact` rebuilds the arms with llm-foundry from the run's llmfoundry.yaml."""
+    assert (straight.run_dir / "llmfoundry.yaml").is_file()
+    assert (straight.run_dir / "resolved_config.yaml").is_file()
+    out = straight.root / "interaction"
+    done = run_cli(
+        [
+            "interact",
+            str(straight.run_dir),
+            "--steps",
+            "4",
+            "--intensity",
+            "0.04",
+            "--lr",
+            "0.001",
+            "--experiments",
+            "memorization,poison",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        cwd=straight.root,
+        env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    matrix = read_json(out / "matrix.json")
+    assert matrix["start_step"] == STEPS and matrix["steps"] == 4
+    arms = read_json(out / "settings.json")["arms"]
+    assert {"none", "all"} <= set(arms)
+    for name, members in arms.items():
+        ledger = Ledger.open(out / "arms" / name)
+        assert set(ledger.table.column("experiment").to_pylist()) == set(members)
+        steps = set(ledger.table.column("step").to_pylist())
+        assert not members or steps <= set(range(STEPS, STEPS + 4))

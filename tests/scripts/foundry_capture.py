@@ -26,7 +26,7 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
-from llmfoundry.registry import callbacks  # type: ignore[import-untyped]
+from llmfoundry.registry import callbacks
 
 
 class CaptureBatches(Callback):
