@@ -8,7 +8,7 @@ Prints the median step time of each and their ratio, and the callback's own
 ``AFTER_DATALOADER`` time (``summary.json``'s ``injection_seconds_rank0``) per step as a
 share of the step without it.
 
-    python benchmarks/bench_foundry_step.py [--steps 60] [--rounds 2] [--data DIR] [key=value ...]
+    python benchmarks/bench_foundry_step.py [--steps 400] [--rounds 2] [--data DIR] [key=value ...]
 
 Extra ``key=value`` arguments are llm-foundry overrides (e.g. ``model.d_model=768
 model.n_layers=12 model.n_heads=12 device_train_microbatch_size=8`` for GPT-2-small
@@ -74,7 +74,8 @@ def train_once(data: Path, out: Path, *, steps: int, with_multirun: bool, overri
     multirun_block = {**doc["callbacks"]["multirun"], "config": str(out / "multirun.yaml")}
     # The timer alone, or multirun and the timer: no other callback's work in the step.
     doc["callbacks"] = {"multirun": multirun_block, TIMER: {}} if with_multirun else {TIMER: {}}
-    doc.pop("save_folder", None)
+    for key in ("save_folder", "save_interval", "autoresume"):  # no checkpoints in a timing run
+        doc.pop(key, None)
     yaml_path = out / "run.yaml"
     yaml_path.write_text(yaml.safe_dump(doc, sort_keys=False))
     args = [
@@ -93,7 +94,7 @@ def train_once(data: Path, out: Path, *, steps: int, with_multirun: bool, overri
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=400, help="the example's experiments are sized for 400")
     parser.add_argument("--rounds", type=int, default=2, help="with/without pairs, alternated")
     parser.add_argument("--data", type=Path, help="prepare.py's output (default: made in a temporary folder)")
     parser.add_argument("overrides", nargs="*", help="llm-foundry key=value overrides")
