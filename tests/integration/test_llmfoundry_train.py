@@ -114,8 +114,11 @@ def _train(config: Path, *, data: Path, root: Path, processes: int = 1) -> subpr
         "console_log_interval=10ba",
         "python_log_level=warning",
     ]
+    # Another test in this process may have left torch.distributed's variables behind
+    # (WORLD_SIZE=1 would stop the launcher starting 2 processes): each run starts clean.
+    distributed = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"}
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in distributed},
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "PYTHONUNBUFFERED": "1",
         "HF_HUB_OFFLINE": "1",  # the tokenizer and the model are local; never reach for the Hub
