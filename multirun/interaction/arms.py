@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ from multirun.interaction.matrix import build_matrix, design, write_matrix
 from multirun.kinds.experiments import build_experiments
 from multirun.measure.records import EvaluationRecord
 from multirun.plan.run_plan import RunPlan, plan_experiments
+from multirun.run.continuation import checkpoint_step
 from multirun.run.inputs import heldout_rows, resolve_dataset, run_geometry, run_tokenizer
 from multirun.run.parts import RunParts, assemble_parts
 from multirun.run.trainer import build_model, build_optimizer, train_dataloader, trainer_settings
@@ -89,17 +89,6 @@ def find_checkpoint(run_dir: Path, explicit: str | Path | None = None, *, latest
         "checkpoints/latest-rank0.pt); pass --checkpoint",
         file=run_dir,
     )
-
-
-def checkpoint_step(path: Path) -> int:
-    """The training step a Composer checkpoint was taken at (from its name, else its content)."""
-    match = re.search(r"ba(\d+)", path.name)
-    if match:
-        return int(match.group(1))
-    import torch
-
-    timestamp = torch.load(path, map_location="cpu", weights_only=False)["state"]["timestamp"]
-    return int(timestamp.get("Timestamp", timestamp)["batch"])
 
 
 def participants_of(loaded: LoadedConfig, settings: InteractionConfig) -> list[str]:

@@ -43,6 +43,15 @@ class RunPlan:
     eos_token_id: int | None
     config_fingerprint: str
     sequence_hashes: list[np.ndarray]
+    # The static schedule's horizon: the run's first duration, kept when an extension adds
+    # steps (multirun/run/continuation.py); None = geometry.num_steps.
+    static_steps: int | None = None
+    durations: tuple[int, ...] = ()
+
+    @property
+    def static_horizon(self) -> int:
+        """Steps the static schedule was planned over (the run's first duration)."""
+        return self.geometry.num_steps if self.static_steps is None else self.static_steps
 
     @property
     def spans(self) -> SpanTable:
@@ -52,11 +61,14 @@ class RunPlan:
     def fingerprint(self) -> str:
         """Identifies what will be injected: config, payloads and geometry.
 
-        A checkpoint taken under one plan cannot be resumed under another.
+        A checkpoint taken under one plan cannot be resumed under another. The geometry
+        enters with the static horizon as its step count, so an extension (more steps,
+        the same static schedule) keeps the fingerprint.
         """
         h = xxhash.xxh64()
         h.update(self.config_fingerprint.encode())
-        h.update(json.dumps(self.geometry.__dict__, sort_keys=True).encode())
+        planned = {**self.geometry.__dict__, "num_steps": self.static_horizon}
+        h.update(json.dumps(planned, sort_keys=True).encode())
         for experiment in self.experiments:
             h.update(experiment.fingerprint.encode())
         return h.hexdigest()
@@ -147,6 +159,8 @@ class RunPlan:
             "config_fingerprint": self.config_fingerprint,
             "seed": self.seed,
             "geometry": dict(self.geometry.__dict__),
+            "static_steps": self.static_horizon,
+            "durations": list(self.durations or (self.geometry.num_steps,)),
             "experiments": experiments,
         }
 
@@ -159,16 +173,32 @@ class RunPlan:
         write_json_atomic(files.arms, arms_record(self.experiments))
 
 
-def build_run_plan(loaded: LoadedConfig, *, tokenizer: Tokenizer, geometry: BatchGeometry) -> RunPlan:
-    """Prepare every experiment of the config and plan its spans."""
+def build_run_plan(
+    loaded: LoadedConfig,
+    *,
+    tokenizer: Tokenizer,
+    geometry: BatchGeometry,
+    static_steps: int | None = None,
+    durations: Sequence[int] = (),
+) -> RunPlan:
+    """Prepare every experiment of the config and plan its spans.
+
+    ``static_steps``: plan the static schedule over the first ``static_steps`` steps only
+    (an extended run keeps its first duration's schedule; placements in fractions of
+    the run resolve against it); ``durations``: the run's launches so far, for the manifest.
+    """
     config = loaded.config
-    experiments = build_experiments(loaded, tokenizer=tokenizer, geometry=geometry)
+    if static_steps is not None and not 0 < static_steps <= geometry.num_steps:
+        raise ValueError(f"static_steps={static_steps} outside 1..{geometry.num_steps}")
+    horizon = geometry if static_steps is None else replace(geometry, num_steps=static_steps)
+    experiments = build_experiments(loaded, tokenizer=tokenizer, geometry=horizon)
     for spec, experiment in zip(config.experiments, experiments):
         if not spec.inject or spec.controller is not None:
             # A negative control (its arms measured, its treated items never injected), or a
             # controlled experiment, whose spans its controller places while training runs.
             experiment.seq_repetitions = np.zeros_like(experiment.seq_repetitions)
-    return plan_experiments(loaded, experiments, tokenizer=tokenizer, geometry=geometry)
+    plan = plan_experiments(loaded, experiments, tokenizer=tokenizer, geometry=horizon)
+    return replace(plan, geometry=geometry, static_steps=horizon.num_steps, durations=tuple(durations))
 
 
 def plan_experiments(

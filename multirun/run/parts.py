@@ -27,6 +27,7 @@ from multirun.control.loop import ControlLoop, build_control_loop
 from multirun.data.tokenizers import Tokenizer
 from multirun.measure.runner import MonitorRunner, build_monitors
 from multirun.plan.run_plan import RunPlan, build_run_plan
+from multirun.run.continuation import Continuation
 from multirun.types import BatchGeometry, EmbeddingNoise
 
 
@@ -89,6 +90,7 @@ def assemble_parts(
     heldout: np.ndarray | None = None,
     plan: RunPlan | None = None,
     controlled: bool = True,
+    continuation: Continuation | None = None,
 ) -> RunParts:
     """Build and validate a run's parts; raises :class:`~multirun.errors.ConfigError` on bad options.
 
@@ -100,10 +102,18 @@ def assemble_parts(
         heldout: token rows for the held-out loss (None: no held-out loss).
         plan: an already built plan (the interaction tests plan their own); default: the config's.
         controlled: build the experiments' controllers (the interaction arms run without).
+        continuation: what the run directory already holds (an extension keeps its first
+            duration's static schedule); None: a fresh run.
     """
     run_dir = Path(run_dir)
     if plan is None:
-        plan = build_run_plan(loaded, tokenizer=tokenizer, geometry=geometry)
+        plan = build_run_plan(
+            loaded,
+            tokenizer=tokenizer,
+            geometry=geometry,
+            static_steps=None if continuation is None else continuation.static_steps,
+            durations=() if continuation is None else continuation.durations,
+        )
     entries = build_monitors(loaded, plan, tokenizer)
     control = None
     if controlled:

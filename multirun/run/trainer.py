@@ -28,6 +28,7 @@ from multirun.data.mds import PreparedDataset, build_dataloader
 from multirun.data.tokenizers import Tokenizer
 from multirun.integration.callback import MultirunCallback
 from multirun.plan.run_plan import RunPlan
+from multirun.run.continuation import continuation_of
 from multirun.run.inputs import heldout_rows, resolve_dataset, run_dir_of, run_geometry, run_tokenizer
 from multirun.run.model import build_gpt2
 from multirun.run.parts import RunParts, assemble_parts
@@ -87,12 +88,14 @@ def prepare_run(
     tokenizer = run_tokenizer(loaded)
     dataset = resolve_dataset(loaded, tokenizer, progress=progress)
     geometry = run_geometry(loaded, dataset)
+    continuation = continuation_of(run_dir, geometry, autoresume=config.train.autoresume, overwrite=overwrite)
     parts = assemble_parts(
         loaded,
         tokenizer=tokenizer,
         geometry=geometry,
         run_dir=run_dir,
         heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
+        continuation=continuation,
     )
     if dist.get_global_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ def _from_composer_checkpoint(path: Path) -> LoadedWeights:
     hf_state = state.get("integrations", {}).get("huggingface")
     if hf_state is None or "model" not in state:
         raise ResumeError("not a Composer checkpoint of a Hugging Face model (no integrations.huggingface)", file=path)
-    model = HuggingFaceModel.load_huggingface_model_from_saved_state(hf_state, checkpoint, None, {})
+    model: Any = HuggingFaceModel.load_huggingface_model_from_saved_state(hf_state, checkpoint, None, {})
     tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state)
     # HuggingFaceModel keeps the transformers model under ``model.``.
     weights = {key.removeprefix("model."): value for key, value in state["model"].items()}

@@ -79,3 +79,21 @@ def test_resume_with_other_experiments_is_refused(tmp_path: Path, dataset: Prepa
     changed = run_cli(["train", str(config), "--no-progress", "--set", "experiments.0.repetitions=2"], cwd=tmp_path)
     assert changed.returncode != 0
     assert "other experiments" in changed.stdout + changed.stderr
+
+
+def test_extending_an_interrupted_run_keeps_every_planned_span(
+    tmp_path: Path, dataset: PreparedDataset, uninterrupted: Ledger
+) -> None:
+    # Planned for 24 steps, killed at 13, relaunched for 32: the static schedule stays the
+    # 24-step one, for the steps trained before the kill and for those still ahead.
+    config = run_config(tmp_path, dataset, steps=STEPS, save_interval="8ba", name="extended")
+    assert _fail_at(config, 13, "kill").returncode == -signal.SIGKILL
+    longer = run_cli(["train", str(config), "--no-progress", "--set", "train.max_duration=32ba"], cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    run_dir = tmp_path / "extended"
+    ledger = Ledger.open(run_dir)
+    ledger.check_integrity()
+    assert placements(ledger.table) == placements(uninterrupted.table)
+    manifest = read_json(run_dir / "manifest.json")
+    assert (manifest["static_steps"], manifest["durations"]) == (STEPS, [STEPS, 32])
+    assert read_json(run_dir / "summary.json")["steps_trained"] == 32

@@ -300,7 +300,8 @@ def test_train_runs_the_interaction_tests_when_the_run_declares_them(tmp_path: P
 
 @pytest.mark.e2e
 def test_checkpoint_step_reads_a_renamed_checkpoint(tmp_path: Path, dataset: PreparedDataset) -> None:
-    from multirun.interaction.arms import checkpoint_step, find_checkpoint
+    from multirun.interaction.arms import find_checkpoint
+    from multirun.run.continuation import checkpoint_step
 
     run_dir = _trained_run_dir(tmp_path, dataset, save_interval="8ba")
     latest = run_dir / "checkpoints" / "latest-rank0.pt"
