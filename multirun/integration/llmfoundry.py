@@ -55,6 +55,7 @@ from multirun.data.tokenizers import Tokenizer
 from multirun.errors import ConfigError, InputError
 from multirun.integration.callback import MultirunCallback
 from multirun.kinds.payloads import load_payload
+from multirun.run.continuation import Continuation, continuation_of
 from multirun.run.inputs import heldout_rows, run_tokenizer
 from multirun.run.parts import RunParts, assemble_parts
 from multirun.run_dir import write_text_atomic
@@ -243,13 +244,25 @@ class DeferredParts:
             raise ConfigError("the train dataloader has no batch_size; multirun needs a fixed batch size")
         global_batch = int(per_rank) * dist.get_world_size()
         steps = steps_in_duration(state, global_batch, self.sequence_length)
-        return self.assemble_for(BatchGeometry(global_batch, self.sequence_length, steps))
+        geometry = BatchGeometry(global_batch, self.sequence_length, steps)
+        # Composer's autoresume has loaded its checkpoint by now: a longer max_duration
+        # extends the run (multirun/run/continuation.py).
+        resumed = int(state.timestamp.batch)
+        continuation = continuation_of(
+            self.run_dir, geometry, autoresume=resumed > 0, overwrite=False, resume_step=resumed
+        )
+        return self.assemble_for(geometry, continuation)
 
-    def assemble_for(self, geometry: BatchGeometry) -> RunParts:
+    def assemble_for(self, geometry: BatchGeometry, continuation: Continuation | None = None) -> RunParts:
         """The run's parts for ``geometry``: :func:`~multirun.run.parts.assemble_parts`, errors located in the block."""
         try:
             return assemble_parts(
-                self.loaded, tokenizer=self.tokenizer, geometry=geometry, run_dir=self.run_dir, heldout=self.heldout
+                self.loaded,
+                tokenizer=self.tokenizer,
+                geometry=geometry,
+                run_dir=self.run_dir,
+                heldout=self.heldout,
+                continuation=continuation,
             )
         except InputError as exc:
             raise _located(exc, file=self.file, key=BLOCK if self.inline else f"{BLOCK}.config") from None

@@ -56,9 +56,18 @@ class Continuation:
 
 
 def continuation_of(
-    run_dir: str | os.PathLike[str], geometry: BatchGeometry, *, autoresume: bool, overwrite: bool
+    run_dir: str | os.PathLike[str],
+    geometry: BatchGeometry,
+    *,
+    autoresume: bool,
+    overwrite: bool,
+    resume_step: int | None = None,
 ) -> Continuation:
     """Read the run directory (rank 0; the others receive its answer) and decide.
+
+    ``resume_step``: the step the trainer has already loaded (the llm-foundry path decides
+    at ``FIT_START``, after Composer's autoresume); None: the step of the run directory's
+    latest checkpoint, which ``multirun train``'s autoresume will load.
 
     Raises:
         ResumeError: the launch would train nothing or drop planned steps.
@@ -66,7 +75,9 @@ def continuation_of(
     answer: list[Continuation | ResumeError | None] = [None]
     if dist.get_global_rank() == 0:
         try:
-            answer[0] = _decide(RunDir(run_dir), geometry, autoresume=autoresume, overwrite=overwrite)
+            answer[0] = _decide(
+                RunDir(run_dir), geometry, autoresume=autoresume, overwrite=overwrite, resume_step=resume_step
+            )
         except ResumeError as exc:
             answer[0] = exc
     if dist.get_world_size() > 1:
@@ -89,17 +100,22 @@ def checkpoint_step(path: str | os.PathLike[str]) -> int:
     return int(timestamp.get("Timestamp", timestamp)["batch"])
 
 
-def _decide(files: RunDir, geometry: BatchGeometry, *, autoresume: bool, overwrite: bool) -> Continuation:
+def _decide(
+    files: RunDir, geometry: BatchGeometry, *, autoresume: bool, overwrite: bool, resume_step: int | None
+) -> Continuation:
     steps = geometry.num_steps
     fresh = Continuation(static_steps=steps, durations=(steps,), resume_step=0)
-    latest = files.latest_checkpoint
-    if overwrite or not autoresume or not files.manifest.is_file() or not latest.exists():
-        return fresh  # nothing to continue: Composer starts at step 0
+    if resume_step is None:
+        latest = files.latest_checkpoint
+        if overwrite or not autoresume or not latest.exists():
+            return fresh  # nothing to continue: Composer starts at step 0
+        resume_step = checkpoint_step(latest.resolve())
+    if resume_step == 0 or not files.manifest.is_file():
+        return fresh
     manifest = json.loads(files.manifest.read_text())
     planned = int(manifest.get("geometry", {}).get("num_steps", steps))
     static = int(manifest.get("static_steps", planned))
     durations = tuple(int(d) for d in manifest.get("durations", [planned]))
-    resume_step = checkpoint_step(latest.resolve())
     if resume_step >= steps:
         finished = " finished" if files.summary.exists() else ""
         raise ResumeError(

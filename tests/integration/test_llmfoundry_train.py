@@ -17,6 +17,7 @@ the batches as llm-foundry made them and as the model trained on them. Exact pro
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 import torch
 import yaml
@@ -102,13 +104,15 @@ def _example_yaml(out: Path, root: Path, *, kill_marker: Path | None = None) -> 
     return out
 
 
-def _train(config: Path, *, data: Path, root: Path, processes: int = 1) -> subprocess.CompletedProcess:
+def _train(
+    config: Path, *, data: Path, root: Path, processes: int = 1, steps: int = STEPS
+) -> subprocess.CompletedProcess:
     """``python -m llmfoundry.cli.cli train CONFIG overrides`` with the repository importable
     (under Composer's launcher when ``processes`` > 1)."""
     overrides = [
         f"variables.data_root={data}",
         f"variables.save_root={root}",
-        f"max_duration={STEPS}ba",
+        f"max_duration={steps}ba",
         f"save_interval={SAVE_EVERY}ba",
         "save_num_checkpoints_to_keep=-1",
         "console_log_interval=10ba",
@@ -364,6 +368,27 @@ def test_killed_run_resumed_by_llmfoundrys_autoresume_equals_the_uninterrupted_r
     assert sorted(got) == sorted(expected)
     for step, batch in got.items():
         _assert_same_batch(batch, expected[step], step=step)
+
+
+def test_a_longer_max_duration_extends_the_finished_run(data: Path, straight: Trained) -> None:
+    root = data.parent / "extended"
+    shutil.copytree(straight.root, root, symlinks=True)
+    longer = _train(root / "mpt.yaml", data=data, root=root, steps=STEPS + 8)
+    assert longer.returncode == 0, _tail(longer)
+    run_dir = root / "foundry-mpt" / "multirun"
+    assert read_json(run_dir / "summary.json")["steps_trained"] == STEPS + 8
+    manifest = read_json(run_dir / "manifest.json")
+    assert (manifest["static_steps"], manifest["durations"]) == (STEPS, [STEPS, STEPS + 8])
+    before = Ledger.open(straight.run_dir).table
+    after = Ledger.open(run_dir).table
+    # Every span of the 40 trained steps is where it was; only a controller may add spans later.
+    old = after.filter(pc.less(after.column("step"), STEPS))
+    assert old.to_pylist() == before.to_pylist()
+    assert set(after.filter(pc.greater_equal(after.column("step"), STEPS)).column("experiment").to_pylist()) <= {
+        spec["name"]
+        for spec in yaml.safe_load((data / "multirun.yaml").read_text())["experiments"]
+        if spec.get("controller")
+    }
 
 
 # --------------------------------------------------------------------------- ranks and interaction
