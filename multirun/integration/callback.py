@@ -34,7 +34,7 @@ import torch
 from composer.callbacks import CheckpointSaver
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
-from composer.utils import dist
+from composer.utils import dist, reproducibility
 
 from multirun.control.loop import ControlLoop
 from multirun.data.order import DataOrder, data_order
@@ -56,7 +56,7 @@ from multirun.measure.live_model import unwrap_model
 from multirun.measure.runner import MonitorRunner
 from multirun.plan.run_plan import RunPlan
 from multirun.run.parts import RunParts
-from multirun.run_dir import RunDir, append_jsonl, truncate_jsonl, write_json_atomic
+from multirun.run_dir import RunDir, append_jsonl, read_jsonl, truncate_jsonl, write_json_atomic
 from multirun.types import BatchGeometry
 
 STATE_FORMAT = 1
@@ -95,6 +95,7 @@ class MultirunCallback(Callback):
         self._interaction_trigger: dict[str, Any] | None = None
         self._writer: LedgerWriter | None = None
         self._loaded_state: dict[str, Any] | None = None
+        self._rng_at_first_batch: list[dict[str, Any]] | None = None
         self._missed_spans: dict[str, int] = {}
         self._checked_geometry = False
         self._injection_seconds = 0.0
@@ -131,6 +132,12 @@ class MultirunCallback(Callback):
             "missed_spans": dict(self._missed_spans),
             "controllers": self.control.state_json() if self.control is not None else "",
             "interaction_trigger": json.dumps(self._interaction_trigger) if self._interaction_trigger else "",
+            # Every rank's RNG states, gathered as Composer gathers its own for the checkpoint
+            # (state_dict runs on every rank at a save). Composer restores its copy only when
+            # a run resumes at an epoch boundary, or while spinning a dataloader; a Streaming
+            # dataset resumes mid-epoch without spinning, so dropout would draw other masks
+            # after the resume. See after_dataloader.
+            "rng": reproducibility.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -186,6 +193,9 @@ class MultirunCallback(Callback):
             monitors.truncate(after_step=step if step > 0 else -1)
         if step == 0 and monitors.config.at_fit_start:
             self._evaluate(state, None, step=0, when="fit_start")
+        rng = (self._loaded_state or {}).get("rng")
+        if step > 0 and int(state.timestamp.batch_in_epoch) > 0 and rng:
+            self._rng_at_first_batch = rng
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
         """Overwrite this step's spans in the host batch (before Composer splits
@@ -194,6 +204,13 @@ class MultirunCallback(Callback):
         plan = self.parts.plan
         started = time.perf_counter()
         step = int(state.timestamp.batch)
+        if self._rng_at_first_batch is not None:
+            # Resumed mid-epoch: the new dataloader iterator has drawn its base seed from
+            # torch's RNG, which the uninterrupted run drew at the epoch's start. Restoring
+            # here, once the batch is drawn, leaves the RNG as the uninterrupted run has it
+            # at this point (Composer restores before the draw only at an epoch boundary).
+            reproducibility.load_rng_state(self._rng_at_first_batch)
+            self._rng_at_first_batch = None
         self._microbatch_first_row = 0
         if self._noise_hook is not None:
             self._noise_hook.clear()
@@ -470,7 +487,11 @@ class MultirunCallback(Callback):
             ]
             summary["heldout_loss"] = heldout[0] if heldout else None
             summary["monitor_seconds"] = round(self.monitors.seconds, 6)
-            summary["monitor_evaluations"] = self.monitors.evaluations
+            # Counted from metrics.jsonl, not this process's evaluations: a resumed run
+            # reports the same number as an uninterrupted one.
+            summary["monitor_evaluations"] = len(
+                {(r.get("step"), r.get("when")) for r in read_jsonl(self.files.metrics)}
+            )
             summary["monitor_seconds_by_part"] = {
                 k: round(v, 6) for k, v in sorted(self.monitors.seconds_by_part.items())
             }
