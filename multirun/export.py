@@ -43,7 +43,7 @@ from multirun.ledger import Ledger, token_hash
 from multirun.run_dir import RunDir, atomic_path, write_json_atomic
 from multirun.types import BatchGeometry, PreparedExperiment
 
-__all__ = ["INSERT_COLUMNS", "ExportResult", "RunContents", "export_run", "inserts_table", "open_run"]
+__all__ = ["INSERT_COLUMNS", "ExportResult", "RunContents", "export_run", "inserts_table", "open_run", "save_tokenizer"]
 
 #: The inserts dataset's columns, in order.
 INSERT_COLUMNS: dict[str, pa.DataType] = {
@@ -274,7 +274,7 @@ def export_run(
     weights = load_weights(source)
     model_dir = out_dir / "model"
     weights.model.save_pretrained(model_dir)
-    tokenizer_source = _save_tokenizer(weights.tokenizer, contents.tokenizer, model_dir)
+    tokenizer_source = save_tokenizer(weights.tokenizer, contents.tokenizer, model_dir)
 
     inserts = inserts_table(contents, before_step=weights.step)
     with atomic_path(out_dir / "inserts.parquet") as tmp:
@@ -338,7 +338,7 @@ def _prepare_out(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _save_tokenizer(saved: Any | None, run_tokenizer: Tokenizer, model_dir: Path) -> str | None:
+def save_tokenizer(saved: Any | None, run_tokenizer: Tokenizer, model_dir: Path) -> str | None:
     """Save the checkpoint's tokenizer, else the run's Hugging Face tokenizer; return which, or None."""
     if saved is not None:
         saved.save_pretrained(model_dir)
