@@ -8,6 +8,8 @@ Commands::
     multirun prepare OUT SOURCE... --sequence-length N [--tokenizer PATH]   text -> MDS
     multirun ledger RUN_DIR [--experiment E] [--item I] [--steps A:B] [--export FILE]
     multirun report RUN_DIR [--baseline OTHER_RUN] [--out DIR]   HTML + Markdown report with plots
+    multirun export RUN_DIR [--checkpoint PATH] [--out DIR]   HF model + tokenizer, inserted items as a dataset
+    multirun inspect RUN_DIR --step T [--rows R,..] [--html FILE]   step T's rows with the injected spans marked
     multirun payload fingerprint DIR                 recompute a payload package's file fingerprints
     multirun payload check DIR                       verify a payload package
 """
@@ -119,6 +121,22 @@ def _parser() -> argparse.ArgumentParser:
     interact.add_argument("--out", help="output folder (default RUN_DIR/interaction)")
     interact.add_argument("--no-progress", action="store_true", help="no line per arm")
     interact.set_defaults(handler=_interact)
+
+    export = commands.add_parser(
+        "export", help="the trained model and tokenizer in Hugging Face format, and the inserted items as a dataset"
+    )
+    export.add_argument("run_dir")
+    export.add_argument("--checkpoint", help="Composer checkpoint or HF folder (default: checkpoints/latest-rank0.pt)")
+    export.add_argument("--out", help="output folder (default RUN_DIR/export)")
+    export.set_defaults(handler=_export)
+
+    inspect = commands.add_parser("inspect", help="the rows of one step as the model trained on them, spans marked")
+    inspect.add_argument("run_dir")
+    inspect.add_argument("--step", type=int, required=True, help="global step (0-based)")
+    inspect.add_argument("--rows", help="comma-separated global rows to show (default: all)")
+    inspect.add_argument("--html", help="also write a standalone HTML page here")
+    inspect.add_argument("--width", type=int, help="terminal width for the coloured output")
+    inspect.set_defaults(handler=_inspect)
 
     payload = commands.add_parser("payload", help="payload package tools")
     payload.add_argument("action", choices=["fingerprint", "check"])
@@ -329,6 +347,46 @@ def _payload(args: argparse.Namespace) -> int:
         console.print(f"updated fingerprints in {Path(args.path) / 'payload.yaml'}")
     package = load_payload(str(Path(args.path).resolve()), base_dir=Path.cwd())
     console.print(f"{package.name} {package.version} ({package.kind}): ok, fingerprint {package.fingerprint}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from multirun.export import export_run
+
+    result = export_run(args.run_dir, checkpoint=args.checkpoint, out=args.out)
+    inserts = result.manifest["inserts"]
+    step = "" if result.step is None else f" (step {result.step})"
+    console.print(f"model: [bold]{result.model_dir}[/] from {result.checkpoint}{step}", highlight=False)
+    if result.tokenizer_written:
+        console.print(f"tokenizer: saved with the model, from the {result.tokenizer_source}", highlight=False)
+    else:
+        console.print(f"[yellow]tokenizer: {result.manifest['tokenizer']['note']}[/]", highlight=False)
+    console.print(
+        f"inserts: {inserts['rows']} items ({inserts['treated_items']} treated, {inserts['exposures']} exposures) "
+        f"in {result.out_dir / 'inserts.parquet'} and inserts.jsonl; manifest: export_manifest.json",
+        highlight=False,
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from multirun.batch_view import render_plain, render_rich, view_step, write_html
+
+    rows = None
+    if args.rows:
+        try:
+            rows = [int(r) for r in args.rows.split(",") if r.strip()]
+        except ValueError as exc:
+            raise InputError(f"--rows must be comma-separated integers, got {args.rows!r}", key="--rows") from exc
+    view = view_step(args.run_dir, args.step)
+    if sys.stdout.isatty() or args.width is not None:
+        terminal = Console(width=args.width)
+        for renderable in render_rich(view, rows):
+            terminal.print(renderable)
+    else:  # a pipe or a log: exact text, unwrapped, spans as ⟦experiment/item: text⟧
+        sys.stdout.write(render_plain(view, rows))
+    if args.html:
+        console.print(f"HTML: [bold]{write_html(view, args.html, rows)}[/]", highlight=False)
     return 0
 
 
