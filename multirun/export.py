@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,9 @@ def open_run(run_dir: str | os.PathLike[str]) -> RunContents:
     loaded = load_config(files.resolved_config)
     tokenizer = run_tokenizer(loaded)
     geometry = BatchGeometry(**manifest["geometry"])
-    experiments = build_experiments(loaded, tokenizer=tokenizer, geometry=geometry)
+    # An extended run prepared its experiments over its first duration (the static horizon).
+    horizon = replace(geometry, num_steps=int(manifest.get("static_steps", geometry.num_steps)))
+    experiments = build_experiments(loaded, tokenizer=tokenizer, geometry=horizon)
     recorded = {e["name"]: e["fingerprint"] for e in manifest["experiments"]}
     for experiment in experiments:
         if recorded.get(experiment.name) != experiment.fingerprint:

@@ -96,3 +96,10 @@ def test_an_extension_keeps_every_span_and_is_deterministic(finished: tuple[Path
     assert [r["loss"] for r in read_jsonl(second / "training.jsonl")] == losses
     evaluated = [r for r in read_jsonl(first / "metrics.jsonl") if r.get("step") == LONGER]
     assert evaluated, "monitors run at the end of the extension"
+
+    # The run reads back over its whole length: a step with spans, a step of the extension.
+    for step in (int(before.table.column("step")[0].as_py()), LONGER - 1):
+        shown = run_cli(["inspect", str(first), "--step", str(step)], cwd=tmp_path)
+        assert shown.returncode == 0, shown.stdout[-2000:] + shown.stderr[-2000:]
+    exported = run_cli(["export", str(first)], cwd=tmp_path)
+    assert exported.returncode == 0, exported.stdout[-2000:] + exported.stderr[-2000:]
