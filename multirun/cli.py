@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     ledger.add_argument("run_dir")
     ledger.add_argument("--experiment")
     ledger.add_argument("--item")
-    ledger.add_argument("--steps", help="half-open step range A:B")
+    ledger.add_argument("--steps", help="half-open step range A:B (0 <= A < B)")
     ledger.add_argument("--rank", type=int)
     ledger.add_argument("--limit", type=int, default=20, help="rows to print for a query")
     ledger.add_argument("--export", help="write the (filtered) rows to .parquet, .csv or .jsonl")
@@ -434,6 +434,7 @@ def _print_effects(effects: list[dict], *, alpha: float) -> None:
 
 
 def _print_rows(table: pa.Table, limit: int) -> None:
+    # The columns docs/ledger.md explains; export for all of them (local_row, arm, row_fingerprint...).
     columns = [
         "step",
         "rank",
@@ -443,6 +444,7 @@ def _print_rows(table: pa.Table, limit: int) -> None:
         "length",
         "experiment",
         "item",
+        "sequence",
         "repetition",
         "token_hash",
     ]
