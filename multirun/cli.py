@@ -114,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     interact.add_argument("--leave-one-out", action="store_true", help="add the all-but-one arms")
     interact.add_argument("--lr", type=float, help="constant learning rate of the arms (default: the checkpoint's)")
-    interact.add_argument("--alpha", type=float, help="significance level after Holm correction (default 0.05)")
+    interact.add_argument(
+        "--alpha", type=float, help="significance level after Holm correction (default interaction.alpha, 0.05)"
+    )
     _add_overrides(interact)
     interact.add_argument("--out", help="output folder (default RUN_DIR/interaction)")
     interact.add_argument("--no-progress", action="store_true", help="no line per arm")
@@ -288,25 +290,33 @@ def _print_interaction(result: InteractionResult) -> None:
         f"{len(result.arms)} arms x {matrix.get('steps')} steps from step {result.start_step} "
         f"({result.checkpoint}) in {result.seconds:.0f} s"
     )
-    table = Table(title="interaction matrix: change in each experiment's treated-control gap (vs the baseline arm)")
-    for column in ("arm", "measured", "effect", "95% CI", "p", "p (Holm)", "verdict"):
+    from multirun.report.sections import INTERACTION_ALPHA_KEY
+
+    alpha = matrix.get("alpha")
+    at = f"alpha {alpha:g} from {INTERACTION_ALPHA_KEY}" if isinstance(alpha, (int, float)) else INTERACTION_ALPHA_KEY
+    table = Table(
+        title="interaction matrix: change in each experiment's treated-control gap (vs the baseline arm); "
+        f"verdict at {at}, Holm within each family"
+    )
+    for column in ("arm", "measured", "verdict", "p (Holm)", "p", "effect", "95% CI"):
         table.add_column(column, justify="right" if column in ("effect", "95% CI", "p", "p (Holm)") else "left")
     for c in matrix["cells"]:
         if "error" in c:
-            table.add_row(c["arm"], c["experiment"], "", "", "", "", f"[red]{c['error']}[/]")
+            table.add_row(c["arm"], c["experiment"], f"[red]{c['error']}[/]")
             continue
         if c["significant"]:
-            verdict = "[red]interaction[/]" if c["family"] == "off_diagonal" else "[green]effect[/]"
+            # Off the diagonal a significant cell is an interaction; on it, the experiment's own effect.
+            verdict = "[red]significant (interaction)[/]" if c["family"] == "off_diagonal" else "[green]significant[/]"
         else:
-            verdict = "-"
+            verdict = "not significant"
         table.add_row(
             c["arm"],
             f"{c['experiment']}" + (" (own)" if c["diagonal"] else ""),
+            verdict,
+            format_p(c.get("p_holm")) if c.get("p_holm") is not None else "",
+            format_p(c.get("p_value")),
             _sig(c.get("effect")),
             f"[{_sig(c.get('ci_low'))}, {_sig(c.get('ci_high'))}]",
-            format_p(c.get("p_value")),
-            format_p(c.get("p_holm")) if c.get("p_holm") is not None else "",
-            verdict,
         )
     console.print(table)
     console.print(f"[bold]{matrix['verdict']}[/]")
@@ -389,46 +399,44 @@ def _print_ledger_summary(rows: list[dict]) -> None:
 
 
 def _print_effects(effects: list[dict], *, alpha: float) -> None:
-    """Each experiment's metrics against its controls, with raw and Holm-corrected p-values."""
+    """Each experiment's metrics against its controls: verdict and p-values first, as in the report."""
     from multirun.measure.stats import format_p
+    from multirun.report.sections import MONITORING_ALPHA_KEY, verdict_of
 
-    table = Table(title=f"effects against never-injected controls (verdict at alpha {alpha}, Holm-corrected)")
+    table = Table(
+        title=f"effects against never-injected controls (verdict at alpha {alpha:g} from {MONITORING_ALPHA_KEY}, "
+        "on the Holm-corrected p; without one, on the raw p, marked uncorrected)"
+    )
     for column in (
         "experiment",
         "metric",
         "group",
-        "treated",
-        "control",
+        "verdict",
+        "p (Holm)",
+        "p",
         "effect",
         "95% CI",
-        "p",
-        "p (Holm)",
-        "test",
-        "verdict",
+        "treated",
+        "control",
     ):
-        table.add_column(
-            column, justify="left" if column in ("experiment", "metric", "group", "test", "verdict") else "right"
-        )
+        table.add_column(column, justify="left" if column in ("experiment", "metric", "group", "verdict") else "right")
     for r in effects:
         if "error" in r:
-            table.add_row(
-                r["experiment"], r.get("monitor", ""), "", "", "", "", "", "", "", "", f"[red]failed: {r['error']}[/]"
-            )
+            table.add_row(r["experiment"], r.get("monitor", ""), "", f"[red]failed: {r['error']}[/]")
             continue
         holm = r.get("p_holm")
-        verdict = "" if holm is None else ("[green]effect[/]" if holm < alpha else "no effect")
+        text, cls = verdict_of(holm, r.get("p_value"), alpha)
         table.add_row(
             r["experiment"],
             r["metric"],
             r.get("group") or "",
-            _fmt(r.get("treated_mean")),
-            _fmt(r.get("control_mean")),
+            f"[green]{text}[/]" if cls == "sig" else text,
+            format_p(holm) if holm is not None else "",
+            format_p(r.get("p_value")),
             _fmt(r.get("effect")),
             f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]",
-            format_p(r.get("p_value")),
-            format_p(holm) if holm is not None else "",
-            r.get("test", ""),
-            verdict,
+            _fmt(r.get("treated_mean")),
+            _fmt(r.get("control_mean")),
         )
     console.print(table)
 

@@ -38,9 +38,12 @@ def resolve_dataset(loaded: LoadedConfig, tokenizer: Tokenizer, *, progress: boo
             file=loaded.source,
             key="data.sequence_length",
         )
-    if info.tokenizer != tokenizer.name:
+    # Identity is the tokenizer's fingerprint (its files' content), not how its path was
+    # spelled: 'hf:tok' and 'hf:/abs/tok' are the same tokenizer when the files are equal.
+    if info.tokenizer_fingerprint != tokenizer.fingerprint():
         raise ConfigError(
-            f"the dataset at {info.path} was tokenized with {info.tokenizer!r}, the run uses {tokenizer.name!r}",
+            f"the dataset at {info.path} was tokenized with {info.tokenizer!r} (fingerprint "
+            f"{info.tokenizer_fingerprint}), the run uses {tokenizer.name!r} (fingerprint {tokenizer.fingerprint()})",
             file=loaded.source,
             key="data.path",
         )

@@ -1,0 +1,222 @@
+"""The frictions of issue 15, item 7: each test fails without its fix.
+
+Ledger queries that name what is unknown, tokenizer identity by fingerprint, the
+report's and the CLI's one wording with the alpha they used, p-values in view, one axis
+per controller field, a heatmap coloured by significance on one scale.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from multirun.cli import _print_effects, _print_interaction, main
+from multirun.ledger import LedgerWriter
+from multirun.report import plots
+from multirun.report.document import Document, Section, Table, render_html
+from multirun.report.rundata import Series
+from multirun.report.sections import EFFECT_COLUMNS
+
+# --------------------------------------------------------------------------- ledger queries
+
+
+def _small_ledger(run_dir: Path) -> None:
+    with LedgerWriter(run_dir, rank=0, experiment_names=["facts"], item_ids=[["f0", "f1"]]) as writer:
+        writer.append(
+            step=np.array([1, 2]),
+            global_row=np.array([0, 1]),
+            local_row=np.array([0, 1]),
+            sample_id=-1,
+            offset=np.array([0, 4]),
+            length=np.array([3, 3]),
+            experiment=np.array([0, 0]),
+            item_index=np.array([0, 1]),
+            sequence=np.array([0, 1]),
+            repetition=np.array([0, 0]),
+            token_hash=np.array([1, 2], dtype=np.uint64),
+            row_fingerprint=np.array([3, 4], dtype=np.uint64),
+        )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--experiment", "fcats"], "unknown experiment 'fcats'; the ledger has 'facts'"),
+        (["--item", "f9"], "unknown item 'f9'; the run has 'f0', 'f1'"),
+        (["--rank", "3"], "unknown rank 3; the ledger has ranks 0"),
+        (["--steps", "5:2"], "the step range [5, 2) is reversed"),
+        (["--steps", "2:2", "--export", "x.csv"], "the step range [2, 2) is empty"),
+    ],
+)
+def test_ledger_command_names_the_unknown_filter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    _small_ledger(tmp_path)
+    assert main(["ledger", str(tmp_path), *flags]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert message in out, out
+    assert not (tmp_path / "x.csv").exists()
+
+
+# --------------------------------------------------------------------------- wording and alphas
+
+
+def _effect(p_holm: float | None, p_value: float) -> dict:
+    return {
+        "experiment": "facts",
+        "metric": "text_logprob",
+        "group": None,
+        "treated_mean": -1.0,
+        "control_mean": -1.2,
+        "effect": 0.2,
+        "ci_low": 0.1,
+        "ci_high": 0.3,
+        "p_value": p_value,
+        "p_holm": p_holm,
+        "test": "permutation",
+    }
+
+
+def test_cli_effects_say_significant_or_not_and_the_alpha_with_its_key(capsys: pytest.CaptureFixture[str]) -> None:
+    _print_effects([_effect(0.5, 0.4), _effect(0.001, 0.001), _effect(None, 0.004)], alpha=0.01)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no effect" not in out  # a test that does not reject does not show absence
+    assert "not significant" in out and "significant (uncorrected)" in out
+    assert "alpha 0.01 from monitoring.alpha" in out
+
+
+def test_cli_interaction_names_its_alpha_and_the_same_wording(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from multirun.interaction.arms import InteractionResult
+
+    cell = {"arm": "all", "experiment": "facts", "metric": "m", "family": "off_diagonal", "diagonal": False}
+    matrix = {
+        "alpha": 0.05,
+        "steps": 4,
+        "verdict": "no interaction detected",
+        "cells": [
+            {**cell, "significant": False, "effect": 0.1, "p_value": 0.3, "p_holm": 0.6},
+            {**cell, "arm": "alone:facts", "significant": True, "effect": 0.1, "p_value": 0.001, "p_holm": 0.002},
+        ],
+    }
+    result = InteractionResult(
+        out_dir=tmp_path, checkpoint=tmp_path / "c.pt", start_step=8, arms={"all": ("facts",)}, matrix=matrix, seconds=1
+    )
+    _print_interaction(result)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "alpha 0.05 from interaction.alpha" in out
+    assert "not significant" in out and "significant (interaction)" in out
+    assert " - " not in out
+
+
+# --------------------------------------------------------------------------- report layout
+
+
+def test_effect_table_puts_verdict_and_p_values_first_and_html_tables_scroll_in_a_box() -> None:
+    # Key columns within the first five: visible without scrolling at any width.
+    assert EFFECT_COLUMNS.index("verdict") < EFFECT_COLUMNS.index("Holm p") < EFFECT_COLUMNS.index("p") <= 5
+    assert EFFECT_COLUMNS.index("p") < EFFECT_COLUMNS.index("effect") < EFFECT_COLUMNS.index("treated")
+    doc = Document("t", [Section("s", "S", [Table(list(EFFECT_COLUMNS), [["x"] * len(EFFECT_COLUMNS)])])])
+    html = render_html(doc, {})
+    assert '<div class="table-wrap"><table>' in html
+    assert ".table-wrap { overflow-x: auto;" in html and "position: sticky" in html
+
+
+def test_controller_plot_has_one_axis_per_field_and_flags_on_a_boolean_axis() -> None:
+    steps = np.array([10, 20, 30])
+    fields = {
+        "decision: extra_repetitions": Series(steps, np.array([0.0, 3.0, 6.0])),
+        "state: threshold": Series(steps, np.array([-2.0, -2.0, -1.5])),
+        "state: score": Series(steps, np.array([-9.0, -4.0, -1.0])),
+        "state: acquired": Series(steps, np.array([0.0, 0.0, 1.0])),
+    }
+    other = {"decision: rate": Series(steps, np.array([0.1, 0.2, 0.4]))}
+    fig = plots.controller_trajectories({"facts": fields, "canaries": other}, booleans={("facts", "state: acquired")})
+    axes = [ax for ax in fig.axes if ax.get_visible() and ax.lines]
+    assert len(axes) == 5  # one per field: no two quantities share a scale
+    assert all(len(ax.lines) == 1 for ax in axes)
+    titles = {ax.get_title(): ax for ax in axes}
+    assert set(titles) == {f"facts: {k}" for k in fields} | {"canaries: decision: rate"}
+    flag = titles["facts: state: acquired"]
+    assert [t.get_text() for t in flag.get_yticklabels()] == ["false", "true"]
+
+
+def test_interaction_heatmap_colours_only_significant_cells_on_one_symmetric_scale() -> None:
+    # Column 0: a large non-significant effect; column 1: a tiny significant one.
+    effect = np.array([[5.0, 0.001], [-4.0, -0.002]])
+    significant = np.array([[False, True], [False, True]])
+    p_holm = np.array([[0.4, 0.001], [0.3, 0.0001]])
+    fig = plots.interaction_heatmap(
+        ["a", "b"], ["x", "y"], effect, significant, np.zeros((2, 2), bool), p_holm=p_holm, alpha=0.05
+    )
+    image = fig.axes[0].images[0]
+    values = np.ma.filled(image.get_array(), np.nan)
+    assert values[0, 0] == 0 and values[1, 0] == 0  # not significant: neutral whatever the effect
+    assert values[0, 1] == pytest.approx(3.0) and values[1, 1] == pytest.approx(-4.0)  # sign x -log10(p)
+    assert image.norm.vmin == -image.norm.vmax  # one symmetric scale for the whole matrix
+    assert image.norm.vmax >= 4.0
+    assert sum("★" in t.get_text() for t in fig.axes[0].texts) == 2
+
+
+# --------------------------------------------------------------------------- tokenizer identity
+
+
+def _save_tokenizer(path: Path) -> Path:
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    raw.train_from_iterator(["hello world", "the quick brown fox"] * 5, trainer)
+    PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>"
+    ).save_pretrained(path)
+    return path
+
+
+def test_dataset_made_with_a_relative_tokenizer_path_is_the_same_tokenizer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multirun.config import load_config
+    from multirun.errors import ConfigError
+    from multirun.run.inputs import resolve_dataset, run_tokenizer
+    from tests.helpers_payload import write_config
+
+    _save_tokenizer(tmp_path / "tok")
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    monkeypatch.chdir(tmp_path)
+    # Prepared with the path spelled relative: the dataset records 'hf:tok'.
+    assert main(["prepare", "mds", "corpus.txt", "--sequence-length", "16", "--tokenizer", "tok"]) == 0
+    assert json.loads((tmp_path / "mds" / "multirun_dataset.json").read_text())["tokenizer"] == "hf:tok"
+    config = {
+        "run_name": "t",
+        "tokenizer": {"kind": "huggingface", "path": str(tmp_path / "tok")},
+        "data": {"source": "mds", "path": str(tmp_path / "mds"), "sequence_length": 16},
+        "train": {"max_duration": "2ba", "global_batch_size": 2},
+        "experiments": [],
+    }
+    loaded = load_config(write_config(tmp_path / "elsewhere" / "run.yaml", config))
+    info = resolve_dataset(loaded, run_tokenizer(loaded))  # same files: accepted
+    assert info.num_samples > 0
+
+    # Other tokenizer files: refused, naming both tokenizers and fingerprints.
+    (tmp_path / "tok2").mkdir()
+    for f in (tmp_path / "tok").iterdir():
+        (tmp_path / "tok2" / f.name).write_bytes(f.read_bytes())
+    special = tmp_path / "tok2" / "special_tokens_map.json"
+    special.write_text(special.read_text().replace("<pad>", "<unk>"))
+    config["tokenizer"]["path"] = str(tmp_path / "tok2")
+    loaded = load_config(write_config(tmp_path / "elsewhere" / "run2.yaml", config))
+    tokenizer = run_tokenizer(loaded)
+    with pytest.raises(ConfigError, match=r"tokenized with 'hf:tok' \(fingerprint [0-9a-f]+\), the run uses") as info2:
+        resolve_dataset(loaded, tokenizer)
+    assert tokenizer.fingerprint() in str(info2.value) and info2.value.key == "data.path"
