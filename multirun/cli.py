@@ -9,7 +9,8 @@ Commands::
     multirun ledger RUN_DIR [--experiment E] [--item I] [--steps A:B] [--export FILE]
     multirun report RUN_DIR [--baseline OTHER_RUN] [--out DIR]   HTML + Markdown report with plots
     multirun payload fingerprint DIR                 recompute a payload package's file fingerprints
-    multirun payload check DIR                       verify a payload package
+    multirun payload check DIR [--tokenizer T] [--sequence-length N]
+                                                     the kind's full validation; every problem at once
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -31,6 +32,7 @@ from multirun.run_dir import RunDir
 if TYPE_CHECKING:  # the commands import their stages lazily, so that `multirun --help` starts fast
     import pyarrow as pa
 
+    from multirun.data.tokenizers import Tokenizer
     from multirun.interaction.arms import InteractionResult
     from multirun.plan.run_plan import RunPlan
 
@@ -122,9 +124,22 @@ def _parser() -> argparse.ArgumentParser:
     interact.add_argument("--no-progress", action="store_true", help="no line per arm")
     interact.set_defaults(handler=_interact)
 
-    payload = commands.add_parser("payload", help="payload package tools")
+    payload = commands.add_parser(
+        "payload",
+        help="payload package tools: check (the kind's full validation, every problem at once), fingerprint",
+    )
     payload.add_argument("action", choices=["fingerprint", "check"])
     payload.add_argument("path")
+    payload.add_argument(
+        "--config", help="check as this run config's experiment of the payload: its options, tokenizer, sequence length"
+    )
+    payload.add_argument("--experiment", help="with --config: the experiment (default: the one using this payload)")
+    _add_overrides(payload)
+    payload.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="an injector option (YAML value)"
+    )
+    payload.add_argument("--tokenizer", help="'bytes' or a local Hugging Face tokenizer directory (default: bytes)")
+    payload.add_argument("--sequence-length", type=int, help="what must fit in one row (default 128)")
     payload.set_defaults(handler=_payload)
     return parser
 
@@ -218,9 +233,8 @@ def _check_foundry(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from multirun.data.mds import prepare_dataset
-    from multirun.data.tokenizers import load_tokenizer
 
-    tokenizer = load_tokenizer("bytes") if args.tokenizer == "bytes" else load_tokenizer("huggingface", args.tokenizer)
+    tokenizer = _load_tokenizer(args.tokenizer)
     info = prepare_dataset(
         args.sources,
         args.out,
@@ -332,14 +346,116 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _payload(args: argparse.Namespace) -> int:
-    from multirun.kinds.payloads import load_payload, write_fingerprints
+    from multirun.kinds.experiments import check_payload
+    from multirun.kinds.payloads import resolve_payload_ref, write_fingerprints
 
     if args.action == "fingerprint":
         write_fingerprints(args.path)
         console.print(f"updated fingerprints in {Path(args.path) / 'payload.yaml'}")
-    package = load_payload(str(Path(args.path).resolve()), base_dir=Path.cwd())
-    console.print(f"{package.name} {package.version} ({package.kind}): ok, fingerprint {package.fingerprint}")
+    root = resolve_payload_ref(str(Path(args.path).resolve()), base_dir=Path.cwd())
+    spec, tokenizer, sequence_length, seed, source = _payload_setting(args, root)
+    if sequence_length < 1:
+        raise InputError(f"must be positive, got {sequence_length}", key="--sequence-length")
+    options = dict(_parse_option(text) for text in args.option)
+    result = check_payload(
+        root, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed, spec=spec, options=options
+    )
+    checked = f"tokenizer {tokenizer.name}, sequence length {sequence_length}, {source}"
+    package = result.package
+    if result.problems:
+        what = f"{package.name} {package.version} ({package.kind})" if package else str(root)
+        more = " (stopped there: fix these first)" if result.truncated else ""
+        console.print(f"[bold red]{what}: {len(result.problems)} problem(s){more}[/] ({checked}):", highlight=False)
+        for line in _grouped_problems(result.problems):
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
+        return 2
+    assert package is not None and result.experiment is not None
+    experiment = result.experiment
+    console.print(
+        f"{package.name} {package.version} ({package.kind}): ok, fingerprint {package.fingerprint}; "
+        f"{len(experiment.item_ids)} items, {len(experiment.seq_lengths)} treated sequences (checked with {checked})",
+        highlight=False,
+    )
     return 0
+
+
+def _payload_setting(args: argparse.Namespace, root: Path) -> tuple[Any, Tokenizer, int, int, str]:
+    """``(experiment spec or None, tokenizer, sequence length, seed, how they were chosen)`` of ``payload check``.
+
+    Flags win; then the run config's (``--config``); then bytes and 128.
+    """
+    if args.config is None:
+        if args.experiment or args.overrides:
+            raise InputError("needs --config", key="--experiment" if args.experiment else "--set")
+        how = "default experiment settings" + (" and --option" if args.option else "")
+        tokenizer = _load_tokenizer(args.tokenizer or "bytes")
+        return None, tokenizer, args.sequence_length or 128, 0, how + " (pass --config RUN.yaml to check as your run)"
+    from multirun.config import load_config
+    from multirun.kinds.payloads import resolve_payload_ref
+    from multirun.run.inputs import run_tokenizer
+
+    loaded = load_config(args.config, args.overrides)
+    experiments = loaded.config.experiments
+    if args.experiment is not None:
+        chosen = [e for e in experiments if e.name == args.experiment]
+        missing = f"no experiment {args.experiment!r}"
+    else:
+        chosen = []
+        for e in experiments:
+            try:
+                if resolve_payload_ref(e.payload, base_dir=loaded.base_dir).resolve() == root.resolve():
+                    chosen.append(e)
+            except MultirunError:
+                continue
+        missing = f"no experiment uses the payload {root}"
+    if len(chosen) != 1:
+        names = ", ".join(e.name for e in (chosen or experiments)) or "none"
+        problem = missing if not chosen else "several experiments use this payload"
+        raise InputError(f"{problem} (experiments: {names}); pick one with --experiment", file=loaded.source)
+    spec = chosen[0]
+    tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else run_tokenizer(loaded)
+    length = args.sequence_length or loaded.config.data.sequence_length
+    return spec, tokenizer, length, loaded.config.seed, f"experiment {spec.name!r} of {args.config}"
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"must be KEY=VALUE, got {text!r}", key="--option")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _grouped_problems(problems: Sequence[MultirunError]) -> list[str]:
+    """One line per problem; the same message on many lines of one file once, with its lines."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    order: list[tuple[Any, ...]] = []
+    for p in problems:
+        line = getattr(p, "line", None)
+        group: tuple[Any, ...] = (p.file, p.key, p.message) if isinstance(p, InputError) and line else (str(p),)
+        if group not in groups:
+            groups[group] = []
+            order.append(group)
+        if line is not None:
+            groups[group].append(line)
+    out = []
+    for group in order:
+        lines = groups[group]
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        file, key, message = group
+        shown = ",".join(map(str, lines[:10])) + (f",... ({len(lines)} lines)" if len(lines) > 10 else "")
+        out.append(": ".join(x for x in (f"{file}:{shown}", key, message) if x))
+    return out
+
+
+def _load_tokenizer(spec: str) -> Tokenizer:
+    """``bytes`` or a local Hugging Face tokenizer directory (``prepare``, ``payload check``)."""
+    from multirun.data.tokenizers import load_tokenizer
+
+    return load_tokenizer("bytes") if spec == "bytes" else load_tokenizer("huggingface", spec)
 
 
 # ------------------------------------------------------------------ printing

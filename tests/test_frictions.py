@@ -220,3 +220,70 @@ def test_dataset_made_with_a_relative_tokenizer_path_is_the_same_tokenizer(
     with pytest.raises(ConfigError, match=r"tokenized with 'hf:tok' \(fingerprint [0-9a-f]+\), the run uses") as info2:
         resolve_dataset(loaded, tokenizer)
     assert tokenizer.fingerprint() in str(info2.value) and info2.value.key == "data.path"
+
+
+# --------------------------------------------------------------------------- payload check
+
+
+def _fact(i: int, **changes: object) -> dict:
+    fact: dict = {
+        "id": f"fact-{i}",
+        "texts": [f"Isle {i} exports copper.", f"Copper comes from isle {i}."],
+        "probes": [{"question": f"Isle {i} exports", "target": " copper"}],
+    }
+    fact.update(changes)
+    return fact
+
+
+def test_payload_check_reports_every_problem_of_the_kind_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's payload: a missing key, a duplicate paraphrase and an over-long target, in one run."""
+    from tests.helpers_payload import write_payload
+
+    missing = _fact(1)
+    del missing["probes"]
+    items = [
+        _fact(0),
+        missing,
+        _fact(2, texts=["Isle 2 exports tin.", "Isle 2 exports tin."]),
+        _fact(3),
+        _fact(4, probes=[{"question": "Isle 4 exports", "target": " tin" * 40}]),
+    ]
+    root = write_payload(tmp_path / "facts", items, kind="knowledge", name="facts")
+    items_file = root / "items.jsonl"
+    assert main(["payload", "check", str(root), "--sequence-length", "64"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "3 problem(s)" in out and "tokenizer bytes, sequence length 64" in out
+    assert f"{items_file}:2: probes: required key is missing" in out
+    assert f"{items_file}:3: texts[1]: duplicate text (also texts[0])" in out
+    assert (
+        f"{items_file}:5: probes[0]: question + target are 175 tokens long, longer than the sequence length 64" in out
+    )
+
+    # Fixed, it passes, and says what it checked with.
+    write_payload(root, [_fact(i) for i in range(5)], kind="knowledge", name="facts")
+    assert main(["payload", "check", str(root), "--sequence-length", "64"]) == 0
+    assert "ok, fingerprint" in capsys.readouterr().out
+
+
+def test_payload_check_takes_the_experiment_from_a_run_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Options live in the run config: a random-token watermark payload has no text on purpose."""
+    from multirun.data.tokenizers import ByteTokenizer
+    from multirun.kinds.experiments import check_payload
+    from multirun.kinds.payloads import load_package
+    from tests.helpers_payload import minimal_config, write_config, write_payload
+
+    root = write_payload(tmp_path / "keys", [{"id": f"k{i}"} for i in range(8)], kind="watermark", name="keys")
+    config = minimal_config(keys={"payload": str(root), "options": {"method": "random_tokens", "key_length": 6}})
+    run = write_config(tmp_path / "run.yaml", config)
+    assert main(["payload", "check", str(root), "--config", str(run)]) == 0
+    assert "experiment 'keys' of" in capsys.readouterr().out
+    # Without the options, every line lacks its text: reported once per message, with the lines.
+    result = check_payload(root, tokenizer=ByteTokenizer(), sequence_length=64)
+    assert result.package == load_package(root) and result.experiment is None
+    assert [p.line for p in result.problems[:-1]] == list(range(1, 9))
+    assert main(["payload", "check", str(root)]) == 2
+    assert "items.jsonl:1,2,3,4,5,6,7,8: text: required key is missing" in capsys.readouterr().out
