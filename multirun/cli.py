@@ -5,7 +5,7 @@ Commands::
     multirun train [CONFIG] [--set KEY=VALUE ...]    train (no CONFIG: the embedded demo)
     multirun check CONFIG [--set ...]                validate config, payloads and placement; train nothing
                                                      (CONFIG may be an llm-foundry YAML: its callbacks.multirun)
-    multirun prepare OUT SOURCE... --sequence-length N [--tokenizer PATH]   text -> MDS
+    multirun prepare OUT SOURCE... --sequence-length N [--tokenizer PATH] [--heldout-fraction F]   text -> MDS
     multirun ledger RUN_DIR [--experiment E] [--item I] [--steps A:B] [--export FILE]
     multirun report RUN_DIR [--baseline OTHER_RUN] [--out DIR]   HTML + Markdown report with plots
     multirun payload fingerprint DIR                 recompute a payload package's file fingerprints
@@ -85,6 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--tokenizer", default="bytes", help="'bytes' or a local Hugging Face tokenizer directory")
     prepare.add_argument("--suffix", action="append", dest="suffixes", help="file suffixes to read from directories")
     prepare.add_argument("--max-bytes", type=int)
+    prepare.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="hold out this share of the documents (whole files, chosen by a hash of their names) as OUT/heldout: "
+        "the held-out loss of a run over OUT without data.heldout_path",
+    )
     prepare.set_defaults(handler=_prepare)
 
     ledger = commands.add_parser("ledger", help="summarise, query and export a run's provenance ledger")
@@ -242,8 +250,20 @@ def _prepare(args: argparse.Namespace) -> int:
         args.sequence_length,
         max_bytes=args.max_bytes,
         suffixes=tuple(args.suffixes) if args.suffixes else None,
+        heldout_fraction=args.heldout_fraction,
     )
-    console.print(f"wrote {info.num_samples} sequences of {info.sequence_length} tokens to {info.path}")
+    documents = info.metadata.get("num_documents")
+    console.print(
+        f"wrote {info.num_samples} sequences of {info.sequence_length} tokens ({documents} documents) to {info.path}",
+        highlight=False,
+    )
+    if info.heldout_path is not None:
+        held = info.metadata["heldout"]
+        console.print(
+            f"held out {held['num_documents']} documents ({held['num_samples']} sequences) in {info.heldout_path}: "
+            "the held-out loss of runs over this dataset without data.heldout_path",
+            highlight=False,
+        )
     return 0
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from multirun.cli import _print_effects, _print_interaction, main
+from multirun.errors import ConfigError as ConfigErrorType
 from multirun.ledger import LedgerWriter
 from multirun.report import plots
 from multirun.report.document import Document, Section, Table, render_html
@@ -287,3 +288,78 @@ def test_payload_check_takes_the_experiment_from_a_run_config(
     assert [p.line for p in result.problems[:-1]] == list(range(1, 9))
     assert main(["payload", "check", str(root)]) == 2
     assert "items.jsonl:1,2,3,4,5,6,7,8: text: required key is missing" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- held-out split
+
+
+def _text_of(rows: np.ndarray) -> str:
+    """Byte-tokenizer rows back to text (EOS and padding dropped)."""
+    flat = rows.reshape(-1)
+    return bytes(int(t) for t in flat if t < 256).decode("utf-8", errors="replace")
+
+
+def test_prepare_heldout_fraction_writes_a_disjoint_split_that_runs_use_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from multirun.config import load_config
+    from multirun.data.mds import is_heldout_document, read_dataset_info, read_rows
+    from multirun.data.tokenizers import ByteTokenizer
+    from multirun.run.inputs import heldout_rows
+    from tests.helpers_payload import write_config
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i:02d}.txt").write_text(f"document MARK{i:02d}X says " + "words and more words " * 8)
+    held_names = {f"doc{i:02d}.txt" for i in range(40) if is_heldout_document(f"doc{i:02d}.txt", 0.25)}
+    assert 3 <= len(held_names) <= 20  # the hash split is roughly the fraction
+
+    out = tmp_path / "mds"
+    assert main(["prepare", str(out), str(corpus), "--sequence-length", "32", "--heldout-fraction", "0.25"]) == 0
+    assert f"held out {len(held_names)} documents" in capsys.readouterr().out
+    info = read_dataset_info(out)
+    assert info.heldout_path == out / "heldout" and info.metadata["num_documents"] == 40 - len(held_names)
+    held = read_dataset_info(info.heldout_path)
+    train_text = _text_of(read_rows(out, info.num_samples))
+    held_text = _text_of(read_rows(held.path, held.num_samples))
+    for i in range(40):
+        marker = f"MARK{i:02d}X"
+        if f"doc{i:02d}.txt" in held_names:
+            assert marker not in train_text  # nothing held out was trained on
+        else:
+            assert marker not in held_text
+    assert any(f"MARK{i:02d}X" in held_text for i in range(40))
+
+    # A run over the dataset without data.heldout_path takes its rows from the split...
+    config = {
+        "run_name": "t",
+        "data": {"source": "mds", "path": str(out), "sequence_length": 32},
+        "train": {"max_duration": "2ba", "global_batch_size": 2},
+        "monitoring": {"heldout_rows": 3},
+        "experiments": [],
+    }
+    loaded = load_config(write_config(tmp_path / "run.yaml", config))
+    rows = heldout_rows(loaded, ByteTokenizer(), 32)
+    assert rows is not None and np.array_equal(rows, read_rows(held.path, 3, 32))
+    # ... an explicit data.heldout_path still wins ...
+    config["data"]["heldout_path"] = str(out)
+    loaded = load_config(write_config(tmp_path / "run2.yaml", config))
+    assert np.array_equal(heldout_rows(loaded, ByteTokenizer(), 32), read_rows(out, 3, 32))
+    # ... and a split too small for monitoring.heldout_rows names the keys that decide.
+    del config["data"]["heldout_path"]
+    config["monitoring"]["heldout_rows"] = held.num_samples + 1
+    loaded = load_config(write_config(tmp_path / "run3.yaml", config))
+    with pytest.raises(ConfigErrorType, match="held-out split") as err:
+        heldout_rows(loaded, ByteTokenizer(), 32)
+    assert err.value.key == "monitoring.heldout_rows"
+
+
+def test_prepare_heldout_fraction_needs_documents_on_both_sides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "one.txt").write_text("a single document " * 20)
+    assert main(["prepare", str(tmp_path / "mds"), str(tmp_path / "one.txt"), "--sequence-length", "8",
+                 "--heldout-fraction", "0.5"]) == 2  # fmt: skip
+    assert "documents are held out whole" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "mds").exists()
