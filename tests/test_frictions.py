@@ -363,3 +363,37 @@ def test_prepare_heldout_fraction_needs_documents_on_both_sides(
                  "--heldout-fraction", "0.5"]) == 2  # fmt: skip
     assert "documents are held out whole" in " ".join(capsys.readouterr().out.split())
     assert not (tmp_path / "mds").exists()
+
+
+# --------------------------------------------------------------------------- progress in logs
+
+
+def test_training_into_a_log_prints_plain_periodic_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not on a terminal (here: captured stdout), no progress bar: a plain line every log_interval."""
+    import io
+
+    from multirun.config import load_config
+    from multirun.run.progress import use_progress_bar
+    from multirun.run.trainer import prepare_run
+    from tests.support import make_dataset, run_config
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert use_progress_bar(True, Terminal()) and not use_progress_bar(True, io.StringIO())
+    assert not use_progress_bar(False, Terminal())
+
+    dataset = make_dataset(tmp_path / "mds", samples=64)
+    config = run_config(tmp_path, dataset, steps=8, save_interval=None, experiments=[])
+    loaded = load_config(config, ["train.log_interval=4ba", "monitoring.every=null"])
+    run = prepare_run(loaded, progress=True)  # asked for, but stdout is not a terminal
+    capsys.readouterr()
+    run.fit()
+    run.close()
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["4/8", "8/8"], out
+    for line in lines:
+        assert " loss " in line and " tok/s " in line and " elapsed " in line and " ETA " in line

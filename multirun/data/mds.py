@@ -312,7 +312,7 @@ def _write_dataset(
 
     with MDSWriter(**writer_kwargs) as writer:
         sink = _RowSink(writer, sequence_length)
-        for path, rel in tqdm(files, desc="tokenizing", unit="file", disable=not progress):
+        for path, rel in tqdm(files, desc="tokenizing", unit="file", disable=None if progress else True):
             if truncated or (max_bytes is not None and used_bytes >= max_bytes):
                 break  # the byte budget is spent
             try:
