@@ -5,13 +5,14 @@ Commands::
     multirun train [CONFIG] [--set KEY=VALUE ...]    train (no CONFIG: the embedded demo)
     multirun check CONFIG [--set ...]                validate config, payloads and placement; train nothing
                                                      (CONFIG may be an llm-foundry YAML: its callbacks.multirun)
-    multirun prepare OUT SOURCE... --sequence-length N [--tokenizer PATH]   text -> MDS
+    multirun prepare OUT SOURCE... --sequence-length N [--tokenizer PATH] [--heldout-fraction F]   text -> MDS
     multirun ledger RUN_DIR [--experiment E] [--item I] [--steps A:B] [--export FILE]
     multirun report RUN_DIR [--baseline OTHER_RUN] [--out DIR]   HTML + Markdown report with plots
     multirun export RUN_DIR [--checkpoint PATH] [--out DIR]   HF model + tokenizer, inserted items as a dataset
     multirun inspect RUN_DIR --step T [--rows R,..] [--html FILE]   step T's rows with the injected spans marked
     multirun payload fingerprint DIR                 recompute a payload package's file fingerprints
-    multirun payload check DIR                       verify a payload package
+    multirun payload check DIR [--tokenizer T] [--sequence-length N]
+                                                     the kind's full validation; every problem at once
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -33,6 +34,7 @@ from multirun.run_dir import RunDir
 if TYPE_CHECKING:  # the commands import their stages lazily, so that `multirun --help` starts fast
     import pyarrow as pa
 
+    from multirun.data.tokenizers import Tokenizer
     from multirun.interaction.arms import InteractionResult
     from multirun.plan.run_plan import RunPlan
 
@@ -85,13 +87,21 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--tokenizer", default="bytes", help="'bytes' or a local Hugging Face tokenizer directory")
     prepare.add_argument("--suffix", action="append", dest="suffixes", help="file suffixes to read from directories")
     prepare.add_argument("--max-bytes", type=int)
+    prepare.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="hold out this share of the documents (whole files, chosen by a hash of their names) as OUT/heldout: "
+        "the held-out loss of a run over OUT without data.heldout_path",
+    )
     prepare.set_defaults(handler=_prepare)
 
     ledger = commands.add_parser("ledger", help="summarise, query and export a run's provenance ledger")
     ledger.add_argument("run_dir")
     ledger.add_argument("--experiment")
     ledger.add_argument("--item")
-    ledger.add_argument("--steps", help="half-open step range A:B")
+    ledger.add_argument("--steps", help="half-open step range A:B (0 <= A < B)")
     ledger.add_argument("--rank", type=int)
     ledger.add_argument("--limit", type=int, default=20, help="rows to print for a query")
     ledger.add_argument("--export", help="write the (filtered) rows to .parquet, .csv or .jsonl")
@@ -116,7 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     interact.add_argument("--leave-one-out", action="store_true", help="add the all-but-one arms")
     interact.add_argument("--lr", type=float, help="constant learning rate of the arms (default: the checkpoint's)")
-    interact.add_argument("--alpha", type=float, help="significance level after Holm correction (default 0.05)")
+    interact.add_argument(
+        "--alpha", type=float, help="significance level after Holm correction (default interaction.alpha, 0.05)"
+    )
     _add_overrides(interact)
     interact.add_argument("--out", help="output folder (default RUN_DIR/interaction)")
     interact.add_argument("--no-progress", action="store_true", help="no line per arm")
@@ -138,9 +150,22 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--width", type=int, help="terminal width for the coloured output")
     inspect.set_defaults(handler=_inspect)
 
-    payload = commands.add_parser("payload", help="payload package tools")
+    payload = commands.add_parser(
+        "payload",
+        help="payload package tools: check (the kind's full validation, every problem at once), fingerprint",
+    )
     payload.add_argument("action", choices=["fingerprint", "check"])
     payload.add_argument("path")
+    payload.add_argument(
+        "--config", help="check as this run config's experiment of the payload: its options, tokenizer, sequence length"
+    )
+    payload.add_argument("--experiment", help="with --config: the experiment (default: the one using this payload)")
+    _add_overrides(payload)
+    payload.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="an injector option (YAML value)"
+    )
+    payload.add_argument("--tokenizer", help="'bytes' or a local Hugging Face tokenizer directory (default: bytes)")
+    payload.add_argument("--sequence-length", type=int, help="what must fit in one row (default 128)")
     payload.set_defaults(handler=_payload)
     return parser
 
@@ -234,9 +259,8 @@ def _check_foundry(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from multirun.data.mds import prepare_dataset
-    from multirun.data.tokenizers import load_tokenizer
 
-    tokenizer = load_tokenizer("bytes") if args.tokenizer == "bytes" else load_tokenizer("huggingface", args.tokenizer)
+    tokenizer = _load_tokenizer(args.tokenizer)
     info = prepare_dataset(
         args.sources,
         args.out,
@@ -244,8 +268,20 @@ def _prepare(args: argparse.Namespace) -> int:
         args.sequence_length,
         max_bytes=args.max_bytes,
         suffixes=tuple(args.suffixes) if args.suffixes else None,
+        heldout_fraction=args.heldout_fraction,
     )
-    console.print(f"wrote {info.num_samples} sequences of {info.sequence_length} tokens to {info.path}")
+    documents = info.metadata.get("num_documents")
+    console.print(
+        f"wrote {info.num_samples} sequences of {info.sequence_length} tokens ({documents} documents) to {info.path}",
+        highlight=False,
+    )
+    if info.heldout_path is not None:
+        held = info.metadata["heldout"]
+        console.print(
+            f"held out {held['num_documents']} documents ({held['num_samples']} sequences) in {info.heldout_path}: "
+            "the held-out loss of runs over this dataset without data.heldout_path",
+            highlight=False,
+        )
     return 0
 
 
@@ -306,25 +342,33 @@ def _print_interaction(result: InteractionResult) -> None:
         f"{len(result.arms)} arms x {matrix.get('steps')} steps from step {result.start_step} "
         f"({result.checkpoint}) in {result.seconds:.0f} s"
     )
-    table = Table(title="interaction matrix: change in each experiment's treated-control gap (vs the baseline arm)")
-    for column in ("arm", "measured", "effect", "95% CI", "p", "p (Holm)", "verdict"):
+    from multirun.report.sections import INTERACTION_ALPHA_KEY
+
+    alpha = matrix.get("alpha")
+    at = f"alpha {alpha:g} from {INTERACTION_ALPHA_KEY}" if isinstance(alpha, (int, float)) else INTERACTION_ALPHA_KEY
+    table = Table(
+        title="interaction matrix: change in each experiment's treated-control gap (vs the baseline arm); "
+        f"verdict at {at}, Holm within each family"
+    )
+    for column in ("arm", "measured", "verdict", "p (Holm)", "p", "effect", "95% CI"):
         table.add_column(column, justify="right" if column in ("effect", "95% CI", "p", "p (Holm)") else "left")
     for c in matrix["cells"]:
         if "error" in c:
-            table.add_row(c["arm"], c["experiment"], "", "", "", "", f"[red]{c['error']}[/]")
+            table.add_row(c["arm"], c["experiment"], f"[red]{c['error']}[/]")
             continue
         if c["significant"]:
-            verdict = "[red]interaction[/]" if c["family"] == "off_diagonal" else "[green]effect[/]"
+            # Off the diagonal a significant cell is an interaction; on it, the experiment's own effect.
+            verdict = "[red]significant (interaction)[/]" if c["family"] == "off_diagonal" else "[green]significant[/]"
         else:
-            verdict = "-"
+            verdict = "not significant"
         table.add_row(
             c["arm"],
             f"{c['experiment']}" + (" (own)" if c["diagonal"] else ""),
+            verdict,
+            format_p(c.get("p_holm")) if c.get("p_holm") is not None else "",
+            format_p(c.get("p_value")),
             _sig(c.get("effect")),
             f"[{_sig(c.get('ci_low'))}, {_sig(c.get('ci_high'))}]",
-            format_p(c.get("p_value")),
-            format_p(c.get("p_holm")) if c.get("p_holm") is not None else "",
-            verdict,
         )
     console.print(table)
     console.print(f"[bold]{matrix['verdict']}[/]")
@@ -340,13 +384,36 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _payload(args: argparse.Namespace) -> int:
-    from multirun.kinds.payloads import load_payload, write_fingerprints
+    from multirun.kinds.experiments import check_payload
+    from multirun.kinds.payloads import resolve_payload_ref, write_fingerprints
 
     if args.action == "fingerprint":
         write_fingerprints(args.path)
         console.print(f"updated fingerprints in {Path(args.path) / 'payload.yaml'}")
-    package = load_payload(str(Path(args.path).resolve()), base_dir=Path.cwd())
-    console.print(f"{package.name} {package.version} ({package.kind}): ok, fingerprint {package.fingerprint}")
+    root = resolve_payload_ref(str(Path(args.path).resolve()), base_dir=Path.cwd())
+    spec, tokenizer, sequence_length, seed, source = _payload_setting(args, root)
+    if sequence_length < 1:
+        raise InputError(f"must be positive, got {sequence_length}", key="--sequence-length")
+    options = dict(_parse_option(text) for text in args.option)
+    result = check_payload(
+        root, tokenizer=tokenizer, sequence_length=sequence_length, seed=seed, spec=spec, options=options
+    )
+    checked = f"tokenizer {tokenizer.name}, sequence length {sequence_length}, {source}"
+    package = result.package
+    if result.problems:
+        what = f"{package.name} {package.version} ({package.kind})" if package else str(root)
+        more = " (stopped there: fix these first)" if result.truncated else ""
+        console.print(f"[bold red]{what}: {len(result.problems)} problem(s){more}[/] ({checked}):", highlight=False)
+        for line in _grouped_problems(result.problems):
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
+        return 2
+    assert package is not None and result.experiment is not None
+    experiment = result.experiment
+    console.print(
+        f"{package.name} {package.version} ({package.kind}): ok, fingerprint {package.fingerprint}; "
+        f"{len(experiment.item_ids)} items, {len(experiment.seq_lengths)} treated sequences (checked with {checked})",
+        highlight=False,
+    )
     return 0
 
 
@@ -388,6 +455,85 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.html:
         console.print(f"HTML: [bold]{write_html(view, args.html, rows)}[/]", highlight=False)
     return 0
+
+
+def _payload_setting(args: argparse.Namespace, root: Path) -> tuple[Any, Tokenizer, int, int, str]:
+    """``(experiment spec or None, tokenizer, sequence length, seed, how they were chosen)`` of ``payload check``.
+
+    Flags win; then the run config's (``--config``); then bytes and 128.
+    """
+    if args.config is None:
+        if args.experiment or args.overrides:
+            raise InputError("needs --config", key="--experiment" if args.experiment else "--set")
+        how = "default experiment settings" + (" and --option" if args.option else "")
+        tokenizer = _load_tokenizer(args.tokenizer or "bytes")
+        return None, tokenizer, args.sequence_length or 128, 0, how + " (pass --config RUN.yaml to check as your run)"
+    from multirun.config import load_config
+    from multirun.kinds.payloads import resolve_payload_ref
+    from multirun.run.inputs import run_tokenizer
+
+    loaded = load_config(args.config, args.overrides)
+    experiments = loaded.config.experiments
+    if args.experiment is not None:
+        chosen = [e for e in experiments if e.name == args.experiment]
+        missing = f"no experiment {args.experiment!r}"
+    else:
+        chosen = []
+        for e in experiments:
+            try:
+                if resolve_payload_ref(e.payload, base_dir=loaded.base_dir).resolve() == root.resolve():
+                    chosen.append(e)
+            except MultirunError:
+                continue
+        missing = f"no experiment uses the payload {root}"
+    if len(chosen) != 1:
+        names = ", ".join(e.name for e in (chosen or experiments)) or "none"
+        problem = missing if not chosen else "several experiments use this payload"
+        raise InputError(f"{problem} (experiments: {names}); pick one with --experiment", file=loaded.source)
+    spec = chosen[0]
+    tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else run_tokenizer(loaded)
+    length = args.sequence_length or loaded.config.data.sequence_length
+    return spec, tokenizer, length, loaded.config.seed, f"experiment {spec.name!r} of {args.config}"
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"must be KEY=VALUE, got {text!r}", key="--option")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _grouped_problems(problems: Sequence[MultirunError]) -> list[str]:
+    """One line per problem; the same message on many lines of one file once, with its lines."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    order: list[tuple[Any, ...]] = []
+    for p in problems:
+        line = getattr(p, "line", None)
+        group: tuple[Any, ...] = (p.file, p.key, p.message) if isinstance(p, InputError) and line else (str(p),)
+        if group not in groups:
+            groups[group] = []
+            order.append(group)
+        if line is not None:
+            groups[group].append(line)
+    out = []
+    for group in order:
+        lines = groups[group]
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        file, key, message = group
+        shown = ",".join(map(str, lines[:10])) + (f",... ({len(lines)} lines)" if len(lines) > 10 else "")
+        out.append(": ".join(x for x in (f"{file}:{shown}", key, message) if x))
+    return out
+
+
+def _load_tokenizer(spec: str) -> Tokenizer:
+    """``bytes`` or a local Hugging Face tokenizer directory (``prepare``, ``payload check``)."""
+    from multirun.data.tokenizers import load_tokenizer
+
+    return load_tokenizer("bytes") if spec == "bytes" else load_tokenizer("huggingface", spec)
 
 
 # ------------------------------------------------------------------ printing
@@ -447,51 +593,50 @@ def _print_ledger_summary(rows: list[dict]) -> None:
 
 
 def _print_effects(effects: list[dict], *, alpha: float) -> None:
-    """Each experiment's metrics against its controls, with raw and Holm-corrected p-values."""
+    """Each experiment's metrics against its controls: verdict and p-values first, as in the report."""
     from multirun.measure.stats import format_p
+    from multirun.report.sections import MONITORING_ALPHA_KEY, verdict_of
 
-    table = Table(title=f"effects against never-injected controls (verdict at alpha {alpha}, Holm-corrected)")
+    table = Table(
+        title=f"effects against never-injected controls (verdict at alpha {alpha:g} from {MONITORING_ALPHA_KEY}, "
+        "on the Holm-corrected p; without one, on the raw p, marked uncorrected)"
+    )
     for column in (
         "experiment",
         "metric",
         "group",
-        "treated",
-        "control",
+        "verdict",
+        "p (Holm)",
+        "p",
         "effect",
         "95% CI",
-        "p",
-        "p (Holm)",
-        "test",
-        "verdict",
+        "treated",
+        "control",
     ):
-        table.add_column(
-            column, justify="left" if column in ("experiment", "metric", "group", "test", "verdict") else "right"
-        )
+        table.add_column(column, justify="left" if column in ("experiment", "metric", "group", "verdict") else "right")
     for r in effects:
         if "error" in r:
-            table.add_row(
-                r["experiment"], r.get("monitor", ""), "", "", "", "", "", "", "", "", f"[red]failed: {r['error']}[/]"
-            )
+            table.add_row(r["experiment"], r.get("monitor", ""), "", f"[red]failed: {r['error']}[/]")
             continue
         holm = r.get("p_holm")
-        verdict = "" if holm is None else ("[green]effect[/]" if holm < alpha else "no effect")
+        text, cls = verdict_of(holm, r.get("p_value"), alpha)
         table.add_row(
             r["experiment"],
             r["metric"],
             r.get("group") or "",
-            _fmt(r.get("treated_mean")),
-            _fmt(r.get("control_mean")),
+            f"[green]{text}[/]" if cls == "sig" else text,
+            format_p(holm) if holm is not None else "",
+            format_p(r.get("p_value")),
             _fmt(r.get("effect")),
             f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]",
-            format_p(r.get("p_value")),
-            format_p(holm) if holm is not None else "",
-            r.get("test", ""),
-            verdict,
+            _fmt(r.get("treated_mean")),
+            _fmt(r.get("control_mean")),
         )
     console.print(table)
 
 
 def _print_rows(table: pa.Table, limit: int) -> None:
+    # The columns docs/ledger.md explains; export for all of them (local_row, arm, row_fingerprint...).
     columns = [
         "step",
         "rank",
@@ -501,6 +646,7 @@ def _print_rows(table: pa.Table, limit: int) -> None:
         "length",
         "experiment",
         "item",
+        "sequence",
         "repetition",
         "token_hash",
     ]

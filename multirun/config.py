@@ -110,11 +110,18 @@ class TokenizerConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Training data. ``path`` (source=mds) is relative to the config file's directory."""
+    """Training data. ``path`` (source=mds) is relative to the config file's directory.
+
+    ``heldout_path``: an MDS dataset never trained on, for the held-out loss (multirun's or
+    llm-foundry's pretokenized MDS; relative to the config file). Unset with
+    ``source: mds``, the held-out split that ``multirun prepare --heldout-fraction`` wrote
+    into the dataset (``PATH/heldout``, recorded in its ``multirun_dataset.json``) is used,
+    when there is one; an explicit ``heldout_path`` always wins.
+    """
 
     source: Literal["demo", "mds"] = "demo"
     path: str | None = None
-    heldout_path: str | None = None  # an MDS dataset never trained on, for held-out loss (source=mds)
+    heldout_path: str | None = None  # default (source=mds): the dataset's own held-out split, if prepared
     sequence_length: int = Field(128, gt=0)
     demo_max_bytes: int = Field(4_000_000, gt=0)
     shuffle: bool = True

@@ -558,7 +558,14 @@ class Ledger:
         led.summary(total_training_tokens=10_000_000)
     """
 
-    def __init__(self, table: pa.Table, experiments: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        table: pa.Table,
+        experiments: Sequence[str] = (),
+        *,
+        ranks: Sequence[int] = (),
+        arms: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    ) -> None:
         self._np: dict[str, np.ndarray] = {}
         self._dicts: dict[str, list[str]] = {}
         table = table.replace_schema_metadata(None)
@@ -572,6 +579,13 @@ class Ledger:
                 names.append(n)
         #: experiments known to the ledger (from shard metadata), spans or not.
         self.experiments: list[str] = names
+        #: ranks that wrote a ledger directory (spans or not), and those found in the rows.
+        self.ranks: list[int] = sorted(set(ranks) | {int(r) for r in np.unique(self._col("rank"))})
+        #: the run's arms (``arms.json``: experiment -> treated/control item ids), when known:
+        #: controls are never injected, yet querying one is not a typo.
+        self.arms: dict[str, dict[str, list[str]]] = {
+            str(e): {str(arm): [str(i) for i in ids] for arm, ids in a.items()} for e, a in (arms or {}).items()
+        }
 
     @classmethod
     def open(cls, run_dir: str | Path) -> Ledger:
@@ -598,7 +612,8 @@ class Ledger:
                 raise InputError(f"ledger shard schema differs from the expected one: {t.schema}", file=path)
             tables.append(t.replace_schema_metadata(None))
         table = pa.concat_tables(tables) if tables else _empty_table()
-        return cls(table, experiments)
+        ranks = [int(d.name[5:]) for d in root.glob("rank-*") if d.is_dir() and d.name[5:].isdigit()]
+        return cls(table, experiments, ranks=ranks, arms=_read_arms(root.parent / RunDir(".").arms.name))
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -659,10 +674,48 @@ class Ledger:
     ) -> pa.Table:
         """Rows matching every given filter (``steps`` is half-open ``[a, b)``).
 
-        Unknown names simply match nothing. ``item`` alone matches that id in any
-        experiment.
+        ``item`` alone matches that id in any experiment. A filter that cannot match
+        by construction is an error rather than zero rows, so a typo is never read as
+        "never injected".
+
+        Raises:
+            InputError: an experiment, item or rank the run does not have (the message
+                lists those that exist), or a step range ``[a, b)`` with ``b <= a`` or
+                ``a < 0`` (key ``--experiment``, ``--item``, ``--rank`` or ``--steps``).
         """
+        self._check_filters(experiment, item, steps, rank)
         return self.table.filter(pa.array(self._mask(experiment, item, steps, rank)))
+
+    def known_items(self, experiment: str | None = None) -> list[str]:
+        """Item ids of ``experiment`` (every experiment when None): the run's arms, treated
+        and control, when ``arms.json`` was found, plus every id in the rows."""
+        names = self.experiments if experiment is None else [experiment]
+        out = dict.fromkeys(i for n in names for ids in self.arms.get(n, {}).values() for i in ids)
+        if len(self):
+            items = self._dictionary("item")
+            codes = self._col("item")[self._mask(experiment=experiment)]
+            out |= dict.fromkeys(items[int(c)] for c in np.unique(codes))
+        return list(out)
+
+    def _check_filters(
+        self, experiment: str | None, item: str | None, steps: tuple[int, int] | None, rank: int | None
+    ) -> None:
+        if experiment is not None and experiment not in self.experiments:
+            raise InputError(
+                f"unknown experiment {experiment!r}; the ledger has {_listing(self.experiments)}", key="--experiment"
+            )
+        if item is not None and item not in (known := self.known_items(experiment)):
+            where = f"experiment {experiment!r}" if experiment is not None else "the run"
+            raise InputError(f"unknown item {item!r}; {where} has {_listing(known)}", key="--item")
+        if rank is not None and rank not in self.ranks:
+            raise InputError(f"unknown rank {rank}; the ledger has ranks {_listing(self.ranks)}", key="--rank")
+        if steps is not None:
+            lo, hi = steps
+            problem = "starts below 0" if lo < 0 else "is reversed" if hi < lo else "is empty" if hi == lo else ""
+            if problem:
+                raise InputError(
+                    f"the step range [{lo}, {hi}) {problem}: give A:B with 0 <= A < B (half-open)", key="--steps"
+                )
 
     def summary(self, total_training_tokens: int | None = None) -> list[dict]:
         """Per experiment: spans, tokens, share of training tokens, exposure figures.
@@ -749,6 +802,32 @@ class Ledger:
                 problems.append(f"{idx.size} {label} span(s), e.g. {ex}")
         if problems:
             raise LedgerIntegrityError("; ".join(problems))
+
+
+_LISTED = 20  # names an error message lists before "... and N more"
+
+
+def _listing(values: Sequence[Any]) -> str:
+    """``a, b, c`` (at most :data:`_LISTED`, then how many more), or ``none``."""
+    if not values:
+        return "none"
+    shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values[:_LISTED])
+    return shown + (f" ... and {len(values) - _LISTED} more" if len(values) > _LISTED else "")
+
+
+def _read_arms(path: Path) -> dict[str, dict[str, list[str]]] | None:
+    """``arms.json`` beside the ledger, or None when absent or unreadable (the rows still work)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    return {
+        str(name): {str(arm): [str(i) for i in ids] for arm, ids in arms.items() if isinstance(ids, list)}
+        for name, arms in doc.items()
+        if isinstance(arms, dict)
+    }
 
 
 def export_table(table: pa.Table, path: str | Path, format: ExportFormat | None = None) -> Path:

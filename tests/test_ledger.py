@@ -292,9 +292,31 @@ def test_query_filters(tmp_path: Path) -> None:
     assert got(led.query(steps=(5, 9), rank=1, experiment="contam")) == expect(
         lambda r: 5 <= r["step"] < 9 and r["rank"] == 1 and r["experiment"] == "contam"
     )
-    assert len(led.query(experiment="nope")) == 0 and len(led.query(item="nope")) == 0
-    assert len(led.query(steps=(7, 7))) == 0
     assert len(led.query()) == len(led)
+
+
+def test_query_names_unknown_filters_and_rejects_empty_ranges(tmp_path: Path) -> None:
+    """A typo is an error naming what exists, never a silent zero rows (issue 15, friction 7)."""
+    write(tmp_path, gen_spans(range(10), seed=3), rank=0)
+    write(tmp_path, gen_spans(range(10), seed=4), rank=1)
+    (tmp_path / "arms.json").write_text(json.dumps({"canary": {"treated": ["c0"], "control": ["c-control"]}}))
+    led = Ledger.open(tmp_path)
+    with pytest.raises(InputError, match=r"unknown experiment 'nope'; the ledger has .*'canary'") as info:
+        led.query(experiment="nope")
+    assert info.value.key == "--experiment"
+    with pytest.raises(InputError, match=r"unknown item 'nope'; the run has .*'q1'"):
+        led.query(item="nope")
+    with pytest.raises(InputError, match=r"unknown item 'q1'; experiment 'canary' has"):
+        led.query(experiment="canary", item="q1")  # q1 exists, but in other experiments
+    with pytest.raises(InputError, match=r"unknown rank 7; the ledger has ranks 0, 1"):
+        led.query(rank=7)
+    for steps, problem in (((9, 5), "reversed"), ((7, 7), "empty"), ((-1, 3), "below 0")):
+        with pytest.raises(InputError, match=problem) as info:
+            led.query(steps=steps)
+        assert info.value.key == "--steps"
+    # A control item is known (arms.json) though never injected: zero rows, no error.
+    assert len(led.query(experiment="canary", item="c-control")) == 0
+    assert led.known_items("canary")[0] == "c0"
 
 
 def test_summary_and_exposures_match_independent_counts(tmp_path: Path) -> None:
@@ -441,7 +463,9 @@ def test_open_errors_name_the_path(tmp_path: Path) -> None:
 def test_empty_ledger(tmp_path: Path) -> None:
     LedgerWriter(tmp_path, rank=0, experiment_names=NAMES, item_ids=ITEMS).close()
     led = Ledger.open(tmp_path)
-    assert len(led) == 0 and led.summary() == [] and len(led.query(experiment="contam")) == 0
+    assert len(led) == 0 and led.summary() == [] and len(led.query()) == 0 and led.ranks == [0]
+    with pytest.raises(InputError, match="unknown experiment 'contam'; the ledger has none"):
+        led.query(experiment="contam")
     assert led.table.schema.remove_metadata().equals(SCHEMA)
     led.check_integrity()
 

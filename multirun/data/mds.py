@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -44,6 +45,7 @@ from multirun.data.tokenizers import Tokenizer
 from multirun.errors import InputError
 
 INFO_FILE = "multirun_dataset.json"
+HELDOUT_DIR = "heldout"  # the held-out split of `prepare --heldout-fraction`, inside the dataset
 FORMAT_VERSION = 1
 TOKENS_COLUMN = "tokens"
 _COLUMNS = {TOKENS_COLUMN: "ndarray:int32"}
@@ -80,6 +82,18 @@ class PreparedDataset:
     def tokenizer_fingerprint(self) -> str:
         """Fingerprint of the tokenizer that produced the rows."""
         return str(self.metadata.get("tokenizer_fingerprint", ""))
+
+    @property
+    def heldout_path(self) -> Path | None:
+        """The held-out split written beside the rows (``prepare --heldout-fraction``), or None.
+
+        Recorded relative to the dataset (``heldout``: ``{"path": "heldout", ...}``), so the
+        dataset can move as a whole.
+        """
+        heldout = self.metadata.get("heldout")
+        if not isinstance(heldout, dict) or not isinstance(heldout.get("path"), str):
+            return None
+        return self.path / heldout["path"]
 
 
 # --------------------------------------------------------------------------- preparation
@@ -155,12 +169,24 @@ def prepare_dataset(
     suffixes: Sequence[str] | None = None,
     skip_invalid: bool = False,
     size_limit: int | str | None = None,
+    heldout_fraction: float = 0.0,
 ) -> PreparedDataset:
     """Tokenize text files into an MDS dataset of fixed-length rows.
 
     Each file is one document. Documents are tokenized, followed by EOS,
     concatenated in order and cut into rows of exactly ``sequence_length`` tokens;
     the incomplete tail is dropped. Empty files are skipped.
+
+    With ``heldout_fraction`` F > 0, whole documents go to a held-out split: a document
+    is held out when the xxh64 of its name (its path relative to the source directory
+    given, as in the sources fingerprint) falls in the lowest F of the hash range, so the
+    split depends on the names only (not on order, machine or the other files) and no
+    held-out text is in the training rows. The split is a second dataset of the same
+    format in ``out_dir/heldout`` (its own ``multirun_dataset.json``), recorded in the
+    training dataset's info (``heldout``, :attr:`PreparedDataset.heldout_path`); a run
+    config with ``data.source: mds`` and no ``data.heldout_path`` takes its held-out
+    loss from it. ``max_bytes`` then bounds the training split, and the held-out split
+    gets the proportional ``max_bytes * F / (1 - F)``.
 
     Args:
         sources: files and/or directories (walked recursively in sorted order).
@@ -176,13 +202,14 @@ def prepare_dataset(
         skip_invalid: skip files that are not valid UTF-8 (counted and listed in
             ``multirun_dataset.json``) instead of failing.
         size_limit: MDS shard size limit in bytes (Streaming's default when ``None``).
+        heldout_fraction: the share of documents held out, in ``[0, 1)``.
 
     Returns:
-        The dataset's :class:`PreparedDataset`.
+        The dataset's :class:`PreparedDataset` (the training split).
 
     Raises:
         InputError: a source is missing, unreadable or not UTF-8 (naming the file),
-            ``out_dir`` is not empty, or the sources yield less than one row.
+            ``out_dir`` is not empty, or the sources (or either split) yield less than one row.
 
     Example::
 
@@ -192,20 +219,58 @@ def prepare_dataset(
         raise ValueError(f"sequence_length must be positive, got {sequence_length}")
     if max_bytes is not None and max_bytes < 1:
         raise ValueError(f"max_bytes must be positive or None, got {max_bytes}")
+    if not 0 <= heldout_fraction < 1:
+        raise InputError(f"must be in [0, 1), got {heldout_fraction}", key="heldout_fraction")
     source_list = [str(s) for s in sources]
     files = _collect_files(source_list, suffixes)
+    heldout_files = [f for f in files if is_heldout_document(f[1], heldout_fraction)]
+    if heldout_fraction > 0:
+        files = [f for f in files if not is_heldout_document(f[1], heldout_fraction)]
+        if not heldout_files or not files:
+            raise InputError(
+                f"a held-out fraction of {heldout_fraction} puts {len(heldout_files)} of "
+                f"{len(heldout_files) + len(files)} documents in the held-out split: documents are held out whole, "
+                "so both splits need at least one (split the corpus into more files, or change the fraction)",
+                key="heldout_fraction",
+            )
     out = Path(out_dir).expanduser()
     created = not out.exists()
     if not created and (not out.is_dir() or any(out.iterdir())):
         raise InputError("output directory exists and is not empty; choose another or delete it", file=out)
     out.mkdir(parents=True, exist_ok=True)
 
+    settings: dict[str, Any] = dict(
+        compression=compression, progress=progress, suffixes=suffixes, skip_invalid=skip_invalid, size_limit=size_limit
+    )
     try:
-        return _write_dataset(
-            files, source_list, out, tokenizer, sequence_length,
-            max_bytes=max_bytes, compression=compression, progress=progress,
-            suffixes=suffixes, skip_invalid=skip_invalid, size_limit=size_limit,
-        )  # fmt: skip
+        info = _write_dataset(files, source_list, out, tokenizer, sequence_length, max_bytes=max_bytes, **settings)
+        if heldout_files:
+            # Written after the training shards (MDSWriter wants an empty folder), before the
+            # training info that marks the whole dataset complete.
+            budget = None if max_bytes is None else math.ceil(max_bytes * heldout_fraction / (1 - heldout_fraction))
+            try:
+                held = _write_dataset(
+                    heldout_files,
+                    source_list,
+                    out / HELDOUT_DIR,
+                    tokenizer,
+                    sequence_length,
+                    max_bytes=budget,
+                    **settings,
+                )
+            except InputError as err:
+                raise InputError(f"the held-out split: {err.message}", key="heldout_fraction") from err
+            _write_info(out / HELDOUT_DIR, held | {"heldout_of": ".."})
+            info["heldout"] = {
+                "path": HELDOUT_DIR,
+                "fraction": heldout_fraction,
+                "rule": "xxh64(document name) / 2**64 < fraction",
+                "num_documents": held["num_documents"],
+                "num_samples": held["num_samples"],
+                "fingerprint": held["fingerprint"],
+            }
+        _write_info(out, info)
+        return _info_to_dataset(out, info)
     except BaseException:
         # Remove only what this call wrote: the directory was absent or empty before.
         if created:
@@ -232,7 +297,8 @@ def _write_dataset(
     suffixes: Sequence[str] | None,
     skip_invalid: bool,
     size_limit: int | str | None,
-) -> PreparedDataset:
+) -> dict[str, Any]:
+    """Write the MDS shards of ``files``; returns the dataset info (not yet written)."""
     eos = np.array([tokenizer.eos_token_id], dtype=np.int32)
     src_hash = xxhash.xxh64()
     used_bytes = 0
@@ -246,7 +312,7 @@ def _write_dataset(
 
     with MDSWriter(**writer_kwargs) as writer:
         sink = _RowSink(writer, sequence_length)
-        for path, rel in tqdm(files, desc="tokenizing", unit="file", disable=not progress):
+        for path, rel in tqdm(files, desc="tokenizing", unit="file", disable=None if progress else True):
             if truncated or (max_bytes is not None and used_bytes >= max_bytes):
                 break  # the byte budget is spent
             try:
@@ -306,11 +372,27 @@ def _write_dataset(
         "skipped_empty": skipped_empty,
         "skipped_invalid": skipped_invalid,
     }
+    return info
+
+
+def _write_info(out: Path, info: dict[str, Any]) -> None:
     # Written last and atomically: its presence means the shards are complete.
     tmp = out / f".{INFO_FILE}.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / INFO_FILE)
-    return _info_to_dataset(out, info)
+
+
+def is_heldout_document(name: str, fraction: float) -> bool:
+    """Whether the document ``name`` belongs to the held-out split of ``fraction``.
+
+    ``xxh64(name) / 2**64 < fraction``: a pure function of the name, so a document's
+    split never depends on the other documents, their order or the machine.
+
+    Example:
+        >>> is_heldout_document("a.txt", 0.0), is_heldout_document("a.txt", 0.999999)
+        (False, True)
+    """
+    return fraction > 0 and xxhash.xxh64_intdigest(name.encode("utf-8")) < fraction * 2.0**64
 
 
 def _info_to_dataset(path: Path, info: dict[str, Any]) -> PreparedDataset:

@@ -10,22 +10,25 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from multirun.config import LoadedConfig, resolve_placement
-from multirun.errors import ConfigError, PayloadError
-from multirun.kinds.payloads import load_package, resolve_payload_ref
+from multirun.config import ExperimentConfig, LoadedConfig, resolve_placement
+from multirun.errors import ConfigError, InputError, PayloadError
+from multirun.kinds.payloads import PayloadPackage, leaving_out_lines, load_package, resolve_payload_ref
 from multirun.kinds.registry import injectors
 from multirun.kinds.sdk import PrepareContext
-from multirun.types import BatchGeometry, PreparedExperiment
+from multirun.types import BatchGeometry, Placement, PreparedExperiment
 
 if TYPE_CHECKING:
     from multirun.data.tokenizers import Tokenizer
 
-__all__ = ["arms_record", "build_experiments"]
+__all__ = ["PayloadCheck", "arms_record", "build_experiments", "check_payload"]
 
 
 def build_experiments(
@@ -117,3 +120,93 @@ def arms_record(experiments: Sequence[PreparedExperiment]) -> dict[str, dict[str
             "control": [i for i, t in zip(e.item_ids, treated) if not t],
         }
     return record
+
+
+# --------------------------------------------------------------------------- payload check
+
+
+@dataclass
+class PayloadCheck:
+    """What :func:`check_payload` found: every problem, or the prepared experiment.
+
+    Attributes:
+        package: the loaded package (None when ``payload.yaml`` itself is broken).
+        problems: each problem as its error (file, line, key, message), in the order found.
+        experiment: the experiment the kind's injector prepared (None with problems).
+        truncated: the search stopped at ``max_problems``.
+    """
+
+    package: PayloadPackage | None
+    problems: list[InputError] = field(default_factory=list)
+    experiment: PreparedExperiment | None = None
+    truncated: bool = False
+
+
+def check_payload(
+    root: str | Path,
+    *,
+    tokenizer: Tokenizer,
+    sequence_length: int,
+    seed: int = 0,
+    spec: ExperimentConfig | None = None,
+    options: Mapping[str, Any] | None = None,
+    max_problems: int = 200,
+) -> PayloadCheck:
+    """Run a payload package through its kind's full validation and collect every problem.
+
+    The validation is the one ``multirun check`` runs for an experiment of this payload
+    (hashes, the injector's ``prepare``, and the kind's own monitor built from the
+    result), at ``sequence_length`` with ``tokenizer``, as the experiment ``spec`` of a
+    run config (its options, ``wrap_eos`` and monitor options; default: an experiment
+    with default settings), with ``options`` added to its options. Injectors raise at their first problem by design (a run must not
+    start on a bad payload), so the check goes on past each problem that names a line of
+    one of the package's files by reading that line as blank and validating again: one
+    problem per line, every line, messages unchanged. A problem without a line (a missing
+    file, an option, "no items") ends the search.
+
+    Raises nothing for bad input: problems are returned.
+    """
+    root = Path(root)
+    try:
+        package = load_package(root)
+    except InputError as e:
+        return PayloadCheck(package=None, problems=[e])
+    result = PayloadCheck(package=package)
+    if spec is None:
+        spec = ExperimentConfig(name=re.sub(r"[^A-Za-z0-9._-]+", "-", package.name) or "payload", payload="")
+    spec = spec.model_copy(update={"payload": str(package.root), "options": {**spec.options, **(options or {})}})
+    injector_cls = None
+    left_out: dict[Path, set[int]] = {}
+    while True:
+        try:
+            injector_cls = injector_cls or injectors.get(package.kind, file=package.root / "payload.yaml", key="kind")
+            ctx = PrepareContext(
+                payload=package,
+                spec=spec,
+                tokenizer=tokenizer,
+                sequence_length=sequence_length,
+                seed=seed,
+                placement=Placement("uniform", 0, 1),
+            )
+            with leaving_out_lines({p: frozenset(v) for p, v in left_out.items()}):
+                prepared = injector_cls().prepare(ctx)
+                ctx.check_monitor(prepared)
+        except InputError as e:
+            result.problems.append(e)
+            where = Path(e.file).resolve() if e.file is not None else None
+            if (
+                e.line is None
+                or where is None
+                or not where.is_relative_to(package.root)
+                or e.line in left_out.get(where, ())
+            ):
+                break
+            if len(result.problems) >= max_problems:
+                result.truncated = True
+                break
+            left_out.setdefault(where, set()).add(e.line)
+            continue
+        if not result.problems:
+            result.experiment = prepared
+        break
+    return result

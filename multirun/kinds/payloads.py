@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -47,6 +49,26 @@ __all__ = [
 ]
 
 PAYLOAD_YAML = "payload.yaml"
+
+# Lines (file -> line numbers) that JSONL readers treat as blank: how `multirun payload
+# check` goes on past a bad line to report every problem of a package in one run.
+_LEFT_OUT: ContextVar[Mapping[Path, frozenset[int]] | None] = ContextVar("multirun_payload_left_out", default=None)
+
+
+@contextmanager
+def leaving_out_lines(lines: Mapping[Path, frozenset[int]]) -> Iterator[None]:
+    """Within the block, :func:`read_jsonl_file` reads the given lines of each file as blank.
+
+    Only for validation (:func:`multirun.kinds.experiments.check_payload`): a run never
+    trains on a package read this way. Paths are compared resolved.
+    """
+    token = _LEFT_OUT.set({Path(p).resolve(): frozenset(v) for p, v in lines.items()})
+    try:
+        yield
+    finally:
+        _LEFT_OUT.reset(token)
+
+
 _RECOMPUTE = "if the change is intended, recompute the hashes with `multirun payload fingerprint {root}`"
 
 TypeSpec = type | tuple[type, ...]
@@ -171,7 +193,11 @@ def read_jsonl_file(
     out: list[tuple[int, dict[str, Any]]] = []
     with open(path, "rb") as f:
         data = f.read()
+    skipping = _LEFT_OUT.get()
+    left_out = skipping.get(Path(path).resolve(), frozenset()) if skipping else frozenset()
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if lineno in left_out:
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -93,7 +93,13 @@ caption { caption-side: bottom; color: var(--muted); font-size: 12.5px; text-ali
 figure { margin: 14px 0 22px; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
 figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
-.table-wrap { overflow-x: auto; }
+/* Wide tables scroll inside their own box, never the page; the key columns come first
+   (the verdict and p-values right after the names), and the first column stays in view. */
+.table-wrap { overflow-x: auto; max-width: 100%; }
+.table-wrap td { overflow-wrap: anywhere; }
+.table-wrap th:first-child, .table-wrap td:first-child { position: sticky; left: 0; background: #fff; z-index: 1; }
+.table-wrap thead th:first-child { background: #e9edf4; }
+.table-wrap tbody tr:nth-child(even) td:first-child { background: var(--zebra); }
 """
 
 

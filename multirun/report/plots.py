@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -184,26 +184,47 @@ def metric_curves(
     return fig
 
 
-def controller_trajectories(experiments: Mapping[str, Mapping[str, Mapping[str, Series]]]) -> Figure:
-    """One row per experiment: numeric decision fields (left) and state fields (right) over steps."""
+def controller_trajectories(
+    experiments: Mapping[str, Mapping[str, Series]],
+    *,
+    booleans: Collection[tuple[str, str]] = (),
+) -> Figure:
+    """One axis per controller field: ``experiments[name][field]`` over steps.
+
+    Booleans, counts, thresholds and scores live on unrelated scales, so no two fields
+    share an axis; a ``(name, field)`` in ``booleans`` is drawn as a false/true step line.
+    An experiment's fields fill rows of at most three axes, under its name.
+    """
     names = list(experiments)
-    fig = _figure(2.5 * len(names) + 0.4)
-    axes = fig.subplots(len(names), 2, squeeze=False)
-    for row, name in zip(axes, names):
-        for ax, part in zip(row, ("decision", "state")):
-            series = experiments[name].get(part, {})
-            for key, s in series.items():
-                ax.plot(s.steps, s.values, marker="o", markersize=3, label=key)
-            ax.set_title(f"{name}: {part}", fontsize=10)
-            ax.set_xlabel("step", fontsize=9)
-            if series:
-                ax.legend(fontsize=7.5, frameon=False)
+    flags = set(booleans)
+    cols = 3
+    rows_per = {name: max(1, math.ceil(len(experiments[name]) / cols)) for name in names}
+    total_rows = sum(rows_per.values()) or 1
+    fig = _figure(1.9 * total_rows + 0.4)
+    grid = fig.add_gridspec(total_rows, cols)
+    row = 0
+    for name in names:
+        fields = list(experiments[name])
+        if not fields:
+            ax = fig.add_subplot(grid[row, :])
+            ax.set_title(name, fontsize=10)
+            ax.text(0.5, 0.5, "no numeric fields", ha="center", va="center", transform=ax.transAxes, color="#888888")
+            ax.set_axis_off()
+        for index, field in enumerate(fields):
+            r, c = divmod(index, cols)
+            ax = fig.add_subplot(grid[row + r, c])
+            s = experiments[name][field]
+            if (name, field) in flags:
+                ax.step(s.steps, s.values, where="post", marker="o", markersize=3)
+                ax.set_yticks([0, 1], labels=["false", "true"])
+                ax.set_ylim(-0.2, 1.2)
             else:
-                ax.text(
-                    0.5, 0.5, "no numeric fields", ha="center", va="center", transform=ax.transAxes, color="#888888"
-                )
+                ax.plot(s.steps, s.values, marker="o", markersize=3)
+            ax.set_title(f"{name}: {field}", fontsize=8.5)
+            ax.set_xlabel("step", fontsize=8)
             _style(ax)
-            ax.tick_params(labelsize=8)
+            ax.tick_params(labelsize=7.5)
+        row += rows_per[name]
     return fig
 
 
@@ -213,26 +234,38 @@ def interaction_heatmap(
     effect: np.ndarray,
     significant: np.ndarray,
     diagonal: np.ndarray,
+    *,
+    p_holm: np.ndarray | None = None,
+    alpha: float | None = None,
 ) -> Figure:
-    """Arms (rows) x measured metric (columns); colour = effect scaled by its column's max |effect|.
+    """Arms (rows) x measured metric (columns), coloured by significance on one shared scale.
 
-    Metrics live on different scales, so each column is scaled to [-1, 1]; the cell
-    text is the raw effect. A star marks a significant cell, a black box a diagonal one
-    (an experiment's own metric in its own arm).
+    A cell's colour is ``sign(effect) * -log10(Holm p)`` for a significant cell and 0
+    (white) for any other, on one symmetric scale for the whole matrix: metrics live on
+    different scales, so the effect itself cannot be coloured comparably, and scaling each
+    column to its own largest effect made non-significant cells look strong. The cell
+    text is the raw effect; a star marks a significant cell, a black box a diagonal one
+    (an experiment's own metric in its own arm). Without ``p_holm``, significant cells get
+    the sign of their effect at full strength.
     """
-    with np.errstate(invalid="ignore", divide="ignore"):
-        scale = np.nanmax(np.abs(effect), axis=0, initial=0.0) if effect.size else np.zeros(0)
-        scaled = np.where(scale > 0, effect / np.where(scale > 0, scale, 1), 0.0)
-    scaled = np.where(np.isnan(effect), np.nan, scaled)
+    strength = np.ones_like(effect, dtype=float)
+    if p_holm is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            strength = -np.log10(np.clip(np.asarray(p_holm, dtype=float), 1e-300, 1.0))
+    colour = np.where(significant, np.sign(np.nan_to_num(effect)) * np.nan_to_num(strength), 0.0)
+    colour = np.where(np.isnan(effect), np.nan, colour)
+    floor = -math.log10(alpha) if alpha else 1.0
+    finite_colour = colour[np.isfinite(colour)]
+    limit = max(2.0 * floor, float(np.abs(finite_colour).max()) if finite_colour.size else 0.0)
     fig = _figure(0.9 + 0.5 * len(arms), max(5.0, min(WIDTH, 2.2 + 1.1 * len(columns))))
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#eeeeee")
-    image = ax.imshow(np.ma.masked_invalid(scaled), cmap=cmap, norm=Normalize(-1, 1), aspect="auto")
+    image = ax.imshow(np.ma.masked_invalid(colour), cmap=cmap, norm=Normalize(-limit, limit), aspect="auto")
     for i in range(len(arms)):
         for j in range(len(columns)):
             value = effect[i, j]
             text = "–" if np.isnan(value) else f"{value:.3g}" + (" ★" if significant[i, j] else "")
-            dark = not np.isnan(scaled[i, j]) and abs(scaled[i, j]) > 0.6
+            dark = not np.isnan(colour[i, j]) and abs(colour[i, j]) > 0.6 * limit
             ax.text(
                 j,
                 i,
@@ -249,7 +282,8 @@ def interaction_heatmap(
     ax.set_yticks(range(len(arms)), labels=list(arms), fontsize=8)
     ax.set_xlabel("measured (experiment: metric)")
     ax.set_ylabel("arm")
-    fig.colorbar(image, ax=ax, label="effect / max |effect| of column", shrink=0.85)
+    label = "sign(effect) × −log10(Holm p); 0: not significant" if p_holm is not None else "sign of significant effect"
+    fig.colorbar(image, ax=ax, label=label, shrink=0.85)
     return fig
 
 

@@ -410,14 +410,29 @@ def _acquired(run: RunData, experiment: str) -> tuple[list[int], str]:
 # --------------------------------------------------------------------------- 4. effect table
 
 
-def verdict(record: EffectRecord, alpha: float) -> Cell:
-    """Significant or not at ``alpha``: Holm-corrected p when there is one, else the raw p (said so)."""
-    p_holm, p = finite(record.p_holm), finite(record.effect.p_value)
-    if not math.isnan(p_holm):
-        return ("significant", "sig") if p_holm < alpha else ("not significant", "nonsig")
+#: Where each alpha comes from, as the tables and verdict lines name it.
+MONITORING_ALPHA_KEY = "monitoring.alpha"
+INTERACTION_ALPHA_KEY = "interaction.alpha"
+
+
+def verdict_of(p_holm: Any, p_value: Any, alpha: float) -> tuple[str, str]:
+    """The one wording of a verdict, in the report and on the command line.
+
+    ``significant`` / ``not significant`` at ``alpha`` on the Holm-corrected p when there
+    is one, else on the raw p, marked ``(uncorrected)``; ``n/a`` without a p-value.
+    Never "no effect": a test that does not reject says nothing about the effect's absence.
+    """
+    holm, p = finite(p_holm), finite(p_value)
+    if not math.isnan(holm):
+        return ("significant", "sig") if holm < alpha else ("not significant", "nonsig")
     if math.isnan(p):
         return ("n/a", "nonsig")
     return ("significant (uncorrected)", "sig") if p < alpha else ("not significant (uncorrected)", "nonsig")
+
+
+def verdict(record: EffectRecord, alpha: float) -> Cell:
+    """:func:`verdict_of` an effect record."""
+    return verdict_of(record.p_holm, record.effect.p_value, alpha)
 
 
 def effect_table(run: RunData) -> Section:
@@ -432,9 +447,10 @@ def effect_table(run: RunData) -> Section:
         Paragraph(
             f"Last evaluation at step {step:,}"
             + (f" ({', '.join(sorted(when))})" if when else "")
-            + f". Verdicts at alpha = {alpha:g}: primary metrics use the Holm-corrected p-value across the run's "
-            "experiments; secondary metrics and groups have no Holm value and are judged on the raw p-value "
-            "(marked uncorrected)."
+            + f". Verdicts at alpha = {alpha:g} ({MONITORING_ALPHA_KEY}): primary metrics use the Holm-corrected "
+            "p-value across the run's experiments; secondary metrics and groups have no Holm value and are judged "
+            "on the raw p-value (marked uncorrected). The interaction tests have their own level "
+            f"({INTERACTION_ALPHA_KEY})."
         )
     )
     rank = {n: i for i, n in enumerate(run.experiment_names)}
@@ -447,43 +463,50 @@ def effect_table(run: RunData) -> Section:
         ci = "–" if low == "–" and high == "–" else f"[{low}, {high}]"
         if not math.isnan(level) and ci != "–":
             ci += f" ({level:.0%})"
+        # The verdict and its p-values come right after the metric's name: a reader must
+        # never scroll sideways to them (the HTML table also wraps inside its container).
         rows.append(
             [
                 r.experiment,
                 r.metric + (" (primary)" if r.primary else ""),
                 r.group if r.group is not None else "all",
-                fmt_num(e.treated_mean),
-                fmt_num(e.control_mean),
+                verdict(r, alpha),
+                fmt_num(r.p_holm, 3),
+                fmt_num(e.p_value, 3),
                 fmt_num(e.effect),
                 ci,
-                fmt_num(e.p_value, 3),
-                fmt_num(r.p_holm, 3),
-                e.test,
+                fmt_num(e.treated_mean),
+                fmt_num(e.control_mean),
                 f"{fmt_int(e.n_treated)} / {fmt_int(e.n_control)}",
-                verdict(r, alpha),
+                e.test,
             ]
         )
     section.blocks.append(
         Table(
-            [
-                "experiment",
-                "metric",
-                "group",
-                "treated",
-                "control",
-                "effect",
-                "CI",
-                "p",
-                "Holm p",
-                "test",
-                "n treated / control",
-                "verdict",
-            ],
+            list(EFFECT_COLUMNS),
             rows,
-            numeric=(3, 4, 5, 6, 7, 8, 10),
+            numeric=(4, 5, 6, 7, 8, 9, 10),
+            caption=f"Verdict at alpha = {alpha:g} ({MONITORING_ALPHA_KEY}) on the Holm p (else the raw p).",
         )
     )
     return section
+
+
+#: The effect table's columns: the verdict and p-values first, the details after.
+EFFECT_COLUMNS = (
+    "experiment",
+    "metric",
+    "group",
+    "verdict",
+    "Holm p",
+    "p",
+    "effect",
+    "CI",
+    "treated",
+    "control",
+    "n treated / control",
+    "test",
+)
 
 
 # --------------------------------------------------------------------------- 5. controllers
@@ -502,18 +525,25 @@ def controllers(run: RunData) -> Section:
     grouped: dict[str, list[dict[str, Any]]] = {}
     for r in run.controller:
         grouped.setdefault(str(r["experiment"]), []).append(r)
-    trajectories: dict[str, dict[str, dict[str, Series]]] = {}
+    trajectories: dict[str, dict[str, Series]] = {}
+    booleans: set[tuple[str, str]] = set()
     truncated = False
     rows: list[list[Cell]] = []
     for name, records in grouped.items():
         trajectories[name] = {}
         for part in ("decision", "state"):
             pairs: dict[str, list[tuple[int, float | None]]] = {}
+            flags: set[str] = set()
             for r in records:
-                for key, value in _numeric_leaves(r.get(part)):
+                for key, value, is_bool in _numeric_leaves(r.get(part)):
                     pairs.setdefault(key, []).append((int(r["step"]), value))
+                    if is_bool:
+                        flags.add(key)
             truncated |= len(pairs) > MAX_SERIES
-            trajectories[name][part] = {k: Series.from_pairs(v) for k, v in list(pairs.items())[:MAX_SERIES]}
+            for key, values in list(pairs.items())[:MAX_SERIES]:
+                trajectories[name][f"{part}: {key}"] = Series.from_pairs(values)
+                if key in flags:
+                    booleans.add((name, f"{part}: {key}"))
         last = max(records, key=lambda r: int(r["step"]))
         text = json.dumps(last.get("decision"), sort_keys=True, default=str)
         rows.append(
@@ -525,9 +555,14 @@ def controllers(run: RunData) -> Section:
                 (text if len(text) <= 160 else text[:157] + "...", "code"),
             ]
         )
-    caption = "Numeric fields of each controller's decisions and state over training steps (booleans as 0/1)"
-    caption += f"; at most {MAX_SERIES} fields per panel." if truncated else "."
-    section.blocks.append(_figure("controllers", plots.controller_trajectories(trajectories), caption))
+    caption = (
+        "Each numeric field of each controller's decisions and state over training steps, one axis per field "
+        "(counts, thresholds, scores and flags have their own scales; flags are drawn as false/true steps)"
+    )
+    caption += f"; at most {MAX_SERIES} fields each of decision and state." if truncated else "."
+    section.blocks.append(
+        _figure("controllers", plots.controller_trajectories(trajectories, booleans=booleans), caption)
+    )
     section.blocks.append(
         Table(
             ["experiment", "controller", "decisions", "last step", "last decision"],
@@ -539,12 +574,13 @@ def controllers(run: RunData) -> Section:
     return section
 
 
-def _numeric_leaves(value: Any, prefix: str = "") -> Iterable[tuple[str, float]]:
+def _numeric_leaves(value: Any, prefix: str = "") -> Iterable[tuple[str, float, bool]]:
+    """``(dotted key, value, is_boolean)`` of every number in a JSON object."""
     if isinstance(value, dict):
         for key, v in value.items():
             yield from _numeric_leaves(v, f"{prefix}.{key}" if prefix else str(key))
     elif isinstance(value, bool) or (isinstance(value, (int, float)) and prefix):
-        yield prefix, float(value)
+        yield prefix, float(value), isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------- 6. interaction
@@ -569,6 +605,7 @@ def interaction(run: RunData) -> Section:
         if column not in columns:
             columns.append(column)
     effect = np.full((len(arms), len(columns)), np.nan)
+    p_holm = np.full_like(effect, np.nan)
     significant = np.zeros_like(effect, dtype=bool)
     diagonal = np.zeros_like(effect, dtype=bool)
     rows: list[list[Cell]] = []
@@ -577,16 +614,17 @@ def interaction(run: RunData) -> Section:
         effect[i, j] = finite(c.get("effect"))
         significant[i, j] = bool(c.get("significant"))
         diagonal[i, j] = bool(c.get("diagonal"))
+        p_holm[i, j] = finite(c.get("p_holm"))
         rows.append(
             [
                 c["arm"],
                 c["experiment"],
                 c["metric"],
+                ("significant", "sig") if c.get("significant") else ("not significant", "nonsig"),
+                fmt_num(c.get("p_holm"), 3),
+                fmt_num(c.get("p_value"), 3),
                 fmt_num(c.get("effect")),
                 f"[{fmt_num(c.get('ci_low'))}, {fmt_num(c.get('ci_high'))}]",
-                fmt_num(c.get("p_value"), 3),
-                fmt_num(c.get("p_holm"), 3),
-                ("yes", "sig") if c.get("significant") else ("no", "nonsig"),
             ]
         )
     alpha = finite(matrix.get("alpha"))
@@ -595,7 +633,11 @@ def interaction(run: RunData) -> Section:
         Paragraph(
             f"{len(arms)} arm(s) × {len(columns)} measured metric(s)"
             + (f" over experiments {', '.join(map(str, experiments))}" if experiments else "")
-            + (f"; significance at alpha = {alpha:g} (Holm)." if not math.isnan(alpha) else ".")
+            + (
+                f"; significance at alpha = {alpha:g} ({INTERACTION_ALPHA_KEY}, Holm)."
+                if not math.isnan(alpha)
+                else "."
+            )
         )
     )
     if matrix.get("verdict"):
@@ -612,22 +654,25 @@ def interaction(run: RunData) -> Section:
                 f"paired over probe items (permutation p, bootstrap CI). Verdict: {matrix['verdict']}."
             )
         )
-    fig = plots.interaction_heatmap(arms, columns, effect, significant, diagonal)
+    fig = plots.interaction_heatmap(
+        arms, columns, effect, significant, diagonal, p_holm=p_holm, alpha=alpha if not math.isnan(alpha) else None
+    )
     section.blocks.append(
         _figure(
             "interaction",
             fig,
-            "Effect of each arm (rows) on each experiment's metric (columns), coloured by the effect scaled to its "
-            "column's largest magnitude; ★ marks significant cells, a black box the diagonal (an experiment measured "
-            "in its own arm).",
+            "Effect of each arm (rows) on each experiment's metric (columns). Only significant cells are coloured: "
+            "by the effect's sign and the strength of the evidence (−log10 of the Holm p, one shared scale); "
+            "non-significant cells stay white whatever their effect. ★ marks significant cells, a black box the "
+            "diagonal (an experiment measured in its own arm); the text is the raw effect.",
         )
     )
     section.blocks.append(
         Table(
-            ["arm", "experiment", "metric", "effect", "CI", "p", "Holm p", "significant"],
+            ["arm", "experiment", "metric", "verdict", "Holm p", "p", "effect", "CI"],
             rows,
-            numeric=(3, 4, 5, 6),
-            caption=f"From {INTERACTION}.",
+            numeric=(4, 5, 6, 7),
+            caption=f"From {INTERACTION}; verdict at {INTERACTION_ALPHA_KEY} on the Holm p (Holm within each family).",
         )
     )
     return section

@@ -15,7 +15,7 @@ from composer.utils import dist
 from multirun.config import LoadedConfig, parse_duration_steps
 from multirun.data.mds import PreparedDataset, build_demo_dataset, demo_heldout_rows, read_dataset_info, read_rows
 from multirun.data.tokenizers import Tokenizer, load_tokenizer
-from multirun.errors import ConfigError
+from multirun.errors import ConfigError, InputError
 from multirun.types import BatchGeometry
 
 
@@ -38,9 +38,12 @@ def resolve_dataset(loaded: LoadedConfig, tokenizer: Tokenizer, *, progress: boo
             file=loaded.source,
             key="data.sequence_length",
         )
-    if info.tokenizer != tokenizer.name:
+    # Identity is the tokenizer's fingerprint (its files' content), not how its path was
+    # spelled: 'hf:tok' and 'hf:/abs/tok' are the same tokenizer when the files are equal.
+    if info.tokenizer_fingerprint != tokenizer.fingerprint():
         raise ConfigError(
-            f"the dataset at {info.path} was tokenized with {info.tokenizer!r}, the run uses {tokenizer.name!r}",
+            f"the dataset at {info.path} was tokenized with {info.tokenizer!r} (fingerprint "
+            f"{info.tokenizer_fingerprint}), the run uses {tokenizer.name!r} (fingerprint {tokenizer.fingerprint()})",
             file=loaded.source,
             key="data.path",
         )
@@ -80,17 +83,31 @@ def run_tokenizer(loaded: LoadedConfig) -> Tokenizer:
 
 
 def heldout_rows(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int) -> np.ndarray | None:
-    """Rows for the held-out loss: the demo's unused stdlib files, or ``data.heldout_path`` (multirun's or llm-foundry's MDS)."""
+    """Rows for the held-out loss: the demo's unused stdlib files; ``data.heldout_path``
+    (multirun's or llm-foundry's MDS); else the held-out split the training dataset
+    records (``multirun prepare --heldout-fraction``); else none."""
     count = loaded.config.monitoring.heldout_rows
     data = loaded.config.data
     if count == 0:
         return None
     if data.source == "demo":
         return demo_heldout_rows(tokenizer, sequence_length, count=count, train_max_bytes=data.demo_max_bytes)
-    if data.heldout_path is None:
+    if data.heldout_path is not None:
+        # Cut to the run's sequence length, as llm-foundry cuts its rows to max_seq_len.
+        return read_rows(_required(loaded, data.heldout_path, key="data.heldout_path"), count, sequence_length)
+    split = read_dataset_info(_required(loaded, data.path, key="data.path")).heldout_path
+    if split is None:
         return None
-    # Cut to the run's sequence length, as llm-foundry cuts its rows to max_seq_len.
-    return read_rows(_required(loaded, data.heldout_path, key="data.heldout_path"), count, sequence_length)
+    try:
+        return read_rows(split, count, sequence_length)
+    except InputError as err:
+        # The default split is too small for monitoring.heldout_rows: say which keys decide.
+        raise ConfigError(
+            f"the dataset's held-out split: {err} (lower monitoring.heldout_rows, prepare with a larger "
+            "--heldout-fraction, or set data.heldout_path)",
+            file=loaded.source,
+            key="monitoring.heldout_rows",
+        ) from err
 
 
 def _resolve(loaded: LoadedConfig, path: str | None) -> str | None:

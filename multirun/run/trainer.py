@@ -32,6 +32,7 @@ from multirun.run.continuation import continuation_of
 from multirun.run.inputs import heldout_rows, resolve_dataset, run_dir_of, run_geometry, run_tokenizer
 from multirun.run.model import build_gpt2
 from multirun.run.parts import RunParts, assemble_parts
+from multirun.run.progress import ProgressLines, use_progress_bar
 from multirun.run_dir import RunDir
 
 
@@ -107,20 +108,27 @@ def prepare_run(
     optimizer = build_optimizer(loaded, model)
     scheduler = LinearWithWarmupScheduler(t_warmup=train.warmup, alpha_f=0.1)
     callback = MultirunCallback(parts, overwrite=overwrite)
+    # The bar only on a terminal; elsewhere (a log file, --no-progress) plain lines.
+    progress_bar = use_progress_bar(progress)
+    lines = (
+        []
+        if progress_bar
+        else [ProgressLines(train.log_interval, tokens_per_step=geometry.global_batch_size * geometry.sequence_length)]
+    )
     trainer = Trainer(
         model=model,
         train_dataloader=dataloader,
         max_duration=f"{geometry.num_steps}ba",
         optimizers=optimizer,
         schedulers=scheduler,
-        callbacks=[callback, *extra_callbacks],
+        callbacks=[callback, *extra_callbacks, *lines],
         run_name=config.run_name,
         save_folder=str(RunDir(run_dir).checkpoints),
         save_interval=train.save_interval or f"{geometry.num_steps}ba",
         save_num_checkpoints_to_keep=train.save_num_checkpoints_to_keep,
         save_overwrite=overwrite,
         autoresume=train.autoresume,
-        progress_bar=progress,
+        progress_bar=progress_bar,
         console_log_interval=train.log_interval,
         **trainer_settings(loaded),
     )

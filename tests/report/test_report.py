@@ -203,7 +203,8 @@ def test_finished_run_report(runs: Runs, finished_report: ReportPaths) -> None:
         row = next(line for line in text.splitlines() if line.startswith(f"| {r['experiment']} | text_logprob"))
         assert f"| {r['effect']:.4g} |" in row and f"| {r['p_holm']:.3g} |" in row
         expected = "not significant" if r["p_holm"] >= 0.01 else "significant"
-        assert row.rstrip(" |").endswith(expected)
+        # The verdict and the Holm p come right after the metric and group: never behind a scroll.
+        assert f"| text_logprob (primary) | all | {expected} | {r['p_holm']:.3g} |" in row
     assert "Last evaluation at step 16 (fit_end)" in text
     # Optional analyses that never ran say so.
     assert "Not run (no controller.jsonl" in text and "Not run (no interaction/matrix.json" in text
@@ -350,8 +351,12 @@ def test_controller_acquisition_and_interaction_sections(runs: Runs, tmp_path: P
     assert '"extra_repetitions": 3' in text
     assert "| canaries | 2 / 3 | 12 | 2 |" in text  # acquired / listed, median step, median exposures
     assert "dotted green lines mark steps where treated items were acquired" in text
-    assert "4 arm(s) × 2 measured metric(s) over experiments canaries, facts; significance at alpha = 0.01" in text
-    assert text.count("| yes |") == 3 and text.count("| no |") == 5
+    assert (
+        "4 arm(s) × 2 measured metric(s) over experiments canaries, facts; significance at alpha = 0.01 "
+        "(interaction.alpha, Holm)" in text
+    )
+    assert text.count("| text_logprob | significant |") == 3
+    assert text.count("| text_logprob | not significant |") == 5
     assert "Not run" not in text
 
     # Rebuilt without them, the report drops those sections' plots from disk too.
