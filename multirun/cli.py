@@ -8,6 +8,7 @@ Commands::
     multirun prepare OUT SOURCE... --sequence-length N [--tokenizer PATH]   text -> MDS
     multirun ledger RUN_DIR [--experiment E] [--item I] [--steps A:B] [--export FILE]
     multirun report RUN_DIR [--baseline OTHER_RUN] [--out DIR]   HTML + Markdown report with plots
+    multirun evaluate RUN_DIR --checkpoint PATH|HF_DIR [--name NAME]   monitors and statistics on saved weights
     multirun payload fingerprint DIR                 recompute a payload package's file fingerprints
     multirun payload check DIR                       verify a payload package
 """
@@ -119,6 +120,17 @@ def _parser() -> argparse.ArgumentParser:
     interact.add_argument("--out", help="output folder (default RUN_DIR/interaction)")
     interact.add_argument("--no-progress", action="store_true", help="no line per arm")
     interact.set_defaults(handler=_interact)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score every experiment's monitors and statistics on a checkpoint or Hugging Face folder"
+    )
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--checkpoint", required=True, help="a Composer checkpoint (.pt) or a save_pretrained folder")
+    evaluate.add_argument("--name", help="folder under RUN_DIR/evaluations (default: the checkpoint's stem)")
+    evaluate.add_argument("--step", type=int, help="the weights' training step, for a folder that does not record it")
+    evaluate.add_argument("--device", choices=["auto", "cpu", "gpu"], help="default: the run's train.device")
+    evaluate.add_argument("--no-progress", action="store_true", help="no line per stage")
+    evaluate.set_defaults(handler=_evaluate)
 
     payload = commands.add_parser("payload", help="payload package tools")
     payload.add_argument("action", choices=["fingerprint", "check"])
@@ -311,6 +323,35 @@ def _print_interaction(result: InteractionResult) -> None:
     console.print(table)
     console.print(f"[bold]{matrix['verdict']}[/]")
     console.print(f"matrix: {result.out_dir / 'matrix.json'} and matrix.csv")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from multirun.run.reload import evaluate_checkpoint
+
+    def say(line: str) -> None:
+        console.print(line, highlight=False)
+
+    result = evaluate_checkpoint(
+        args.run_dir,
+        args.checkpoint,
+        name=args.name,
+        step=args.step,
+        device=args.device,
+        progress=None if args.no_progress else say,
+    )
+    summary = result.summary
+    step = summary["step"]
+    console.print(
+        f"evaluation {summary['name']!r} of {summary['source']} (step {'unknown' if step is None else step}, "
+        f"weights {summary['weights_fingerprint']})",
+        highlight=False,
+    )
+    if summary["effects"]:
+        _print_effects(summary["effects"], alpha=summary["alpha"])
+    if summary["heldout_loss"] is not None:
+        console.print(f"held-out loss: {summary['heldout_loss']:.4f} nats/token")
+    console.print(f"written to [bold]{result.folder}[/] (metrics.jsonl, summary.json)")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

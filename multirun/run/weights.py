@@ -82,7 +82,11 @@ def _from_composer_checkpoint(path: Path) -> LoadedWeights:
     hf_state = state.get("integrations", {}).get("huggingface")
     if hf_state is None or "model" not in state:
         raise ResumeError("not a Composer checkpoint of a Hugging Face model (no integrations.huggingface)", file=path)
-    model = HuggingFaceModel.load_huggingface_model_from_saved_state(hf_state, checkpoint, None, {})
+    # The saved config says its attention implementation was already chosen, which would
+    # leave the class default (eager); let transformers choose as it did when the trained
+    # model was built (sdpa where available), so the weights compute what they computed.
+    overrides = {"_attn_implementation_autoset": False}
+    model = HuggingFaceModel.load_huggingface_model_from_saved_state(hf_state, checkpoint, None, overrides)
     tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state)
     # HuggingFaceModel keeps the transformers model under ``model.``.
     weights = {key.removeprefix("model."): value for key, value in state["model"].items()}
