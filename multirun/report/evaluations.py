@@ -143,7 +143,7 @@ def section(run: RunData) -> Section:
     if not evaluations:
         folder = RunDir(".").evaluations.as_posix()
         out.blocks.append(
-            Paragraph(f"Not run (no {folder}/; see `multirun evaluate RUN_DIR --checkpoint`).", kind="note")
+            Paragraph(f"None in {folder}/ (`multirun evaluate RUN_DIR --checkpoint PATH` adds one).", kind="note")
         )
         return out
     out.blocks.append(
