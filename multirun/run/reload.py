@@ -32,6 +32,7 @@ from multirun import __version__
 from multirun.config import LoadedConfig, load_config
 from multirun.data.tokenizers import Tokenizer
 from multirun.errors import ConfigError, InputError, ResumeError
+from multirun.kinds.experiments import arms_record
 from multirun.measure.evaluate import (
     check_name,
     check_vocabulary,
@@ -46,7 +47,7 @@ from multirun.plan.run_plan import RunPlan
 from multirun.run.inputs import heldout_rows, run_tokenizer
 from multirun.run.parts import RunParts, assemble_parts
 from multirun.run.weights import load_weights
-from multirun.run_dir import RunDir
+from multirun.run_dir import RunDir, plain
 from multirun.types import BatchGeometry
 
 
@@ -203,7 +204,7 @@ def evaluate_checkpoint(
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=folder.parent) as scratch:
         say(f"rebuilding the run's monitors ({geometry.num_steps} steps x {geometry.global_batch_size} rows)")
         parts = run.parts(geometry, run_dir=scratch, controlled=False)
-        _check_plan(run_dir, parts.plan.fingerprint)
+        plan_fingerprint = _check_plan(run_dir, parts.plan)
         if not parts.monitors.entries and parts.monitors.heldout is None:
             raise ConfigError(
                 "no experiment has an enabled monitor and there is no held-out loss: nothing to evaluate",
@@ -220,7 +221,7 @@ def evaluate_checkpoint(
         source_kind="huggingface_folder" if weights.source.is_dir() else "composer_checkpoint",
         step=step,
         weights_fingerprint=fingerprint,
-        plan_fingerprint=parts.plan.fingerprint,
+        plan_fingerprint=plan_fingerprint,
         device=device,
         precision=precision,
         alpha=run.loaded.config.monitoring.alpha,
@@ -251,13 +252,31 @@ def _device_and_precision(run: ReloadedRun, device: str | None) -> tuple[str, st
     return wanted, precision
 
 
-def _check_plan(run_dir: Path, rebuilt: str) -> None:
-    """The rebuilt plan must be the trained one: else the probes or treated items may differ."""
-    manifest = RunDir(run_dir).manifest
-    trained = json.loads(manifest.read_text()).get("plan_fingerprint")
+def _check_plan(run_dir: Path, plan: RunPlan) -> str:
+    """The rebuilt experiments must be the trained ones, else the probes or the split may
+    differ: the manifest's entries (payload content fingerprints, kinds, items, sequences,
+    planned spans) and ``arms.json`` (treated and control items). Returns the trained plan's
+    fingerprint. Fingerprints of the config are not compared: they cover the config as
+    written, and ``resolved_config.yaml`` spells relative paths absolute."""
+    files = RunDir(run_dir)
+    manifest = json.loads(files.manifest.read_text())
+
+    def entries(experiments: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {str(e.get("name")): {k: v for k, v in e.items() if k != "fingerprint"} for e in experiments}
+
+    trained = entries(manifest.get("experiments", []))
+    rebuilt = entries(json.loads(json.dumps(plan.manifest()["experiments"], default=plain)))
     if trained != rebuilt:
+        changed = sorted(n for n in set(trained) | set(rebuilt) if trained.get(n) != rebuilt.get(n))
         raise ResumeError(
-            f"the run's config and payloads now build another plan ({rebuilt}) than the one it trained "
-            f"({trained}): a payload or an input changed since, so its probes may differ",
-            file=manifest,
+            f"the run's config and payloads now prepare other experiments than it trained ({', '.join(changed)}): "
+            "a payload or an input changed since, so the probes may differ",
+            file=files.manifest,
         )
+    if files.arms.is_file() and json.loads(files.arms.read_text()) != json.loads(
+        json.dumps(arms_record(plan.experiments), default=plain)
+    ):
+        raise ResumeError(
+            "the run's config now splits treated and control items otherwise than it trained", file=files.arms
+        )
+    return str(manifest.get("plan_fingerprint"))

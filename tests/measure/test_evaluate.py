@@ -9,11 +9,13 @@ intervals and the held-out loss.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from multirun.cli import main as cli_main
@@ -175,3 +177,38 @@ def test_the_command_prints_the_effects_and_where_it_wrote(
     assert "effects against never-injected controls" in out and "canaries" in out and "held-out loss" in out
     assert str(RunDir(trained).evaluations / "cli") in out.replace("\n", "")
     assert "loading weights" not in out  # --no-progress
+
+
+def test_a_changed_experiment_is_refused_and_relative_paths_are_not_a_change(
+    trained: Path, tmp_path: Path, one_torch_thread: None
+) -> None:
+    # resolved_config.yaml spells a config's relative paths absolute: the experiments are still the trained ones.
+    dataset = make_dataset(tmp_path / "mds", samples=100)
+    config = run_config(tmp_path, dataset, steps=EVERY, save_interval=f"{EVERY}ba", name="relative")
+    doc = yaml.safe_load(config.read_text())
+    for experiment in doc["experiments"]:
+        experiment["payload"] = str(Path(experiment["payload"]).relative_to(tmp_path))
+    config.write_text(yaml.safe_dump(doc))
+    run = prepare_run(load_config(config, OVERRIDES), progress=False)
+    run.fit()
+    run.close()
+    result = evaluate_checkpoint(run.run_dir, RunDir(run.run_dir).latest_checkpoint)
+    assert _without_when(read_jsonl(result.folder / "metrics.jsonl")) == _without_when(
+        _training_records(run.run_dir, EVERY)
+    )
+    assert (
+        result.summary["plan_fingerprint"] == json.loads(RunDir(run.run_dir).manifest.read_text())["plan_fingerprint"]
+    )
+
+    # Another seed draws other treated and control items: not the run that was trained.
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("checkpoints", "evaluations"))
+    resolved = yaml.safe_load(RunDir(copy).resolved_config.read_text())
+    resolved["seed"] = resolved["seed"] + 1
+    RunDir(copy).resolved_config.write_text(yaml.safe_dump(resolved))
+    with pytest.raises(
+        ResumeError,
+        match=r"(manifest|arms).json: the run's config (and payloads now prepare other experiments|now splits)",
+    ):
+        evaluate_checkpoint(copy, RunDir(trained).latest_checkpoint)
+    assert not list(RunDir(copy).evaluations.iterdir())  # nothing written, no scratch left
