@@ -10,6 +10,7 @@ Commands::
     multirun report RUN_DIR [--baseline OTHER_RUN] [--out DIR]   HTML + Markdown report with plots
     multirun export RUN_DIR [--checkpoint PATH] [--out DIR]   HF model + tokenizer, inserted items as a dataset
     multirun inspect RUN_DIR --step T [--rows R,..] [--html FILE]   step T's rows with the injected spans marked
+    multirun evaluate RUN_DIR --checkpoint PATH|HF_DIR [--name NAME]   monitors and statistics on saved weights
     multirun payload fingerprint DIR                 recompute a payload package's file fingerprints
     multirun payload check DIR [--tokenizer T] [--sequence-length N]
                                                      the kind's full validation; every problem at once
@@ -149,6 +150,17 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--html", help="also write a standalone HTML page here")
     inspect.add_argument("--width", type=int, help="terminal width for the coloured output")
     inspect.set_defaults(handler=_inspect)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score every experiment's monitors and statistics on a checkpoint or Hugging Face folder"
+    )
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--checkpoint", required=True, help="a Composer checkpoint (.pt) or a save_pretrained folder")
+    evaluate.add_argument("--name", help="folder under RUN_DIR/evaluations (default: the checkpoint's stem)")
+    evaluate.add_argument("--step", type=int, help="the weights' training step, for a folder that does not record it")
+    evaluate.add_argument("--device", choices=["auto", "cpu", "gpu"], help="default: the run's train.device")
+    evaluate.add_argument("--no-progress", action="store_true", help="no line per stage")
+    evaluate.set_defaults(handler=_evaluate)
 
     payload = commands.add_parser(
         "payload",
@@ -373,6 +385,35 @@ def _print_interaction(result: InteractionResult) -> None:
     console.print(table)
     console.print(f"[bold]{matrix['verdict']}[/]")
     console.print(f"matrix: {result.out_dir / 'matrix.json'} and matrix.csv")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from multirun.run.reload import evaluate_checkpoint
+
+    def say(line: str) -> None:
+        console.print(line, highlight=False)
+
+    result = evaluate_checkpoint(
+        args.run_dir,
+        args.checkpoint,
+        name=args.name,
+        step=args.step,
+        device=args.device,
+        progress=None if args.no_progress else say,
+    )
+    summary = result.summary
+    step = summary["step"]
+    console.print(
+        f"evaluation {summary['name']!r} of {summary['source']} (step {'unknown' if step is None else step}, "
+        f"weights {summary['weights_fingerprint']})",
+        highlight=False,
+    )
+    if summary["effects"]:
+        _print_effects(summary["effects"], alpha=summary["alpha"])
+    if summary["heldout_loss"] is not None:
+        console.print(f"held-out loss: {summary['heldout_loss']:.4f} nats/token")
+    console.print(f"written to [bold]{result.folder}[/] (metrics.jsonl, summary.json)")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

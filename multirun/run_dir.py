@@ -111,6 +111,11 @@ class RunDir:
         return self.root / "interaction"
 
     @property
+    def evaluations(self) -> Path:
+        """``multirun evaluate``'s folder: one ``<name>/`` (``metrics.jsonl``, ``summary.json``) per evaluation."""
+        return self.root / "evaluations"
+
+    @property
     def interaction_matrix(self) -> Path:
         return self.interaction / MATRIX_JSON
 

@@ -22,6 +22,7 @@ from composer.core import Callback
 from multirun.errors import ConfigError, ResumeError
 from multirun.integration.callback import MultirunCallback
 from multirun.run.parts import RunParts
+from multirun.run.reload import recorded_geometry
 from multirun.run_dir import RunDir
 from multirun.types import BatchGeometry
 
@@ -77,13 +78,7 @@ class FoundryArms:
 
     def geometry(self) -> BatchGeometry:
         """The run's global batch and sequence length (from its ``manifest.json``)."""
-        import json
-
-        manifest = RunDir(self.run_dir).manifest
-        if not manifest.is_file():
-            raise ResumeError("the run has no manifest.json (did it reach FIT_START?)", file=manifest)
-        geometry = json.loads(manifest.read_text())["geometry"]
-        return BatchGeometry(**geometry)
+        return recorded_geometry(self.run_dir)
 
     def latest_checkpoint(self) -> Path | None:
         """Rank 0's newest checkpoint in the run's ``save_folder``, if it has one."""

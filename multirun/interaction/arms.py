@@ -36,7 +36,7 @@ from composer import Trainer
 from composer.core import Callback
 from composer.utils import dist
 
-from multirun.config import InteractionConfig, LoadedConfig, MonitoringConfig, load_config
+from multirun.config import InteractionConfig, LoadedConfig, MonitoringConfig
 from multirun.data.tokenizers import Tokenizer
 from multirun.errors import ConfigError, ResumeError
 from multirun.integration.callback import MultirunCallback
@@ -45,8 +45,9 @@ from multirun.kinds.experiments import build_experiments
 from multirun.measure.records import EvaluationRecord
 from multirun.plan.run_plan import RunPlan, plan_experiments
 from multirun.run.continuation import checkpoint_step
-from multirun.run.inputs import heldout_rows, resolve_dataset, run_geometry, run_tokenizer
-from multirun.run.parts import RunParts, assemble_parts
+from multirun.run.inputs import resolve_dataset, run_geometry
+from multirun.run.parts import RunParts
+from multirun.run.reload import reload_run
 from multirun.run.trainer import build_model, build_optimizer, train_dataloader, trainer_settings
 from multirun.run_dir import RunDir, write_json_atomic
 from multirun.types import BatchGeometry, Placement
@@ -167,10 +168,8 @@ def run_interaction(
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    config_path = RunDir(run_dir).resolved_config
-    if not config_path.is_file():
-        raise ConfigError("not a run directory (no resolved_config.yaml)", file=run_dir)
-    loaded = load_config(config_path, list(overrides))
+    run = reload_run(run_dir, overrides)
+    loaded, tokenizer = run.loaded, run.tokenizer
     settings = loaded.config.interaction
     participants = participants_of(loaded, settings)
     cap = loaded.config.injection.max_modified_fraction
@@ -182,7 +181,6 @@ def run_interaction(
             file=loaded.source,
             key="interaction.intensity",
         )
-    tokenizer = run_tokenizer(loaded)
     trainer = _arm_trainer(run_dir, loaded, tokenizer)
     checkpoint_path = find_checkpoint(run_dir, checkpoint, latest=trainer.latest_checkpoint())
     start = checkpoint_step(checkpoint_path)
@@ -193,15 +191,7 @@ def run_interaction(
         loaded, tokenizer=tokenizer, geometry=geometry, start_step=start, settings=settings, participants=participants
     )
     # Each arm scores every monitor once, at its end, on its own fork of these parts.
-    parts = assemble_parts(
-        loaded,
-        tokenizer=tokenizer,
-        geometry=geometry,
-        run_dir=out,
-        plan=plan,
-        controlled=False,
-        heldout=heldout_rows(loaded, tokenizer, geometry.sequence_length),
-    )
+    parts = run.parts(geometry, run_dir=out, plan=plan, controlled=False)
     if not parts.monitors.entries:
         raise ConfigError(
             "no experiment has an enabled monitor: there is nothing to compare", file=loaded.source, key="experiments"

@@ -10,7 +10,8 @@ given) and works on a finished or an interrupted run. It writes into ``out_dir``
 
 Sections: run overview, provenance (ledger), metrics over training, effects at the
 last evaluation, controller trajectories, interaction matrix, training and held-out
-loss (with a baseline run overlaid). Optional inputs that are absent render as
+loss (with a baseline run overlaid), and evaluations of saved weights (``multirun evaluate``,
+also marked on the metric curves). Optional inputs that are absent render as
 "not run"; sections without data yet say "no data yet".
 
 Example::
@@ -25,7 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from multirun.report import sections
+from multirun.report import evaluations, sections
 from multirun.report.document import Document, Figure, render_html, render_markdown
 from multirun.report.plots import palette
 from multirun.report.rundata import RunData, load_run
@@ -95,11 +96,12 @@ def build_document(run: RunData, baseline: RunData | None = None) -> Document:
         sections=[
             sections.overview(run, colors),
             sections.provenance(run, colors),
-            sections.metric_curves(run, colors),
+            sections.metric_curves(run, colors, marks=evaluations.curve_marks(run)),
             sections.effect_table(run),
             sections.controllers(run),
             sections.interaction(run),
             sections.loss(run, baseline),
+            evaluations.section(run),
         ],
     )
     keys = [b.key for s in document.sections for b in s.blocks if isinstance(b, Figure)]

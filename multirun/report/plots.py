@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import matplotlib
 import numpy as np
@@ -131,6 +132,22 @@ def exposure_histograms(exposures: Mapping[str, np.ndarray], colors: Mapping[str
     return fig
 
 
+@dataclass(frozen=True)
+class CurveMark:
+    """A point drawn over the metric curves: one metric of an evaluation outside training
+    (``multirun evaluate``) at a known step."""
+
+    label: str
+    step: int
+    treated: float
+    control: float
+    effect: float
+
+
+#: Markers of the marked evaluations, in order (the curves use circles and squares).
+MARK_STYLES = ("D", "^", "v", "P", "X", "*", "h")
+
+
 def metric_curves(
     experiment: str,
     metrics: Mapping[str, Mapping[str, Series]],
@@ -138,11 +155,13 @@ def metric_curves(
     *,
     acquired_steps: Sequence[int] = (),
     acquisition_label: str = "",
+    marks: Mapping[str, Sequence[CurveMark]] | None = None,
 ) -> Figure:
     """Per metric: treated vs control mean (top) and the effect with its CI band (bottom).
 
     ``metrics[name]`` holds Series ``treated``, ``control``, ``effect``, ``ci_low``,
-    ``ci_high`` (all over the same evaluation steps).
+    ``ci_high`` (all over the same evaluation steps); ``marks[name]`` are points of
+    evaluations of saved weights, drawn with a marker per label.
     """
     names = list(metrics)
     cols = min(3, len(names))
@@ -174,6 +193,7 @@ def metric_curves(
                     linewidth=1,
                     label=(acquisition_label or "item acquired") if i == 0 and ax is top else None,
                 )
+        _draw_marks(top, bottom, (marks or {}).get(metric, ()), color)
         for ax in (top, bottom):
             _style(ax)
             ax.tick_params(labelsize=8)
@@ -182,6 +202,18 @@ def metric_curves(
         bottom.legend(fontsize=7.5, frameon=False)
     fig.suptitle(experiment, fontsize=11, fontweight="bold")
     return fig
+
+
+def _draw_marks(top, bottom, marks: Sequence[CurveMark], color: str) -> None:
+    """Each label's points: treated (filled) and control (grey) on top, the effect below."""
+    labels = list(dict.fromkeys(m.label for m in marks))
+    for index, label in enumerate(labels):
+        mine = [m for m in marks if m.label == label]
+        style = dict(marker=MARK_STYLES[index % len(MARK_STYLES)], s=46, edgecolors="black", linewidths=0.8, zorder=5)
+        steps = [m.step for m in mine]
+        top.scatter(steps, [m.treated for m in mine], color=color, label=label, **style)
+        top.scatter(steps, [m.control for m in mine], color=BASELINE_COLOR, **style)
+        bottom.scatter(steps, [m.effect for m in mine], color=color, label=label, **style)
 
 
 def controller_trajectories(

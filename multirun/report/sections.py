@@ -325,7 +325,11 @@ def _placement(placement: Any) -> str:
 # --------------------------------------------------------------------------- 3. metric curves
 
 
-def metric_curves(run: RunData, colors: Mapping[str, str]) -> Section:
+def metric_curves(
+    run: RunData, colors: Mapping[str, str], marks: Mapping[str, Mapping[str, list[plots.CurveMark]]] | None = None
+) -> Section:
+    """Per experiment, its metrics over training; ``marks``: points of evaluations of saved
+    weights per experiment and metric (:func:`multirun.report.evaluations.curve_marks`)."""
     section = Section("metrics", "3. Metrics over training")
     records = [r for r in run.metric_records() if r.group is None]
     by_experiment: dict[str, dict[str, list[EffectRecord]]] = {}
@@ -348,13 +352,16 @@ def metric_curves(run: RunData, colors: Mapping[str, str]) -> Section:
                 )
             }
         acquired, label = _acquired(run, name)
+        marked = (marks or {}).get(name, {})
         fig = plots.metric_curves(
-            name, metrics, colors.get(name, "#2f5d9e"), acquired_steps=acquired, acquisition_label=label
+            name, metrics, colors.get(name, "#2f5d9e"), acquired_steps=acquired, acquisition_label=label, marks=marked
         )
         caption = (
             f"{name}: treated vs control mean per evaluation (top) and the effect with its confidence interval (bottom)"
         )
-        caption += "; dotted green lines mark steps where treated items were acquired." if acquired else "."
+        caption += "; dotted green lines mark steps where treated items were acquired" if acquired else ""
+        labels = list(dict.fromkeys(m.label for points in marked.values() for m in points))
+        caption += f"; outlined markers: {', '.join(labels)} (section 8)." if labels else "."
         section.blocks.append(_figure(f"metrics-{slug(name)}", fig, caption))
 
     errors = run.monitor_errors()

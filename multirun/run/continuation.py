@@ -88,6 +88,23 @@ def continuation_of(
     return answer[0]
 
 
+def recorded_continuation(run_dir: str | os.PathLike[str]) -> Continuation | None:
+    """The static horizon and durations ``manifest.json`` records (None: no manifest).
+
+    Work after training (``multirun evaluate``) rebuilds the plan the run trained with,
+    an extended run's included.
+    """
+    manifest_path = RunDir(run_dir).manifest
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    steps = int(manifest.get("geometry", {}).get("num_steps", 0))
+    if steps <= 0:
+        return None
+    durations = tuple(int(d) for d in manifest.get("durations", [steps]))
+    return Continuation(static_steps=int(manifest.get("static_steps", steps)), durations=durations, resume_step=0)
+
+
 def checkpoint_step(path: str | os.PathLike[str]) -> int:
     """The training step a Composer checkpoint was taken at (from its name, else its content)."""
     path = Path(path)

@@ -82,7 +82,21 @@ def _from_composer_checkpoint(path: Path) -> LoadedWeights:
     hf_state = state.get("integrations", {}).get("huggingface")
     if hf_state is None or "model" not in state:
         raise ResumeError("not a Composer checkpoint of a Hugging Face model (no integrations.huggingface)", file=path)
-    model: Any = HuggingFaceModel.load_huggingface_model_from_saved_state(hf_state, checkpoint, None, {})
+    # The saved config says its attention implementation was already chosen, which would
+    # leave the class default (eager); let transformers choose as it did when the trained
+    # model was built (sdpa where available), so the weights compute what they computed.
+    overrides = {"_attn_implementation_autoset": False}
+    recorded = hf_state.get("model", {}).get("config", {}).get("class", "?")
+    model: Any
+    try:
+        model = HuggingFaceModel.load_huggingface_model_from_saved_state(hf_state, checkpoint, None, overrides)
+    except Exception as exc:  # the recorded class or its config may not rebuild (llm-foundry's MPT: another MPTConfig)
+        raise ResumeError(
+            f"cannot rebuild the checkpoint's model {recorded} from its recorded config ({type(exc).__name__}: {exc}); "
+            "multirun reads Composer checkpoints of transformers models whose config class AutoConfig builds "
+            "(llm-foundry's MPT is not one: convert it to a Hugging Face folder and pass the folder)",
+            file=path,
+        ) from exc
     tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state)
     # HuggingFaceModel keeps the transformers model under ``model.``.
     weights = {key.removeprefix("model."): value for key, value in state["model"].items()}
