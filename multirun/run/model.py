@@ -113,7 +113,7 @@ def build_run_model(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length:
             wrapped.config,
             tokenizer,
             sequence_length,
-            key_of=lambda name: "model.config_overrides" if name in model.config_overrides else "model",
+            key_of=lambda name: f"model.config_overrides.{name}" if name in model.config_overrides else "model",
             file=loaded.source,
             check_pad=True,
         )
@@ -237,7 +237,9 @@ def _check_config(
             file=file,
             key=key_of("pad_token_id"),
         )
-    for name in _MAX_POSITION_KEYS:
+    aliases = getattr(config, "attribute_map", {})
+    for alias in _MAX_POSITION_KEYS:
+        name = aliases.get(alias, alias)  # the name the config stores it under (GPT-2: n_positions)
         positions = getattr(config, name, None)
         if isinstance(positions, int):
             if positions < sequence_length:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from composer import Trainer
+from composer.callbacks import LRMonitor
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 from composer.optim import (
@@ -116,13 +117,15 @@ def prepare_run(
 
     optimizer = build_optimizer(loaded, model)
     callback = MultirunCallback(parts, overwrite=overwrite)
+    # With a logger, the learning rate is logged too: the schedule is a setting to check.
+    watch = [LRMonitor()] if logging["loggers"] or logging["log_to_console"] else []
     trainer = Trainer(
         model=model,
         train_dataloader=dataloader,
         max_duration=f"{geometry.num_steps}ba",
         optimizers=optimizer,
         schedulers=build_scheduler(loaded),
-        callbacks=[callback, *extra_callbacks],
+        callbacks=[callback, *watch, *extra_callbacks],
         run_name=config.run_name,
         save_folder=str(RunDir(run_dir).checkpoints),
         save_interval=train.save_interval or f"{geometry.num_steps}ba",
