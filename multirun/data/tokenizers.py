@@ -139,16 +139,15 @@ def byte_hf_tokenizer() -> Any:
         >>> tok.encode("hé", add_special_tokens=False), tok.eos_token_id, tok.pad_token_id
         ([104, 195, 169], 256, 257)
     """
-    from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
+    import tokenizers  # type: ignore[import-untyped]
     from transformers import PreTrainedTokenizerFast
     from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
     stand_in = bytes_to_unicode()
     vocab = {stand_in[byte]: byte for byte in range(256)}
-    rust = RustTokenizer(models.BPE(vocab=vocab, merges=[]))
-    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    rust.decoder = decoders.ByteLevel()
+    rust = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    rust.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    rust.decoder = tokenizers.decoders.ByteLevel()
     # Added in this order, the special tokens take ids 256 (EOS) and 257 (PAD).
     return PreTrainedTokenizerFast(
         tokenizer_object=rust,
