@@ -38,13 +38,16 @@ from multirun.run_dir import RunDir, write_text_atomic
 from multirun.types import BatchGeometry, Placement
 
 __all__ = [
+    "ClippingConfig",
     "DataConfig",
     "ExperimentConfig",
     "InjectionConfig",
     "LoadedConfig",
+    "LoggersConfig",
     "ModelConfig",
     "PlacementConfig",
     "RunConfig",
+    "SchedulerConfig",
     "TokenizerConfig",
     "TrainConfig",
     "load_config",
@@ -93,13 +96,54 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """Tiny GPT-2 built in code from a ``transformers.GPT2Config``."""
+    """The model: a tiny GPT-2 from a few sizes (the demo's), or any Hugging Face causal LM.
 
-    kind: Literal["gpt2"] = "gpt2"
-    n_layer: int = Field(2, gt=0)
-    n_head: int = Field(2, gt=0)
-    n_embd: int = Field(64, gt=0)
+    ``kind: gpt2`` builds a ``transformers.GPT2Config`` from ``n_layer``, ``n_head`` and
+    ``n_embd`` (defaults 2, 2, 64), with the tokenizer's vocabulary and EOS and the
+    sequence length as positions. ``kind: hf`` builds ``AutoModelForCausalLM`` from
+    ``config`` (a ``config.json`` file or a folder holding one, relative to the config
+    file; or the fields inline with their ``model_type``) with random weights, or loads
+    ``from_pretrained`` (a local ``save_pretrained`` folder). ``config_overrides`` are
+    set on either config. Unset vocabulary size and EOS, BOS and PAD ids of a built
+    config come from the tokenizer; set ones are checked against it and the sequence
+    length (see :mod:`multirun.run.model`).
+
+    ``init_from``: continual pretraining. The model is built as above, then takes the
+    weights of a Composer checkpoint of another run or a ``save_pretrained`` folder; the
+    run itself is new (its own plan and run directory, a fresh optimizer, step 0).
+    ``init_fingerprint``: written by ``multirun train`` into ``resolved_config.yaml``
+    (a cheap xxh64 of the weight source, ``init_from`` or ``from_pretrained``); set it
+    to refuse a source that has changed since.
+    """
+
+    kind: Literal["gpt2", "hf"] = "gpt2"
+    n_layer: int | None = Field(None, gt=0)
+    n_head: int | None = Field(None, gt=0)
+    n_embd: int | None = Field(None, gt=0)
+    config: str | dict[str, Any] | None = None
+    from_pretrained: str | None = None
     config_overrides: dict[str, Any] = Field(default_factory=dict)
+    init_from: str | None = None
+    init_fingerprint: str | None = None
+
+    @model_validator(mode="after")
+    def _gpt2_sizes(self) -> ModelConfig:
+        # Filled in here so that resolved_config.yaml shows the sizes trained; the
+        # keys that do not fit the kind are reported by model_problems.
+        if self.kind == "gpt2":
+            for key, default in (("n_layer", 2), ("n_head", 2), ("n_embd", 64)):
+                if getattr(self, key) is None:
+                    setattr(self, key, default)
+        return self
+
+    @property
+    def weights_source(self) -> tuple[str, str] | None:
+        """``(key, path)`` of where the initial weights come from, or None for random ones."""
+        if self.init_from is not None:
+            return "init_from", self.init_from
+        if self.from_pretrained is not None:
+            return "from_pretrained", self.from_pretrained
+        return None
 
 
 class TokenizerConfig(_Strict):
@@ -130,8 +174,110 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0)
 
 
+class SchedulerConfig(_Strict):
+    """The learning-rate schedule, one of Composer's warmup schedulers.
+
+    ``linear`` (the default: warmup, then linear decay to ``alpha_f`` x the peak at the
+    end), ``cosine`` (warmup, then cosine decay to ``alpha_f`` x the peak) or
+    ``constant`` (warmup, then the peak). ``warmup`` defaults to ``train.warmup``.
+    """
+
+    name: Literal["constant", "linear", "cosine"] = "linear"
+    warmup: str | None = None
+    alpha_f: float = Field(0.1, ge=0)
+
+    @field_validator("warmup")
+    @classmethod
+    def _warmup(cls, v: str | None) -> str | None:
+        return None if v is None else _time_string(v, units=("ba", "tok", "ep", "dur"))
+
+
+class ClippingConfig(_Strict):
+    """Gradient clipping by Composer's ``GradientClipping`` algorithm.
+
+    ``type``: ``norm`` (the global gradient norm at most ``threshold``), ``value``
+    (each gradient entry in ``[-threshold, threshold]``) or ``adaptive`` (AGC, with
+    ``threshold`` the largest gradient-to-weight norm ratio).
+    """
+
+    type: Literal["norm", "value", "adaptive"] = "norm"
+    threshold: float = Field(gt=0)
+
+
+class FileLoggerConfig(_Strict):
+    """Composer's ``FileLogger``: metrics (and, with ``capture_stdout``, the console) as text.
+
+    ``filename`` is relative to the run directory and may use ``{run_name}`` and ``{rank}``.
+    """
+
+    filename: str = "logs/rank{rank}.txt"
+    capture_stdout: bool = False
+    capture_stderr: bool = False
+    flush_interval: int = Field(100, gt=0)
+
+
+class TensorboardLoggerConfig(_Strict):
+    """Composer's ``TensorboardLogger`` (the ``tensorboard`` extra); ``log_dir`` relative to the run directory."""
+
+    log_dir: str = "tensorboard"
+    flush_interval: int = Field(100, gt=0)
+    rank_zero_only: bool = True
+
+
+class MLFlowLoggerConfig(_Strict):
+    """Composer's ``MLFlowLogger`` (the ``mlflow`` extra).
+
+    ``tracking_uri`` as MLflow takes it (``file:///abs/mlruns``, ``http://host:5000``;
+    unset: ``MLFLOW_TRACKING_URI`` or ``./mlruns``); ``run_name`` defaults to the run's.
+    """
+
+    tracking_uri: str | None = None
+    experiment_name: str | None = None
+    run_name: str | None = None
+    tags: dict[str, Any] | None = None
+    synchronous: bool = False
+    log_system_metrics: bool = False
+    rank_zero_only: bool = True
+
+
+class WandBLoggerConfig(_Strict):
+    """Composer's ``WandBLogger`` (the ``wandb`` extra).
+
+    ``init_kwargs`` go to ``wandb.init`` (``{mode: offline, dir: ...}`` logs without a
+    network); ``name`` defaults to the run's name.
+    """
+
+    project: str | None = None
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] | None = None
+    init_kwargs: dict[str, Any] | None = None
+    rank_zero_only: bool = True
+
+
+class LoggersConfig(_Strict):
+    """Where Composer logs metrics; each logger is on when its key is present.
+
+    ``console: true`` prints metrics every ``train.log_interval`` with Composer's console
+    logger instead of the progress bar.
+    """
+
+    console: bool = False
+    file: FileLoggerConfig | None = None
+    tensorboard: TensorboardLoggerConfig | None = None
+    mlflow: MLFlowLoggerConfig | None = None
+    wandb: WandBLoggerConfig | None = None
+
+
 class TrainConfig(_Strict):
-    """Trainer settings; time values are Composer time strings."""
+    """Trainer settings; time values are Composer time strings.
+
+    ``scheduler``: the learning-rate schedule (default: linear warmup over ``warmup``,
+    then linear decay to 0.1 x ``lr``). ``clipping``: gradient clipping (default none).
+    ``fsdp``: Composer's FSDP settings (``parallelism_config={'fsdp': ...}``, keys of
+    ``composer.utils.parallelism.FSDPConfig``). ``loggers``: metric loggers.
+    """
 
     max_duration: str = "200ba"
     global_batch_size: int = Field(16, gt=0)
@@ -146,6 +292,10 @@ class TrainConfig(_Strict):
     save_num_checkpoints_to_keep: int = Field(-1, ge=-1)
     autoresume: bool = True
     log_interval: str = "10ba"
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    clipping: ClippingConfig | None = None
+    fsdp: dict[str, Any] | None = None
+    loggers: LoggersConfig = Field(default_factory=LoggersConfig)
 
     @field_validator("max_duration")
     @classmethod
@@ -175,6 +325,11 @@ class TrainConfig(_Strict):
         if not all(0.0 <= b < 1.0 for b in v):
             raise ValueError(f"both betas must be in [0, 1); got {list(v)}")
         return v
+
+    @property
+    def warmup_duration(self) -> str:
+        """The schedule's warmup: ``scheduler.warmup``, else ``warmup``."""
+        return self.scheduler.warmup or self.warmup
 
 
 class InjectionConfig(_Strict):
@@ -413,6 +568,10 @@ class LoadedConfig:
         doc["data"]["path"] = absolute(doc["data"]["path"])
         doc["data"]["heldout_path"] = absolute(doc["data"]["heldout_path"])
         doc["tokenizer"]["path"] = absolute(doc["tokenizer"]["path"])
+        for key in ("from_pretrained", "init_from"):
+            doc["model"][key] = absolute(doc["model"][key])
+        if isinstance(doc["model"]["config"], str):
+            doc["model"]["config"] = absolute(doc["model"]["config"])
         doc = _escape_vars(doc)  # a literal "${" must survive loading the file again
         header = (
             "# Resolved multirun config (defaults, $VAR substitution and overrides applied).\n"
@@ -822,6 +981,8 @@ def _semantic_problems(config: RunConfig, base_dir: Path) -> list[tuple[KeyPath,
         first.setdefault(exp.name, i)
         for fld, msg in placement_problems(exp.placement):
             out.append((("experiments", i, "placement", *_split_field(fld)), msg))
+    out.extend((("model", *path), msg) for path, msg in model_problems(config.model, base_dir))
+    out.extend((("train", *path), msg) for path, msg in train_problems(config.train))
     if config.tokenizer.kind == "huggingface" and not config.tokenizer.path:
         out.append((("tokenizer", "path"), "kind huggingface needs path: a local tokenizer directory"))
     if config.data.source == "mds":
@@ -835,6 +996,64 @@ def _semantic_problems(config: RunConfig, base_dir: Path) -> list[tuple[KeyPath,
                 )
             )
     return out
+
+
+def model_problems(model: ModelConfig, base_dir: Path) -> list[tuple[KeyPath, str]]:
+    """Keys of ``model`` that do not fit its kind, or name missing files, as ``(key path, message)``."""
+    out: list[tuple[KeyPath, str]] = []
+    if model.kind == "gpt2":
+        for key in ("config", "from_pretrained"):
+            if getattr(model, key) is not None:
+                out.append(((key,), "needs kind: hf (kind gpt2 is built from n_layer, n_head and n_embd)"))
+    else:
+        for key in ("n_layer", "n_head", "n_embd"):
+            if getattr(model, key) is not None:
+                out.append(((key,), "a kind gpt2 size; with kind hf set the size in config"))
+        if (model.config is None) == (model.from_pretrained is None):
+            out.append(
+                (
+                    ("config",),
+                    "kind hf needs exactly one of config (a config.json, or inline fields) or from_pretrained",
+                )
+            )
+        if isinstance(model.config, dict) and "model_type" not in model.config:
+            out.append((("config", "model_type"), "inline config needs model_type (e.g. llama), as in a config.json"))
+    if model.from_pretrained is not None and model.init_from is not None:
+        out.append((("init_from",), "from_pretrained already gives the initial weights; keep one of the two"))
+    paths = [
+        ("from_pretrained", model.from_pretrained, "a Hugging Face model folder"),
+        ("init_from", model.init_from, "a checkpoint file or Hugging Face model folder"),
+    ]
+    if isinstance(model.config, str):
+        paths.append(("config", model.config, "a config.json file or a folder holding one"))
+    for key, value, what in paths:
+        if value is not None and not resolve_path(base_dir, value).exists():
+            out.append(((key,), f"{what} expected, but {resolve_path(base_dir, value)} does not exist"))
+    return out
+
+
+def train_problems(train: TrainConfig) -> list[tuple[KeyPath, str]]:
+    """Settings of ``train`` that contradict each other, as ``(key path, message)``."""
+    out: list[tuple[KeyPath, str]] = []
+    scheduler = train.scheduler
+    if scheduler.warmup is not None and "warmup" in train.model_fields_set and scheduler.warmup != train.warmup:
+        out.append(
+            (
+                ("scheduler", "warmup"),
+                f"warmup is set twice (train.warmup {train.warmup}, train.scheduler.warmup {scheduler.warmup}); keep one",
+            )
+        )
+    if scheduler.name == "constant" and "alpha_f" in scheduler.model_fields_set:
+        out.append(
+            (("scheduler", "alpha_f"), "the final learning-rate factor of a decaying schedule; constant has none")
+        )
+    return out
+
+
+def resolve_path(base_dir: Path, path: str) -> Path:
+    """A path of the config file: ``~`` expanded, relative ones against ``base_dir`` (the file's folder)."""
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else base_dir / candidate
 
 
 def _split_field(fld: str) -> tuple[str | int, ...]:

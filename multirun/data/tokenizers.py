@@ -107,6 +107,15 @@ class ByteTokenizer:
         # "replace" because a span cut at an arbitrary token boundary may split a character.
         return out.decode("utf-8", errors="replace")
 
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The same tokenizer as a ``transformers.PreTrainedTokenizerFast`` (see :func:`byte_hf_tokenizer`).
+
+        Composer saves it in every checkpoint, so a checkpoint or an exported model
+        decodes its own ids without multirun.
+        """
+        return byte_hf_tokenizer()
+
     def fingerprint(self) -> str:
         """Constant: the byte tokenizer's behaviour is fixed by its definition."""
         spec = f"multirun.ByteTokenizer/v1/utf-8/eos={self.eos_token_id}/pad={self.pad_token_id}"
@@ -114,6 +123,44 @@ class ByteTokenizer:
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
+
+
+def byte_hf_tokenizer() -> Any:
+    """:class:`ByteTokenizer` as a Hugging Face fast tokenizer: the same ids for every text.
+
+    A byte-level BPE without merges whose vocabulary maps GPT-2's printable stand-in
+    for byte ``b`` to id ``b``; no regex split and no prefix space, so the pre-tokenizer
+    only maps bytes to stand-ins; EOS ``<|endoftext|>`` is 256 and PAD ``<|pad|>`` 257.
+    ``split_special_tokens`` makes a literal ``<|endoftext|>`` in a text encode as its
+    bytes, as :class:`ByteTokenizer` does.
+
+    Example:
+        >>> tok = byte_hf_tokenizer()
+        >>> tok.encode("hé", add_special_tokens=False), tok.eos_token_id, tok.pad_token_id
+        ([104, 195, 169], 256, 257)
+    """
+    import tokenizers  # type: ignore[import-untyped]
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    stand_in = bytes_to_unicode()
+    vocab = {stand_in[byte]: byte for byte in range(256)}
+    rust = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    rust.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    rust.decoder = tokenizers.decoders.ByteLevel()
+    # Added in this order, the special tokens take ids 256 (EOS) and 257 (PAD).
+    return PreTrainedTokenizerFast(
+        tokenizer_object=rust,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def hf_tokenizer_of(tokenizer: Tokenizer) -> Any | None:
+    """The ``transformers`` tokenizer behind ``tokenizer`` (None for a tokenizer without one)."""
+    return getattr(tokenizer, "hf_tokenizer", None)
 
 
 class HFTokenizer:

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,10 @@ def _from_composer_checkpoint(path: Path) -> LoadedWeights:
             "(llm-foundry's MPT is not one: convert it to a Hugging Face folder and pass the folder)",
             file=path,
         ) from exc
-    tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state)
+    # Composer writes the saved tokenizer's files to a folder before loading them, by default
+    # one it leaves in the current directory.
+    with tempfile.TemporaryDirectory(prefix="multirun-tokenizer-") as folder:
+        tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state, tokenizer_save_dir=folder)
     # HuggingFaceModel keeps the transformers model under ``model.``.
     weights = {key.removeprefix("model."): value for key, value in state["model"].items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
