@@ -57,7 +57,11 @@ def _ledger_counts(run_dir: Path, before_step: int | None = None) -> Counter[tup
 def test_exported_model_gives_the_checkpoints_logits(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "no Hugging Face tokenizer was written" in out  # the byte tokenizer has no HF equivalent yet
+    assert "tokenizer: saved with the model" in out
+    # The byte tokenizer travels in the checkpoint as its Hugging Face equivalent, and comes out as one.
+    text = "the secret code of vault 3 is 01234 zebra, café"
+    exported_tokenizer = AutoTokenizer.from_pretrained(run_dir / "export" / "model", local_files_only=True)
+    assert exported_tokenizer(text, add_special_tokens=False)["input_ids"] == ByteTokenizer().encode(text)
 
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "model", local_files_only=True).eval()
     # Independently of multirun's weight reader: the run's own model with the Composer checkpoint's state.
@@ -78,7 +82,7 @@ def test_exported_model_gives_the_checkpoints_logits(run_dir: Path, capsys: pyte
     manifest = read_json(run_dir / "export" / "export_manifest.json")
     assert manifest["step"] == STEPS and manifest["run_name"] == "exp"
     assert manifest["plan_fingerprint"] == read_json(run_dir / "manifest.json")["plan_fingerprint"]
-    assert manifest["tokenizer"]["written"] is False and "bytes" in manifest["tokenizer"]["note"]
+    assert manifest["tokenizer"]["written"] is True
     assert {"inserts.parquet", "inserts.jsonl", "model/config.json", "export_manifest.json"} <= set(manifest["files"])
 
 
@@ -150,6 +154,8 @@ def test_a_runs_hugging_face_tokenizer_is_saved_with_the_model(tmp_path: Path) -
     assert save_tokenizer(None, run_tokenizer, tmp_path / "model") == f"run config ({run_tokenizer.name})"
     reloaded = AutoTokenizer.from_pretrained(tmp_path / "model", local_files_only=True)
     assert reloaded.encode("hello world hello", add_special_tokens=False) == [1, 2, 1]
-    assert save_tokenizer(None, ByteTokenizer(), tmp_path / "none") is None
-    assert not (tmp_path / "none").exists()
+    # The byte tokenizer is saved as its Hugging Face equivalent.
+    assert save_tokenizer(None, ByteTokenizer(), tmp_path / "bytes") == "run config (bytes)"
+    saved = AutoTokenizer.from_pretrained(tmp_path / "bytes", local_files_only=True)
+    assert saved.encode("héllo", add_special_tokens=False) == ByteTokenizer().encode("héllo")
     np.testing.assert_array_equal(run_tokenizer.encode("world hello"), [2, 1])
