@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from transformers import AutoTokenizer
 
 from multirun.cli import main
 from multirun.data.mds import read_dataset_info
@@ -84,7 +85,7 @@ def _cosine(step: int) -> float:
 def test_a_llama_trains_with_loggers_cosine_and_clipping_and_a_new_run_continues_from_its_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_torch_thread: None
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # Composer writes a checkpoint's tokenizer into the working directory
+    monkeypatch.chdir(tmp_path)  # nothing may be written outside tmp_path
     mlruns = tmp_path / "mlruns"
     first = _config(
         tmp_path,
@@ -128,13 +129,14 @@ def test_a_llama_trains_with_loggers_cosine_and_clipping_and_a_new_run_continues
     assert weights.step == STEPS
     assert weights.tokenizer is not None
     assert weights.tokenizer.encode("héllo", add_special_tokens=False) == ByteTokenizer().encode("héllo")
+    assert not list(tmp_path.glob("tokenizer-save-dir-*"))  # Composer's default folder for it, left behind
 
-    # Continual pretraining: a new run from the exported weights starts where the first ended.
-    # (Composer's write_huggingface_pretrained_from_composer_checkpoint needs peft, not a dependency;
-    # save_pretrained of the checkpoint's weights is what `multirun export` writes.)
-    export = tmp_path / "export"
-    weights.model.save_pretrained(export)
-    weights.tokenizer.save_pretrained(export)
+    # Continual pretraining: a new run from the weights `multirun export` wrote starts where the first ended.
+    assert main(["export", str(run)]) == 0
+    export = run / "export" / "model"
+    assert AutoTokenizer.from_pretrained(export, local_files_only=True).encode(
+        "héllo", add_special_tokens=False
+    ) == ByteTokenizer().encode("héllo")
     second = _config(
         tmp_path, "second", model={"kind": "hf", "config": LLAMA, "init_from": str(export)}, steps=4, train={}
     )
