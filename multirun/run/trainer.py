@@ -327,7 +327,7 @@ def _require(loaded: LoadedConfig, logger: str, module: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ConfigError(
             f"the {logger} logger needs the {module!r} package, which is not installed: "
-            f"pip install 'multirun[{logger}]' (or pip install {module})",
+            f"pip install 'multirun-composer[{logger}]' (or pip install {module})",
             file=loaded.source,
             key=f"train.loggers.{logger}",
         )

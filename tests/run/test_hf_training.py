@@ -97,6 +97,7 @@ def test_a_llama_trains_with_loggers_cosine_and_clipping_and_a_new_run_continues
             "clipping": {"type": "norm", "threshold": 0.5},
             "loggers": {
                 "file": {"filename": "logs/metrics.txt"},
+                "tensorboard": {"log_dir": "tensorboard"},
                 "mlflow": {"tracking_uri": mlruns.as_uri(), "experiment_name": "multirun-test", "synchronous": True},
             },
         },
@@ -117,6 +118,16 @@ def test_a_llama_trains_with_loggers_cosine_and_clipping_and_a_new_run_continues
     rates = [line.split() for line in (run_metrics / "lr-DecoupledAdamW" / "group0").read_text().splitlines()]
     # Logged at the end of each step, after the timestamp moved on: the entry of step s is step s - 1's rate.
     assert {int(s): float(v) for _, v, s in rates} == pytest.approx({s: _cosine(s - 1) for s in range(1, STEPS + 1)})
+
+    # TensorBoard's event files (relative log_dir: inside the run directory): the same losses.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
+    board = EventAccumulator(str(events))
+    board.Reload()
+    scalars = board.Scalars("loss/train/total")
+    assert [e.step for e in scalars] == list(range(STEPS))
+    assert [e.value for e in scalars] == pytest.approx([float(v) for _, v in losses], abs=1e-4)
 
     # The checkpoint is self-contained: the model class, its config and the byte tokenizer.
     checkpoint = run / "checkpoints" / "latest-rank0.pt"
