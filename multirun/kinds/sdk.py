@@ -250,9 +250,13 @@ class PrepareContext:
     def fingerprint(self) -> str:
         """xxh64 over everything that determines the prepared experiment's content."""
         placement = self.placement
+        # The payload enters by its content, not by how its path was spelt (a config's
+        # relative path is absolute in resolved_config.yaml); how it is measured does not
+        # change what is injected.
+        spec = self.spec.model_dump(mode="json", exclude={"payload", "monitor"})
         doc = {
             "payload": self.payload.fingerprint,
-            "spec": self.spec.model_dump(mode="json"),
+            "spec": spec,
             "tokenizer": self.tokenizer.fingerprint(),
             "sequence_length": self.sequence_length,
             "seed": self.seed,

@@ -232,10 +232,17 @@ def injection_fingerprint(loaded: LoadedConfig) -> str:
     """Fingerprint of the config sections that decide what is injected where.
 
     Run name, run directory, checkpoint cadence and the like are left out, so a run
-    can be resumed from a moved directory or with another save interval.
+    can be resumed from a moved directory or with another save interval; so are paths
+    (payloads, tokenizer), which enter through the experiments' content fingerprints.
     """
     resolved = loaded.resolved_dict()
-    relevant = {key: resolved[key] for key in ("seed", "tokenizer", "injection")}
-    # How an experiment is measured does not change what is injected.
-    relevant["experiments"] = [{k: v for k, v in e.items() if k != "monitor"} for e in resolved["experiments"]]
+    relevant = {key: resolved[key] for key in ("seed", "injection")}
+    # Paths enter by content: the tokenizer's and each payload's fingerprints are in every
+    # experiment's fingerprint, which the plan fingerprint folds in; their spelling (a
+    # config's relative path is absolute in resolved_config.yaml) must not matter. How an
+    # experiment is measured does not change what is injected.
+    relevant["tokenizer"] = resolved["tokenizer"]["kind"]
+    relevant["experiments"] = [
+        {k: v for k, v in e.items() if k not in ("monitor", "payload")} for e in resolved["experiments"]
+    ]
     return xxhash.xxh64(json.dumps(relevant, sort_keys=True).encode()).hexdigest()

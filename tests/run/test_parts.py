@@ -89,3 +89,17 @@ def test_noise_specs_follow_the_plan(tmp_path: Path) -> None:
     spec = EmbeddingNoise(sigma=0.1, seed=3)
     parts.plan.experiments[1].embedding_noise = spec
     assert parts.noise_specs == [None, spec]
+
+
+def test_the_plan_fingerprint_does_not_depend_on_how_paths_are_spelt(tmp_path: Path) -> None:
+    # The config names its payloads relative to itself; resolved_config.yaml names them
+    # absolutely. Work after training (export, evaluate, interact) reloads the latter and
+    # must find the plan that trained.
+    config = _config(tmp_path)
+    written = _assemble(config, tmp_path / "run")
+    load_config(config, env={}).write(tmp_path / "run")
+    resolved = tmp_path / "run" / "resolved_config.yaml"
+    assert "payloads/canaries" in resolved.read_text() and str(tmp_path) in resolved.read_text()
+    reloaded = _assemble(resolved, tmp_path / "elsewhere")
+    assert reloaded.plan.fingerprint == written.plan.fingerprint
+    assert [e.fingerprint for e in reloaded.plan.experiments] == [e.fingerprint for e in written.plan.experiments]
