@@ -230,6 +230,7 @@ def _check(args: argparse.Namespace) -> int:
         return _check_foundry(args)
     from multirun.config import load_config
     from multirun.run.inputs import heldout_rows, resolve_dataset, run_dir_of, run_geometry, run_tokenizer
+    from multirun.run.model import check_model
     from multirun.run.parts import assemble_parts
 
     loaded = load_config(args.config, args.overrides)
@@ -243,8 +244,9 @@ def _check(args: argparse.Namespace) -> int:
         run_dir=run_dir_of(loaded),
         heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
     )
+    check_model(loaded, tokenizer, dataset.sequence_length)
     _print_plan(parts.plan)
-    console.print("[green]config, payloads, placement, monitors and controllers are valid[/]")
+    console.print("[green]config, model, payloads, placement, monitors and controllers are valid[/]")
     return 0
 
 

@@ -85,11 +85,14 @@ def build_gpt2(
     return _wrap(GPT2LMHeadModel(config), tokenizer)
 
 
-def build_run_model(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int) -> HuggingFaceModel:
+def build_run_model(
+    loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int, *, read_weights: bool = True
+) -> HuggingFaceModel:
     """The model of ``loaded``'s ``model`` section, with the same initial weights on every rank and in every repeat.
 
     ``model.init_from`` is not applied here (see :func:`load_init_weights`): interaction
-    arms build the model only to load a checkpoint into it.
+    arms build the model only to load a checkpoint into it. ``read_weights=False``:
+    a ``from_pretrained`` folder gives its config only (:func:`check_model`).
 
     Raises:
         ConfigError: a config or folder that cannot be read, or that does not fit the
@@ -118,10 +121,31 @@ def build_run_model(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length:
             check_pad=True,
         )
         return wrapped
-    return _build_hf(loaded, model, tokenizer, sequence_length)
+    return _build_hf(loaded, model, tokenizer, sequence_length, read_weights=read_weights)
 
 
-def _build_hf(loaded: LoadedConfig, model: ModelConfig, tokenizer: Tokenizer, sequence_length: int) -> HuggingFaceModel:
+def check_model(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int) -> None:
+    """Every check :func:`build_run_model` makes, for ``multirun check``: on PyTorch's meta
+    device, so no weight is allocated or read whatever the model's size; and that
+    ``model.init_from`` exists (its weights are read, and fitted to the model, by ``train``).
+
+    Raises:
+        ConfigError: as :func:`build_run_model`, or ``model.init_from`` names nothing.
+    """
+    with torch.device("meta"):
+        build_run_model(loaded, tokenizer, sequence_length, read_weights=False)
+    init_from = loaded.config.model.init_from
+    if init_from is not None and not resolve_path(loaded.base_dir, init_from).exists():
+        raise ConfigError(
+            f"no checkpoint file or model folder at {resolve_path(loaded.base_dir, init_from)}",
+            file=loaded.source,
+            key="model.init_from",
+        )
+
+
+def _build_hf(
+    loaded: LoadedConfig, model: ModelConfig, tokenizer: Tokenizer, sequence_length: int, *, read_weights: bool = True
+) -> HuggingFaceModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     file = loaded.source
@@ -147,6 +171,8 @@ def _build_hf(loaded: LoadedConfig, model: ModelConfig, tokenizer: Tokenizer, se
         _check_config(
             config, tokenizer, sequence_length, key_of=key_of({}, "model.from_pretrained"), file=file, check_pad=False
         )
+        if not read_weights:
+            return _wrap(AutoModelForCausalLM.from_config(config), hf_tokenizer_of(tokenizer))
         try:
             hf_model = AutoModelForCausalLM.from_pretrained(folder, config=config, local_files_only=True)
         except (OSError, ValueError) as exc:

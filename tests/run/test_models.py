@@ -15,7 +15,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from multirun.config import load_config
 from multirun.data.tokenizers import ByteTokenizer, byte_hf_tokenizer
 from multirun.errors import ConfigError
-from multirun.run.model import build_run_model, load_init_weights, record_weights_source, weights_fingerprint
+from multirun.run.model import (
+    build_run_model,
+    check_model,
+    load_init_weights,
+    record_weights_source,
+    weights_fingerprint,
+)
 from tests.helpers_payload import write_config
 
 BYTES = ByteTokenizer()
@@ -57,6 +63,10 @@ def _loaded(tmp: Path, model: dict[str, Any]) -> Any:
 def _error(tmp: Path, model: dict[str, Any]) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         build_run_model(_loaded(tmp, model), BYTES, SEQUENCE_LENGTH)
+    # `multirun check` finds the same problem without building weights.
+    with pytest.raises(ConfigError) as checked:
+        check_model(_loaded(tmp, model), BYTES, SEQUENCE_LENGTH)
+    assert (checked.value.key, str(checked.value)) == (info.value.key, str(info.value))
     return info.value
 
 
@@ -168,6 +178,15 @@ def test_init_from_weights_of_another_architecture_names_the_key(tmp_path: Path)
         load_init_weights(loaded, build_run_model(loaded, BYTES, SEQUENCE_LENGTH))
     assert info.value.key == "model.init_from"
     assert "do not fit" in str(info.value)
+
+
+def test_check_model_reads_no_weights_and_allocates_none(tmp_path: Path) -> None:
+    # A 7B-parameter Llama is checked in a moment: on the meta device nothing is allocated.
+    big = {**LLAMA, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}
+    check_model(_loaded(tmp_path, {"kind": "hf", "config": big}), BYTES, SEQUENCE_LENGTH)
+    with pytest.raises(ConfigError) as info:
+        check_model(_loaded(tmp_path, {"kind": "hf", "config": LLAMA, "init_from": "nowhere"}), BYTES, SEQUENCE_LENGTH)
+    assert info.value.key == "model.init_from"
 
 
 def test_weights_fingerprint_changes_with_any_byte(tmp_path: Path) -> None:
