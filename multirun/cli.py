@@ -35,6 +35,7 @@ from multirun.run_dir import RunDir
 if TYPE_CHECKING:  # the commands import their stages lazily, so that `multirun --help` starts fast
     import pyarrow as pa
 
+    from multirun.config import LoadedConfig
     from multirun.data.tokenizers import Tokenizer
     from multirun.interaction.arms import InteractionResult
     from multirun.plan.run_plan import RunPlan
@@ -237,13 +238,19 @@ def _check(args: argparse.Namespace) -> int:
     tokenizer = run_tokenizer(loaded)
     dataset = resolve_dataset(loaded, tokenizer)
     # The same assembly as `multirun train`: monitor and controller options are checked too.
-    parts = assemble_parts(
-        loaded,
-        tokenizer=tokenizer,
-        geometry=run_geometry(loaded, dataset),
-        run_dir=run_dir_of(loaded),
-        heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
-    )
+    try:
+        parts = assemble_parts(
+            loaded,
+            tokenizer=tokenizer,
+            geometry=run_geometry(loaded, dataset),
+            run_dir=run_dir_of(loaded),
+            heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
+        )
+    except InputError as exc:
+        # A payload's problem stops the assembly at the first one; list them all at once.
+        if _print_payload_problems(loaded, tokenizer, dataset.sequence_length, exc):
+            return 2
+        raise
     check_model(loaded, tokenizer, dataset.sequence_length)
     _print_plan(parts.plan)
     console.print("[green]config, model, payloads, placement, monitors and controllers are valid[/]")
@@ -424,6 +431,38 @@ def _report(args: argparse.Namespace) -> int:
     paths = build_report(args.run_dir, baseline=args.baseline, out_dir=args.out)
     console.print(f"report: [bold]{paths.html}[/] (Markdown: {paths.markdown}, {len(paths.plots)} plots)")
     return 0
+
+
+def _print_payload_problems(loaded: LoadedConfig, tokenizer: Tokenizer, sequence_length: int, exc: InputError) -> bool:
+    """Every problem of the payload package ``exc`` is in, as ``multirun payload check`` lists
+    them (False: ``exc`` is not in a payload, or its package has no other problem)."""
+    from multirun.kinds.experiments import check_payload
+    from multirun.kinds.payloads import resolve_payload_ref
+
+    if exc.file is None:
+        return False
+    failed = Path(exc.file).resolve()
+    for spec in loaded.config.experiments:
+        try:
+            root = resolve_payload_ref(spec.payload, base_dir=loaded.base_dir).resolve()
+        except InputError:
+            continue
+        if root != failed and root not in failed.parents:
+            continue
+        result = check_payload(
+            root, tokenizer=tokenizer, sequence_length=sequence_length, seed=loaded.config.seed, spec=spec
+        )
+        if len(result.problems) < 2:
+            return False
+        more = " (stopped there: fix these first)" if result.truncated else ""
+        console.print(
+            f"[bold red]error:[/] experiment {spec.name!r}: {len(result.problems)} problems in its payload {root}{more}:",
+            highlight=False,
+        )
+        for line in _grouped_problems(result.problems):
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
+        return True
+    return False
 
 
 def _payload(args: argparse.Namespace) -> int:

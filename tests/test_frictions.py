@@ -262,6 +262,16 @@ def test_payload_check_reports_every_problem_of_the_kind_at_once(
         f"{items_file}:5: probes[0]: question + target are 175 tokens long, longer than the sequence length 64" in out
     )
 
+    # `multirun check` of a run with this payload lists the same problems, not just the first.
+    from tests.helpers_payload import minimal_config, write_config
+
+    run = write_config(tmp_path / "run.yaml", minimal_config(facts={"payload": str(root)}))
+    assert main(["check", str(run)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "experiment 'facts': 3 problems in its payload" in out
+    assert f"{items_file}:2: probes: required key is missing" in out
+    assert f"{items_file}:3: texts[1]: duplicate text (also texts[0])" in out
+
     # Fixed, it passes, and says what it checked with.
     write_payload(root, [_fact(i) for i in range(5)], kind="knowledge", name="facts")
     assert main(["payload", "check", str(root), "--sequence-length", "64"]) == 0
