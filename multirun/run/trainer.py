@@ -298,11 +298,9 @@ def run_logging(loaded: LoadedConfig, run_dir: Path, *, progress: bool) -> dict[
         )
     if config.wandb is not None:
         _require(loaded, "wandb", "wandb")
-        from composer.loggers import WandBLogger
-
         wandb = config.wandb
         loggers.append(
-            WandBLogger(
+            _metrics_only_wandb_logger()(
                 project=wandb.project,
                 entity=wandb.entity,
                 group=wandb.group,
@@ -318,6 +316,25 @@ def run_logging(loaded: LoadedConfig, run_dir: Path, *, progress: bool) -> dict[
         "console_log_interval": train.log_interval,
         "progress_bar": progress and not config.console,
     }
+
+
+def _metrics_only_wandb_logger() -> type[LoggerDestination]:
+    """Composer's ``WandBLogger`` for metrics only, which autoresume does not ask for checkpoints.
+
+    Composer's autoresume asks every logger for the latest checkpoint when the run folder
+    has none (a fresh run); ``WandBLogger`` then calls the W&B API, which fails before
+    ``wandb.init`` and without a network (offline mode). multirun keeps checkpoints in
+    the run directory and never uploads them as W&B artifacts, so there is nothing to find.
+    """
+    from composer.loggers import WandBLogger
+
+    class MetricsOnlyWandBLogger(WandBLogger):
+        def download_file(
+            self, remote_file_name: str, destination: str, overwrite: bool = False, progress_bar: bool = True
+        ) -> None:
+            raise FileNotFoundError(f"{remote_file_name}: multirun does not upload checkpoints to W&B")
+
+    return MetricsOnlyWandBLogger
 
 
 def _require(loaded: LoadedConfig, logger: str, module: str) -> None:
