@@ -98,6 +98,10 @@ def prepare_run(
     tokenizer = run_tokenizer(loaded)
     dataset = resolve_dataset(loaded, tokenizer, progress=progress)
     geometry = run_geometry(loaded, dataset)
+    if dist.get_world_size() > 1:
+        # Rank 0 decides how the run continues and tells the others, before the Trainer
+        # exists: the process group is made here (the Trainer keeps it; same timeout).
+        dist.initialize_dist(trainer_settings(loaded)["device"])
     continuation = continuation_of(run_dir, geometry, autoresume=config.train.autoresume, overwrite=overwrite)
     parts = assemble_parts(
         loaded,
