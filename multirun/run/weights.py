@@ -91,13 +91,8 @@ def _from_composer_checkpoint(path: Path) -> LoadedWeights:
     model: Any
     try:
         model = HuggingFaceModel.load_huggingface_model_from_saved_state(hf_state, checkpoint, None, overrides)
-    except Exception as exc:  # the recorded class or its config may not rebuild (llm-foundry's MPT: another MPTConfig)
-        raise ResumeError(
-            f"cannot rebuild the checkpoint's model {recorded} from its recorded config ({type(exc).__name__}: {exc}); "
-            "multirun reads Composer checkpoints of transformers models whose config class AutoConfig builds "
-            "(llm-foundry's MPT is not one: convert it to a Hugging Face folder and pass the folder)",
-            file=path,
-        ) from exc
+    except Exception:  # Composer rebuilds the config with AutoConfig, which some model classes reject
+        model = _with_own_config_class(hf_state, overrides, recorded, path)
     # Composer writes the saved tokenizer's files to a folder before loading them, by default
     # one it leaves in the current directory.
     with tempfile.TemporaryDirectory(prefix="multirun-tokenizer-") as folder:
@@ -116,3 +111,26 @@ def _from_composer_checkpoint(path: Path) -> LoadedWeights:
     timestamp = state.get("timestamp", {})
     step = int(timestamp.get("Timestamp", timestamp).get("batch", 0)) if timestamp else None
     return LoadedWeights(model.eval(), tokenizer, path, step)
+
+
+def _with_own_config_class(hf_state: dict[str, Any], overrides: dict[str, Any], recorded: str, path: Path) -> Any:
+    """The recorded model class built with its own config class.
+
+    Composer rebuilds a checkpoint's config with ``AutoConfig.for_model(model_type=...)``,
+    which for llm-foundry's MPT gives transformers' ``MptConfig``, not the ``MPTConfig``
+    that llm-foundry's ``MPTForCausalLM`` takes; the class's ``config_class`` is the right one.
+    """
+    import importlib
+
+    module_name, _, class_name = recorded.rpartition(".")
+    try:
+        model_class = getattr(importlib.import_module(module_name), class_name)
+        content = dict(hf_state["model"]["config"]["content"])
+        config = model_class.config_class(**{**content, **overrides})
+        return model_class(config)
+    except Exception as exc:  # any failure here means the class cannot be rebuilt
+        raise ResumeError(
+            f"cannot rebuild the checkpoint's model {recorded} from its recorded config ({type(exc).__name__}: "
+            f"{exc}); pass a Hugging Face folder of the weights instead",
+            file=path,
+        ) from exc

@@ -428,6 +428,23 @@ def _at(ledger: Ledger, step: int, rank: int) -> Any:
     return pc.and_(pc.equal(ledger.table.column("step"), step), pc.equal(ledger.table.column("rank"), rank))
 
 
+def test_evaluate_reproduces_the_fit_end_evaluation_from_llmfoundrys_mpt_checkpoint(straight: Trained) -> None:
+    """An MPT checkpoint (llm-foundry's own model class and config class) scores as the run did."""
+    checkpoint = straight.checkpoints / f"ep0-ba{STEPS}-rank0.pt"
+    done = run_cli(
+        ["evaluate", str(straight.run_dir), "--checkpoint", str(checkpoint), "--name", "final", "--no-progress"],
+        cwd=straight.root,
+        env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    written = read_jsonl(straight.run_dir / "evaluations" / "final" / "metrics.jsonl")
+    expected = [r for r in read_jsonl(straight.run_dir / "metrics.jsonl") if r["when"] == "fit_end"]
+    assert len(written) == len(expected) > len(EXPERIMENTS)
+    assert [{k: v for k, v in r.items() if k != "when"} for r in written] == [
+        {k: v for k, v in r.items() if k != "when"} for r in expected
+    ]
+
+
 def test_interaction_tests_run_on_the_llmfoundry_run(straight: Trained) -> None:
     """`multirun interact` rebuilds the arms with llm-foundry from the run's llmfoundry.yaml."""
     assert (straight.run_dir / "llmfoundry.yaml").is_file()
