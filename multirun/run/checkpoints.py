@@ -26,8 +26,8 @@ Example:
     >>> folder = Path(tempfile.mkdtemp())
     >>> _ = (folder / "ep0-ba8-rank0.pt").write_bytes(b"")  # a kill during the first save
     >>> tidy = tidy_checkpoints(folder)
-    >>> [p.name for p in tidy.discarded], tidy.resume_from
-    (['ep0-ba8-rank0.pt'], None)
+    >>> [(src.name, dst.parent.name) for src, dst in tidy.discarded], tidy.resume_from
+    ([('ep0-ba8-rank0.pt', 'discarded')], None)
 """
 
 from __future__ import annotations
