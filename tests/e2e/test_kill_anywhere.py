@@ -28,6 +28,8 @@ pytestmark = pytest.mark.e2e
 
 STEPS = 24  # checkpoints at 8, 16 and 24; monitors and the acquire controller every 4 steps
 KEEP = 2
+#: One intra-op thread: six short trainings on a busy machine run far faster (tests/conftest.py).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +49,14 @@ def _config(tmp: Path, dataset: PreparedDataset, name: str) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, dataset: PreparedDataset) -> Path:
     tmp = tmp_path_factory.mktemp("straight")
-    done = run_cli(["train", str(_config(tmp, dataset, "straight")), "--no-progress"], cwd=tmp)
+    done = run_cli(["train", str(_config(tmp, dataset, "straight")), "--no-progress"], cwd=tmp, env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp / "straight"
 
 
 def _die(config: Path, step: int, how: str, *extra: str) -> subprocess.CompletedProcess:
     """Train ``config`` in a new process that dies at ``step`` as ``how`` says (tests/scripts/train_until_failure.py)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")  # this checkout's multirun
     script = REPO / "tests" / "scripts" / "train_until_failure.py"
     return subprocess.run(
@@ -117,7 +119,7 @@ def test_killed_anywhere_resumes_to_the_uninterrupted_run(
 
     # 5. The plain command: the torn, linked checkpoint is moved aside, latest points at
     # step 8 again, and the run finishes.
-    resumed = run_cli(["train", str(config), "--no-progress"], cwd=tmp_path)
+    resumed = run_cli(["train", str(config), "--no-progress"], cwd=tmp_path, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"latest-rank0.pt -> ep0-ba8-rank0.pt (was {torn.name})" in resumed.stderr
     assert sorted(p.name for p in (folder / "discarded").iterdir()) == sorted(
