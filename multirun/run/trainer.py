@@ -37,6 +37,7 @@ from multirun.data.tokenizers import Tokenizer
 from multirun.errors import ConfigError
 from multirun.integration.callback import MultirunCallback
 from multirun.plan.run_plan import RunPlan
+from multirun.run.checkpoints import KeepNewestCheckpoints, prepare_checkpoint_folder
 from multirun.run.continuation import continuation_of
 from multirun.run.inputs import heldout_rows, resolve_dataset, run_dir_of, run_geometry, run_tokenizer
 from multirun.run.model import build_run_model, load_init_weights, record_weights_source
@@ -102,6 +103,9 @@ def prepare_run(
         # Rank 0 decides how the run continues and tells the others, before the Trainer
         # exists: the process group is made here (the Trainer keeps it; same timeout).
         dist.initialize_dist(trainer_settings(loaded)["device"])
+    if config.train.autoresume and not overwrite:
+        # Before the latest checkpoint is read: a torn one (a kill while saving) is moved aside.
+        prepare_checkpoint_folder(RunDir(run_dir).checkpoints)
     continuation = continuation_of(run_dir, geometry, autoresume=config.train.autoresume, overwrite=overwrite)
     parts = assemble_parts(
         loaded,
@@ -141,7 +145,8 @@ def prepare_run(
         max_duration=f"{geometry.num_steps}ba",
         optimizers=optimizer,
         schedulers=build_scheduler(loaded),
-        callbacks=[callback, *watch, *extra_callbacks, *lines],
+        # KeepNewestCheckpoints: the rotation counts the checkpoints of earlier launches too.
+        callbacks=[callback, *watch, *extra_callbacks, *lines, KeepNewestCheckpoints(RunDir(run_dir).checkpoints)],
         run_name=config.run_name,
         save_folder=str(RunDir(run_dir).checkpoints),
         save_interval=train.save_interval or f"{geometry.num_steps}ba",
