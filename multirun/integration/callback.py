@@ -96,6 +96,7 @@ class MultirunCallback(Callback):
         self._writer: LedgerWriter | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._rng_at_first_batch: list[dict[str, Any]] | None = None
+        self._finished = False
         self._missed_spans: dict[str, int] = {}
         self._checked_geometry = False
         self._injection_seconds = 0.0
@@ -150,6 +151,7 @@ class MultirunCallback(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         """Assemble pending parts, check a resumed checkpoint, cut the ledger back to the resumed step."""
         self._fit_started = time.perf_counter()
+        self._finished = False
         if self.parts is None:
             assert self._pending is not None
             self.parts = self._pending.assemble(state)
@@ -260,6 +262,11 @@ class MultirunCallback(Callback):
             self._noise_hook.clear()
         self._record_loss(state)
         self._evaluate_if_due(state, logger)
+        if self.plan is not None and int(state.timestamp.batch) >= self.plan.geometry.num_steps:
+            # The last step: finish here, before Composer writes the final checkpoint at this
+            # step's BATCH_CHECKPOINT. A kill after that checkpoint then leaves a finished run
+            # (summary written), never one whose relaunch has nothing left to train.
+            self._finish(state, logger)
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         """Flush the ledger when a checkpoint is about to be written, so a checkpoint
@@ -272,7 +279,14 @@ class MultirunCallback(Callback):
             self._flush()
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        """Score every monitor, flush, and (rank 0) write ``summary.json``."""
+        """Finish the run if its last step did not (training stopped before the planned steps)."""
+        self._finish(state, logger)
+
+    def _finish(self, state: State, logger: Logger) -> None:
+        """Score every monitor, flush, and (rank 0) write ``summary.json``; once."""
+        if self._finished:
+            return
+        self._finished = True
         if self.monitors is not None and self.monitors.config.at_fit_end:
             self._evaluate(state, logger, step=int(state.timestamp.batch), when="fit_end")
         if self.interaction_after in ("acquired", "end"):

@@ -80,6 +80,20 @@ def test_resumed_run_writes_the_same_ledger(
     assert _untimed(read_json(run_dir / "summary.json")) == _untimed(read_json(straight / "summary.json"))
 
 
+def test_a_run_killed_after_its_final_checkpoint_is_finished(
+    tmp_path: Path, dataset: PreparedDataset, uninterrupted: Path
+) -> None:
+    # The fit-end evaluation and summary.json come before Composer's final checkpoint, so a
+    # kill after that checkpoint leaves a finished run, which a relaunch recognises.
+    config = run_config(tmp_path, dataset, steps=STEPS, save_interval="8ba", name="late")
+    assert _fail_at(config, STEPS, "kill-at-fit-end").returncode == -signal.SIGKILL
+    run_dir = tmp_path / "late"
+    assert _untimed(read_json(run_dir / "summary.json")) == _untimed(read_json(uninterrupted / "summary.json"))
+    assert read_jsonl(run_dir / "metrics.jsonl") == read_jsonl(uninterrupted / "metrics.jsonl")
+    again = run_cli(["train", str(config), "--no-progress"], cwd=tmp_path)
+    assert again.returncode == 2 and "nothing to train" in again.stdout + again.stderr
+
+
 def _untimed(summary: dict) -> dict:
     # The plan fingerprint covers the payload paths, which differ between the two runs' folders.
     return {k: v for k, v in summary.items() if "seconds" not in k and k != "plan_fingerprint"}

@@ -15,6 +15,8 @@ HOW is one of:
   inside the write leaves; then SIGKILL.
 - ``torn-linked``: the same cut, with ``latest`` left at the cut file (a crash that lost
   the file's unflushed tail after the link was written); then SIGKILL.
+- ``kill-at-fit-end``: SIGKILL at ``FIT_END`` (STEP is the last step): after the final
+  checkpoint, before the trainer closes.
 
 Used by the resume tests: a real process dies mid-run, another resumes it. The kills
 inside a write use a profile hook (``sys.setprofile``) to stop at the exact call, so no
@@ -75,6 +77,8 @@ class FailAt(Callback):
         step = int(state.timestamp.batch)
         if step != self.step:
             return
+        if event == Event.FIT_END and self.how == "kill-at-fit-end":
+            _die()
         if event == Event.BATCH_END and self.how == "kill-in-flush":
             # The ledger flushes at BATCH_CHECKPOINT, which follows; the hook sees it.
             sys.setprofile(_kill_before_shard_rename)
