@@ -63,6 +63,7 @@ __all__ = [
     "token_hash",
     "truncate_ledger",
     "verify_ledger",
+    "verify_shard",
 ]
 
 # 2: row_fingerprint, the overwritten row's content; 3: the xxh64 of the shard's bytes
@@ -289,14 +290,24 @@ def _read_shard(path: Path) -> pa.Table:
     return table
 
 
+def verify_shard(path: str | Path) -> None:
+    """Check one shard's bytes against the checksum in its footer (what every reader does first).
+
+    Raises:
+        CorruptionError: naming the shard, when any of its bytes changed since it was written.
+        InputError: not a ledger shard, or of a format version this multirun cannot read.
+    """
+    _verified_shard_bytes(Path(path))
+
+
 def verify_ledger(run_dir: str | Path) -> list[Path]:
-    """Check every committed shard's bytes against its checksum; returns the shards checked.
+    """Check every committed shard's bytes against its checksum (:func:`verify_shard`);
+    returns the shards checked.
 
     Raises:
         CorruptionError: naming the first shard whose bytes changed since it was written.
     """
-    root = _ledger_root(Path(run_dir))
-    paths = _shard_paths(root)
+    paths = _shard_paths(_ledger_root(Path(run_dir)))
     for path in paths:
         _verified_shard_bytes(path)
     return paths
@@ -635,7 +646,7 @@ def truncate_ledger(run_dir: str | Path, from_step: int) -> int:
     removed. A run directory without a ledger yields 0.
 
     Raises:
-        CorruptionError: a shard whose bytes do not match its checksum (nothing after it is touched).
+        CorruptionError: a shard whose bytes do not match its checksum (then no shard is touched).
     """
     if from_step < 0:
         raise ValueError(f"from_step must be >= 0, got {from_step}")
@@ -647,9 +658,13 @@ def truncate_ledger(run_dir: str | Path, from_step: int) -> int:
     for tmp in root.glob("rank-*/*.tmp"):
         tmp.unlink(missing_ok=True)
         touched.add(tmp.parent)
-    for path in _shard_paths(root):
-        # Verified first: a corrupt shard must neither steer what is deleted (its step
-        # statistics) nor be rewritten under a fresh, valid checksum.
+    paths = _shard_paths(root)
+    # Every shard is verified before any is touched: a corrupt shard must neither steer what
+    # is deleted (its step statistics) nor be rewritten under a fresh, valid checksum, and a
+    # refusal leaves the ledger as it was. (A resume reads the ledger once more for this.)
+    for path in paths:
+        _verified_shard_bytes(path)
+    for path in paths:
         buf = _verified_shard_bytes(path)
         try:
             pf = pq.ParquetFile(pa.BufferReader(buf))

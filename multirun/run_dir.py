@@ -12,8 +12,8 @@ Every JSON-lines record ends with its own checksum, ``"_xxh64": "<16 hex digits>
 xxh64 of the line as written with those digits reading ``0`` (:func:`jsonl_line`). Readers
 verify and remove it, so a changed byte in any record, or a malformed line anywhere but at
 the end, is a :class:`~multirun.errors.CorruptionError` naming the file and line rather
-than a silently wrong or missing value. Lines without the field (runs written before it)
-are read unverified, but only before the first line that has one.
+than a silently wrong or missing value. Logs without the field (runs written before it)
+are read unverified; a log with it on some records and not on others is refused.
 
 Example:
     >>> RunDir("runs/demo").metrics.as_posix()
@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -197,6 +198,8 @@ def fsync_dir(path: Path) -> None:
 CHECKSUM_FIELD = "_xxh64"
 _DIGITS = 16
 _TAIL = len('"}')  # what follows the digits: the value's closing quote and the object's brace
+# A checksum field whose name was damaged (same length, 16 hex digits): not an unchecked old record.
+_DAMAGED_FIELD = re.compile(rf', "[^"]{{{len(CHECKSUM_FIELD)}}}": "[0-9a-f]{{{_DIGITS}}}"\}}\s*$')
 
 
 class TornLineWarning(UserWarning):
@@ -256,10 +259,14 @@ def read_jsonl_lines(path: Path) -> JsonlRecords:
     mid-append leaves: it is dropped with a :class:`TornLineWarning` naming the file and
     line. A missing file reads as no records.
 
+    Records without a checksum (written before records had one) are read unverified when
+    no record of the file has one: a log is written whole by one multirun version, as a
+    resume rewrites it (:func:`truncate_jsonl`).
+
     Raises:
         CorruptionError: naming the file and line: a line that is not valid JSON anywhere
             else (or ending in a newline), a record that fails its checksum, or one without
-            a checksum after records that have one.
+            a checksum in a file whose other records have one.
     """
     if not path.exists():
         return JsonlRecords(path, [])
@@ -271,6 +278,7 @@ def read_jsonl_lines(path: Path) -> JsonlRecords:
     last = max((i for i, raw in enumerate(raw_lines, start=1) if raw.strip()), default=0)
     out: list[tuple[int, Any]] = []
     checksummed = False
+    unchecked: list[int] = []  # lines without a checksum
     for number, raw in enumerate(raw_lines, start=1):
         if not raw.strip():
             continue
@@ -296,14 +304,25 @@ def read_jsonl_lines(path: Path) -> JsonlRecords:
                     line=number,
                 )
             checksummed = True
-        elif checksummed:
+        elif _DAMAGED_FIELD.search(line):
             raise CorruptionError(
-                f"the record has no checksum ({CHECKSUM_FIELD}) although the records before it have one: "
-                "the line changed after it was written, or another program appended it",
+                f"the record ends like a checksum field whose name is not {CHECKSUM_FIELD!r}: the line changed "
+                "after it was written",
                 file=path,
                 line=number,
             )
+        else:
+            unchecked.append(number)
         out.append((number, value))
+        if checksummed and unchecked:
+            # Logs are written whole by one multirun (a resume rewrites them): a record without
+            # a checksum among records with one was changed, or appended by another program.
+            raise CorruptionError(
+                f"the record has no checksum ({CHECKSUM_FIELD}) although other records of the file have one: "
+                "the line changed after it was written, or another program wrote it",
+                file=path,
+                line=unchecked[0],
+            )
     return JsonlRecords(path, out)
 
 
