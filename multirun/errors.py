@@ -61,3 +61,9 @@ class PlacementError(MultirunError):
 
 class ResumeError(InputError):
     """A checkpoint does not belong to this run's experiments."""
+
+
+class CorruptionError(InputError):
+    """A file the run wrote no longer holds what was written: a ledger shard whose bytes do
+    not match its checksum, or a JSON-lines record that is malformed or fails its checksum
+    (anything but a torn last line). Names the file (and line)."""

@@ -10,7 +10,10 @@ Each rank writes only its own directory. Rows are buffered in memory as columnar
 numpy chunks and written at checkpoints by :meth:`LedgerWriter.flush`; a flush is
 atomic and durable (``*.parquet.tmp`` → fsync → ``os.replace`` → fsync of the
 directory), so a process killed at any moment leaves only complete shards behind
-(readers ignore ``*.tmp``). On resume from a checkpoint at batch ``k``,
+(readers ignore ``*.tmp``). Every shard records an xxh64 of its own bytes in its
+footer (key ``multirun.ledger.xxh64``), verified whenever it is read, so a changed
+byte anywhere in it is a :class:`~multirun.errors.CorruptionError`, never a wrong
+value. On resume from a checkpoint at batch ``k``,
 :func:`truncate_ledger` removes every row with ``step >= k`` before training
 repeats those steps. :class:`Ledger` reads all shards of all ranks back.
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -45,7 +49,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import xxhash
 
-from multirun.errors import InputError, MultirunError
+from multirun.errors import CorruptionError, InputError, MultirunError
 from multirun.run_dir import RunDir, atomic_path, fsync_dir
 
 __all__ = [
@@ -55,15 +59,25 @@ __all__ = [
     "Ledger",
     "LedgerIntegrityError",
     "LedgerWriter",
+    "UncheckedShardWarning",
     "token_hash",
     "truncate_ledger",
+    "verify_ledger",
+    "verify_shard",
 ]
 
-FORMAT_VERSION = 2  # 2: row_fingerprint, the overwritten row's content
+# 2: row_fingerprint, the overwritten row's content; 3: the xxh64 of the shard's bytes
+FORMAT_VERSION = 3
+_FIRST_CHECKSUMMED_VERSION = 3
+_OLDEST_READABLE_VERSION = 2  # same columns as 3, without the checksum: read unverified, with a warning
 ARMS: tuple[str, str] = ("treated", "control")
 
 _META_VERSION = b"multirun.ledger.format_version"
 _META_EXPERIMENTS = b"multirun.ledger.experiments"
+# The shard's xxh64, as 16 hex digits, in the Parquet footer's key-value metadata: the hash
+# of the whole file as written with these 16 digits reading "0" (they cannot hash themselves).
+_META_CHECKSUM = b"multirun.ledger.xxh64"
+_CHECKSUM_PLACEHOLDER = b"0" * 16
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
 _FIELDS: list[tuple[str, pa.DataType]] = [
@@ -134,6 +148,10 @@ class LedgerIntegrityError(MultirunError):
     """The ledger holds duplicate or overlapping spans."""
 
 
+class UncheckedShardWarning(UserWarning):
+    """A shard written before shards carried a checksum (format version 2) was read unverified."""
+
+
 def token_hash(tokens: np.ndarray | Sequence[int]) -> int:
     """Fingerprint of a span's tokens: xxh64 (seed 0) of their int32 bytes.
 
@@ -155,9 +173,144 @@ def _shard_metadata(experiments: Sequence[str]) -> dict[bytes, bytes]:
 
 
 def _write_shard_atomic(table: pa.Table, final: Path) -> None:
-    """Write ``table`` to ``final`` so that ``final`` is either absent or complete."""
-    with atomic_path(final) as tmp:
-        pq.write_table(table, tmp, **_WRITE_OPTIONS)
+    """Write ``table`` to ``final`` so that ``final`` is either absent or complete, with
+    its checksum in the footer (see :func:`_verified_shard_bytes`).
+
+    The file is built in memory, hashed with the checksum's 16 digits reading ``0``, and
+    written with the digits filled in: one write, so shard and checksum are one atomic unit.
+    """
+    meta = dict(table.schema.metadata or {})
+    meta[_META_VERSION] = str(FORMAT_VERSION).encode()  # a rewritten older shard is now checksummed
+    meta.pop(_META_CHECKSUM, None)
+    table = table.replace_schema_metadata(meta)
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, table.schema, **_WRITE_OPTIONS) as writer:
+        writer.write_table(table)
+        # Footer only (not in the ARROW:schema copy of the metadata): readers never see it in table.schema.
+        writer.add_key_value_metadata({_META_CHECKSUM: _CHECKSUM_PLACEHOLDER})
+    data = memoryview(sink.getvalue())
+    at = _checksum_offset(data)
+    if at is None:  # pragma: no cover - pyarrow wrote the footer in an unexpected form
+        raise RuntimeError(f"could not place the ledger shard checksum in {final}")
+    digest = xxhash.xxh64_hexdigest(data).encode()
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:
+        f.write(data[:at])
+        f.write(digest)
+        f.write(data[at + len(_CHECKSUM_PLACEHOLDER) :])
+
+
+def _footer(data: memoryview) -> tuple[int, int] | None:
+    """(start, end) of a Parquet file's footer metadata, or None if the file has no valid tail."""
+    if len(data) < 12 or bytes(data[:4]) != b"PAR1" or bytes(data[-4:]) != b"PAR1":
+        return None
+    length = int.from_bytes(data[-8:-4], "little")
+    end = len(data) - 8
+    return (end - length, end) if end - length >= 4 else None
+
+
+def _checksum_offset(data: memoryview) -> int | None:
+    """Offset of the checksum's 16 digits in a shard's bytes, None when it has none.
+
+    In the footer (Thrift compact encoding), the key is followed by a field header and
+    the value's length (16), then the digits.
+    """
+    footer = _footer(data)
+    if footer is None:
+        return None
+    start, end = footer
+    region = bytes(data[start:end])
+    key_at = region.find(_META_CHECKSUM)
+    if key_at < 0 or region.find(_META_CHECKSUM, key_at + 1) >= 0:
+        return None
+    value_at = key_at + len(_META_CHECKSUM) + 2
+    if region[value_at - 1] != len(_CHECKSUM_PLACEHOLDER) or value_at + len(_CHECKSUM_PLACEHOLDER) > len(region):
+        return None
+    return start + value_at
+
+
+def _verified_shard_bytes(path: Path) -> pa.Buffer:
+    """A shard's bytes, checked against the checksum in its footer.
+
+    Raises:
+        CorruptionError: the file's bytes do not hash to the checksum it records, its
+            Parquet tail is broken, or a shard of format version 3 or later records none.
+        InputError: not a multirun ledger shard, or a format version this multirun cannot read.
+    """
+    try:
+        data = memoryview(path.read_bytes())
+    except OSError as exc:
+        raise InputError(f"unreadable ledger shard: {exc}", file=path) from exc
+    at = _checksum_offset(data)
+    if at is not None:
+        recorded = bytes(data[at : at + len(_CHECKSUM_PLACEHOLDER)])
+        h = xxhash.xxh64(data[:at])
+        h.update(_CHECKSUM_PLACEHOLDER)
+        h.update(data[at + len(_CHECKSUM_PLACEHOLDER) :])
+        if h.hexdigest().encode() != recorded:
+            raise CorruptionError(
+                f"corrupt ledger shard: its bytes hash to xxh64 {h.hexdigest()} but it was written with "
+                f"{recorded.decode('ascii', 'replace')!r}: the file changed after it was written (disk or copy "
+                "error, or an edit); restore it from a copy, or truncate the ledger before it and train those "
+                "steps again",
+                file=path,
+            )
+    buf = pa.py_buffer(data)
+    if _footer(data) is None:
+        raise CorruptionError("unreadable ledger shard (corrupt or not Parquet): no Parquet footer", file=path)
+    try:
+        schema = pq.read_schema(pa.BufferReader(buf))
+    except (OSError, pa.ArrowException) as exc:
+        raise CorruptionError(f"unreadable ledger shard (corrupt or not Parquet): {exc}", file=path) from exc
+    version = _check_version(schema, path)
+    if at is None:
+        if version >= _FIRST_CHECKSUMMED_VERSION:
+            raise CorruptionError(
+                f"corrupt ledger shard: format version {version} records an xxh64 of its bytes, and its "
+                "footer holds none (the file changed after it was written)",
+                file=path,
+            )
+        warnings.warn(
+            f"{path}: ledger shard of format version {version} (written before shards carried a checksum) "
+            "read unverified",
+            UncheckedShardWarning,
+            stacklevel=3,
+        )
+    return buf
+
+
+def _read_shard(path: Path) -> pa.Table:
+    """A verified shard's rows (see :func:`_verified_shard_bytes`), its schema checked."""
+    buf = _verified_shard_bytes(path)
+    try:
+        table = pq.read_table(pa.BufferReader(buf))
+    except (OSError, pa.ArrowException) as exc:
+        raise CorruptionError(f"unreadable ledger shard (corrupt or not Parquet): {exc}", file=path) from exc
+    if not table.schema.remove_metadata().equals(SCHEMA):
+        raise InputError(f"ledger shard schema differs from the expected one: {table.schema}", file=path)
+    return table
+
+
+def verify_shard(path: str | Path) -> None:
+    """Check one shard's bytes against the checksum in its footer (what every reader does first).
+
+    Raises:
+        CorruptionError: naming the shard, when any of its bytes changed since it was written.
+        InputError: not a ledger shard, or of a format version this multirun cannot read.
+    """
+    _verified_shard_bytes(Path(path))
+
+
+def verify_ledger(run_dir: str | Path) -> list[Path]:
+    """Check every committed shard's bytes against its checksum (:func:`verify_shard`);
+    returns the shards checked.
+
+    Raises:
+        CorruptionError: naming the first shard whose bytes changed since it was written.
+    """
+    paths = _shard_paths(_ledger_root(Path(run_dir)))
+    for path in paths:
+        _verified_shard_bytes(path)
+    return paths
 
 
 def _free_shard_path(directory: Path, first_step: int, last_step: int, avoid: Path | None = None) -> Path:
@@ -173,6 +326,16 @@ def _free_shard_path(directory: Path, first_step: int, last_step: int, avoid: Pa
         n += 1
         path = directory / f"{base}.{n}.parquet"
     return path
+
+
+def _ledger_root(run_dir: Path) -> Path:
+    """``run_dir/ledger``, or ``run_dir`` itself when it is a ledger directory."""
+    root = RunDir(run_dir).ledger
+    if not root.is_dir() and any(run_dir.glob("rank-*")):
+        root = run_dir
+    if not root.is_dir():
+        raise InputError("no ledger directory (was this run started with multirun?)", file=root)
+    return root
 
 
 def _shard_paths(root: Path) -> list[Path]:
@@ -202,22 +365,28 @@ def _step_range(pf: pq.ParquetFile) -> tuple[int, int] | None:
     return None if lo is None else (lo, hi)  # type: ignore[return-value]
 
 
-def _check_version(schema: pa.Schema, path: Path) -> None:
+def _check_version(schema: pa.Schema, path: Path) -> int:
+    """The shard's format version; InputError if this multirun cannot read it."""
     meta = schema.metadata or {}
     raw = meta.get(_META_VERSION)
     if raw is None:
         raise InputError("not a multirun ledger shard (no format version in its metadata)", file=path)
-    if int(raw) > FORMAT_VERSION:
+    try:
+        version = int(raw)
+    except ValueError:
+        raise CorruptionError(f"corrupt ledger shard: format version {raw!r} is not a number", file=path) from None
+    if version > FORMAT_VERSION:
         raise InputError(
-            f"ledger format version {int(raw)} is newer than this multirun understands ({FORMAT_VERSION})",
+            f"ledger format version {version} is newer than this multirun understands ({FORMAT_VERSION})",
             file=path,
         )
-    if int(raw) < FORMAT_VERSION:
+    if version < _OLDEST_READABLE_VERSION:
         raise InputError(
-            f"ledger format version {int(raw)} was written by an earlier multirun, before the overwritten rows' "
-            f"fingerprints (version {FORMAT_VERSION}); read it with the multirun that wrote it",
+            f"ledger format version {version} was written by an earlier multirun, before the overwritten rows' "
+            f"fingerprints (version {_OLDEST_READABLE_VERSION}); read it with the multirun that wrote it",
             file=path,
         )
+    return version
 
 
 def _experiments_of(schema: pa.Schema) -> list[str]:
@@ -475,6 +644,9 @@ def truncate_ledger(run_dir: str | Path, from_step: int) -> int:
     range. Every step is atomic and the whole operation is idempotent, so a crash
     in the middle is repaired by calling it again. Leftover ``*.tmp`` files are
     removed. A run directory without a ledger yields 0.
+
+    Raises:
+        CorruptionError: a shard whose bytes do not match its checksum (then no shard is touched).
     """
     if from_step < 0:
         raise ValueError(f"from_step must be >= 0, got {from_step}")
@@ -486,12 +658,19 @@ def truncate_ledger(run_dir: str | Path, from_step: int) -> int:
     for tmp in root.glob("rank-*/*.tmp"):
         tmp.unlink(missing_ok=True)
         touched.add(tmp.parent)
-    for path in _shard_paths(root):
+    paths = _shard_paths(root)
+    # Every shard is verified before any is touched: a corrupt shard must neither steer what
+    # is deleted (its step statistics) nor be rewritten under a fresh, valid checksum, and a
+    # refusal leaves the ledger as it was. (A resume reads the ledger once more for this.)
+    for path in paths:
+        _verified_shard_bytes(path)
+    for path in paths:
+        buf = _verified_shard_bytes(path)
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(pa.BufferReader(buf))
             rng = _step_range(pf)
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"unreadable ledger shard: {exc}", file=path) from exc
+            raise CorruptionError(f"unreadable ledger shard (corrupt or not Parquet): {exc}", file=path) from exc
         if rng is None or rng[1] < from_step:
             continue
         if rng[0] >= from_step:
@@ -499,8 +678,7 @@ def truncate_ledger(run_dir: str | Path, from_step: int) -> int:
             path.unlink()
             touched.add(path.parent)
             continue
-        table = pf.read()
-        _check_version(table.schema, path)
+        table = _read_shard(path)
         kept = table.filter(pc.less(table.column("step"), pa.scalar(from_step, pa.int64())))
         removed += table.num_rows - kept.num_rows
         # Rewrite under the same name first (atomic), then rename: at every instant
@@ -586,34 +764,37 @@ class Ledger:
         self.arms: dict[str, dict[str, list[str]]] = {
             str(e): {str(arm): [str(i) for i in ids] for arm, ids in a.items()} for e, a in (arms or {}).items()
         }
+        #: the shard files the rows were read from (:meth:`open`); :meth:`check_integrity` re-verifies them.
+        self.shards: list[Path] = []
 
     @classmethod
     def open(cls, run_dir: str | Path) -> Ledger:
         """Read every committed shard under ``run_dir/ledger`` (``run_dir`` may also
-        be the ledger directory itself). ``*.tmp`` files are ignored."""
-        run_dir = Path(run_dir)
-        root = RunDir(run_dir).ledger
-        if not root.is_dir() and any(run_dir.glob("rank-*")):
-            root = run_dir
-        if not root.is_dir():
-            raise InputError("no ledger directory (was this run started with multirun?)", file=root)
+        be the ledger directory itself). ``*.tmp`` files are ignored.
+
+        Every shard is verified against its checksum before its rows are used; shards of
+        format version 2 (before checksums) are read unverified with an
+        :class:`UncheckedShardWarning`.
+
+        Raises:
+            CorruptionError: a shard whose bytes changed since it was written (naming it).
+            InputError: no ledger directory, or a shard of another format.
+        """
+        root = _ledger_root(Path(run_dir))
         tables: list[pa.Table] = []
         experiments: list[str] = []
-        for path in _shard_paths(root):
-            try:
-                t = pq.read_table(path)
-            except (OSError, pa.ArrowException) as exc:
-                raise InputError(f"unreadable ledger shard: {exc}", file=path) from exc
-            _check_version(t.schema, path)
+        paths = _shard_paths(root)
+        for path in paths:
+            t = _read_shard(path)
             for n in _experiments_of(t.schema):
                 if n not in experiments:
                     experiments.append(n)
-            if not t.schema.remove_metadata().equals(SCHEMA):
-                raise InputError(f"ledger shard schema differs from the expected one: {t.schema}", file=path)
             tables.append(t.replace_schema_metadata(None))
         table = pa.concat_tables(tables) if tables else _empty_table()
         ranks = [int(d.name[5:]) for d in root.glob("rank-*") if d.is_dir() and d.name[5:].isdigit()]
-        return cls(table, experiments, ranks=ranks, arms=_read_arms(root.parent / RunDir(".").arms.name))
+        led = cls(table, experiments, ranks=ranks, arms=_read_arms(root.parent / RunDir(".").arms.name))
+        led.shards = paths
+        return led
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -781,7 +962,10 @@ class Ledger:
 
     def check_integrity(self) -> None:
         """Raise :class:`LedgerIntegrityError` on duplicate ``(step, global_row, offset)``
-        rows or on spans of one row that overlap."""
+        rows or on spans of one row that overlap, and :class:`~multirun.errors.CorruptionError`
+        if a shard the rows were read from (:meth:`open`) no longer matches its checksum."""
+        for path in self.shards:
+            _verified_shard_bytes(path)
         n = len(self)
         if n < 2:
             return

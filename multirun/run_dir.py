@@ -4,8 +4,16 @@ A kill at any moment leaves every file whole. Documents (JSON, YAML, CSV, ledger
 are written through :func:`atomic_path`: a temporary file beside the target, fsynced,
 renamed over it, and the directory fsynced, so the old or the new file is there, never
 half of one. JSON-lines logs (metrics, training loss, decisions) are appended and
-fsynced; a kill can leave at most a torn last line, which :func:`read_jsonl` skips, and
-:func:`truncate_jsonl` drops the records after a resumed step.
+fsynced; a kill can leave at most a torn last line, which :func:`read_jsonl` drops with
+a :class:`TornLineWarning` naming it, and :func:`truncate_jsonl` drops the records after
+a resumed step.
+
+Every JSON-lines record ends with its own checksum, ``"_xxh64": "<16 hex digits>"``: the
+xxh64 of the line as written with those digits reading ``0`` (:func:`jsonl_line`). Readers
+verify and remove it, so a changed byte in any record, or a malformed line anywhere but at
+the end, is a :class:`~multirun.errors.CorruptionError` naming the file and line rather
+than a silently wrong or missing value. Logs without the field (runs written before it)
+are read unverified; a log with it on some records and not on others is refused.
 
 Example:
     >>> RunDir("runs/demo").metrics.as_posix()
@@ -18,12 +26,17 @@ import contextlib
 import json
 import math
 import os
+import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
+
+from multirun.errors import CorruptionError
 
 
 @dataclass(frozen=True)
@@ -181,12 +194,177 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: The field each JSON-lines record carries last: its checksum (see :func:`jsonl_line`).
+CHECKSUM_FIELD = "_xxh64"
+_DIGITS = 16
+_TAIL = len('"}')  # what follows the digits: the value's closing quote and the object's brace
+# A checksum field whose name was damaged (same length, 16 hex digits): not an unchecked old record.
+_DAMAGED_FIELD = re.compile(rf', "[^"]{{{len(CHECKSUM_FIELD)}}}": "[0-9a-f]{{{_DIGITS}}}"\}}\s*$')
+
+
+class TornLineWarning(UserWarning):
+    """A JSON-lines log ended in a torn line (a process killed while appending): it was dropped."""
+
+
+def jsonl_line(record: dict[str, Any]) -> str:
+    """One JSON-lines record with its checksum, newline included.
+
+    The record's JSON (NaN and infinities refused; numpy scalars as :func:`plain`) gets a
+    last field ``"_xxh64"``: the xxh64 of the whole line as written with the 16 digits
+    reading ``0``. Human-readable, and any JSON reader sees one extra field.
+
+    Example:
+        >>> print(jsonl_line({"step": 3, "loss": 2.5}), end="")
+        {"step": 3, "loss": 2.5, "_xxh64": "3d2a06fb1c601a0f"}
+    """
+    if CHECKSUM_FIELD in record:
+        raise ValueError(f"a record may not carry the checksum field {CHECKSUM_FIELD!r} itself")
+    text = json.dumps({**record, CHECKSUM_FIELD: "0" * _DIGITS}, allow_nan=False, default=plain)
+    digest = xxhash.xxh64_hexdigest(text.encode("utf-8"))
+    return f"{text[: -_DIGITS - _TAIL]}{digest}{text[-_TAIL:]}\n"
+
+
+def _checksum_ok(line: str, recorded: Any) -> bool:
+    if not isinstance(recorded, str) or len(recorded) != _DIGITS or not line.endswith(f'"{recorded}"}}'):
+        return False
+    zeroed = f"{line[: -_DIGITS - _TAIL]}{'0' * _DIGITS}{line[-_TAIL:]}"
+    return xxhash.xxh64_hexdigest(zeroed.encode("utf-8")) == recorded
+
+
+@dataclass(frozen=True)
+class JsonlRecords:
+    """The verified records of a JSON-lines log (:func:`read_jsonl_lines`)."""
+
+    path: Path
+    #: (1-based line number, parsed JSON value without its checksum field), blank lines left out.
+    lines: list[tuple[int, Any]]
+    #: the torn last line that was dropped (a writer killed mid-append), if any.
+    torn_line: int | None = None
+
+    @property
+    def torn_message(self) -> str | None:
+        """A sentence naming the dropped torn line, or None."""
+        if self.torn_line is None:
+            return None
+        return (
+            f"{self.path}:{self.torn_line}: torn last line dropped (a process was killed while appending it; "
+            "the record it held is lost)"
+        )
+
+
+def read_jsonl_lines(path: Path) -> JsonlRecords:
+    """Every record of a JSON-lines log, verified, with its line number.
+
+    A last line that is not valid JSON and has no newline after it is what a writer killed
+    mid-append leaves: it is dropped with a :class:`TornLineWarning` naming the file and
+    line. A missing file reads as no records.
+
+    Records without a checksum (written before records had one) are read unverified when
+    no record of the file has one: a log is written whole by one multirun version, as a
+    resume rewrites it (:func:`truncate_jsonl`).
+
+    Raises:
+        CorruptionError: naming the file and line: a line that is not valid JSON anywhere
+            else (or ending in a newline), a record that fails its checksum, or one without
+            a checksum in a file whose other records have one.
+    """
+    if not path.exists():
+        return JsonlRecords(path, [])
+    data = path.read_bytes()
+    raw_lines = data.split(b"\n")
+    complete = raw_lines[-1] == b""  # the file ends with a newline: no line is torn
+    if complete:
+        raw_lines.pop()
+    last = max((i for i, raw in enumerate(raw_lines, start=1) if raw.strip()), default=0)
+    out: list[tuple[int, Any]] = []
+    checksummed = False
+    unchecked: list[int] = []  # lines without a checksum
+    for number, raw in enumerate(raw_lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+            value = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            if number == last and not complete:
+                torn = JsonlRecords(path, out, torn_line=number)
+                warnings.warn(str(torn.torn_message), TornLineWarning, stacklevel=2)
+                return torn
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            raise CorruptionError(
+                f"not valid JSON ({reason}) and not a torn last line: the file was damaged after it was written",
+                file=path,
+                line=number,
+            ) from None
+        if isinstance(value, dict) and CHECKSUM_FIELD in value:
+            if not _checksum_ok(line.rstrip("\r"), value.pop(CHECKSUM_FIELD)):
+                raise CorruptionError(
+                    "the record does not match its checksum: the line changed after it was written",
+                    file=path,
+                    line=number,
+                )
+            checksummed = True
+        elif _DAMAGED_FIELD.search(line):
+            raise CorruptionError(
+                f"the record ends like a checksum field whose name is not {CHECKSUM_FIELD!r}: the line changed "
+                "after it was written",
+                file=path,
+                line=number,
+            )
+        else:
+            unchecked.append(number)
+        out.append((number, value))
+        if checksummed and unchecked:
+            # Logs are written whole by one multirun (a resume rewrites them): a record without
+            # a checksum among records with one was changed, or appended by another program.
+            raise CorruptionError(
+                f"the record has no checksum ({CHECKSUM_FIELD}) although other records of the file have one: "
+                "the line changed after it was written, or another program wrote it",
+                file=path,
+                line=unchecked[0],
+            )
+    return JsonlRecords(path, out)
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a torn last line (no newline after it) off before appending after it, which would
+    otherwise glue the next record to it and leave a damaged line in the middle of the log."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        end = size
+        while end > 0:  # find the last newline, reading backwards a block at a time
+            start = max(0, end - 65536)
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                end = start + cut + 1
+                break
+            end = start
+        warnings.warn(
+            f"{path}: dropped a torn last line ({size - end} bytes, a process killed while appending it) "
+            "before appending",
+            TornLineWarning,
+            stacklevel=3,
+        )
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append records durably."""
-    lines = [json.dumps(r, allow_nan=False, default=plain) + "\n" for r in records]
+    """Append records durably, each with its checksum (:func:`jsonl_line`)."""
+    lines = [jsonl_line(r) for r in records]
     if not lines:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_torn_tail(path)
     with open(path, "a", encoding="utf-8") as f:
         f.writelines(lines)
         f.flush()
@@ -194,24 +372,27 @@ def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All complete records (a torn last line of a killed run is skipped)."""
-    if not path.exists():
-        return []
+    """All records, verified and without their checksum field (see :func:`read_jsonl_lines`:
+    a torn last line is dropped with a warning; damage anywhere is a CorruptionError).
+
+    Raises:
+        CorruptionError: as :func:`read_jsonl_lines`, or a line that is not a JSON object.
+    """
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    for number, value in read_jsonl_lines(path).lines:
+        if not isinstance(value, dict):
+            raise CorruptionError("expected a JSON object", file=path, line=number)
+        out.append(value)
     return out
 
 
 def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
-    """Atomically keep only the complete records for which ``keep`` is true."""
+    """Atomically keep only the complete records for which ``keep`` is true (a torn last
+    line is dropped; every kept record is written with its checksum)."""
     if not path.exists():
         return
     kept = [r for r in read_jsonl(path) if keep(r)]
-    write_text_atomic(path, "".join(json.dumps(r, allow_nan=False, default=plain) + "\n" for r in kept))
+    write_text_atomic(path, "".join(jsonl_line(r) for r in kept))
 
 
 def plain(value: Any) -> Any:

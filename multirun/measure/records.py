@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -45,7 +44,7 @@ from typing import Any
 
 from multirun.errors import InputError
 from multirun.measure.stats import EffectResult
-from multirun.run_dir import RunDir
+from multirun.run_dir import JsonlRecords, RunDir, read_jsonl_lines
 
 __all__ = [
     "EffectRecord",
@@ -287,20 +286,22 @@ def effect_records(records: Iterable[EvaluationRecord]) -> list[EffectRecord]:
 
 
 def read_records(run_dir: str | Path) -> list[EvaluationRecord]:
-    """A run's ``metrics.jsonl``, typed. Lines that are not JSON (a torn last line of a
-    killed run) are skipped; a JSON line that is not a record is an InputError naming
-    the file and line."""
-    path = RunDir(run_dir).metrics
-    if not path.exists():
-        return []
+    """A run's ``metrics.jsonl``, typed and verified (:func:`~multirun.run_dir.read_jsonl_lines`:
+    a torn last line of a killed run is dropped with a warning; a damaged line is a
+    CorruptionError); a JSON line that is not a record is an InputError naming the file and line."""
+    return records_from_lines(read_jsonl_lines(RunDir(run_dir).metrics))
+
+
+def records_from_lines(content: JsonlRecords) -> list[EvaluationRecord]:
+    """:func:`record_from_json` of every line read by :func:`~multirun.run_dir.read_jsonl_lines`.
+
+    Raises:
+        InputError: a line that is not a monitor record, naming the file and line.
+    """
     out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for number, data in content.lines:
         try:
             out.append(record_from_json(data))
         except ValueError as exc:
-            raise InputError(f"not a monitor record: {exc}", file=path, line=number) from None
+            raise InputError(f"not a monitor record: {exc}", file=content.path, line=number) from None
     return out

@@ -358,5 +358,7 @@ def with_holm(records: Sequence[EvaluationRecord]) -> list[EvaluationRecord]:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All lines of ``metrics.jsonl`` as JSON dicts (a torn last line of a killed run is skipped)."""
+    """All records of ``metrics.jsonl`` as JSON dicts, verified and without their checksum field
+    (:func:`~multirun.run_dir.read_jsonl`: a torn last line of a killed run is dropped with a
+    warning; a damaged line is a CorruptionError naming it)."""
     return read_jsonl(RunDir(run_dir).metrics)

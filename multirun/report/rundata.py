@@ -32,10 +32,10 @@ from multirun.measure.records import (
     FailureRecord,
     RunMetricRecord,
     effect_records,
-    read_records,
     record_from_json,
+    records_from_lines,
 )
-from multirun.run_dir import RunDir
+from multirun.run_dir import RunDir, read_jsonl_lines
 
 DEFAULT_ALPHA = 0.01  # MonitoringConfig's default, for runs whose config says nothing
 
@@ -101,6 +101,9 @@ class RunData:
     acquisition: dict[str, dict[str, dict[str, Any]]] | None = None
     interaction: dict[str, Any] | None = None
     experiment_names: list[str] = field(default_factory=list)
+    #: sentences on records that could not be read and were left out (a torn last line of a
+    #: JSON-lines log, which a killed run leaves): the report shows them as warnings.
+    dropped: dict[str, str] = field(default_factory=dict)  # file name -> sentence
 
     # ------------------------------------------------------------- run facts
     @property
@@ -209,7 +212,13 @@ def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory; raises :class:`InputError` if it is not one.
 
     Missing optional files are empty/None; a torn last JSON line (a killed
-    process) is skipped; malformed JSON elsewhere names the file and line.
+    process) is dropped, with a warning and a sentence in ``dropped``; malformed JSON
+    elsewhere, a JSON-lines record that fails its checksum, or a ledger shard that fails
+    its checksum is an error naming the file (and line).
+
+    Raises:
+        CorruptionError: a damaged ledger shard or JSON-lines record.
+        InputError: not a run directory, or a malformed file.
     """
     path = Path(run_dir)
     if not path.is_dir():
@@ -225,10 +234,20 @@ def load_run(run_dir: str | Path) -> RunData:
         if value is not None and not isinstance(value, dict):
             raise InputError("expected a mapping at the top level", file=file)
     provenance = _provenance(path)
-    metrics = read_records(path)
-    training = _read_jsonl(files.training_log, required=("step", "loss"))
+    dropped: dict[str, str] = {}
+    metrics_lines = read_jsonl_lines(files.metrics)
+    metrics = records_from_lines(metrics_lines)
+    if metrics_lines.torn_message:
+        dropped[files.metrics.name] = (
+            f"{metrics_lines.torn_message}: the metric curves and effects miss that evaluation record."
+        )
+    training = _read_jsonl(files.training_log, required=("step", "loss"), dropped=dropped)
     controller_path = files.controller_log
-    controller = _read_jsonl(controller_path, required=("step", "experiment")) if controller_path.exists() else None
+    controller = (
+        _read_jsonl(controller_path, required=("step", "experiment"), dropped=dropped)
+        if controller_path.exists()
+        else None
+    )
     acquisition = _read_acquisition(files.acquisition)
     interaction = _read_interaction(files.interaction_matrix)
 
@@ -251,6 +270,7 @@ def load_run(run_dir: str | Path) -> RunData:
         acquisition=acquisition,
         interaction=interaction,
         experiment_names=names,
+        dropped=dropped,
     )
 
 
@@ -305,25 +325,18 @@ def _read_yaml(path: Path) -> Any:
         raise InputError(f"not valid YAML: {exc}", file=path, line=mark.line + 1 if mark else None) from None
 
 
-def _read_jsonl(path: Path, *, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Records of a JSON-lines log; a torn *last* line (a killed writer) is skipped.
+def _read_jsonl(path: Path, *, required: tuple[str, ...], dropped: dict[str, str]) -> list[dict[str, Any]]:
+    """Records of a JSON-lines log, verified (:func:`~multirun.run_dir.read_jsonl_lines`); a
+    torn *last* line (a killed writer) is dropped and said in ``dropped``.
 
     A malformed line anywhere else is an error naming the file and line: it is not
     something a crash leaves behind, and silently dropping it would hide data.
     """
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    content = read_jsonl_lines(path)
+    if content.torn_message:
+        dropped[path.name] = f"{content.torn_message}."
     out = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                break
-            raise InputError(f"not valid JSON: {exc.msg}", file=path, line=number) from None
+    for number, record in content.lines:
         if not isinstance(record, dict):
             raise InputError("expected a JSON object", file=path, line=number)
         for key in required:

@@ -92,6 +92,8 @@ def overview(run: RunData, colors: Mapping[str, str]) -> Section:
     section = Section("overview", "1. Run overview")
     status, interrupted = status_line(run)
     section.blocks.append(Paragraph(status, kind="warning" if interrupted else "text"))
+    # Records a killed run left half-written were left out: say so where the reader starts.
+    section.blocks.extend(Paragraph(sentence, kind="warning") for sentence in run.dropped.values())
     cfg = run.config or {}
     g = run.geometry
     settings: list[list[Cell]] = [
@@ -445,8 +447,12 @@ def verdict(record: EffectRecord, alpha: float) -> Cell:
 def effect_table(run: RunData) -> Section:
     section = Section("effects", "4. Effects at the last evaluation")
     step, records = run.last_effects()
+    # A torn last line of metrics.jsonl (a killed run) held a record this table lacks.
+    torn = run.dropped.get(RunDir(run.path).metrics.name)
     if step is None:
         section.blocks.append(_note("No data yet: no monitor evaluation has been recorded."))
+        if torn:
+            section.blocks.append(Paragraph(torn, kind="warning"))
         return section
     alpha = run.alpha
     when = {r.when for r in records if r.when}
@@ -460,6 +466,8 @@ def effect_table(run: RunData) -> Section:
             f"({INTERACTION_ALPHA_KEY})."
         )
     )
+    if torn:
+        section.blocks.append(Paragraph(torn, kind="warning"))
     rank = {n: i for i, n in enumerate(run.experiment_names)}
     ordered = sorted(records, key=lambda r: (rank.get(r.experiment, len(rank)), not r.primary, r.group is not None))
     rows: list[list[Cell]] = []

@@ -35,6 +35,7 @@ from multirun.report import ReportPaths, build_report
 from multirun.report.rundata import Series, load_run
 from multirun.report.sections import compare_end, verdict
 from multirun.run.trainer import prepare_run
+from multirun.run_dir import append_jsonl
 from tests.support import REPO, make_dataset, run_config
 
 pytestmark = pytest.mark.e2e
@@ -415,8 +416,8 @@ def test_metrics_are_read_typed_and_a_malformed_record_names_its_line(runs: Runs
         {r["step"] for r in read_metrics(run_dir) if r.get("metric") == "heldout_loss"}
     )
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write('{"step": 3, "when": "interval", "experiment": "facts"}\n')
+    # Valid, checksummed JSON that is not a monitor record.
+    append_jsonl(run_dir / "metrics.jsonl", [{"step": 3, "when": "interval", "experiment": "facts"}])
     with pytest.raises(InputError, match="not a monitor record") as err:
         load_run(run_dir)
     assert err.value.line == len(lines) + 1 and "metrics.jsonl" in str(err.value)
