@@ -70,7 +70,7 @@ _DURATION_UNITS = ("ba", "tok", "ep")
 
 # The planner keeps a few arrays with one entry per step; a run (and an interaction arm)
 # has at most this many steps, so a typo such as 10**14ba is an error, not a 700 TiB array.
-MAX_STEPS = 10_000_000
+MAX_STEPS = 2_000_000
 # Composer seeds rank r with seed + r and refuses seeds beyond 2**32 - 1; numpy's
 # generators refuse negative ones. 2**31 - 1 leaves room for any world size.
 MAX_SEED = 2**31 - 1

@@ -96,7 +96,13 @@ def _construct(build: Callable[[], Any], *, key: str, file: Path | None = None) 
     """Build a model; sizes too large to allocate (or to count) are a ConfigError, not a raw RuntimeError."""
     try:
         return build()
-    except (RuntimeError, OverflowError, MemoryError) as exc:  # torch: "can't allocate", "size ... overflowed"
+    except (
+        RuntimeError,
+        OverflowError,
+        MemoryError,
+        TypeError,
+        ValueError,
+    ) as exc:  # torch: "can't allocate", "size ... overflowed", a size of the wrong type
         raise ConfigError(f"the model cannot be built at these sizes: {exc}", file=file, key=key) from exc
 
 
