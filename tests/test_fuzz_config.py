@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import tempfile
 import tracemalloc
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,17 @@ def _set(doc: dict[str, Any], path: str, value: Any) -> None:
 _STATE: dict[str, Any] = {}
 
 
+@contextlib.contextmanager
+def _chdir(path: Path) -> Iterator[None]:
+    """contextlib.chdir of Python 3.11 (the project supports 3.10): relative run dirs land in ``path``."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _setup() -> tuple[Path, Tokenizer, PreparedDataset]:
     """One project directory, tokenizer and (cached demo) dataset for every example."""
     if not _STATE:
@@ -185,7 +198,7 @@ def _check(cfg: Path, tokenizer: Tokenizer, dataset: PreparedDataset) -> None:
 
 def test_base_config_passes() -> None:
     root, tokenizer, dataset = _setup()
-    with contextlib.chdir(root):
+    with _chdir(root):
         _check(root / "run.yaml", tokenizer, dataset)
 
 
@@ -206,7 +219,7 @@ def test_mutated_configs_raise_only_multirun_errors(mutations: list[tuple[str, A
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
     tracemalloc.start()
     try:
-        with contextlib.chdir(root), warnings.catch_warnings():
+        with _chdir(root), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # The project's own error is what the user is meant to see; anything else fails the test.
             with contextlib.suppress(MultirunError):
