@@ -22,11 +22,13 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from multirun.errors import InputError, MultirunError
@@ -52,10 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except InputError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # escape: a message quoting a list ("got [nan, 0.9]") is not rich markup.
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
     except MultirunError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 1
 
 
@@ -229,7 +232,7 @@ def _check(args: argparse.Namespace) -> int:
 
     if args.config is not None and is_foundry_yaml(args.config):
         return _check_foundry(args)
-    from multirun.config import load_config
+    from multirun.config import ConfigWarning, load_config
     from multirun.run.inputs import heldout_rows, resolve_dataset, run_dir_of, run_geometry, run_tokenizer
     from multirun.run.model import check_model
     from multirun.run.parts import assemble_parts
@@ -237,20 +240,29 @@ def _check(args: argparse.Namespace) -> int:
     loaded = load_config(args.config, args.overrides)
     tokenizer = run_tokenizer(loaded)
     dataset = resolve_dataset(loaded, tokenizer)
-    # The same assembly as `multirun train`: monitor and controller options are checked too.
-    try:
-        parts = assemble_parts(
-            loaded,
-            tokenizer=tokenizer,
-            geometry=run_geometry(loaded, dataset),
-            run_dir=run_dir_of(loaded),
-            heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
-        )
-    except InputError as exc:
-        # A payload's problem stops the assembly at the first one; list them all at once.
-        if _print_payload_problems(loaded, tokenizer, dataset.sequence_length, exc):
-            return 2
-        raise
+    # The same assembly as `multirun train`: monitor and controller options, doses, arms and
+    # the run directory are checked too; what would run but probably not as meant is a
+    # ConfigWarning, printed here.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        try:
+            parts = assemble_parts(
+                loaded,
+                tokenizer=tokenizer,
+                geometry=run_geometry(loaded, dataset),
+                run_dir=run_dir_of(loaded),
+                heldout=heldout_rows(loaded, tokenizer, dataset.sequence_length),
+            )
+        except InputError as exc:
+            # A payload's problem stops the assembly at the first one; list them all at once.
+            if _print_payload_problems(loaded, tokenizer, dataset.sequence_length, exc):
+                return 2
+            raise
+    for warning in caught:
+        if issubclass(warning.category, ConfigWarning):
+            console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False)
+        else:  # someone else's warning: as Python would show it
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     check_model(loaded, tokenizer, dataset.sequence_length)
     _print_plan(parts.plan)
     console.print("[green]config, model, payloads, placement, monitors and controllers are valid[/]")

@@ -38,7 +38,11 @@ from multirun.run_dir import RunDir, write_text_atomic
 from multirun.types import BatchGeometry, Placement
 
 __all__ = [
+    "MAX_RESAMPLES",
+    "MAX_SEED",
+    "MAX_STEPS",
     "ClippingConfig",
+    "ConfigWarning",
     "DataConfig",
     "ExperimentConfig",
     "InjectionConfig",
@@ -64,13 +68,31 @@ _TIME_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ba|tok|ep|sp|dur)\s*$")
 _DURATION_UNITS = ("ba", "tok", "ep")
 
 
-def _time_string(value: str, *, units: Sequence[str], integral: bool = True) -> str:
+# The planner keeps a few arrays with one entry per step; a run (and an interaction arm)
+# has at most this many steps, so a typo such as 10**14ba is an error, not a 700 TiB array.
+MAX_STEPS = 2_000_000
+# Composer seeds rank r with seed + r and refuses seeds beyond 2**32 - 1; numpy's
+# generators refuse negative ones. 2**31 - 1 leaves room for any world size.
+MAX_SEED = 2**31 - 1
+# Resamples of a permutation test or bootstrap: 10**6 gives p-values down to 1e-6;
+# more only cost memory (resamples x items) at every evaluation.
+MAX_RESAMPLES = 1_000_000
+
+
+class ConfigWarning(UserWarning):
+    """A config that runs but probably not as meant (``multirun check`` prints these)."""
+
+
+def _time_string(value: str, *, units: Sequence[str], integral: bool = True, positive: bool = False) -> str:
     m = _TIME_RE.match(value)
     if m is None or m.group(2) not in units:
         raise ValueError(f"expected a Composer time string <number><unit> with unit in {'|'.join(units)}, e.g. 200ba")
     number, unit = m.groups()
     if unit != "dur" and integral and "." in number:
         raise ValueError(f"{unit} counts must be whole numbers")
+    if positive and float(number) <= 0:
+        # Composer's interval scheduler never fires on 0, not even at the end of training.
+        raise ValueError(f"must be at least 1{unit}")
     return f"{number}{unit}"
 
 
@@ -92,7 +114,8 @@ def cadence_steps(value: str | None) -> int | None:
 class _Strict(BaseModel):
     # extra="forbid": a misspelt key is an error, never silently ignored.
     # coerce_numbers_to_str: `run_name: 2024` or `version: 1` are fine as strings.
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_default=True)
+    # allow_inf_nan=False: every float field is finite (`.nan`, `.inf` are YAML floats).
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_default=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -169,7 +192,7 @@ class DataConfig(_Strict):
     sequence_length: int = Field(128, gt=0)
     demo_max_bytes: int = Field(4_000_000, gt=0)
     shuffle: bool = True
-    shuffle_seed: int = 9176
+    shuffle_seed: int = Field(9176, ge=0, le=MAX_SEED)
     num_canonical_nodes: int = Field(1, gt=0)
     num_workers: int = Field(0, ge=0)
 
@@ -300,7 +323,7 @@ class TrainConfig(_Strict):
     @field_validator("max_duration")
     @classmethod
     def _duration(cls, v: str) -> str:
-        return _time_string(v, units=_DURATION_UNITS)
+        return _time_string(v, units=_DURATION_UNITS, positive=True)
 
     @field_validator("warmup")
     @classmethod
@@ -310,7 +333,7 @@ class TrainConfig(_Strict):
     @field_validator("save_interval", "log_interval")
     @classmethod
     def _interval(cls, v: str | None) -> str | None:
-        return None if v is None else _time_string(v, units=("ba", "tok", "ep", "sp"))
+        return None if v is None else _time_string(v, units=("ba", "tok", "ep", "sp"), positive=True)
 
     @field_validator("device_microbatch_size")
     @classmethod
@@ -410,8 +433,8 @@ class MonitoringConfig(_Strict):
     batch_size: int | None = Field(None, gt=0)
     on_error: Literal["warn", "raise"] = "warn"
     alpha: float = Field(0.01, gt=0, lt=1)
-    n_resamples: int = Field(2000, ge=100)
-    ci_resamples: int = Field(2000, ge=100)
+    n_resamples: int = Field(2000, ge=100, le=MAX_RESAMPLES)
+    ci_resamples: int = Field(2000, ge=100, le=MAX_RESAMPLES)
     heldout_rows: int = Field(64, ge=0)  # held-out loss on this many rows at each evaluation (0: off)
 
     @field_validator("every")
@@ -437,13 +460,13 @@ class InteractionConfig(_Strict):
     """
 
     after: Literal["none", "acquired", "end"] = "none"
-    steps: int = Field(100, gt=0)
+    steps: int = Field(100, gt=0, le=MAX_STEPS)
     intensity: float = Field(0.01, gt=0, le=0.5)
     leave_one_out: bool = False
     experiments: list[str] | None = None
     lr: float | None = Field(None, gt=0)
     alpha: float = Field(0.05, gt=0, lt=1)
-    n_resamples: int = Field(10000, ge=100)
+    n_resamples: int = Field(10000, ge=100, le=MAX_RESAMPLES)
 
 
 class ExperimentConfig(_Strict):
@@ -474,7 +497,7 @@ class RunConfig(_Strict):
     """The whole run. ``run_dir`` defaults to ``runs/<run_name>`` (relative to the CWD)."""
 
     run_name: str = Field(pattern=NAME_PATTERN)
-    seed: int = 17
+    seed: int = Field(17, ge=0, le=MAX_SEED)
     run_dir: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -1092,16 +1115,26 @@ def parse_duration_steps(
     if n <= 0:
         raise ConfigError(f"must be positive, got {max_duration!r}", file=file, key=key)
     if unit == "ba":
-        return n
-    if unit == "tok":
-        return math.ceil(n / (global_batch_size * sequence_length))
-    if not steps_per_epoch:
+        steps = n
+    elif unit == "tok":
+        # Integer ceiling: a float division would round a 10**30-token duration.
+        steps = -(-n // (global_batch_size * sequence_length))
+    elif not steps_per_epoch:
         raise ConfigError(
             f"{max_duration!r} is in epochs but the epoch size in steps is unknown; give max_duration in ba or tok",
             file=file,
             key=key,
         )
-    return n * steps_per_epoch
+    else:
+        steps = n * steps_per_epoch
+    if steps > MAX_STEPS:
+        raise ConfigError(
+            f"{max_duration!r} is {steps:,} steps; a run has at most {MAX_STEPS:,} (the planner keeps arrays "
+            "with one entry per step): check the number, or raise global_batch_size",
+            file=file,
+            key=key,
+        )
+    return steps
 
 
 def resolve_placement(

@@ -27,6 +27,7 @@ from multirun.config import LoadedConfig
 from multirun.data.tokenizers import Tokenizer
 from multirun.kinds.experiments import arms_record, build_experiments
 from multirun.ledger import token_hash
+from multirun.plan.checks import check_experiments
 from multirun.plan.static import PlanResult, plan_static
 from multirun.run_dir import RunDir, write_json_atomic
 from multirun.types import BatchGeometry, PreparedExperiment, SpanTable
@@ -197,6 +198,7 @@ def build_run_plan(
             # A negative control (its arms measured, its treated items never injected), or a
             # controlled experiment, whose spans its controller places while training runs.
             experiment.seq_repetitions = np.zeros_like(experiment.seq_repetitions)
+    check_experiments(loaded, experiments, horizon)  # doses and arms, before the planner allocates spans
     plan = plan_experiments(loaded, experiments, tokenizer=tokenizer, geometry=horizon)
     return replace(plan, geometry=geometry, static_steps=horizon.num_steps, durations=tuple(durations))
 

@@ -51,29 +51,51 @@ def resolve_dataset(loaded: LoadedConfig, tokenizer: Tokenizer, *, progress: boo
 
 
 def run_geometry(loaded: LoadedConfig, dataset: PreparedDataset) -> BatchGeometry:
+    """The run's batch geometry: global batch, sequence length and steps, checked against the dataset.
+
+    Raises:
+        ConfigError: naming the key (with its line) whose value does not fit the dataset,
+            the world size or the planner's bound on steps (:data:`multirun.config.MAX_STEPS`).
+    """
     train = loaded.config.train
     world = dist.get_world_size()
     if train.global_batch_size % world:
-        raise ConfigError(
+        raise _error(
+            loaded,
+            "train.global_batch_size",
             f"global_batch_size {train.global_batch_size} is not divisible by the world size {world}",
-            file=loaded.source,
-            key="train.global_batch_size",
         )
     per_rank = train.global_batch_size // world
     steps_per_epoch = math.ceil(dataset.num_samples / world) // per_rank
     if steps_per_epoch == 0:
-        raise ConfigError(
+        raise _error(
+            loaded,
+            "train.global_batch_size",
             f"the dataset has {dataset.num_samples} sequences, fewer than one global batch",
-            file=loaded.source,
-            key="train.global_batch_size",
         )
-    num_steps = parse_duration_steps(
-        train.max_duration,
-        global_batch_size=train.global_batch_size,
-        sequence_length=dataset.sequence_length,
-        steps_per_epoch=steps_per_epoch,
-    )
+    if loaded.config.data.num_canonical_nodes > dataset.num_samples:
+        # Streaming partitions the samples over the canonical nodes: more nodes than
+        # samples is meaningless, and a huge count is a huge partition array.
+        raise _error(
+            loaded,
+            "data.num_canonical_nodes",
+            f"{loaded.config.data.num_canonical_nodes} canonical nodes for a dataset of {dataset.num_samples} sequences",
+        )
+    try:
+        num_steps = parse_duration_steps(
+            train.max_duration,
+            global_batch_size=train.global_batch_size,
+            sequence_length=dataset.sequence_length,
+            steps_per_epoch=steps_per_epoch,
+        )
+    except ConfigError as err:
+        raise _error(loaded, err.key or "train.max_duration", err.message) from None
     return BatchGeometry(train.global_batch_size, dataset.sequence_length, num_steps)
+
+
+def _error(loaded: LoadedConfig, key: str, message: str) -> ConfigError:
+    """A ConfigError at ``key`` of the config file, with its line when the file has the key."""
+    return ConfigError(message, file=loaded.source, key=key, line=loaded.line_of(key) if loaded.lines else None)
 
 
 def run_tokenizer(loaded: LoadedConfig) -> Tokenizer:

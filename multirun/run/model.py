@@ -54,8 +54,13 @@ def build_gpt2(
     eos_token_id: int,
     overrides: dict[str, Any] | None = None,
     tokenizer: Any | None = None,
+    check: Callable[[GPT2Config], None] | None = None,
 ) -> HuggingFaceModel:
     """A randomly initialised GPT-2 wrapped for Composer (``tokenizer``: a ``transformers`` tokenizer to save with it).
+
+    ``check`` sees the config before any weight is made (it raises on a config that does
+    not fit the run; Composer's wrapper would raise a bare ValueError on a vocabulary
+    smaller than the tokenizer's).
 
     Example:
         >>> model = build_gpt2(vocab_size=258, sequence_length=128, n_layer=2, n_head=2, n_embd=64, eos_token_id=256)
@@ -82,7 +87,23 @@ def build_gpt2(
         config = GPT2Config(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid GPT-2 config: {exc}", key="model.config_overrides") from exc
-    return _wrap(GPT2LMHeadModel(config), tokenizer)
+    if check is not None:
+        check(config)
+    return _wrap(_construct(lambda: GPT2LMHeadModel(config), key="model"), tokenizer)
+
+
+def _construct(build: Callable[[], Any], *, key: str, file: Path | None = None) -> Any:
+    """Build a model; sizes too large to allocate (or to count) are a ConfigError, not a raw RuntimeError."""
+    try:
+        return build()
+    except (
+        RuntimeError,
+        OverflowError,
+        MemoryError,
+        TypeError,
+        ValueError,
+    ) as exc:  # torch: "can't allocate", "size ... overflowed", a size of the wrong type
+        raise ConfigError(f"the model cannot be built at these sizes: {exc}", file=file, key=key) from exc
 
 
 def build_run_model(
@@ -102,25 +123,34 @@ def build_run_model(
     reproducibility.seed_all(loaded.config.seed)
     if model.kind == "gpt2":
         assert model.n_layer is not None and model.n_head is not None and model.n_embd is not None  # filled in
-        wrapped = build_gpt2(
-            vocab_size=tokenizer.vocab_size,
-            sequence_length=sequence_length,
-            n_layer=model.n_layer,
-            n_head=model.n_head,
-            n_embd=model.n_embd,
-            eos_token_id=tokenizer.eos_token_id,
-            overrides=dict(model.config_overrides),
-            tokenizer=hf_tokenizer_of(tokenizer),
-        )
-        _check_config(
-            wrapped.config,
-            tokenizer,
-            sequence_length,
-            key_of=lambda name: f"model.config_overrides.{name}" if name in model.config_overrides else "model",
-            file=loaded.source,
-            check_pad=True,
-        )
-        return wrapped
+
+        def check(config: GPT2Config) -> None:
+            _check_config(
+                config,
+                tokenizer,
+                sequence_length,
+                key_of=lambda name: f"model.config_overrides.{name}" if name in model.config_overrides else "model",
+                file=loaded.source,
+                check_pad=True,
+            )
+
+        try:
+            return build_gpt2(
+                vocab_size=tokenizer.vocab_size,
+                sequence_length=sequence_length,
+                n_layer=model.n_layer,
+                n_head=model.n_head,
+                n_embd=model.n_embd,
+                eos_token_id=tokenizer.eos_token_id,
+                overrides=dict(model.config_overrides),
+                tokenizer=hf_tokenizer_of(tokenizer),
+                check=check,
+            )
+        except ConfigError as exc:
+            # build_gpt2 and the checks know the key: add the file, and the line when the file has the key.
+            key = exc.key or "model"
+            line = loaded.line_of(key) if loaded.lines else None
+            raise ConfigError(exc.message, file=loaded.source, key=key, line=line) from exc.__cause__
     return _build_hf(loaded, model, tokenizer, sequence_length, read_weights=read_weights)
 
 
@@ -172,7 +202,8 @@ def _build_hf(
             config, tokenizer, sequence_length, key_of=key_of({}, "model.from_pretrained"), file=file, check_pad=False
         )
         if not read_weights:
-            return _wrap(AutoModelForCausalLM.from_config(config), hf_tokenizer_of(tokenizer))
+            built = _construct(lambda: AutoModelForCausalLM.from_config(config), key="model.from_pretrained", file=file)
+            return _wrap(built, hf_tokenizer_of(tokenizer))
         try:
             hf_model = AutoModelForCausalLM.from_pretrained(folder, config=config, local_files_only=True)
         except (OSError, ValueError) as exc:
@@ -196,7 +227,7 @@ def _build_hf(
             setattr(config, name, value)
     _check_config(config, tokenizer, sequence_length, key_of=key_of(given, where), file=file, check_pad=True)
     try:
-        hf_model = AutoModelForCausalLM.from_config(config)
+        hf_model = _construct(lambda: AutoModelForCausalLM.from_config(config), key=where, file=file)
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot build a causal LM from this config: {exc}", file=file, key=where) from exc
     return _wrap(hf_model, hf_tokenizer_of(tokenizer))

@@ -28,6 +28,7 @@ from multirun.data.tokenizers import Tokenizer
 from multirun.measure.runner import MonitorRunner, build_monitors
 from multirun.plan.run_plan import RunPlan, build_run_plan
 from multirun.run.continuation import Continuation
+from multirun.run.validate import check_run
 from multirun.types import BatchGeometry, EmbeddingNoise
 
 
@@ -106,6 +107,9 @@ def assemble_parts(
             duration's static schedule); None: a fresh run.
     """
     run_dir = Path(run_dir)
+    check_run(
+        loaded, geometry, run_dir, intervals=plan is None
+    )  # run directory and intervals, as check and train both see them
     if plan is None:
         plan = build_run_plan(
             loaded,

@@ -254,8 +254,9 @@ def test_epochs_are_counted_from_a_local_dataset_or_refused(
         ),
         pytest.param(
             ["max_duration=2ba"],
-            r"callbacks\.multirun\.experiments\[0\]: experiment 'canaries': needs \d+ tokens .* cap budget .* "
-            r"\(planned for global_train_batch_size 8, sequence_length 64, max_duration 2ba = 2 steps\)",
+            # Refused before planning (multirun.plan.checks), at the key that sets the dose.
+            r"callbacks\.multirun\.experiments\[0\]\.repetitions: experiment 'canaries' asks for \d+ injected tokens "
+            r".* its 2 step\(s\) hold at most \d+ \(cap \d+ tokens per step = 0\.3 x 512\)",
             id="too-little-room-in-batch-and-duration",
         ),
         pytest.param(
