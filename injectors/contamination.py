@@ -80,7 +80,7 @@ import numpy as np
 
 from multirun.errors import ConfigError, PayloadError
 from multirun.kinds.probes import ContaminationProbes
-from multirun.kinds.sdk import PrepareContext, RandomStream, encode_sequence
+from multirun.kinds.sdk import PrepareContext, RandomStream, encode_sequence, is_blank
 from multirun.types import PreparedExperiment
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def _check_choices(rec: Mapping[str, Any], *, file: Path, line: int) -> tuple[li
         )
     seen: dict[str, int] = {}
     for j, c in enumerate(choices):
-        if not isinstance(c, str) or not c.strip():
+        if not isinstance(c, str) or is_blank(c):
             raise PayloadError(f"must be a non-empty string, got {c!r}", file=file, line=line, key=f"choices[{j}]")
         if c in seen:
             raise PayloadError(

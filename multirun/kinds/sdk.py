@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -46,6 +47,7 @@ __all__ = [
     "RandomStream",
     "encode_sequence",
     "group_label",
+    "is_blank",
     "pack_sequences",
     "read_items",
     "split_arms",
@@ -115,6 +117,23 @@ def split_arms(n_items: int, control_fraction: float, *, seed: int, name: str) -
     return treated
 
 
+# Characters that show nothing on their own: controls (Cc: NUL, tabs, newlines), format
+# characters (Cf: zero-width space and joiners, BOM, bidi marks, soft hyphen) and
+# separators (Zs, Zl, Zp: every kind of space).
+_INVISIBLE = frozenset(("Cc", "Cf", "Zs", "Zl", "Zp"))
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` shows nothing: empty, or only whitespace, control, zero-width or
+    other format characters (Unicode categories Cc, Cf, Zs, Zl, Zp).
+
+    Example:
+        >>> is_blank(" \u200b\u2060\t"), is_blank("\u200bx")
+        (True, False)
+    """
+    return all(unicodedata.category(c) in _INVISIBLE for c in text)
+
+
 def encode_sequence(tokenizer: Tokenizer, text: str, *, wrap_eos: bool) -> list[int]:
     """``[eos] + encode(text) + [eos]`` (or just the tokens without wrapping)."""
     ids = list(tokenizer.encode(text))
@@ -134,6 +153,9 @@ def pack_sequences(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.n
     return pool, offsets, lengths
 
 
+_BLANK = "must be a non-empty string (it is empty, or only spaces, zero-width or control characters)"
+
+
 def read_items(
     payload: PayloadPackage,
     role: str = "items",
@@ -145,7 +167,10 @@ def read_items(
     """Validated ``(line, record)`` pairs with unique string ``id``s.
 
     Defaults: ``required = {"id": str, "text": str}``, ``optional = {"repetitions": float}``.
-    ``text_keys`` must be non-empty strings; ``repetitions``, when present, > 0.
+    ``id`` and the ``text_keys`` must show something (not :func:`is_blank`: a text of
+    only spaces, zero-width or control characters is refused like an empty one);
+    ``repetitions``, when present, > 0. No string may hold a NUL or a lone surrogate
+    (:func:`~multirun.kinds.payloads.read_jsonl_file`).
 
     Raises:
         PayloadError: naming ``file:line`` and the key.
@@ -159,16 +184,16 @@ def read_items(
     first_line: dict[str, int] = {}
     for line, rec in records:
         item_id = rec["id"]
-        if not item_id.strip():
-            raise PayloadError("must be a non-empty string", file=path, line=line, key="id")
+        if is_blank(item_id):
+            raise PayloadError(_BLANK, file=path, line=line, key="id")
         if item_id in first_line:
             raise PayloadError(
                 f"duplicate id {item_id!r} (first on line {first_line[item_id]})", file=path, line=line, key="id"
             )
         first_line[item_id] = line
         for k in text_keys:
-            if k in rec and not rec[k].strip():
-                raise PayloadError("must be a non-empty string", file=path, line=line, key=k)
+            if k in rec and is_blank(rec[k]):
+                raise PayloadError(_BLANK, file=path, line=line, key=k)
         if "repetitions" in rec and not rec["repetitions"] > 0:
             raise PayloadError(f"must be > 0, got {rec['repetitions']}", file=path, line=line, key="repetitions")
     return records
