@@ -63,7 +63,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self._through_aliases = 0  # the part of _expanded that aliases added
         self._size: dict[int, int] = {}  # id(anchored node) -> its expanded size
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             node = super().compose_node(parent, index)  # the anchored node (or "undefined alias")

@@ -268,6 +268,9 @@ def read_jsonl_file(
                 )
             if isinstance(value, float) and not math.isfinite(value):
                 raise PayloadError("must be a finite number", file=path, line=lineno, key=key)
+            if isinstance(value, int) and not -(2**63) <= value < 2**63:
+                # JSON integers are unbounded; no count of a run is beyond int64 (nor a float's range).
+                raise PayloadError(f"number too large ({len(str(abs(value)))} digits)", file=path, line=lineno, key=key)
         out.append((lineno, record))
     return out
 
