@@ -291,3 +291,35 @@ def test_package_file_paths_hold_no_nul(tmp_path: Path) -> None:
     manifest.write_text(yaml.safe_dump(doc), encoding="utf-8")
     fails(lambda: load_package(tmp_path / "p"), PayloadError, "payload.yaml:", "files.items.path", "NUL")
     assert file_xxh64(tmp_path / "p" / "items.jsonl")  # the package itself is untouched
+
+
+# --------------------------------------------------------------------------- controllers: on_unplaceable
+
+
+def test_controller_spans_that_cannot_be_placed_stop_the_run_with_on_unplaceable_error(tmp_path: Path) -> None:
+    from multirun.errors import PlacementError
+    from multirun.run.trainer import prepare_run
+    from multirun.run_dir import read_jsonl
+    from tests.support import make_dataset, make_payloads, run_config
+
+    dataset = make_dataset(tmp_path / "mds", samples=40)
+    facts = make_payloads(tmp_path / "payloads")["facts"]  # 30-token sequences
+    controlled = {
+        "name": "facts",
+        "payload": str(facts),
+        "controller": {"name": "acquire", "options": {"metric": "text_logprob", "threshold": -1.0}},
+    }
+    config = run_config(tmp_path, dataset, steps=8, save_interval=None, experiments=[controlled], name="ctl")
+    # A cap of 0.05 x 8 rows x 64 tokens = 25 tokens per step: no fact fits anywhere.
+    text = config.read_text().replace("max_modified_fraction: 0.3", "max_modified_fraction: 0.05")
+    config.write_text(text + "monitoring: {every: 4ba, n_resamples: 100, ci_resamples: 100}\n")
+    run = prepare_run(load_config(config), progress=False)
+    try:
+        with pytest.raises(
+            PlacementError, match=r"experiment 'facts', step 0: \d+ of \d+ spans its acquire controller"
+        ):
+            run.fit()
+    finally:
+        run.close()
+    (decision,) = read_jsonl(run.run_dir / "controller.jsonl")  # logged before stopping
+    assert decision["step"] == 0 and decision["decision"]["unplaced"] > 0 and decision["decision"]["placed"] == 0
