@@ -152,7 +152,11 @@ def load_yaml(
             too deep to load, or more than one document.
     """
     file = str(source)
-    loader = _BoundedLoader(text, source=file, error=error, limit=max_alias_nodes)
+    try:
+        loader = _BoundedLoader(text, source=file, error=error, limit=max_alias_nodes)
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (control characters)
+        line = text.count("\n", 0, e.position) + 1
+        raise error(f"YAML syntax error: character {e.character:#06x} is not allowed", file=file, line=line) from None
     try:
         node = loader.get_single_node()
         if node is not None:
