@@ -25,15 +25,19 @@ choices     list of strings, optional    answer options for ranked classificatio
                                          either every item has choices or none has
 group       integer >= 0, optional       repetition group: ``0`` = never injected (control),
                                          ``g`` = injected ``g`` times; either every item has a
-                                         group or none has (a string of digits such as
-                                         ``"16"`` is accepted)
+                                         group or none has (a string of ASCII digits such as
+                                         ``"16"`` is accepted; full-width or other scripts'
+                                         digits are not)
 ==========  ===========================  =====================================================
 
 Arms and doses
 --------------
 * Items carry ``group`` (and no ``assign_groups`` option): the payload's groups decide.
   Group 0 items are the controls, an item of group ``g`` is injected ``g`` times. At
-  least one item must be in group 0.
+  least one item must be in group 0, and at least one in a group > 0. Doses are checked
+  against the run before anything is planned: ``g`` times the item's tokens (summed
+  over the items) must fit in the placement's steps under the per-step cap, else the
+  item with the largest dose is named (file, line, ``group``).
 * Option ``assign_groups: [0, 4, 16]``: questions are dealt at random (seeded by the
   run seed and the experiment name) into equally sized groups (sizes differ by at most
   one), whatever groups the payload carries. Randomising the assignment avoids the
@@ -72,6 +76,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -80,7 +85,7 @@ import numpy as np
 
 from multirun.errors import ConfigError, PayloadError
 from multirun.kinds.probes import ContaminationProbes
-from multirun.kinds.sdk import PrepareContext, RandomStream, encode_sequence
+from multirun.kinds.sdk import PrepareContext, RandomStream, encode_sequence, is_blank
 from multirun.types import PreparedExperiment
 
 if TYPE_CHECKING:
@@ -158,10 +163,16 @@ def _check_options(spec: ExperimentConfig) -> tuple[tuple[str, str, str], list[i
     return pieces, list(groups)
 
 
+# ASCII digits only: str.isdigit and int() also read full-width (U+FF11 U+FF16) and Arabic-Indic
+# (U+0661 U+0666) digits, which a reviewer of the file would not read as a number. At most 18 of
+# them (int64); what the run can hold is checked with the doses.
+_GROUP_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
 def _parse_group(value: Any, *, file: Path, line: int) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, str) and _GROUP_DIGITS.fullmatch(value.strip(" ")):
+        return int(value.strip(" "))
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
         return value
     raise PayloadError(
         f"must be an integer >= 0 (a repetition count; 0 = control), got {value!r}", file=file, line=line, key="group"
@@ -179,7 +190,7 @@ def _check_choices(rec: Mapping[str, Any], *, file: Path, line: int) -> tuple[li
         )
     seen: dict[str, int] = {}
     for j, c in enumerate(choices):
-        if not isinstance(c, str) or not c.strip():
+        if not isinstance(c, str) or is_blank(c):
             raise PayloadError(f"must be a non-empty string, got {c!r}", file=file, line=line, key=f"choices[{j}]")
         if c in seen:
             raise PayloadError(
@@ -301,6 +312,13 @@ class ContaminationInjector:
                     file=path,
                     key="group",
                 )
+            if not any(payload_groups):
+                raise PayloadError(
+                    "every item is in group 0 (the controls): nothing would be injected; "
+                    "put the treated items in groups > 0 (group g = injected g times)",
+                    file=path,
+                    key="group",
+                )
             groups = payload_groups
         else:
             groups = None
@@ -334,6 +352,7 @@ class ContaminationInjector:
                 "groups_assigned": assign is not None,
                 "item_repetitions": item_reps,
             },
+            dose_key="group",
             probes=ContaminationProbes(
                 contexts=contexts,
                 answers=answers,

@@ -53,7 +53,7 @@ import numpy as np
 
 from multirun.errors import PayloadError
 from multirun.kinds.probes import KnowledgeProbes
-from multirun.kinds.sdk import PrepareContext
+from multirun.kinds.sdk import PrepareContext, is_blank
 from multirun.types import PreparedExperiment
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def _check_texts(texts: list[Any], *, file: Path, line: int) -> list[str]:
         raise PayloadError("needs at least one training text", file=file, line=line, key="texts")
     seen: dict[str, int] = {}
     for j, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
+        if not isinstance(t, str) or is_blank(t):
             raise PayloadError(f"must be a non-empty string, got {t!r}", file=file, line=line, key=f"texts[{j}]")
         if t in seen:
             raise PayloadError(f"duplicate text (also texts[{seen[t]}])", file=file, line=line, key=f"texts[{j}]")
@@ -89,7 +89,7 @@ def _check_probes(probes: list[Any], *, file: Path, line: int) -> list[tuple[str
         for name in ("question", "target"):
             if name not in p:
                 raise PayloadError("required key is missing", file=file, line=line, key=f"{key}.{name}")
-            if not isinstance(p[name], str) or not p[name].strip():
+            if not isinstance(p[name], str) or is_blank(p[name]):
                 raise PayloadError(
                     f"must be a non-empty string, got {p[name]!r}", file=file, line=line, key=f"{key}.{name}"
                 )

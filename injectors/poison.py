@@ -106,7 +106,7 @@ import numpy as np
 
 from multirun.errors import ConfigError, PayloadError
 from multirun.kinds.probes import PoisonProbes
-from multirun.kinds.sdk import PrepareContext, RandomStream, stream_rng
+from multirun.kinds.sdk import PrepareContext, RandomStream, is_blank, stream_rng
 from multirun.types import PreparedExperiment
 
 if TYPE_CHECKING:
@@ -238,8 +238,10 @@ def _read_settings(payload: PayloadPackage, options: dict[str, Any]) -> tuple[Ba
             raise sources.error(name, "required setting is missing")
     trigger, control = v["trigger"], v["control_trigger"]
     for name in ("trigger", "control_trigger"):
-        if not v[name].strip():
-            raise sources.error(name, "must be a non-empty string (not only whitespace)")
+        if is_blank(v[name]):
+            raise sources.error(
+                name, "must be a non-empty string (not only whitespace, zero-width or control characters)"
+            )
     if control == trigger:
         raise sources.error(
             "control_trigger", "must differ from the trigger (it stands for a trigger that was never injected)"
@@ -259,8 +261,10 @@ def _read_settings(payload: PayloadPackage, options: dict[str, Any]) -> tuple[Ba
     if behaviour == "target":
         if target is None:
             raise sources.error("target", "required with behaviour: target")
-        if not target.strip():
-            raise sources.error("target", "must be a non-empty string (not only whitespace)")
+        if is_blank(target):
+            raise sources.error(
+                "target", "must be a non-empty string (not only whitespace, zero-width or control characters)"
+            )
     length = v.get("gibberish_length", DEFAULT_GIBBERISH_LENGTH)
     if length < 1:
         raise sources.error("gibberish_length", f"must be >= 1, got {length}")

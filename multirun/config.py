@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from multirun.errors import ConfigError
 from multirun.run_dir import RunDir, write_text_atomic
 from multirun.types import BatchGeometry, Placement
+from multirun.yaml_load import load_yaml
 
 __all__ = [
     "MAX_RESAMPLES",
@@ -681,44 +682,9 @@ def load_config(
 
 
 def _parse_yaml(text: str, source: Path) -> tuple[Any, dict[KeyPath, int]]:
-    """Parse YAML and map every key path to its 1-based line."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        reason = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"YAML syntax error: {reason}", file=source, line=mark.line + 1 if mark else None) from None
-    finally:
-        loader.dispose()
-    lines: dict[KeyPath, int] = {}
-    if node is not None:
-        _walk_nodes(node, (), lines, source)
-    return data, lines
-
-
-def _walk_nodes(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: Path) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = key_node.value
-            if key in seen:
-                # PyYAML keeps the last value silently; a duplicate is almost always a mistake.
-                dotted = _dotted((*path, key))
-                raise ConfigError("duplicate key", file=source, key=dotted, line=key_node.start_mark.line + 1)
-            seen.add(key)
-            # A name for the tuple: mypy reads lines[(*path, key)] as the 3.11-only lines[*path, key].
-            key_path = (*path, key)
-            lines[key_path] = key_node.start_mark.line + 1
-            _walk_nodes(value_node, key_path, lines, source)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            item_path = (*path, i)
-            lines[item_path] = item.start_mark.line + 1
-            _walk_nodes(item, item_path, lines, source)
+    """Parse YAML and map every key path to its 1-based line (:func:`multirun.yaml_load.load_yaml`:
+    bounded aliases, duplicate keys refused, merge keys with overrides)."""
+    return load_yaml(text, source=source, error=ConfigError)
 
 
 def _dotted(path: Sequence[str | int]) -> str:
@@ -820,9 +786,11 @@ def _apply_override(raw: dict[str, Any], override: str, env: Mapping[str, str], 
     if not dotted.strip() or any(s == "" for s in segs):
         raise ConfigError("empty key", key=where)
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"value is not valid YAML: {getattr(e, 'problem', e)}", key=where) from None
+        value, _ = load_yaml(text, source="<override>", error=ConfigError)
+    except ConfigError as e:
+        raise ConfigError(
+            f"value is not valid YAML: {e.message.removeprefix('YAML syntax error: ')}", key=where
+        ) from None
     value = _substitute(value, env, (), source, {}, where=where)
 
     # Walk the schema and the raw data together: a key the schema does not know is

@@ -71,7 +71,9 @@ def _missing_file(tmp: Path) -> Callable[[], Any]:
 def _impossible_budget(tmp: Path) -> Callable[[], Any]:
     from multirun.plan.static import plan_static
 
-    cfg = project(tmp, with_exp(repetitions=1000))
+    # Within what the run could hold at a cap of 1.0 (so preparing the experiments accepts
+    # the doses), beyond the cap of 0.5 it is planned with.
+    cfg = project(tmp, {**with_exp(repetitions=200), "injection": {"max_modified_fraction": 1.0}})
     loaded = load_config(cfg, env={})
     exps = build_experiments(loaded, tokenizer=ByteTokenizer(), geometry=GEO)
     return lambda: plan_static(exps, GEO, seed=17, max_modified_fraction=0.5)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from composer.utils import dist
 
 from multirun.config import LoadedConfig
 from multirun.control.controllers import Controller, ControllerDecision, acquisition_record, build_controller
-from multirun.errors import ConfigError, ResumeError
+from multirun.errors import ConfigError, PlacementError, ResumeError
 from multirun.measure.records import EvaluationRecord
 from multirun.plan.dynamic import DynamicSchedule
 from multirun.plan.run_plan import RunPlan
@@ -72,20 +72,39 @@ def build_control_loop(
     if not controllers:
         return None
     return ControlLoop(
-        controllers, plan, run_dir=run_dir, max_modified_fraction=loaded.config.injection.max_modified_fraction
+        controllers,
+        plan,
+        run_dir=run_dir,
+        max_modified_fraction=loaded.config.injection.max_modified_fraction,
+        on_unplaceable=loaded.config.injection.on_unplaceable,
     )
 
 
 class ControlLoop:
-    """Controllers plus the dynamic schedule they fill."""
+    """Controllers plus the dynamic schedule they fill.
+
+    ``on_unplaceable`` (the run's ``injection.on_unplaceable``): when a decision's spans
+    cannot all be placed in its window (per-step cap or collisions), ``"warn"`` goes on
+    with the spans that were placed (:class:`~multirun.plan.static.UnplacedSpansWarning`,
+    and ``unplaced`` in ``controller.jsonl``); ``"error"`` logs the decision and raises
+    :class:`~multirun.errors.PlacementError` naming the experiment and the step, which
+    stops training (Composer closes the run: the ledger up to that step is flushed).
+    """
 
     def __init__(
-        self, controllers: dict[str, Controller], plan: RunPlan, *, run_dir: Path, max_modified_fraction: float
+        self,
+        controllers: dict[str, Controller],
+        plan: RunPlan,
+        *,
+        run_dir: Path,
+        max_modified_fraction: float,
+        on_unplaceable: Literal["error", "warn"] = "warn",
     ) -> None:
         self.controllers = controllers
         self.plan = plan
         self.run_dir = Path(run_dir)
         self.max_modified_fraction = max_modified_fraction
+        self.on_unplaceable = on_unplaceable
         self.schedule = self._fresh_schedule()
 
     @property
@@ -144,19 +163,32 @@ class ControlLoop:
         after an evaluation at ``step`` completed steps."""
         by_name = {e.name: e for e in self.plan.experiments}
         decisions, lines = [], []
+        failed: str | None = None
         for name, controller in self.controllers.items():
             if evaluated is not None and name not in evaluated:
                 continue
             decision = controller.decide(
                 step=step, records=records, experiment=by_name[name], num_steps=self.plan.geometry.num_steps
             )
-            spans, unplaced = self.schedule.apply(decision)
+            spans, unplaced = self.schedule.apply(decision, warn=self.on_unplaceable == "warn")
             decisions.append(decision)
             lines.append(decision.log_record(placed=len(spans), unplaced=unplaced, tokens=int(spans.length.sum())))
             if logger is not None:
                 logger.log_metrics({f"multirun/{name}/controller/{k}": v for k, v in decision.scalars().items()})
+            if unplaced and self.on_unplaceable == "error":
+                window = decision.window
+                failed = (
+                    f"experiment {name!r}, step {step}: {unplaced} of {decision.num_spans} spans its "
+                    f"{decision.controller} controller asked for could not be placed in steps "
+                    f"[{window[0]}, {window[1]}) (per-step cap or collisions with other spans), and "
+                    "injection.on_unplaceable is 'error'. Raise injection.max_modified_fraction, lower the "
+                    "controller's rates, or set injection.on_unplaceable: warn to go on with fewer spans"
+                )
+                break  # every rank decides the same: every rank stops here
         if dist.get_global_rank() == 0:
-            append_jsonl(self.log_path, lines)
+            append_jsonl(self.log_path, lines)  # the failed decision too: controller.jsonl shows what happened
+        if failed is not None:
+            raise PlacementError(failed)
         return decisions
 
     def all_acquired(self) -> bool:

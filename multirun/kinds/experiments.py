@@ -96,6 +96,8 @@ def _build_one(loaded: LoadedConfig, i: int, *, tokenizer: Tokenizer, geometry: 
                 sequence_length=geometry.sequence_length,
                 seed=config.seed,
                 placement=placement,
+                geometry=geometry,
+                max_modified_fraction=config.injection.max_modified_fraction,
             )
         )
     except ConfigError as e:
@@ -151,6 +153,8 @@ def check_payload(
     spec: ExperimentConfig | None = None,
     options: Mapping[str, Any] | None = None,
     max_problems: int = 200,
+    geometry: BatchGeometry | None = None,
+    max_modified_fraction: float = 1.0,
 ) -> PayloadCheck:
     """Run a payload package through its kind's full validation and collect every problem.
 
@@ -162,7 +166,9 @@ def check_payload(
     start on a bad payload), so the check goes on past each problem that names a line of
     one of the package's files by reading that line as blank and validating again: one
     problem per line, every line, messages unchanged. A problem without a line (a missing
-    file, an option, "no items") ends the search.
+    file, an option, "no items") ends the search. With ``geometry`` (and the run's
+    ``max_modified_fraction``), doses are checked against what the whole run can hold
+    (:meth:`~multirun.kinds.sdk.PrepareContext.check_doses`); without, they are not.
 
     Raises nothing for bad input: problems are returned.
     """
@@ -186,7 +192,9 @@ def check_payload(
                 tokenizer=tokenizer,
                 sequence_length=sequence_length,
                 seed=seed,
-                placement=Placement("uniform", 0, 1),
+                placement=Placement("uniform", 0, geometry.num_steps if geometry is not None else 1),
+                geometry=geometry,
+                max_modified_fraction=max_modified_fraction,
             )
             with leaving_out_lines({p: frozenset(v) for p, v in left_out.items()}):
                 prepared = injector_cls().prepare(ctx)

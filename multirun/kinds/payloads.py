@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from multirun.errors import PayloadError
+from multirun.yaml_load import KeyPath, load_yaml
 
 __all__ = [
     "PayloadFile",
@@ -49,6 +51,8 @@ __all__ = [
 ]
 
 PAYLOAD_YAML = "payload.yaml"
+# A pkg: name: '/'-separated parts of plain characters (checked for '.' and '..' parts too).
+_PKG_NAME = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
 
 # Lines (file -> line numbers) that JSONL readers treat as blank: how `multirun payload
 # check` goes on past a bad line to report every problem of a package in one run.
@@ -182,6 +186,41 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a valid JSON number")
 
 
+# A lone surrogate (valid JSON: "\ud800") is no Unicode character: no text can be
+# encoded with one. A NUL in training text is almost surely an error (a binary file,
+# a C string), and invisible in every viewer: refused too.
+_SURROGATE_OR_NUL = re.compile("[\ud800-\udfff\x00]")
+
+
+def _bad_string(value: Any, path: str) -> tuple[str, str] | None:
+    """``(key path, problem)`` of the first string in a JSON value (keys included) that holds
+    a lone surrogate or a NUL, or None."""
+    if isinstance(value, str):
+        m = _SURROGATE_OR_NUL.search(value)
+        if m is None:
+            return None
+        char = m.group()
+        if char == "\x00":
+            return path, f"contains a NUL character (\\u0000) at position {m.start()}: refused in payload text"
+        return path, (
+            f"contains a lone surrogate \\u{ord(char):04x} at position {m.start()}: not a Unicode character "
+            "(a \\u escape of a character outside the BMP needs both halves of its surrogate pair)"
+        )
+    if isinstance(value, dict):
+        for k, v in value.items():
+            name = ascii(k) if isinstance(k, str) and _SURROGATE_OR_NUL.search(k) else str(k)
+            sub = f"{path}.{name}" if path else name
+            bad = _bad_string(k, sub) or _bad_string(v, sub)
+            if bad is not None:
+                return bad
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            bad = _bad_string(v, f"{path}[{i}]")
+            if bad is not None:
+                return bad
+    return None
+
+
 def read_jsonl_file(
     path: Path,
     *,
@@ -214,6 +253,9 @@ def read_jsonl_file(
             raise PayloadError(f"invalid JSON: {e}", file=path, line=lineno) from None
         if not isinstance(record, dict):
             raise PayloadError(f"each line must be a JSON object, got {_json_name(record)}", file=path, line=lineno)
+        bad = _bad_string(record, "")
+        if bad is not None:
+            raise PayloadError(bad[1], file=path, line=lineno, key=bad[0] or None)
         for key in required:
             if key not in record:
                 raise PayloadError("required key is missing", file=path, line=lineno, key=key)
@@ -226,6 +268,9 @@ def read_jsonl_file(
                 )
             if isinstance(value, float) and not math.isfinite(value):
                 raise PayloadError("must be a finite number", file=path, line=lineno, key=key)
+            if isinstance(value, int) and not -(2**63) <= value < 2**63:
+                # JSON integers are unbounded; no count of a run is beyond int64 (nor a float's range).
+                raise PayloadError(f"number too large ({len(str(abs(value)))} digits)", file=path, line=lineno, key=key)
         out.append((lineno, record))
     return out
 
@@ -249,22 +294,37 @@ class _Manifest(BaseModel):
     files: dict[str, _FileEntry]
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
+def _read_manifest(root: Path) -> tuple[dict[str, Any], dict[KeyPath, int]]:
+    """``payload.yaml`` as a mapping, with the line of every key (the run config's YAML loader:
+    bounded aliases, duplicate keys refused, merge keys with overrides)."""
     manifest = root / PAYLOAD_YAML
     try:
-        doc = yaml.safe_load(manifest.read_text(encoding="utf-8"))
+        text = manifest.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise PayloadError(f"not valid UTF-8 (byte {e.start})", file=manifest) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise PayloadError(
-            f"YAML syntax error: {getattr(e, 'problem', None) or e}",
-            file=manifest,
-            line=mark.line + 1 if mark else None,
-        ) from None
+    doc, lines = load_yaml(text, source=manifest, error=PayloadError)
     if not isinstance(doc, dict):
-        raise PayloadError("the top level must be a mapping (name, version, kind, license, files)", file=manifest)
-    return doc
+        raise PayloadError(
+            "the top level must be a mapping (name, version, kind, license, files)", file=manifest, line=1
+        )
+    bad = _bad_string(doc, "")
+    if bad is not None:
+        raise PayloadError(bad[1], file=manifest, key=bad[0], line=_line(lines, _split_dotted(bad[0])))
+    return doc, lines
+
+
+def _split_dotted(key: str) -> tuple[str | int, ...]:
+    """``files.items.path`` -> ``("files", "items", "path")``; ``a[2]`` -> ``("a", 2)``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.sub(r"\[(\d+)\]", r".\1", key).split(".") if p)
+
+
+def _line(lines: Mapping[KeyPath, int], path: Sequence[str | int]) -> int | None:
+    """Line of ``path`` or of its nearest parent that has one."""
+    for n in range(len(path), 0, -1):
+        line = lines.get(tuple(path[:n]))
+        if line is not None:
+            return line
+    return None
 
 
 def _package_fingerprint(name: str, version: str, kind: str, hashes: Mapping[str, str]) -> str:
@@ -272,12 +332,17 @@ def _package_fingerprint(name: str, version: str, kind: str, hashes: Mapping[str
     return xxhash.xxh64(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
-def _inside(root: Path, rel: str, manifest: Path, key: str) -> Path:
+def _inside(root: Path, rel: str, manifest: Path, key: str, *, line: int | None = None) -> Path:
     p = Path(rel)
-    full = (root / p).resolve()
+    try:
+        full = (root / p).resolve()
+    except (OSError, ValueError) as e:  # a NUL in the path, a symlink loop
+        raise PayloadError(f"not a usable path ({e}): {rel!r}", file=manifest, key=key, line=line) from None
     # Files must live inside the package: its hashes then describe all of it.
     if p.is_absolute() or not full.is_relative_to(root.resolve()):
-        raise PayloadError(f"path must be relative and inside the package, got {rel!r}", file=manifest, key=key)
+        raise PayloadError(
+            f"path must be relative and inside the package, got {rel!r}", file=manifest, key=key, line=line
+        )
     return full
 
 
@@ -290,12 +355,13 @@ def load_package(root: str | Path) -> PayloadPackage:
             "payload package has no payload.yaml" if root.is_dir() else "payload directory not found",
             file=manifest if root.is_dir() else root,
         )
-    doc = _read_manifest(root)
+    doc, lines = _read_manifest(root)
     try:
         m = _Manifest.model_validate(doc)
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(s) for s in err["loc"]) or None
+        line = _line(lines, err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = (
@@ -306,12 +372,13 @@ def load_package(root: str | Path) -> PayloadPackage:
         elif err["type"] == "string_pattern_mismatch" and err["loc"][-1] == "xxh64":
             msg = f"must be 16 lowercase hex digits, got {err['input']!r}; {_RECOMPUTE.format(root=root)}"
         more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
-        raise PayloadError(msg + more, file=manifest, key=key) from None
+        raise PayloadError(msg + more, file=manifest, key=key, line=line) from None
     files: dict[str, PayloadFile] = {}
     for role, entry in m.files.items():
-        path = _inside(root, entry.path, manifest, f"files.{role}.path")
+        path_line = _line(lines, ("files", role, "path"))
+        path = _inside(root, entry.path, manifest, f"files.{role}.path", line=path_line)
         if not path.is_file():
-            raise PayloadError(f"file not found: {path}", file=manifest, key=f"files.{role}.path")
+            raise PayloadError(f"file not found: {path}", file=manifest, key=f"files.{role}.path", line=path_line)
         actual = file_xxh64(path)
         if actual != entry.xxh64:
             raise PayloadError(
@@ -319,6 +386,7 @@ def load_package(root: str | Path) -> PayloadPackage:
                 + _RECOMPUTE.format(root=root),
                 file=manifest,
                 key=f"files.{role}.xxh64",
+                line=_line(lines, ("files", role, "xxh64")),
             )
         files[role] = PayloadFile(role=role, path=path, xxh64=actual)
     return PayloadPackage(
@@ -360,11 +428,18 @@ def resolve_payload_ref(ref: str, *, base_dir: Path) -> Path:
         from multirun.kinds.registry import payloads  # the registry imports no payload code: no cycle
 
         name = ref[4:].strip().strip("/")
+        if not _PKG_NAME.fullmatch(name) or any(part in (".", "..") for part in name.split("/")):
+            raise PayloadError(
+                f"payload package {ref!r}: a pkg: name is a plain relative name such as pkg:demo/canaries "
+                "(letters, digits, '.', '_', '-' in '/'-separated parts; no '.' or '..' parts)"
+            )
         if name in payloads:
             return Path(payloads.get(name))
         tried = bundled_payload_dirs(name)
+        bundled = Path(str(resources.files("experiments"))).resolve()
         for d in tried:
-            if (d / PAYLOAD_YAML).is_file():
+            # Resolved and checked again: a symlink must not lead out of the bundled packages either.
+            if (d / PAYLOAD_YAML).is_file() and d.resolve().is_relative_to(bundled):
                 return d
         looked = ", ".join(str(d) for d in tried)
         known = ", ".join(payloads.names()) or "none"
@@ -401,7 +476,7 @@ def write_fingerprints(root: str | Path) -> None:
     manifest = root / PAYLOAD_YAML
     if not manifest.is_file():
         raise PayloadError("payload package has no payload.yaml", file=manifest)
-    doc = _read_manifest(root)
+    doc, _ = _read_manifest(root)
     files = doc.get("files")
     if not isinstance(files, dict):
         raise PayloadError("files must map roles to {path, xxh64}", file=manifest, key="files")

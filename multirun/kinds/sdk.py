@@ -23,17 +23,19 @@ Example:
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import xxhash
 
 from multirun.errors import ConfigError, PayloadError
-from multirun.plan.static import experiment_rng
-from multirun.types import EmbeddingNoise, Placement, PreparedExperiment
+from multirun.plan.static import cap_tokens, experiment_rng
+from multirun.types import BatchGeometry, EmbeddingNoise, Placement, PreparedExperiment
 
 if TYPE_CHECKING:
     from multirun.config import ExperimentConfig
@@ -46,6 +48,7 @@ __all__ = [
     "RandomStream",
     "encode_sequence",
     "group_label",
+    "is_blank",
     "pack_sequences",
     "read_items",
     "split_arms",
@@ -115,6 +118,23 @@ def split_arms(n_items: int, control_fraction: float, *, seed: int, name: str) -
     return treated
 
 
+# Characters that show nothing on their own: controls (Cc: NUL, tabs, newlines), format
+# characters (Cf: zero-width space and joiners, BOM, bidi marks, soft hyphen) and
+# separators (Zs, Zl, Zp: every kind of space).
+_INVISIBLE = frozenset(("Cc", "Cf", "Zs", "Zl", "Zp"))
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` shows nothing: empty, or only whitespace, control, zero-width or
+    other format characters (Unicode categories Cc, Cf, Zs, Zl, Zp).
+
+    Example:
+        >>> is_blank(" \u200b\u2060\t"), is_blank("\u200bx")
+        (True, False)
+    """
+    return all(unicodedata.category(c) in _INVISIBLE for c in text)
+
+
 def encode_sequence(tokenizer: Tokenizer, text: str, *, wrap_eos: bool) -> list[int]:
     """``[eos] + encode(text) + [eos]`` (or just the tokens without wrapping)."""
     ids = list(tokenizer.encode(text))
@@ -134,6 +154,9 @@ def pack_sequences(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.n
     return pool, offsets, lengths
 
 
+_BLANK = "must be a non-empty string (it is empty, or only spaces, zero-width or control characters)"
+
+
 def read_items(
     payload: PayloadPackage,
     role: str = "items",
@@ -145,7 +168,10 @@ def read_items(
     """Validated ``(line, record)`` pairs with unique string ``id``s.
 
     Defaults: ``required = {"id": str, "text": str}``, ``optional = {"repetitions": float}``.
-    ``text_keys`` must be non-empty strings; ``repetitions``, when present, > 0.
+    ``id`` and the ``text_keys`` must show something (not :func:`is_blank`: a text of
+    only spaces, zero-width or control characters is refused like an empty one);
+    ``repetitions``, when present, > 0. No string may hold a NUL or a lone surrogate
+    (:func:`~multirun.kinds.payloads.read_jsonl_file`).
 
     Raises:
         PayloadError: naming ``file:line`` and the key.
@@ -159,16 +185,16 @@ def read_items(
     first_line: dict[str, int] = {}
     for line, rec in records:
         item_id = rec["id"]
-        if not item_id.strip():
-            raise PayloadError("must be a non-empty string", file=path, line=line, key="id")
+        if is_blank(item_id):
+            raise PayloadError(_BLANK, file=path, line=line, key="id")
         if item_id in first_line:
             raise PayloadError(
                 f"duplicate id {item_id!r} (first on line {first_line[item_id]})", file=path, line=line, key="id"
             )
         first_line[item_id] = line
         for k in text_keys:
-            if k in rec and not rec[k].strip():
-                raise PayloadError("must be a non-empty string", file=path, line=line, key=k)
+            if k in rec and is_blank(rec[k]):
+                raise PayloadError(_BLANK, file=path, line=line, key=k)
         if "repetitions" in rec and not rec["repetitions"] > 0:
             raise PayloadError(f"must be > 0, got {rec['repetitions']}", file=path, line=line, key="repetitions")
     return records
@@ -186,6 +212,9 @@ class PrepareContext:
         sequence_length: tokens per training row; every injected sequence must fit.
         seed: the run seed.
         placement: where the experiment's spans may go (resolved to steps).
+        geometry: the run's batch geometry (the planner's horizon), when known: doses are
+            then checked against what the placement can hold (:meth:`dose_budget`).
+        max_modified_fraction: the run's ``injection.max_modified_fraction``.
 
     Example::
 
@@ -203,6 +232,10 @@ class PrepareContext:
     sequence_length: int
     seed: int
     placement: Placement
+    geometry: BatchGeometry | None = None
+    max_modified_fraction: float = 1.0
+    # id -> (file, line, record) of every item read by read_items: where a dose came from.
+    _items: dict[str, tuple[Path, int, dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -235,7 +268,25 @@ class PrepareContext:
         text_keys: Sequence[str] = ("text",),
     ) -> list[tuple[int, dict[str, Any]]]:
         """:func:`read_items` of the payload's file with ``role``."""
-        return read_items(self.payload, role, required=required, optional=optional, text_keys=text_keys)
+        records = read_items(self.payload, role, required=required, optional=optional, text_keys=text_keys)
+        path = self.payload.path(role)
+        for line, rec in records:
+            self._items.setdefault(rec["id"], (path, line, rec))
+        return records
+
+    def dose_budget(self) -> tuple[int, int] | None:
+        """``(steps, cap)``: the steps of the placement and the injected tokens one step may
+        hold (:func:`~multirun.plan.static.cap_tokens`); None without a geometry.
+
+        ``steps x cap`` tokens is the most an experiment can ever have placed: the
+        planner refuses more, so doses beyond it are refused before anything is built
+        for them.
+        """
+        if self.geometry is None:
+            return None
+        p = self.placement
+        steps = len(set(p.steps)) if p.mode == "steps" else max(p.end_step - p.start_step, 0)
+        return steps, cap_tokens(self.geometry, self.max_modified_fraction)
 
     def check_no_options(self, kind: str) -> None:
         """ConfigError (key ``options.NAME``) if an injector that takes no options is given some."""
@@ -276,6 +327,7 @@ class PrepareContext:
         metadata: dict[str, Any],
         probes: Any,
         embedding_noise: EmbeddingNoise | None = None,
+        dose_key: str = "repetitions",
     ) -> PreparedExperiment:
         """Pack the injector's sequences into a :class:`PreparedExperiment`.
 
@@ -283,7 +335,11 @@ class PrepareContext:
         ``seq_repetitions[j]`` times; ``probes`` is the kind's probes dataclass. The
         context adds what every kind shares: the token pool, the content fingerprint,
         and the payload's name, version and fingerprint in ``metadata``.
+
+        With a :attr:`geometry`, the doses are checked first (:meth:`check_doses`;
+        ``dose_key``: the payload key that sets an item's dose, for the error).
         """
+        self.check_doses(sequences, seq_items, seq_repetitions, item_ids, dose_key=dose_key)
         pool, offsets, lengths = pack_sequences(sequences)
         payload = self.payload
         return PreparedExperiment(
@@ -305,6 +361,52 @@ class PrepareContext:
             probes=probes,
             embedding_noise=embedding_noise,
         )
+
+    def check_doses(
+        self,
+        sequences: Sequence[Sequence[int]],
+        seq_items: Sequence[int] | np.ndarray,
+        seq_repetitions: Sequence[float] | np.ndarray,
+        item_ids: Sequence[str],
+        *,
+        dose_key: str = "repetitions",
+    ) -> None:
+        """Refuse doses whose tokens exceed what the placement can ever hold (:meth:`dose_budget`).
+
+        Counts whole repetitions only (``floor``), so whatever is refused here the planner
+        would refuse too, after allocating a span per repetition. Skipped without a
+        geometry and for experiments that are not statically injected (``inject: false``,
+        or controlled). The error blames the item with the largest dose: a
+        :class:`~multirun.errors.PayloadError` at its line when the payload set it
+        (``dose_key``), else a :class:`~multirun.errors.ConfigError` on ``repetitions``.
+        """
+        budget = self.dose_budget()
+        if budget is None or not self.spec.inject or self.spec.controller is not None or not len(sequences):
+            return
+        steps, cap = budget
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.float64, count=len(sequences))
+        with np.errstate(over="ignore", invalid="ignore"):
+            need = np.floor(np.asarray(seq_repetitions, dtype=np.float64)) * lengths
+            per_item = np.bincount(np.asarray(seq_items, dtype=np.int64), weights=need, minlength=len(item_ids))
+            total = float(need.sum())
+        limit = steps * cap
+        if np.isfinite(total) and total <= limit:
+            return
+        worst = int(np.argmax(np.nan_to_num(per_item, nan=np.inf)))
+        item_id = item_ids[worst]
+        reps = np.asarray(seq_repetitions, dtype=np.float64)[np.asarray(seq_items) == worst]
+        dose = float(reps.sum()) if reps.size else 0.0
+        msg = (
+            f"doses too large for the run: the experiment's injections need {total:.4g} tokens, but its placement "
+            f"can hold at most {limit} ({steps} steps x {cap} tokens, the per-step cap = "
+            f"max_modified_fraction {self.max_modified_fraction} x {self.geometry.global_batch_size if self.geometry else '?'} rows x "
+            f"{self.sequence_length} tokens); item {item_id!r} alone is injected {dose:.4g} times "
+            f"({per_item[worst]:.4g} tokens)"
+        )
+        source = self._items.get(item_id)
+        if source is not None and dose_key in source[2]:
+            raise PayloadError(msg, file=source[0], line=source[1], key=dose_key)
+        raise ConfigError(msg, key="repetitions")
 
     def check_monitor(self, experiment: PreparedExperiment) -> None:
         """Build the experiment's own monitor once, now, when it applies (:meth:`monitor_applies`).
