@@ -56,9 +56,12 @@ def test_a_shorter_duration_is_refused(finished: tuple[Path, Path], tmp_path: Pa
     config, run_dir = finished
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
-    # Back to the step-8 checkpoint: a 12-step run would drop steps planned up to 16.
+    # Back to the step-8 checkpoint (as if killed before the final one): a 12-step run would
+    # drop steps planned up to 16.
     latest = copy / "checkpoints" / "latest-rank0.pt"
     latest.unlink()
+    for final in (copy / "checkpoints").glob("ep*-ba16-rank0.pt"):
+        final.unlink()
     latest.symlink_to("ep0-ba8-rank0.pt")
     shorter = run_cli(
         ["train", str(config), "--no-progress", "--run-dir", str(copy), "--set", "train.max_duration=12ba"],
