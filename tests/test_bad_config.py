@@ -107,7 +107,7 @@ CASES: list[tuple[str, list[Any], str, str]] = [
         "repetitions_1e15",
         [setting("experiments.0.repetitions", 1e15)],
         "experiments[0].repetitions",
-        "hold at most 5,100",
+        "can hold at most 5100",
     ),
     (
         "dose_beyond_window",
@@ -116,7 +116,7 @@ CASES: list[tuple[str, list[Any], str, str]] = [
             setting("experiments.0.placement", {"mode": "window", "end": 0.1}),
         ],
         "experiments[0].repetitions",
-        "its 10 step(s) hold at most 510",
+        "can hold at most 510 (10 steps x 51 tokens",
     ),
     (
         "doses_beyond_run_together",

@@ -7,10 +7,11 @@ before the planner allocates one entry per span (``repetitions: 1e15`` would be 
 
 Refused (:class:`~multirun.errors.ConfigError` naming the experiment's key and line):
 
-* a dose larger than the run can hold: the tokens of all spans of an experiment
-  (sequence lengths x repetitions, item repetitions included) against the cap budget of
-  its placement (``injection.max_modified_fraction`` x tokens per step x its steps),
-  and of all experiments together against the whole run's;
+* doses larger than the run can hold together: the tokens of all spans of all
+  experiments (sequence lengths x repetitions) against the whole run's cap budget
+  (``injection.max_modified_fraction`` x tokens per step x steps); each experiment's own
+  dose against its placement is refused while it is prepared
+  (:meth:`multirun.kinds.sdk.PrepareContext.check_doses`, naming the payload's line);
 * an injected experiment whose repetitions round to no span at all;
 * a measured experiment (``monitor.enabled``) with an empty arm: no treated items, or
   no control items (unless the kind brings its own evaluation items, as poison's
@@ -47,8 +48,7 @@ def check_experiments(loaded: LoadedConfig, experiments: Sequence[PreparedExperi
     from multirun.plan.static import cap_tokens  # the planner's own cap, to the token
 
     config = loaded.config
-    fraction = config.injection.max_modified_fraction
-    cap = cap_tokens(geometry, fraction)
+    cap = cap_tokens(geometry, config.injection.max_modified_fraction)
     run_budget = cap * geometry.num_steps
     total = 0.0
     for i, (spec, exp) in enumerate(zip(config.experiments, experiments)):
@@ -70,22 +70,10 @@ def check_experiments(loaded: LoadedConfig, experiments: Sequence[PreparedExperi
         reps = np.asarray(exp.seq_repetitions, dtype=np.float64)
         if reps.size == 0 or not reps.any():
             continue  # nothing injected statically (negative control, controller, no treated items)
+        # Each experiment's dose against its own placement was checked while it was prepared
+        # (PrepareContext.check_doses, which names the payload line); here: all together.
         lengths = np.asarray(exp.seq_lengths, dtype=np.float64)
-        tokens = math.fsum((lengths * reps).tolist())
-        steps = _placement_steps(exp, geometry)
-        budget = cap * steps
-        if tokens > budget:
-            _fail(
-                loaded,
-                i,
-                "repetitions",
-                f"experiment {exp.name!r} asks for {tokens:,.0f} injected tokens ({reps.size} treated sequences x "
-                f"their repetitions, {spec.repetitions} per item unless the payload sets its own), but its "
-                f"{steps} step(s) hold at most {budget:,} (cap {cap} tokens per step = {fraction} x "
-                f"{geometry.tokens_per_step}): lower repetitions, widen the placement or raise "
-                "injection.max_modified_fraction",
-            )
-        total += tokens
+        total += math.fsum((lengths * reps).tolist())
         if total > run_budget:
             _fail(
                 loaded,
@@ -112,13 +100,6 @@ def check_experiments(loaded: LoadedConfig, experiments: Sequence[PreparedExperi
                 ConfigWarning,
                 stacklevel=2,
             )
-
-
-def _placement_steps(exp: PreparedExperiment, geometry: BatchGeometry) -> int:
-    p = exp.placement
-    if p.mode == "steps":
-        return len(set(p.steps))
-    return max(0, min(p.end_step, geometry.num_steps) - p.start_step)
 
 
 def _fail(loaded: LoadedConfig, index: int, field: str, message: str) -> None:

@@ -79,6 +79,8 @@ def test_llmfoundry_entry_point_builds_a_working_callback(tmp_path: Path, datase
 def test_llmfoundry_path_runs_controllers_in_process(tmp_path: Path, dataset: PreparedDataset) -> None:
     kwargs = _foundry_callback_kwargs(tmp_path)
     kwargs["monitoring"] = {"every": "4ba", "n_resamples": 200}
+    # Room for every span the controller asks for (what cannot be placed stops the run).
+    kwargs["injection"] = {**kwargs.get("injection", {}), "max_modified_fraction": 0.5}
     kwargs["experiments"][1]["control_fraction"] = 0.25
     kwargs["experiments"][1]["controller"] = {
         "name": "acquire",

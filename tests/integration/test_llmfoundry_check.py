@@ -255,8 +255,8 @@ def test_epochs_are_counted_from_a_local_dataset_or_refused(
         pytest.param(
             ["max_duration=2ba"],
             # Refused before planning (multirun.plan.checks), at the key that sets the dose.
-            r"callbacks\.multirun\.experiments\[0\]\.repetitions: experiment 'canaries' asks for \d+ injected tokens "
-            r".* its 2 step\(s\) hold at most \d+ \(cap \d+ tokens per step = 0\.3 x 512\)",
+            r"callbacks\.multirun\.experiments\[0\]\.repetitions: doses too large for the run: .* can hold at most "
+            r"\d+ \(2 steps x \d+ tokens, the per-step cap = max_modified_fraction 0\.3 x 8 rows x 64 tokens\)",
             id="too-little-room-in-batch-and-duration",
         ),
         pytest.param(
