@@ -763,14 +763,12 @@ def read_rows(path: str | os.PathLike[str], count: int, sequence_length: int | N
     if (directory / INFO_FILE).is_file():
         directory = read_dataset_info(directory).path  # ours: the metadata must be whole, too
     encoding = _tokens_encoding(directory)
-    # Absolute and resolved: Streaming registers local dirs by their string.
-    dataset = _new_dataset(local=str(directory.resolve()), batch_size=1, shuffle=False, num_canonical_nodes=1)
-    if dataset.num_samples < count:
-        raise InputError(f"the dataset has {dataset.num_samples} rows, {count} requested", file=directory)
+    samples = _stored_samples(directory, count)
+    if len(samples) < count:
+        raise InputError(f"the dataset has {len(samples)} rows, {count} requested", file=directory)
     rows = []
-    for i in range(count):
-        # StreamingDataset's own get_item: the stored sample, before IdStreamingDataset makes it a training row.
-        stored = StreamingDataset.get_item(dataset, i)[TOKENS_COLUMN]
+    for i, sample in enumerate(samples):
+        stored = sample[TOKENS_COLUMN]
         if encoding == "bytes":
             if len(stored) % 8:
                 raise InputError(
@@ -793,6 +791,35 @@ def read_rows(path: str | os.PathLike[str], count: int, sequence_length: int | N
     if len(lengths) > 1:
         raise InputError(f"rows of different lengths {lengths}; give the sequence length to cut them", file=directory)
     return np.stack(rows) if rows else np.zeros((0, sequence_length or 0), dtype=np.int64)
+
+
+def _stored_samples(directory: Path, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` samples as stored, read by Streaming's shard readers.
+
+    Not through a ``StreamingDataset``: each one takes shared memory that Streaming keeps
+    open for the life of the process (and every later dataset opens its predecessors'
+    while it looks for a free prefix), so a long process that reads held-out rows again
+    and again (``multirun evaluate``, the test suite) would run out of file descriptors.
+    Compressed shards are decompressed into a temporary folder, never beside the data.
+    """
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+
+    shards = json.loads((directory / "index.json").read_text(encoding="utf-8"))["shards"]
+    samples: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="multirun-mds-") as scratch:
+        for info in shards:
+            if len(samples) >= count:
+                break
+            # MDS, JSON and CSV shards are JointReaders: one raw file, and a zip one when compressed.
+            reader: Any = reader_from_json(str(directory), None, info)
+            if not (directory / reader.raw_data.basename).is_file() and reader.zip_data is not None:
+                raw = decompress(reader.compression, (directory / reader.zip_data.basename).read_bytes())
+                (Path(scratch) / reader.raw_data.basename).write_bytes(raw)
+                reader = reader_from_json(scratch, None, info)
+            for index in range(min(reader.samples, count - len(samples))):
+                samples.append(reader.get_item(index))
+    return samples
 
 
 def _tokens_encoding(directory: Path) -> str:
