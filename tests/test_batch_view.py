@@ -22,7 +22,7 @@ from multirun.data.mds import build_dataloader
 from multirun.data.tokenizers import ByteTokenizer
 from multirun.errors import InputError
 from multirun.export import open_run
-from multirun.ledger import Ledger
+from multirun.ledger import Ledger, _write_shard_atomic
 from multirun.run.trainer import TrainingRun, prepare_run
 from tests.support import CaptureBatches, as_numpy, make_dataset, run_config
 
@@ -149,7 +149,8 @@ def test_a_changed_dataset_is_refused(trained: tuple[TrainingRun, CaptureBatches
     fingerprints = table.column("row_fingerprint").to_numpy().copy()
     fingerprints[0] ^= np.uint64(1)
     index = table.schema.get_field_index("row_fingerprint")
-    pq.write_table(table.set_column(index, "row_fingerprint", pa.array(fingerprints, pa.uint64())), shard)
+    # Written as the ledger writes shards (with a valid checksum): a consistent ledger about other rows.
+    _write_shard_atomic(table.set_column(index, "row_fingerprint", pa.array(fingerprints, pa.uint64())), shard)
     step = int(table.column("step")[0].as_py())
     with pytest.raises(BatchViewError, match="changed since the run"):
         view_step(copy, step)
