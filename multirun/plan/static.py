@@ -65,6 +65,15 @@ DEFAULT_MAX_ROUNDS = 64
 
 _EXPERIMENT_INDEX_MAX = int(np.iinfo(SPAN_COLUMNS["experiment"]).max)
 
+#: Runs (sorted span arrays) an :class:`Occupancy` keeps before merging the two
+#: smallest: each collision test searches every run, and a merge copies both.
+_MAX_RUNS = 8
+#: A ``place`` call with at least this many spans builds the occupancy's block map
+#: (one byte per block of ``2**shift >= L`` tokens, at most ``_MAP_MAX_BYTES``); below
+#: it, searching every run is cheaper than building the map.
+_MAP_MIN_SPANS = 1 << 16
+_MAP_MAX_BYTES = 1 << 26
+
 
 class UnplacedSpansWarning(UserWarning):
     """Some spans could not be placed and ``on_unplaceable="warn"`` was chosen."""
@@ -134,8 +143,15 @@ def resolve_repetitions(seq_repetitions: np.ndarray, rng: np.random.Generator) -
         return counts
     # extra <= candidates.size: every fraction is < 1, so their sum is < candidates.size.
     keys = np.log1p(-rng.random(candidates.size)) / frac[candidates]  # log(U), U in (0, 1]
-    chosen = candidates[np.argsort(-keys, kind="stable")[:extra]]
-    counts[chosen] += 1
+    if extra < candidates.size:
+        # The `extra` largest keys, ties to the lower index (as a stable sort would),
+        # found by one partition instead of a full sort.
+        kth = np.partition(keys, candidates.size - extra)[candidates.size - extra]
+        chosen = keys > kth
+        ties = np.flatnonzero(keys == kth)
+        chosen[ties[: extra - int(np.count_nonzero(chosen))]] = True
+        candidates = candidates[chosen]
+    counts[candidates] += 1
     return counts
 
 
@@ -180,10 +196,19 @@ class PlaceOutcome:
 class Occupancy:
     """All spans placed so far, with the collision and per-step cap rules.
 
-    Spans are kept as sorted flat starts ``(step * B + row) * L + offset`` plus their
-    lengths (12 bytes a span), and tokens used per step. The static planner builds
-    one; a controller that later asks for more spans keeps one built from the static
-    table (:meth:`from_spans`) and calls :meth:`place` for steps ``[t + 1, t + k)``.
+    Spans are kept as a few *runs*: sorted arrays of flat starts
+    ``(step * B + row) * L + offset`` with their lengths (12 bytes a span), mutually
+    disjoint, plus the tokens used per step. Each :meth:`place` or :meth:`add` call
+    adds one run; the two smallest runs are merged when there are more than
+    ``_MAX_RUNS``, so the static plan's experiments are never copied into one array
+    while it is built. A collision test is a ``searchsorted`` per run; for large
+    requests a byte map of the token axis in blocks of ``2**shift >= L`` tokens
+    (set where some span starts or ends) first discards the draws whose blocks are
+    empty, so only the few that share a block with a span are searched.
+
+    The static planner builds one; a controller that later asks for more spans
+    keeps one built from the static table (:meth:`from_spans`) and calls
+    :meth:`place` for steps ``[t + 1, t + k)``.
 
     Example:
         >>> geo = BatchGeometry(global_batch_size=4, sequence_length=16, num_steps=10)
@@ -200,9 +225,19 @@ class Occupancy:
             raise ValueError(f"cap_tokens must be >= 0, got {cap_tokens}")
         self.geometry = geometry
         self.cap_tokens = int(cap_tokens)
-        self._start = np.empty(0, np.int64)  # sorted flat starts; intervals never overlap
-        self._length = np.empty(0, np.int32)
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted flat starts int64, lengths int32)
         self._used = np.zeros(geometry.num_steps, np.int64)  # injected tokens per step
+        # Block map (built by the first large place() call): the smallest power of
+        # two >= L keeps every span within two blocks (one when L is a power of two,
+        # as blocks then end on row boundaries), coarser when the run is too long for
+        # _MAP_MAX_BYTES.
+        L, total = geometry.sequence_length, geometry.total_tokens
+        shift = (L - 1).bit_length()
+        while ((total - 1) >> shift) + 1 > _MAP_MAX_BYTES:
+            shift += 1
+        self._shift = shift
+        self._one_block = L & (L - 1) == 0
+        self._map: np.ndarray | None = None
         if spans is not None:
             self.add(spans)
 
@@ -212,7 +247,7 @@ class Occupancy:
         return cls(geometry, cap_tokens(geometry, max_modified_fraction), spans)
 
     def __len__(self) -> int:
-        return int(self._start.size)
+        return sum(int(start.size) for start, _ in self._runs)
 
     @property
     def used(self) -> np.ndarray:
@@ -250,10 +285,11 @@ class Occupancy:
                 f"first: step={step[i]} row={row[i]} offset={offset[i]} length={length[i]}"
             )
         g = (step * B + row) * L + offset
-        order = np.argsort(g, kind="stable")
-        g, length, step = g[order], length[order], step[order]
+        if not (g[1:] > g[:-1]).all():  # a SpanTable is sorted already: skip the sort then
+            order = np.argsort(g, kind="stable")
+            g, length, step = g[order], length[order], step[order]
         overlap_new = int(np.count_nonzero(g[1:] < g[:-1] + length[:-1]))
-        overlap_old = int(np.count_nonzero(_collides(self._start, self._length, g, length)))
+        overlap_old = int(np.count_nonzero(self._hits(g, length)))
         if overlap_new or overlap_old:
             raise PlacementError(
                 f"spans overlap: {overlap_new} among the added spans, {overlap_old} with spans already placed"
@@ -265,8 +301,8 @@ class Occupancy:
                 f"{over.size} step(s) exceed the per-step cap of {self.cap_tokens} tokens, "
                 f"first: step {int(over[0])} with {int(used[over[0]])} tokens"
             )
-        self._start, self._length = _merge_sorted(self._start, self._length, g, length)
         self._used = used
+        self._add_run(g, length.astype(np.int32))
 
     # -- placing new spans --------------------------------------------------
 
@@ -301,7 +337,7 @@ class Occupancy:
         Placed spans are committed here (not by the caller), so a request can never
         be placed twice against a stale occupancy.
         """
-        B, L, T = self.geometry.global_batch_size, self.geometry.sequence_length, self.geometry.num_steps
+        B, L = self.geometry.global_batch_size, self.geometry.sequence_length
         lengths = np.asarray(lengths, dtype=np.int64)
         if lengths.ndim != 1:
             raise ValueError(f"lengths must be 1-D, got shape {lengths.shape}")
@@ -312,18 +348,45 @@ class Occupancy:
         if spread and steps is None:
             raise ValueError("spread=True needs explicit steps")
         allowed = self._allowed_steps(step_lo, step_hi, steps)
+        index, g, _, cap_failed, collided, rounds = self._place(
+            lengths.astype(np.int32), rng, allowed, spread=spread, max_rounds=max_rounds
+        )
+        row_index = g // L
+        return PlaceOutcome(
+            index=index.astype(np.int64),
+            step=row_index // B,
+            row=(row_index % B).astype(np.int32),
+            offset=(g % L).astype(np.int32),
+            unplaced_cap=cap_failed.astype(np.int64),
+            unplaced_collision=collided.astype(np.int64),
+            rounds=rounds,
+        )
+
+    def _place(
+        self, lengths: np.ndarray, rng: np.random.Generator, allowed: np.ndarray, *, spread: bool, max_rounds: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """:meth:`place` on checked int32 ``lengths`` and sorted unique ``allowed`` steps.
+
+        Returns ``(index, flat start, length)`` of the placed requests in flat order,
+        then the sorted indices of the requests unplaced for the cap and for
+        collisions, and the number of rounds. Every draw is made exactly as described
+        in :meth:`place`; only the bookkeeping is arranged for speed.
+        """
+        B, L = self.geometry.global_batch_size, self.geometry.sequence_length
         n = lengths.size
-        pending = np.arange(n, dtype=np.int64)
-        # Spans placed by this call are kept apart (small, cheap to grow each round)
-        # and merged into the held spans once at the end.
-        new_start, new_length = np.empty(0, np.int64), np.empty(0, np.int32)
+        if n >= _MAP_MIN_SPANS and self._map is None:
+            self._build_map()
+        pending = np.arange(n, dtype=np.intp)
+        lp = lengths
         cap_failed: list[np.ndarray] = []
-        done: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (request index, flat start, step) per round
+        first_run: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # round 1's survivors
+        later: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # later rounds' survivors, merged
         home = np.full(n, -1, np.int64) if spread else None  # dealt step of each request
+        packed_bits = max(1, (n - 1).bit_length())
+        packable = self.geometry.total_tokens <= (1 << (63 - packed_bits))
         rounds = 0
         while pending.size and rounds < max_rounds:
             rounds += 1
-            lp = lengths[pending]
             if home is not None and rounds == 1:
                 st = allowed[rng.permutation(pending.size) % allowed.size]
                 home[pending] = st
@@ -331,60 +394,77 @@ class Occupancy:
                 # Steps sorted by remaining budget: those that can take length l are a
                 # suffix, so one searchsorted gives each draw its own feasible range.
                 rem = self.cap_tokens - self._used[allowed]
-                by_rem = np.argsort(rem, kind="stable")
-                rem_sorted, steps_by_rem = rem[by_rem], allowed[by_rem]
-                first = np.searchsorted(rem_sorted, lp, side="left")
-                nofit = first == allowed.size
-                if nofit.any():  # budgets only shrink: these can never be placed here
-                    cap_failed.append(pending[nofit])
-                    pending, lp, first = pending[~nofit], lp[~nofit], first[~nofit]
-                    if not pending.size:
-                        break
+                if rem[0] == rem.min() == rem.max():
+                    rem_sorted, steps_by_rem = rem, allowed
+                else:
+                    rem_sorted, by_rem = _sort_with_order(rem)
+                    steps_by_rem = allowed[by_rem]
+                # Only draws longer than the smallest budget need the search (usually none).
+                first = np.zeros(pending.size, np.intp)
+                tight = np.flatnonzero(lp > rem_sorted[0])
+                if tight.size:
+                    first[tight] = np.searchsorted(rem_sorted, lp[tight], side="left")
+                    nofit = first == allowed.size
+                    if nofit.any():  # budgets only shrink: these can never be placed here
+                        cap_failed.append(pending[nofit])
+                        pending, lp, first = pending[~nofit], lp[~nofit], first[~nofit]
+                        if not pending.size:
+                            break
                 if home is not None and rounds <= max_rounds // 2:
                     # Keep the even deal: a draw that collided retries in its dealt
                     # step while that step has budget for it; only the others move.
                     st = home[pending]
                     move = np.flatnonzero(self.cap_tokens - self._used[st] < lp)
+                    st[move] = steps_by_rem[first[move] + rng.integers(0, allowed.size - first[move])]
+                elif tight.size:
+                    st = steps_by_rem[first + rng.integers(0, allowed.size - first)]
                 else:
-                    st = np.empty(pending.size, np.int64)
-                    move = np.arange(pending.size)
-                st[move] = steps_by_rem[first[move] + rng.integers(0, allowed.size - first[move])]
+                    # The same draws as with the array of bounds above (numpy's bounded
+                    # integers use one generator call per value either way).
+                    st = steps_by_rem[rng.integers(0, allowed.size, size=pending.size)]
                 if home is not None:
                     home[pending] = st
-            row = rng.integers(0, B, size=pending.size, dtype=np.int64)
-            off = rng.integers(0, L - lp + 1, dtype=np.int64)
-            g = (st * B + row) * L + off
+            # int32 draws are the same values as int64 ones (one 32-bit draw each).
+            row = rng.integers(0, B, size=pending.size, dtype=np.int32)
+            off = rng.integers(0, L - lp + 1, dtype=np.int32)
+            g = st * B
+            del st
+            g += row
+            g *= L
+            g += off
+            del row, off
             # Work in flat order from here: searchsorted with sorted needles is ~50x
             # faster than with random ones, and neighbours in the draw become adjacent.
-            # A stable sort keeps tie-breaking identical on every machine.
-            g, order = _sort_with_order(g)
-            pending, lp = pending[order], lp[order]
-            st = g // (B * L)  # cheaper than a third random gather
-            keep = self._select(g, lp, st, rng, new_start, new_length)
-            if keep.size:
-                new_start, new_length = _merge_sorted(new_start, new_length, g[keep], lp[keep])
-                self._used += np.bincount(st[keep], weights=lp[keep], minlength=T).astype(np.int64)
-                done.append((pending[keep], g[keep], st[keep]))
-                mask = np.ones(pending.size, bool)
-                mask[keep] = False
-                pending = pending[mask]
-        self._start, self._length = _merge_sorted(self._start, self._length, new_start, new_length)
-        if done:
-            index, g, step = (np.concatenate(col) for col in zip(*done))
-            # Each round is sorted already, so this stable sort (timsort) only merges runs.
-            order = np.argsort(g, kind="stable")
-            index, g, step = index[order], g[order], step[order]
+            # Ties keep draw order, so the result is the same on every machine.
+            g, order = _sort_with_order(g, packable=packable)
+            pending = order if pending.size == n and rounds == 1 else pending[order]  # pending was 0..n-1
+            lp = lp[order]
+            del order
+            keep, wanted = self._select(g, lp, rng, allowed, [r[:2] for r in (first_run, later) if r is not None])
+            if keep is None:
+                survivors = (g, lp, pending)
+                pending = pending[:0]
+            elif keep.size:
+                survivors = (g[keep], lp[keep], pending[keep])
+                rejected = np.ones(pending.size, bool)
+                rejected[keep] = False
+                pending, lp = pending[rejected], lp[rejected]
+            else:
+                continue
+            del g
+            self._used[allowed] += wanted
+            self._mark(survivors[0], survivors[1])
+            if first_run is None:
+                first_run = survivors
+            else:
+                later = survivors if later is None else _merge_runs(later, survivors)
+        if first_run is None:
+            index, g, length = np.empty(0, np.intp), np.empty(0, np.int64), np.empty(0, np.int32)
         else:
-            index, g, step = (np.empty(0, np.int64) for _ in range(3))
-        return PlaceOutcome(
-            index=index,
-            step=step,
-            row=((g // L) % B).astype(np.int32),
-            offset=(g % L).astype(np.int32),
-            unplaced_cap=np.sort(np.concatenate([np.empty(0, np.int64), *cap_failed])),
-            unplaced_collision=np.sort(pending),
-            rounds=rounds,
-        )
+            g, length, index = first_run if later is None else _merge_runs(first_run, later)
+            self._add_run(g, length, marked=True)
+        cap_unplaced = np.sort(np.concatenate([np.empty(0, np.intp), *cap_failed]))
+        return index, g, length, cap_unplaced, np.sort(pending), rounds
 
     # -- internals ----------------------------------------------------------
 
@@ -409,42 +489,127 @@ class Occupancy:
         self,
         g: np.ndarray,
         length: np.ndarray,
-        step: np.ndarray,
         rng: np.random.Generator,
-        new_start: np.ndarray,
-        new_length: np.ndarray,
-    ) -> np.ndarray:
-        """Ascending indices of the draws of one round (sorted by ``g``) to commit together.
+        allowed: np.ndarray,
+        pending_runs: list[tuple[np.ndarray, ...]],
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """The draws of one round (sorted by ``g``) to commit together.
 
-        ``new_start``/``new_length`` are the spans this ``place`` call already placed
-        (not yet merged into the held ones).
+        Returns their ascending indices (``None`` meaning all of them) and the tokens
+        they add to each ``allowed`` step. ``pending_runs`` are the spans this
+        ``place`` call already placed (marked in the map, not yet a run).
         """
-        hit = _collides(self._start, self._length, g, length) | _collides(new_start, new_length, g, length)
-        cand = np.flatnonzero(~hit)
-        if cand.size == 0:
-            return cand
-        gs = g[cand]
-        ends = gs + length[cand]
-        prev_end = np.empty_like(ends)
-        prev_end[0] = np.iinfo(np.int64).min
-        np.maximum.accumulate(ends[:-1], out=prev_end[1:])
-        keep = cand[gs >= prev_end]
+        hit = self._hits(g, length, pending_runs)
+        n_hit = int(np.count_nonzero(hit))
+        if n_hit:
+            cand: np.ndarray | None = np.flatnonzero(~hit)
+            gs, ls = g[cand], length[cand]
+        else:
+            cand, gs, ls = None, g, length
+        del hit
+        # One survivor per cluster of mutually overlapping draws: a draw is kept when
+        # it starts after every earlier candidate ended.
+        ends = gs + ls
+        np.maximum.accumulate(ends, out=ends)
+        clear = np.empty(gs.size, bool)
+        clear[:1] = True
+        np.greater_equal(gs[1:], ends[:-1], out=clear[1:])
+        del ends
+        keep: np.ndarray | None
+        if clear.all():
+            keep = cand
+        else:
+            keep = np.flatnonzero(clear) if cand is None else cand[clear]
+            gs, ls = g[keep], length[keep]
+        del clear
+        if gs.size == 0:
+            return np.empty(0, np.intp), np.zeros(allowed.size, np.int64)
+        wanted, per_step = self._tokens_per_step(gs, ls, allowed)
+        remaining = self.cap_tokens - self._used[allowed]
+        over = wanted > remaining
+        if not over.any():
+            return keep, wanted
         # Per-step cap: only steps whose survivors overshoot need the (random) prefix
         # rule; a random order avoids favouring low rows in crowded steps.
-        remaining = self.cap_tokens - self._used
-        wanted = np.bincount(step[keep], weights=length[keep], minlength=remaining.size)
-        over_step = wanted > remaining
-        in_over = over_step[step[keep]]
-        if not in_over.any():
-            return keep
+        if keep is None:
+            keep = np.arange(g.size, dtype=np.intp)
+        in_over = np.repeat(over, per_step)  # keep is in flat order, so grouped by step
         contested = keep[in_over]
-        contested = contested[np.lexsort((rng.random(contested.size), step[contested]))]
-        cs, ls = step[contested], length[contested]
+        steps = g[contested] // self.geometry.tokens_per_step
+        contested = contested[np.lexsort((rng.random(contested.size), steps))]
+        cs, ls = g[contested] // self.geometry.tokens_per_step, length[contested].astype(np.int64)
         cum = np.cumsum(ls)
         group_first = np.r_[True, cs[1:] != cs[:-1]]
         before = (cum - ls)[group_first][np.cumsum(group_first) - 1]
-        fits = cum - before <= remaining[cs]
-        return np.sort(np.concatenate([keep[~in_over], contested[fits]]))
+        fits = cum - before <= self.cap_tokens - self._used[cs]
+        keep = np.sort(np.concatenate([keep[~in_over], contested[fits]]))
+        wanted, _ = self._tokens_per_step(g[keep], length[keep], allowed)
+        return keep, wanted
+
+    def _tokens_per_step(self, g: np.ndarray, length: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and spans per ``allowed`` step of spans sorted by flat start ``g``, all in those steps."""
+        step_start = allowed * self.geometry.tokens_per_step
+        lo = np.searchsorted(g, step_start)
+        hi = np.searchsorted(g, step_start + self.geometry.tokens_per_step)
+        cum = np.zeros(g.size + 1, np.int64)
+        np.cumsum(length, out=cum[1:])
+        return cum[hi] - cum[lo], hi - lo
+
+    def _hits(
+        self, g: np.ndarray, length: np.ndarray, pending_runs: Sequence[tuple[np.ndarray, ...]] = ()
+    ) -> np.ndarray:
+        """Which sorted intervals ``[g, g + length)`` intersect a held or pending span."""
+        runs = [r for r in (*self._runs, *pending_runs) if r[0].size]
+        if not runs or g.size == 0:
+            return np.zeros(g.size, bool)
+        if self._map is None:
+            hit = _collides(runs[0][0], runs[0][1], g, length)
+            for start, span_len in runs[1:]:
+                hit |= _collides(start, span_len, g, length)
+            return hit
+        # Only draws whose first or last block holds a span start or end can collide:
+        # a span they share a token with starts or ends in one of their (at most two) blocks.
+        blocks = g >> self._shift
+        flagged = self._map[blocks]
+        if not self._one_block:
+            np.right_shift(g + length - 1, self._shift, out=blocks)
+            flagged |= self._map[blocks]
+        del blocks
+        cand = np.flatnonzero(flagged)
+        hit = np.zeros(g.size, bool)
+        if cand.size:
+            gc, lc = g[cand], length[cand]
+            hit_c = _collides(runs[0][0], runs[0][1], gc, lc)
+            for start, span_len in runs[1:]:
+                hit_c |= _collides(start, span_len, gc, lc)
+            hit[cand] = hit_c
+        return hit
+
+    def _build_map(self) -> None:
+        self._map = np.zeros(((self.geometry.total_tokens - 1) >> self._shift) + 1, np.uint8)
+        for start, span_len in self._runs:
+            self._mark(start, span_len)
+
+    def _mark(self, g: np.ndarray, length: np.ndarray) -> None:
+        """Flag the blocks of the first and last token of each span in the map."""
+        if self._map is None:
+            return
+        self._map[g >> self._shift] = 1
+        if not self._one_block:
+            self._map[(g + length - 1) >> self._shift] = 1
+
+    def _add_run(self, g: np.ndarray, length: np.ndarray, *, marked: bool = False) -> None:
+        """Hold the sorted spans ``(g, length)``, disjoint from all held ones."""
+        if g.size == 0:
+            return
+        if not marked:
+            self._mark(g, length)
+        self._runs.append((g, length))
+        while len(self._runs) > _MAX_RUNS:
+            # Merging the two smallest keeps the copying small and the count bounded.
+            a, b = sorted(range(len(self._runs)), key=lambda i: self._runs[i][0].size)[:2]
+            start, span_len = _merge_runs(self._runs[a], self._runs[b])
+            self._runs = [r for i, r in enumerate(self._runs) if i not in (a, b)] + [(start, span_len)]
 
 
 def _collides(start: np.ndarray, length: np.ndarray, g: np.ndarray, glen: np.ndarray) -> np.ndarray:
@@ -458,37 +623,45 @@ def _collides(start: np.ndarray, length: np.ndarray, g: np.ndarray, glen: np.nda
     return (idx >= 0) & (start[safe] + length[safe] > g)
 
 
-def _merge_sorted(a: np.ndarray, a_len: np.ndarray, b: np.ndarray, b_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge two sorted, mutually disjoint span sets in linear time."""
-    if b.size == 0:
-        return a, a_len
-    if a.size == 0:
-        return b.astype(np.int64, copy=False), b_len.astype(np.int32, copy=False)
-    pos = np.searchsorted(a, b) + np.arange(b.size)
-    total = a.size + b.size
-    start = np.empty(total, np.int64)
-    length = np.empty(total, np.int32)
-    from_a = np.ones(total, bool)
+def _merge_runs(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Merge two column sets sorted by their first column (disjoint flat starts)."""
+    if b[0].size == 0:
+        return a
+    if a[0].size == 0:
+        return b
+    pos = np.searchsorted(a[0], b[0])
+    pos += np.arange(b[0].size)
+    from_a = np.ones(a[0].size + b[0].size, bool)
     from_a[pos] = False
-    start[pos] = b
-    length[pos] = b_len
-    start[from_a] = a
-    length[from_a] = a_len
-    return start, length
+    out = []
+    for col_a, col_b in zip(a, b, strict=True):
+        col = np.empty(from_a.size, np.result_type(col_a, col_b))
+        col[pos] = col_b
+        col[from_a] = col_a
+        out.append(col)
+    return tuple(out)
 
 
-def _sort_with_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sort_with_order(keys: np.ndarray, *, packable: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(sorted keys, order)``, identical to a stable argsort, about twice as fast.
 
     When key and position fit together in 63 bits, sort ``key << bits | position``:
     the packed keys are unique, so any sort algorithm gives the same (stable)
     result on every machine, and numpy's SIMD sort beats argsort plus a gather.
+    ``keys`` (int64) may be overwritten. ``packable`` says, when the caller knows,
+    whether the keys are non-negative and below ``2 ** (63 - bits)``.
     """
     n = keys.size
     bits = max(1, (n - 1).bit_length())
-    if n and keys.min() >= 0 and int(keys.max()) < (1 << (63 - bits)):
-        packed = np.sort((keys << bits) | np.arange(n, dtype=np.int64))
-        return packed >> bits, packed & ((1 << bits) - 1)
+    if packable is None:
+        packable = bool(n) and keys.min() >= 0 and int(keys.max()) < (1 << (63 - bits))
+    if packable and keys.dtype == np.int64:
+        keys <<= bits
+        keys |= np.arange(n, dtype=np.int64)
+        keys.sort()
+        order = keys & ((1 << bits) - 1)
+        keys >>= bits
+        return keys, order
     order = np.argsort(keys, kind="stable")
     return keys[order], order
 
@@ -538,7 +711,9 @@ def plan_static(
     before sampling, *also* with ``on_unplaceable="warn"``: a sequence longer than
     the sequence length or than the per-step cap, a placement outside the run, or an
     experiment needing more tokens than the cap budget left in its steps. Such a run
-    would silently lose a whole experiment's design, so it is a config error.
+    would silently lose a whole experiment's design, so it is a config error. The
+    budget is checked on the repetition counts, before any span is materialised, so
+    an absurd count fails fast instead of allocating.
     Spans that remain unplaced after ``max_rounds`` re-draw rounds (or find no step
     with budget for their length) raise with ``"error"``, and with ``"warn"`` emit
     :class:`UnplacedSpansWarning` and are counted in ``PlanResult.unplaced``.
@@ -567,9 +742,9 @@ def plan_static(
     occupancy = Occupancy(geometry, cap)
     L = geometry.sequence_length
     result = PlanResult(spans=SpanTable.empty(), requested={}, placed={}, unplaced={}, cap_tokens=cap)
-    parts: list[tuple[np.ndarray, ...]] = []  # (flat start, length, experiment, sequence, repetition)
+    parts: list[tuple[np.ndarray, ...]] = []  # (flat start, length, sequence, repetition) per experiment
 
-    for k, exp in enumerate(experiments):
+    for exp in experiments:
         rng = experiment_rng(seed, exp.name, 0)
         lengths = np.asarray(exp.seq_lengths, dtype=np.int64)
         reps = np.asarray(exp.seq_repetitions, dtype=np.float64)
@@ -577,6 +752,10 @@ def plan_static(
             raise PlacementError(
                 f"experiment {exp.name!r}: seq_lengths {lengths.shape} and seq_repetitions {reps.shape} "
                 "must be 1-D of equal size"
+            )
+        if lengths.size > np.iinfo(SPAN_COLUMNS["sequence"]).max:
+            raise PlacementError(
+                f"experiment {exp.name!r}: {lengths.size} sequences, more than the sequence column holds"
             )
         if not np.isfinite(reps).all() or (reps < 0).any():
             raise PlacementError(f"experiment {exp.name!r}: seq_repetitions must be finite and non-negative")
@@ -587,48 +766,62 @@ def plan_static(
             longest = int(used_lengths.max())
             what = f"the sequence length {L}" if longest > L else f"the per-step cap of {cap} tokens"
             raise PlacementError(f"experiment {exp.name!r}: a sequence of {longest} tokens is longer than {what}")
-        counts = resolve_repetitions(reps, rng)
-        seq = np.repeat(np.arange(lengths.size, dtype=np.int64), counts)
-        span_len = lengths[seq]
         allowed, spread = _allowed_steps(exp, geometry)
-        needed = int(span_len.sum())
         budget = int(np.maximum(occupancy.remaining(allowed), 0).sum())
-        if needed > budget:
-            raise PlacementError(
-                f"experiment {exp.name!r}: needs {needed} tokens ({seq.size} spans) but its {allowed.size} step(s) "
-                f"have only {budget} tokens of cap budget left (cap {cap} tokens per step = "
+
+        def over_budget(needed: str, spans: str) -> PlacementError:
+            return PlacementError(
+                f"experiment {exp.name!r}: needs {needed} tokens ({spans} spans) but its {allowed.size} step(s) "  # noqa: B023
+                f"have only {budget} tokens of cap budget left (cap {cap} tokens per step = "  # noqa: B023
                 f"{max_modified_fraction} x {geometry.global_batch_size} x {L})"
             )
-        out = occupancy.place(span_len, rng, steps=allowed, spread=spread, max_rounds=max_rounds)
 
-        result.requested[exp.name] = int(seq.size)
-        result.placed[exp.name] = int(out.index.size)
-        result.unplaced[exp.name] = out.num_unplaced
-        if out.num_unplaced:
+        # Every span takes at least one token, so more spans than budget tokens can
+        # never fit: refuse before resolving or expanding the counts (a direct caller
+        # may pass any repetition count; only the budget bounds what is allocated).
+        try:
+            total = round(math.fsum(reps.tolist()))
+        except OverflowError:  # the sum, or round() of an infinite one
+            total = None
+        if total is None or total > budget:
+            spans = "more than 2**1023" if total is None else str(total)
+            raise over_budget(f"at least {spans}", spans)
+        counts = resolve_repetitions(reps, rng)
+        needed = int(np.dot(counts, lengths))
+        n_spans = int(counts.sum())
+        if needed > budget:
+            raise over_budget(str(needed), str(n_spans))
+        seq = np.repeat(np.arange(lengths.size, dtype=np.int32), counts)
+        span_len = lengths.astype(np.int32)[seq]
+        index, g, length, cap_failed, collided, _ = occupancy._place(
+            span_len, rng, allowed, spread=spread, max_rounds=max_rounds
+        )
+        del span_len
+        num_unplaced = int(cap_failed.size + collided.size)
+        result.requested[exp.name] = n_spans
+        result.placed[exp.name] = int(index.size)
+        result.unplaced[exp.name] = num_unplaced
+        if num_unplaced:
             msg = (
-                f"experiment {exp.name!r}: {out.num_unplaced} of {seq.size} spans could not be placed: "
-                f"{out.unplaced_cap.size} found no step with cap budget left for their length "
-                f"(cap {cap} tokens per step), {out.unplaced_collision.size} still collided with other spans "
+                f"experiment {exp.name!r}: {num_unplaced} of {n_spans} spans could not be placed: "
+                f"{cap_failed.size} found no step with cap budget left for their length "
+                f"(cap {cap} tokens per step), {collided.size} still collided with other spans "
                 f"after {max_rounds} re-draw rounds"
             )
             result.messages[exp.name] = msg
             if on_unplaceable == "error":
                 raise PlacementError(msg)
             warnings.warn(msg, UnplacedSpansWarning, stacklevel=2)
-
-        g = (out.step * geometry.global_batch_size + out.row) * L + out.offset  # sorted: place() returns flat order
-        s = seq[out.index]
-        parts.append(
-            (
-                g,
-                span_len[out.index].astype(SPAN_COLUMNS["length"]),
-                np.full(g.size, k, SPAN_COLUMNS["experiment"]),
-                s.astype(SPAN_COLUMNS["sequence"]),
-                _repetition_numbers(s, lengths.size).astype(SPAN_COLUMNS["repetition"]),
-            )
+        s = seq[index]
+        del seq, index
+        repetition = (
+            _repetition_numbers(s, lengths.size)
+            if counts.size and counts.max() > 1
+            else np.zeros(s.size, SPAN_COLUMNS["repetition"])
         )
+        parts.append((g, length, s, repetition))  # g, length: the occupancy's run, shared
 
-    del occupancy  # its arrays are as large as the table's; free them before building it
+    del occupancy  # its map and merged runs are not needed to build the table
     result.spans = _to_table(parts, geometry)
     return result
 
@@ -655,12 +848,12 @@ def _allowed_steps(exp: PreparedExperiment, geometry: BatchGeometry) -> tuple[np
 
 
 def _repetition_numbers(seq: np.ndarray, num_sequences: int) -> np.ndarray:
-    """0..k-1 per sequence, in the order of ``seq`` (spans already in flat order)."""
-    rep = np.zeros(seq.size, np.int64)
+    """0..k-1 per sequence, in the order of ``seq`` (spans already in flat order), as int32."""
+    rep = np.zeros(seq.size, SPAN_COLUMNS["repetition"])
     multi = np.flatnonzero(np.bincount(seq, minlength=num_sequences)[seq] > 1)
     if multi.size == 0:  # e.g. every sequence injected once: nothing to number
         return rep
-    ss, order = _sort_with_order(seq[multi])  # stable: keeps flat order inside each sequence
+    ss, order = _sort_with_order(seq[multi].astype(np.int64))  # stable: keeps flat order inside each sequence
     first = np.r_[True, ss[1:] != ss[:-1]]
     starts = np.flatnonzero(first)
     rep[multi[order]] = np.arange(ss.size) - starts[np.cumsum(first) - 1]
@@ -668,22 +861,35 @@ def _repetition_numbers(seq: np.ndarray, num_sequences: int) -> np.ndarray:
 
 
 def _to_table(parts: list[tuple[np.ndarray, ...]], geometry: BatchGeometry) -> SpanTable:
-    """Merge the experiments' parts (each sorted by flat start) into one sorted table."""
+    """Merge the experiments' parts (each sorted by flat start) into one sorted table.
+
+    One packed sort of ``flat start << bits | position`` gives the merged order; each
+    column is then concatenated, gathered and released in turn, so the peak stays
+    near the table's own size.
+    """
     if not parts:
         return SpanTable.empty()
-    B, L = geometry.global_batch_size, geometry.sequence_length
+    BL, L = geometry.tokens_per_step, geometry.sequence_length
+    sizes = [p[0].size for p in parts]
+    experiment = np.repeat(np.arange(len(parts), dtype=SPAN_COLUMNS["experiment"]), sizes)
     g = np.concatenate([p[0] for p in parts])
-    # Flat starts are unique (spans never overlap); the parts are sorted runs, which
-    # the stable sort (timsort) merges in near-linear time.
-    order = np.argsort(g, kind="stable")
-    g = g[order]
-    cols: dict[str, np.ndarray] = {}
-    for i, name in enumerate(("length", "experiment", "sequence", "repetition"), start=1):
-        cols[name] = np.concatenate([p[i] for p in parts])[order]
+    n = g.size
+    columns = [list(col) for col in zip(*(p[1:] for p in parts), strict=True)]  # length, sequence, repetition
+    parts.clear()
+    # Flat starts are unique (spans never overlap), so any sort gives the same order.
+    g, order = _sort_with_order(g, packable=geometry.total_tokens <= 1 << (63 - max(1, (n - 1).bit_length())))
+    cols: dict[str, np.ndarray] = {"experiment": experiment[order]}
+    del experiment
+    for name, pieces in zip(("length", "sequence", "repetition"), columns, strict=True):
+        joined = np.concatenate(pieces)
+        pieces.clear()
+        cols[name] = joined[order].astype(SPAN_COLUMNS[name], copy=False)
+        del joined
     del order
-    cols["offset"] = (g % L).astype(SPAN_COLUMNS["offset"])
-    row_index = g // L
-    del g
-    cols["row"] = (row_index % B).astype(SPAN_COLUMNS["row"])
-    cols["step"] = row_index // B
+    within = (g % BL).astype(np.int32) if np.iinfo(np.int32).max >= BL else g % BL
+    np.floor_divide(g, BL, out=g)  # g becomes the step column, in place
+    cols["step"] = g
+    cols["row"] = (within // L).astype(SPAN_COLUMNS["row"], copy=False)
+    np.remainder(within, L, out=within)
+    cols["offset"] = within.astype(SPAN_COLUMNS["offset"], copy=False)
     return SpanTable(**{name: cols[name].astype(dtype, copy=False) for name, dtype in SPAN_COLUMNS.items()})
