@@ -236,6 +236,8 @@ class Occupancy:
             shift += 1
         self._shift = shift
         self._one_block = L & (L - 1) == 0
+        BL = geometry.tokens_per_step
+        self._bl_shift = BL.bit_length() - 1 if BL & (BL - 1) == 0 else None  # g >> shift is the step
         self._map: np.ndarray | None = None
         if spans is not None:
             self.add(spans)
@@ -460,7 +462,7 @@ class Occupancy:
                 pending, lp = pending[order], lp[order]
                 del order
             in_call = [r[:2] for r in (first_run, later) if r is not None]
-            ok, wanted = self._select(g, lp, rng, allowed, in_call, scratch)
+            ok, steps, wanted = self._select(g, lp, rng, in_call, scratch)
             if ok is None:
                 survivors = (g, lp, pending)
                 pending = pending[:0]
@@ -471,7 +473,7 @@ class Occupancy:
             else:
                 continue
             del g, ok
-            self._used[allowed] += wanted
+            self._used[steps] += wanted
             self._mark(survivors[0], survivors[1], scratch)
             if first_run is None:
                 first_run = survivors
@@ -510,14 +512,13 @@ class Occupancy:
         g: np.ndarray,
         length: np.ndarray,
         rng: np.random.Generator,
-        allowed: np.ndarray,
         in_call: list[tuple[np.ndarray, ...]],
         scratch: np.ndarray,
-    ) -> tuple[np.ndarray | None, np.ndarray]:
+    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """The draws of one round (sorted by ``g``) to commit together.
 
-        Returns a mask of them (``None`` meaning all) and the tokens they add to each
-        ``allowed`` step. ``in_call`` are the spans this ``place`` call already placed
+        Returns a mask of them (``None`` meaning all), and the steps they fall in with
+        the tokens they add to each. ``in_call`` are the spans this ``place`` call already placed
         (marked in the map, not yet a run); ``scratch`` is an int64 buffer of at least
         ``g.size + 1`` values.
         """
@@ -537,16 +538,16 @@ class Occupancy:
         ok[hit] = False
         if ok.all():
             ok = None
-        wanted = self._tokens_per_step(g, length, ok, allowed, scratch)
-        over = wanted > self.cap_tokens - self._used[allowed]
+        steps, wanted = self._tokens_per_step(g, length, ok, scratch)
+        over = wanted > self.cap_tokens - self._used[steps]
         if not over.any():
-            return ok, wanted
+            return ok, steps, wanted
         # Per-step cap: only steps whose survivors overshoot need the (random) prefix
         # rule; a random order avoids favouring low rows in crowded steps.
         BL = self.geometry.tokens_per_step
         keep = np.arange(n, dtype=np.intp) if ok is None else np.flatnonzero(ok)
         over_step = np.zeros(self.geometry.num_steps, bool)
-        over_step[allowed] = over
+        over_step[steps] = over
         in_over = over_step[g[keep] // BL]
         contested = keep[in_over]
         contested = contested[np.lexsort((rng.random(contested.size), g[contested] // BL))]
@@ -558,24 +559,37 @@ class Occupancy:
         ok = np.zeros(n, bool)
         ok[keep[~in_over]] = True
         ok[contested[fits]] = True
-        return ok, self._tokens_per_step(g, length, ok, allowed, scratch)
+        return (ok, *self._tokens_per_step(g, length, ok, scratch))
 
     def _tokens_per_step(
-        self, g: np.ndarray, length: np.ndarray, ok: np.ndarray | None, allowed: np.ndarray, scratch: np.ndarray
-    ) -> np.ndarray:
-        """Tokens per ``allowed`` step of the spans (sorted by flat start ``g``, all in
-        those steps) where ``ok`` is true (``None``: all)."""
-        step_start = allowed * self.geometry.tokens_per_step
-        lo = np.searchsorted(g, step_start)
-        hi = np.searchsorted(g, step_start + self.geometry.tokens_per_step)
-        cum = scratch[: g.size + 1]
-        cum[0] = 0
+        self, g: np.ndarray, length: np.ndarray, ok: np.ndarray | None, scratch: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, tokens)``: the distinct steps of the spans sorted by flat start
+        ``g``, and the tokens of the spans where ``ok`` is true (``None``: all) in each.
+
+        Linear in the spans, never in the run's steps: later rounds are small.
+        """
+        m = g.size
+        step = scratch[:m]
+        if self._bl_shift is not None:
+            np.right_shift(g, self._bl_shift, out=step)
+        else:
+            np.floor_divide(g, self.geometry.tokens_per_step, out=step)
+        change = np.empty(m, bool)
+        change[:1] = True
+        np.not_equal(step[1:], step[:-1], out=change[1:])
+        starts = np.flatnonzero(change)
+        del change
+        steps = step[starts]
+        cum = scratch[: m + 1]  # the step values are no longer needed
         if ok is None:
             np.cumsum(length, out=cum[1:])
         else:
             np.multiply(length, ok, out=cum[1:])
             np.cumsum(cum[1:], out=cum[1:])
-        return cum[hi] - cum[lo]
+        cum[0] = 0
+        bounds = np.append(starts, m)
+        return steps, cum[bounds[1:]] - cum[bounds[:-1]]
 
     def _hits(
         self,
@@ -831,8 +845,15 @@ def plan_static(
         n_spans = int(counts.sum())
         if needed > budget:
             raise over_budget(str(needed), str(n_spans))
-        seq = np.repeat(np.arange(lengths.size, dtype=np.int32), counts)
-        span_len = lengths.astype(np.int32)[seq]
+        lengths32 = lengths.astype(np.int32)
+        # Request i is the i-th span of the expansion; with one span per sequence
+        # (the common case) it is sequence i, and nothing needs expanding.
+        seq = (
+            None
+            if n_spans == counts.size and counts.min(initial=1) == 1
+            else np.repeat(np.arange(lengths.size, dtype=np.int32), counts)
+        )
+        span_len = lengths32 if seq is None else lengths32[seq]
         index, g, length, cap_failed, collided, _ = occupancy._place(
             span_len, rng, allowed, spread=spread, max_rounds=max_rounds
         )
@@ -852,7 +873,7 @@ def plan_static(
             if on_unplaceable == "error":
                 raise PlacementError(msg)
             warnings.warn(msg, UnplacedSpansWarning, stacklevel=2)
-        s = seq[index]
+        s = index.astype(np.int32) if seq is None else seq[index]
         del seq, index
         repetition = (
             _repetition_numbers(s) if counts.size and counts.max() > 1 else np.zeros(s.size, SPAN_COLUMNS["repetition"])
@@ -922,7 +943,8 @@ def _to_table(parts: list[tuple[np.ndarray, ...]], geometry: BatchGeometry) -> S
     columns = [list(col) for col in zip(*(p[1:] for p in parts), strict=True)]  # length, sequence, repetition
     parts.clear()
     # Flat starts are unique (spans never overlap), so any sort gives the same order.
-    g, order = _sort_with_order(g, packable=geometry.total_tokens <= 1 << (63 - max(1, (n - 1).bit_length())))
+    packable = geometry.total_tokens <= 1 << (63 - max(1, (n - 1).bit_length()))
+    g, order = _sort_with_order(g, packable=packable, arange=np.arange(n, dtype=np.int64), order_into_arange=True)
     cols: dict[str, np.ndarray] = {"experiment": experiment[order]}
     del experiment
     for name, pieces in zip(("length", "sequence", "repetition"), columns, strict=True):
@@ -931,10 +953,20 @@ def _to_table(parts: list[tuple[np.ndarray, ...]], geometry: BatchGeometry) -> S
         cols[name] = joined[order].astype(SPAN_COLUMNS[name], copy=False)
         del joined
     del order
-    within = (g % BL).astype(np.int32) if np.iinfo(np.int32).max >= BL else g % BL
-    np.floor_divide(g, BL, out=g)  # g becomes the step column, in place
+    # Position inside the step, computed in int64 but stored straight into int32.
+    within = np.empty(n, np.int32 if np.iinfo(np.int32).max >= BL else np.int64)
+    if BL & (BL - 1) == 0:
+        np.bitwise_and(g, BL - 1, out=within, casting="unsafe")
+        g >>= BL.bit_length() - 1  # g becomes the step column, in place
+    else:
+        np.remainder(g, BL, out=within, casting="unsafe")
+        np.floor_divide(g, BL, out=g)
     cols["step"] = g
-    cols["row"] = (within // L).astype(SPAN_COLUMNS["row"], copy=False)
-    np.remainder(within, L, out=within)
+    if L & (L - 1) == 0:
+        cols["row"] = (within >> (L.bit_length() - 1)).astype(SPAN_COLUMNS["row"], copy=False)
+        within &= L - 1
+    else:
+        cols["row"] = (within // L).astype(SPAN_COLUMNS["row"], copy=False)
+        within %= L
     cols["offset"] = within.astype(SPAN_COLUMNS["offset"], copy=False)
     return SpanTable(**{name: cols[name].astype(dtype, copy=False) for name, dtype in SPAN_COLUMNS.items()})
