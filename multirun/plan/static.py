@@ -257,7 +257,7 @@ class Occupancy:
         view.flags.writeable = False
         return view
 
-    def remaining(self, steps: np.ndarray | None = None) -> np.ndarray:
+    def remaining(self, steps: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
         """Cap budget left per step (all steps, or the given ones)."""
         rem = self.cap_tokens - self._used
         return rem if steps is None else rem[np.asarray(steps, dtype=np.int64)]
@@ -349,9 +349,10 @@ class Occupancy:
         if spread and steps is None:
             raise ValueError("spread=True needs explicit steps")
         allowed = self._allowed_steps(step_lo, step_hi, steps)
-        index, g, _, cap_failed, collided, rounds = self._place(
+        pieces, cap_failed, collided, rounds = self._place(
             lengths.astype(np.int32), rng, allowed, spread=spread, max_rounds=max_rounds
         )
+        g, _, index = _merge_pieces(pieces)
         row_index = g // L
         return PlaceOutcome(
             index=index.astype(np.int64),
@@ -365,12 +366,14 @@ class Occupancy:
 
     def _place(
         self, lengths: np.ndarray, rng: np.random.Generator, allowed: np.ndarray, *, spread: bool, max_rounds: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    ) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray, np.ndarray, int]:
         """:meth:`place` on checked int32 ``lengths`` and sorted unique ``allowed`` steps.
 
-        Returns ``(index, flat start, length)`` of the placed requests in flat order,
-        then the sorted indices of the requests unplaced for the cap and for
-        collisions, and the number of rounds. Every draw is made exactly as described
+        Returns the placed requests as at most two pieces ``(flat start, length,
+        index)``, each in flat order (round 1's survivors, then the later rounds'
+        merged: :func:`_merge_pieces` interleaves them, a caller that does not need
+        flat order skips that copy), then the sorted indices of the requests
+        unplaced for the cap and for collisions, and the number of rounds. Every draw is made exactly as described
         in :meth:`place`; only the bookkeeping is arranged for speed.
         """
         B, L, BL = self.geometry.global_batch_size, self.geometry.sequence_length, self.geometry.tokens_per_step
@@ -385,8 +388,8 @@ class Occupancy:
         pending = ar  # request indices still to place, in the order of this round's draws
         lp = lengths
         cap_failed: list[np.ndarray] = []
-        first_run: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # round 1's survivors
-        later: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # later rounds' survivors, merged
+        first_run: tuple[np.ndarray, ...] | None = None  # round 1's survivors (flat start, length, index)
+        later: tuple[np.ndarray, ...] | None = None  # later rounds' survivors, merged
         home = np.full(n, -1, np.int64) if spread else None  # dealt step of each request
         packable = self.geometry.total_tokens <= (1 << (63 - max(1, (n - 1).bit_length())))
         rounds = 0
@@ -480,13 +483,11 @@ class Occupancy:
             else:
                 later = survivors if later is None else _merge_runs(later, survivors)
         del scratch
-        if first_run is None:
-            index, g, length = np.empty(0, np.intp), np.empty(0, np.int64), np.empty(0, np.int32)
-        else:
-            g, length, index = first_run if later is None else _merge_runs(first_run, later)
+        pieces = [r for r in (first_run, later) if r is not None]
+        for g, length, _ in pieces:
             self._add_run(g, length, marked=True)
         cap_unplaced = np.sort(np.concatenate([np.empty(0, np.intp), *cap_failed]))
-        return index, g, length, cap_unplaced, np.sort(pending), rounds
+        return pieces, cap_unplaced, np.sort(pending), rounds
 
     # -- internals ----------------------------------------------------------
 
@@ -512,7 +513,7 @@ class Occupancy:
         g: np.ndarray,
         length: np.ndarray,
         rng: np.random.Generator,
-        in_call: list[tuple[np.ndarray, ...]],
+        in_call: Sequence[tuple[np.ndarray, ...]],
         scratch: np.ndarray,
     ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """The draws of one round (sorted by ``g``) to commit together.
@@ -686,6 +687,13 @@ def _merge_runs(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[n
     return tuple(out)
 
 
+def _merge_pieces(pieces: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """``(flat start, length, index)`` of :meth:`Occupancy._place`'s pieces, in flat order."""
+    if not pieces:
+        return np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.intp)
+    return pieces[0] if len(pieces) == 1 else _merge_runs(pieces[0], pieces[1])
+
+
 def _sort_with_order(
     keys: np.ndarray,
     *,
@@ -798,11 +806,14 @@ def plan_static(
     occupancy = Occupancy(geometry, cap)
     L = geometry.sequence_length
     result = PlanResult(spans=SpanTable.empty(), requested={}, placed={}, unplaced={}, cap_tokens=cap)
-    parts: list[tuple[np.ndarray, ...]] = []  # (flat start, length, sequence, repetition) per experiment
+    parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    # (experiment, flat start, length, sequence, repetition), each sorted by flat start
 
-    for exp in experiments:
+    for k, exp in enumerate(experiments):
         rng = experiment_rng(seed, exp.name, 0)
-        lengths = np.asarray(exp.seq_lengths, dtype=np.int64)
+        lengths = np.asarray(exp.seq_lengths)
+        if lengths.dtype.kind not in "iu":
+            lengths = lengths.astype(np.int64)
         reps = np.asarray(exp.seq_repetitions, dtype=np.float64)
         if lengths.shape != reps.shape or lengths.ndim != 1:
             raise PlacementError(
@@ -815,11 +826,13 @@ def plan_static(
             )
         if not np.isfinite(reps).all() or (reps < 0).any():
             raise PlacementError(f"experiment {exp.name!r}: seq_repetitions must be finite and non-negative")
-        used_lengths = lengths[reps > 0]  # checked before drawing, so errors do not depend on the seed
-        if used_lengths.size and used_lengths.min() < 1:
-            raise PlacementError(f"experiment {exp.name!r}: sequence of length {used_lengths.min()} (must be >= 1)")
-        if used_lengths.size and used_lengths.max() > min(L, cap):
-            longest = int(used_lengths.max())
+        # Checked before drawing, so errors do not depend on the seed.
+        used = reps > 0
+        shortest = int(np.min(lengths, where=used, initial=np.iinfo(lengths.dtype).max))
+        longest = int(np.max(lengths, where=used, initial=np.iinfo(lengths.dtype).min))
+        if shortest < 1:
+            raise PlacementError(f"experiment {exp.name!r}: sequence of length {shortest} (must be >= 1)")
+        if used.any() and longest > min(L, cap):
             what = f"the sequence length {L}" if longest > L else f"the per-step cap of {cap} tokens"
             raise PlacementError(f"experiment {exp.name!r}: a sequence of {longest} tokens is longer than {what}")
         allowed, spread = _allowed_steps(exp, geometry)
@@ -841,11 +854,11 @@ def plan_static(
         if approx > (budget + 1) * (1 + 1e-6):
             raise over_budget(f"at least {approx:.0f}", f"about {approx:.0f}")
         counts = resolve_repetitions(reps, rng)
-        needed = int(np.dot(counts, lengths))
+        needed = int(np.dot(counts, lengths.astype(np.int64, copy=False)))
         n_spans = int(counts.sum())
         if needed > budget:
             raise over_budget(str(needed), str(n_spans))
-        lengths32 = lengths.astype(np.int32)
+        lengths32 = lengths.astype(np.int32, copy=False)
         # Request i is the i-th span of the expansion; with one span per sequence
         # (the common case) it is sequence i, and nothing needs expanding.
         seq = (
@@ -854,13 +867,12 @@ def plan_static(
             else np.repeat(np.arange(lengths.size, dtype=np.int32), counts)
         )
         span_len = lengths32 if seq is None else lengths32[seq]
-        index, g, length, cap_failed, collided, _ = occupancy._place(
-            span_len, rng, allowed, spread=spread, max_rounds=max_rounds
-        )
+        pieces, cap_failed, collided, _ = occupancy._place(span_len, rng, allowed, spread=spread, max_rounds=max_rounds)
         del span_len
+        num_placed = sum(int(p[0].size) for p in pieces)
         num_unplaced = int(cap_failed.size + collided.size)
         result.requested[exp.name] = n_spans
-        result.placed[exp.name] = int(index.size)
+        result.placed[exp.name] = num_placed
         result.unplaced[exp.name] = num_unplaced
         if num_unplaced:
             msg = (
@@ -873,12 +885,19 @@ def plan_static(
             if on_unplaceable == "error":
                 raise PlacementError(msg)
             warnings.warn(msg, UnplacedSpansWarning, stacklevel=2)
-        s = index.astype(np.int32) if seq is None else seq[index]
-        del seq, index
-        repetition = (
-            _repetition_numbers(s) if counts.size and counts.max() > 1 else np.zeros(s.size, SPAN_COLUMNS["repetition"])
-        )
-        parts.append((g, length, s, repetition))  # g, length: the occupancy's run, shared
+        if counts.size and counts.max() > 1:
+            # Repetition numbers follow flat order: interleave the pieces first.
+            pieces = [_merge_pieces(pieces)]
+        for g, length, index in pieces:  # g, length: the occupancy's runs, shared
+            s = index.astype(np.int32) if seq is None else seq[index]
+            del index
+            repetition = (
+                _repetition_numbers(s)
+                if counts.size and counts.max() > 1
+                else np.zeros(s.size, SPAN_COLUMNS["repetition"])
+            )
+            parts.append((k, g, length, s, repetition))
+        del pieces, seq
 
     del occupancy  # its map and merged runs are not needed to build the table
     result.spans = _to_table(parts, geometry)
@@ -921,12 +940,14 @@ def _repetition_numbers(seq: np.ndarray) -> np.ndarray:
     group_start = np.multiply(ar, new_group)
     np.maximum.accumulate(group_start, out=group_start)
     np.subtract(ar, group_start, out=group_start)  # rank inside the sequence
-    rep = np.empty(n, SPAN_COLUMNS["repetition"])
+    rep: np.ndarray = np.empty(n, SPAN_COLUMNS["repetition"])
     rep[order] = group_start
     return rep
 
 
-def _to_table(parts: list[tuple[np.ndarray, ...]], geometry: BatchGeometry) -> SpanTable:
+def _to_table(
+    parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], geometry: BatchGeometry
+) -> SpanTable:
     """Merge the experiments' parts (each sorted by flat start) into one sorted table.
 
     One packed sort of ``flat start << bits | position`` gives the merged order; each
@@ -936,11 +957,12 @@ def _to_table(parts: list[tuple[np.ndarray, ...]], geometry: BatchGeometry) -> S
     if not parts:
         return SpanTable.empty()
     BL, L = geometry.tokens_per_step, geometry.sequence_length
-    sizes = [p[0].size for p in parts]
-    experiment = np.repeat(np.arange(len(parts), dtype=SPAN_COLUMNS["experiment"]), sizes)
-    g = np.concatenate([p[0] for p in parts])
+    experiment: np.ndarray = np.repeat(
+        np.array([p[0] for p in parts], SPAN_COLUMNS["experiment"]), [p[1].size for p in parts]
+    )
+    g = np.concatenate([p[1] for p in parts])
     n = g.size
-    columns = [list(col) for col in zip(*(p[1:] for p in parts), strict=True)]  # length, sequence, repetition
+    columns = [list(col) for col in zip(*(p[2:] for p in parts), strict=True)]  # length, sequence, repetition
     parts.clear()
     # Flat starts are unique (spans never overlap), so any sort gives the same order.
     packable = geometry.total_tokens <= 1 << (63 - max(1, (n - 1).bit_length()))
@@ -954,7 +976,7 @@ def _to_table(parts: list[tuple[np.ndarray, ...]], geometry: BatchGeometry) -> S
         del joined
     del order
     # Position inside the step, computed in int64 but stored straight into int32.
-    within = np.empty(n, np.int32 if np.iinfo(np.int32).max >= BL else np.int64)
+    within: np.ndarray = np.empty(n, np.int32 if np.iinfo(np.int32).max >= BL else np.int64)
     if BL & (BL - 1) == 0:
         np.bitwise_and(g, BL - 1, out=within, casting="unsafe")
         g >>= BL.bit_length() - 1  # g becomes the step column, in place

@@ -469,6 +469,7 @@ def test_collision_index_settings_do_not_change_the_plan(monkeypatch, internals)
         assert plan.unplaced == reference.unplaced
         # Dynamic requests on top of the static plan agree as well.
         outs = []
+        chosen: dict[str, int]
         for chosen in ({}, internals):
             for name, value in chosen.items():
                 monkeypatch.setattr(static, name, value)
