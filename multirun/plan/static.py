@@ -239,6 +239,7 @@ class Occupancy:
         BL = geometry.tokens_per_step
         self._bl_shift = BL.bit_length() - 1 if BL & (BL - 1) == 0 else None  # g >> shift is the step
         self._map: np.ndarray | None = None
+        self._scratch = np.empty(0, np.int64)  # int64 work buffer of place(), grown on demand
         if spans is not None:
             self.add(spans)
 
@@ -384,7 +385,9 @@ class Occupancy:
         # Allocated once per call and sliced each round: fresh pages cost as much as
         # the arithmetic at this size.
         ar = np.arange(n, dtype=np.intp)
-        scratch = np.empty(n + 1, np.int64)
+        if self._scratch.size < n + 1:  # kept between calls: the static plan's experiments share it
+            self._scratch = np.empty(n + 1, np.int64)
+        scratch = self._scratch
         pending = ar  # request indices still to place, in the order of this round's draws
         lp = lengths
         cap_failed: list[np.ndarray] = []
@@ -436,9 +439,10 @@ class Occupancy:
                         # The same draws as with an array of equal bounds (numpy's bounded
                         # integers make one generator call per value either way).
                         pick = rng.integers(0, allowed.size, size=pending.size)
-                    g = np.take(steps_by_rem * BL, pick)
                     if home is not None:
                         home[pending] = steps_by_rem[pick]
+                    # The flat start of the step, written over the picks (all in range).
+                    g = np.take(steps_by_rem * BL, pick, out=pick, mode="clip")
                     del pick
             # int32 draws are the same values as int64 ones (one 32-bit draw each).
             m = pending.size
@@ -482,7 +486,6 @@ class Occupancy:
                 first_run = survivors
             else:
                 later = survivors if later is None else _merge_runs(later, survivors)
-        del scratch
         pieces = [r for r in (first_run, later) if r is not None]
         for g, length, _ in pieces:
             self._add_run(g, length, marked=True)
