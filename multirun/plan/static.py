@@ -21,6 +21,14 @@ re-draws only the rejected ones, for a bounded number of rounds.
 Static schedule (:func:`plan_static`) and later dynamic requests from controllers
 both go through :meth:`Occupancy.place`, so they share one collision and cap rule.
 
+Cost (issue 17): at the paper's geometry (10M spans, 100k steps x 512 rows x 4096
+tokens) the work is a few passes over int32/int64 arrays, one packed sort per
+experiment and one for the final table, and a ``searchsorted`` only for the draws
+whose block of the byte map already holds a span. Fresh memory costs as much as
+the arithmetic at this size (page faults), so buffers are reused and no per-round
+array is as large as the run's spans; ``benchmarks/bench_planner.py`` prints the
+figures.
+
 Determinism and independence: each experiment draws from its own generator
 :func:`experiment_rng` ``(seed, name, stream=0)`` and experiments are placed in
 declaration order, each avoiding only the spans of the experiments before it.
@@ -197,8 +205,9 @@ class Occupancy:
 
     Spans are kept as a few *runs*: sorted arrays of flat starts
     ``(step * B + row) * L + offset`` with their lengths (12 bytes a span), mutually
-    disjoint, plus the tokens used per step. Each :meth:`place` or :meth:`add` call
-    adds one run; the two smallest runs are merged when there are more than
+    disjoint, plus the tokens used per step. Each :meth:`add` call adds one run and
+    each :meth:`place` call up to two (its first round's spans, and the later
+    rounds' merged); the two smallest runs are merged when there are more than
     ``_MAX_RUNS``, so the static plan's experiments are never copied into one array
     while it is built. A collision test is a ``searchsorted`` per run; for large
     requests a byte map of the token axis in blocks of ``2**shift >= L`` tokens
