@@ -943,17 +943,18 @@ def _repetition_numbers(seq: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.zeros(0, SPAN_COLUMNS["repetition"])
     # Sort (sequence, position) packed in one int64 (sequence < 2**31, position < 2**31).
-    ar = np.arange(n, dtype=np.int64)
-    ss, order = _sort_with_order(seq.astype(np.int64), packable=True, arange=ar)
-    new_group = np.empty(n, bool)
-    new_group[0] = True
-    np.not_equal(ss[1:], ss[:-1], out=new_group[1:])
+    ss, order = _sort_with_order(
+        seq.astype(np.int64), packable=True, arange=np.arange(n, dtype=np.int64), order_into_arange=True
+    )
+    starts = np.flatnonzero(ss[1:] != ss[:-1]) + 1  # where each sequence's run begins, after the first
     del ss
-    group_start = np.multiply(ar, new_group)
-    np.maximum.accumulate(group_start, out=group_start)
-    np.subtract(ar, group_start, out=group_start)  # rank inside the sequence
+    # Rank inside the run: a cumulative sum of ones that drops back to 0 at each run start.
+    rank = np.ones(n, SPAN_COLUMNS["repetition"])
+    rank[0] = 0
+    rank[starts] = 1 - np.diff(starts, prepend=0)
+    np.cumsum(rank, out=rank)
     rep: np.ndarray = np.empty(n, SPAN_COLUMNS["repetition"])
-    rep[order] = group_start
+    rep[order] = rank
     return rep
 
 
