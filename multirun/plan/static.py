@@ -949,7 +949,7 @@ def _repetition_numbers(seq: np.ndarray) -> np.ndarray:
     starts = np.flatnonzero(ss[1:] != ss[:-1]) + 1  # where each sequence's run begins, after the first
     del ss
     # Rank inside the run: a cumulative sum of ones that drops back to 0 at each run start.
-    rank = np.ones(n, SPAN_COLUMNS["repetition"])
+    rank: np.ndarray = np.ones(n, SPAN_COLUMNS["repetition"])
     rank[0] = 0
     rank[starts] = 1 - np.diff(starts, prepend=0)
     np.cumsum(rank, out=rank)
