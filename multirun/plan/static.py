@@ -21,6 +21,14 @@ re-draws only the rejected ones, for a bounded number of rounds.
 Static schedule (:func:`plan_static`) and later dynamic requests from controllers
 both go through :meth:`Occupancy.place`, so they share one collision and cap rule.
 
+Cost (issue 17): at the paper's geometry (10M spans, 100k steps x 512 rows x 4096
+tokens) the work is a few passes over int32/int64 arrays, one packed sort per
+experiment and one for the final table, and a ``searchsorted`` only for the draws
+whose block of the byte map already holds a span. Fresh memory costs as much as
+the arithmetic at this size (page faults), so buffers are reused and no per-round
+array is as large as the run's spans; ``benchmarks/bench_planner.py`` prints the
+figures.
+
 Determinism and independence: each experiment draws from its own generator
 :func:`experiment_rng` ``(seed, name, stream=0)`` and experiments are placed in
 declaration order, each avoiding only the spans of the experiments before it.
@@ -64,6 +72,15 @@ __all__ = [
 DEFAULT_MAX_ROUNDS = 64
 
 _EXPERIMENT_INDEX_MAX = int(np.iinfo(SPAN_COLUMNS["experiment"]).max)
+
+#: Runs (sorted span arrays) an :class:`Occupancy` keeps before merging the two
+#: smallest: each collision test searches every run, and a merge copies both.
+_MAX_RUNS = 8
+#: A ``place`` call with at least this many spans builds the occupancy's block map
+#: (one byte per block of ``2**shift >= L`` tokens, at most ``_MAP_MAX_BYTES``); below
+#: it, searching every run is cheaper than building the map.
+_MAP_MIN_SPANS = 1 << 16
+_MAP_MAX_BYTES = 1 << 26
 
 
 class UnplacedSpansWarning(UserWarning):
@@ -122,20 +139,26 @@ def resolve_repetitions(seq_repetitions: np.ndarray, rng: np.random.Generator) -
         raise ValueError(f"seq_repetitions must be 1-D, got shape {reps.shape}")
     if not np.isfinite(reps).all() or (reps < 0).any():
         raise ValueError("seq_repetitions must be finite and non-negative")
-    base = np.floor(reps)
-    frac = reps - base  # exact in floating point for the values we can count
-    counts = base.astype(np.int64)
-    candidates = np.flatnonzero(frac > 0)
+    counts = reps.astype(np.int64)  # floor, as reps >= 0
+    candidates = np.flatnonzero(reps != counts)
+    frac = reps[candidates] - counts[candidates]  # exact in floating point for the values we can count
     whole = int(counts.sum())
     # fsum([whole, *fractions]) is the correctly rounded sum of all r (whole is exact
     # as a float), without converting every integer-valued entry to a Python float.
-    extra = round(math.fsum([float(whole), *frac[candidates].tolist()])) - whole
+    extra = round(math.fsum([float(whole), *frac.tolist()])) - whole
     if extra == 0:
         return counts
     # extra <= candidates.size: every fraction is < 1, so their sum is < candidates.size.
-    keys = np.log1p(-rng.random(candidates.size)) / frac[candidates]  # log(U), U in (0, 1]
-    chosen = candidates[np.argsort(-keys, kind="stable")[:extra]]
-    counts[chosen] += 1
+    keys = np.log1p(-rng.random(candidates.size)) / frac  # log(U), U in (0, 1]
+    if extra < candidates.size:
+        # The `extra` largest keys, ties to the lower index (as a stable sort would),
+        # found by one partition instead of a full sort.
+        kth = np.partition(keys, candidates.size - extra)[candidates.size - extra]
+        chosen = keys > kth
+        ties = np.flatnonzero(keys == kth)
+        chosen[ties[: extra - int(np.count_nonzero(chosen))]] = True
+        candidates = candidates[chosen]
+    counts[candidates] += 1
     return counts
 
 
@@ -180,10 +203,20 @@ class PlaceOutcome:
 class Occupancy:
     """All spans placed so far, with the collision and per-step cap rules.
 
-    Spans are kept as sorted flat starts ``(step * B + row) * L + offset`` plus their
-    lengths (12 bytes a span), and tokens used per step. The static planner builds
-    one; a controller that later asks for more spans keeps one built from the static
-    table (:meth:`from_spans`) and calls :meth:`place` for steps ``[t + 1, t + k)``.
+    Spans are kept as a few *runs*: sorted arrays of flat starts
+    ``(step * B + row) * L + offset`` with their lengths (12 bytes a span), mutually
+    disjoint, plus the tokens used per step. Each :meth:`add` call adds one run and
+    each :meth:`place` call up to two (its first round's spans, and the later
+    rounds' merged); the two smallest runs are merged when there are more than
+    ``_MAX_RUNS``, so the static plan's experiments are never copied into one array
+    while it is built. A collision test is a ``searchsorted`` per run; for large
+    requests a byte map of the token axis in blocks of ``2**shift >= L`` tokens
+    (set where some span starts or ends) first discards the draws whose blocks are
+    empty, so only the few that share a block with a span are searched.
+
+    The static planner builds one; a controller that later asks for more spans
+    keeps one built from the static table (:meth:`from_spans`) and calls
+    :meth:`place` for steps ``[t + 1, t + k)``.
 
     Example:
         >>> geo = BatchGeometry(global_batch_size=4, sequence_length=16, num_steps=10)
@@ -200,9 +233,22 @@ class Occupancy:
             raise ValueError(f"cap_tokens must be >= 0, got {cap_tokens}")
         self.geometry = geometry
         self.cap_tokens = int(cap_tokens)
-        self._start = np.empty(0, np.int64)  # sorted flat starts; intervals never overlap
-        self._length = np.empty(0, np.int32)
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted flat starts int64, lengths int32)
         self._used = np.zeros(geometry.num_steps, np.int64)  # injected tokens per step
+        # Block map (built by the first large place() call): the smallest power of
+        # two >= L keeps every span within two blocks (one when L is a power of two,
+        # as blocks then end on row boundaries), coarser when the run is too long for
+        # _MAP_MAX_BYTES.
+        L, total = geometry.sequence_length, geometry.total_tokens
+        shift = (L - 1).bit_length()
+        while ((total - 1) >> shift) + 1 > _MAP_MAX_BYTES:
+            shift += 1
+        self._shift = shift
+        self._one_block = L & (L - 1) == 0
+        BL = geometry.tokens_per_step
+        self._bl_shift = BL.bit_length() - 1 if BL & (BL - 1) == 0 else None  # g >> shift is the step
+        self._map: np.ndarray | None = None
+        self._scratch = np.empty(0, np.int64)  # int64 work buffer of place(), grown on demand
         if spans is not None:
             self.add(spans)
 
@@ -212,7 +258,7 @@ class Occupancy:
         return cls(geometry, cap_tokens(geometry, max_modified_fraction), spans)
 
     def __len__(self) -> int:
-        return int(self._start.size)
+        return sum(int(start.size) for start, _ in self._runs)
 
     @property
     def used(self) -> np.ndarray:
@@ -221,7 +267,7 @@ class Occupancy:
         view.flags.writeable = False
         return view
 
-    def remaining(self, steps: np.ndarray | None = None) -> np.ndarray:
+    def remaining(self, steps: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
         """Cap budget left per step (all steps, or the given ones)."""
         rem = self.cap_tokens - self._used
         return rem if steps is None else rem[np.asarray(steps, dtype=np.int64)]
@@ -250,10 +296,11 @@ class Occupancy:
                 f"first: step={step[i]} row={row[i]} offset={offset[i]} length={length[i]}"
             )
         g = (step * B + row) * L + offset
-        order = np.argsort(g, kind="stable")
-        g, length, step = g[order], length[order], step[order]
+        if not (g[1:] > g[:-1]).all():  # a SpanTable is sorted already: skip the sort then
+            order = np.argsort(g, kind="stable")
+            g, length, step = g[order], length[order], step[order]
         overlap_new = int(np.count_nonzero(g[1:] < g[:-1] + length[:-1]))
-        overlap_old = int(np.count_nonzero(_collides(self._start, self._length, g, length)))
+        overlap_old = int(self._hits(g, length).size)
         if overlap_new or overlap_old:
             raise PlacementError(
                 f"spans overlap: {overlap_new} among the added spans, {overlap_old} with spans already placed"
@@ -265,8 +312,8 @@ class Occupancy:
                 f"{over.size} step(s) exceed the per-step cap of {self.cap_tokens} tokens, "
                 f"first: step {int(over[0])} with {int(used[over[0]])} tokens"
             )
-        self._start, self._length = _merge_sorted(self._start, self._length, g, length)
         self._used = used
+        self._add_run(g, length.astype(np.int32))
 
     # -- placing new spans --------------------------------------------------
 
@@ -301,7 +348,7 @@ class Occupancy:
         Placed spans are committed here (not by the caller), so a request can never
         be placed twice against a stale occupancy.
         """
-        B, L, T = self.geometry.global_batch_size, self.geometry.sequence_length, self.geometry.num_steps
+        B, L = self.geometry.global_batch_size, self.geometry.sequence_length
         lengths = np.asarray(lengths, dtype=np.int64)
         if lengths.ndim != 1:
             raise ValueError(f"lengths must be 1-D, got shape {lengths.shape}")
@@ -312,79 +359,147 @@ class Occupancy:
         if spread and steps is None:
             raise ValueError("spread=True needs explicit steps")
         allowed = self._allowed_steps(step_lo, step_hi, steps)
+        pieces, cap_failed, collided, rounds = self._place(
+            lengths.astype(np.int32), rng, allowed, spread=spread, max_rounds=max_rounds
+        )
+        g, _, index = _merge_pieces(pieces)
+        row_index = g // L
+        return PlaceOutcome(
+            index=index.astype(np.int64),
+            step=row_index // B,
+            row=(row_index % B).astype(np.int32),
+            offset=(g % L).astype(np.int32),
+            unplaced_cap=cap_failed.astype(np.int64),
+            unplaced_collision=collided.astype(np.int64),
+            rounds=rounds,
+        )
+
+    def _place(
+        self, lengths: np.ndarray, rng: np.random.Generator, allowed: np.ndarray, *, spread: bool, max_rounds: int
+    ) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray, np.ndarray, int]:
+        """:meth:`place` on checked int32 ``lengths`` and sorted unique ``allowed`` steps.
+
+        Returns the placed requests as at most two pieces ``(flat start, length,
+        index)``, each in flat order (round 1's survivors, then the later rounds'
+        merged: :func:`_merge_pieces` interleaves them, a caller that does not need
+        flat order skips that copy), then the sorted indices of the requests
+        unplaced for the cap and for collisions, and the number of rounds. Every draw is made exactly as described
+        in :meth:`place`; only the bookkeeping is arranged for speed.
+        """
+        B, L, BL = self.geometry.global_batch_size, self.geometry.sequence_length, self.geometry.tokens_per_step
+        within_int32 = np.iinfo(np.int32).max >= BL  # row * L + offset fits in int32
         n = lengths.size
-        pending = np.arange(n, dtype=np.int64)
-        # Spans placed by this call are kept apart (small, cheap to grow each round)
-        # and merged into the held spans once at the end.
-        new_start, new_length = np.empty(0, np.int64), np.empty(0, np.int32)
+        if n >= _MAP_MIN_SPANS and self._map is None:
+            self._build_map()
+        # Allocated once per call and sliced each round: fresh pages cost as much as
+        # the arithmetic at this size.
+        ar = np.arange(n, dtype=np.intp)
+        if self._scratch.size < n + 1:  # kept between calls: the static plan's experiments share it
+            self._scratch = np.empty(n + 1, np.int64)
+        scratch = self._scratch
+        pending = ar  # request indices still to place, in the order of this round's draws
+        lp = lengths
         cap_failed: list[np.ndarray] = []
-        done: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (request index, flat start, step) per round
+        first_run: tuple[np.ndarray, ...] | None = None  # round 1's survivors (flat start, length, index)
+        later: tuple[np.ndarray, ...] | None = None  # later rounds' survivors, merged
         home = np.full(n, -1, np.int64) if spread else None  # dealt step of each request
+        packable = self.geometry.total_tokens <= (1 << (63 - max(1, (n - 1).bit_length())))
         rounds = 0
         while pending.size and rounds < max_rounds:
             rounds += 1
-            lp = lengths[pending]
             if home is not None and rounds == 1:
                 st = allowed[rng.permutation(pending.size) % allowed.size]
                 home[pending] = st
+                g = st * BL
             else:
                 # Steps sorted by remaining budget: those that can take length l are a
                 # suffix, so one searchsorted gives each draw its own feasible range.
                 rem = self.cap_tokens - self._used[allowed]
-                by_rem = np.argsort(rem, kind="stable")
-                rem_sorted, steps_by_rem = rem[by_rem], allowed[by_rem]
-                first = np.searchsorted(rem_sorted, lp, side="left")
-                nofit = first == allowed.size
-                if nofit.any():  # budgets only shrink: these can never be placed here
-                    cap_failed.append(pending[nofit])
-                    pending, lp, first = pending[~nofit], lp[~nofit], first[~nofit]
-                    if not pending.size:
-                        break
+                if rem[0] == rem.min() == rem.max():
+                    rem_sorted, steps_by_rem = rem, allowed
+                else:
+                    rem_sorted, by_rem = _sort_with_order(rem)
+                    steps_by_rem = allowed[by_rem]
+                # Only draws longer than the smallest budget need the search (usually none).
+                tight = np.flatnonzero(lp > rem_sorted[0])
+                first = None
+                if tight.size:
+                    first = np.zeros(pending.size, np.intp)
+                    first[tight] = np.searchsorted(rem_sorted, lp[tight], side="left")
+                    nofit = first == allowed.size
+                    if nofit.any():  # budgets only shrink: these can never be placed here
+                        cap_failed.append(pending[nofit])
+                        pending, lp, first = pending[~nofit], lp[~nofit], first[~nofit]
+                        if not pending.size:
+                            break
                 if home is not None and rounds <= max_rounds // 2:
                     # Keep the even deal: a draw that collided retries in its dealt
                     # step while that step has budget for it; only the others move.
                     st = home[pending]
                     move = np.flatnonzero(self.cap_tokens - self._used[st] < lp)
-                else:
-                    st = np.empty(pending.size, np.int64)
-                    move = np.arange(pending.size)
-                st[move] = steps_by_rem[first[move] + rng.integers(0, allowed.size - first[move])]
-                if home is not None:
+                    low = 0 if first is None else first[move]
+                    st[move] = steps_by_rem[low + rng.integers(0, allowed.size - low, size=move.size)]
                     home[pending] = st
-            row = rng.integers(0, B, size=pending.size, dtype=np.int64)
-            off = rng.integers(0, L - lp + 1, dtype=np.int64)
-            g = (st * B + row) * L + off
+                    g = st * BL
+                else:
+                    if first is not None:
+                        pick = first + rng.integers(0, allowed.size - first)
+                    else:
+                        # The same draws as with an array of equal bounds (numpy's bounded
+                        # integers make one generator call per value either way).
+                        pick = rng.integers(0, allowed.size, size=pending.size)
+                    if home is not None:
+                        home[pending] = steps_by_rem[pick]
+                    # The flat start of the step, written over the picks (all in range).
+                    g = np.take(steps_by_rem * BL, pick, out=pick, mode="clip")
+                    del pick
+            # int32 draws are the same values as int64 ones (one 32-bit draw each).
+            m = pending.size
+            row = rng.integers(0, B, size=m, dtype=np.int32)
+            high = np.subtract(L + 1, lp, out=scratch.view(np.int32)[:m])
+            off = rng.integers(0, high, dtype=np.int32)
+            if within_int32:
+                row *= L
+                row += off
+                g += row
+            else:
+                g += row.astype(np.int64) * L
+                g += off
+            del row, off, high
             # Work in flat order from here: searchsorted with sorted needles is ~50x
             # faster than with random ones, and neighbours in the draw become adjacent.
-            # A stable sort keeps tie-breaking identical on every machine.
-            g, order = _sort_with_order(g)
-            pending, lp = pending[order], lp[order]
-            st = g // (B * L)  # cheaper than a third random gather
-            keep = self._select(g, lp, st, rng, new_start, new_length)
-            if keep.size:
-                new_start, new_length = _merge_sorted(new_start, new_length, g[keep], lp[keep])
-                self._used += np.bincount(st[keep], weights=lp[keep], minlength=T).astype(np.int64)
-                done.append((pending[keep], g[keep], st[keep]))
-                mask = np.ones(pending.size, bool)
-                mask[keep] = False
-                pending = pending[mask]
-        self._start, self._length = _merge_sorted(self._start, self._length, new_start, new_length)
-        if done:
-            index, g, step = (np.concatenate(col) for col in zip(*done))
-            # Each round is sorted already, so this stable sort (timsort) only merges runs.
-            order = np.argsort(g, kind="stable")
-            index, g, step = index[order], g[order], step[order]
-        else:
-            index, g, step = (np.empty(0, np.int64) for _ in range(3))
-        return PlaceOutcome(
-            index=index,
-            step=step,
-            row=((g // L) % B).astype(np.int32),
-            offset=(g % L).astype(np.int32),
-            unplaced_cap=np.sort(np.concatenate([np.empty(0, np.int64), *cap_failed])),
-            unplaced_collision=np.sort(pending),
-            rounds=rounds,
-        )
+            # Ties keep draw order, so the result is the same on every machine.
+            if pending is ar:  # round 1: the order is the request index, written over ar
+                g, pending = _sort_with_order(g, packable=packable, arange=ar, order_into_arange=True)
+                ar = np.empty(0, np.intp)
+                lp = lp[pending]
+            else:
+                g, order = _sort_with_order(g, packable=packable)
+                pending, lp = pending[order], lp[order]
+                del order
+            in_call = [r[:2] for r in (first_run, later) if r is not None]
+            ok, steps, wanted = self._select(g, lp, rng, in_call, scratch)
+            if ok is None:
+                survivors = (g, lp, pending)
+                pending = pending[:0]
+            elif ok.any():
+                survivors = (g[ok], lp[ok], pending[ok])
+                np.logical_not(ok, out=ok)
+                pending, lp = pending[ok], lp[ok]
+            else:
+                continue
+            del g, ok
+            self._used[steps] += wanted
+            self._mark(survivors[0], survivors[1], scratch)
+            if first_run is None:
+                first_run = survivors
+            else:
+                later = survivors if later is None else _merge_runs(later, survivors)
+        pieces = [r for r in (first_run, later) if r is not None]
+        for g, length, _ in pieces:
+            self._add_run(g, length, marked=True)
+        cap_unplaced = np.sort(np.concatenate([np.empty(0, np.intp), *cap_failed]))
+        return pieces, cap_unplaced, np.sort(pending), rounds
 
     # -- internals ----------------------------------------------------------
 
@@ -409,42 +524,149 @@ class Occupancy:
         self,
         g: np.ndarray,
         length: np.ndarray,
-        step: np.ndarray,
         rng: np.random.Generator,
-        new_start: np.ndarray,
-        new_length: np.ndarray,
-    ) -> np.ndarray:
-        """Ascending indices of the draws of one round (sorted by ``g``) to commit together.
+        in_call: Sequence[tuple[np.ndarray, ...]],
+        scratch: np.ndarray,
+    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """The draws of one round (sorted by ``g``) to commit together.
 
-        ``new_start``/``new_length`` are the spans this ``place`` call already placed
-        (not yet merged into the held ones).
+        Returns a mask of them (``None`` meaning all), and the steps they fall in with
+        the tokens they add to each. ``in_call`` are the spans this ``place`` call already placed
+        (marked in the map, not yet a run); ``scratch`` is an int64 buffer of at least
+        ``g.size + 1`` values.
         """
-        hit = _collides(self._start, self._length, g, length) | _collides(new_start, new_length, g, length)
-        cand = np.flatnonzero(~hit)
-        if cand.size == 0:
-            return cand
-        gs = g[cand]
-        ends = gs + length[cand]
-        prev_end = np.empty_like(ends)
-        prev_end[0] = np.iinfo(np.int64).min
-        np.maximum.accumulate(ends[:-1], out=prev_end[1:])
-        keep = cand[gs >= prev_end]
+        n = g.size
+        hit = self._hits(g, length, in_call, scratch)
+        # One survivor per cluster of mutually overlapping candidates (draws that hit
+        # nothing held): a candidate is kept when it starts after every earlier
+        # candidate ended. A hit's end is set below every start so it never counts.
+        ends = np.add(g, length, out=scratch[:n])
+        ends[hit] = np.iinfo(np.int64).min
+        np.maximum.accumulate(ends, out=ends)
+        ok: np.ndarray | None = np.empty(n, bool)
+        assert ok is not None
+        ok[:1] = True
+        np.greater_equal(g[1:], ends[:-1], out=ok[1:])
+        del ends
+        ok[hit] = False
+        if ok.all():
+            ok = None
+        steps, wanted = self._tokens_per_step(g, length, ok, scratch)
+        over = wanted > self.cap_tokens - self._used[steps]
+        if not over.any():
+            return ok, steps, wanted
         # Per-step cap: only steps whose survivors overshoot need the (random) prefix
         # rule; a random order avoids favouring low rows in crowded steps.
-        remaining = self.cap_tokens - self._used
-        wanted = np.bincount(step[keep], weights=length[keep], minlength=remaining.size)
-        over_step = wanted > remaining
-        in_over = over_step[step[keep]]
-        if not in_over.any():
-            return keep
+        BL = self.geometry.tokens_per_step
+        keep = np.arange(n, dtype=np.intp) if ok is None else np.flatnonzero(ok)
+        over_step = np.zeros(self.geometry.num_steps, bool)
+        over_step[steps] = over
+        in_over = over_step[g[keep] // BL]
         contested = keep[in_over]
-        contested = contested[np.lexsort((rng.random(contested.size), step[contested]))]
-        cs, ls = step[contested], length[contested]
+        contested = contested[np.lexsort((rng.random(contested.size), g[contested] // BL))]
+        cs, ls = g[contested] // BL, length[contested].astype(np.int64)
         cum = np.cumsum(ls)
         group_first = np.r_[True, cs[1:] != cs[:-1]]
         before = (cum - ls)[group_first][np.cumsum(group_first) - 1]
-        fits = cum - before <= remaining[cs]
-        return np.sort(np.concatenate([keep[~in_over], contested[fits]]))
+        fits = cum - before <= self.cap_tokens - self._used[cs]
+        ok = np.zeros(n, bool)
+        ok[keep[~in_over]] = True
+        ok[contested[fits]] = True
+        return (ok, *self._tokens_per_step(g, length, ok, scratch))
+
+    def _tokens_per_step(
+        self, g: np.ndarray, length: np.ndarray, ok: np.ndarray | None, scratch: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, tokens)``: the distinct steps of the spans sorted by flat start
+        ``g``, and the tokens of the spans where ``ok`` is true (``None``: all) in each.
+
+        Linear in the spans, never in the run's steps: later rounds are small.
+        """
+        m = g.size
+        step = scratch[:m]
+        if self._bl_shift is not None:
+            np.right_shift(g, self._bl_shift, out=step)
+        else:
+            np.floor_divide(g, self.geometry.tokens_per_step, out=step)
+        change = np.empty(m, bool)
+        change[:1] = True
+        np.not_equal(step[1:], step[:-1], out=change[1:])
+        starts = np.flatnonzero(change)
+        del change
+        steps = step[starts]
+        cum = scratch[: m + 1]  # the step values are no longer needed
+        if ok is None:
+            np.cumsum(length, out=cum[1:])
+        else:
+            np.multiply(length, ok, out=cum[1:])
+            np.cumsum(cum[1:], out=cum[1:])
+        cum[0] = 0
+        bounds = np.append(starts, m)
+        return steps, cum[bounds[1:]] - cum[bounds[:-1]]
+
+    def _hits(
+        self,
+        g: np.ndarray,
+        length: np.ndarray,
+        in_call: Sequence[tuple[np.ndarray, ...]] = (),
+        scratch: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Indices of the sorted intervals ``[g, g + length)`` that intersect a held or in-call span."""
+        runs = [r for r in (*self._runs, *in_call) if r[0].size]
+        if not runs or g.size == 0:
+            return np.empty(0, np.intp)
+        if self._map is None:
+            cand = None
+            gc, lc = g, length
+        else:
+            # Only draws whose first or last block holds a span start or end can
+            # collide: a span they share a token with starts or ends in one of their
+            # (at most two) blocks.
+            blocks = np.right_shift(g, self._shift, out=None if scratch is None else scratch[: g.size])
+            flagged = self._map[blocks]
+            if not self._one_block:
+                np.add(g, length, out=blocks)
+                blocks -= 1
+                blocks >>= self._shift
+                flagged |= self._map[blocks]
+            del blocks
+            cand = np.flatnonzero(flagged)
+            del flagged
+            gc, lc = g[cand], length[cand]
+        hit = _collides(runs[0][0], runs[0][1], gc, lc)
+        for start, span_len in runs[1:]:
+            hit |= _collides(start, span_len, gc, lc)
+        return np.flatnonzero(hit) if cand is None else cand[hit]
+
+    def _build_map(self) -> None:
+        self._map = np.zeros(((self.geometry.total_tokens - 1) >> self._shift) + 1, np.uint8)
+        for start, span_len in self._runs:
+            self._mark(start, span_len)
+
+    def _mark(self, g: np.ndarray, length: np.ndarray, scratch: np.ndarray | None = None) -> None:
+        """Flag the blocks of the first and last token of each span in the map."""
+        if self._map is None:
+            return
+        blocks = np.right_shift(g, self._shift, out=None if scratch is None else scratch[: g.size])
+        self._map[blocks] = 1
+        if not self._one_block:
+            np.add(g, length, out=blocks)
+            blocks -= 1
+            blocks >>= self._shift
+            self._map[blocks] = 1
+
+    def _add_run(self, g: np.ndarray, length: np.ndarray, *, marked: bool = False) -> None:
+        """Hold the sorted spans ``(g, length)``, disjoint from all held ones."""
+        if g.size == 0:
+            return
+        if not marked:
+            self._mark(g, length)
+        self._runs.append((g, length))
+        while len(self._runs) > _MAX_RUNS:
+            # Merging the two smallest keeps the copying small and the count bounded.
+            a, b = sorted(range(len(self._runs)), key=lambda i: self._runs[i][0].size)[:2]
+            start, span_len = _merge_runs(self._runs[a], self._runs[b])
+            self._runs = [r for i, r in enumerate(self._runs) if i not in (a, b)] + [(start, span_len)]
 
 
 def _collides(start: np.ndarray, length: np.ndarray, g: np.ndarray, glen: np.ndarray) -> np.ndarray:
@@ -458,37 +680,64 @@ def _collides(start: np.ndarray, length: np.ndarray, g: np.ndarray, glen: np.nda
     return (idx >= 0) & (start[safe] + length[safe] > g)
 
 
-def _merge_sorted(a: np.ndarray, a_len: np.ndarray, b: np.ndarray, b_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge two sorted, mutually disjoint span sets in linear time."""
-    if b.size == 0:
-        return a, a_len
-    if a.size == 0:
-        return b.astype(np.int64, copy=False), b_len.astype(np.int32, copy=False)
-    pos = np.searchsorted(a, b) + np.arange(b.size)
-    total = a.size + b.size
-    start = np.empty(total, np.int64)
-    length = np.empty(total, np.int32)
-    from_a = np.ones(total, bool)
+def _merge_runs(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Merge two column sets sorted by their first column (disjoint flat starts)."""
+    if b[0].size == 0:
+        return a
+    if a[0].size == 0:
+        return b
+    pos = np.searchsorted(a[0], b[0])
+    pos += np.arange(b[0].size)
+    from_a = np.ones(a[0].size + b[0].size, bool)
     from_a[pos] = False
-    start[pos] = b
-    length[pos] = b_len
-    start[from_a] = a
-    length[from_a] = a_len
-    return start, length
+    out = []
+    for col_a, col_b in zip(a, b, strict=True):
+        col = np.empty(from_a.size, np.result_type(col_a, col_b))
+        col[pos] = col_b
+        col[from_a] = col_a
+        out.append(col)
+    return tuple(out)
 
 
-def _sort_with_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _merge_pieces(pieces: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """``(flat start, length, index)`` of :meth:`Occupancy._place`'s pieces, in flat order."""
+    if not pieces:
+        return np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.intp)
+    return pieces[0] if len(pieces) == 1 else _merge_runs(pieces[0], pieces[1])
+
+
+def _sort_with_order(
+    keys: np.ndarray,
+    *,
+    packable: bool | None = None,
+    arange: np.ndarray | None = None,
+    order_into_arange: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(sorted keys, order)``, identical to a stable argsort, about twice as fast.
 
     When key and position fit together in 63 bits, sort ``key << bits | position``:
     the packed keys are unique, so any sort algorithm gives the same (stable)
     result on every machine, and numpy's SIMD sort beats argsort plus a gather.
+    ``keys`` (int64) is overwritten then. ``packable`` says, when the caller knows,
+    whether the keys are non-negative and below ``2 ** (63 - bits)``; ``arange`` is
+    an optional ``0, 1, ...`` of at least ``keys.size`` values to reuse, and with
+    ``order_into_arange`` the order is written over it (saving an allocation).
     """
     n = keys.size
     bits = max(1, (n - 1).bit_length())
-    if n and keys.min() >= 0 and int(keys.max()) < (1 << (63 - bits)):
-        packed = np.sort((keys << bits) | np.arange(n, dtype=np.int64))
-        return packed >> bits, packed & ((1 << bits) - 1)
+    if packable is None:
+        packable = bool(n) and keys.min() >= 0 and int(keys.max()) < (1 << (63 - bits))
+    if packable and keys.dtype == np.int64:
+        keys <<= bits
+        keys |= np.arange(n, dtype=np.int64) if arange is None else arange[:n]
+        keys.sort()
+        mask = (1 << bits) - 1
+        if order_into_arange and arange is not None and arange.dtype == np.int64:
+            order = np.bitwise_and(keys, mask, out=arange[:n])
+        else:
+            order = keys & mask
+        keys >>= bits
+        return keys, order
     order = np.argsort(keys, kind="stable")
     return keys[order], order
 
@@ -538,7 +787,9 @@ def plan_static(
     before sampling, *also* with ``on_unplaceable="warn"``: a sequence longer than
     the sequence length or than the per-step cap, a placement outside the run, or an
     experiment needing more tokens than the cap budget left in its steps. Such a run
-    would silently lose a whole experiment's design, so it is a config error.
+    would silently lose a whole experiment's design, so it is a config error. The
+    budget is checked on the repetition counts, before any span is materialised, so
+    an absurd count fails fast instead of allocating.
     Spans that remain unplaced after ``max_rounds`` re-draw rounds (or find no step
     with budget for their length) raise with ``"error"``, and with ``"warn"`` emit
     :class:`UnplacedSpansWarning` and are counted in ``PlanResult.unplaced``.
@@ -567,68 +818,100 @@ def plan_static(
     occupancy = Occupancy(geometry, cap)
     L = geometry.sequence_length
     result = PlanResult(spans=SpanTable.empty(), requested={}, placed={}, unplaced={}, cap_tokens=cap)
-    parts: list[tuple[np.ndarray, ...]] = []  # (flat start, length, experiment, sequence, repetition)
+    parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    # (experiment, flat start, length, sequence, repetition), each sorted by flat start
 
     for k, exp in enumerate(experiments):
         rng = experiment_rng(seed, exp.name, 0)
-        lengths = np.asarray(exp.seq_lengths, dtype=np.int64)
+        lengths = np.asarray(exp.seq_lengths)
+        if lengths.dtype.kind not in "iu":
+            lengths = lengths.astype(np.int64)
         reps = np.asarray(exp.seq_repetitions, dtype=np.float64)
         if lengths.shape != reps.shape or lengths.ndim != 1:
             raise PlacementError(
                 f"experiment {exp.name!r}: seq_lengths {lengths.shape} and seq_repetitions {reps.shape} "
                 "must be 1-D of equal size"
             )
+        if lengths.size > np.iinfo(SPAN_COLUMNS["sequence"]).max:
+            raise PlacementError(
+                f"experiment {exp.name!r}: {lengths.size} sequences, more than the sequence column holds"
+            )
         if not np.isfinite(reps).all() or (reps < 0).any():
             raise PlacementError(f"experiment {exp.name!r}: seq_repetitions must be finite and non-negative")
-        used_lengths = lengths[reps > 0]  # checked before drawing, so errors do not depend on the seed
-        if used_lengths.size and used_lengths.min() < 1:
-            raise PlacementError(f"experiment {exp.name!r}: sequence of length {used_lengths.min()} (must be >= 1)")
-        if used_lengths.size and used_lengths.max() > min(L, cap):
-            longest = int(used_lengths.max())
+        # Checked before drawing, so errors do not depend on the seed.
+        used = reps > 0
+        shortest = int(np.min(lengths, where=used, initial=np.iinfo(lengths.dtype).max))
+        longest = int(np.max(lengths, where=used, initial=np.iinfo(lengths.dtype).min))
+        if shortest < 1:
+            raise PlacementError(f"experiment {exp.name!r}: sequence of length {shortest} (must be >= 1)")
+        if used.any() and longest > min(L, cap):
             what = f"the sequence length {L}" if longest > L else f"the per-step cap of {cap} tokens"
             raise PlacementError(f"experiment {exp.name!r}: a sequence of {longest} tokens is longer than {what}")
-        counts = resolve_repetitions(reps, rng)
-        seq = np.repeat(np.arange(lengths.size, dtype=np.int64), counts)
-        span_len = lengths[seq]
         allowed, spread = _allowed_steps(exp, geometry)
-        needed = int(span_len.sum())
         budget = int(np.maximum(occupancy.remaining(allowed), 0).sum())
-        if needed > budget:
-            raise PlacementError(
-                f"experiment {exp.name!r}: needs {needed} tokens ({seq.size} spans) but its {allowed.size} step(s) "
-                f"have only {budget} tokens of cap budget left (cap {cap} tokens per step = "
+
+        def over_budget(needed: str, spans: str) -> PlacementError:
+            return PlacementError(
+                f"experiment {exp.name!r}: needs {needed} tokens ({spans} spans) but its {allowed.size} step(s) "  # noqa: B023
+                f"have only {budget} tokens of cap budget left (cap {cap} tokens per step = "  # noqa: B023
                 f"{max_modified_fraction} x {geometry.global_batch_size} x {L})"
             )
-        out = occupancy.place(span_len, rng, steps=allowed, spread=spread, max_rounds=max_rounds)
 
-        result.requested[exp.name] = int(seq.size)
-        result.placed[exp.name] = int(out.index.size)
-        result.unplaced[exp.name] = out.num_unplaced
-        if out.num_unplaced:
+        # Every span takes at least one token, so more spans than budget tokens can
+        # never fit: refuse before resolving or expanding the counts (a direct caller
+        # may pass any repetition count; only the budget bounds what is allocated).
+        # The float sum is within a relative 1e-9 of the exact one at any size here,
+        # so this margin only lets through totals that the exact check below judges.
+        approx = float(reps.sum())
+        if approx > (budget + 1) * (1 + 1e-6):
+            raise over_budget(f"at least {approx:.0f}", f"about {approx:.0f}")
+        counts = resolve_repetitions(reps, rng)
+        needed = int(np.dot(counts, lengths.astype(np.int64, copy=False)))
+        n_spans = int(counts.sum())
+        if needed > budget:
+            raise over_budget(str(needed), str(n_spans))
+        lengths32 = lengths.astype(np.int32, copy=False)
+        # Request i is the i-th span of the expansion; with one span per sequence
+        # (the common case) it is sequence i, and nothing needs expanding.
+        seq = (
+            None
+            if n_spans == counts.size and counts.min(initial=1) == 1
+            else np.repeat(np.arange(lengths.size, dtype=np.int32), counts)
+        )
+        span_len = lengths32 if seq is None else lengths32[seq]
+        pieces, cap_failed, collided, _ = occupancy._place(span_len, rng, allowed, spread=spread, max_rounds=max_rounds)
+        del span_len
+        num_placed = sum(int(p[0].size) for p in pieces)
+        num_unplaced = int(cap_failed.size + collided.size)
+        result.requested[exp.name] = n_spans
+        result.placed[exp.name] = num_placed
+        result.unplaced[exp.name] = num_unplaced
+        if num_unplaced:
             msg = (
-                f"experiment {exp.name!r}: {out.num_unplaced} of {seq.size} spans could not be placed: "
-                f"{out.unplaced_cap.size} found no step with cap budget left for their length "
-                f"(cap {cap} tokens per step), {out.unplaced_collision.size} still collided with other spans "
+                f"experiment {exp.name!r}: {num_unplaced} of {n_spans} spans could not be placed: "
+                f"{cap_failed.size} found no step with cap budget left for their length "
+                f"(cap {cap} tokens per step), {collided.size} still collided with other spans "
                 f"after {max_rounds} re-draw rounds"
             )
             result.messages[exp.name] = msg
             if on_unplaceable == "error":
                 raise PlacementError(msg)
             warnings.warn(msg, UnplacedSpansWarning, stacklevel=2)
-
-        g = (out.step * geometry.global_batch_size + out.row) * L + out.offset  # sorted: place() returns flat order
-        s = seq[out.index]
-        parts.append(
-            (
-                g,
-                span_len[out.index].astype(SPAN_COLUMNS["length"]),
-                np.full(g.size, k, SPAN_COLUMNS["experiment"]),
-                s.astype(SPAN_COLUMNS["sequence"]),
-                _repetition_numbers(s, lengths.size).astype(SPAN_COLUMNS["repetition"]),
+        if counts.size and counts.max() > 1:
+            # Repetition numbers follow flat order: interleave the pieces first.
+            pieces = [_merge_pieces(pieces)]
+        for g, length, index in pieces:  # g, length: the occupancy's runs, shared
+            s = index.astype(np.int32) if seq is None else seq[index]
+            del index
+            repetition = (
+                _repetition_numbers(s)
+                if counts.size and counts.max() > 1
+                else np.zeros(s.size, SPAN_COLUMNS["repetition"])
             )
-        )
+            parts.append((k, g, length, s, repetition))
+        del pieces, seq
 
-    del occupancy  # its arrays are as large as the table's; free them before building it
+    del occupancy  # its map and merged runs are not needed to build the table
     result.spans = _to_table(parts, geometry)
     return result
 
@@ -654,36 +937,71 @@ def _allowed_steps(exp: PreparedExperiment, geometry: BatchGeometry) -> tuple[np
     return np.arange(p.start_step, p.end_step, dtype=np.int64), False
 
 
-def _repetition_numbers(seq: np.ndarray, num_sequences: int) -> np.ndarray:
-    """0..k-1 per sequence, in the order of ``seq`` (spans already in flat order)."""
-    rep = np.zeros(seq.size, np.int64)
-    multi = np.flatnonzero(np.bincount(seq, minlength=num_sequences)[seq] > 1)
-    if multi.size == 0:  # e.g. every sequence injected once: nothing to number
-        return rep
-    ss, order = _sort_with_order(seq[multi])  # stable: keeps flat order inside each sequence
-    first = np.r_[True, ss[1:] != ss[:-1]]
-    starts = np.flatnonzero(first)
-    rep[multi[order]] = np.arange(ss.size) - starts[np.cumsum(first) - 1]
+def _repetition_numbers(seq: np.ndarray) -> np.ndarray:
+    """0..k-1 per sequence, in the order of ``seq`` (spans already in flat order), as int32."""
+    n = seq.size
+    if n == 0:
+        return np.zeros(0, SPAN_COLUMNS["repetition"])
+    # Sort (sequence, position) packed in one int64 (sequence < 2**31, position < 2**31).
+    ss, order = _sort_with_order(
+        seq.astype(np.int64), packable=True, arange=np.arange(n, dtype=np.int64), order_into_arange=True
+    )
+    starts = np.flatnonzero(ss[1:] != ss[:-1]) + 1  # where each sequence's run begins, after the first
+    del ss
+    # Rank inside the run: a cumulative sum of ones that drops back to 0 at each run start.
+    rank: np.ndarray = np.ones(n, SPAN_COLUMNS["repetition"])
+    rank[0] = 0
+    rank[starts] = 1 - np.diff(starts, prepend=0)
+    np.cumsum(rank, out=rank)
+    rep: np.ndarray = np.empty(n, SPAN_COLUMNS["repetition"])
+    rep[order] = rank
     return rep
 
 
-def _to_table(parts: list[tuple[np.ndarray, ...]], geometry: BatchGeometry) -> SpanTable:
-    """Merge the experiments' parts (each sorted by flat start) into one sorted table."""
+def _to_table(
+    parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], geometry: BatchGeometry
+) -> SpanTable:
+    """Merge the experiments' parts (each sorted by flat start) into one sorted table.
+
+    One packed sort of ``flat start << bits | position`` gives the merged order; each
+    column is then concatenated, gathered and released in turn, so the peak stays
+    near the table's own size.
+    """
     if not parts:
         return SpanTable.empty()
-    B, L = geometry.global_batch_size, geometry.sequence_length
-    g = np.concatenate([p[0] for p in parts])
-    # Flat starts are unique (spans never overlap); the parts are sorted runs, which
-    # the stable sort (timsort) merges in near-linear time.
-    order = np.argsort(g, kind="stable")
-    g = g[order]
-    cols: dict[str, np.ndarray] = {}
-    for i, name in enumerate(("length", "experiment", "sequence", "repetition"), start=1):
-        cols[name] = np.concatenate([p[i] for p in parts])[order]
+    BL, L = geometry.tokens_per_step, geometry.sequence_length
+    experiment: np.ndarray = np.repeat(
+        np.array([p[0] for p in parts], SPAN_COLUMNS["experiment"]), [p[1].size for p in parts]
+    )
+    g = np.concatenate([p[1] for p in parts])
+    n = g.size
+    columns = [list(col) for col in zip(*(p[2:] for p in parts), strict=True)]  # length, sequence, repetition
+    parts.clear()
+    # Flat starts are unique (spans never overlap), so any sort gives the same order.
+    packable = geometry.total_tokens <= 1 << (63 - max(1, (n - 1).bit_length()))
+    g, order = _sort_with_order(g, packable=packable, arange=np.arange(n, dtype=np.int64), order_into_arange=True)
+    cols: dict[str, np.ndarray] = {"experiment": experiment[order]}
+    del experiment
+    for name, pieces in zip(("length", "sequence", "repetition"), columns, strict=True):
+        joined = np.concatenate(pieces)
+        pieces.clear()
+        cols[name] = joined[order].astype(SPAN_COLUMNS[name], copy=False)
+        del joined
     del order
-    cols["offset"] = (g % L).astype(SPAN_COLUMNS["offset"])
-    row_index = g // L
-    del g
-    cols["row"] = (row_index % B).astype(SPAN_COLUMNS["row"])
-    cols["step"] = row_index // B
+    # Position inside the step, computed in int64 but stored straight into int32.
+    within: np.ndarray = np.empty(n, np.int32 if np.iinfo(np.int32).max >= BL else np.int64)
+    if BL & (BL - 1) == 0:
+        np.bitwise_and(g, BL - 1, out=within, casting="unsafe")
+        g >>= BL.bit_length() - 1  # g becomes the step column, in place
+    else:
+        np.remainder(g, BL, out=within, casting="unsafe")
+        np.floor_divide(g, BL, out=g)
+    cols["step"] = g
+    if L & (L - 1) == 0:
+        cols["row"] = (within >> (L.bit_length() - 1)).astype(SPAN_COLUMNS["row"], copy=False)
+        within &= L - 1
+    else:
+        cols["row"] = (within // L).astype(SPAN_COLUMNS["row"], copy=False)
+        within %= L
+    cols["offset"] = within.astype(SPAN_COLUMNS["offset"], copy=False)
     return SpanTable(**{name: cols[name].astype(dtype, copy=False) for name, dtype in SPAN_COLUMNS.items()})

@@ -24,6 +24,9 @@ from multirun.plan.static import (
 )
 from multirun.types import BatchGeometry, Placement, PreparedExperiment, SpanTable
 
+# sha256 of the int64 columns of test_plan_is_a_fixed_function_of_seed_and_config's plan,
+# as computed by the planner before its speed-up (issue 17): the same spans, bit for bit.
+PINNED_PLAN_SHA256 = "3316718f194c63010c05c5b693ee13a59530ffeb9b33af8b3ea6108f9c7c65e2"
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REPS = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 2.75, 3.0, 0.1, 1.3, 5.0, 8.0]
 
@@ -414,3 +417,87 @@ def test_occupancy_add_validates_atomically():
             occ.add(bad)
     assert len(occ) == 2 and occ.used.tolist() == [8, 0, 0]
     assert math.isclose(occ.remaining([0, 1]).sum(), 8)
+
+
+# ------------------------------------------------ budget before expansion, internals
+
+
+@pytest.mark.parametrize("reps", [1e12, 1e300])
+def test_absurd_repetitions_refused_before_expanding(reps):
+    # A direct caller (no experiment preparation) asks for 1e12 spans: the planner must
+    # refuse from the counts alone, not allocate 1e12 spans and then compare.
+    geo = BatchGeometry(global_batch_size=4, sequence_length=16, num_steps=10)  # budget 10 x 32 tokens
+    exp = make_experiment("huge", [4], [reps], Placement("uniform", 0, 10))
+    with pytest.raises(PlacementError, match=r"'huge': needs at least .* only 320 tokens of cap budget"):
+        plan_static([exp], geo, seed=0, max_modified_fraction=0.5)
+    # Just above the budget in spans (each span takes >= 1 token): also refused.
+    exp = make_experiment("many", [1], [321.0], Placement("uniform", 0, 10))
+    with pytest.raises(PlacementError, match=r"'many': needs .*321 .*only 320 tokens"):
+        plan_static([exp], geo, seed=0, max_modified_fraction=0.5)
+
+
+@pytest.mark.parametrize(
+    "internals",
+    [
+        {"_MAP_MIN_SPANS": 0},  # block map from the first span
+        {"_MAP_MIN_SPANS": 0, "_MAP_MAX_BYTES": 3},  # coarse blocks spanning many rows
+        {"_MAP_MIN_SPANS": 0, "_MAX_RUNS": 1},  # every run merged at once
+        {"_MAX_RUNS": 2},
+    ],
+)
+def test_collision_index_settings_do_not_change_the_plan(monkeypatch, internals):
+    """The block map and the run merging only speed up collision tests: same spans."""
+    import multirun.plan.static as static
+
+    for L in (64, 48):  # one block per span when L is a power of two, two otherwise
+        geo = BatchGeometry(global_batch_size=8, sequence_length=L, num_steps=60)
+        rng = np.random.default_rng(L)
+        exps = [
+            make_experiment("a", rng.integers(4, 20, 150), np.ones(150), Placement("uniform", 0, 60)),
+            make_experiment("b", rng.integers(4, 20, 60), np.full(60, 2.5), Placement("window", 10, 30)),
+            make_experiment("c", rng.integers(4, 20, 20), np.ones(20), Placement("steps", 0, 60, (3, 17, 29, 44))),
+            make_experiment("d", rng.integers(1, 8, 200), np.ones(200), Placement("uniform", 0, 60)),
+        ]
+        reference = plan_warn(exps, geo, 9, 0.5)
+        for name, value in internals.items():
+            monkeypatch.setattr(static, name, value)
+        plan = plan_warn(exps, geo, 9, 0.5)
+        monkeypatch.undo()
+        check_invariants(plan, exps, geo, cap_tokens(geo, 0.5))
+        for col in ("step", "row", "offset", "length", "experiment", "sequence", "repetition"):
+            assert np.array_equal(getattr(plan.spans, col), getattr(reference.spans, col)), (L, col)
+        assert plan.unplaced == reference.unplaced
+        # Dynamic requests on top of the static plan agree as well.
+        outs = []
+        chosen: dict[str, int]
+        for chosen in ({}, internals):
+            for name, value in chosen.items():
+                monkeypatch.setattr(static, name, value)
+            occ = Occupancy.from_spans(plan.spans, geo, 0.5)
+            out = [occ.place(np.full(30, k + 3), np.random.default_rng(k), step_lo=5, step_hi=25) for k in range(3)]
+            outs.append(([(o.index, o.step, o.row, o.offset) for o in out], occ.used.copy(), len(occ)))
+            monkeypatch.undo()
+        (a, used_a, n_a), (b, used_b, n_b) = outs
+        assert n_a == n_b and np.array_equal(used_a, used_b)
+        for xa, xb in zip(a, b, strict=True):
+            assert all(np.array_equal(u, v) for u, v in zip(xa, xb, strict=True))
+
+
+def test_plan_is_a_fixed_function_of_seed_and_config():
+    """The spans of a config are pinned: a faster planner must not change which are chosen."""
+    import hashlib
+
+    geo = BatchGeometry(global_batch_size=16, sequence_length=128, num_steps=200)
+    rng = np.random.default_rng(0)
+    exps = [
+        make_experiment("docs", rng.integers(8, 100, 800), np.ones(800), Placement("uniform", 0, 200)),
+        make_experiment("groups", rng.integers(8, 100, 200), np.repeat([2.0, 4.5], 100), Placement("uniform", 0, 200)),
+        make_experiment("late", rng.integers(8, 100, 300), np.full(300, 1.25), Placement("window", 150, 200)),
+        make_experiment("fixed", rng.integers(8, 100, 20), np.ones(20), Placement("steps", 0, 200, (5, 50, 99, 120))),
+    ]
+    plan = plan_static(exps, geo, seed=3, max_modified_fraction=0.5)
+    assert len(plan.spans) == 1845 and sum(plan.unplaced.values()) == 0
+    h = hashlib.sha256()
+    for col in ("step", "row", "offset", "length", "experiment", "sequence", "repetition"):
+        h.update(getattr(plan.spans, col).astype(np.int64).tobytes())
+    assert h.hexdigest() == PINNED_PLAN_SHA256
