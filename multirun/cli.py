@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # the commands import their stages lazily, so that `multirun 
     from multirun.config import LoadedConfig
     from multirun.data.tokenizers import Tokenizer
     from multirun.interaction.arms import InteractionResult
+    from multirun.kinds.experiments import PayloadCheck
     from multirun.plan.run_plan import RunPlan
 
 # Piped into a log file, rich would fold every table into 80 columns, and a log has no
@@ -466,15 +467,20 @@ def _print_payload_problems(loaded: LoadedConfig, tokenizer: Tokenizer, sequence
         )
         if len(result.problems) < 2:
             return False
-        more = " (stopped there: fix these first)" if result.truncated else ""
-        console.print(
-            f"[bold red]error:[/] experiment {spec.name!r}: {len(result.problems)} problems in its payload {root}{more}:",
-            highlight=False,
+        _print_payload_check(
+            result,
+            f"[bold red]error:[/] experiment {spec.name!r}: {len(result.problems)} problems in its payload {root}",
         )
-        for line in _grouped_problems(result.problems):
-            console.print(f"  {line}", highlight=False, soft_wrap=True)
         return True
     return False
+
+
+def _print_payload_check(result: PayloadCheck, header: str, *, after: str = "") -> None:
+    """A payload check's problems, grouped by message with their lines, under ``header``."""
+    more = " (stopped there: fix these first)" if result.truncated else ""
+    console.print(f"{header}{more}{after}:", highlight=False)
+    for line in _grouped_problems(result.problems):
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
 
 
 def _payload(args: argparse.Namespace) -> int:
@@ -496,10 +502,7 @@ def _payload(args: argparse.Namespace) -> int:
     package = result.package
     if result.problems:
         what = f"{package.name} {package.version} ({package.kind})" if package else str(root)
-        more = " (stopped there: fix these first)" if result.truncated else ""
-        console.print(f"[bold red]{what}: {len(result.problems)} problem(s){more}[/] ({checked}):", highlight=False)
-        for line in _grouped_problems(result.problems):
-            console.print(f"  {line}", highlight=False, soft_wrap=True)
+        _print_payload_check(result, f"[bold red]{what}: {len(result.problems)} problem(s)", after=f"[/] ({checked})")
         return 2
     assert package is not None and result.experiment is not None
     experiment = result.experiment
