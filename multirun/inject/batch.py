@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from multirun.errors import MultirunError
-from multirun.ledger import token_hash
 
 #: Batch keys kept consistent with ``input_ids`` (Hugging Face / llm-foundry convention).
 INPUT_KEY = "input_ids"
@@ -87,7 +87,90 @@ class LocalRows:
 def row_fingerprints(tokens: np.ndarray) -> np.ndarray:
     """:func:`multirun.ledger.token_hash` of each row of a ``(rows, sequence_length)`` token array."""
     rows = np.ascontiguousarray(tokens, dtype=np.int32)
-    return np.fromiter((token_hash(row) for row in rows), dtype=np.uint64, count=rows.shape[0])
+    # Each row of a C-contiguous int32 array is its int32 bytes: what token_hash hashes.
+    return np.fromiter((xxhash.xxh64_intdigest(row) for row in rows), dtype=np.uint64, count=rows.shape[0])
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """This rank's rows at one step, for the callback's hot path: :class:`LocalRows` with
+    the fingerprints computed only where needed (every row when they are the key, else
+    only the rows a span overwrites, see :meth:`fingerprints_of`).
+
+    Attributes:
+        tokens: the batch's tokens, a host view of ``input_ids``: read it before the overwrite.
+        sample_id: the dataset's sample id of each row, -1 where the dataset gives none.
+        fingerprint: every row's fingerprint when the rows are keyed by content, else None.
+    """
+
+    tokens: np.ndarray
+    sample_id: np.ndarray
+    fingerprint: np.ndarray | None
+
+    @classmethod
+    def of_batch(cls, batch: Any) -> BatchRows:
+        """The rows of a training batch (dict with ``input_ids`` or a plain token tensor)."""
+        tokens = input_ids_of(batch).detach().cpu().numpy()
+        ids = sample_ids_of(batch)
+        if ids is None:
+            ids = np.full(tokens.shape[0], -1, dtype=np.int64)
+        by_id = tokens.shape[0] > 0 and int(ids.min()) >= 0
+        return cls(tokens, ids, None if by_id else row_fingerprints(tokens))
+
+    def __len__(self) -> int:
+        return int(self.sample_id.shape[0])
+
+    @property
+    def keyed_by(self) -> str:
+        """As :attr:`LocalRows.keyed_by`."""
+        return "content" if self.fingerprint is not None else "sample_id"
+
+    @property
+    def key(self) -> np.ndarray:
+        """As :attr:`LocalRows.key`."""
+        if self.fingerprint is None:
+            return self.sample_id
+        return self.fingerprint.view(np.int64)
+
+    def fingerprints_of(self, local_rows: np.ndarray) -> np.ndarray:
+        """The original fingerprint of each of ``local_rows`` (call before the overwrite)."""
+        if self.fingerprint is not None:
+            return self.fingerprint[local_rows]
+        rows, inverse = np.unique(local_rows, return_inverse=True)
+        return row_fingerprints(self.tokens[rows])[inverse.reshape(-1)]
+
+
+def key_buffer(keys: np.ndarray, capacity: int) -> torch.Tensor:
+    """``[count, keys..., padding]``: one rank's row keys in the int64 tensor that
+    :func:`row_lookup` reads, of the same shape on every rank (``capacity + 1``)."""
+    if keys.shape[0] > capacity:
+        raise BatchFormatError(
+            f"a batch of {keys.shape[0]} rows on one rank, but the dataloader's batch size is {capacity}"
+        )
+    buffer = torch.zeros(capacity + 1, dtype=torch.int64)
+    buffer[0] = keys.shape[0]
+    buffer[1 : keys.shape[0] + 1] = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64))
+    return buffer
+
+
+def single_process_lookup(keys: np.ndarray) -> np.ndarray:
+    """:func:`row_lookup` in one process: global row ``g`` is local row ``lookup[g]``."""
+    return np.argsort(keys, kind="stable")
+
+
+def row_lookup(gathered: np.ndarray, rank: int) -> np.ndarray:
+    """The local row on ``rank`` of each of the step's global rows, -1 where another rank holds it.
+
+    The global rows are :func:`global_rows`' (ordered by ``(key, rank, local row)``), read
+    from every rank's :func:`key_buffer` stacked as ``gathered`` (``(world, capacity + 1)``);
+    the result's length is the step's rows across all ranks.
+    """
+    counts = gathered[:, 0]
+    held = np.arange(gathered.shape[1] - 1) < counts[:, None]
+    owners, positions = np.nonzero(held)  # in (rank, local row) order
+    # A stable sort by key keeps (rank, local row) order among equal keys.
+    order = np.argsort(gathered[:, 1:][held], kind="stable")
+    return np.where(owners[order] == rank, positions[order], -1)
 
 
 @dataclass(frozen=True)
