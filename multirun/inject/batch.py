@@ -110,7 +110,9 @@ class BatchRows:
     @classmethod
     def of_batch(cls, batch: Any) -> BatchRows:
         """The rows of a training batch (dict with ``input_ids`` or a plain token tensor)."""
-        tokens = input_ids_of(batch).detach().cpu().numpy()
+        input_ids = input_ids_of(batch)
+        view = _host_view(input_ids)  # read before the overwrite, which writes through the same memory
+        tokens = view.reshape(input_ids.shape) if view is not None else input_ids.detach().cpu().numpy()
         ids = sample_ids_of(batch)
         if ids is None:
             ids = np.full(tokens.shape[0], -1, dtype=np.int64)
@@ -214,7 +216,11 @@ def input_ids_of(batch: Any) -> torch.Tensor:
 def sample_ids_of(batch: Any) -> np.ndarray | None:
     """Dataset sample ids of the batch rows, when the dataset provides them."""
     if isinstance(batch, Mapping) and SAMPLE_ID_KEY in batch:
-        return np.asarray(torch.as_tensor(batch[SAMPLE_ID_KEY]).cpu().numpy(), dtype=np.int64).reshape(-1)
+        ids = batch[SAMPLE_ID_KEY]
+        host = _host_view(ids) if isinstance(ids, torch.Tensor) else None
+        if host is None:
+            host = torch.as_tensor(ids).cpu().numpy()
+        return np.asarray(host, dtype=np.int64).reshape(-1)
     return None
 
 
@@ -377,14 +383,14 @@ def apply_spans(
     if positions.shape[0] == 0:
         return batch
     input_ids = input_ids_of(batch)
-    index = torch.from_numpy(positions)
-    values = torch.from_numpy(np.ascontiguousarray(tokens)).to(input_ids.dtype)
-    input_ids.view(-1)[index] = values
+    _overwrite(input_ids, positions, tokens)
     if isinstance(batch, MutableMapping):
         if LABELS_KEY in batch and isinstance(batch[LABELS_KEY], torch.Tensor):
-            batch[LABELS_KEY].view(-1)[index] = values.to(batch[LABELS_KEY].dtype)
+            _overwrite(batch[LABELS_KEY], positions, tokens)
         if ATTENTION_KEY in batch and isinstance(batch[ATTENTION_KEY], torch.Tensor):
-            batch[ATTENTION_KEY].view(-1)[index] = 1
+            _overwrite(batch[ATTENTION_KEY], positions, 1)
+        if SEQUENCE_ID_KEY not in batch and TOTAL_TOKENS_KEY not in batch and LOSS_GENERATING_KEY not in batch:
+            return batch
         rows = np.unique(rows_touched)
         if SEQUENCE_ID_KEY in batch:
             if derived.sequence_id is None:
@@ -395,6 +401,29 @@ def apply_spans(
         if TOTAL_TOKENS_KEY in batch or LOSS_GENERATING_KEY in batch:
             _store_counts(batch, rows, _token_counts(batch, rows, derived))
     return batch
+
+
+def _host_view(tensor: torch.Tensor) -> np.ndarray | None:
+    """A flat numpy view sharing a host tensor's memory, None when there is none (another
+    device, a strided or autograd tensor)."""
+    if tensor.device.type != "cpu" or tensor.requires_grad or not tensor.is_contiguous():
+        return None
+    try:
+        return tensor.numpy().reshape(-1)
+    except TypeError:  # a dtype numpy lacks
+        return None
+
+
+def _overwrite(tensor: torch.Tensor, positions: np.ndarray, values: np.ndarray | int) -> None:
+    """``tensor.view(-1)[positions] = values``, through a numpy view on the host: no torch
+    dispatch (and no release of the GIL) on the training loop's critical path."""
+    view = _host_view(tensor)
+    if view is not None:
+        view[positions] = values
+        return
+    index = torch.from_numpy(positions)
+    source = values if isinstance(values, int) else torch.from_numpy(np.ascontiguousarray(values))
+    tensor.view(-1)[index.to(tensor.device)] = source if isinstance(source, int) else source.to(tensor)
 
 
 def _token_counts(batch: Mapping, rows: np.ndarray, derived: DerivedKeys) -> tuple[list[int], list[int]]:
