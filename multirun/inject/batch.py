@@ -135,11 +135,19 @@ class BatchRows:
         return self.fingerprint.view(np.int64)
 
     def fingerprints_of(self, local_rows: np.ndarray) -> np.ndarray:
-        """The original fingerprint of each of ``local_rows`` (call before the overwrite)."""
+        """The original fingerprint of each of ``local_rows`` (call before the overwrite).
+
+        A row that several consecutive entries name (a step's spans come sorted by row)
+        is hashed once.
+        """
         if self.fingerprint is not None:
             return self.fingerprint[local_rows]
-        rows, inverse = np.unique(local_rows, return_inverse=True)
-        return row_fingerprints(self.tokens[rows])[inverse.reshape(-1)]
+        if local_rows.shape[0] == 0:
+            return np.empty(0, dtype=np.uint64)
+        new_row = np.empty(local_rows.shape[0], dtype=bool)
+        new_row[0] = True
+        np.not_equal(local_rows[1:], local_rows[:-1], out=new_row[1:])
+        return row_fingerprints(self.tokens[local_rows[new_row]])[np.cumsum(new_row) - 1]
 
 
 def key_buffer(keys: np.ndarray, capacity: int) -> torch.Tensor:
@@ -149,10 +157,10 @@ def key_buffer(keys: np.ndarray, capacity: int) -> torch.Tensor:
         raise BatchFormatError(
             f"a batch of {keys.shape[0]} rows on one rank, but the dataloader's batch size is {capacity}"
         )
-    buffer = torch.zeros(capacity + 1, dtype=torch.int64)
+    buffer = np.zeros(capacity + 1, dtype=np.int64)
     buffer[0] = keys.shape[0]
-    buffer[1 : keys.shape[0] + 1] = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64))
-    return buffer
+    buffer[1 : keys.shape[0] + 1] = keys
+    return torch.from_numpy(buffer)
 
 
 def single_process_lookup(keys: np.ndarray) -> np.ndarray:
@@ -215,7 +223,7 @@ def input_ids_of(batch: Any) -> torch.Tensor:
 
 def sample_ids_of(batch: Any) -> np.ndarray | None:
     """Dataset sample ids of the batch rows, when the dataset provides them."""
-    if isinstance(batch, Mapping) and SAMPLE_ID_KEY in batch:
+    if (type(batch) is dict or isinstance(batch, Mapping)) and SAMPLE_ID_KEY in batch:
         ids = batch[SAMPLE_ID_KEY]
         host = _host_view(ids) if isinstance(ids, torch.Tensor) else None
         if host is None:

@@ -415,17 +415,26 @@ class InjectionLog:
         }
 
 
-def step_noise(spans: StepSpans, plan: RunPlan, noise_specs: Sequence[EmbeddingNoise | None]) -> list[NoisedSpan]:
-    """The step's spans whose experiment adds embedding noise (as ``plan_step``'s ``noise``)."""
-    if not len(spans) or not any(spec is not None for spec in noise_specs):
+def step_noise(
+    spans: StepSpans, plan: RunPlan, noise_specs: Sequence[EmbeddingNoise | None], noised: np.ndarray | None = None
+) -> list[NoisedSpan]:
+    """The step's spans whose experiment adds embedding noise (as ``plan_step``'s ``noise``).
+
+    ``noised`` (optional, computed once by a caller that asks every step): whether each
+    experiment has a noise spec.
+    """
+    if noised is None:
+        noised = np.array([spec is not None for spec in noise_specs], dtype=bool)
+    if spans.window is None or not noised.any():
         return []
-    table = spans.spans
-    noised = np.array([spec is not None for spec in noise_specs], dtype=bool)[table.experiment]
-    if not noised.any():
+    table = spans.window.spans
+    experiments = table.experiment[spans.index]
+    which = np.flatnonzero(noised[experiments])
+    if not which.shape[0]:
         return []
-    which = np.flatnonzero(noised)
-    experiments, sequences = table.experiment[which], table.sequence[which]
+    rows = spans.index[which] if isinstance(spans.index, np.ndarray) else spans.index.start + which
+    experiments, sequences = experiments[which], table.sequence[rows]
     items = plan.items_of(experiments, sequences)
     return noised_spans(
-        spans.local_rows[which], table.offset[which], table.length[which], list(noise_specs), items, experiments
+        spans.local_rows[which], table.offset[rows], table.length[rows], list(noise_specs), items, experiments
     )

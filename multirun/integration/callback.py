@@ -60,7 +60,7 @@ from multirun.measure.runner import MonitorRunner
 from multirun.plan.run_plan import RunPlan
 from multirun.run.parts import RunParts
 from multirun.run_dir import RunDir, append_jsonl, read_jsonl, truncate_jsonl, write_json_atomic
-from multirun.types import BatchGeometry
+from multirun.types import BatchGeometry, EmbeddingNoise
 
 STATE_FORMAT = 1
 
@@ -117,6 +117,8 @@ class MultirunCallback(Callback):
         self._log: InjectionLog | None = None
         self._rank = 0
         self._world_size = 1
+        self._noise_specs: list[EmbeddingNoise | None] = []
+        self._noised = np.zeros(0, dtype=bool)
 
     @property
     def plan(self) -> RunPlan | None:
@@ -192,6 +194,8 @@ class MultirunCallback(Callback):
         )
         self._steps = StepSchedule(parts.plan)
         self._log = InjectionLog(parts.plan)
+        self._noise_specs = list(parts.noise_specs)
+        self._noised = np.array([spec is not None for spec in self._noise_specs], dtype=bool)
         if any(spec is not None for spec in parts.noise_specs):
             model: Any = unwrap_model(state.model)  # a Hugging Face model: input embeddings by method
             self._noise_hook = EmbeddingNoiseHook(model.get_input_embeddings())
@@ -266,7 +270,7 @@ class MultirunCallback(Callback):
                 derived=self._derived,
             )
             if self._noise_hook is not None:
-                self._noise_hook.set_step(step_noise(work, plan, self.parts.noise_specs))
+                self._noise_hook.set_step(step_noise(work, plan, self._noise_specs, self._noised))
             injected = int(work.tokens.shape[0]) if self._rank == 0 else 0
             logger.log_metrics({"multirun/injected_tokens_rank0": injected})
         self._injection_seconds += time.perf_counter() - started
