@@ -91,7 +91,7 @@ def row_fingerprints(tokens: np.ndarray) -> np.ndarray:
     return np.fromiter((xxhash.xxh64_intdigest(row) for row in rows), dtype=np.uint64, count=rows.shape[0])
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BatchRows:
     """This rank's rows at one step, for the callback's hot path: :class:`LocalRows` with
     the fingerprints computed only where needed (every row when they are the key, else
@@ -101,23 +101,27 @@ class BatchRows:
         tokens: the batch's tokens, a host view of ``input_ids``: read it before the overwrite.
         sample_id: the dataset's sample id of each row, -1 where the dataset gives none.
         fingerprint: every row's fingerprint when the rows are keyed by content, else None.
+        order: the rows sorted by :attr:`key` (stable): in one process, global row ``g``
+            is local row ``order[g]`` (:func:`single_process_lookup`).
     """
 
     tokens: np.ndarray
     sample_id: np.ndarray
     fingerprint: np.ndarray | None
+    order: np.ndarray
 
     @classmethod
     def of_batch(cls, batch: Any) -> BatchRows:
         """The rows of a training batch (dict with ``input_ids`` or a plain token tensor)."""
-        input_ids = input_ids_of(batch)
-        view = _host_view(input_ids)  # read before the overwrite, which writes through the same memory
-        tokens = view.reshape(input_ids.shape) if view is not None else input_ids.detach().cpu().numpy()
+        tokens = _host_array(input_ids_of(batch))  # read before the overwrite, which writes through it
         ids = sample_ids_of(batch)
         if ids is None:
             ids = np.full(tokens.shape[0], -1, dtype=np.int64)
-        by_id = tokens.shape[0] > 0 and int(ids.min()) >= 0
-        return cls(tokens, ids, None if by_id else row_fingerprints(tokens))
+        order = ids.argsort(kind="stable")
+        if tokens.shape[0] and int(ids[order[0]]) >= 0:  # the smallest id: every row has one
+            return cls(tokens, ids, None, order)
+        fingerprint = row_fingerprints(tokens)
+        return cls(tokens, ids, fingerprint, fingerprint.view(np.int64).argsort(kind="stable"))
 
     def __len__(self) -> int:
         return int(self.sample_id.shape[0])
@@ -142,12 +146,12 @@ class BatchRows:
         """
         if self.fingerprint is not None:
             return self.fingerprint[local_rows]
-        if local_rows.shape[0] == 0:
-            return np.empty(0, dtype=np.uint64)
-        new_row = np.empty(local_rows.shape[0], dtype=bool)
-        new_row[0] = True
-        np.not_equal(local_rows[1:], local_rows[:-1], out=new_row[1:])
-        return row_fingerprints(self.tokens[local_rows[new_row]])[np.cumsum(new_row) - 1]
+        tokens, hashes, last, digest = self.tokens, [], -1, 0
+        for row in local_rows.tolist():
+            if row != last:
+                digest, last = xxhash.xxh64_intdigest(tokens[row].astype(np.int32)), row
+            hashes.append(digest)
+        return np.array(hashes, dtype=np.uint64)
 
 
 def key_buffer(keys: np.ndarray, capacity: int) -> torch.Tensor:
@@ -164,7 +168,8 @@ def key_buffer(keys: np.ndarray, capacity: int) -> torch.Tensor:
 
 
 def single_process_lookup(keys: np.ndarray) -> np.ndarray:
-    """:func:`row_lookup` in one process: global row ``g`` is local row ``lookup[g]``."""
+    """:func:`row_lookup` in one process: global row ``g`` is local row ``lookup[g]``
+    (:attr:`BatchRows.order` holds it already)."""
     return np.argsort(keys, kind="stable")
 
 
@@ -207,7 +212,9 @@ class RowMap:
 
 def input_ids_of(batch: Any) -> torch.Tensor:
     """The ``(rows, sequence_length)`` token tensor of a dict or plain tensor batch."""
-    if isinstance(batch, torch.Tensor):
+    if type(batch) is dict and INPUT_KEY in batch:  # the common case first: no ABC check
+        tokens = batch[INPUT_KEY]
+    elif isinstance(batch, torch.Tensor):
         tokens = batch
     elif isinstance(batch, Mapping) and INPUT_KEY in batch:
         tokens = batch[INPUT_KEY]
@@ -216,7 +223,7 @@ def input_ids_of(batch: Any) -> torch.Tensor:
             "multirun injects into dict batches with an 'input_ids' tensor or plain token tensors; "
             f"got {type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
         )
-    if tokens.dim() != 2:
+    if tokens.ndim != 2:
         raise BatchFormatError(f"expected input_ids of shape (rows, sequence_length), got {tuple(tokens.shape)}")
     return tokens
 
@@ -225,10 +232,8 @@ def sample_ids_of(batch: Any) -> np.ndarray | None:
     """Dataset sample ids of the batch rows, when the dataset provides them."""
     if (type(batch) is dict or isinstance(batch, Mapping)) and SAMPLE_ID_KEY in batch:
         ids = batch[SAMPLE_ID_KEY]
-        host = _host_view(ids) if isinstance(ids, torch.Tensor) else None
-        if host is None:
-            host = torch.as_tensor(ids).cpu().numpy()
-        return np.asarray(host, dtype=np.int64).reshape(-1)
+        host = _host_array(ids) if isinstance(ids, torch.Tensor) else np.asarray(torch.as_tensor(ids).numpy())
+        return host.astype(np.int64, copy=False).reshape(-1)
     return None
 
 
@@ -380,7 +385,26 @@ def apply_spans(
     rows_touched: np.ndarray,
     derived: DerivedKeys,
 ) -> Any:
-    """Overwrite ``tokens`` at flat ``positions`` of the batch, in place.
+    """Overwrite ``tokens`` at flat ``positions`` of the batch, in place (as :func:`write_tokens`).
+
+    Returns the (same) batch.
+    """
+    if positions.shape[0] == 0:
+        return batch
+    rows, columns = np.divmod(positions, input_ids_of(batch).shape[1])
+    return write_tokens(batch, rows=rows, columns=columns, tokens=tokens, rows_touched=rows_touched, derived=derived)
+
+
+def write_tokens(
+    batch: Any,
+    *,
+    rows: np.ndarray,
+    columns: np.ndarray,
+    tokens: np.ndarray,
+    rows_touched: np.ndarray,
+    derived: DerivedKeys,
+) -> Any:
+    """Overwrite ``tokens`` at ``(rows, columns)`` of the ``(rows, sequence_length)`` batch, in place.
 
     ``labels`` get the same tokens (they are a copy of ``input_ids`` in causal LM
     batches), ``attention_mask`` becomes 1 on injected tokens, and on the touched rows
@@ -388,50 +412,56 @@ def apply_spans(
     ``loss_generating_tokens`` are computed again by ``derived``'s rules.
     Returns the (same) batch.
     """
-    if positions.shape[0] == 0:
+    if rows.shape[0] == 0:
         return batch
     input_ids = input_ids_of(batch)
-    _overwrite(input_ids, positions, tokens)
-    if isinstance(batch, MutableMapping):
+    shape = input_ids.shape
+    _overwrite(input_ids, shape, rows, columns, tokens)
+    if type(batch) is dict or isinstance(batch, MutableMapping):
         if LABELS_KEY in batch and isinstance(batch[LABELS_KEY], torch.Tensor):
-            _overwrite(batch[LABELS_KEY], positions, tokens)
+            _overwrite(batch[LABELS_KEY], shape, rows, columns, tokens)
         if ATTENTION_KEY in batch and isinstance(batch[ATTENTION_KEY], torch.Tensor):
-            _overwrite(batch[ATTENTION_KEY], positions, 1)
+            _overwrite(batch[ATTENTION_KEY], shape, rows, columns, 1)
         if SEQUENCE_ID_KEY not in batch and TOTAL_TOKENS_KEY not in batch and LOSS_GENERATING_KEY not in batch:
             return batch
-        rows = np.unique(rows_touched)
+        touched = np.unique(rows_touched)
         if SEQUENCE_ID_KEY in batch:
             if derived.sequence_id is None:
                 raise BatchFormatError("the batch has 'sequence_id' but the tokenizer has no EOS token to recompute it")
-            index_rows = torch.from_numpy(rows)
+            index_rows = torch.from_numpy(touched)
             column = batch[SEQUENCE_ID_KEY]
             column[index_rows] = derived.sequence_id.of(input_ids[index_rows]).to(column.dtype)
         if TOTAL_TOKENS_KEY in batch or LOSS_GENERATING_KEY in batch:
-            _store_counts(batch, rows, _token_counts(batch, rows, derived))
+            _store_counts(batch, touched, _token_counts(batch, touched, derived))
     return batch
 
 
-def _host_view(tensor: torch.Tensor) -> np.ndarray | None:
-    """A flat numpy view sharing a host tensor's memory, None when there is none (another
-    device, a strided or autograd tensor)."""
-    if tensor.device.type != "cpu" or tensor.requires_grad or not tensor.is_contiguous():
-        return None
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor as a numpy array: a view sharing its memory on the host, else a copy."""
     try:
-        return tensor.numpy().reshape(-1)
-    except TypeError:  # a dtype numpy lacks
-        return None
+        return tensor.numpy()
+    except (TypeError, RuntimeError):  # another device, autograd, or a dtype numpy lacks
+        return tensor.detach().cpu().numpy()
 
 
-def _overwrite(tensor: torch.Tensor, positions: np.ndarray, values: np.ndarray | int) -> None:
-    """``tensor.view(-1)[positions] = values``, through a numpy view on the host: no torch
-    dispatch (and no release of the GIL) on the training loop's critical path."""
-    view = _host_view(tensor)
-    if view is not None:
-        view[positions] = values
+def _overwrite(
+    tensor: torch.Tensor, shape: tuple[int, ...], rows: np.ndarray, columns: np.ndarray, values: np.ndarray | int
+) -> None:
+    """``tensor[rows, columns] = values`` for a tensor laid out as ``input_ids`` (``shape``):
+    through a numpy view on the host (no torch dispatch, nor release of the GIL, on the
+    training loop's critical path), else by torch on its flat view."""
+    try:
+        view = tensor.numpy()
+    except (TypeError, RuntimeError):  # another device, autograd, or a dtype numpy lacks
+        view = None
+    if view is not None and view.shape == shape:
+        view[rows, columns] = values
         return
-    index = torch.from_numpy(positions)
-    source = values if isinstance(values, int) else torch.from_numpy(np.ascontiguousarray(values))
-    tensor.view(-1)[index.to(tensor.device)] = source if isinstance(source, int) else source.to(tensor)
+    index = torch.from_numpy(rows * shape[1] + columns).to(tensor.device)
+    if isinstance(values, int):
+        tensor.view(-1)[index] = values
+    else:
+        tensor.view(-1)[index] = torch.from_numpy(np.ascontiguousarray(values)).to(tensor)
 
 
 def _token_counts(batch: Mapping, rows: np.ndarray, derived: DerivedKeys) -> tuple[list[int], list[int]]:

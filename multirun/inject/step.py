@@ -191,6 +191,7 @@ class StepWindow:
         token_column: its column in the row (``offset`` + its index within the span).
         tokens: the token (int64, the dtype of ``input_ids``).
         row_limit: one past the largest global row of the window's spans.
+        noise_at: per step, its noised spans as ``(index in the step, offset, length, spec, item)``.
     """
 
     first: int
@@ -202,9 +203,10 @@ class StepWindow:
     token_column: np.ndarray
     tokens: np.ndarray
     row_limit: int
+    noise_at: list[list[tuple[int, int, int, EmbeddingNoise, int]]]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built every step, and a frozen __init__ costs more
 class StepSpans:
     """What one rank injects at one step (the hot path's :class:`StepInjection`).
 
@@ -213,18 +215,22 @@ class StepSpans:
         window: the prepared window holding the step's spans.
         index: this rank's spans in ``window.spans`` (a slice when it holds them all).
         local_rows: the local batch row of each of those spans.
-        positions: flat indices into the ``(rows, sequence_length)`` batch, span after span.
-        tokens: the token at each position (int64).
+        token_rows: the local batch row of each token written, span after span.
+        token_columns: its column.
+        tokens: the token at each ``(token_rows, token_columns)`` (int64).
         missed: spans per experiment index beyond a short final batch (the same on every rank).
+        step_local_rows: the local row of every span of the step (-1: another rank's).
     """
 
     step: int
     window: StepWindow | None
     index: slice | np.ndarray
     local_rows: np.ndarray
-    positions: np.ndarray
+    token_rows: np.ndarray
+    token_columns: np.ndarray
     tokens: np.ndarray
     missed: dict[int, int]
+    step_local_rows: np.ndarray
 
     def __len__(self) -> int:
         return int(self.local_rows.shape[0])
@@ -234,29 +240,53 @@ class StepSpans:
         """This rank's spans of the step (sorted by global row, offset)."""
         return SpanTable.empty() if self.window is None else self.window.spans.take(self.index)
 
+    def positions(self, *, sequence_length: int) -> np.ndarray:
+        """Flat indices into the ``(rows, sequence_length)`` batch, span after span."""
+        return self.token_rows * sequence_length + self.token_columns
+
+    def noise(self) -> list[NoisedSpan]:
+        """The step's spans on this rank whose experiment adds embedding noise, in span order."""
+        if self.window is None:
+            return []
+        noised = self.window.noise_at[self.step - self.window.first]
+        if not noised:
+            return []
+        local = self.step_local_rows.tolist()
+        return [NoisedSpan(local[k], o, n, spec, item) for k, o, n, spec, item in noised if local[k] >= 0]
+
 
 def _no_spans(step: int, missed: dict[int, int] | None = None) -> StepSpans:
     empty = np.empty(0, dtype=np.int64)
-    return StepSpans(step, None, slice(0, 0), empty, empty, empty, missed or {})
+    return StepSpans(step, None, slice(0, 0), empty, empty, empty, empty, missed or {}, empty)
 
 
 class StepSchedule:
     """A run plan's spans (static and the controllers' dynamic ones) prepared per step.
 
     The static plan and the dynamic schedule are merged into a window of steps once
-    (:class:`StepWindow`); :meth:`at` then finds this rank's spans, their flat positions
-    and their tokens with a few vectorised operations. :meth:`set_dynamic` takes the
+    (:class:`StepWindow`); :meth:`at` then finds this rank's spans, where their tokens go
+    and which tokens with a few vectorised operations. :meth:`set_dynamic` takes the
     dynamic schedule's spans (all steps): when the table changes (a decision), the window
     is prepared again from the next step asked for.
 
     Args:
         plan: the run plan.
+        noise_specs: each experiment's embedding noise, in plan order (default: the plan's).
         window_tokens: tokens prepared per window (a memory bound); at least one step.
     """
 
-    def __init__(self, plan: RunPlan, *, window_tokens: int = WINDOW_TOKENS) -> None:
+    def __init__(
+        self,
+        plan: RunPlan,
+        *,
+        noise_specs: Sequence[EmbeddingNoise | None] | None = None,
+        window_tokens: int = WINDOW_TOKENS,
+    ) -> None:
         self.plan = plan
         experiments = plan.experiments
+        specs = [e.embedding_noise for e in experiments] if noise_specs is None else list(noise_specs)
+        self._noise_specs = specs + [None] * (len(experiments) - len(specs))
+        self._noised = np.array([spec is not None for spec in self._noise_specs], dtype=bool)
         # One pool of every experiment's tokens, and each sequence's start in it (global
         # sequence index = first sequence of its experiment + its index).
         pools = [np.zeros(0, np.int64), *(np.asarray(e.token_pool, dtype=np.int64) for e in experiments)]
@@ -305,28 +335,43 @@ class StepSchedule:
         within = np.arange(int(ends[-1]) if len(spans) else 0) - np.repeat(ends - lengths, lengths)
         source = self._sequence_start[self._sequence_first[spans.experiment] + spans.sequence]
         span_bounds = np.searchsorted(spans.step, np.arange(first, end + 1), side="left")
-        token_bounds = np.concatenate([[0], ends])[span_bounds]
+        noise_at: list[list[tuple[int, int, int, EmbeddingNoise, int]]] = [[] for _ in range(end - first)]
+        noised = np.flatnonzero(self._noised[spans.experiment]) if self._noised.any() else np.zeros(0, np.int64)
+        if noised.shape[0]:
+            items = self.plan.items_of(spans.experiment[noised], spans.sequence[noised]).tolist()
+            columns = zip(
+                noised.tolist(),
+                (spans.step[noised] - first).tolist(),
+                spans.offset[noised].tolist(),
+                spans.length[noised].tolist(),
+                spans.experiment[noised].tolist(),
+                items,
+            )
+            for k, i, offset, length, e, item in columns:
+                spec = self._noise_specs[e]
+                assert spec is not None
+                noise_at[i].append((k - int(span_bounds[i]), offset, length, spec, item))
         return StepWindow(
             first=first,
             end=end,
             spans=spans,
             span_bounds=span_bounds.tolist(),
-            token_bounds=token_bounds.tolist(),
+            token_bounds=np.concatenate([[0], ends])[span_bounds].tolist(),
             token_row=spans.row.astype(np.int64)[span_of_token],
             token_column=spans.offset.astype(np.int64)[span_of_token] + within,
             tokens=self._pool[source[span_of_token] + within],
             row_limit=int(spans.row.max()) + 1 if len(spans) else 0,
+            noise_at=noise_at,
         )
 
-    def at(self, step: int, lookup: np.ndarray, *, sequence_length: int, every_row_here: bool) -> StepSpans:
-        """This rank's spans of ``step``, their flat positions and tokens.
+    def at(self, step: int, lookup: np.ndarray, *, every_row_here: bool) -> StepSpans:
+        """This rank's spans of ``step``, where their tokens go and which tokens.
 
         Args:
             step: the training step.
             lookup: the local row of each of the step's global rows, -1 where another rank
                 holds it (:func:`multirun.inject.batch.row_lookup`); its length is the
                 step's rows across all ranks.
-            sequence_length: tokens per batch row.
             every_row_here: this rank holds every row (one process): no filtering needed.
         """
         window = self.window(step)
@@ -348,15 +393,23 @@ class StepSchedule:
         local = lookup[rows]
         token_local = lookup[window.token_row[a:b]]
         if every_row_here:
-            positions = token_local * sequence_length + window.token_column[a:b]
-            return StepSpans(step, window, slice(lo, hi), local, positions, window.tokens[a:b], missed)
+            columns, tokens = window.token_column[a:b], window.tokens[a:b]
+            return StepSpans(step, window, slice(lo, hi), local, token_local, columns, tokens, missed, local)
         mine = local >= 0
         if not mine.any():
             return _no_spans(step, missed)
         token_mine = token_local >= 0
-        positions = token_local[token_mine] * sequence_length + window.token_column[a:b][token_mine]
-        index = lo + np.flatnonzero(mine)
-        return StepSpans(step, window, index, local[mine], positions, window.tokens[a:b][token_mine], missed)
+        return StepSpans(
+            step,
+            window,
+            lo + np.flatnonzero(mine),
+            local[mine],
+            token_local[token_mine],
+            window.token_column[a:b][token_mine],
+            window.tokens[a:b][token_mine],
+            missed,
+            local,
+        )
 
 
 def _steps_of(spans: SpanTable, first: int, end: int) -> SpanTable:
@@ -413,28 +466,3 @@ class InjectionLog:
             "token_hash": self.plan.hashes_of(experiment, sequence),
             "row_fingerprint": np.concatenate([r[2] for r in records]),
         }
-
-
-def step_noise(
-    spans: StepSpans, plan: RunPlan, noise_specs: Sequence[EmbeddingNoise | None], noised: np.ndarray | None = None
-) -> list[NoisedSpan]:
-    """The step's spans whose experiment adds embedding noise (as ``plan_step``'s ``noise``).
-
-    ``noised`` (optional, computed once by a caller that asks every step): whether each
-    experiment has a noise spec.
-    """
-    if noised is None:
-        noised = np.array([spec is not None for spec in noise_specs], dtype=bool)
-    if spans.window is None or not noised.any():
-        return []
-    table = spans.window.spans
-    experiments = table.experiment[spans.index]
-    which = np.flatnonzero(noised[experiments])
-    if not which.shape[0]:
-        return []
-    rows = spans.index[which] if isinstance(spans.index, np.ndarray) else spans.index.start + which
-    experiments, sequences = experiments[which], table.sequence[rows]
-    items = plan.items_of(experiments, sequences)
-    return noised_spans(
-        spans.local_rows[which], table.offset[rows], table.length[rows], list(noise_specs), items, experiments
-    )

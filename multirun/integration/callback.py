@@ -45,22 +45,21 @@ from multirun.errors import MultirunError, ResumeError
 from multirun.inject.batch import (
     BatchRows,
     DerivedKeys,
-    apply_spans,
     check_batch,
     input_ids_of,
     key_buffer,
     row_lookup,
-    single_process_lookup,
+    write_tokens,
 )
 from multirun.inject.noise import EmbeddingNoiseHook
-from multirun.inject.step import InjectionLog, StepSchedule, step_noise
+from multirun.inject.step import InjectionLog, StepSchedule
 from multirun.ledger import Ledger, LedgerWriter, truncate_ledger
 from multirun.measure.live_model import unwrap_model
 from multirun.measure.runner import MonitorRunner
 from multirun.plan.run_plan import RunPlan
 from multirun.run.parts import RunParts
 from multirun.run_dir import RunDir, append_jsonl, read_jsonl, truncate_jsonl, write_json_atomic
-from multirun.types import BatchGeometry, EmbeddingNoise
+from multirun.types import BatchGeometry
 
 STATE_FORMAT = 1
 
@@ -117,8 +116,6 @@ class MultirunCallback(Callback):
         self._log: InjectionLog | None = None
         self._rank = 0
         self._world_size = 1
-        self._noise_specs: list[EmbeddingNoise | None] = []
-        self._noised = np.zeros(0, dtype=bool)
 
     @property
     def plan(self) -> RunPlan | None:
@@ -192,10 +189,8 @@ class MultirunCallback(Callback):
             experiment_names=parts.plan.experiment_names,
             item_ids=[e.item_ids for e in parts.plan.experiments],
         )
-        self._steps = StepSchedule(parts.plan)
+        self._steps = StepSchedule(parts.plan, noise_specs=parts.noise_specs)
         self._log = InjectionLog(parts.plan)
-        self._noise_specs = list(parts.noise_specs)
-        self._noised = np.array([spec is not None for spec in self._noise_specs], dtype=bool)
         if any(spec is not None for spec in parts.noise_specs):
             model: Any = unwrap_model(state.model)  # a Hugging Face model: input embeddings by method
             self._noise_hook = EmbeddingNoiseHook(model.get_input_embeddings())
@@ -237,7 +232,6 @@ class MultirunCallback(Callback):
         if self._noise_hook is not None:
             self._noise_hook.clear()
         batch = state.batch
-        sequence_length = int(input_ids_of(batch).shape[1])
         if not self._checked_batch:  # before anything is overwritten
             check_batch(batch, self._derived)
             self._checked_batch = True
@@ -253,8 +247,8 @@ class MultirunCallback(Callback):
         self._rows_keyed_by = self._rows_keyed_by or rows.keyed_by
         lookup = self._row_lookup(rows, state)
         if not self._checked_geometry:
-            self._check_geometry(plan.geometry, int(lookup.shape[0]), sequence_length)
-        work = steps.at(step, lookup, sequence_length=sequence_length, every_row_here=self._world_size == 1)
+            self._check_geometry(plan.geometry, int(lookup.shape[0]), int(rows.tokens.shape[1]))
+        work = steps.at(step, lookup, every_row_here=self._world_size == 1)
         self._record_missed(work.missed, int(lookup.shape[0]))
         if len(work):
             self._log.record(
@@ -262,15 +256,16 @@ class MultirunCallback(Callback):
                 sample_ids=rows.sample_id[work.local_rows],
                 row_fingerprints=rows.fingerprints_of(work.local_rows),  # before the overwrite
             )
-            state.batch = apply_spans(
+            state.batch = write_tokens(
                 batch,
-                positions=work.positions,
+                rows=work.token_rows,
+                columns=work.token_columns,
                 tokens=work.tokens,
                 rows_touched=work.local_rows,
                 derived=self._derived,
             )
             if self._noise_hook is not None:
-                self._noise_hook.set_step(step_noise(work, plan, self._noise_specs, self._noised))
+                self._noise_hook.set_step(work.noise())
             injected = int(work.tokens.shape[0]) if self._rank == 0 else 0
             logger.log_metrics({"multirun/injected_tokens_rank0": injected})
         self._injection_seconds += time.perf_counter() - started
@@ -335,7 +330,7 @@ class MultirunCallback(Callback):
     def _row_lookup(self, rows: BatchRows, state: State) -> np.ndarray:
         """The local row of each of the step's global rows (-1: another rank's)."""
         if self._world_size == 1:
-            return single_process_lookup(rows.key)
+            return rows.order
         # One small int64 tensor per step, [row count, each row's key, padding]: every rank
         # passes the same shape (a short final batch is padded), and nothing is pickled.
         buffer = key_buffer(rows.key, self._rows_per_rank)

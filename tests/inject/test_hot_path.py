@@ -21,7 +21,7 @@ from multirun.inject.batch import (
     row_lookup,
     single_process_lookup,
 )
-from multirun.inject.step import InjectionLog, StepSchedule, plan_step, step_noise
+from multirun.inject.step import InjectionLog, StepSchedule, plan_step
 from multirun.ledger import token_hash
 from multirun.plan.run_plan import RunPlan, build_run_plan
 from multirun.types import BatchGeometry, EmbeddingNoise, SpanTable
@@ -92,7 +92,7 @@ def test_hot_path_injects_and_records_what_plan_step_does(
 ) -> None:
     static, dynamic_spans = _split_plan(plan) if dynamic else (plan, None)
     rows = GLOBAL_BATCH - short
-    schedules = [StepSchedule(static, window_tokens=window_tokens) for _ in range(world)]
+    schedules = [StepSchedule(static, noise_specs=NOISE, window_tokens=window_tokens) for _ in range(world)]
     logs = [InjectionLog(plan) for _ in range(world)]
     expected: list[list[dict[str, np.ndarray]]] = [[] for _ in range(world)]
     for step in range(STEPS + 1):  # one step past the plan: nothing to inject there
@@ -114,16 +114,17 @@ def test_hot_path_injects_and_records_what_plan_step_does(
             here = batch_rows[rank]
             assert here.keyed_by == locals_[rank].keyed_by
             np.testing.assert_array_equal(here.key, locals_[rank].key)
-            lookup = single_process_lookup(here.key) if world == 1 else row_lookup(buffers, rank)
+            lookup = here.order if world == 1 else row_lookup(buffers, rank)
+            np.testing.assert_array_equal(here.order, single_process_lookup(here.key))
             assert lookup.shape[0] == rows
             schedules[rank].set_dynamic(dynamic_spans)
-            work = schedules[rank].at(step, lookup, sequence_length=SEQUENCE_LENGTH, every_row_here=world == 1)
+            work = schedules[rank].at(step, lookup, every_row_here=world == 1)
             assert schedules[rank].has_spans(step) == (len(static.spans_at(step)) > 0 or step_has(dynamic_spans, step))
             assert work.missed == reference.located.missed
             np.testing.assert_array_equal(work.local_rows, reference.located.local_rows)
-            np.testing.assert_array_equal(work.positions, reference.positions)
+            np.testing.assert_array_equal(work.positions(sequence_length=SEQUENCE_LENGTH), reference.positions)
             np.testing.assert_array_equal(work.tokens, reference.tokens)
-            assert step_noise(work, static, NOISE) == reference.noise
+            assert work.noise() == reference.noise
             fingerprints = here.fingerprints_of(work.local_rows)
             np.testing.assert_array_equal(fingerprints, reference.row_fingerprints)
             logs[rank].record(work, sample_ids=here.sample_id[work.local_rows], row_fingerprints=fingerprints)
@@ -150,12 +151,12 @@ def test_a_new_dynamic_table_is_merged_into_the_next_step(plan: RunPlan) -> None
     schedule = StepSchedule(static)
     lookup = single_process_lookup(np.arange(GLOBAL_BATCH))
     step = int(dynamic_spans.step[0])
-    before = schedule.at(step, lookup, sequence_length=SEQUENCE_LENGTH, every_row_here=True)
+    before = schedule.at(step, lookup, every_row_here=True)
     window = schedule.window(step)
     schedule.set_dynamic(None)  # the same table: the window stays
     assert schedule.window(step) is window
     schedule.set_dynamic(dynamic_spans)  # a decision: the window is prepared again, with its spans
-    after = schedule.at(step, lookup, sequence_length=SEQUENCE_LENGTH, every_row_here=True)
+    after = schedule.at(step, lookup, every_row_here=True)
     assert schedule.window(step) is not window
     added = int((dynamic_spans.step == step).sum())
     assert added > 0 and len(after) == len(before) + added
