@@ -15,11 +15,13 @@ from multirun.config import load_config
 from multirun.data.tokenizers import ByteTokenizer
 from multirun.inject.batch import (
     BatchRows,
+    DerivedKeys,
     LocalRows,
     global_rows,
     key_buffer,
     row_lookup,
     single_process_lookup,
+    write_tokens,
 )
 from multirun.inject.step import InjectionLog, StepSchedule, plan_step
 from multirun.ledger import token_hash
@@ -192,3 +194,29 @@ def test_fingerprints_are_taken_only_of_overwritten_rows_when_rows_have_ids() ->
     content = BatchRows.of_batch(_batch(tokens, None))
     assert content.keyed_by == "content"
     assert content.fingerprints_of(touched).tolist() == [token_hash(tokens[i]) for i in touched]
+
+
+def test_tokens_are_written_through_strided_and_autograd_tensors_too() -> None:
+    base = torch.arange(3 * SEQUENCE_LENGTH).reshape(SEQUENCE_LENGTH, 3) % 200
+    input_ids = base.t()  # strided: the numpy view writes through its strides
+    assert not input_ids.is_contiguous()
+    mask = torch.zeros(3, SEQUENCE_LENGTH, requires_grad=True)  # no numpy view: written by torch
+    batch = {"input_ids": input_ids, "labels": input_ids.clone(), "attention_mask": mask}
+    rows, columns, tokens = np.array([2, 2, 0]), np.array([5, 6, 1]), np.array([250, 251, 252])
+    with torch.no_grad():
+        write_tokens(batch, rows=rows, columns=columns, tokens=tokens, rows_touched=rows, derived=DerivedKeys())
+    for key in ("input_ids", "labels"):
+        assert batch[key][2, 5] == 250 and batch[key][2, 6] == 251 and batch[key][0, 1] == 252, key
+    assert int(batch["attention_mask"].sum()) == 3
+    assert base[5, 2] == 250  # the strided tensor's own memory
+
+
+def test_ledger_rows_and_tokens_do_not_depend_on_the_window_size(plan: RunPlan) -> None:
+    lookup = np.arange(GLOBAL_BATCH)
+    small, large = StepSchedule(plan, window_tokens=1), StepSchedule(plan)
+    for step in range(STEPS):
+        a, b = small.at(step, lookup, every_row_here=True), large.at(step, lookup, every_row_here=True)
+        assert small.window(step).end - small.window(step).first == 1
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.token_rows, b.token_rows)
+        np.testing.assert_array_equal(a.token_columns, b.token_columns)
