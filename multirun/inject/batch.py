@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from multirun.errors import MultirunError
-from multirun.ledger import token_hash
 
 #: Batch keys kept consistent with ``input_ids`` (Hugging Face / llm-foundry convention).
 INPUT_KEY = "input_ids"
@@ -87,7 +87,105 @@ class LocalRows:
 def row_fingerprints(tokens: np.ndarray) -> np.ndarray:
     """:func:`multirun.ledger.token_hash` of each row of a ``(rows, sequence_length)`` token array."""
     rows = np.ascontiguousarray(tokens, dtype=np.int32)
-    return np.fromiter((token_hash(row) for row in rows), dtype=np.uint64, count=rows.shape[0])
+    # Each row of a C-contiguous int32 array is its int32 bytes: what token_hash hashes.
+    return np.fromiter((xxhash.xxh64_intdigest(row) for row in rows), dtype=np.uint64, count=rows.shape[0])
+
+
+@dataclass(slots=True)
+class BatchRows:
+    """This rank's rows at one step, for the callback's hot path: :class:`LocalRows` with
+    the fingerprints computed only where needed (every row when they are the key, else
+    only the rows a span overwrites, see :meth:`fingerprints_of`).
+
+    Attributes:
+        tokens: the batch's tokens, a host view of ``input_ids``: read it before the overwrite.
+        sample_id: the dataset's sample id of each row, -1 where the dataset gives none.
+        fingerprint: every row's fingerprint when the rows are keyed by content, else None.
+        order: the rows sorted by :attr:`key` (stable): in one process, global row ``g``
+            is local row ``order[g]`` (:func:`single_process_lookup`).
+    """
+
+    tokens: np.ndarray
+    sample_id: np.ndarray
+    fingerprint: np.ndarray | None
+    order: np.ndarray
+
+    @classmethod
+    def of_batch(cls, batch: Any) -> BatchRows:
+        """The rows of a training batch (dict with ``input_ids`` or a plain token tensor)."""
+        tokens = _host_array(input_ids_of(batch))  # read before the overwrite, which writes through it
+        ids = sample_ids_of(batch)
+        if ids is None:
+            ids = np.full(tokens.shape[0], -1, dtype=np.int64)
+        order = ids.argsort(kind="stable")
+        if tokens.shape[0] and int(ids[order[0]]) >= 0:  # the smallest id: every row has one
+            return cls(tokens, ids, None, order)
+        fingerprint = row_fingerprints(tokens)
+        return cls(tokens, ids, fingerprint, fingerprint.view(np.int64).argsort(kind="stable"))
+
+    def __len__(self) -> int:
+        return int(self.sample_id.shape[0])
+
+    @property
+    def keyed_by(self) -> str:
+        """As :attr:`LocalRows.keyed_by`."""
+        return "content" if self.fingerprint is not None else "sample_id"
+
+    @property
+    def key(self) -> np.ndarray:
+        """As :attr:`LocalRows.key`."""
+        if self.fingerprint is None:
+            return self.sample_id
+        return self.fingerprint.view(np.int64)
+
+    def fingerprints_of(self, local_rows: np.ndarray) -> np.ndarray:
+        """The original fingerprint of each of ``local_rows`` (call before the overwrite).
+
+        A row that several consecutive entries name (a step's spans come sorted by row)
+        is hashed once.
+        """
+        if self.fingerprint is not None:
+            return self.fingerprint[local_rows]
+        tokens, hashes, last, digest = self.tokens, [], -1, 0
+        for row in local_rows.tolist():
+            if row != last:
+                digest, last = xxhash.xxh64_intdigest(tokens[row].astype(np.int32)), row
+            hashes.append(digest)
+        return np.array(hashes, dtype=np.uint64)
+
+
+def key_buffer(keys: np.ndarray, capacity: int) -> torch.Tensor:
+    """``[count, keys..., padding]``: one rank's row keys in the int64 tensor that
+    :func:`row_lookup` reads, of the same shape on every rank (``capacity + 1``)."""
+    if keys.shape[0] > capacity:
+        raise BatchFormatError(
+            f"a batch of {keys.shape[0]} rows on one rank, but the dataloader's batch size is {capacity}"
+        )
+    buffer = np.zeros(capacity + 1, dtype=np.int64)
+    buffer[0] = keys.shape[0]
+    buffer[1 : keys.shape[0] + 1] = keys
+    return torch.from_numpy(buffer)
+
+
+def single_process_lookup(keys: np.ndarray) -> np.ndarray:
+    """:func:`row_lookup` in one process: global row ``g`` is local row ``lookup[g]``
+    (:attr:`BatchRows.order` holds it already)."""
+    return np.argsort(keys, kind="stable")
+
+
+def row_lookup(gathered: np.ndarray, rank: int) -> np.ndarray:
+    """The local row on ``rank`` of each of the step's global rows, -1 where another rank holds it.
+
+    The global rows are :func:`global_rows`' (ordered by ``(key, rank, local row)``), read
+    from every rank's :func:`key_buffer` stacked as ``gathered`` (``(world, capacity + 1)``);
+    the result's length is the step's rows across all ranks.
+    """
+    counts = gathered[:, 0]
+    held = np.arange(gathered.shape[1] - 1) < counts[:, None]
+    owners, positions = np.nonzero(held)  # in (rank, local row) order
+    # A stable sort by key keeps (rank, local row) order among equal keys.
+    order = np.argsort(gathered[:, 1:][held], kind="stable")
+    return np.where(owners[order] == rank, positions[order], -1)
 
 
 @dataclass(frozen=True)
@@ -114,7 +212,9 @@ class RowMap:
 
 def input_ids_of(batch: Any) -> torch.Tensor:
     """The ``(rows, sequence_length)`` token tensor of a dict or plain tensor batch."""
-    if isinstance(batch, torch.Tensor):
+    if type(batch) is dict and INPUT_KEY in batch:  # the common case first: no ABC check
+        tokens = batch[INPUT_KEY]
+    elif isinstance(batch, torch.Tensor):
         tokens = batch
     elif isinstance(batch, Mapping) and INPUT_KEY in batch:
         tokens = batch[INPUT_KEY]
@@ -123,15 +223,17 @@ def input_ids_of(batch: Any) -> torch.Tensor:
             "multirun injects into dict batches with an 'input_ids' tensor or plain token tensors; "
             f"got {type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
         )
-    if tokens.dim() != 2:
+    if tokens.ndim != 2:
         raise BatchFormatError(f"expected input_ids of shape (rows, sequence_length), got {tuple(tokens.shape)}")
     return tokens
 
 
 def sample_ids_of(batch: Any) -> np.ndarray | None:
     """Dataset sample ids of the batch rows, when the dataset provides them."""
-    if isinstance(batch, Mapping) and SAMPLE_ID_KEY in batch:
-        return np.asarray(torch.as_tensor(batch[SAMPLE_ID_KEY]).cpu().numpy(), dtype=np.int64).reshape(-1)
+    if (type(batch) is dict or isinstance(batch, Mapping)) and SAMPLE_ID_KEY in batch:
+        ids = batch[SAMPLE_ID_KEY]
+        host = _host_array(ids) if isinstance(ids, torch.Tensor) else np.asarray(torch.as_tensor(ids).numpy())
+        return host.astype(np.int64, copy=False).reshape(-1)
     return None
 
 
@@ -283,7 +385,26 @@ def apply_spans(
     rows_touched: np.ndarray,
     derived: DerivedKeys,
 ) -> Any:
-    """Overwrite ``tokens`` at flat ``positions`` of the batch, in place.
+    """Overwrite ``tokens`` at flat ``positions`` of the batch, in place (as :func:`write_tokens`).
+
+    Returns the (same) batch.
+    """
+    if positions.shape[0] == 0:
+        return batch
+    rows, columns = np.divmod(positions, input_ids_of(batch).shape[1])
+    return write_tokens(batch, rows=rows, columns=columns, tokens=tokens, rows_touched=rows_touched, derived=derived)
+
+
+def write_tokens(
+    batch: Any,
+    *,
+    rows: np.ndarray,
+    columns: np.ndarray,
+    tokens: np.ndarray,
+    rows_touched: np.ndarray,
+    derived: DerivedKeys,
+) -> Any:
+    """Overwrite ``tokens`` at ``(rows, columns)`` of the ``(rows, sequence_length)`` batch, in place.
 
     ``labels`` get the same tokens (they are a copy of ``input_ids`` in causal LM
     batches), ``attention_mask`` becomes 1 on injected tokens, and on the touched rows
@@ -291,27 +412,56 @@ def apply_spans(
     ``loss_generating_tokens`` are computed again by ``derived``'s rules.
     Returns the (same) batch.
     """
-    if positions.shape[0] == 0:
+    if rows.shape[0] == 0:
         return batch
     input_ids = input_ids_of(batch)
-    index = torch.from_numpy(positions)
-    values = torch.from_numpy(np.ascontiguousarray(tokens)).to(input_ids.dtype)
-    input_ids.view(-1)[index] = values
-    if isinstance(batch, MutableMapping):
+    shape = input_ids.shape
+    _overwrite(input_ids, shape, rows, columns, tokens)
+    if type(batch) is dict or isinstance(batch, MutableMapping):
         if LABELS_KEY in batch and isinstance(batch[LABELS_KEY], torch.Tensor):
-            batch[LABELS_KEY].view(-1)[index] = values.to(batch[LABELS_KEY].dtype)
+            _overwrite(batch[LABELS_KEY], shape, rows, columns, tokens)
         if ATTENTION_KEY in batch and isinstance(batch[ATTENTION_KEY], torch.Tensor):
-            batch[ATTENTION_KEY].view(-1)[index] = 1
-        rows = np.unique(rows_touched)
+            _overwrite(batch[ATTENTION_KEY], shape, rows, columns, 1)
+        if SEQUENCE_ID_KEY not in batch and TOTAL_TOKENS_KEY not in batch and LOSS_GENERATING_KEY not in batch:
+            return batch
+        touched = np.unique(rows_touched)
         if SEQUENCE_ID_KEY in batch:
             if derived.sequence_id is None:
                 raise BatchFormatError("the batch has 'sequence_id' but the tokenizer has no EOS token to recompute it")
-            index_rows = torch.from_numpy(rows)
+            index_rows = torch.from_numpy(touched)
             column = batch[SEQUENCE_ID_KEY]
             column[index_rows] = derived.sequence_id.of(input_ids[index_rows]).to(column.dtype)
         if TOTAL_TOKENS_KEY in batch or LOSS_GENERATING_KEY in batch:
-            _store_counts(batch, rows, _token_counts(batch, rows, derived))
+            _store_counts(batch, touched, _token_counts(batch, touched, derived))
     return batch
+
+
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor as a numpy array: a view sharing its memory on the host, else a copy."""
+    try:
+        return tensor.numpy()
+    except (TypeError, RuntimeError):  # another device, autograd, or a dtype numpy lacks
+        return tensor.detach().cpu().numpy()
+
+
+def _overwrite(
+    tensor: torch.Tensor, shape: tuple[int, ...], rows: np.ndarray, columns: np.ndarray, values: np.ndarray | int
+) -> None:
+    """``tensor[rows, columns] = values`` for a tensor laid out as ``input_ids`` (``shape``):
+    through a numpy view on the host (no torch dispatch, nor release of the GIL, on the
+    training loop's critical path), else by torch on its flat view."""
+    try:
+        view = tensor.numpy()
+    except (TypeError, RuntimeError):  # another device, autograd, or a dtype numpy lacks
+        view = None
+    if view is not None and view.shape == shape:
+        view[rows, columns] = values
+        return
+    index = torch.from_numpy(rows * shape[1] + columns).to(tensor.device)
+    if isinstance(values, int):
+        tensor.view(-1)[index] = values
+    else:
+        tensor.view(-1)[index] = torch.from_numpy(np.ascontiguousarray(values)).to(tensor)
 
 
 def _token_counts(batch: Mapping, rows: np.ndarray, derived: DerivedKeys) -> tuple[list[int], list[int]]:

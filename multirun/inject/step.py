@@ -31,7 +31,7 @@ import numpy as np
 from multirun.inject.batch import RowMap, flat_token_positions
 from multirun.inject.noise import NoisedSpan, noised_spans
 from multirun.plan.run_plan import RunPlan
-from multirun.types import EmbeddingNoise, SpanTable
+from multirun.types import SPAN_COLUMNS, EmbeddingNoise, SpanTable
 
 
 @dataclass(frozen=True)
@@ -161,3 +161,308 @@ def plan_step(
         row_fingerprints=rows.local.fingerprint[located.local_rows],
         noise=noise,
     )
+
+
+# --------------------------------------------------------------------------- hot path
+#
+# plan_step above is the reference: a pure function, one step at a time. The callback runs
+# the same computation as a handful of vectorised operations per step on arrays prepared a
+# window of steps ahead (StepSchedule), and keeps per step only what the plan cannot give
+# back (InjectionLog); tests/inject/test_hot_path.py checks that both agree exactly.
+
+#: Tokens prepared per window of steps (about 24 bytes each): bounds the memory of a window
+#: at paper scale while keeping the preparation amortised over many steps.
+WINDOW_TOKENS = 1 << 20
+#: At most this many steps per window (a dynamic decision re-prepares from the next step).
+WINDOW_STEPS = 1024
+
+
+@dataclass(frozen=True)
+class StepWindow:
+    """Steps ``[first, end)`` of the merged static and dynamic spans, in a compact layout.
+
+    Attributes:
+        first: the window's first step.
+        end: one past its last step.
+        spans: the steps' spans, sorted by ``(step, row, offset)`` as ``plan_step`` merges them.
+        span_bounds: the spans of step ``first + i`` are ``spans[span_bounds[i]:span_bounds[i + 1]]``.
+        token_bounds: the same steps' tokens in ``token_row``, ``token_column`` and ``tokens``.
+        token_row: the global row of each span token, span after span.
+        token_column: its column in the row (``offset`` + its index within the span).
+        tokens: the token (int64, the dtype of ``input_ids``).
+        row_limit: one past the largest global row of the window's spans.
+        noise_at: per step, its noised spans as ``(index in the step, offset, length, spec, item)``.
+    """
+
+    first: int
+    end: int
+    spans: SpanTable
+    span_bounds: list[int]
+    token_bounds: list[int]
+    token_row: np.ndarray
+    token_column: np.ndarray
+    tokens: np.ndarray
+    row_limit: int
+    noise_at: list[list[tuple[int, int, int, EmbeddingNoise, int]]]
+
+
+@dataclass(slots=True)  # not frozen: built every step, and a frozen __init__ costs more
+class StepSpans:
+    """What one rank injects at one step (the hot path's :class:`StepInjection`).
+
+    Attributes:
+        step: the training step.
+        window: the prepared window holding the step's spans.
+        index: this rank's spans in ``window.spans`` (a slice when it holds them all).
+        local_rows: the local batch row of each of those spans.
+        token_rows: the local batch row of each token written, span after span.
+        token_columns: its column.
+        tokens: the token at each ``(token_rows, token_columns)`` (int64).
+        missed: spans per experiment index beyond a short final batch (the same on every rank).
+        step_local_rows: the local row of every span of the step (-1: another rank's).
+    """
+
+    step: int
+    window: StepWindow | None
+    index: slice | np.ndarray
+    local_rows: np.ndarray
+    token_rows: np.ndarray
+    token_columns: np.ndarray
+    tokens: np.ndarray
+    missed: dict[int, int]
+    step_local_rows: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.local_rows.shape[0])
+
+    @property
+    def spans(self) -> SpanTable:
+        """This rank's spans of the step (sorted by global row, offset)."""
+        return SpanTable.empty() if self.window is None else self.window.spans.take(self.index)
+
+    def positions(self, *, sequence_length: int) -> np.ndarray:
+        """Flat indices into the ``(rows, sequence_length)`` batch, span after span."""
+        return self.token_rows * sequence_length + self.token_columns
+
+    def noise(self) -> list[NoisedSpan]:
+        """The step's spans on this rank whose experiment adds embedding noise, in span order."""
+        if self.window is None:
+            return []
+        noised = self.window.noise_at[self.step - self.window.first]
+        if not noised:
+            return []
+        local = self.step_local_rows.tolist()
+        return [NoisedSpan(local[k], o, n, spec, item) for k, o, n, spec, item in noised if local[k] >= 0]
+
+
+def _no_spans(step: int, missed: dict[int, int] | None = None) -> StepSpans:
+    empty = np.empty(0, dtype=np.int64)
+    return StepSpans(step, None, slice(0, 0), empty, empty, empty, empty, missed or {}, empty)
+
+
+class StepSchedule:
+    """A run plan's spans (static and the controllers' dynamic ones) prepared per step.
+
+    The static plan and the dynamic schedule are merged into a window of steps once
+    (:class:`StepWindow`); :meth:`at` then finds this rank's spans, where their tokens go
+    and which tokens with a few vectorised operations. :meth:`set_dynamic` takes the
+    dynamic schedule's spans (all steps): when the table changes (a decision), the window
+    is prepared again from the next step asked for.
+
+    Args:
+        plan: the run plan.
+        noise_specs: each experiment's embedding noise, in plan order (default: the plan's).
+        window_tokens: tokens prepared per window (a memory bound); at least one step.
+    """
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        *,
+        noise_specs: Sequence[EmbeddingNoise | None] | None = None,
+        window_tokens: int = WINDOW_TOKENS,
+    ) -> None:
+        self.plan = plan
+        experiments = plan.experiments
+        specs = [e.embedding_noise for e in experiments] if noise_specs is None else list(noise_specs)
+        self._noise_specs = specs + [None] * (len(experiments) - len(specs))
+        self._noised = np.array([spec is not None for spec in self._noise_specs], dtype=bool)
+        # One pool of every experiment's tokens, and each sequence's start in it (global
+        # sequence index = first sequence of its experiment + its index).
+        pools = [np.zeros(0, np.int64), *(np.asarray(e.token_pool, dtype=np.int64) for e in experiments)]
+        pool_base = np.cumsum([0, *(e.token_pool.shape[0] for e in experiments)])[:-1].astype(np.int64)
+        self._pool = np.concatenate(pools)
+        self._sequence_first = np.cumsum([0, *(e.seq_offsets.shape[0] for e in experiments)])[:-1].astype(np.int64)
+        starts = [np.zeros(0, np.int64)]
+        starts += [base + np.asarray(e.seq_offsets, dtype=np.int64) for base, e in zip(pool_base, experiments)]
+        self._sequence_start = np.concatenate(starts)
+        static = plan.spans
+        self._static = static
+        steps = max(1, plan.static_horizon)
+        per_step = float(static.length.sum()) / steps if len(static) else 0.0
+        self._window_steps = int(max(1, min(WINDOW_STEPS, window_tokens // max(per_step, 1.0))))
+        self._dynamic: SpanTable | None = None
+        self._window: StepWindow | None = None
+
+    def set_dynamic(self, spans: SpanTable | None) -> None:
+        """The controllers' spans of every step (``DynamicSchedule.spans``); a new table
+        drops the prepared window (cheap when unchanged: an identity check)."""
+        if spans is not self._dynamic:
+            self._dynamic = spans
+            self._window = None
+
+    def window(self, step: int) -> StepWindow:
+        """The prepared window holding ``step`` (prepared from ``step`` when none does)."""
+        window = self._window
+        if window is None or not window.first <= step < window.end:
+            window = self._window = self._prepare(step, step + self._window_steps)
+        return window
+
+    def has_spans(self, step: int) -> bool:
+        """Whether ``step`` has any span, on any rank (the same answer on every rank)."""
+        window = self.window(step)
+        i = step - window.first
+        return window.span_bounds[i + 1] > window.span_bounds[i]
+
+    def _prepare(self, first: int, end: int) -> StepWindow:
+        tables = [_steps_of(self._static, first, end)]
+        if self._dynamic is not None and len(self._dynamic):
+            tables.append(_steps_of(self._dynamic, first, end))
+        spans = tables[0] if len(tables) == 1 or not len(tables[1]) else SpanTable.concat(tables)
+        lengths = spans.length.astype(np.int64)
+        ends = np.cumsum(lengths)
+        span_of_token = np.repeat(np.arange(len(spans)), lengths)
+        within = np.arange(int(ends[-1]) if len(spans) else 0) - np.repeat(ends - lengths, lengths)
+        source = self._sequence_start[self._sequence_first[spans.experiment] + spans.sequence]
+        span_bounds = np.searchsorted(spans.step, np.arange(first, end + 1), side="left")
+        noise_at: list[list[tuple[int, int, int, EmbeddingNoise, int]]] = [[] for _ in range(end - first)]
+        noised = np.flatnonzero(self._noised[spans.experiment]) if self._noised.any() else np.zeros(0, np.int64)
+        if noised.shape[0]:
+            items = self.plan.items_of(spans.experiment[noised], spans.sequence[noised]).tolist()
+            columns = zip(
+                noised.tolist(),
+                (spans.step[noised] - first).tolist(),
+                spans.offset[noised].tolist(),
+                spans.length[noised].tolist(),
+                spans.experiment[noised].tolist(),
+                items,
+            )
+            for k, i, offset, length, e, item in columns:
+                spec = self._noise_specs[e]
+                assert spec is not None
+                noise_at[i].append((k - int(span_bounds[i]), offset, length, spec, item))
+        return StepWindow(
+            first=first,
+            end=end,
+            spans=spans,
+            span_bounds=span_bounds.tolist(),
+            token_bounds=np.concatenate([[0], ends])[span_bounds].tolist(),
+            token_row=spans.row.astype(np.int64)[span_of_token],
+            token_column=spans.offset.astype(np.int64)[span_of_token] + within,
+            tokens=self._pool[source[span_of_token] + within],
+            row_limit=int(spans.row.max()) + 1 if len(spans) else 0,
+            noise_at=noise_at,
+        )
+
+    def at(self, step: int, lookup: np.ndarray, *, every_row_here: bool) -> StepSpans:
+        """This rank's spans of ``step``, where their tokens go and which tokens.
+
+        Args:
+            step: the training step.
+            lookup: the local row of each of the step's global rows, -1 where another rank
+                holds it (:func:`multirun.inject.batch.row_lookup`); its length is the
+                step's rows across all ranks.
+            every_row_here: this rank holds every row (one process): no filtering needed.
+        """
+        window = self.window(step)
+        i = step - window.first
+        lo, hi = window.span_bounds[i], window.span_bounds[i + 1]
+        if lo == hi:
+            return _no_spans(step)
+        a, b = window.token_bounds[i], window.token_bounds[i + 1]
+        rows = window.spans.row[lo:hi]
+        missed: dict[int, int] = {}
+        total = lookup.shape[0]
+        if total < window.row_limit:  # a short final batch: spans beyond it are counted, not placed
+            beyond = rows >= total
+            if beyond.any():
+                experiments, counts = np.unique(window.spans.experiment[lo:hi][beyond], return_counts=True)
+                missed = {int(e): int(c) for e, c in zip(experiments, counts)}
+            lookup = np.concatenate([lookup, np.full(window.row_limit - total, -1, dtype=lookup.dtype)])
+            every_row_here = False
+        local = lookup[rows]
+        token_local = lookup[window.token_row[a:b]]
+        if every_row_here:
+            columns, tokens = window.token_column[a:b], window.tokens[a:b]
+            return StepSpans(step, window, slice(lo, hi), local, token_local, columns, tokens, missed, local)
+        mine = local >= 0
+        if not mine.any():
+            return _no_spans(step, missed)
+        token_mine = token_local >= 0
+        return StepSpans(
+            step,
+            window,
+            lo + np.flatnonzero(mine),
+            local[mine],
+            token_local[token_mine],
+            window.token_column[a:b][token_mine],
+            window.tokens[a:b][token_mine],
+            missed,
+            local,
+        )
+
+
+def _steps_of(spans: SpanTable, first: int, end: int) -> SpanTable:
+    """The spans of steps ``[first, end)`` of a table sorted by step (views, no copy)."""
+    lo = int(np.searchsorted(spans.step, first, side="left"))
+    hi = int(np.searchsorted(spans.step, end, side="left"))
+    return spans.take(slice(lo, hi))
+
+
+class InjectionLog:
+    """This rank's injected spans, kept per step as what the plan cannot give back
+    (the step's spans in a prepared window, their local rows, and the overwritten rows'
+    sample ids and fingerprints); :meth:`drain` expands them into ledger rows in bulk.
+
+    The rows are those that concatenating :meth:`StepInjection.ledger_columns` step by
+    step gives, in the same order.
+    """
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+        self._records: list[tuple[StepSpans, np.ndarray, np.ndarray]] = []
+        self._rows = 0
+
+    def __len__(self) -> int:
+        """Span rows recorded since the last :meth:`drain`."""
+        return self._rows
+
+    def record(self, spans: StepSpans, *, sample_ids: np.ndarray, row_fingerprints: np.ndarray) -> None:
+        """Keep one step's spans, with each span's row's sample id and original fingerprint."""
+        if len(spans):
+            self._records.append((spans, sample_ids, row_fingerprints))
+            self._rows += len(spans)
+
+    def drain(self) -> dict[str, np.ndarray] | None:
+        """Keyword arguments of :meth:`multirun.ledger.LedgerWriter.append` for every
+        recorded span (None when there are none); the log is then empty."""
+        if not self._records:
+            return None
+        records, self._records, self._rows = self._records, [], 0
+        tables = [r[0].spans for r in records]
+        column = {name: np.concatenate([getattr(t, name) for t in tables]) for name in SPAN_COLUMNS}
+        experiment, sequence = column["experiment"], column["sequence"]
+        return {
+            "step": np.repeat(np.array([r[0].step for r in records], dtype=np.int64), [len(r[0]) for r in records]),
+            "global_row": column["row"],
+            "local_row": np.concatenate([r[0].local_rows for r in records]).astype(np.int32),
+            "sample_id": np.concatenate([r[1] for r in records]),
+            "offset": column["offset"],
+            "length": column["length"],
+            "experiment": experiment,
+            "item_index": self.plan.items_of(experiment, sequence),
+            "sequence": sequence,
+            "repetition": column["repetition"],
+            "token_hash": self.plan.hashes_of(experiment, sequence),
+            "row_fingerprint": np.concatenate([r[2] for r in records]),
+        }

@@ -4,9 +4,11 @@ One method per Composer event (see docs/architecture.md, "One batch through the 
 
 - ``FIT_START``: assemble the parts if they wait for the trainer (llm-foundry path),
   check a resumed checkpoint belongs to this plan, cut the ledger back to the resumed step.
-- ``AFTER_DATALOADER``: :func:`multirun.inject.step.plan_step` says what this rank
-  injects; the callback overwrites it in the host batch, before Composer splits
-  microbatches, and appends it to this rank's ledger buffer.
+- ``AFTER_DATALOADER``: :class:`multirun.inject.step.StepSchedule` says what this rank
+  injects (what :func:`multirun.inject.step.plan_step` computes, from arrays prepared a
+  window of steps ahead); the callback overwrites it in the host batch, before Composer
+  splits microbatches, and keeps it in an :class:`~multirun.inject.step.InjectionLog`,
+  expanded into ledger rows at each flush.
 - ``BEFORE_FORWARD``: tell the embedding-noise hook which rows the microbatch holds.
 - ``BATCH_END``: evaluate the monitors that are due; controllers decide.
 - ``BATCH_CHECKPOINT`` / ``EPOCH_CHECKPOINT``: flush the ledger when a checkpoint is
@@ -30,6 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from composer.callbacks import CheckpointSaver
 from composer.core import Callback, Event, State
@@ -40,17 +43,16 @@ from multirun.control.loop import ControlLoop
 from multirun.data.order import DataOrder, data_order
 from multirun.errors import MultirunError, ResumeError
 from multirun.inject.batch import (
-    BatchFormatError,
+    BatchRows,
     DerivedKeys,
-    LocalRows,
-    RowMap,
-    apply_spans,
     check_batch,
-    global_rows,
     input_ids_of,
+    key_buffer,
+    row_lookup,
+    write_tokens,
 )
 from multirun.inject.noise import EmbeddingNoiseHook
-from multirun.inject.step import plan_step
+from multirun.inject.step import InjectionLog, StepSchedule
 from multirun.ledger import Ledger, LedgerWriter, truncate_ledger
 from multirun.measure.live_model import unwrap_model
 from multirun.measure.runner import MonitorRunner
@@ -110,6 +112,10 @@ class MultirunCallback(Callback):
         self._rows_keyed_by: str | None = None
         self._derived = DerivedKeys()
         self._checked_batch = False
+        self._steps: StepSchedule | None = None
+        self._log: InjectionLog | None = None
+        self._rank = 0
+        self._world_size = 1
 
     @property
     def plan(self) -> RunPlan | None:
@@ -159,6 +165,7 @@ class MultirunCallback(Callback):
         self._check_resume(parts.plan)
         self._order_before_checkpoint_savers(state)
         rank = dist.get_global_rank()
+        self._rank, self._world_size = rank, dist.get_world_size()
         self._rows_per_rank = int(
             getattr(state.dataloader, "batch_size", None) or parts.plan.geometry.global_batch_size
         )
@@ -182,6 +189,8 @@ class MultirunCallback(Callback):
             experiment_names=parts.plan.experiment_names,
             item_ids=[e.item_ids for e in parts.plan.experiments],
         )
+        self._steps = StepSchedule(parts.plan, noise_specs=parts.noise_specs)
+        self._log = InjectionLog(parts.plan)
         if any(spec is not None for spec in parts.noise_specs):
             model: Any = unwrap_model(state.model)  # a Hugging Face model: input embeddings by method
             self._noise_hook = EmbeddingNoiseHook(model.get_input_embeddings())
@@ -201,8 +210,14 @@ class MultirunCallback(Callback):
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
         """Overwrite this step's spans in the host batch (before Composer splits
-        microbatches) and append them to this rank's ledger buffer."""
-        assert self.parts is not None and self._writer is not None
+        microbatches) and keep them for this rank's ledger.
+
+        A step without spans on any rank costs a window lookup; one with spans costs the
+        row identity (one small collective with several processes), a few vectorised
+        operations on the prepared window, and the overwrite. Ledger rows are built from
+        the kept steps in bulk at the next flush.
+        """
+        assert self.parts is not None and self._steps is not None and self._log is not None
         plan = self.parts.plan
         started = time.perf_counter()
         step = int(state.timestamp.batch)
@@ -217,35 +232,41 @@ class MultirunCallback(Callback):
         if self._noise_hook is not None:
             self._noise_hook.clear()
         batch = state.batch
-        sequence_length = int(input_ids_of(batch).shape[1])
         if not self._checked_batch:  # before anything is overwritten
             check_batch(batch, self._derived)
             self._checked_batch = True
-        local = LocalRows.of_batch(batch)  # before anything is overwritten
-        self._rows_keyed_by = self._rows_keyed_by or local.keyed_by
-        injection = plan_step(
-            plan,
-            step=step,
-            rows=self._row_map(local, state),
-            sequence_length=sequence_length,
-            dynamic=self.control.spans_at(step) if self.control is not None else None,
-            noise_specs=self.parts.noise_specs,
-        )
+        steps = self._steps
+        if self.control is not None:
+            steps.set_dynamic(self.control.schedule.spans)  # an identity check unless a decision came
+        # The plan and the decisions are the same on every rank, so every rank skips the
+        # same steps (and the collective of the row identity with them).
+        if self._checked_geometry and not steps.has_spans(step):
+            self._injection_seconds += time.perf_counter() - started
+            return
+        rows = BatchRows.of_batch(batch)  # before anything is overwritten
+        self._rows_keyed_by = self._rows_keyed_by or rows.keyed_by
+        lookup = self._row_lookup(rows, state)
         if not self._checked_geometry:
-            self._check_geometry(plan.geometry, injection.located.total_rows, sequence_length)
-        self._record_missed(injection.located.missed, injection.located.total_rows)
-        if len(injection):
-            state.batch = apply_spans(
+            self._check_geometry(plan.geometry, int(lookup.shape[0]), int(rows.tokens.shape[1]))
+        work = steps.at(step, lookup, every_row_here=self._world_size == 1)
+        self._record_missed(work.missed, int(lookup.shape[0]))
+        if len(work):
+            self._log.record(
+                work,
+                sample_ids=rows.sample_id[work.local_rows],
+                row_fingerprints=rows.fingerprints_of(work.local_rows),  # before the overwrite
+            )
+            state.batch = write_tokens(
                 batch,
-                positions=injection.positions,
-                tokens=injection.tokens,
-                rows_touched=injection.located.local_rows,
+                rows=work.token_rows,
+                columns=work.token_columns,
+                tokens=work.tokens,
+                rows_touched=work.local_rows,
                 derived=self._derived,
             )
             if self._noise_hook is not None:
-                self._noise_hook.set_step(injection.noise)
-            self._writer.append(**injection.ledger_columns())
-            injected = int(injection.spans.length.sum()) if dist.get_global_rank() == 0 else 0
+                self._noise_hook.set_step(work.noise())
+            injected = int(work.tokens.shape[0]) if self._rank == 0 else 0
             logger.log_metrics({"multirun/injected_tokens_rank0": injected})
         self._injection_seconds += time.perf_counter() - started
 
@@ -306,21 +327,15 @@ class MultirunCallback(Callback):
             self._noise_hook = None
 
     # ---------------------------------------------------------------- helpers
-    def _row_map(self, local: LocalRows, state: State) -> RowMap:
-        if dist.get_world_size() == 1:
-            return global_rows(local, rank=0, gathered_keys=None)
+    def _row_lookup(self, rows: BatchRows, state: State) -> np.ndarray:
+        """The local row of each of the step's global rows (-1: another rank's)."""
+        if self._world_size == 1:
+            return rows.order
         # One small int64 tensor per step, [row count, each row's key, padding]: every rank
         # passes the same shape (a short final batch is padded), and nothing is pickled.
-        capacity = self._rows_per_rank
-        if len(local) > capacity:
-            raise BatchFormatError(
-                f"a batch of {len(local)} rows on one rank, but the dataloader's batch size is {capacity}"
-            )
-        buffer = torch.zeros(capacity + 1, dtype=torch.int64)
-        buffer[0] = len(local)
-        buffer[1 : len(local) + 1] = torch.from_numpy(local.key)
-        gathered = [g.cpu().numpy() for g in dist.all_gather(state.device.tensor_to_device(buffer))]
-        return global_rows(local, rank=dist.get_global_rank(), gathered_keys=[g[1 : 1 + int(g[0])] for g in gathered])
+        buffer = key_buffer(rows.key, self._rows_per_rank)
+        gathered = dist.all_gather(state.device.tensor_to_device(buffer))
+        return row_lookup(torch.stack(list(gathered)).cpu().numpy(), self._rank)
 
     def _check_resume(self, plan: RunPlan) -> None:
         loaded = self._loaded_state
@@ -401,6 +416,9 @@ class MultirunCallback(Callback):
 
     def _flush(self) -> None:
         if self._writer is not None:
+            columns = self._log.drain() if self._log is not None else None
+            if columns is not None:
+                self._writer.append(**columns)
             self._writer.flush()
         if self._losses and self.run_dir is not None:
             append_jsonl(self.files.training_log, self._losses)
@@ -443,6 +461,10 @@ class MultirunCallback(Callback):
                 self.monitors.log(logger, records)
             if self.control is not None:
                 self.control.decide(step=step, records=records, evaluated=self.monitors.last_evaluated, logger=logger)
+                if self._steps is not None:
+                    # Merge the decision's spans now, not at the next step's overwrite.
+                    self._steps.set_dynamic(self.control.schedule.spans)
+                    self._steps.window(step)
         if self.control is not None and self.interaction_after == "acquired" and self.control.all_acquired():
             self._record_interaction_trigger(state, "all_acquired")
 
