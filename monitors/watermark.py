@@ -118,13 +118,15 @@ def gaussian_statistics(
         handle.remove()
 
     grad = grad.detach().double().cpu()
+    # One copy to the host, not one per carrier (each a device synchronisation).
+    row_losses = row_loss.detach().cpu()
     scores = []
     for r, (seq, item) in enumerate(zip(sequences, items)):
         g = grad[r, : seq.size]
         w = item_noise(spec, item, seq.size, g.shape[-1]).double()
         norm = float(g.norm())
         raw = float((g * w).sum()) / (spec.sigma * norm) if norm > 0 else 0.0
-        scores.append(GaussianScore(statistic=-raw, mean_logprob=-float(row_loss[r])))
+        scores.append(GaussianScore(statistic=-raw, mean_logprob=-float(row_losses[r])))
     return scores
 
 

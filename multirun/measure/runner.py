@@ -215,6 +215,21 @@ class MonitorRunner:
             # first synchronising call would wait for them on the monitor's clock.
             torch.cuda.synchronize(live.device)
         started = time.perf_counter()
+        # One eval-mode switch, no_grad and precision context for the whole evaluation:
+        # every LiveModel call inside would otherwise switch them again.
+        with live.evaluating():
+            records = self._score(live, entries, step=step, when=when, heldout=heldout)
+        records = with_holm(records)
+        self.last_records = records
+        if dist.get_global_rank() == 0:
+            self._append(records)
+        self.evaluation_seconds.append((step, len(entries), time.perf_counter() - started))
+        return records
+
+    def _score(
+        self, live: LiveModel, entries: list[ExperimentMonitor], *, step: int, when: str, heldout: bool
+    ) -> list[EvaluationRecord]:
+        """The held-out loss and each entry's effect records (or its failure), before Holm."""
         records: list[EvaluationRecord] = []
         if heldout and self.heldout is not None and len(self.heldout):
             with self._timed("heldout_loss"):
@@ -269,11 +284,6 @@ class MonitorRunner:
                             else None,
                         )
                     )
-        records = with_holm(records)
-        self.last_records = records
-        if dist.get_global_rank() == 0:
-            self._append(records)
-        self.evaluation_seconds.append((step, len(entries), time.perf_counter() - started))
         return records
 
     @contextlib.contextmanager

@@ -456,3 +456,50 @@ def test_generation_and_target_scores_from_one_prompt_pass(model: torch.nn.Modul
     assert [g.tolist() for g in plain_generated] == [g.tolist() for g in generated]
     np.testing.assert_allclose(plain_scores.logprob_sum, scores.logprob_sum, atol=1e-4)
     assert model.training
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["tuple cache", "DynamicCache"])
+def test_selected_cache_rows_are_copies_or_the_cache_itself_when_every_row_is_kept(legacy: bool) -> None:
+    from transformers import DynamicCache
+
+    from multirun.measure.live_model import _select_rows
+
+    # A contiguous layer and a transposed view (GPT-2's keys are views of its qkv projection).
+    layers = (
+        (torch.randn(3, 2, 5, 4), torch.randn(3, 5, 2, 4).transpose(1, 2)),
+        (torch.randn(3, 2, 5, 4).transpose(2, 3).contiguous(), torch.randn(3, 2, 5, 4)),
+    )
+    cache: Any = layers if legacy else DynamicCache.from_legacy_cache(layers)
+    owner = [0, 0, 2, 1, 2]
+    picked = _select_rows(cache, owner, torch.tensor(owner))
+    assert isinstance(picked, tuple) == legacy
+    for (key, value), (k, v) in zip(layers, picked):
+        assert torch.equal(k, key.index_select(0, torch.tensor(owner)))
+        assert torch.equal(v, value.index_select(0, torch.tensor(owner)))
+        assert k.data_ptr() != key.data_ptr()
+    every = _select_rows(cache, range(3), torch.arange(3))
+    for (key, value), (k, v) in zip(layers, every):
+        assert k is key and v is value  # shared: a pass on it concatenates, the old cache stays as it was
+
+
+def test_evaluating_switches_the_model_once_and_restores_it(
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    switches: list[bool] = []
+    original = model.train
+
+    def counting(mode: bool = True) -> torch.nn.Module:
+        switches.append(mode)
+        return original(mode)
+
+    live = LiveModel(model, pad_token_id=257, max_length=32)
+    model.train()
+    monkeypatch.setattr(model, "train", counting)  # eval() is train(False)
+    with live.evaluating():
+        assert not model.training and not torch.is_grad_enabled()
+        live.score_targets([[1, 2, 3]], [[4]])  # nested: no switch of its own
+        with live.evaluating():
+            assert not model.training
+        assert not model.training
+    assert switches == [False, True]  # eval() once, train() once
+    assert model.training and torch.is_grad_enabled()
