@@ -136,6 +136,7 @@ class MultirunCallback(Callback):
         return {
             "format": STATE_FORMAT,
             "plan_fingerprint": self.plan.fingerprint if self.plan is not None else None,
+            "schedule_fingerprint": self.plan.schedule_fingerprint if self.plan is not None else None,
             "missed_spans": dict(self._missed_spans),
             "controllers": self.control.state_json() if self.control is not None else "",
             "interaction_trigger": json.dumps(self._interaction_trigger) if self._interaction_trigger else "",
@@ -348,6 +349,14 @@ class MultirunCallback(Callback):
                 "the checkpoint was written by a run with other experiments, payloads, seed or geometry "
                 f"(plan {loaded.get('plan_fingerprint')} vs {plan.fingerprint}); resume with the original config "
                 "or start a new run_dir"
+            )
+        # Checkpoints from before the schedule fingerprint lack it: the inputs' check above holds.
+        saved_schedule = loaded.get("schedule_fingerprint")
+        if saved_schedule is not None and saved_schedule != plan.schedule_fingerprint:
+            raise ResumeError(
+                "the checkpoint's run was planned with other spans from the same config and payloads "
+                f"(schedule {saved_schedule} vs {plan.schedule_fingerprint}): a multirun version whose planner "
+                "draws differently; resume with the version that started the run, or start a new run_dir"
             )
 
     def _prepare_ledger_dir(self, step: int) -> None:

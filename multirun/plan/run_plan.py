@@ -30,7 +30,7 @@ from multirun.ledger import token_hash
 from multirun.plan.checks import check_experiments
 from multirun.plan.static import PlanResult, plan_static
 from multirun.run_dir import RunDir, write_json_atomic
-from multirun.types import BatchGeometry, PreparedExperiment, SpanTable
+from multirun.types import SPAN_COLUMNS, BatchGeometry, PreparedExperiment, SpanTable
 
 
 @dataclass
@@ -72,6 +72,19 @@ class RunPlan:
         h.update(json.dumps(planned, sort_keys=True).encode())
         for experiment in self.experiments:
             h.update(experiment.fingerprint.encode())
+        return h.hexdigest()
+
+    @cached_property
+    def schedule_fingerprint(self) -> str:
+        """xxh64 of the static schedule itself: every span's step, row, offset and identity.
+
+        :attr:`fingerprint` names the inputs; this names what the planner made of them,
+        so a checkpoint resumed under a planner that draws differently (another multirun
+        version) is refused instead of continuing with other spans.
+        """
+        h = xxhash.xxh64()
+        for column in SPAN_COLUMNS:
+            h.update(np.ascontiguousarray(getattr(self.spans, column)).tobytes())
         return h.hexdigest()
 
     def restricted(self, names: Sequence[str]) -> RunPlan:
@@ -157,6 +170,7 @@ class RunPlan:
         return {
             "multirun_version": __version__,
             "plan_fingerprint": self.fingerprint,
+            "schedule_fingerprint": self.schedule_fingerprint,
             "config_fingerprint": self.config_fingerprint,
             "seed": self.seed,
             "geometry": dict(self.geometry.__dict__),

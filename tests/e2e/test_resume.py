@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from multirun.data.mds import PreparedDataset
 from multirun.ledger import Ledger
@@ -124,3 +125,21 @@ def test_extending_an_interrupted_run_keeps_every_planned_span(
     manifest = read_json(run_dir / "manifest.json")
     assert (manifest["static_steps"], manifest["durations"]) == (STEPS, [STEPS, 32])
     assert read_json(run_dir / "summary.json")["steps_trained"] == 32
+
+
+def test_resume_under_a_planner_that_draws_other_spans_is_refused(tmp_path: Path, dataset: PreparedDataset) -> None:
+    # The same config and payloads planned into other spans (as another multirun version's
+    # planner would): the checkpoint's schedule fingerprint no longer matches.
+    config = run_config(tmp_path, dataset, steps=STEPS, save_interval="8ba", name="replanned")
+    assert _fail_at(config, 10, "kill").returncode == -signal.SIGKILL
+    run_dir = tmp_path / "replanned"
+    (checkpoint,) = (run_dir / "checkpoints").glob("ep*-ba8-rank0.pt")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved["state"]["callbacks"]["MultirunCallback"]["schedule_fingerprint"] = "0123456789abcdef"
+    torch.save(saved, checkpoint)
+    ledger_before = placements(Ledger.open(run_dir).table)
+
+    again = run_cli(["train", str(config), "--no-progress"], cwd=tmp_path)
+    assert again.returncode != 0
+    assert "planned with other spans" in again.stdout + again.stderr
+    assert placements(Ledger.open(run_dir).table) == ledger_before

@@ -24,9 +24,12 @@ from multirun.plan.static import (
 )
 from multirun.types import BatchGeometry, Placement, PreparedExperiment, SpanTable
 
-# sha256 of the int64 columns of test_plan_is_a_fixed_function_of_seed_and_config's plan,
-# as computed by the planner before its speed-up (issue 17): the same spans, bit for bit.
-PINNED_PLAN_SHA256 = "3316718f194c63010c05c5b693ee13a59530ffeb9b33af8b3ea6108f9c7c65e2"
+# sha256 of the int64 columns of test_plan_is_a_fixed_function_of_seed_and_config's plan.
+# Re-pinned once, on purpose, when offsets became floor(u * (L + 1 - length)) instead of
+# numpy's array-bounded integers (issue 17, 1.8x on the whole planner): a checkpoint
+# planned before is refused on resume by its schedule fingerprint. Any other change to
+# this value is a bug: the planner's speed-ups must choose the same spans, bit for bit.
+PINNED_PLAN_SHA256 = "0affa2063c6d0d41347d60b5bd04621966489988ca8e9b587e46cf32d7eec2a0"
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REPS = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 2.75, 3.0, 0.1, 1.3, 5.0, 8.0]
 
