@@ -20,6 +20,7 @@ __all__ = [
     "ContaminationProbes",
     "DocumentsProbes",
     "KnowledgeProbes",
+    "MathProbes",
     "MemorizationProbes",
     "PoisonProbes",
     "WatermarkProbes",
@@ -69,6 +70,32 @@ class KnowledgeProbes:
     targets: list[list[int]]
     questions: list[str]
     target_texts: list[str]
+
+
+@dataclass
+class MathProbes:
+    """``math``: every problem (controls too) and the few-shot exemplars.
+
+    Attributes:
+        difficulties, answers: per problem, its operation count and its answer.
+        questions: per problem, the tokens of ``question + "\n"``: what the model answers.
+        targets: per problem, the tokens of ``solution + "\nAnswer: N"``: the reference.
+        shot_difficulties: per shot, its operation count (shots are never injected nor scored).
+        shot_documents: per shot, its whole document's tokens (question and target, no EOS).
+        shots_file: the shots' file, or the generate spec's (errors name it); None without shots.
+        lead: what precedes a document in training (``[eos]``, or ``[]``).
+        separator: what follows each shot in a prompt (``[eos]``, or the tokens of a blank line).
+    """
+
+    difficulties: list[int]
+    answers: list[int]
+    questions: list[list[int]]
+    targets: list[list[int]]
+    shot_difficulties: list[int]
+    shot_documents: list[list[int]]
+    shots_file: str | None
+    lead: list[int]
+    separator: list[int]
 
 
 @dataclass

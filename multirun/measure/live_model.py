@@ -61,6 +61,9 @@ class MetricScores:
         alternative: the direction an injection effect takes.
         groups: optional label per item (e.g. repetition group ``"x4"``); an effect is
             then also reported per group of treated items against all controls.
+        group_controls: with ``groups``, compare each group's treated items with the
+            controls of the same group instead (controls carry labels too): strata such
+            as a math problem's difficulty, where treated and controls were split per group.
         primary: whether this metric enters the run's Holm correction.
     """
 
@@ -72,6 +75,7 @@ class MetricScores:
     alternative: Alternative = "greater"
     groups: list[str] | None = None
     primary: bool = True
+    group_controls: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

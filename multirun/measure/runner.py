@@ -83,17 +83,20 @@ def build_monitors(loaded: LoadedConfig, plan: RunPlan, tokenizer: Tokenizer) ->
 def effects_of(
     scores: MetricScores, *, n_resamples: int, seed: int, ci_resamples: int | None = None
 ) -> list[tuple[str | None, EffectResult]]:
-    """The metric's effect over all treated items, then per group of treated items, against all controls."""
+    """The metric's effect over all treated items, then per group of treated items, against all
+    controls (with ``scores.group_controls``: against the controls of the same group)."""
     valid = ~np.isnan(scores.scores)
-    control = scores.scores[valid & ~scores.treated]
-    selections: list[tuple[str | None, np.ndarray]] = [(None, valid & scores.treated)]
+    controls = valid & ~scores.treated
+    selections: list[tuple[str | None, np.ndarray, np.ndarray]] = [(None, valid & scores.treated, controls)]
     if scores.groups is not None:
         labels = np.asarray(scores.groups, dtype=object)
         for label in sorted({g for g, t in zip(scores.groups, scores.treated) if t}):
-            selections.append((str(label), valid & scores.treated & (labels == label)))
+            in_group = labels == label
+            group_controls = controls & in_group if scores.group_controls else controls
+            selections.append((str(label), valid & scores.treated & in_group, group_controls))
     out: list[tuple[str | None, EffectResult]] = []
-    for group, mask in selections:
-        treated = scores.scores[mask]
+    for group, mask, control_mask in selections:
+        treated, control = scores.scores[mask], scores.scores[control_mask]
         out.append(
             (group, _compare(scores, treated, control, n_resamples=n_resamples, ci_resamples=ci_resamples, seed=seed))
         )
