@@ -20,6 +20,7 @@ from multirun.config import ExperimentConfig
 from multirun.data.tokenizers import ByteTokenizer
 from multirun.errors import ConfigError, InputError, PayloadError
 from multirun.kinds.payloads import load_payload
+from multirun.kinds.probes import MuseProbes
 from multirun.kinds.registry import injectors, monitors
 from multirun.kinds.sdk import PrepareContext
 from multirun.measure.live_model import LiveModel, MetricScores
@@ -87,7 +88,9 @@ def test_conditions_and_sequences(tmp_path: Path) -> None:
         else:  # split: 3 consecutive pieces that are the whole document again
             assert len(pieces) == 3 and list(itertools.chain(*(p[1:-1] for p in pieces))) == text
         assert exp.seq_repetitions[mine].tolist() == [float(label[1:].split("/")[0])] * len(mine)
-    assert exp.probes.conditions == labels and exp.probes.qa_items == list(range(14))
+    probes = exp.probes
+    assert isinstance(probes, MuseProbes)
+    assert probes.conditions == labels and probes.qa_items == list(range(14))
     # Same seed, same deal; the deal is the experiment's own (its arm stream), not the run's.
     again = prepare(write_payload(tmp_path / "m2", items, kind="muse"), options={"duplicates": [0, 2, 5], "chunks": 3})
     assert again.metadata["conditions"] == labels
