@@ -276,7 +276,9 @@ def test_trained_documents_are_detected_against_controls(
 def test_negative_control_training_on_other_documents_shows_nothing(
     experiment: PreparedExperiment, one_torch_thread: None
 ) -> None:
-    other = write_payload(Path(experiment.probes.file).parent.parent / "other", docs(12, seed=2), kind="muse")
+    probes = experiment.probes
+    assert isinstance(probes, MuseProbes)
+    other = write_payload(Path(probes.file).parent.parent / "other", docs(12, seed=2), kind="muse")
     unrelated = prepare(other, options={"duplicates": [0, DOSE]}, name="other")
     sequences = [unrelated.sequence_tokens(i).tolist() for i in range(len(unrelated.seq_items))]
     effects = _effects(experiment, train_on(sequences))  # the same training, none of the experiment's documents
