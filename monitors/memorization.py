@@ -26,6 +26,14 @@ Metrics (treated items against never-injected controls):
     equally many candidates (n_c) and have the same expected exposure when nothing
     was memorised. The maximum is log2 n_c. Derived from ``text_logprob`` (the
     perplexity is exp(-mean log-prob)), no extra forward pass.
+``mia_auc``, ``mia_tpr`` (secondary; tests ``auc`` / ``tpr``; unless ``membership: false``)
+    membership inference (:mod:`multirun.measure.membership`, docs/kinds/memorization.md):
+    each text's attack score (``membership_score``: ``loss``, the mean log-probability
+    of ``text_logprob``, or ``zlib``, its summed log-probability per zlib-compressed
+    byte), treated texts (members) against the never-injected controls (non-members):
+    the AUC and the TPR at ``fpr`` (default 0.01), with bootstrap intervals, over all
+    treated texts and, when the items have more than one dose, per duplication level
+    (group ``x<repetitions>``). No extra forward pass.
 
 Options (``experiments[i].monitor.options``, :func:`parse_monitor_options`):
 
@@ -39,6 +47,8 @@ Options (``experiments[i].monitor.options``, :func:`parse_monitor_options`):
     where the ``2k`` tokens of the extraction test sit in the text.
 ``exposure`` (bool, default true)
     report the Secret Sharer exposure.
+``membership`` (bool, default true), ``membership_score`` (``loss`` | ``zlib``), ``fpr`` (in (0, 1), default 0.01)
+    the membership-inference metrics and their attack score and false-positive rate.
 
 Example:
     >>> parse_monitor_options({"k": 8}).k
@@ -57,7 +67,9 @@ import numpy as np
 from multirun.data.tokenizers import Tokenizer
 from multirun.errors import ConfigError, PayloadError
 from multirun.kinds.probes import MemorizationProbes
-from multirun.measure.live_model import LiveModel, MetricScores
+from multirun.kinds.sdk import group_label
+from multirun.measure.live_model import LiveModel, MetricScores, TestKind
+from multirun.measure.membership import DEFAULT_FPR, membership_scores
 from multirun.measure.stats import exposures
 from multirun.types import PreparedExperiment
 
@@ -74,6 +86,9 @@ class MemorizationOptions:
     exact_match: bool = True
     anchor: Literal["end", "start"] = "end"
     exposure: bool = True
+    membership: bool = True
+    membership_score: Literal["loss", "zlib"] = "loss"
+    fpr: float = DEFAULT_FPR
 
 
 def parse_monitor_options(options: Mapping[str, Any]) -> MemorizationOptions:
@@ -86,7 +101,7 @@ def parse_monitor_options(options: Mapping[str, Any]) -> MemorizationOptions:
         >>> parse_monitor_options({"anchor": "start", "exposure": False}).anchor
         'start'
     """
-    known = {"k", "exact_match", "anchor", "exposure"}
+    known = {"k", "exact_match", "anchor", "exposure", "membership", "membership_score", "fpr"}
     for name in options:
         if name not in known:
             raise ConfigError(f"unknown option (known: {', '.join(sorted(known))})", key=f"monitor.options.{name}")
@@ -95,7 +110,7 @@ def parse_monitor_options(options: Mapping[str, Any]) -> MemorizationOptions:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"must be an integer >= 1, got {k!r}", key="monitor.options.k")
     flags = {}
-    for name, default in (("exact_match", True), ("exposure", True)):
+    for name, default in (("exact_match", True), ("exposure", True), ("membership", True)):
         value = options.get(name, default)
         if not isinstance(value, bool):
             raise ConfigError(f"must be true or false, got {value!r}", key=f"monitor.options.{name}")
@@ -103,7 +118,21 @@ def parse_monitor_options(options: Mapping[str, Any]) -> MemorizationOptions:
     anchor = options.get("anchor", "end")
     if anchor not in ("end", "start"):
         raise ConfigError(f"must be 'end' or 'start', got {anchor!r}", key="monitor.options.anchor")
-    return MemorizationOptions(k=k, exact_match=flags["exact_match"], anchor=anchor, exposure=flags["exposure"])
+    score = options.get("membership_score", "loss")
+    if score not in ("loss", "zlib"):
+        raise ConfigError(f"must be 'loss' or 'zlib', got {score!r}", key="monitor.options.membership_score")
+    fpr = options.get("fpr", DEFAULT_FPR)
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
+        raise ConfigError(f"must be a number in (0, 1), got {fpr!r}", key="monitor.options.fpr")
+    return MemorizationOptions(
+        k=k,
+        exact_match=flags["exact_match"],
+        anchor=anchor,
+        exposure=flags["exposure"],
+        membership=flags["membership"],
+        membership_score=score,
+        fpr=float(fpr),
+    )
 
 
 def check_text_lengths(
@@ -151,7 +180,7 @@ class MemorizationMonitor:
     """
 
     #: Per-item metrics it reports (controllers validate their metric against these).
-    metrics = ("text_logprob", "exact_match", "exposure")
+    metrics = ("text_logprob", "exact_match", "exposure", "mia_auc", "mia_tpr")
 
     def __init__(
         self,
@@ -160,8 +189,19 @@ class MemorizationMonitor:
         texts: list[list[int]],
         context: list[int],
         options: MemorizationOptions,
+        *,
+        repetitions: list[float] | None = None,
+        text_bytes: list[bytes] | None = None,
     ) -> None:
         self.item_ids, self.treated, self.options = item_ids, np.asarray(treated, dtype=bool), options
+        self.text_bytes = text_bytes
+        # Membership inference per duplication level: the treated items' doses, when they differ.
+        levels = {r for r, t in zip(repetitions or (), self.treated) if t}
+        self.dose_groups = (
+            [group_label(int(r)) if float(r).is_integer() else f"x{r:g}" for r in repetitions]
+            if repetitions is not None and len(levels) > 1
+            else None
+        )
         if context:
             self.contexts = [list(context) for _ in texts]
             self.targets = [list(t) for t in texts]
@@ -204,7 +244,19 @@ class MemorizationMonitor:
             raise ConfigError(
                 "without EOS wrapping every text needs 2 tokens (its first token is the context)", key="monitor.name"
             )
-        return cls(list(experiment.item_ids), np.asarray(experiment.treated), texts, context, parsed)
+        reps = experiment.metadata.get("item_repetitions")
+        return cls(
+            list(experiment.item_ids),
+            np.asarray(experiment.treated),
+            texts,
+            context,
+            parsed,
+            repetitions=[float(r) for r in reps] if isinstance(reps, list) and len(reps) == len(texts) else None,
+            # The zlib score compresses the text itself: its tokens decoded back.
+            text_bytes=[tokenizer.decode(t).encode("utf-8", "surrogatepass") for t in texts]
+            if parsed.membership_score == "zlib"
+            else None,
+        )
 
     def evaluate(self, live: LiveModel) -> list[MetricScores]:
         text = live.score_targets(self.contexts, self.targets)
@@ -239,4 +291,23 @@ class MemorizationMonitor:
                     primary=False,
                 )
             )
+        if self.options.membership:
+            score = membership_scores(
+                text.logprob_sum, text.n_tokens, self.text_bytes, kind=self.options.membership_score
+            )
+            attacks: tuple[tuple[str, TestKind], ...] = (("mia_auc", "auc"), ("mia_tpr", "tpr"))
+            for name, test in attacks:
+                out.append(
+                    MetricScores(
+                        name,
+                        self.item_ids,
+                        self.treated,
+                        score,
+                        test=test,
+                        alternative="greater",
+                        groups=self.dose_groups,
+                        primary=False,
+                        extra={"score": self.options.membership_score, "fpr": self.options.fpr},
+                    )
+                )
         return out

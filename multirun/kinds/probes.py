@@ -22,6 +22,7 @@ __all__ = [
     "KnowledgeProbes",
     "MathProbes",
     "MemorizationProbes",
+    "MuseProbes",
     "PoisonProbes",
     "WatermarkProbes",
 ]
@@ -113,6 +114,32 @@ class MemorizationProbes:
     lines: list[int]
     file: str
     context: list[int]
+
+
+@dataclass
+class MuseProbes:
+    """``muse``: every document (controls too) and its QA pairs.
+
+    Attributes:
+        texts: every document's tokens without EOS.
+        text_bytes: every document's text, UTF-8 (the zlib membership score reads it).
+        lines: the JSONL line of each document; ``file``: the path of ``items.jsonl``.
+        context: the tokens that precede a document in training (``[eos]``, or ``[]``).
+        conditions: per document its condition label (``x0`` for the controls,
+            ``x10/whole``, ``x10/split``, ...).
+        qa_items: per QA pair, the index of its document in ``item_ids`` (flat, in payload order).
+        qa_contexts, qa_answers: per QA pair, the question's (after ``context``) and the answer's tokens.
+    """
+
+    texts: list[list[int]]
+    text_bytes: list[bytes]
+    lines: list[int]
+    file: str
+    context: list[int]
+    conditions: list[str]
+    qa_items: list[int]
+    qa_contexts: list[list[int]]
+    qa_answers: list[list[int]]
 
 
 @dataclass

@@ -153,7 +153,7 @@ payloads: Registry[Path] = Registry("multirun.payloads", what="payload package",
 
 # Built-ins. Lazy strings: importing the registry must not import every injector.
 injectors.register("documents", "injectors.documents:DocumentsInjector")
-for _kind in ("contamination", "knowledge", "poison", "watermark", "memorization", "math"):
+for _kind in ("contamination", "knowledge", "poison", "watermark", "memorization", "math", "muse"):
     injectors.register(_kind, f"injectors.{_kind}:{_kind.capitalize()}Injector")
     monitors.register(_kind, f"monitors.{_kind}:{_kind.capitalize()}Monitor")
 monitors.register("documents", "monitors.documents:DocumentsMonitor")

@@ -41,7 +41,7 @@ T = TypeVar("T")
 TokenIds = Sequence[int] | np.ndarray
 R = TypeVar("R")
 
-TestKind = Literal["means", "rates", "z"]
+TestKind = Literal["means", "rates", "z", "auc", "tpr"]
 Alternative = Literal["greater", "less", "two-sided"]
 
 
@@ -57,7 +57,10 @@ class MetricScores:
         test: which comparison fits the metric: ``means`` (permutation test of the
             difference of means), ``rates`` (Fisher exact on 0/1 outcomes) or ``z``
             (one-sample z against N(0, 1), e.g. the Gaussian watermark statistic;
-            controls are reported beside it).
+            controls are reported beside it); ``auc`` or ``tpr`` (a membership-inference
+            attack whose per-item scores call higher-scoring items members: its AUC or
+            its TPR at the false-positive rate ``extra["fpr"]``, default 0.01, against
+            the controls as non-members; :mod:`multirun.measure.membership`).
         alternative: the direction an injection effect takes.
         groups: optional label per item (e.g. repetition group ``"x4"``); an effect is
             then also reported per group of treated items against all controls.

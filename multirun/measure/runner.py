@@ -33,6 +33,7 @@ from multirun.data.tokenizers import Tokenizer
 from multirun.errors import ConfigError
 from multirun.kinds.registry import monitors as monitor_registry
 from multirun.measure.live_model import LiveModel, MetricScores, Monitor
+from multirun.measure.membership import DEFAULT_FPR, compare_membership
 from multirun.measure.records import (
     EffectRecord,
     EvaluationRecord,
@@ -120,6 +121,17 @@ def _compare(
             int(control.size),
             metric=scores.metric,
             alternative=scores.alternative,
+        )
+    if scores.test in ("auc", "tpr"):
+        return compare_membership(
+            treated,
+            control,
+            metric=scores.metric,
+            statistic="auc" if scores.test == "auc" else "tpr",
+            fpr=float(scores.extra.get("fpr", DEFAULT_FPR)),
+            alternative=scores.alternative,
+            n_resamples=ci_resamples or n_resamples,
+            seed=seed,
         )
     if scores.test == "z":
         return one_sample_z(treated, metric=scores.metric, alternative=scores.alternative, control_values=control)

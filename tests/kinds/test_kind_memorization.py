@@ -334,7 +334,11 @@ def test_without_eos_the_first_token_is_the_context(one_torch_thread: None) -> N
     model = tiny_model(seed=4)
     text = TOK.encode("abcdefgh")
     monitor = MemorizationMonitor(
-        ["a", "b"], np.array([True, False]), [text, text[::-1]], [], MemorizationOptions(k=2, exposure=False)
+        ["a", "b"],
+        np.array([True, False]),
+        [text, text[::-1]],
+        [],
+        MemorizationOptions(k=2, exposure=False, membership=False),
     )
     results = monitor.evaluate(LiveModel(model, pad_token_id=TOK.pad_token_id, max_length=SEQ))
     assert [r.metric for r in results] == ["text_logprob", "exact_match"]
