@@ -35,6 +35,9 @@ OVERRIDES = [
     "monitoring.n_resamples=200",
     "monitoring.ci_resamples=200",
     "monitoring.heldout_rows=8",
+    # 10- and 20-step runs hold the test payloads' spans only for lucky draws; this file
+    # tests evaluation, so a span that does not fit is reported, not an error.
+    "injection.on_unplaceable=warn",
 ]
 
 
