@@ -1,0 +1,203 @@
+"""The removal kind with the real Composer trainer on a real Streaming dataset (issue 18, item 2).
+
+Known sentences are planted in the MDS training data. A ``removal`` experiment removes
+half of them (the treated items) and keeps the others (controls); a documents
+experiment injects texts that contain a removed sentence. A capture callback after
+multirun's records what the model trained on: no removed n-gram is in it, the controls
+are, every removal is a row of the removals ledger that reconstructs the batch, and
+two runs give the same ledgers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from multirun.config import load_config
+from multirun.data.mds import build_dataloader, prepare_dataset
+from multirun.data.tokenizers import ByteTokenizer
+from multirun.inject.removal import tiled
+from multirun.ledger import Ledger, token_hash
+from multirun.run.trainer import TrainingRun, prepare_run
+from multirun.run_dir import read_jsonl
+from tests.helpers_payload import write_payload
+from tests.support import PLACEMENT_COLUMNS, CaptureBatches, as_numpy, run_config
+
+pytestmark = pytest.mark.e2e
+
+N = 16
+STEPS = 24
+SENTENCES = [
+    "amber herons sleep under 4093 kelp",
+    "violet otters count 7717 pebbles",
+    "silent comets fold 2281 paper maps",
+    "rusty lanterns hum 6043 old songs",
+    "frozen tulips guard 5519 iron keys",
+    "crimson moths weave 3307 wool nets",
+]
+
+
+def _plant(directory: Path) -> None:
+    """60 small documents of filler with the sentences planted, each many times."""
+    directory.mkdir(parents=True)
+    words = "the a of to in and is for on with as by at from this that it be or".split()
+    rng = np.random.default_rng(0)
+    for d in range(60):
+        filler = [" ".join(rng.choice(words, size=12)) for _ in range(4)]
+        text = f"{filler[0]}. {SENTENCES[d % 6]}. {filler[1]}. {SENTENCES[(d + 3) % 6]}. {filler[2]}.\n"
+        (directory / f"doc{d:03d}.txt").write_text(text)
+
+
+def _ngrams(tokens: list[int]) -> set[tuple[int, ...]]:
+    return {tuple(tokens[i : i + N]) for i in range(len(tokens) - N + 1)}
+
+
+def _windows(row: np.ndarray) -> set[tuple[int, ...]]:
+    return {tuple(row[i : i + N].tolist()) for i in range(len(row) - N + 1)}
+
+
+def _train(tmp: Path, name: str) -> tuple[TrainingRun, CaptureBatches]:
+    if not (tmp / "mds").exists():
+        _plant(tmp / "text")
+        prepare_dataset([tmp / "text"], tmp / "mds", ByteTokenizer(), 64, progress=False)
+    removal = write_payload(
+        tmp / "removal",
+        [{"id": f"s{i}", "text": s} for i, s in enumerate(SENTENCES)],
+        name="removal",
+        kind="removal",
+    )
+    # Inserts of another experiment holding every sentence: the removed ones must go too.
+    inserts = write_payload(
+        tmp / "inserts", [{"id": f"d{i}", "text": f"note: {s} end"} for i, s in enumerate(SENTENCES)], name="inserts"
+    )
+    dataset: Any = type("D", (), {"path": tmp / "mds", "sequence_length": 64})
+    experiments = [
+        {
+            "name": "forget",
+            "payload": str(removal),
+            "control_fraction": 0.5,
+            "options": {"ngram": N, "replacement": {"text": "~"}},
+            "monitor": {"options": {"k": 8}},
+        },
+        {"name": "inserts", "payload": str(inserts), "repetitions": 3, "control_fraction": 0.0, "monitor": {"enabled": False}},
+    ]
+    config = run_config(tmp, dataset, steps=STEPS, save_interval=None, experiments=experiments, name=name)
+    capture = CaptureBatches()
+    run = prepare_run(load_config(config), extra_callbacks=[capture], progress=False)
+    run.fit()
+    run.close()
+    return run, capture
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[TrainingRun, CaptureBatches]]:
+    tmp = tmp_path_factory.mktemp("removal")
+    return [_train(tmp, "first"), _train(tmp, "second")]
+
+
+def _forget(run: TrainingRun) -> Any:
+    return next(e for e in run.plan.experiments if e.name == "forget")
+
+
+def test_the_model_never_trains_on_a_removed_ngram(runs: list[tuple[TrainingRun, CaptureBatches]]) -> None:
+    run, capture = runs[0]
+    forget = _forget(run)
+    removed = set().union(*(_ngrams(forget.sequence_tokens(s).tolist()) for s in range(len(forget.seq_lengths))))
+    assert len(removed) > 0 and len(capture.batches) == STEPS
+    for batch in capture.batches.values():
+        for name in ("input_ids", "labels"):
+            for row in as_numpy(batch[name]):
+                assert not (_windows(row) & removed)
+    for microbatches in capture.microbatches.values():  # and what reached the forward pass
+        for mb in microbatches:
+            for row in as_numpy(mb):
+                assert not (_windows(row) & removed)
+
+
+def test_controls_stay_in_the_stream(runs: list[tuple[TrainingRun, CaptureBatches]]) -> None:
+    run, capture = runs[0]
+    forget = _forget(run)
+    tok = ByteTokenizer()
+    seen = set().union(*(_windows(row) for b in capture.batches.values() for row in as_numpy(b["input_ids"])))
+    controls = [i for i, t in enumerate(forget.treated) if not t]
+    assert len(controls) == 3
+    for i in controls:
+        assert _ngrams(tok.encode(SENTENCES[i])) <= seen  # every n-gram of every control was trained on
+
+
+def test_every_removal_is_in_the_ledger_and_reconstructs_the_batch(
+    runs: list[tuple[TrainingRun, CaptureBatches]],
+) -> None:
+    run, capture = runs[0]
+    forget = _forget(run)
+    removals = Ledger.open_removals(run.run_dir)
+    injections = Ledger.open(run.run_dir)
+    injections.check_integrity()
+    assert Ledger.open_removals(run.run_dir).experiments == run.plan.experiment_names
+    rows = removals.table.to_pylist()
+    assert len(rows) >= STEPS  # the planted sentences are everywhere
+    source = build_dataloader(run.dataset.path, batch_size=1, shuffle=False).dataset
+    replacement = np.array(ByteTokenizer().encode("~"))
+    expected = {step: as_numpy(b["input_ids"]).copy() for step, b in capture.batches.items()}
+    for step, batch in capture.batches.items():  # the original rows, the inserts written over them
+        for local, sample in enumerate(as_numpy(batch["sample_id"]).tolist()):
+            expected[step][local] = np.asarray(source[sample]["input_ids"])
+    for span in injections.table.to_pylist():
+        experiment = next(e for e in run.plan.experiments if e.name == span["experiment"])
+        o = span["offset"]
+        expected[span["step"]][span["local_row"], o : o + span["length"]] = experiment.sequence_tokens(span["sequence"])
+    removed = {step: np.zeros(b.shape, dtype=bool) for step, b in expected.items()}
+    for row in rows:
+        step, local, o, m = row["step"], row["local_row"], row["offset"], row["length"]
+        batch = capture.batches[step]
+        assert row["experiment"] == "forget" and row["arm"] == "treated"
+        assert int(as_numpy(batch["sample_id"])[local]) == row["sample_id"]
+        original = np.asarray(source[row["sample_id"]]["input_ids"])
+        assert token_hash(original) == row["row_fingerprint"]
+        # What was matched: the sequence's n-gram at ``repetition``, there before the removal.
+        matched = forget.sequence_tokens(row["sequence"])[row["repetition"] : row["repetition"] + N]
+        assert np.array_equal(expected[step][local, o : o + N], matched)
+        assert forget.item_ids[int(forget.seq_items[row["sequence"]])] == row["item"]
+        # What replaced it.
+        trained = as_numpy(batch["input_ids"])[local, o : o + m]
+        assert np.array_equal(trained, tiled(replacement, m)) and token_hash(trained) == row["token_hash"]
+        expected[step][local, o : o + m] = trained
+        removed[step][local, o : o + m] = True
+    for step, batch in capture.batches.items():  # nothing else changed
+        assert np.array_equal(as_numpy(batch["input_ids"]), expected[step])
+    summary = run.run_dir / "summary.json"
+    assert '"removals"' in summary.read_text()
+
+
+def test_inserts_holding_a_removed_sentence_are_removed_too(runs: list[tuple[TrainingRun, CaptureBatches]]) -> None:
+    run, _ = runs[0]
+    forget = _forget(run)
+    injected = Ledger.open(run.run_dir).table.to_pylist()
+    removed = {(r["step"], r["global_row"], r["offset"], r["length"]) for r in Ledger.open_removals(run.run_dir).table.to_pylist()}
+    treated_inserts = [r for r in injected if forget.treated[int(r["item"][1:])]]
+    assert treated_inserts
+    for span in treated_inserts:
+        # The sentence sits 6 tokens into the insert ("[eos]note: "): a removal covers it.
+        start = span["offset"] + 7
+        assert any(
+            s == span["step"] and g == span["global_row"] and o <= start and start + N <= o + m
+            for s, g, o, m in removed
+        )
+
+
+def test_removals_are_deterministic(runs: list[tuple[TrainingRun, CaptureBatches]]) -> None:
+    (first, _), (second, _) = runs
+    a, b = (Ledger.open_removals(r.run_dir).table.select(PLACEMENT_COLUMNS) for r in (first, second))
+    assert a.num_rows > 0 and a.equals(b)
+
+
+def test_the_monitor_scores_removed_texts_against_controls(runs: list[tuple[TrainingRun, CaptureBatches]]) -> None:
+    run, _ = runs[0]
+    records = [r for r in read_jsonl(run.run_dir / "metrics.jsonl") if r.get("experiment") == "forget"]
+    final = {r["metric"]: r for r in records if r.get("when") == "fit_end"}
+    assert set(final) >= {"continuation_logprob", "exact_continuation"}
+    items = final["continuation_logprob"]["items"]
+    assert len(items) == len(SENTENCES)
