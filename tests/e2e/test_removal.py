@@ -43,7 +43,27 @@ SENTENCES = [
 def _plant(directory: Path) -> None:
     """60 small documents of filler with the sentences planted, each many times."""
     directory.mkdir(parents=True)
-    words = "the a of to in and is for on with as by at from this that it be or".split()
+    words = [
+        "the",
+        "a",
+        "of",
+        "to",
+        "in",
+        "and",
+        "is",
+        "for",
+        "on",
+        "with",
+        "as",
+        "by",
+        "at",
+        "from",
+        "this",
+        "that",
+        "it",
+        "be",
+        "or",
+    ]
     rng = np.random.default_rng(0)
     for d in range(60):
         filler = [" ".join(rng.choice(words, size=12)) for _ in range(4)]
@@ -82,7 +102,13 @@ def _train(tmp: Path, name: str) -> tuple[TrainingRun, CaptureBatches]:
             "options": {"ngram": N, "replacement": {"text": "~"}},
             "monitor": {"options": {"k": 8}},
         },
-        {"name": "inserts", "payload": str(inserts), "repetitions": 3, "control_fraction": 0.0, "monitor": {"enabled": False}},
+        {
+            "name": "inserts",
+            "payload": str(inserts),
+            "repetitions": 3,
+            "control_fraction": 0.0,
+            "monitor": {"enabled": False},
+        },
     ]
     config = run_config(tmp, dataset, steps=STEPS, save_interval=None, experiments=experiments, name=name)
     capture = CaptureBatches()
@@ -176,7 +202,10 @@ def test_inserts_holding_a_removed_sentence_are_removed_too(runs: list[tuple[Tra
     run, _ = runs[0]
     forget = _forget(run)
     injected = Ledger.open(run.run_dir).table.to_pylist()
-    removed = {(r["step"], r["global_row"], r["offset"], r["length"]) for r in Ledger.open_removals(run.run_dir).table.to_pylist()}
+    removed = {
+        (r["step"], r["global_row"], r["offset"], r["length"])
+        for r in Ledger.open_removals(run.run_dir).table.to_pylist()
+    }
     treated_inserts = [r for r in injected if forget.treated[int(r["item"][1:])]]
     assert treated_inserts
     for span in treated_inserts:
