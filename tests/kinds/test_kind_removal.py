@@ -210,3 +210,21 @@ def test_monitor_sees_removed_texts_below_the_controls(tmp_path: Path, one_torch
     print(f"removal: effect {trained:.3f} nats/token p={p_trained:.3g}; untrained {untrained:.3f} p={p_untrained:.3g}")
     assert trained < 0 and p_trained < 0.01
     assert p_untrained > 0.01
+
+
+def test_multirun_check_covers_removal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from multirun.cli import main
+    from tests.support import make_dataset, run_config
+
+    dataset = make_dataset(tmp_path / "mds", samples=40)
+    payload = write_payload(tmp_path / "forget", texts(4), kind="removal")
+
+    def config(name: str, options: dict[str, Any]) -> Path:
+        experiment = {"name": "forget", "payload": str(payload), "options": options, "monitor": {"options": {"k": 8}}}
+        return run_config(tmp_path, dataset, steps=8, name=name, experiments=[experiment])
+
+    assert main(["check", str(config("good", {"ngram": 16}))]) == 0
+    capsys.readouterr()
+    assert main(["check", str(config("bad", {"ngram": 65}))]) == 2  # rows are 64 tokens
+    out = capsys.readouterr().out
+    assert "bad.yaml" in out and "experiments[0].options.ngram" in out and "longer than a training row" in out
