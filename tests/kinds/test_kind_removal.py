@@ -228,3 +228,21 @@ def test_multirun_check_covers_removal(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["check", str(config("bad", {"ngram": 65}))]) == 2  # rows are 64 tokens
     out = capsys.readouterr().out
     assert "bad.yaml" in out and "experiments[0].options.ngram" in out and "longer than a training row" in out
+
+
+def test_bundled_package_removes_lines_of_the_demo_corpus() -> None:
+    from multirun.data.mds import demo_corpus_sources
+
+    payload = load_payload("pkg:demo/removal", base_dir=Path("."))
+    spec = ExperimentConfig(name="memv", payload="pkg:demo/removal", options={"ngram": 24})
+    exp = RemovalInjector().prepare(
+        PrepareContext(payload, spec, tokenizer=TOK, sequence_length=128, seed=1, placement=UNIFORM)
+    )
+    assert len(exp.item_ids) == 16 and int(exp.treated.sum()) == 8 and exp.removal is not None
+    corpus = b""
+    for path in demo_corpus_sources():  # the demo's training text: its first demo_max_bytes
+        corpus += path.read_bytes()
+        if len(corpus) >= 4_000_000:
+            break
+    for tokens in exp.probes.texts:
+        assert corpus[:4_000_000].count(bytes(tokens)) >= 4
