@@ -10,6 +10,9 @@ two runs give the same ledgers.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from multirun.ledger import Ledger, token_hash
 from multirun.run.trainer import TrainingRun, prepare_run
 from multirun.run_dir import read_jsonl
 from tests.helpers_payload import write_payload
-from tests.support import PLACEMENT_COLUMNS, CaptureBatches, as_numpy, run_config
+from tests.support import REPO, CaptureBatches, as_numpy, placements, run_config
 
 pytestmark = pytest.mark.e2e
 
@@ -79,7 +82,7 @@ def _windows(row: np.ndarray) -> set[tuple[int, ...]]:
     return {tuple(row[i : i + N].tolist()) for i in range(len(row) - N + 1)}
 
 
-def _train(tmp: Path, name: str) -> tuple[TrainingRun, CaptureBatches]:
+def _config(tmp: Path, name: str, save_interval: str | None = None) -> Path:
     if not (tmp / "mds").exists():
         _plant(tmp / "text")
         prepare_dataset([tmp / "text"], tmp / "mds", ByteTokenizer(), 64, progress=False)
@@ -110,7 +113,10 @@ def _train(tmp: Path, name: str) -> tuple[TrainingRun, CaptureBatches]:
             "monitor": {"enabled": False},
         },
     ]
-    config = run_config(tmp, dataset, steps=STEPS, save_interval=None, experiments=experiments, name=name)
+    return run_config(tmp, dataset, steps=STEPS, save_interval=save_interval, experiments=experiments, name=name)
+
+
+def _train(config: Path) -> tuple[TrainingRun, CaptureBatches]:
     capture = CaptureBatches()
     run = prepare_run(load_config(config), extra_callbacks=[capture], progress=False)
     run.fit()
@@ -120,8 +126,21 @@ def _train(tmp: Path, name: str) -> tuple[TrainingRun, CaptureBatches]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[TrainingRun, CaptureBatches]]:
+    """An uninterrupted run, and a second one that dies at step 19 and is resumed from step 16."""
     tmp = tmp_path_factory.mktemp("removal")
-    return [_train(tmp, "first"), _train(tmp, "second")]
+    first = _train(_config(tmp, "first"))
+    config = _config(tmp, "second", save_interval="8ba")
+    died = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "scripts" / "train_until_failure.py"), str(config), "19", "raise"],
+        cwd=tmp,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert died.returncode != 0 and "planned failure" in died.stderr, died.stderr[-2000:]
+    assert max(Ledger.open_removals(tmp / "second").table.column("step").to_pylist()) >= 16  # cut back on resume
+    return [first, _train(config)]
 
 
 def _forget(run: TrainingRun) -> Any:
@@ -217,10 +236,12 @@ def test_inserts_holding_a_removed_sentence_are_removed_too(runs: list[tuple[Tra
         )
 
 
-def test_removals_are_deterministic(runs: list[tuple[TrainingRun, CaptureBatches]]) -> None:
+def test_removals_are_deterministic_and_resume_exactly(runs: list[tuple[TrainingRun, CaptureBatches]]) -> None:
+    # The second run was killed by an exception at step 19 and resumed from its step-16 checkpoint.
     (first, _), (second, _) = runs
-    a, b = (Ledger.open_removals(r.run_dir).table.select(PLACEMENT_COLUMNS) for r in (first, second))
-    assert a.num_rows > 0 and a.equals(b)
+    for read in (Ledger.open_removals, Ledger.open):
+        a, b = (placements(read(r.run_dir).table) for r in (first, second))
+        assert len(a) > 0 and a == b
 
 
 def test_the_monitor_scores_removed_texts_against_controls(runs: list[tuple[TrainingRun, CaptureBatches]]) -> None:
