@@ -45,7 +45,7 @@ import numpy as np
 from multirun.ledger import token_hash
 from multirun.types import PreparedExperiment, RemovalSpec
 
-__all__ = ["RemovalStep", "StreamRemoval", "find_ngrams", "tiled", "window_hashes"]
+__all__ = ["RemovalStep", "StreamRemoval", "find_ngrams", "removed_inserts", "tiled", "window_hashes"]
 
 _MASK = (1 << 64) - 1
 # An odd multiplier is invertible mod 2^64, so a window's hash is a difference of prefix
@@ -258,3 +258,30 @@ class StreamRemoval:
         within = np.arange(int(ends[-1])) - np.repeat(ends - length, length)
         columns = np.repeat(offset, length) + within
         tokens[np.repeat(rows, length), columns] = np.asarray(fill, dtype=tokens.dtype)[within % len(fill)]
+
+
+def removed_inserts(experiments: Sequence[PreparedExperiment]) -> list[tuple[str, str, int, int]]:
+    """Inserts a removal will overwrite: ``(experiment, removal experiment, sequences hit,
+    sequences)`` for every injecting experiment with a sequence that holds an n-gram of a
+    removal experiment. Such spans are still injected (and in the ledger); the removal then
+    overwrites them where they hold the n-gram (and records that in the removals ledger).
+    """
+    found = []
+    for remover in experiments:
+        spec = remover.removal
+        if spec is None or not len(spec.ngrams):
+            continue
+        table = _NgramTable(spec)
+        for e in experiments:
+            count = int(e.seq_lengths.shape[0])
+            if e is remover or not count or not np.asarray(e.seq_repetitions).any():
+                continue
+            # Sequences as rows of one array, padded with -1 (never a token, never matched exactly).
+            width = max(int(e.seq_lengths.max()), spec.n)
+            rows = np.full((count, width), -1, dtype=np.int64)
+            mask = np.arange(width) < np.asarray(e.seq_lengths)[:, None]
+            rows[mask] = np.concatenate([e.sequence_tokens(j) for j in range(count)]).astype(np.int64)
+            hit = np.unique(find_ngrams(rows, table)[0])
+            if hit.size:
+                found.append((e.name, remover.name, int(hit.size), count))
+    return found

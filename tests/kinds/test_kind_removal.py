@@ -219,12 +219,17 @@ def test_multirun_check_covers_removal(tmp_path: Path, capsys: pytest.CaptureFix
     dataset = make_dataset(tmp_path / "mds", samples=40)
     payload = write_payload(tmp_path / "forget", texts(4), kind="removal")
 
+    # Another experiment inserts every text: the check warns that the treated ones will be removed from it.
+    inserts = write_payload(tmp_path / "inserts", texts(4), kind="documents")
+
     def config(name: str, options: dict[str, Any]) -> Path:
         experiment = {"name": "forget", "payload": str(payload), "options": options, "monitor": {"options": {"k": 8}}}
-        return run_config(tmp_path, dataset, steps=8, name=name, experiments=[experiment])
+        other = {"name": "inserts", "payload": str(inserts), "control_fraction": 0.0, "monitor": {"enabled": False}}
+        return run_config(tmp_path, dataset, steps=8, name=name, experiments=[experiment, other])
 
     assert main(["check", str(config("good", {"ngram": 16}))]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "experiment 'inserts': 2 of its 4 sequences hold n-grams that the removal experiment 'forget'" in out
     assert main(["check", str(config("bad", {"ngram": 65}))]) == 2  # rows are 64 tokens
     out = capsys.readouterr().out
     assert "bad.yaml" in out and "experiments[0].options.ngram" in out and "longer than a training row" in out
