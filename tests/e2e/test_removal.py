@@ -251,3 +251,21 @@ def test_the_monitor_scores_removed_texts_against_controls(runs: list[tuple[Trai
     assert set(final) >= {"continuation_logprob", "exact_continuation"}
     items = final["continuation_logprob"]["items"]
     assert len(items) == len(SENTENCES)
+
+
+def test_inspect_shows_the_rows_as_trained(runs: list[tuple[TrainingRun, CaptureBatches]]) -> None:
+    from multirun.batch_view import view_step
+    from multirun.export import open_run
+
+    run, capture = runs[0]
+    contents = open_run(run.run_dir)
+    removals = Ledger.open_removals(run.run_dir).table.to_pylist()
+    steps = sorted({r["step"] for r in removals})[:3]
+    for step in steps:
+        view = view_step(run.run_dir, step, contents=contents)
+        batch = as_numpy(capture.batches[step]["input_ids"])
+        for r in (r for r in removals if r["step"] == step):
+            row = view.rows[r["global_row"]]
+            assert np.array_equal(row.trained, batch[r["local_row"]])
+            marked = [s for s in row.spans if s.experiment == "forget"]
+            assert (r["offset"], r["length"]) in {(s.offset, s.length) for s in marked}
