@@ -269,3 +269,16 @@ def test_inspect_shows_the_rows_as_trained(runs: list[tuple[TrainingRun, Capture
             assert np.array_equal(row.trained, batch[r["local_row"]])
             marked = [s for s in row.spans if s.experiment == "forget"]
             assert (r["offset"], r["length"]) in {(s.offset, s.length) for s in marked}
+
+
+def test_ledger_command_reads_the_removals(
+    runs: list[tuple[TrainingRun, CaptureBatches]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from multirun.cli import main
+
+    run, _ = runs[0]
+    spans = len(Ledger.open_removals(run.run_dir))
+    assert main(["ledger", str(run.run_dir), "--removals"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "forget" in line)
+    assert "removals ledger" in out and str(spans) in line.split()
