@@ -251,3 +251,27 @@ def test_bundled_package_removes_lines_of_the_demo_corpus() -> None:
             break
     for tokens in exp.probes.texts:
         assert corpus[:4_000_000].count(bytes(tokens)) >= 4
+
+
+def test_an_interaction_arm_without_the_removal_removes_nothing(tmp_path: Path) -> None:
+    from multirun.config import load_config
+    from multirun.inject.removal import StreamRemoval
+    from multirun.run.parts import assemble_parts
+    from multirun.types import BatchGeometry
+    from tests.helpers_payload import documents, minimal_config, write_config
+
+    write_payload(tmp_path / "forget", texts(4), kind="removal")
+    write_payload(tmp_path / "docs", documents(4))
+    doc = minimal_config(
+        forget={"payload": "forget", "options": {"ngram": 16}}, docs={"payload": "docs", "repetitions": 2}
+    )
+    doc["train"] = {"max_duration": "20ba", "global_batch_size": 4}
+    doc["injection"] = {"max_modified_fraction": 0.5}
+    loaded = load_config(write_config(tmp_path / "run.yaml", doc), env={})
+    geometry = BatchGeometry(global_batch_size=4, sequence_length=64, num_steps=20)
+    parts = assemble_parts(loaded, tokenizer=TOK, geometry=geometry, run_dir=tmp_path / "run", heldout=None)
+    assert StreamRemoval.of_experiments(parts.plan.experiments) is not None
+    assert StreamRemoval.of_experiments(parts.plan.restricted(["forget"]).experiments) is not None
+    alone = parts.plan.restricted(["docs"])
+    assert StreamRemoval.of_experiments(alone.experiments) is None
+    assert alone.fingerprint == parts.plan.fingerprint and len(alone.spans) == len(parts.plan.spans)
