@@ -282,3 +282,6 @@ def test_ledger_command_reads_the_removals(
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "forget" in line)
     assert "removals ledger" in out and str(spans) in line.split()
+    assert main(["report", str(run.run_dir)]) == 0
+    report = (run.run_dir / "report" / "report.md").read_text()
+    assert "| experiment | removed spans |" in report and f"| forget | {spans} |" in report
