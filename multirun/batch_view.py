@@ -8,7 +8,8 @@ resumes), so only the step's own samples are read. Streaming gives every world s
 same samples per global step when ``num_canonical_nodes`` is pinned; the rows are then
 ordered as :func:`multirun.inject.batch.global_rows` orders them (sample id, then
 position). The ledger's spans of the step are written over those rows with the tokens
-of their sequences.
+of their sequences, then the removals ledger's spans (``removal`` experiments) with
+their replacement.
 
 Nothing is taken on trust: every span's row must have the ledger's ``sample_id`` and
 ``row_fingerprint`` (xxh64 of the original row), and the written tokens must hash to its
@@ -248,6 +249,7 @@ def view_step(run_dir: str | os.PathLike[str], step: int, *, contents: RunConten
                 replaced=tokens[row, start:end].copy(),
             )
         )
+    _apply_removals(root, step, contents, trained, ids, fingerprints, by_row, names)
     rows = tuple(
         StepRow(
             global_row=g,
@@ -259,6 +261,57 @@ def view_step(run_dir: str | os.PathLike[str], step: int, *, contents: RunConten
         for g in range(batch)
     )
     return StepView(root, step, epoch, first, world, rows, tuple(names), contents.tokenizer)
+
+
+def _apply_removals(
+    root: Path,
+    step: int,
+    contents: RunContents,
+    trained: np.ndarray,
+    ids: np.ndarray,
+    fingerprints: np.ndarray,
+    by_row: dict[int, list[MarkedSpan]],
+    names: list[str],
+) -> None:
+    """Write the removals ledger's spans of ``step`` over the rows, after the injected ones
+    (the order of training, docs/kinds/removal.md); a removal replaces the marks of the
+    injected spans it overwrote."""
+    from multirun.inject.removal import tiled
+    from multirun.ledger import Ledger
+
+    removals = Ledger.open_removals(root)
+    if not len(removals):
+        return
+    for span in removals.query(steps=(step, step + 1)).to_pylist():
+        row = int(span["global_row"])
+        where = f"step {step}, global row {row}, removal {span['experiment']}/{span['item']} at offset {span['offset']}"
+        if (span["sample_id"] >= 0 and span["sample_id"] != ids[row]) or span["row_fingerprint"] != fingerprints[row]:
+            raise BatchViewError(f"{where}: the row read again is not the row the removals ledger recorded")
+        spec = contents.experiment(span["experiment"]).removal
+        if spec is None:
+            raise BatchViewError(f"{where}: experiment {span['experiment']!r} removes nothing in this config")
+        start, end = int(span["offset"]), int(span["offset"]) + int(span["length"])
+        written = tiled(spec.replacement, end - start)
+        replaced = trained[row, start:end].copy()
+        trained[row, start:end] = written
+        if token_hash(written) != span["token_hash"]:
+            raise BatchViewError(f"{where}: the replacement does not hash to the removals ledger's token_hash")
+        kept = [s for s in by_row.get(row, []) if s.end <= start or s.offset >= end]
+        by_row[row] = [
+            *kept,
+            MarkedSpan(
+                experiment=span["experiment"],
+                experiment_index=names.index(span["experiment"]),
+                item=span["item"],
+                sequence=int(span["sequence"]),
+                repetition=int(span["repetition"]),
+                offset=start,
+                length=end - start,
+                token_hash=int(span["token_hash"]),
+                tokens=written,
+                replaced=replaced,
+            ),
+        ]
 
 
 def _world_size(contents: RunContents) -> int:

@@ -6,7 +6,7 @@ Commands::
     multirun check CONFIG [--set ...]                validate config, payloads and placement; train nothing
                                                      (CONFIG may be an llm-foundry YAML: its callbacks.multirun)
     multirun prepare OUT SOURCE... --sequence-length N [--tokenizer PATH] [--heldout-fraction F]   text -> MDS
-    multirun ledger RUN_DIR [--experiment E] [--item I] [--steps A:B] [--export FILE]
+    multirun ledger RUN_DIR [--experiment E] [--item I] [--steps A:B] [--export FILE] [--removals]
     multirun report RUN_DIR [--baseline OTHER_RUN] [--out DIR]   HTML + Markdown report with plots
     multirun export RUN_DIR [--checkpoint PATH] [--out DIR]   HF model + tokenizer, inserted items as a dataset
     multirun inspect RUN_DIR --step T [--rows R,..] [--html FILE]   step T's rows with the injected spans marked
@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     ledger.add_argument("--rank", type=int)
     ledger.add_argument("--limit", type=int, default=20, help="rows to print for a query")
     ledger.add_argument("--export", help="write the (filtered) rows to .parquet, .csv or .jsonl")
+    ledger.add_argument(
+        "--removals", action="store_true", help="the removals ledger: spans that removal experiments overwrote"
+    )
     ledger.set_defaults(handler=_ledger)
 
     report = commands.add_parser("report", help="write an HTML + Markdown report of a run directory")
@@ -322,7 +325,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _ledger(args: argparse.Namespace) -> int:
     from multirun.ledger import Ledger, export_table
 
-    ledger = Ledger.open(args.run_dir)
+    ledger = Ledger.open_removals(args.run_dir) if args.removals else Ledger.open(args.run_dir)
     filtered = any(v is not None for v in (args.experiment, args.item, args.steps, args.rank))
     steps = _parse_steps(args.steps) if args.steps else None
     if args.export:
@@ -338,7 +341,8 @@ def _ledger(args: argparse.Namespace) -> int:
         _print_rows(table, args.limit)
         return 0
     total = _tokens_trained(Path(args.run_dir))
-    _print_ledger_summary(ledger.summary(total_training_tokens=total))
+    title = "removals ledger: removed spans per experiment" if args.removals else None
+    _print_ledger_summary(ledger.summary(total_training_tokens=total), title=title)
     return 0
 
 
@@ -668,8 +672,8 @@ def _print_summary(summary: dict) -> None:
         console.print(f"[yellow]spans that found no row (short batches): {missed}[/]")
 
 
-def _print_ledger_summary(rows: list[dict]) -> None:
-    table = Table(title="ledger: injected spans per experiment")
+def _print_ledger_summary(rows: list[dict], title: str | None = None) -> None:
+    table = Table(title=title or "ledger: injected spans per experiment")
     columns = ("experiment", "spans", "tokens", "share", "items", "exposures/item", "first step", "last step")
     for column in columns:
         table.add_column(column, justify="left" if column == "experiment" else "right")

@@ -55,6 +55,7 @@ from multirun.run_dir import RunDir, atomic_path, fsync_dir
 __all__ = [
     "ARMS",
     "FORMAT_VERSION",
+    "REMOVALS",
     "SCHEMA",
     "Ledger",
     "LedgerIntegrityError",
@@ -71,6 +72,9 @@ FORMAT_VERSION = 3
 _FIRST_CHECKSUMMED_VERSION = 3
 _OLDEST_READABLE_VERSION = 2  # same columns as 3, without the checksum: read unverified, with a warning
 ARMS: tuple[str, str] = ("treated", "control")
+#: The removals ledger's folder inside the ledger directory (``ledger/removals/rank-NNNNN/``):
+#: rows of the same format, one per span a ``removal`` experiment overwrote (docs/ledger.md).
+REMOVALS = "removals"
 
 _META_VERSION = b"multirun.ledger.format_version"
 _META_EXPERIMENTS = b"multirun.ledger.experiments"
@@ -418,6 +422,8 @@ class LedgerWriter:
         experiment_names: the run's experiments, in the order their indices refer to.
         item_ids: ``item_ids[e]`` is the item id list of experiment ``e``
             (``item_index`` in :meth:`append` indexes it).
+        removals: write the removals ledger (``ledger/removals/rank-{rank:05d}/``) instead:
+            the same format, one row per span a ``removal`` experiment overwrote.
 
     Usage: call :meth:`append` once per step with that step's spans (numpy arrays),
     :meth:`flush` at each checkpoint and :meth:`close` at the end. The writer is
@@ -430,6 +436,8 @@ class LedgerWriter:
         rank: int,
         experiment_names: Sequence[str],
         item_ids: Sequence[Sequence[str]],
+        *,
+        removals: bool = False,
     ) -> None:
         if len(experiment_names) != len(item_ids):
             raise ValueError(f"experiment_names has {len(experiment_names)} entries but item_ids has {len(item_ids)}")
@@ -439,7 +447,8 @@ class LedgerWriter:
             raise ValueError(f"rank must be >= 0, got {rank}")
         self.rank = int(rank)
         self.experiment_names = [str(n) for n in experiment_names]
-        self.directory = RunDir(run_dir).ledger / f"rank-{self.rank:05d}"
+        root = RunDir(run_dir).ledger
+        self.directory = (root / REMOVALS if removals else root) / f"rank-{self.rank:05d}"
         self._make_dirs()
 
         self._n_items = np.array([len(ids) for ids in item_ids], dtype=np.int64)
@@ -464,7 +473,10 @@ class LedgerWriter:
 
     def _make_dirs(self) -> None:
         created = []
-        for d in (self.directory.parent.parent, self.directory.parent, self.directory):
+        parents = [self.directory.parent.parent, self.directory.parent, self.directory]
+        if self.directory.parent.name == REMOVALS:
+            parents.insert(0, self.directory.parent.parent.parent)
+        for d in parents:
             if not d.exists():
                 d.mkdir(parents=True, exist_ok=True)
                 created.append(d)
@@ -634,8 +646,10 @@ class LedgerWriter:
 # --------------------------------------------------------------------------- truncate
 
 
-def truncate_ledger(run_dir: str | Path, from_step: int) -> int:
+def truncate_ledger(run_dir: str | Path, from_step: int, *, removals: bool = False) -> int:
     """Remove every row with ``step >= from_step`` from all ranks; returns rows removed.
+
+    ``removals``: cut the removals ledger (``ledger/removals/``) instead.
 
     Call on rank 0 only, before a barrier, when resuming from a checkpoint whose
     ``timestamp.batch`` is ``from_step`` (those steps will be trained again). Shards
@@ -651,6 +665,8 @@ def truncate_ledger(run_dir: str | Path, from_step: int) -> int:
     if from_step < 0:
         raise ValueError(f"from_step must be >= 0, got {from_step}")
     root = RunDir(run_dir).ledger
+    if removals:
+        root = root / REMOVALS
     if not root.is_dir():
         return 0
     removed = 0
@@ -781,6 +797,21 @@ class Ledger:
             InputError: no ledger directory, or a shard of another format.
         """
         root = _ledger_root(Path(run_dir))
+        return cls._open_root(root, arms_path=root.parent / RunDir(".").arms.name)
+
+    @classmethod
+    def open_removals(cls, run_dir: str | Path) -> Ledger:
+        """The removals ledger (``run_dir/ledger/removals``): one row per span a ``removal``
+        experiment overwrote, in the ledger's format (docs/ledger.md, "Removals"); empty
+        for a run without removals. Verified as :meth:`open` verifies the ledger."""
+        root = _ledger_root(Path(run_dir))
+        removals = root / REMOVALS
+        if not removals.is_dir():
+            return cls(_empty_table())
+        return cls._open_root(removals, arms_path=root.parent / RunDir(".").arms.name)
+
+    @classmethod
+    def _open_root(cls, root: Path, *, arms_path: Path) -> Ledger:
         tables: list[pa.Table] = []
         experiments: list[str] = []
         paths = _shard_paths(root)
@@ -792,7 +823,7 @@ class Ledger:
             tables.append(t.replace_schema_metadata(None))
         table = pa.concat_tables(tables) if tables else _empty_table()
         ranks = [int(d.name[5:]) for d in root.glob("rank-*") if d.is_dir() and d.name[5:].isdigit()]
-        led = cls(table, experiments, ranks=ranks, arms=_read_arms(root.parent / RunDir(".").arms.name))
+        led = cls(table, experiments, ranks=ranks, arms=_read_arms(arms_path))
         led.shards = paths
         return led
 

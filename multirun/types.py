@@ -81,6 +81,9 @@ class PreparedExperiment:
             Not written anywhere.
         embedding_noise: Gaussian noise added to the input embeddings of this
             experiment's injected spans during training (the Gaussian watermark).
+        removal: what this experiment removes from the training stream (the ``removal``
+            kind): every row holding one of its n-grams is overwritten after injection
+            (:mod:`multirun.inject.removal`). None for every other kind.
     """
 
     name: str
@@ -97,6 +100,7 @@ class PreparedExperiment:
     metadata: dict = field(default_factory=dict)
     probes: object = None
     embedding_noise: EmbeddingNoise | None = None
+    removal: RemovalSpec | None = None
 
     def sequence_tokens(self, seq: int) -> np.ndarray:
         start = int(self.seq_offsets[seq])
@@ -114,6 +118,47 @@ class EmbeddingNoise:
 
     sigma: float
     seed: int
+
+
+RemovalSpan = Literal["match", "row"]
+
+
+@dataclass(frozen=True)
+class RemovalSpec:
+    """What one ``removal`` experiment takes out of the training stream.
+
+    Every training row that holds, after injection, one of ``ngrams`` (the length-``n``
+    windows of the experiment's treated sequences) is overwritten with ``replacement``
+    repeated: over the matched windows (``span="match"``, overlapping or adjacent windows
+    merged) or over the whole row (``span="row"``), at the steps ``start_step <= t <
+    end_step`` (or only at ``steps`` when given). See :mod:`multirun.inject.removal`.
+
+    Attributes:
+        n: the n-gram length, in tokens.
+        ngrams: ``(m, n)`` int64, every distinct window of every treated sequence.
+        ngram_sequence: the experiment's sequence each window was taken from (the first one holding it).
+        ngram_start: where the window starts in that sequence.
+        replacement: the tokens written over a removed span, repeated to fill it (int64, non-empty).
+        span: ``match`` or ``row``.
+        start_step, end_step: the steps at which rows are scanned (half-open).
+        steps: when non-empty, only these steps are scanned.
+    """
+
+    n: int
+    ngrams: np.ndarray
+    ngram_sequence: np.ndarray
+    ngram_start: np.ndarray
+    replacement: np.ndarray
+    span: RemovalSpan = "match"
+    start_step: int = 0
+    end_step: int = 2**62
+    steps: tuple[int, ...] = ()
+
+    def active_at(self, step: int) -> bool:
+        """Whether rows are scanned at ``step``."""
+        if self.steps:
+            return step in self.steps
+        return self.start_step <= step < self.end_step
 
 
 SPAN_COLUMNS: dict[str, type] = {

@@ -46,6 +46,7 @@ KINDS = [
     "knowledge",
     "poison",
     "watermark",
+    "removal",
     "no-such-kind",
 ]
 KEYS = ["id", "text", "question", "answer", "group", "choices", "repetitions", "texts", "probes", "prompt", "x"]
@@ -83,6 +84,8 @@ def valid_record(kind: str, i: int) -> dict[str, Any]:
             "texts": [f"fact {i} is true"],
             "probes": [{"question": f"fact {i} is", "target": " true"}],
         }
+    if kind == "removal":  # at least the default n-gram (25 tokens) long, no shared n-gram
+        return {"id": f"r{i}", "text": f"removed sentence number {i} of the fuzz payload"}
     return {"id": f"d{i}", "text": f"document {i} says hello"}
 
 

@@ -52,8 +52,9 @@ from multirun.inject.batch import (
     write_tokens,
 )
 from multirun.inject.noise import EmbeddingNoiseHook
+from multirun.inject.removal import StreamRemoval
 from multirun.inject.step import InjectionLog, StepSchedule
-from multirun.ledger import Ledger, LedgerWriter, truncate_ledger
+from multirun.ledger import Ledger, LedgerWriter, token_hash, truncate_ledger
 from multirun.measure.live_model import unwrap_model
 from multirun.measure.runner import MonitorRunner
 from multirun.plan.run_plan import RunPlan
@@ -114,6 +115,8 @@ class MultirunCallback(Callback):
         self._checked_batch = False
         self._steps: StepSchedule | None = None
         self._log: InjectionLog | None = None
+        self._removal: StreamRemoval | None = None  # None: no removal experiment, no work per step
+        self._removal_writer: LedgerWriter | None = None
         self._rank = 0
         self._world_size = 1
 
@@ -190,6 +193,15 @@ class MultirunCallback(Callback):
             experiment_names=parts.plan.experiment_names,
             item_ids=[e.item_ids for e in parts.plan.experiments],
         )
+        self._removal = StreamRemoval.of_experiments(parts.plan.experiments)
+        if self._removal is not None:
+            self._removal_writer = LedgerWriter(
+                self.run_dir,
+                rank=rank,
+                experiment_names=parts.plan.experiment_names,
+                item_ids=[e.item_ids for e in parts.plan.experiments],
+                removals=True,
+            )
         self._steps = StepSchedule(parts.plan, noise_specs=parts.noise_specs)
         self._log = InjectionLog(parts.plan)
         if any(spec is not None for spec in parts.noise_specs):
@@ -241,7 +253,8 @@ class MultirunCallback(Callback):
             steps.set_dynamic(self.control.schedule.spans)  # an identity check unless a decision came
         # The plan and the decisions are the same on every rank, so every rank skips the
         # same steps (and the collective of the row identity with them).
-        if self._checked_geometry and not steps.has_spans(step):
+        removing = self._removal is not None and self._removal.active_at(step)
+        if self._checked_geometry and not steps.has_spans(step) and not removing:
             self._injection_seconds += time.perf_counter() - started
             return
         rows = BatchRows.of_batch(batch)  # before anything is overwritten
@@ -251,12 +264,10 @@ class MultirunCallback(Callback):
             self._check_geometry(plan.geometry, int(lookup.shape[0]), int(rows.tokens.shape[1]))
         work = steps.at(step, lookup, every_row_here=self._world_size == 1)
         self._record_missed(work.missed, int(lookup.shape[0]))
+        fingerprints = np.empty(0, dtype=np.uint64)
         if len(work):
-            self._log.record(
-                work,
-                sample_ids=rows.sample_id[work.local_rows],
-                row_fingerprints=rows.fingerprints_of(work.local_rows),  # before the overwrite
-            )
+            fingerprints = rows.fingerprints_of(work.local_rows)  # before the overwrite
+            self._log.record(work, sample_ids=rows.sample_id[work.local_rows], row_fingerprints=fingerprints)
             state.batch = write_tokens(
                 batch,
                 rows=work.token_rows,
@@ -269,7 +280,63 @@ class MultirunCallback(Callback):
                 self._noise_hook.set_step(work.noise())
             injected = int(work.tokens.shape[0]) if self._rank == 0 else 0
             logger.log_metrics({"multirun/injected_tokens_rank0": injected})
+        if removing:
+            # After the injection: removal scans the inserts too (multirun/inject/removal.py).
+            injected_rows = dict(zip(work.local_rows.tolist(), fingerprints.tolist()))
+            self._remove(state, rows, lookup, step=step, injected_rows=injected_rows)
         self._injection_seconds += time.perf_counter() - started
+
+    def _remove(
+        self, state: State, rows: BatchRows, lookup: np.ndarray, *, step: int, injected_rows: dict[int, int]
+    ) -> None:
+        """Overwrite the rows holding a removed n-gram and buffer one removals-ledger row per span."""
+        assert self._removal is not None and self._removal_writer is not None and self.parts is not None
+        tokens = input_ids_of(state.batch).detach().cpu().numpy().copy()
+        original = tokens.copy()  # rows no span touched this step are still the data's rows
+        removed = self._removal.apply(tokens, step=step)
+        if not len(removed):
+            return
+        local = removed.local_row
+        lengths = removed.length
+        ends = np.cumsum(lengths)
+        within = np.arange(int(ends[-1])) - np.repeat(ends - lengths, lengths)
+        token_rows = np.repeat(local, lengths)
+        token_columns = np.repeat(removed.offset, lengths) + within
+        state.batch = write_tokens(
+            state.batch,
+            rows=token_rows,
+            columns=token_columns,
+            tokens=tokens[token_rows, token_columns],
+            rows_touched=local,
+            derived=self._derived,
+        )
+        # The original row's fingerprint: the one taken before injection where a span was
+        # written, else the row's tokens as the dataset gave them.
+        if rows.fingerprint is not None:
+            row_fingerprints = rows.fingerprint[local]
+        else:
+            row_fingerprints = np.array(
+                [injected_rows[r] if r in injected_rows else token_hash(original[r]) for r in local.tolist()],
+                dtype=np.uint64,
+            )
+        global_of_local = np.full(tokens.shape[0], -1, dtype=np.int64)
+        mine = lookup >= 0
+        global_of_local[lookup[mine]] = np.flatnonzero(mine)
+        plan = self.parts.plan
+        self._removal_writer.append(
+            step=step,
+            global_row=global_of_local[local],
+            local_row=local,
+            sample_id=rows.sample_id[local],
+            offset=removed.offset,
+            length=lengths,
+            experiment=removed.experiment,
+            item_index=plan.items_of(removed.experiment, removed.sequence),
+            sequence=removed.sequence,
+            repetition=removed.ngram_start,
+            token_hash=removed.token_hash,
+            row_fingerprint=row_fingerprints,
+        )
 
     def before_forward(self, state: State, logger: Logger) -> None:
         """Tell the embedding-noise hook which rows of the step's batch this microbatch holds."""
@@ -364,6 +431,7 @@ class MultirunCallback(Callback):
         if step > 0:
             # Steps >= step are trained again after the resume: drop rows written after the checkpoint.
             truncate_ledger(files.root, from_step=step)
+            truncate_ledger(files.root, from_step=step, removals=True)
             truncate_jsonl(files.training_log, lambda r: int(r["step"]) <= step)
             return
         if not files.ledger.exists():
@@ -374,6 +442,7 @@ class MultirunCallback(Callback):
                 file=files.root,
             )
         removed = truncate_ledger(files.root, from_step=0)
+        truncate_ledger(files.root, from_step=0, removals=True)
         files.training_log.unlink(missing_ok=True)
         if removed:
             warnings.warn(
@@ -429,6 +498,8 @@ class MultirunCallback(Callback):
             if columns is not None:
                 self._writer.append(**columns)
             self._writer.flush()
+        if self._removal_writer is not None:
+            self._removal_writer.flush()
         if self._losses and self.run_dir is not None:
             append_jsonl(self.files.training_log, self._losses)
             self._losses = []
@@ -513,6 +584,8 @@ class MultirunCallback(Callback):
             "injection_seconds_rank0": round(self._injection_seconds, 6),
             "fit_seconds": round(time.perf_counter() - self._fit_started, 3),
         }
+        if self._removal is not None:
+            summary["removals"] = Ledger.open_removals(self.run_dir).summary()
         if self.control is not None:
             summary.update(self.control.summary())
             summary["acquisition"] = acquisition

@@ -24,6 +24,7 @@ __all__ = [
     "MemorizationProbes",
     "MuseProbes",
     "PoisonProbes",
+    "RemovalProbes",
     "WatermarkProbes",
 ]
 
@@ -184,3 +185,18 @@ class WatermarkProbes:
     sequences: list[np.ndarray] | None = None
     keys: np.ndarray | None = None
     context: np.ndarray | None = None
+
+
+@dataclass
+class RemovalProbes:
+    """``removal``: every item's sequence (controls too), as it occurs in the training data.
+
+    Attributes:
+        texts: each item's tokens (no EOS): treated items are removed from the stream,
+            controls are left in it.
+        lines: the JSONL line of each item; file: the items file (for errors).
+    """
+
+    texts: list[list[int]]
+    lines: list[int]
+    file: str

@@ -91,7 +91,8 @@ class RunPlan:
         """The same plan with only the spans of the experiments in ``names``.
 
         Every experiment stays (its probes and arms are still measured); the others are
-        simply not injected, and the kept spans are exactly those of the full plan.
+        simply not injected (a removal experiment among them removes nothing), and the kept
+        spans are exactly those of the full plan.
         """
         kept = set(names)
         keep = np.isin(self.spans.experiment, [i for i, n in enumerate(self.experiment_names) if n in kept])
@@ -106,7 +107,8 @@ class RunPlan:
             placed=only(self.result.placed),
             unplaced=only(self.result.unplaced),
         )
-        return replace(self, result=result)
+        experiments = [e if e.name in kept or e.removal is None else replace(e, removal=None) for e in self.experiments]
+        return replace(self, result=result, experiments=experiments)
 
     @property
     def experiment_names(self) -> list[str]:

@@ -311,6 +311,27 @@ def provenance(run: RunData, colors: Mapping[str, str]) -> Section:
                 f"The run is interrupted: recorded spans stop at step {run.steps_reached:,}, planned spans cover all steps."
             )
         )
+    removals = (run.summary or {}).get("removals") or []
+    if removals:  # removal experiments (docs/kinds/removal.md): what they took out of the stream
+        section.blocks.append(
+            Table(
+                ["experiment", "removed spans", "removed tokens", "items removed / treated", "steps"],
+                [
+                    [
+                        str(r["experiment"]),
+                        fmt_int(r["spans"]),
+                        fmt_int(r["tokens"]),
+                        f"{fmt_int(r['items_exposed'])} / {fmt_int(run.manifest_experiment(r['experiment']).get('treated_items'))}",
+                        f"{r['first_step']}–{r['last_step']}" if r["spans"] else "–",
+                    ]
+                    for r in removals
+                    if r["spans"] or run.manifest_experiment(r["experiment"]).get("kind") == "removal"
+                ],
+                numeric=(1, 2, 3),
+                caption="From the removals ledger (ledger/removals/): spans of training rows that held a removed "
+                "n-gram, overwritten after injection.",
+            )
+        )
     return section
 
 

@@ -17,14 +17,16 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from multirun.config import LoadedConfig, MonitoringConfig
+from multirun.config import ConfigWarning, LoadedConfig, MonitoringConfig
 from multirun.control.loop import ControlLoop, build_control_loop
 from multirun.data.tokenizers import Tokenizer
+from multirun.inject.removal import removed_inserts
 from multirun.measure.runner import MonitorRunner, build_monitors
 from multirun.plan.run_plan import RunPlan, build_run_plan
 from multirun.run.continuation import Continuation
@@ -117,6 +119,13 @@ def assemble_parts(
             geometry=geometry,
             static_steps=None if continuation is None else continuation.static_steps,
             durations=() if continuation is None else continuation.durations,
+        )
+    for name, remover, hit, count in removed_inserts(plan.experiments):
+        warnings.warn(
+            f"experiment {name!r}: {hit} of its {count} sequences hold n-grams that the removal experiment "
+            f"{remover!r} removes; they are injected, then overwritten where they hold them (both ledgers record it)",
+            ConfigWarning,
+            stacklevel=2,
         )
     entries = build_monitors(loaded, plan, tokenizer)
     control = None
