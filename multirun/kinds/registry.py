@@ -157,3 +157,4 @@ for _kind in ("contamination", "knowledge", "poison", "watermark", "memorization
     injectors.register(_kind, f"injectors.{_kind}:{_kind.capitalize()}Injector")
     monitors.register(_kind, f"monitors.{_kind}:{_kind.capitalize()}Monitor")
 monitors.register("documents", "monitors.documents:DocumentsMonitor")
+monitors.register("forgetting", "monitors.forgetting:ForgettingMonitor")

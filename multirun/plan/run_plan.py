@@ -23,8 +23,9 @@ import numpy as np
 import xxhash
 
 from multirun import __version__
-from multirun.config import LoadedConfig
+from multirun.config import LoadedConfig, without_row_defaults
 from multirun.data.tokenizers import Tokenizer
+from multirun.errors import ConfigError
 from multirun.kinds.experiments import arms_record, build_experiments
 from multirun.ledger import token_hash
 from multirun.plan.checks import check_experiments
@@ -130,7 +131,7 @@ class RunPlan:
     def manifest(self) -> dict[str, Any]:
         """Plain description of the plan, written to ``manifest.json``."""
         spans = self.spans
-        experiments = []
+        experiments: list[dict[str, Any]] = []
         for index, e in enumerate(self.experiments):
             mine = spans.experiment == index
             experiments.append(
@@ -154,6 +155,11 @@ class RunPlan:
                     "metadata": e.metadata,
                 }
             )
+            if e.placement.by_row:  # only then, so manifests of other runs keep their form
+                experiments[-1]["placement"].update(whole=e.placement.whole, at=e.placement.at)
+                experiments[-1]["cap_exempt_tokens"] = (
+                    experiments[-1]["planned_tokens"] if e.placement.whole is not None else 0
+                )
         return {
             "multirun_version": __version__,
             "plan_fingerprint": self.fingerprint,
@@ -208,6 +214,15 @@ def plan_experiments(
 ) -> RunPlan:
     """Plan the spans of prepared experiments (their repetitions and placements as they are)."""
     config = loaded.config
+    for i, e in enumerate(experiments):
+        if e.placement.at == "boundary" and tokenizer.eos_token_id is None:
+            key = f"experiments[{i}].placement.at"
+            raise ConfigError(
+                "at: boundary needs a tokenizer with an EOS token (boundaries are the positions after an EOS)",
+                file=loaded.source,
+                key=key,
+                line=loaded.line_of(key) if loaded.lines else None,
+            )
     result = plan_static(
         experiments,
         geometry,
@@ -245,6 +260,11 @@ def injection_fingerprint(loaded: LoadedConfig) -> str:
     # experiment is measured does not change what is injected.
     relevant["tokenizer"] = resolved["tokenizer"]["kind"]
     relevant["experiments"] = [
-        {k: v for k, v in e.items() if k not in ("monitor", "payload")} for e in resolved["experiments"]
+        {
+            k: (without_row_defaults(v) if k == "placement" else v)
+            for k, v in e.items()
+            if k not in ("monitor", "payload")
+        }
+        for e in resolved["experiments"]
     ]
     return xxhash.xxh64(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
