@@ -25,7 +25,6 @@ import xxhash
 from multirun import __version__
 from multirun.config import LoadedConfig, without_row_defaults
 from multirun.data.tokenizers import Tokenizer
-from multirun.errors import ConfigError
 from multirun.kinds.experiments import arms_record, build_experiments
 from multirun.ledger import token_hash
 from multirun.plan.checks import check_experiments
@@ -214,15 +213,6 @@ def plan_experiments(
 ) -> RunPlan:
     """Plan the spans of prepared experiments (their repetitions and placements as they are)."""
     config = loaded.config
-    for i, e in enumerate(experiments):
-        if e.placement.at == "boundary" and tokenizer.eos_token_id is None:
-            key = f"experiments[{i}].placement.at"
-            raise ConfigError(
-                "at: boundary needs a tokenizer with an EOS token (boundaries are the positions after an EOS)",
-                file=loaded.source,
-                key=key,
-                line=loaded.line_of(key) if loaded.lines else None,
-            )
     result = plan_static(
         experiments,
         geometry,

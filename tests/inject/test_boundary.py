@@ -111,17 +111,3 @@ def test_inserted_spans_start_at_boundaries_and_shift_the_original_row(tmp_path:
     # The ledger's hashes are the payload's, and its offsets the actual positions.
     for e, s, h in zip(columns["experiment"], columns["sequence"], columns["token_hash"]):
         assert token_hash(plan.experiments[int(e)].sequence_tokens(int(s))) == int(h)
-
-
-def test_boundary_needs_an_eos_token(tmp_path: Path) -> None:
-    from multirun.errors import ConfigError
-
-    class NoEos(ByteTokenizer):
-        eos_token_id = None  # type: ignore[assignment]
-
-    payload = write_payload(tmp_path / "p", documents(4), name="p")
-    doc = minimal_config(ins={"payload": str(payload), "placement": {"at": "boundary"}, "wrap_eos": False})
-    loaded = load_config(write_config(tmp_path / "run.yaml", doc))
-    with pytest.raises(ConfigError, match="needs a tokenizer with an EOS") as e:
-        build_run_plan(loaded, tokenizer=NoEos(), geometry=BatchGeometry(4, 64, 100))
-    assert e.value.key == "experiments[0].placement.at"
