@@ -996,7 +996,8 @@ def _place_rows(
     row uniformly among the step's rows that hold no span; whole rows are exempt from the
     cap, a boundary span counts its length and gets a planned offset uniform over
     ``[0, L - length]`` (the injection moves it to a document boundary). A span whose step
-    has no free row (or no cap budget left) is unplaced. One Python iteration per step used.
+    has no free row (or no cap budget left) is drawn again, up to ``DEFAULT_MAX_ROUNDS``
+    rounds, then reported. One Python iteration per step used per round.
     """
     from multirun.kinds.rows import batch_assignment  # kinds precede plan; only row experiments need it
 
@@ -1041,29 +1042,42 @@ def _place_rows(
     seq = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
     n = int(seq.size)
     allowed, spread = _allowed_steps(exp, geometry)
-    st = allowed[rng.permutation(n) % allowed.size] if spread else allowed[rng.integers(0, allowed.size, n)]
     span_len = lengths[seq]
     counted = np.zeros(n, np.int64) if p.whole is not None else span_len
-    order = np.argsort(st, kind="stable")
-    bounds = np.flatnonzero(np.diff(st[order])) + 1
+    st = np.zeros(n, np.int64)
+    pending = np.arange(n, dtype=np.int64)
     placed_idx: list[np.ndarray] = []
     placed_rows: list[np.ndarray] = []
     no_row = no_budget = 0
-    for idx in np.split(order, bounds):
-        if idx.size == 0:
-            continue
-        step = int(st[idx[0]])
-        free = rng.permutation(occupancy.free_rows(step))
-        take = min(idx.size, free.size)
-        no_row += idx.size - take
-        idx, rows = idx[:take], free[:take]
-        if p.whole is None:  # boundary spans count their length against the step's cap
-            fits = np.cumsum(counted[idx]) <= int(occupancy.remaining([step])[0])
-            no_budget += int(idx.size - fits.sum())
-            idx, rows = idx[fits], rows[fits]
-        occupancy.add_rows(np.full(idx.size, step), rows, counted[idx])
-        placed_idx.append(idx)
-        placed_rows.append(rows)
+    for round_ in range(DEFAULT_MAX_ROUNDS):
+        if not pending.size:
+            break
+        # Round 1 deals listed steps evenly (as scattered spans); later rounds re-draw the
+        # spans that found no free row or budget uniformly among the allowed steps.
+        if spread and round_ == 0:
+            st[pending] = allowed[rng.permutation(pending.size) % allowed.size]
+        else:
+            st[pending] = allowed[rng.integers(0, allowed.size, pending.size)]
+        order = pending[np.argsort(st[pending], kind="stable")]
+        bounds = np.flatnonzero(np.diff(st[order])) + 1
+        failed: list[np.ndarray] = []
+        no_row = no_budget = 0
+        for idx in np.split(order, bounds):
+            step = int(st[idx[0]])
+            free = rng.permutation(occupancy.free_rows(step))
+            take = min(idx.size, free.size)
+            no_row += idx.size - take
+            failed.append(idx[take:])
+            idx, rows = idx[:take], free[:take]
+            if p.whole is None:  # boundary spans count their length against the step's cap
+                fits = np.cumsum(counted[idx]) <= int(occupancy.remaining([step])[0])
+                no_budget += int(idx.size - fits.sum())
+                failed.append(idx[~fits])
+                idx, rows = idx[fits], rows[fits]
+            occupancy.add_rows(np.full(idx.size, step), rows, counted[idx])
+            placed_idx.append(idx)
+            placed_rows.append(rows)
+        pending = np.sort(np.concatenate([empty, *failed]))
     idx = np.concatenate([empty, *placed_idx])
     rows = np.concatenate([empty, *placed_rows])
     if p.whole is None:
@@ -1075,10 +1089,11 @@ def _place_rows(
     g, idx = g[order], idx[order]
     s = seq[idx]
     message = ""
-    if no_row or no_budget:
+    if pending.size:
         message = (
-            f"experiment {name!r}: {no_row + no_budget} of {n} row spans could not be placed: {no_row} found no row "
-            f"free of other spans in their step, {no_budget} no cap budget left (cap {cap} tokens per step)"
+            f"experiment {name!r}: {pending.size} of {n} row spans could not be placed after {DEFAULT_MAX_ROUNDS} "
+            f"rounds: in the last, {no_row} found no row free of other spans in their step, {no_budget} no cap "
+            f"budget left (cap {cap} tokens per step)"
         )
     return _RowSpans(g, span_len[idx].astype(np.int32), s, _repetition_numbers(s), n, message)
 

@@ -111,7 +111,7 @@ def test_boundary_spans_get_one_row_each_and_count_against_the_cap() -> None:
     spans = plan.spans
     assert len(set(zip(spans.step.tolist(), spans.row.tolist()))) == len(spans) == 12
     assert (spans.offset + spans.length <= 16).all()
-    with pytest.warns(UserWarning, match="no cap budget"):
+    with pytest.warns(UserWarning, match="no cap"):
         tight = plan_static([boundary], GEO, seed=2, max_modified_fraction=0.2, on_unplaceable="warn")  # 12 tokens
     assert tight.unplaced["b"] == 6  # two 6-token spans fit each of the three steps
 
