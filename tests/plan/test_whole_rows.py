@@ -149,3 +149,19 @@ def test_bad_row_placements_fail_before_training(tmp_path: Path, placement: dict
         load_config(_config(tmp_path, **placement))
     assert e.value.key == f"experiments[0].{key}"
     assert e.value.line is not None
+
+
+def test_interaction_arms_keep_row_placements(tmp_path: Path) -> None:
+    from multirun.config import InteractionConfig
+    from multirun.interaction.arms import interaction_plan
+
+    loaded = load_config(_config(tmp_path, mode="steps", steps=[5], whole="batch"))
+    geo = BatchGeometry(global_batch_size=4, sequence_length=32, num_steps=100)
+    settings = InteractionConfig(steps=10, intensity=0.2)
+    plan = interaction_plan(
+        loaded, tokenizer=ByteTokenizer(), geometry=geo, start_step=50, settings=settings, participants=["fc"]
+    )
+    assert plan.experiments[0].placement.whole == "row"
+    spans = plan.spans
+    assert len(spans) > 0 and set(spans.length.tolist()) == {32} and set(spans.offset.tolist()) == {0}
+    assert ((spans.step >= 50) & (spans.step < 60)).all()
