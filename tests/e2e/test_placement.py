@@ -143,3 +143,17 @@ def test_forgetting_monitor_records_each_replaced_batch(trained: tuple[TrainingR
     # ...and, once injection stops, the gain peaks and then shrinks: the forgetting curve.
     peak = max(gap[None], key=gap[None].__getitem__)
     assert peak >= after and gap[None][STEPS] < gap[None][peak]
+
+
+def test_inspect_shows_the_rows_the_model_saw(trained: tuple[TrainingRun, CaptureBatches, Path]) -> None:
+    from multirun.batch_view import view_step
+
+    run, capture, _ = trained
+    ledger = Ledger.open(run.run_dir).table.to_pylist()
+    for step in [min(r["step"] for r in ledger if r["experiment"] == "ins"), FC_STEPS[0]]:
+        view = view_step(run.run_dir, step)
+        batch = capture.batches[step]
+        order = np.argsort(as_numpy(batch["sample_id"]), kind="stable")  # global rows by sample id
+        trained_rows = as_numpy(batch["input_ids"])[order]
+        for row in view.rows:
+            np.testing.assert_array_equal(row.trained, trained_rows[row.global_row])
