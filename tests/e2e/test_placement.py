@@ -157,3 +157,15 @@ def test_inspect_shows_the_rows_the_model_saw(trained: tuple[TrainingRun, Captur
         trained_rows = as_numpy(batch["input_ids"])[order]
         for row in view.rows:
             np.testing.assert_array_equal(row.trained, trained_rows[row.global_row])
+
+
+def test_report_draws_the_forgetting_curves(trained: tuple[TrainingRun, CaptureBatches, Path]) -> None:
+    from multirun.report import build_document
+    from multirun.report.document import Figure
+    from multirun.report.rundata import load_run
+
+    run, _, _ = trained
+    document = build_document(load_run(run.run_dir))
+    figures = {b.key: b for s in document.sections for b in s.blocks if isinstance(b, Figure)}
+    assert "forgetting-fc" in figures and "forgetting-ins" not in figures
+    assert figures["forgetting-fc"].png.startswith(b"\x89PNG")
