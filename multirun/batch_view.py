@@ -147,6 +147,7 @@ def view_step(run_dir: str | os.PathLike[str], step: int, *, contents: RunConten
     """
     from multirun.data.mds import IdStreamingDataset, build_dataloader
     from multirun.inject.batch import LocalRows, global_rows, row_fingerprints
+    from multirun.inject.boundary import inserted_row
     from multirun.run.inputs import resolve_dataset
 
     root = Path(run_dir)
@@ -232,7 +233,10 @@ def view_step(run_dir: str | os.PathLike[str], step: int, *, contents: RunConten
         experiment = contents.experiment(span["experiment"])
         written = experiment.sequence_tokens(int(span["sequence"])).astype(np.int64)
         start, end = int(span["offset"]), int(span["offset"]) + int(span["length"])
-        trained[row, start:end] = written
+        if experiment.placement.at == "boundary":  # inserted, the row's rest shifted right (docs/placement.md)
+            trained[row] = inserted_row(tokens[row], written, start)
+        else:
+            trained[row, start:end] = written
         if token_hash(trained[row, start:end]) != span["token_hash"]:
             raise BatchViewError(f"{where}: the written tokens do not hash to the ledger's token_hash")
         by_row.setdefault(row, []).append(

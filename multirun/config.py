@@ -59,6 +59,7 @@ __all__ = [
     "parse_duration_steps",
     "placement_problems",
     "resolve_placement",
+    "without_row_defaults",
 ]
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
@@ -368,6 +369,13 @@ class PlacementConfig(_Strict):
 
     ``uniform``: the whole run. ``window``: ``[start, end)`` in ``unit`` (missing
     bounds default to the run's start/end). ``steps``: the explicit step list.
+
+    ``whole`` (docs/placement.md): ``row``: each span fills an entire row (the sequence
+    repeated end to end and cut to the sequence length); ``batch``: every row of each
+    listed step (``mode: steps`` only, sequences x repetitions = steps x rows). Whole
+    rows are exempt from ``injection.max_modified_fraction`` (counted in the manifest).
+    ``at: boundary``: the payload is inserted at a document boundary of its row (after an
+    EOS, or at row start), the row's rest shifted right; one such span per row.
     """
 
     mode: Literal["uniform", "window", "steps"] = "uniform"
@@ -375,6 +383,8 @@ class PlacementConfig(_Strict):
     end: float | None = None
     unit: Literal["steps", "tokens", "fraction"] = "fraction"
     steps: list[int] = Field(default_factory=list)
+    whole: Literal["row", "batch"] | None = None
+    at: Literal["any", "boundary"] = "any"
 
 
 class MonitorConfig(_Strict):
@@ -918,6 +928,17 @@ def _allowed_keys(path: KeyPath) -> list[str]:
 # ---- checks across fields (after validation)
 
 
+def without_row_defaults(placement: dict[str, Any]) -> dict[str, Any]:
+    """A dumped placement without ``whole``/``at`` at their defaults, so fingerprints of
+    configs written before row placements existed do not change (their runs resume)."""
+    out = dict(placement)
+    if out.get("whole") is None:
+        out.pop("whole", None)
+    if out.get("at", "any") == "any":
+        out.pop("at", None)
+    return out
+
+
 def placement_problems(spec: PlacementConfig) -> list[tuple[str, str]]:
     """Problems of a placement that need no run geometry, as ``(field, message)``."""
     out: list[tuple[str, str]] = []
@@ -955,6 +976,10 @@ def placement_problems(spec: PlacementConfig) -> list[tuple[str, str]]:
             if s in seen:
                 out.append((f"steps[{i}]", f"duplicate step {s}"))
             seen.add(s)
+    if spec.whole == "batch" and spec.mode != "steps":
+        out.append(("whole", "whole: batch needs mode: steps (the steps whose every row is replaced)"))
+    if spec.whole is not None and spec.at == "boundary":
+        out.append(("at", f"at: boundary inserts into a natural row; whole: {spec.whole} replaces the row entirely"))
     return out
 
 
@@ -972,6 +997,12 @@ def _semantic_problems(config: RunConfig, base_dir: Path) -> list[tuple[KeyPath,
         first.setdefault(exp.name, i)
         for fld, msg in placement_problems(exp.placement):
             out.append((("experiments", i, "placement", *_split_field(fld)), msg))
+        if exp.controller is not None and (exp.placement.whole is not None or exp.placement.at != "any"):
+            # Controllers place scattered spans; row placements are planned statically only.
+            what = "whole" if exp.placement.whole is not None else "at"
+            out.append(
+                (("experiments", i, "placement", what), "row placements cannot be controlled; remove controller")
+            )
     out.extend((("model", *path), msg) for path, msg in model_problems(config.model, base_dir))
     out.extend((("train", *path), msg) for path, msg in train_problems(config.train))
     if config.tokenizer.kind == "huggingface" and not config.tokenizer.path:
@@ -1119,7 +1150,7 @@ def resolve_placement(
     Example:
         >>> geo = BatchGeometry(global_batch_size=16, sequence_length=128, num_steps=300)
         >>> resolve_placement(PlacementConfig(mode="window", end=0.5), geo, key="p")
-        Placement(mode='window', start_step=0, end_step=150, steps=())
+        Placement(mode='window', start_step=0, end_step=150, steps=(), whole=None, at='any')
     """
     n = geometry.num_steps
 
@@ -1129,13 +1160,15 @@ def resolve_placement(
     for fld, msg in placement_problems(spec):
         fail(fld, msg)
     if spec.mode == "uniform":
-        return Placement(mode="uniform", start_step=0, end_step=n)
+        return Placement(mode="uniform", start_step=0, end_step=n, whole=spec.whole, at=spec.at)
     if spec.mode == "steps":
         for i, s in enumerate(spec.steps):
             if s >= n:
                 fail(f"steps[{i}]", f"step {s} is outside the run (steps 0..{n - 1})")
         steps = tuple(sorted(spec.steps))
-        return Placement(mode="steps", start_step=steps[0], end_step=steps[-1] + 1, steps=steps)
+        return Placement(
+            mode="steps", start_step=steps[0], end_step=steps[-1] + 1, steps=steps, whole=spec.whole, at=spec.at
+        )
 
     def to_step(value: float, *, is_end: bool) -> int:
         if spec.unit == "fraction":
@@ -1155,7 +1188,7 @@ def resolve_placement(
         fail("start", f"window outside the run: start {lo} {spec.unit} is step {start}, but {run}")
     if start >= end:
         fail("end", f"empty window: [{lo}, {hi}) {spec.unit} covers no whole step ({run})")
-    return Placement(mode="window", start_step=start, end_step=end)
+    return Placement(mode="window", start_step=start, end_step=end, whole=spec.whole, at=spec.at)
 
 
 def _num(value: float | None) -> str:

@@ -43,12 +43,22 @@ class Placement:
     ``uniform``: steps drawn uniformly from ``[start_step, end_step)`` (the whole run).
     ``window``: the same, over a sub-range of the run.
     ``steps``: spans are spread over the explicit ``steps`` (round-robin, shuffled).
+    ``whole``: ``row`` (each span fills a row) or ``batch`` (every row of each step);
+    ``at``: ``boundary`` (inserted at a document boundary, one span per row). See
+    docs/placement.md.
     """
 
     mode: PlacementMode
     start_step: int
     end_step: int
     steps: tuple[int, ...] = ()
+    whole: Literal["row", "batch"] | None = None
+    at: Literal["any", "boundary"] = "any"
+
+    @property
+    def by_row(self) -> bool:
+        """Whether each span reserves its whole row (whole rows, whole batches, boundary inserts)."""
+        return self.whole is not None or self.at == "boundary"
 
 
 @dataclass

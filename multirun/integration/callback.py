@@ -51,6 +51,7 @@ from multirun.inject.batch import (
     row_lookup,
     write_tokens,
 )
+from multirun.inject.boundary import boundary_experiments, insert_at_boundaries
 from multirun.inject.noise import EmbeddingNoiseHook
 from multirun.inject.removal import StreamRemoval
 from multirun.inject.step import InjectionLog, StepSchedule
@@ -114,6 +115,7 @@ class MultirunCallback(Callback):
         self._derived = DerivedKeys()
         self._checked_batch = False
         self._steps: StepSchedule | None = None
+        self._boundary: np.ndarray | None = None
         self._log: InjectionLog | None = None
         self._removal: StreamRemoval | None = None  # None: no removal experiment, no work per step
         self._removal_writer: LedgerWriter | None = None
@@ -204,6 +206,7 @@ class MultirunCallback(Callback):
             )
         self._steps = StepSchedule(parts.plan, noise_specs=parts.noise_specs)
         self._log = InjectionLog(parts.plan)
+        self._boundary = boundary_experiments(parts.plan)  # at: boundary experiments (None: none)
         if any(spec is not None for spec in parts.noise_specs):
             model: Any = unwrap_model(state.model)  # a Hugging Face model: input embeddings by method
             self._noise_hook = EmbeddingNoiseHook(model.get_input_embeddings())
@@ -263,6 +266,8 @@ class MultirunCallback(Callback):
         if not self._checked_geometry:
             self._check_geometry(plan.geometry, int(lookup.shape[0]), int(rows.tokens.shape[1]))
         work = steps.at(step, lookup, every_row_here=self._world_size == 1)
+        if self._boundary is not None and len(work) and plan.eos_token_id is not None:
+            work = insert_at_boundaries(work, rows.tokens, self._boundary, plan.eos_token_id)
         self._record_missed(work.missed, int(lookup.shape[0]))
         fingerprints = np.empty(0, dtype=np.uint64)
         if len(work):

@@ -135,7 +135,10 @@ def interaction_plan(
             experiment.seq_repetitions = np.zeros_like(repetitions)
             continue
         experiment.seq_repetitions = repetitions * (budget / tokens)
-        experiment.placement = window
+        # Row placements stay row placements in the arm's window (whole batches as whole rows:
+        # a window lists no steps to fill); their sequences are already fitted to rows.
+        row = experiment.placement
+        experiment.placement = replace(window, whole=None if row.whole is None else "row", at=row.at)
     return plan_experiments(loaded, experiments, tokenizer=tokenizer, geometry=geometry)
 
 

@@ -22,6 +22,7 @@ from multirun.config import ExperimentConfig, LoadedConfig, resolve_placement
 from multirun.errors import ConfigError, InputError, PayloadError
 from multirun.kinds.payloads import PayloadPackage, leaving_out_lines, load_package, resolve_payload_ref
 from multirun.kinds.registry import injectors
+from multirun.kinds.rows import batch_assignment, fit_experiment_to_rows
 from multirun.kinds.sdk import PrepareContext
 from multirun.types import BatchGeometry, Placement, PreparedExperiment
 
@@ -109,7 +110,30 @@ def _build_one(loaded: LoadedConfig, i: int, *, tokenizer: Tokenizer, geometry: 
         raise RuntimeError(
             f"injector {kind!r} returned experiment {prepared.name!r}/{prepared.kind!r} for {spec.name!r}"
         )
+    if placement.whole is not None:
+        prepared = _whole_rows(prepared, geometry, file=source, key=f"{where}.placement")
     return prepared
+
+
+def _whole_rows(
+    experiment: PreparedExperiment, geometry: BatchGeometry, *, file: str | Path | None, key: str
+) -> PreparedExperiment:
+    """A ``whole: row|batch`` experiment with its sequences fitted to rows; for whole batches
+    the assignment checked and each item's first step recorded (``metadata["batch_of_item"]``)."""
+    fitted = fit_experiment_to_rows(experiment, geometry.sequence_length)
+    if experiment.placement.whole == "batch":
+        try:
+            assignment = batch_assignment(
+                experiment.seq_repetitions, experiment.placement.steps, geometry.global_batch_size
+            )
+        except ValueError as e:
+            raise ConfigError(str(e), file=file, key=f"{key}.steps") from None
+        first = assignment.first_step_of_items(np.asarray(experiment.seq_items))
+        fitted.metadata = {
+            **fitted.metadata,
+            "batch_of_item": {experiment.item_ids[i]: s for i, s in sorted(first.items())},
+        }
+    return fitted
 
 
 def arms_record(experiments: Sequence[PreparedExperiment]) -> dict[str, dict[str, list[Any]]]:

@@ -159,3 +159,4 @@ for _kind in ("contamination", "knowledge", "poison", "watermark", "memorization
 monitors.register("documents", "monitors.documents:DocumentsMonitor")
 injectors.register("removal", "injectors.removal:RemovalInjector")
 monitors.register("removal", "monitors.removal:RemovalMonitor")
+monitors.register("forgetting", "monitors.forgetting:ForgettingMonitor")

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 import xxhash
 
+from multirun.config import without_row_defaults
 from multirun.errors import ConfigError, PayloadError
 from multirun.plan.static import cap_tokens, experiment_rng
 from multirun.types import BatchGeometry, EmbeddingNoise, Placement, PreparedExperiment
@@ -305,13 +306,15 @@ class PrepareContext:
         # relative path is absolute in resolved_config.yaml); how it is measured does not
         # change what is injected.
         spec = self.spec.model_dump(mode="json", exclude={"payload", "monitor"})
+        spec["placement"] = without_row_defaults(spec["placement"])
+        rows = [placement.whole, placement.at] if placement.by_row else []
         doc = {
             "payload": self.payload.fingerprint,
             "spec": spec,
             "tokenizer": self.tokenizer.fingerprint(),
             "sequence_length": self.sequence_length,
             "seed": self.seed,
-            "placement": [placement.mode, placement.start_step, placement.end_step, list(placement.steps)],
+            "placement": [placement.mode, placement.start_step, placement.end_step, list(placement.steps), *rows],
         }
         return xxhash.xxh64(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
@@ -381,6 +384,8 @@ class PrepareContext:
         (``dose_key``), else a :class:`~multirun.errors.ConfigError` on ``repetitions``.
         """
         budget = self.dose_budget()
+        if self.placement.whole is not None:
+            return  # whole rows are exempt from the cap: the planner checks their rows (docs/placement.md)
         if budget is None or not self.spec.inject or self.spec.controller is not None or not len(sequences):
             return
         steps, cap = budget

@@ -73,7 +73,8 @@ def check_experiments(loaded: LoadedConfig, experiments: Sequence[PreparedExperi
         # Each experiment's dose against its own placement was checked while it was prepared
         # (PrepareContext.check_doses, which names the payload line); here: all together.
         lengths = np.asarray(exp.seq_lengths, dtype=np.float64)
-        total += math.fsum((lengths * reps).tolist())
+        if exp.placement.whole is None:  # whole rows are exempt from the cap (docs/placement.md)
+            total += math.fsum((lengths * reps).tolist())
         if total > run_budget:
             _fail(
                 loaded,

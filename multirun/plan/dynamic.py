@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from multirun.control.controllers import ControllerDecision
-from multirun.plan.static import Occupancy, UnplacedSpansWarning, stable_id
+from multirun.plan.static import Occupancy, UnplacedSpansWarning, occupancy_of, stable_id
 from multirun.types import SPAN_COLUMNS, BatchGeometry, PreparedExperiment, SpanTable
 
 __all__ = [
@@ -190,7 +190,7 @@ class DynamicSchedule:
         self.experiments = list(experiments)
         self.geometry = geometry
         self.seed = int(seed)
-        self.occupancy = Occupancy.from_spans(static, geometry, max_modified_fraction)
+        self.occupancy = occupancy_of(static, self.experiments, geometry, max_modified_fraction)
         self._index = {e.name: k for k, e in enumerate(self.experiments)}
         self._counts = [sequence_counts(static, k, int(e.seq_lengths.shape[0])) for k, e in enumerate(self.experiments)]
         self._decisions_of = {e.name: 0 for e in self.experiments}

@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 
 from multirun import __version__
-from multirun.config import LoadedConfig
+from multirun.config import LoadedConfig, without_row_defaults
 from multirun.data.tokenizers import Tokenizer
 from multirun.kinds.experiments import arms_record, build_experiments
 from multirun.ledger import token_hash
@@ -145,7 +145,7 @@ class RunPlan:
     def manifest(self) -> dict[str, Any]:
         """Plain description of the plan, written to ``manifest.json``."""
         spans = self.spans
-        experiments = []
+        experiments: list[dict[str, Any]] = []
         for index, e in enumerate(self.experiments):
             mine = spans.experiment == index
             experiments.append(
@@ -169,6 +169,11 @@ class RunPlan:
                     "metadata": e.metadata,
                 }
             )
+            if e.placement.by_row:  # only then, so manifests of other runs keep their form
+                experiments[-1]["placement"].update(whole=e.placement.whole, at=e.placement.at)
+                experiments[-1]["cap_exempt_tokens"] = (
+                    experiments[-1]["planned_tokens"] if e.placement.whole is not None else 0
+                )
         return {
             "multirun_version": __version__,
             "plan_fingerprint": self.fingerprint,
@@ -261,6 +266,11 @@ def injection_fingerprint(loaded: LoadedConfig) -> str:
     # experiment is measured does not change what is injected.
     relevant["tokenizer"] = resolved["tokenizer"]["kind"]
     relevant["experiments"] = [
-        {k: v for k, v in e.items() if k not in ("monitor", "payload")} for e in resolved["experiments"]
+        {
+            k: (without_row_defaults(v) if k == "placement" else v)
+            for k, v in e.items()
+            if k not in ("monitor", "payload")
+        }
+        for e in resolved["experiments"]
     ]
     return xxhash.xxh64(json.dumps(relevant, sort_keys=True).encode()).hexdigest()

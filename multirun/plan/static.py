@@ -61,6 +61,7 @@ __all__ = [
     "UnplacedSpansWarning",
     "cap_tokens",
     "experiment_rng",
+    "occupancy_of",
     "plan_static",
     "resolve_repetitions",
     "stable_id",
@@ -307,6 +308,48 @@ class Occupancy:
             )
         used = self._used + np.bincount(step, weights=length, minlength=T).astype(np.int64)
         over = np.flatnonzero(used > self.cap_tokens)
+        if over.size:
+            raise PlacementError(
+                f"{over.size} step(s) exceed the per-step cap of {self.cap_tokens} tokens, "
+                f"first: step {int(over[0])} with {int(used[over[0]])} tokens"
+            )
+        self._used = used
+        self._add_run(g, length.astype(np.int32))
+
+    # -- whole rows (docs/placement.md) ---------------------------------------
+
+    def free_rows(self, step: int) -> np.ndarray:
+        """The global rows of ``step`` that hold no span at all (ascending)."""
+        B, L = self.geometry.global_batch_size, self.geometry.sequence_length
+        g = (int(step) * B + np.arange(B, dtype=np.int64)) * L
+        free = np.ones(B, bool)
+        free[self._hits(g, np.full(B, L, np.int64))] = False
+        return np.flatnonzero(free)
+
+    def add_rows(self, step: np.ndarray, row: np.ndarray, counted: np.ndarray) -> None:
+        """Reserve whole rows (whole-row spans, boundary inserts): no other span may enter them.
+
+        ``counted``: the tokens each row adds to its step's cap use: 0 for a whole row (exempt
+        from the cap), the inserted length for a boundary span. Raises
+        :class:`PlacementError` (nothing added) if a row is outside the run, reserved twice,
+        already holds a span, or a step would exceed the cap.
+        """
+        B, L, T = self.geometry.global_batch_size, self.geometry.sequence_length, self.geometry.num_steps
+        step = np.asarray(step, np.int64)
+        row = np.asarray(row, np.int64)
+        counted = np.asarray(counted, np.int64)
+        if step.size == 0:
+            return
+        if ((step < 0) | (step >= T) | (row < 0) | (row >= B)).any():
+            raise PlacementError(f"whole rows outside the run's geometry {B} rows x {T} steps")
+        g = np.sort((step * B + row) * L)
+        length = np.full(g.size, L, np.int64)
+        twice = int(np.count_nonzero(g[1:] == g[:-1]))
+        held = int(self._hits(g, length).size)
+        if twice or held:
+            raise PlacementError(f"whole rows overlap: {twice} reserved twice, {held} holding spans already placed")
+        used = self._used + np.bincount(step, weights=counted, minlength=T).astype(np.int64)
+        over = np.flatnonzero((used > self.cap_tokens) & (used > self._used))
         if over.size:
             raise PlacementError(
                 f"{over.size} step(s) exceed the per-step cap of {self.cap_tokens} tokens, "
@@ -829,6 +872,19 @@ def plan_static(
 
     for k, exp in enumerate(experiments):
         rng = experiment_rng(seed, exp.name, 0)
+        if exp.placement.by_row:
+            # Whole rows, whole batches and boundary inserts reserve rows (docs/placement.md).
+            rows = _place_rows(exp, occupancy, rng, geometry)
+            result.requested[exp.name] = rows.requested
+            result.placed[exp.name] = int(rows.g.size)
+            result.unplaced[exp.name] = rows.requested - int(rows.g.size)
+            if rows.message:
+                result.messages[exp.name] = rows.message
+                if on_unplaceable == "error":
+                    raise PlacementError(rows.message)
+                warnings.warn(rows.message, UnplacedSpansWarning, stacklevel=2)
+            parts.append((k, rows.g, rows.length, rows.sequence, rows.repetition))
+            continue
         lengths = np.asarray(exp.seq_lengths)
         if lengths.dtype.kind not in "iu":
             lengths = lengths.astype(np.int64)
@@ -920,6 +976,156 @@ def plan_static(
     del occupancy  # its map and merged runs are not needed to build the table
     result.spans = _to_table(parts, geometry)
     return result
+
+
+@dataclass
+class _RowSpans:
+    """One row-placed experiment's spans, in flat order, and what could not be placed."""
+
+    g: np.ndarray
+    length: np.ndarray
+    sequence: np.ndarray
+    repetition: np.ndarray
+    requested: int
+    message: str = ""
+
+
+def _place_rows(
+    exp: PreparedExperiment, occupancy: Occupancy, rng: np.random.Generator, geometry: BatchGeometry
+) -> _RowSpans:
+    """Place an experiment whose every span reserves its row (``whole`` or ``at: boundary``).
+
+    ``whole: batch``: the spans of :func:`multirun.kinds.rows.batch_assignment`, every row
+    of each listed step; a row already holding a span is an error (list whole-batch
+    experiments first). ``whole: row`` and ``at: boundary``: each span's step is drawn as
+    for scattered spans (uniform over the window, or dealt evenly over listed steps), its
+    row uniformly among the step's rows that hold no span; whole rows are exempt from the
+    cap, a boundary span counts its length and gets a planned offset uniform over
+    ``[0, L - length]`` (the injection moves it to a document boundary). A span whose step
+    has no free row (or no cap budget left) is drawn again, up to ``DEFAULT_MAX_ROUNDS``
+    rounds, then reported. One Python iteration per step used per round.
+    """
+    from multirun.kinds.rows import batch_assignment  # kinds precede plan; only row experiments need it
+
+    B, L, cap = geometry.global_batch_size, geometry.sequence_length, occupancy.cap_tokens
+    p, name = exp.placement, exp.name
+    reps = np.asarray(exp.seq_repetitions, dtype=np.float64)
+    lengths = np.asarray(exp.seq_lengths, dtype=np.int64)
+    if not np.isfinite(reps).all() or (reps < 0).any():
+        raise PlacementError(f"experiment {name!r}: seq_repetitions must be finite and non-negative")
+    used = reps > 0
+    if p.at == "boundary" and exp.embedding_noise is not None:
+        raise PlacementError(f"experiment {name!r}: embedding noise cannot follow a boundary insert's shift")
+    if p.whole is not None and (lengths[used] != L).any():
+        raise PlacementError(
+            f"experiment {name!r}: whole-row sequences must be exactly {L} tokens "
+            "(multirun.kinds.rows.fit_experiment_to_rows fits them)"
+        )
+    if p.at == "boundary" and used.any() and int(lengths[used].max()) > min(L, cap):
+        raise PlacementError(
+            f"experiment {name!r}: a sequence of {int(lengths[used].max())} tokens is longer than the "
+            f"{'sequence length' if lengths[used].max() > L else 'per-step cap'} ({min(L, cap)} tokens)"
+        )
+    empty = np.zeros(0, np.int64)
+    if not used.any():
+        return _RowSpans(empty, empty.astype(np.int32), empty.astype(np.int32), empty.astype(np.int32), 0)
+    if p.whole == "batch":
+        try:
+            a = batch_assignment(reps, p.steps, B)
+        except ValueError as e:
+            raise PlacementError(f"experiment {name!r}: {e}") from None
+        try:
+            occupancy.add_rows(a.step, a.row, np.zeros(a.step.size, np.int64))
+        except PlacementError as e:
+            raise PlacementError(
+                f"experiment {name!r}: its whole batches meet rows already used ({e}); "
+                "list whole-batch experiments before the others"
+            ) from None
+        g = (a.step * B + a.row) * L
+        order = np.argsort(g, kind="stable")
+        return _RowSpans(g[order], np.full(g.size, L, np.int32), a.sequence[order], a.repetition[order], int(g.size))
+    counts = resolve_repetitions(reps, rng)
+    seq = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
+    n = int(seq.size)
+    allowed, spread = _allowed_steps(exp, geometry)
+    span_len = lengths[seq]
+    counted = np.zeros(n, np.int64) if p.whole is not None else span_len
+    st = np.zeros(n, np.int64)
+    pending = np.arange(n, dtype=np.int64)
+    placed_idx: list[np.ndarray] = []
+    placed_rows: list[np.ndarray] = []
+    no_row = no_budget = 0
+    for round_ in range(DEFAULT_MAX_ROUNDS):
+        if not pending.size:
+            break
+        # Round 1 deals listed steps evenly (as scattered spans); later rounds re-draw the
+        # spans that found no free row or budget uniformly among the allowed steps.
+        if spread and round_ == 0:
+            st[pending] = allowed[rng.permutation(pending.size) % allowed.size]
+        else:
+            st[pending] = allowed[rng.integers(0, allowed.size, pending.size)]
+        order = pending[np.argsort(st[pending], kind="stable")]
+        bounds = np.flatnonzero(np.diff(st[order])) + 1
+        failed: list[np.ndarray] = []
+        no_row = no_budget = 0
+        for idx in np.split(order, bounds):
+            step = int(st[idx[0]])
+            free = rng.permutation(occupancy.free_rows(step))
+            take = min(idx.size, free.size)
+            no_row += idx.size - take
+            failed.append(idx[take:])
+            idx, rows = idx[:take], free[:take]
+            if p.whole is None:  # boundary spans count their length against the step's cap
+                fits = np.cumsum(counted[idx]) <= int(occupancy.remaining([step])[0])
+                no_budget += int(idx.size - fits.sum())
+                failed.append(idx[~fits])
+                idx, rows = idx[fits], rows[fits]
+            occupancy.add_rows(np.full(idx.size, step), rows, counted[idx])
+            placed_idx.append(idx)
+            placed_rows.append(rows)
+        pending = np.sort(np.concatenate([empty, *failed]))
+    idx = np.concatenate([empty, *placed_idx])
+    rows = np.concatenate([empty, *placed_rows])
+    if p.whole is None:
+        offset = rng.integers(0, L - span_len[idx] + 1)  # the planned offset, before the boundary rule
+    else:
+        offset = np.zeros(idx.size, np.int64)
+    g = (st[idx] * B + rows) * L + offset
+    order = np.argsort(g, kind="stable")
+    g, idx = g[order], idx[order]
+    s = seq[idx]
+    message = ""
+    if pending.size:
+        message = (
+            f"experiment {name!r}: {pending.size} of {n} row spans could not be placed after {DEFAULT_MAX_ROUNDS} "
+            f"rounds: in the last, {no_row} found no row free of other spans in their step, {no_budget} no cap "
+            f"budget left (cap {cap} tokens per step)"
+        )
+    return _RowSpans(g, span_len[idx].astype(np.int32), s, _repetition_numbers(s), n, message)
+
+
+def occupancy_of(
+    spans: SpanTable,
+    experiments: Sequence[PreparedExperiment],
+    geometry: BatchGeometry,
+    max_modified_fraction: float,
+) -> Occupancy:
+    """The occupancy of a planned table, row-placed experiments' spans holding their whole rows.
+
+    What a controller's later spans must avoid (:class:`multirun.plan.dynamic.DynamicSchedule`):
+    a whole row or a boundary insert's row takes no other span; whole rows do not count
+    against the cap, boundary inserts count their length.
+    """
+    occupancy = Occupancy(geometry, cap_tokens(geometry, max_modified_fraction))
+    by_row = np.array([e.placement.by_row for e in experiments] + [False], bool)
+    if len(spans) and by_row.any():
+        whole = np.array([e.placement.whole is not None for e in experiments] + [False], bool)
+        mask = by_row[spans.experiment]
+        rows = spans.take(mask)
+        occupancy.add_rows(rows.step, rows.row, np.where(whole[rows.experiment], 0, rows.length))
+        spans = spans.take(~mask)
+    occupancy.add(spans)
+    return occupancy
 
 
 def _allowed_steps(exp: PreparedExperiment, geometry: BatchGeometry) -> tuple[np.ndarray, bool]:

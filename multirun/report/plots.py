@@ -319,6 +319,27 @@ def interaction_heatmap(
     return fig
 
 
+def forgetting_curves(experiment: str, batches: Mapping[str, Series], control: Series, color: str) -> Figure:
+    """Each replaced batch's mean row loss over training (one line per batch), the
+    never-injected controls' in grey: the forgetting curves of a ``whole: batch`` experiment."""
+    fig = _figure(3.4, WIDTH * 0.8)
+    ax = fig.subplots(1, 1)
+    shades = np.linspace(0.35, 1.0, max(len(batches), 1))
+    for shade, (label, series) in zip(shades, batches.items()):
+        ax.plot(series.steps, series.values, marker="o", markersize=3, color=color, alpha=float(shade), label=label)
+        step = label.split()[-1]
+        if step.isdigit():  # the batch's injection step
+            ax.axvline(int(step), color=color, alpha=float(shade) * 0.5, linestyle=":", linewidth=1)
+    ax.plot(control.steps, control.values, marker="s", markersize=3, color=BASELINE_COLOR, label="control")
+    ax.set_xlabel("step", fontsize=9)
+    ax.set_ylabel("row loss (nats/token)", fontsize=9)
+    _style(ax)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7.5, frameon=False, ncol=2)
+    fig.suptitle(f"{experiment}: forgetting curves", fontsize=11, fontweight="bold")
+    return fig
+
+
 def loss_curves(
     training: Series,
     heldout: Series,

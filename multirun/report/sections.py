@@ -386,6 +386,9 @@ def metric_curves(
         labels = list(dict.fromkeys(m.label for points in marked.values() for m in points))
         caption += f"; outlined markers: {', '.join(labels)} (section 8)." if labels else "."
         section.blocks.append(_figure(f"metrics-{slug(name)}", fig, caption))
+        forgetting = _forgetting_figure(run, name, colors.get(name, "#2f5d9e"))
+        if forgetting is not None:
+            section.blocks.append(forgetting)
 
     errors = run.monitor_errors()
     if errors:
@@ -427,6 +430,24 @@ def metric_curves(
         else:
             section.blocks.append(_note(f"Acquisition: no data yet ({ACQUISITION} lists no experiment)."))
     return section
+
+
+def _forgetting_figure(run: RunData, experiment: str, color: str) -> Figure | None:
+    """The per-batch curves of a ``forgetting`` monitor's ``row_loss`` (docs/placement.md), if any."""
+    records = [r for r in run.metric_records() if r.experiment == experiment and r.monitor == "forgetting" and r.group]
+    if not records:
+        return None
+    by_batch: dict[str, list[tuple[int, float | None]]] = {}
+    for r in records:
+        by_batch.setdefault(str(r.group), []).append((r.step, r.effect.treated_mean))
+    batches = {g: Series.from_pairs(p) for g, p in sorted(by_batch.items(), key=lambda kv: int(kv[0].split()[-1]))}
+    control = Series.from_pairs([(r.step, r.effect.control_mean) for r in records])
+    fig = plots.forgetting_curves(experiment, batches, control, color)
+    caption = (
+        f"{experiment}: mean row loss of each replaced batch at every evaluation (dotted: its injection step), "
+        "and of the never-injected control rows."
+    )
+    return _figure(f"forgetting-{slug(experiment)}", fig, caption)
 
 
 def _acquired(run: RunData, experiment: str) -> tuple[list[int], str]:
