@@ -215,7 +215,7 @@ def detect_shape(rec: Mapping[str, Any]) -> str:
         return "obqa"
     if isinstance(rec.get("question"), dict) or "answerKey" in rec:
         return "arc"
-    if "question" in rec and "choices" in rec and "answer" in rec:
+    if "question" in rec and "choices" in rec:
         return "mmlu"
     raise _BadLine(
         "unknown multiple-choice shape: expected ARC/OpenBookQA (question.stem or question_stem, choices, "
