@@ -29,7 +29,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -791,6 +791,74 @@ def read_rows(path: str | os.PathLike[str], count: int, sequence_length: int | N
     if len(lengths) > 1:
         raise InputError(f"rows of different lengths {lengths}; give the sequence length to cut them", file=directory)
     return np.stack(rows) if rows else np.zeros((0, sequence_length or 0), dtype=np.int64)
+
+
+def count_rows(path: str | os.PathLike[str]) -> int:
+    """The number of rows of an MDS dataset (from its ``index.json``; nothing else is read)."""
+    directory = Path(path).expanduser()
+    if (directory / INFO_FILE).is_file():
+        directory = read_dataset_info(directory).path
+    _tokens_encoding(directory)  # an MDS index with token rows, else an InputError naming it
+    shards = json.loads((directory / "index.json").read_text(encoding="utf-8"))["shards"]
+    return int(sum(int(info["samples"]) for info in shards))
+
+
+def read_rows_at(path: str | os.PathLike[str], indices: Sequence[int]) -> dict[int, np.ndarray]:
+    """The token rows at sample ``indices`` of an MDS dataset, as int64, keyed by index.
+
+    Only the shards that hold a wanted row are opened, one at a time, by Streaming's shard
+    readers, so memory is bounded by the rows asked for (compressed shards are decompressed into
+    a temporary folder, never beside the data).
+    Datasets as :func:`read_rows` reads them.
+
+    Raises:
+        InputError: naming the path: not a token dataset, or an index outside ``[0, rows)``.
+    """
+    directory = Path(path).expanduser()
+    if (directory / INFO_FILE).is_file():
+        directory = read_dataset_info(directory).path
+    encoding = _tokens_encoding(directory)
+    wanted = sorted({int(i) for i in indices})
+    total = count_rows(directory)
+    outside = [i for i in wanted if not 0 <= i < total]
+    if outside:
+        raise InputError(f"sample indices {outside[:5]} are outside the dataset's {total} rows", file=directory)
+    out: dict[int, np.ndarray] = {}
+    for index, sample in _stored_samples_at(directory, wanted):
+        stored = sample[TOKENS_COLUMN]
+        if encoding == "bytes":
+            tokens = np.frombuffer(stored[: len(stored) - len(stored) % 8], dtype=np.int64)
+        else:
+            tokens = np.asarray(stored).reshape(-1)
+        out[index] = tokens.astype(np.int64)
+    return out
+
+
+def _stored_samples_at(directory: Path, wanted: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(index, sample)`` for each sorted index in ``wanted``, shard by shard (see :func:`_stored_samples`)."""
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+
+    shards = json.loads((directory / "index.json").read_text(encoding="utf-8"))["shards"]
+    position, first = 0, 0
+    with tempfile.TemporaryDirectory(prefix="multirun-mds-") as scratch:
+        for info in shards:
+            end = first + int(info["samples"])
+            local = []
+            while position < len(wanted) and wanted[position] < end:
+                local.append(wanted[position])
+                position += 1
+            if local:
+                reader: Any = reader_from_json(str(directory), None, info)
+                if not (directory / reader.raw_data.basename).is_file() and reader.zip_data is not None:
+                    raw = decompress(reader.compression, (directory / reader.zip_data.basename).read_bytes())
+                    (Path(scratch) / reader.raw_data.basename).write_bytes(raw)
+                    reader = reader_from_json(scratch, None, info)
+                for index in local:
+                    yield index, reader.get_item(index - first)
+            first = end
+            if position >= len(wanted):
+                break
 
 
 def _stored_samples(directory: Path, count: int) -> list[dict[str, Any]]:

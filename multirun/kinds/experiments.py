@@ -22,13 +22,13 @@ from multirun.config import ExperimentConfig, LoadedConfig, resolve_placement
 from multirun.errors import ConfigError, InputError, PayloadError
 from multirun.kinds.payloads import PayloadPackage, leaving_out_lines, load_package, resolve_payload_ref
 from multirun.kinds.registry import injectors
-from multirun.kinds.sdk import PrepareContext
+from multirun.kinds.sdk import PrepareContext, RunSources
 from multirun.types import BatchGeometry, Placement, PreparedExperiment
 
 if TYPE_CHECKING:
     from multirun.data.tokenizers import Tokenizer
 
-__all__ = ["PayloadCheck", "arms_record", "build_experiments", "check_payload"]
+__all__ = ["PayloadCheck", "arms_record", "build_experiments", "check_payload", "run_sources"]
 
 
 def build_experiments(
@@ -98,6 +98,7 @@ def _build_one(loaded: LoadedConfig, i: int, *, tokenizer: Tokenizer, geometry: 
                 placement=placement,
                 geometry=geometry,
                 max_modified_fraction=config.injection.max_modified_fraction,
+                sources=run_sources(loaded, tokenizer),
             )
         )
     except ConfigError as e:
@@ -110,6 +111,49 @@ def _build_one(loaded: LoadedConfig, i: int, *, tokenizer: Tokenizer, geometry: 
             f"injector {kind!r} returned experiment {prepared.name!r}/{prepared.kind!r} for {spec.name!r}"
         )
     return prepared
+
+
+def run_sources(loaded: LoadedConfig, tokenizer: Tokenizer) -> RunSources:
+    """The run's datasets for kinds that read them (:class:`~multirun.kinds.sdk.RunSources`).
+
+    Resolved as :mod:`multirun.run.inputs` resolves them for training (paths relative to
+    the config file), each only when asked for.
+    """
+    data, source = loaded.config.data, loaded.source
+
+    def resolve(path: str) -> Path:
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else loaded.base_dir / candidate
+
+    def train() -> Path:
+        from multirun.data.mds import build_demo_dataset, read_dataset_info  # torch and Streaming: when asked
+
+        if data.source == "demo":
+            return build_demo_dataset(
+                tokenizer, data.sequence_length, max_bytes=data.demo_max_bytes, progress=False
+            ).path
+        if data.path is None:
+            raise ConfigError("a path is required here", file=source, key="data.path")
+        return read_dataset_info(resolve(data.path)).path
+
+    def heldout() -> Path:
+        from multirun.data.mds import read_dataset_info
+
+        if data.heldout_path is not None:
+            return resolve(data.heldout_path)
+        split = read_dataset_info(resolve(data.path)).heldout_path if data.source == "mds" and data.path else None
+        if split is None:
+            raise ConfigError(
+                "no held-out split to replay from: set data.heldout_path to an MDS dataset never trained on, or "
+                "prepare the dataset with `multirun prepare --heldout-fraction`"
+                + (" (the demo corpus has no MDS held-out split)" if data.source == "demo" else ""),
+                file=source,
+                key="data.heldout_path",
+                line=loaded.line_of("data.heldout_path") if loaded.lines else None,
+            )
+        return split
+
+    return RunSources(train=train, heldout=heldout)
 
 
 def arms_record(experiments: Sequence[PreparedExperiment]) -> dict[str, dict[str, list[Any]]]:

@@ -157,3 +157,6 @@ for _kind in ("contamination", "knowledge", "poison", "watermark", "memorization
     injectors.register(_kind, f"injectors.{_kind}:{_kind.capitalize()}Injector")
     monitors.register(_kind, f"monitors.{_kind}:{_kind.capitalize()}Monitor")
 monitors.register("documents", "monitors.documents:DocumentsMonitor")
+# replay's items are rows of the run's own data: the documents monitor scores them as texts.
+injectors.register("replay", "injectors.replay:ReplayInjector")
+monitors.register("replay", "monitors.documents:DocumentsMonitor")
