@@ -1,0 +1,137 @@
+"""The replay kind (the paper's IID experiment): items are rows of the run's own data, read by
+sample index; errors before training; the documents monitor sees replayed rows against
+not-replayed rows of the same source (the direction test is not landed yet: see the lead's report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from injectors.replay import ReplayInjector
+from multirun.config import ExperimentConfig, load_config
+from multirun.data.mds import PreparedDataset, demo_corpus_sources, prepare_dataset, read_rows
+from multirun.data.tokenizers import ByteTokenizer
+from multirun.errors import ConfigError, PayloadError
+from multirun.kinds.experiments import build_experiments, check_payload
+from multirun.kinds.payloads import load_package
+from multirun.kinds.sdk import PrepareContext, RunSources
+from multirun.types import BatchGeometry, Placement
+from tests.helpers_payload import write_config, write_payload
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TOK = ByteTokenizer()
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> PreparedDataset:
+    out = tmp_path_factory.mktemp("mds") / "data"
+    return prepare_dataset(
+        # Files the filler of train_with_injections (the first sources) never reaches: controls stay unseen.
+        demo_corpus_sources()[300:360],
+        out,
+        TOK,
+        SEQ,
+        max_bytes=120_000,
+        progress=False,
+        heldout_fraction=0.3,
+    )
+
+
+def _ctx(root: Path, data: PreparedDataset, **spec: object) -> PrepareContext:
+    heldout = data.heldout_path
+    assert heldout is not None
+    return PrepareContext(
+        payload=load_package(root),
+        spec=ExperimentConfig(name="iid", payload=str(root), **spec),  # type: ignore[arg-type]
+        tokenizer=TOK,
+        sequence_length=SEQ,
+        seed=4,
+        placement=Placement("uniform", 0, 50),
+        sources=RunSources(train=lambda: data.path, heldout=lambda: heldout),
+    )
+
+
+def test_items_are_the_named_rows(tmp_path: Path, data: PreparedDataset) -> None:
+    root = write_payload(
+        tmp_path / "p",
+        [
+            {"source": "train", "samples": [3, 9]},
+            {"source": "train", "sample": 20, "id": "x", "start": 5, "length": 10},
+        ],
+        kind="replay",
+    )
+    exp = ReplayInjector().prepare(_ctx(root, data))
+    rows = read_rows(data.path, 21)
+    assert exp.item_ids == [f"train:{i}" for i in range(3, 9)] + ["x"]
+    eos = TOK.eos_token_id
+    for k, i in enumerate(range(3, 9)):
+        assert exp.probes.sequences[k] == [eos, *rows[i][: SEQ - 2].tolist(), eos]
+    assert exp.probes.sequences[-1] == [eos, *rows[20][5:15].tolist(), eos]
+    assert exp.metadata["items"][-1] == {"sample": 20, "start": 5, "length": 10}
+    assert exp.metadata["source"] == "train" and exp.metadata["dataset"] == str(data.path)
+    treated = np.asarray(exp.treated)
+    assert 0 < treated.sum() < len(treated)  # both arms, from the same source
+    # The held-out split is read the same way; its fingerprint covers the replayed rows.
+    held = write_payload(tmp_path / "h", [{"source": "heldout", "samples": [0, 4]}], kind="replay")
+    other = ReplayInjector().prepare(_ctx(held, data))
+    heldout = data.heldout_path
+    assert heldout is not None
+    assert other.probes.sequences[1][1:-1] == read_rows(heldout, 2)[1][: SEQ - 2].tolist()
+    assert other.fingerprint != ReplayInjector().prepare(_ctx(held, data, wrap_eos=False)).fingerprint
+
+
+@pytest.mark.parametrize(
+    "line, key, match",
+    [
+        ({"source": "train", "samples": [0, 10_000]}, "samples", "outside the train dataset"),
+        ({"source": "train", "sample": 10_000}, "sample", "outside the train dataset"),
+        ({"source": "held", "sample": 1}, "source", "must be one of train, heldout"),
+        ({"source": "train", "sample": 1, "samples": [1, 2]}, None, "exactly one of"),
+        ({"source": "train", "samples": [4, 2]}, "samples", "first < stop"),
+        ({"source": "train", "sample": 1, "length": 200}, "length", "beyond sample 1"),
+        ({"source": "train", "sample": 1, "start": 70}, "start", "beyond sample 1"),
+    ],
+)
+def test_bad_items_name_line_and_key(
+    tmp_path: Path, data: PreparedDataset, line: dict, key: str | None, match: str
+) -> None:
+    root = write_payload(tmp_path / "p", [{"source": "train", "sample": 0, "id": "first"}, line], kind="replay")
+    with pytest.raises(PayloadError, match=match) as err:
+        ReplayInjector().prepare(_ctx(root, data))
+    assert err.value.line == 2 and err.value.key == key and err.value.file == str(root / "items.jsonl")
+
+
+def test_one_source_and_a_run_needed(tmp_path: Path, data: PreparedDataset) -> None:
+    root = write_payload(
+        tmp_path / "p", [{"source": "train", "sample": 0}, {"source": "heldout", "sample": 0}], kind="replay"
+    )
+    with pytest.raises(PayloadError, match="one source per experiment"):
+        ReplayInjector().prepare(_ctx(root, data))
+    alone = check_payload(
+        write_payload(tmp_path / "q", [{"source": "train", "sample": 0}], kind="replay"),
+        tokenizer=TOK,
+        sequence_length=SEQ,
+    )
+    assert [p.key for p in alone.problems] == ["payload"] and "multirun check" in alone.problems[0].message
+
+
+def test_missing_heldout_split_names_the_key(tmp_path: Path) -> None:
+    plain = prepare_dataset(demo_corpus_sources()[:5], tmp_path / "plain", TOK, SEQ, max_bytes=20_000, progress=False)
+    payload = write_payload(tmp_path / "p", [{"source": "heldout", "samples": [0, 4]}], kind="replay")
+    config = write_config(
+        tmp_path / "run.yaml",
+        {
+            "run_name": "iid",
+            "data": {"source": "mds", "path": str(plain.path), "sequence_length": SEQ},
+            "train": {"max_duration": "10ba", "global_batch_size": 4, "device": "cpu"},
+            "experiments": [{"name": "iid", "payload": str(payload)}],
+        },
+    )
+    loaded = load_config(config)
+    with pytest.raises(ConfigError, match="no held-out split") as err:
+        build_experiments(loaded, tokenizer=TOK, geometry=BatchGeometry(4, SEQ, 10))
+    assert err.value.key == "data.heldout_path" and err.value.file == str(config)
