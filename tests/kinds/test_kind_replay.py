@@ -16,6 +16,7 @@ from multirun.data.tokenizers import ByteTokenizer
 from multirun.errors import ConfigError, PayloadError
 from multirun.kinds.experiments import build_experiments, check_payload
 from multirun.kinds.payloads import load_package
+from multirun.kinds.probes import DocumentsProbes
 from multirun.kinds.sdk import PrepareContext, RunSources
 from multirun.types import BatchGeometry, Placement
 from tests.helpers_payload import write_config, write_payload
@@ -65,6 +66,7 @@ def test_items_are_the_named_rows(tmp_path: Path, data: PreparedDataset) -> None
         kind="replay",
     )
     exp = ReplayInjector().prepare(_ctx(root, data))
+    assert isinstance(exp.probes, DocumentsProbes)
     rows = read_rows(data.path, 21)
     assert exp.item_ids == [f"train:{i}" for i in range(3, 9)] + ["x"]
     eos = TOK.eos_token_id
@@ -78,6 +80,7 @@ def test_items_are_the_named_rows(tmp_path: Path, data: PreparedDataset) -> None
     # The held-out split is read the same way; its fingerprint covers the replayed rows.
     held = write_payload(tmp_path / "h", [{"source": "heldout", "samples": [0, 4]}], kind="replay")
     other = ReplayInjector().prepare(_ctx(held, data))
+    assert isinstance(other.probes, DocumentsProbes)
     heldout = data.heldout_path
     assert heldout is not None
     assert other.probes.sequences[1][1:-1] == read_rows(heldout, 2)[1][: SEQ - 2].tolist()
