@@ -30,6 +30,9 @@ start         integer >= 0, optional       the first token of the row to replay 
 length        integer >= 1, optional       tokens to replay (default: the rest of the row, at
                                            most the sequence length less the EOS)
 repetitions   number > 0, optional         the dose of these items (default: the experiment's)
+group         string, optional             the items' condition: the monitor reports each
+                                           group of treated items against all controls
+                                           (default, when doses differ: ``x<repetitions>``)
 ============  ===========================  =================================================
 
 Ids must be unique over the file. The run's data decide what is injected, so the
@@ -110,12 +113,21 @@ class ReplayInjector:
         records = ctx.payload.iter_jsonl(
             "items",
             required={"source": str},
-            optional={"sample": int, "samples": list, "id": str, "start": int, "length": int, "repetitions": float},
+            optional={
+                "sample": int,
+                "samples": list,
+                "id": str,
+                "start": int,
+                "length": int,
+                "repetitions": float,
+                "group": str,
+            },
         )
         if not records:
             raise PayloadError("no items: a replay payload needs at least one line", file=path)
         # (line, id, index, start, length or None, repetitions)
         items: list[tuple[int, str, int, int, int | None, float]] = []
+        labels: list[str | None] = []  # the item's condition (``group``), None where not given
         first_line: dict[str, int] = {}
         source = records[0][1]["source"]
         for line, rec in records:
@@ -142,6 +154,9 @@ class ReplayInjector:
             reps = float(rec.get("repetitions", spec.repetitions))
             if not reps > 0:
                 raise PayloadError(f"must be > 0, got {reps}", file=path, line=line, key="repetitions")
+            group = rec.get("group")
+            if group is not None and not group.strip():
+                raise PayloadError("must be a non-empty label", file=path, line=line, key="group")
             for index in indices:
                 item_id = rec.get("id", f"{source}:{index}")
                 if item_id in first_line:
@@ -153,6 +168,7 @@ class ReplayInjector:
                     )
                 first_line[item_id] = line
                 items.append((line, item_id, index, start, length, reps))
+                labels.append(group)
 
         if ctx.sources is None:
             raise ConfigError(
@@ -165,6 +181,16 @@ class ReplayInjector:
             if index >= total:
                 raise PayloadError(
                     f"sample {index} (item {item_id!r}) is outside the {source} dataset {dataset}, which has {total} rows",
+                    file=path,
+                    line=line,
+                    key="samples" if "samples" in dict(records)[line] else "sample",
+                )
+            if source == "heldout" and index < ctx.sources.heldout_loss_rows:
+                raise PayloadError(
+                    f"held-out sample {index} (item {item_id!r}) is one of the first "
+                    f"{ctx.sources.heldout_loss_rows} held-out rows, which the held-out loss evaluates "
+                    "(monitoring.heldout_rows): replaying it would train on them; name samples >= "
+                    f"{ctx.sources.heldout_loss_rows} or lower monitoring.heldout_rows",
                     file=path,
                     line=line,
                     key="samples" if "samples" in dict(records)[line] else "sample",
@@ -204,6 +230,11 @@ class ReplayInjector:
             where.append({"sample": index, "start": start, "length": take})
 
         doses = [item[5] for item in items]
+        # Conditions: the monitor reports each group of treated items against all controls. Groups
+        # come from the items' labels, else from their doses when these differ (uniqueness: x1 vs x8).
+        groups: list[str] | None = None
+        if any(label is not None for label in labels) or len(set(doses)) > 1:
+            groups = [label if label is not None else f"x{dose:g}" for label, dose in zip(labels, doses)]
         treated = ctx.split_arms(len(items))
         seq_items = np.flatnonzero(treated).astype(np.int32)
         return ctx.experiment(
@@ -213,7 +244,13 @@ class ReplayInjector:
             sequences=[encoded[i] for i in seq_items],
             seq_items=seq_items,
             seq_repetitions=[doses[i] for i in seq_items],
-            metadata={"source": source, "dataset": str(dataset), "items": where, "item_repetitions": doses},
-            probes=DocumentsProbes(sequences=encoded),
+            metadata={
+                "source": source,
+                "dataset": str(dataset),
+                "items": where,
+                "item_repetitions": doses,
+                "groups": groups,
+            },
+            probes=DocumentsProbes(sequences=encoded, groups=groups),
             content=digest.hexdigest(),
         )

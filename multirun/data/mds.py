@@ -740,6 +740,51 @@ def demo_heldout_rows(tokenizer: Tokenizer, sequence_length: int, *, count: int,
     return np.asarray(tokens[:needed], dtype=np.int64).reshape(count, sequence_length)
 
 
+DEMO_HELDOUT_ROWS = 2048  # rows of the demo's held-out MDS split (replay items name them by index)
+
+
+def build_demo_heldout_dataset(
+    tokenizer: Tokenizer,
+    sequence_length: int,
+    *,
+    train_max_bytes: int,
+    rows: int = DEMO_HELDOUT_ROWS,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The demo's held-out text as an MDS dataset (cached): row ``i`` is row ``i`` of
+    :func:`demo_heldout_rows`, so the held-out loss's rows are its first rows.
+
+    For kinds that read held-out rows by sample index (``replay``) from a demo run. Built
+    once per key (as :func:`build_demo_dataset`), in a temporary folder renamed into place.
+
+    Raises:
+        InputError: keyed ``data.demo_max_bytes``, when the standard library holds too little
+            text beyond the demo's training bytes.
+    """
+    sources = demo_corpus_sources()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    key = _demo_key(sources, tokenizer, sequence_length, train_max_bytes)
+    final = cache / f"demo-heldout-L{sequence_length}-R{rows}-{key}"
+    if (final / "index.json").is_file():
+        return final
+    table = demo_heldout_rows(tokenizer, sequence_length, count=rows, train_max_bytes=train_max_bytes)
+    cache.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(cache)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
+    try:
+        with MDSWriter(out=str(tmp / "data"), columns=_COLUMNS) as writer:
+            for row in table.astype(np.int32):
+                writer.write({TOKENS_COLUMN: row})
+        try:
+            os.replace(tmp / "data", final)  # index.json is written last: a whole dataset or none
+        except OSError:
+            if not (final / "index.json").is_file():  # else another process's build came first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def read_rows(path: str | os.PathLike[str], count: int, sequence_length: int | None = None) -> np.ndarray:
     """The first ``count`` token rows of an MDS dataset (e.g. a held-out split), as int64.
 

@@ -137,23 +137,28 @@ def run_sources(loaded: LoadedConfig, tokenizer: Tokenizer) -> RunSources:
         return read_dataset_info(resolve(data.path)).path
 
     def heldout() -> Path:
-        from multirun.data.mds import read_dataset_info
+        from multirun.data.mds import build_demo_heldout_dataset, read_dataset_info
 
         if data.heldout_path is not None:
             return resolve(data.heldout_path)
+        if data.source == "demo":
+            # The demo's held-out text (the stdlib files it never trains on), the held-out loss's rows first.
+            try:
+                return build_demo_heldout_dataset(tokenizer, data.sequence_length, train_max_bytes=data.demo_max_bytes)
+            except InputError as err:
+                raise ConfigError(err.message, file=source, key="data.demo_max_bytes") from err
         split = read_dataset_info(resolve(data.path)).heldout_path if data.source == "mds" and data.path else None
         if split is None:
             raise ConfigError(
                 "no held-out split to replay from: set data.heldout_path to an MDS dataset never trained on, or "
-                "prepare the dataset with `multirun prepare --heldout-fraction`"
-                + (" (the demo corpus has no MDS held-out split)" if data.source == "demo" else ""),
+                "prepare the dataset with `multirun prepare --heldout-fraction`",
                 file=source,
                 key="data.heldout_path",
                 line=loaded.line_of("data.heldout_path") if loaded.lines else None,
             )
         return split
 
-    return RunSources(train=train, heldout=heldout)
+    return RunSources(train=train, heldout=heldout, heldout_loss_rows=loaded.config.monitoring.heldout_rows)
 
 
 def arms_record(experiments: Sequence[PreparedExperiment]) -> dict[str, dict[str, list[Any]]]:

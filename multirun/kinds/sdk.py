@@ -212,11 +212,15 @@ class RunSources:
     Attributes:
         train: returns the training dataset's MDS directory (``data.path``, or the demo's).
         heldout: returns the held-out split's MDS directory (``data.heldout_path``, or the
-            split ``multirun prepare --heldout-fraction`` wrote into the dataset).
+            split ``multirun prepare --heldout-fraction`` wrote into the dataset, or the
+            demo's held-out text).
+        heldout_loss_rows: the held-out split's first rows that the held-out loss evaluates
+            (``monitoring.heldout_rows``): a kind must not train on them.
     """
 
     train: Callable[[], Path]
     heldout: Callable[[], Path]
+    heldout_loss_rows: int = 0
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,15 @@ import torch
 from injectors.replay import ReplayInjector
 from monitors.documents import DocumentsMonitor
 from multirun.config import ExperimentConfig, load_config
-from multirun.data.mds import PreparedDataset, count_rows, demo_corpus_sources, prepare_dataset, read_rows
+from multirun.data.mds import (
+    PreparedDataset,
+    build_demo_heldout_dataset,
+    count_rows,
+    demo_corpus_sources,
+    demo_heldout_rows,
+    prepare_dataset,
+    read_rows,
+)
 from multirun.data.tokenizers import ByteTokenizer
 from multirun.errors import ConfigError, PayloadError
 from multirun.kinds.experiments import build_experiments, check_payload
@@ -175,3 +183,76 @@ def test_replayed_rows_gain_over_never_replayed_rows(tmp_path: Path, data: Prepa
     )
     assert replayed.effect > 0.5 and replayed.p_value < 0.01
     assert negative.p_value > 0.05 and negative.effect < replayed.effect / 3
+
+
+def test_demo_heldout_split_is_the_heldout_loss_rows(tmp_path: Path) -> None:
+    path = build_demo_heldout_dataset(TOK, SEQ, train_max_bytes=100_000, rows=300, cache_dir=tmp_path)
+    np.testing.assert_array_equal(read_rows(path, 300), demo_heldout_rows(TOK, SEQ, count=300, train_max_bytes=100_000))
+    stamp = (path / "index.json").stat().st_mtime_ns
+    assert build_demo_heldout_dataset(TOK, SEQ, train_max_bytes=100_000, rows=300, cache_dir=tmp_path) == path
+    assert (path / "index.json").stat().st_mtime_ns == stamp and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+GEOMETRY = BatchGeometry(16, SEQ, 1000)
+
+
+def _demo_run(tmp_path: Path, payload: str, **monitoring: int) -> Path:
+    return write_config(
+        tmp_path / "run.yaml",
+        {
+            "run_name": "iid",
+            "data": {"source": "demo", "sequence_length": SEQ, "demo_max_bytes": 100_000},
+            "train": {"max_duration": "1000ba", "global_batch_size": 16, "device": "cpu"},
+            "injection": {"max_modified_fraction": 0.2},
+            "monitoring": monitoring,
+            "experiments": [
+                {
+                    "name": "iid",
+                    "payload": payload,
+                    "placement": {"mode": "window", "start": 0.8, "end": 1.0, "unit": "fraction"},
+                }
+            ],
+        },
+    )
+
+
+def test_demo_package_replays_the_demos_heldout_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MULTIRUN_CACHE", str(tmp_path / "cache"))
+    loaded = load_config(_demo_run(tmp_path, "pkg:demo/iid"))
+    (exp,) = build_experiments(loaded, tokenizer=TOK, geometry=GEOMETRY)
+    heldout = demo_heldout_rows(TOK, SEQ, count=2048, train_max_bytes=100_000)
+    samples = [where["sample"] for where in exp.metadata["items"]]
+    assert samples == list(range(64, 64 + 16 * 48, 16)) and exp.metadata["source"] == "heldout"
+    assert isinstance(exp.probes, DocumentsProbes) and exp.probes.groups is not None
+    for sequence, sample in zip(exp.probes.sequences, samples):
+        assert sequence[1:-1] == heldout[sample][: SEQ - 2].tolist()
+    # Uniqueness: the doses are the groups (x1, x8), each in both arms; recency: the placement.
+    groups = np.asarray(exp.probes.groups)
+    assert sorted(set(groups)) == ["x1", "x8"] and exp.metadata["groups"] == exp.probes.groups
+    for label in ("x1", "x8"):
+        assert 0 < exp.treated[groups == label].sum() < (groups == label).sum()
+    assert exp.seq_repetitions.tolist() == [float(g[1:]) for g in groups[exp.seq_items]]
+    assert exp.placement.start_step == 800
+    monitor = DocumentsMonitor.from_experiment(exp, tokenizer=TOK, options={}, sequence_length=SEQ)
+    assert monitor.groups == exp.probes.groups  # reported per group against all controls
+
+
+def test_replaying_the_heldout_loss_rows_names_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MULTIRUN_CACHE", str(tmp_path / "cache"))
+    payload = write_payload(
+        tmp_path / "p", [{"source": "heldout", "sample": 40}, {"source": "heldout", "samples": [10, 20]}], kind="replay"
+    )
+    with pytest.raises(PayloadError, match="held-out loss evaluates") as err:
+        build_experiments(
+            load_config(_demo_run(tmp_path, str(payload), heldout_rows=16)),
+            tokenizer=TOK,
+            geometry=GEOMETRY,
+        )
+    assert (err.value.line, err.value.key) == (2, "samples") and "monitoring.heldout_rows" in err.value.message
+    # Without the held-out loss every row may be replayed.
+    (exp,) = build_experiments(
+        load_config(_demo_run(tmp_path, str(payload), heldout_rows=0)),
+        tokenizer=TOK,
+        geometry=GEOMETRY,
+    )
+    assert exp.item_ids == ["heldout:40", *[f"heldout:{i}" for i in range(10, 20)]]
