@@ -234,3 +234,24 @@ def test_arm_key_groups_must_agree(tmp_path: Path) -> None:
     check = check_payload(root, tokenizer=TOK, sequence_length=64)
     assert [(p.line, p.key) for p in check.problems] == [(3, "group")]
     assert isinstance(check.problems[0], PayloadError) and "same arm_key 'k'" in check.problems[0].message
+
+
+def test_bundled_arc_sample_is_the_import_of_its_source(tmp_path: Path) -> None:
+    """experiments/demo/payloads/arc-sample is exactly what its README's command writes."""
+    demo = Path(__file__).resolve().parents[2] / "experiments" / "demo"
+    result = import_benchmark(
+        "mc-jsonl",
+        demo / "sources" / "arc-sample.jsonl",
+        tmp_path / "arc",
+        tokenizer=TOK,
+        sequence_length=128,
+        name="demo-arc-sample",
+        license="CC0-1.0",
+    )
+    assert not result.too_long
+    bundled = demo / "payloads" / "arc-sample"
+    for name in ("items.jsonl", "payload.yaml"):
+        assert (tmp_path / "arc" / name).read_text() == (bundled / name).read_text(), name
+    items = _items(bundled)
+    assert len(items) == 30 and items[29]["arm_key"] == items[3]["arm_key"] == "dup:fict-003"
+    assert not check_payload(bundled, tokenizer=TOK, sequence_length=128).problems
