@@ -19,7 +19,8 @@ key           type                         meaning
 source        ``train`` or ``heldout``     the training dataset (``data.path``, or the demo's)
                                            or its held-out split (``data.heldout_path``, else
                                            the split of ``multirun prepare
-                                           --heldout-fraction``); one source per experiment,
+                                           --heldout-fraction``, or the demo's held-out
+                                           text); one source per experiment,
                                            so the controls come from the same source
 sample        integer >= 0                 one sample index (exactly one of ``sample`` and
                                            ``samples``)
@@ -35,7 +36,8 @@ group         string, optional             the items' condition: the monitor rep
                                            (default, when doses differ: ``x<repetitions>``)
 ============  ===========================  =================================================
 
-Ids must be unique over the file. The run's data decide what is injected, so the
+Ids must be unique over the file. Held-out rows the held-out loss evaluates (the first
+``monitoring.heldout_rows``) cannot be replayed. The run's data decide what is injected, so the
 experiment's fingerprint covers the replayed tokens as well as the payload.
 
 Conditions of the paper (references §IID)
