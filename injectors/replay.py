@@ -12,6 +12,7 @@ object a line, each naming one sample or a range of them::
 
     {"source": "heldout", "samples": [0, 40]}              # 40 items: heldout:0 .. heldout:39
     {"source": "train", "sample": 1234, "id": "famous-row", "start": 16, "length": 48}
+    {"source": "train", "steps": [100, 102]}               # the rows of global steps 100 and 101
 
 ============  ===========================  =================================================
 key           type                         meaning
@@ -22,9 +23,12 @@ source        ``train`` or ``heldout``     the training dataset (``data.path``, 
                                            --heldout-fraction``, or the demo's held-out
                                            text); one source per experiment,
                                            so the controls come from the same source
-sample        integer >= 0                 one sample index (exactly one of ``sample`` and
-                                           ``samples``)
+sample        integer >= 0                 one sample index (exactly one of ``sample``,
+                                           ``samples``, ``step`` and ``steps``)
 samples       ``[first, stop)``            a range of sample indices, at most 100,000
+step, steps   integer / ``[first, stop)``  ``source: train`` only, instead of ``sample(s)``:
+                                           every row the Trainer draws at those global steps
+                                           (first epoch), ids ``train:<sample>``
 id            string, optional             the item id, with ``sample`` only; default
                                            ``<source>:<index>`` (``train:1234``)
 start         integer >= 0, optional       the first token of the row to replay (default 0)
@@ -70,31 +74,37 @@ SOURCES = ("train", "heldout")
 MAX_RANGE = 100_000  # items one line may name: the planner and the probes hold every one
 
 
-def _indices(rec: dict[str, Any], *, file: Path, line: int) -> range:
-    has_one, has_range = "sample" in rec, "samples" in rec
-    if has_one == has_range:
+SELECTORS = ("sample", "samples", "step", "steps")
+
+
+def _selection(rec: dict[str, Any], *, file: Path, line: int) -> tuple[str, range]:
+    """``(key, range)``: the line's sample indices (``sample``/``samples``) or steps (``step``/``steps``)."""
+    given = [key for key in SELECTORS if key in rec]
+    if len(given) != 1:
         raise PayloadError(
-            "give exactly one of 'sample' (an index) and 'samples' ([first, stop))", file=file, line=line
+            "give exactly one of 'sample' (an index), 'samples' ([first, stop)), 'step' (a step of the "
+            f"training order) and 'steps' ([first, stop)); got {', '.join(given) or 'none'}",
+            file=file,
+            line=line,
         )
-    if has_one:
-        index = rec["sample"]
+    key = given[0]
+    if key in ("sample", "step"):
+        index = rec[key]
         if index < 0:
-            raise PayloadError(f"must be a sample index >= 0, got {index}", file=file, line=line, key="sample")
-        return range(index, index + 1)
-    bounds = rec["samples"]
+            raise PayloadError(f"must be >= 0, got {index}", file=file, line=line, key=key)
+        return key, range(index, index + 1)
+    bounds = rec[key]
     if (
         len(bounds) != 2
         or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
         or not 0 <= bounds[0] < bounds[1]
     ):
         raise PayloadError(
-            f"must be [first, stop) with 0 <= first < stop, got {bounds!r}", file=file, line=line, key="samples"
+            f"must be [first, stop) with 0 <= first < stop, got {bounds!r}", file=file, line=line, key=key
         )
     if bounds[1] - bounds[0] > MAX_RANGE:
-        raise PayloadError(
-            f"names {bounds[1] - bounds[0]} samples, more than {MAX_RANGE}", file=file, line=line, key="samples"
-        )
-    return range(bounds[0], bounds[1])
+        raise PayloadError(f"names {bounds[1] - bounds[0]} {key}, more than {MAX_RANGE}", file=file, line=line, key=key)
+    return key, range(bounds[0], bounds[1])
 
 
 class ReplayInjector:
@@ -118,6 +128,8 @@ class ReplayInjector:
             optional={
                 "sample": int,
                 "samples": list,
+                "step": int,
+                "steps": list,
                 "id": str,
                 "start": int,
                 "length": int,
@@ -127,10 +139,8 @@ class ReplayInjector:
         )
         if not records:
             raise PayloadError("no items: a replay payload needs at least one line", file=path)
-        # (line, id, index, start, length or None, repetitions)
-        items: list[tuple[int, str, int, int, int | None, float]] = []
-        labels: list[str | None] = []  # the item's condition (``group``), None where not given
-        first_line: dict[str, int] = {}
+        # (line, record, selecting key, its range, start, length or None, repetitions, group)
+        lines: list[tuple[int, dict[str, Any], str, range, int, int | None, float, str | None]] = []
         source = records[0][1]["source"]
         for line, rec in records:
             if rec["source"] not in SOURCES:
@@ -145,8 +155,12 @@ class ReplayInjector:
                     line=line,
                     key="source",
                 )
-            indices = _indices(rec, file=path, line=line)
-            if "id" in rec and "samples" in rec:
+            key, selected = _selection(rec, file=path, line=line)
+            if key in ("step", "steps") and source != "train":
+                raise PayloadError(
+                    "steps of the training order name training rows: use source 'train'", file=path, line=line, key=key
+                )
+            if "id" in rec and key != "sample":
                 raise PayloadError("an id names one sample: use 'sample' with it", file=path, line=line, key="id")
             start, length = rec.get("start", 0), rec.get("length")
             if start < 0:
@@ -159,7 +173,35 @@ class ReplayInjector:
             group = rec.get("group")
             if group is not None and not group.strip():
                 raise PayloadError("must be a non-empty label", file=path, line=line, key="group")
-            for index in indices:
+            lines.append((line, rec, key, selected, start, length, reps, group))
+
+        if ctx.sources is None:
+            raise ConfigError(
+                "the replay kind reads its items from the run's data: check it as part of a run (`multirun check RUN.yaml`)",
+                key="payload",
+            )
+        dataset = ctx.sources.train() if source == "train" else ctx.sources.heldout()
+        total = count_rows(dataset)
+        # (line, id, index, start, length or None, repetitions), with the selecting key and step (or None)
+        items: list[tuple[int, str, int, int, int | None, float]] = []
+        keys: list[str] = []
+        steps: list[int | None] = []
+        labels: list[str | None] = []  # the item's condition (``group``), None where not given
+        first_line: dict[str, int] = {}
+        for line, rec, key, selected, start, length, reps, group in lines:
+            if key in ("step", "steps"):
+                if ctx.sources.train_steps is None:
+                    raise PayloadError(
+                        "this run's training order is not known: name samples", file=path, line=line, key=key
+                    )
+                try:
+                    by_step = ctx.sources.train_steps(list(selected))
+                except ConfigError as err:
+                    raise PayloadError(err.message, file=path, line=line, key=key) from None
+                chosen: list[tuple[int, int | None]] = [(i, t) for t in selected for i in by_step[t]]
+            else:
+                chosen = [(i, None) for i in selected]
+            for index, step in chosen:
                 item_id = rec.get("id", f"{source}:{index}")
                 if item_id in first_line:
                     raise PayloadError(
@@ -169,34 +211,27 @@ class ReplayInjector:
                         key="id",
                     )
                 first_line[item_id] = line
+                if index >= total:
+                    raise PayloadError(
+                        f"sample {index} (item {item_id!r}) is outside the {source} dataset {dataset}, which has {total} rows",
+                        file=path,
+                        line=line,
+                        key=key,
+                    )
+                if source == "heldout" and index < ctx.sources.heldout_loss_rows:
+                    raise PayloadError(
+                        f"held-out sample {index} (item {item_id!r}) is one of the first "
+                        f"{ctx.sources.heldout_loss_rows} held-out rows, which the held-out loss evaluates "
+                        "(monitoring.heldout_rows): replaying it would train on them; name samples >= "
+                        f"{ctx.sources.heldout_loss_rows} or lower monitoring.heldout_rows",
+                        file=path,
+                        line=line,
+                        key=key,
+                    )
                 items.append((line, item_id, index, start, length, reps))
+                keys.append(key)
+                steps.append(step)
                 labels.append(group)
-
-        if ctx.sources is None:
-            raise ConfigError(
-                "the replay kind reads its items from the run's data: check it as part of a run (`multirun check RUN.yaml`)",
-                key="payload",
-            )
-        dataset = ctx.sources.train() if source == "train" else ctx.sources.heldout()
-        total = count_rows(dataset)
-        for line, item_id, index, *_ in items:
-            if index >= total:
-                raise PayloadError(
-                    f"sample {index} (item {item_id!r}) is outside the {source} dataset {dataset}, which has {total} rows",
-                    file=path,
-                    line=line,
-                    key="samples" if "samples" in dict(records)[line] else "sample",
-                )
-            if source == "heldout" and index < ctx.sources.heldout_loss_rows:
-                raise PayloadError(
-                    f"held-out sample {index} (item {item_id!r}) is one of the first "
-                    f"{ctx.sources.heldout_loss_rows} held-out rows, which the held-out loss evaluates "
-                    "(monitoring.heldout_rows): replaying it would train on them; name samples >= "
-                    f"{ctx.sources.heldout_loss_rows} or lower monitoring.heldout_rows",
-                    file=path,
-                    line=line,
-                    key="samples" if "samples" in dict(records)[line] else "sample",
-                )
         rows = read_rows_at(dataset, [index for _, _, index, *_ in items])
 
         room = ctx.sequence_length - (2 if spec.wrap_eos else 0)
@@ -230,6 +265,9 @@ class ReplayInjector:
             digest.update(np.asarray(seq, dtype=np.int64).tobytes())
             encoded.append(seq)
             where.append({"sample": index, "start": start, "length": take})
+        for entry, step in zip(where, steps):
+            if step is not None:
+                entry["step"] = step
 
         doses = [item[5] for item in items]
         # Conditions: the monitor reports each group of treated items against all controls. Groups

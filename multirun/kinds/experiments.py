@@ -158,7 +158,41 @@ def run_sources(loaded: LoadedConfig, tokenizer: Tokenizer) -> RunSources:
             )
         return split
 
-    return RunSources(train=train, heldout=heldout, heldout_loss_rows=loaded.config.monitoring.heldout_rows)
+    def train_steps(steps: Sequence[int]) -> dict[int, list[int]]:
+        from multirun.batch_view import read_training_steps
+        from multirun.data.mds import count_rows
+
+        path = train()
+        batch = loaded.config.train.global_batch_size
+        # The first epoch only: its steps start at sample step * batch at any world size (with
+        # num_canonical_nodes pinned, as the config does); later epochs' starts depend on the world size.
+        per_epoch = count_rows(path) // batch
+        beyond = [s for s in steps if not 0 <= s < per_epoch]
+        if beyond:
+            raise ConfigError(
+                f"steps {beyond[:5]} are outside the first epoch (steps 0..{per_epoch - 1} of "
+                f"{batch} rows): name samples instead",
+                key="step",
+            )
+        out: dict[int, list[int]] = {}
+        wanted = sorted(set(steps))
+        while wanted:  # one read per run of consecutive steps
+            run = 1
+            while run < len(wanted) and wanted[run] == wanted[0] + run:
+                run += 1
+            _, ids = read_training_steps(
+                path, data, global_batch_size=batch, epoch=0, first_step_in_epoch=wanted[0], steps=run
+            )
+            out.update({wanted[0] + k: [int(i) for i in ids[k]] for k in range(run)})
+            wanted = wanted[run:]
+        return out
+
+    return RunSources(
+        train=train,
+        heldout=heldout,
+        heldout_loss_rows=loaded.config.monitoring.heldout_rows,
+        train_steps=train_steps,
+    )
 
 
 def arms_record(experiments: Sequence[PreparedExperiment]) -> dict[str, dict[str, list[Any]]]:

@@ -216,11 +216,15 @@ class RunSources:
             demo's held-out text).
         heldout_loss_rows: the held-out split's first rows that the held-out loss evaluates
             (``monitoring.heldout_rows``): a kind must not train on them.
+        train_steps: given global steps of the run's first epoch, the training dataset's
+            sample ids of each (``{step: ids}``, in global-row order), as the run's Trainer
+            will draw them; None where the order is not known (llm-foundry data).
     """
 
     train: Callable[[], Path]
     heldout: Callable[[], Path]
     heldout_loss_rows: int = 0
+    train_steps: Callable[[Sequence[int]], dict[int, list[int]]] | None = None
 
 
 @dataclass(frozen=True)
