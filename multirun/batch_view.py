@@ -25,17 +25,14 @@ Example::
 from __future__ import annotations
 
 import html
-import itertools
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 
-from multirun.config import DataConfig
 from multirun.data.tokenizers import Tokenizer
 from multirun.errors import InputError, MultirunError
 from multirun.export import RunContents, open_run
@@ -47,7 +44,6 @@ __all__ = [
     "MarkedSpan",
     "StepRow",
     "StepView",
-    "read_training_steps",
     "render_plain",
     "render_rich",
     "view_step",
@@ -146,6 +142,7 @@ def view_step(run_dir: str | os.PathLike[str], step: int, *, contents: RunConten
         BatchViewError: the rows read again do not carry the ledger's sample ids or
             fingerprints, or a span's tokens do not hash to its ``token_hash``.
     """
+    from multirun.data.order import read_training_steps
     from multirun.inject.batch import row_fingerprints
     from multirun.run.inputs import resolve_dataset
 
@@ -171,9 +168,12 @@ def view_step(run_dir: str | os.PathLike[str], step: int, *, contents: RunConten
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
     first = step_in_epoch * batch
 
-    tokens, ids = read_training_steps(
-        dataset.path, config.data, global_batch_size=batch, epoch=epoch, first_step_in_epoch=step_in_epoch, steps=1
-    )
+    try:
+        tokens, ids = read_training_steps(
+            dataset.path, config.data, global_batch_size=batch, epoch=epoch, first_step_in_epoch=step_in_epoch, steps=1
+        )
+    except InputError as err:
+        raise BatchViewError(err.message) from err
     tokens, ids = tokens[0], ids[0]
     fingerprints = row_fingerprints(tokens)
 
@@ -229,75 +229,6 @@ def view_step(run_dir: str | os.PathLike[str], step: int, *, contents: RunConten
         for g in range(batch)
     )
     return StepView(root, step, epoch, first, world, rows, tuple(names), contents.tokenizer)
-
-
-def read_training_steps(
-    path: str | os.PathLike[str],
-    data: DataConfig,
-    *,
-    global_batch_size: int,
-    epoch: int,
-    first_step_in_epoch: int,
-    steps: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of ``steps`` consecutive global steps of one epoch, as the run's Trainer drew them.
-
-    A Streaming dataset with the run's shuffle, seed and ``num_canonical_nodes``, in one
-    process, the global batch as its batch size, resumed at the first step's first sample
-    (see the module docstring); each step's rows in global-row order
-    (:func:`multirun.inject.batch.global_rows`).
-
-    Returns:
-        ``(tokens [steps, batch, length], sample_ids [steps, batch])``, int64.
-
-    Raises:
-        BatchViewError: the epoch ends before the last step's batch is whole.
-    """
-    from multirun.data.mds import IdStreamingDataset, build_dataloader
-    from multirun.inject.batch import LocalRows, global_rows, row_fingerprints
-
-    batch = global_batch_size
-    stream = cast(
-        IdStreamingDataset,
-        build_dataloader(
-            path,
-            batch_size=batch,
-            shuffle=data.shuffle,
-            shuffle_seed=data.shuffle_seed,
-            num_canonical_nodes=data.num_canonical_nodes,
-        ).dataset,
-    )
-    stream.load_state_dict(
-        {
-            "epoch": epoch,
-            "sample_in_epoch": first_step_in_epoch * batch,
-            "num_canonical_nodes": data.num_canonical_nodes,
-            "shuffle_seed": data.shuffle_seed,
-            "initial_physical_nodes": 1,
-        }
-    )
-    iterator = iter(stream)
-    try:
-        samples = list(itertools.islice(iterator, batch * steps))
-    finally:
-        iterator.close()  # type: ignore[attr-defined]  # StreamingDataset.__iter__ is a generator
-        # Its prefetch threads stop at the epoch's end or when told; tell them now (Streaming
-        # itself does so when the next epoch starts) rather than leave them polling.
-        pending = getattr(stream, "_iterator", None)
-        if pending is not None:
-            pending.exit()
-    if len(samples) != batch * steps:
-        raise BatchViewError(
-            f"steps {first_step_in_epoch}..{first_step_in_epoch + steps - 1} of epoch {epoch}: the dataset gave "
-            f"{len(samples)} samples, {steps} global batches of {batch} need {batch * steps}"
-        )
-    tokens = np.stack([np.asarray(s["input_ids"], dtype=np.int64) for s in samples]).reshape(steps, batch, -1)
-    ids = np.array([int(s["sample_id"]) for s in samples], dtype=np.int64).reshape(steps, batch)
-    for k in range(steps):
-        local = LocalRows(sample_id=ids[k], fingerprint=row_fingerprints(tokens[k]))
-        order = np.argsort(global_rows(local, rank=0, gathered_keys=None).global_row)
-        tokens[k], ids[k] = tokens[k][order], ids[k][order]
-    return tokens, ids
 
 
 def _world_size(contents: RunContents) -> int:

@@ -159,8 +159,8 @@ def run_sources(loaded: LoadedConfig, tokenizer: Tokenizer) -> RunSources:
         return split
 
     def train_steps(steps: Sequence[int]) -> dict[int, list[int]]:
-        from multirun.batch_view import read_training_steps
         from multirun.data.mds import count_rows
+        from multirun.data.order import read_training_steps
 
         path = train()
         batch = loaded.config.train.global_batch_size
