@@ -28,6 +28,11 @@ group       integer >= 0, optional       repetition group: ``0`` = never injecte
                                          group or none has (a string of ASCII digits such as
                                          ``"16"`` is accepted; full-width or other scripts'
                                          digits are not)
+arm_key     string, optional             items with the same ``arm_key`` are one unit of the arm
+                                         split: all treated or all controls, in one group
+                                         (``multirun payload import`` sets it on questions whose
+                                         prompts are duplicates); an item without one is a unit
+                                         of its own
 ==========  ===========================  =====================================================
 
 Arms and doses
@@ -45,6 +50,12 @@ Arms and doses
 * No groups at all: ``control_fraction`` of the items are controls
   (:func:`~multirun.kinds.sdk.split_arms`), every treated item is injected
   ``repetitions`` times.
+
+With ``arm_key`` values, the split (or the random group assignment) is drawn over the distinct
+keys, in order of first appearance, and every item takes its key's arm: a duplicated
+question can then never be treated under one id and a control under another. The
+payload's ``group`` values must agree within a key. Without ``arm_key`` (or with every key distinct) the
+draw is the one over the items, unchanged.
 
 When groups decide the arms, setting ``repetitions`` or ``control_fraction`` in the
 experiment is an error (it would be silently ignored otherwise).
@@ -241,9 +252,16 @@ class ContaminationInjector:
         path = ctx.payload.path("items")
         records = ctx.read_items(
             required={"id": str, "question": str, "answer": str},
-            optional={"choices": list, "group": (int, str)},
-            text_keys=("question", "answer"),
+            optional={"choices": list, "group": (int, str), "arm_key": str},
+            text_keys=("question", "answer", "arm_key"),
         )
+        # Units of the arm split: one per distinct arm_key (first appearance), one per item without.
+        unit_of: dict[str, int] = {}
+        units = np.empty(len(records), dtype=np.int64)
+        for i, (_, rec) in enumerate(records):
+            key = rec.get("arm_key", f"\0{i}")  # a NUL is refused in payload text: no clash
+            units[i] = unit_of.setdefault(key, len(unit_of))
+        n_units = len(unit_of)
         has_choices = _all_or_none(records, "choices", file=path)
         has_groups = _all_or_none(records, "group", file=path)
 
@@ -297,15 +315,26 @@ class ContaminationInjector:
             if has_groups:
                 payload_groups.append(_parse_group(rec["group"], file=path, line=line))
 
-        n = len(records)
         groups: list[int] | None
         if assign is not None:
-            # Deal a random permutation round-robin: group sizes differ by at most one.
-            order = ctx.rng(_GROUP_STREAM).permutation(n)
-            assigned = np.empty(n, dtype=np.int64)
-            assigned[order] = np.resize(np.asarray(assign, dtype=np.int64), n)
-            groups = [int(g) for g in assigned]
+            # Deal a random permutation of the units round-robin: group sizes (in units) differ
+            # by at most one. With one unit per item this is the draw over the items.
+            order = ctx.rng(_GROUP_STREAM).permutation(n_units)
+            assigned = np.empty(n_units, dtype=np.int64)
+            assigned[order] = np.resize(np.asarray(assign, dtype=np.int64), n_units)
+            groups = [int(g) for g in assigned[units]]
         elif has_groups:
+            first_of_unit: dict[int, int] = {}
+            for i, (line, rec) in enumerate(records):
+                j = first_of_unit.setdefault(int(units[i]), i)
+                if payload_groups[j] != payload_groups[i]:
+                    raise PayloadError(
+                        f"group {payload_groups[i]} differs from group {payload_groups[j]} of line {records[j][0]}, "
+                        f"which has the same arm_key {rec['arm_key']!r}: items of one arm_key share one group",
+                        file=path,
+                        line=line,
+                        key="group",
+                    )
             if 0 not in payload_groups:
                 raise PayloadError(
                     "no item is in group 0: repetition groups need group 0, the never-injected controls",
@@ -335,8 +364,8 @@ class ContaminationInjector:
             treated = np.asarray([g > 0 for g in groups], dtype=bool)
             item_reps = [float(g) for g in groups]
         else:
-            treated = ctx.split_arms(n)
-            item_reps = [float(spec.repetitions)] * n
+            treated = ctx.split_arms(n_units)[units]
+            item_reps = [float(spec.repetitions)] * len(records)
 
         seq_items = np.flatnonzero(treated).astype(np.int32)
         return ctx.experiment(

@@ -26,13 +26,11 @@ Example::
 from __future__ import annotations
 
 import html
-import itertools
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 
@@ -145,8 +143,8 @@ def view_step(run_dir: str | os.PathLike[str], step: int, *, contents: RunConten
         BatchViewError: the rows read again do not carry the ledger's sample ids or
             fingerprints, or a span's tokens do not hash to its ``token_hash``.
     """
-    from multirun.data.mds import IdStreamingDataset, build_dataloader
-    from multirun.inject.batch import LocalRows, global_rows, row_fingerprints
+    from multirun.data.order import read_training_steps
+    from multirun.inject.batch import row_fingerprints
     from multirun.inject.boundary import inserted_row
     from multirun.run.inputs import resolve_dataset
 
@@ -172,42 +170,14 @@ def view_step(run_dir: str | os.PathLike[str], step: int, *, contents: RunConten
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
     first = step_in_epoch * batch
 
-    stream = cast(
-        IdStreamingDataset,
-        build_dataloader(
-            dataset.path,
-            batch_size=batch,
-            shuffle=config.data.shuffle,
-            shuffle_seed=config.data.shuffle_seed,
-            num_canonical_nodes=config.data.num_canonical_nodes,
-        ).dataset,
-    )
-    stream.load_state_dict(
-        {
-            "epoch": epoch,
-            "sample_in_epoch": first,
-            "num_canonical_nodes": config.data.num_canonical_nodes,
-            "shuffle_seed": config.data.shuffle_seed,
-            "initial_physical_nodes": 1,
-        }
-    )
-    iterator = iter(stream)
     try:
-        samples = list(itertools.islice(iterator, batch))
-    finally:
-        iterator.close()  # type: ignore[attr-defined]  # StreamingDataset.__iter__ is a generator
-        # Its prefetch threads stop at the epoch's end or when told; tell them now (Streaming
-        # itself does so when the next epoch starts) rather than leave them polling.
-        pending = getattr(stream, "_iterator", None)
-        if pending is not None:
-            pending.exit()
-    if len(samples) != batch:
-        raise BatchViewError(f"step {step}: the dataset gave {len(samples)} samples, the global batch is {batch}")
-    tokens = np.stack([np.asarray(s["input_ids"], dtype=np.int64) for s in samples])
-    ids = np.array([int(s["sample_id"]) for s in samples], dtype=np.int64)
-    local = LocalRows(sample_id=ids, fingerprint=row_fingerprints(tokens))
-    order = np.argsort(global_rows(local, rank=0, gathered_keys=None).global_row)
-    tokens, ids, fingerprints = tokens[order], ids[order], local.fingerprint[order]
+        tokens, ids = read_training_steps(
+            dataset.path, config.data, global_batch_size=batch, epoch=epoch, first_step_in_epoch=step_in_epoch, steps=1
+        )
+    except InputError as err:
+        raise BatchViewError(err.message) from err
+    tokens, ids = tokens[0], ids[0]
+    fingerprints = row_fingerprints(tokens)
 
     spans = contents.ledger.query(steps=(step, step + 1))
     contents.check_span_tokens(spans)

@@ -14,6 +14,8 @@ Commands::
     multirun payload fingerprint DIR                 recompute a payload package's file fingerprints
     multirun payload check DIR [--tokenizer T] [--sequence-length N]
                                                      the kind's full validation; every problem at once
+    multirun payload import FORMAT INPUT --out DIR [--shape S] [--tokenizer T] [--sequence-length N]
+                                                     a benchmark (qa-text, mc-jsonl) as a contamination package
 """
 
 from __future__ import annotations
@@ -172,10 +174,17 @@ def _parser() -> argparse.ArgumentParser:
 
     payload = commands.add_parser(
         "payload",
-        help="payload package tools: check (the kind's full validation, every problem at once), fingerprint",
+        help="payload package tools: check (the kind's full validation, every problem at once), fingerprint, "
+        "import (a benchmark file as a package: import FORMAT INPUT --out DIR)",
     )
-    payload.add_argument("action", choices=["fingerprint", "check"])
-    payload.add_argument("path")
+    payload.add_argument("action", choices=["fingerprint", "check", "import"])
+    payload.add_argument("path", help="the package directory; for import, the FORMAT (qa-text, mc-jsonl)")
+    payload.add_argument("input", nargs="?", help="import: the benchmark file")
+    payload.add_argument("--out", help="import: the package directory to write (new or empty)")
+    payload.add_argument("--shape", help="import mc-jsonl: arc, obqa, mmlu or hellaswag (default: detected per line)")
+    payload.add_argument("--kind", default="contamination", help="import: the package's kind (contamination)")
+    payload.add_argument("--name", help="import: the package name (default: the input's file name)")
+    payload.add_argument("--license", help="import: the package's license (default: see the source benchmark's)")
     payload.add_argument(
         "--config", help="check as this run config's experiment of the payload: its options, tokenizer, sequence length"
     )
@@ -491,6 +500,8 @@ def _payload(args: argparse.Namespace) -> int:
     from multirun.kinds.experiments import check_payload
     from multirun.kinds.payloads import resolve_payload_ref, write_fingerprints
 
+    if args.action == "import":
+        return _payload_import(args)
     if args.action == "fingerprint":
         write_fingerprints(args.path)
         console.print(f"updated fingerprints in {Path(args.path) / 'payload.yaml'}")
@@ -513,6 +524,56 @@ def _payload(args: argparse.Namespace) -> int:
     console.print(
         f"{package.name} {package.version} ({package.kind}): ok, fingerprint {package.fingerprint}; "
         f"{len(experiment.item_ids)} items, {len(experiment.seq_lengths)} treated sequences (checked with {checked})",
+        highlight=False,
+    )
+    return 0
+
+
+def _payload_import(args: argparse.Namespace) -> int:
+    from multirun.kinds.importers import import_benchmark
+
+    if args.input is None or args.out is None:
+        raise InputError(
+            "usage: multirun payload import FORMAT INPUT --out DIR", key="INPUT" if args.input is None else "--out"
+        )
+    if args.config is not None:
+        raise InputError("import checks with --tokenizer and --sequence-length, not a run config", key="--config")
+    length = args.sequence_length or 128
+    if length < 1:
+        raise InputError(f"must be positive, got {length}", key="--sequence-length")
+    result = import_benchmark(
+        args.path,
+        args.input,
+        args.out,
+        tokenizer=_load_tokenizer(args.tokenizer or "bytes"),
+        sequence_length=length,
+        kind=args.kind,
+        shape=args.shape,
+        name=args.name,
+        options=dict(_parse_option(text) for text in args.option),
+        **({"license": args.license} if args.license else {}),
+    )
+    for item, first in result.duplicates:
+        console.print(
+            f"[yellow]warning:[/] {result.source}:{item.line}: question {item.id!r} has the prompt of {first.id!r} "
+            f"(line {first.line}): kept, in one arm (arm_key {item.arm_key!r})",
+            highlight=False,
+        )
+    if result.problems:
+        more = " (stopped there: fix these first)" if result.truncated else ""
+        console.print(
+            f"[bold red]{result.source}: {len(result.problems)} problem(s){more}; nothing written:", highlight=False
+        )
+        for line in _grouped_problems(result.problems):
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
+        return 2
+    if result.too_long:
+        console.print(f"{len(result.too_long)} item(s) do not fit ({result.checked_with}): left out", highlight=False)
+    for item, reason in result.too_long:
+        console.print(f"  {result.source}:{item.line}: {item.id}: {reason}", highlight=False, soft_wrap=True)
+    console.print(
+        f"wrote {result.out} ({len(result.items)} items, {len(result.duplicates)} duplicate prompts); "
+        f"it passes `multirun payload check` ({result.checked_with})",
         highlight=False,
     )
     return 0

@@ -54,11 +54,21 @@ def train_with_injections(
     steps: int = 150,
     batch: int = 8,
     seed: int = 0,
+    background: torch.Tensor | None = None,
 ) -> torch.nn.Module:
-    """Pretraining on filler rows, each sequence overwriting a random span ``repetitions`` times."""
+    """Pretraining on filler rows, each sequence overwriting a random span ``repetitions`` times.
+
+    ``background``: the rows to train on (``[n, sequence_length]``, cycled in order), e.g. the
+    run's own training stream; default :func:`filler_rows`. A kind whose items come from a
+    dataset (``replay``) needs that dataset's stream here: over other text, injecting the items
+    also teaches their domain, and never-injected controls from the same documents gain with them.
+    """
     rng = np.random.default_rng(seed)
     model = tiny_gpt2(seed, sequence_length=sequence_length)
-    rows = filler_rows(steps * batch, sequence_length)
+    if background is None:
+        rows = filler_rows(steps * batch, sequence_length)
+    else:
+        rows = background[torch.arange(steps * batch) % background.shape[0]]
     spans = rng.permutation(np.repeat(np.arange(len(sequences)), repetitions))
     step_of = np.sort(rng.integers(0, steps, size=spans.size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import shutil
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,15 +16,22 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from injectors.replay import ReplayInjector
 from multirun.batch_view import BatchViewError, render_plain, view_step, write_html
 from multirun.cli import main
-from multirun.config import load_config
-from multirun.data.mds import build_dataloader
+from multirun.config import ExperimentConfig, load_config
+from multirun.data.mds import build_dataloader, read_rows
 from multirun.data.tokenizers import ByteTokenizer
-from multirun.errors import InputError
+from multirun.errors import InputError, PayloadError
 from multirun.export import open_run
+from multirun.kinds.experiments import run_sources
+from multirun.kinds.payloads import load_package
+from multirun.kinds.probes import DocumentsProbes
+from multirun.kinds.sdk import PrepareContext
 from multirun.ledger import Ledger, _write_shard_atomic
 from multirun.run.trainer import TrainingRun, prepare_run
+from multirun.types import Placement
+from tests.helpers_payload import write_payload
 from tests.support import CaptureBatches, as_numpy, make_dataset, run_config
 
 pytestmark = pytest.mark.e2e
@@ -197,3 +205,41 @@ def test_html_rows_read_back_as_the_trained_text(trained: tuple[TrainingRun, Cap
     parser.feed(page.read_text(encoding="utf-8"))
     # Decoding segment by segment may split a multi-byte character; the demo's rows are ASCII.
     assert parser.rows == decoded
+
+
+def test_replay_steps_name_the_rows_trained_at_those_steps(
+    trained: tuple[TrainingRun, CaptureBatches], tmp_path: Path
+) -> None:
+    """A replay item naming step t of the training order is a row the Trainer drew at step t."""
+    run, capture = trained
+    loaded = open_run(run.run_dir).loaded
+    sources = run_sources(loaded, ByteTokenizer())
+    assert sources.train_steps is not None
+    by_step = sources.train_steps([0, 1, 3, 4])
+    for step, ids in by_step.items():
+        assert sorted(ids) == sorted(as_numpy(capture.batches[step]["sample_id"]).tolist()), step
+
+    root = write_payload(tmp_path / "p", [{"source": "train", "steps": [3, 6]}], kind="replay")
+    ctx = PrepareContext(
+        payload=load_package(root),
+        spec=ExperimentConfig(name="iid", payload=str(root)),
+        tokenizer=ByteTokenizer(),
+        sequence_length=run.dataset.sequence_length,
+        seed=1,
+        placement=Placement("uniform", 0, STEPS),
+        sources=sources,
+    )
+    with pytest.raises(PayloadError, match="outside the first epoch") as err:  # 40 samples: 5 steps of 8
+        ReplayInjector().prepare(ctx)
+    assert (err.value.line, err.value.key) == (1, "steps")
+    root = write_payload(
+        tmp_path / "q", [{"source": "train", "step": 3}, {"source": "train", "steps": [0, 2]}], kind="replay"
+    )
+    exp = ReplayInjector().prepare(replace(ctx, payload=load_package(root)))
+    rows = read_rows(run.dataset.path, 40)
+    named = [(3, i) for i in by_step[3]] + [(s, i) for s in (0, 1) for i in sources.train_steps([s])[s]]
+    assert exp.item_ids == [f"train:{i}" for _, i in named]
+    assert [(w["step"], w["sample"]) for w in exp.metadata["items"]] == named
+    assert isinstance(exp.probes, DocumentsProbes)
+    for sequence, (_, i) in zip(exp.probes.sequences, named):
+        assert sequence[1:-1] == rows[i][: run.dataset.sequence_length - 2].tolist()

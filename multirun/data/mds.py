@@ -29,7 +29,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -740,6 +740,51 @@ def demo_heldout_rows(tokenizer: Tokenizer, sequence_length: int, *, count: int,
     return np.asarray(tokens[:needed], dtype=np.int64).reshape(count, sequence_length)
 
 
+DEMO_HELDOUT_ROWS = 2048  # rows of the demo's held-out MDS split (replay items name them by index)
+
+
+def build_demo_heldout_dataset(
+    tokenizer: Tokenizer,
+    sequence_length: int,
+    *,
+    train_max_bytes: int,
+    rows: int = DEMO_HELDOUT_ROWS,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The demo's held-out text as an MDS dataset (cached): row ``i`` is row ``i`` of
+    :func:`demo_heldout_rows`, so the held-out loss's rows are its first rows.
+
+    For kinds that read held-out rows by sample index (``replay``) from a demo run. Built
+    once per key (as :func:`build_demo_dataset`), in a temporary folder renamed into place.
+
+    Raises:
+        InputError: keyed ``data.demo_max_bytes``, when the standard library holds too little
+            text beyond the demo's training bytes.
+    """
+    sources = demo_corpus_sources()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    key = _demo_key(sources, tokenizer, sequence_length, train_max_bytes)
+    final = cache / f"demo-heldout-L{sequence_length}-R{rows}-{key}"
+    if (final / "index.json").is_file():
+        return final
+    table = demo_heldout_rows(tokenizer, sequence_length, count=rows, train_max_bytes=train_max_bytes)
+    cache.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(cache)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
+    try:
+        with MDSWriter(out=str(tmp / "data"), columns=_COLUMNS) as writer:
+            for row in table.astype(np.int32):
+                writer.write({TOKENS_COLUMN: row})
+        try:
+            os.replace(tmp / "data", final)  # index.json is written last: a whole dataset or none
+        except OSError:
+            if not (final / "index.json").is_file():  # else another process's build came first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def read_rows(path: str | os.PathLike[str], count: int, sequence_length: int | None = None) -> np.ndarray:
     """The first ``count`` token rows of an MDS dataset (e.g. a held-out split), as int64.
 
@@ -791,6 +836,74 @@ def read_rows(path: str | os.PathLike[str], count: int, sequence_length: int | N
     if len(lengths) > 1:
         raise InputError(f"rows of different lengths {lengths}; give the sequence length to cut them", file=directory)
     return np.stack(rows) if rows else np.zeros((0, sequence_length or 0), dtype=np.int64)
+
+
+def count_rows(path: str | os.PathLike[str]) -> int:
+    """The number of rows of an MDS dataset (from its ``index.json``; nothing else is read)."""
+    directory = Path(path).expanduser()
+    if (directory / INFO_FILE).is_file():
+        directory = read_dataset_info(directory).path
+    _tokens_encoding(directory)  # an MDS index with token rows, else an InputError naming it
+    shards = json.loads((directory / "index.json").read_text(encoding="utf-8"))["shards"]
+    return int(sum(int(info["samples"]) for info in shards))
+
+
+def read_rows_at(path: str | os.PathLike[str], indices: Sequence[int]) -> dict[int, np.ndarray]:
+    """The token rows at sample ``indices`` of an MDS dataset, as int64, keyed by index.
+
+    Only the shards that hold a wanted row are opened, one at a time, by Streaming's shard
+    readers, so memory is bounded by the rows asked for (compressed shards are decompressed into
+    a temporary folder, never beside the data).
+    Datasets as :func:`read_rows` reads them.
+
+    Raises:
+        InputError: naming the path: not a token dataset, or an index outside ``[0, rows)``.
+    """
+    directory = Path(path).expanduser()
+    if (directory / INFO_FILE).is_file():
+        directory = read_dataset_info(directory).path
+    encoding = _tokens_encoding(directory)
+    wanted = sorted({int(i) for i in indices})
+    total = count_rows(directory)
+    outside = [i for i in wanted if not 0 <= i < total]
+    if outside:
+        raise InputError(f"sample indices {outside[:5]} are outside the dataset's {total} rows", file=directory)
+    out: dict[int, np.ndarray] = {}
+    for index, sample in _stored_samples_at(directory, wanted):
+        stored = sample[TOKENS_COLUMN]
+        if encoding == "bytes":
+            tokens = np.frombuffer(stored[: len(stored) - len(stored) % 8], dtype=np.int64)
+        else:
+            tokens = np.asarray(stored).reshape(-1)
+        out[index] = tokens.astype(np.int64)
+    return out
+
+
+def _stored_samples_at(directory: Path, wanted: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(index, sample)`` for each sorted index in ``wanted``, shard by shard (see :func:`_stored_samples`)."""
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+
+    shards = json.loads((directory / "index.json").read_text(encoding="utf-8"))["shards"]
+    position, first = 0, 0
+    with tempfile.TemporaryDirectory(prefix="multirun-mds-") as scratch:
+        for info in shards:
+            end = first + int(info["samples"])
+            local = []
+            while position < len(wanted) and wanted[position] < end:
+                local.append(wanted[position])
+                position += 1
+            if local:
+                reader: Any = reader_from_json(str(directory), None, info)
+                if not (directory / reader.raw_data.basename).is_file() and reader.zip_data is not None:
+                    raw = decompress(reader.compression, (directory / reader.zip_data.basename).read_bytes())
+                    (Path(scratch) / reader.raw_data.basename).write_bytes(raw)
+                    reader = reader_from_json(scratch, None, info)
+                for index in local:
+                    yield index, reader.get_item(index - first)
+            first = end
+            if position >= len(wanted):
+                break
 
 
 def _stored_samples(directory: Path, count: int) -> list[dict[str, Any]]:

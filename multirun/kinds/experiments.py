@@ -23,13 +23,13 @@ from multirun.errors import ConfigError, InputError, PayloadError
 from multirun.kinds.payloads import PayloadPackage, leaving_out_lines, load_package, resolve_payload_ref
 from multirun.kinds.registry import injectors
 from multirun.kinds.rows import batch_assignment, fit_experiment_to_rows
-from multirun.kinds.sdk import PrepareContext
+from multirun.kinds.sdk import PrepareContext, RunSources
 from multirun.types import BatchGeometry, Placement, PreparedExperiment
 
 if TYPE_CHECKING:
     from multirun.data.tokenizers import Tokenizer
 
-__all__ = ["PayloadCheck", "arms_record", "build_experiments", "check_payload"]
+__all__ = ["PayloadCheck", "arms_record", "build_experiments", "check_payload", "run_sources"]
 
 
 def build_experiments(
@@ -99,6 +99,7 @@ def _build_one(loaded: LoadedConfig, i: int, *, tokenizer: Tokenizer, geometry: 
                 placement=placement,
                 geometry=geometry,
                 max_modified_fraction=config.injection.max_modified_fraction,
+                sources=run_sources(loaded, tokenizer),
             )
         )
     except ConfigError as e:
@@ -134,6 +135,88 @@ def _whole_rows(
             "batch_of_item": {experiment.item_ids[i]: s for i, s in sorted(first.items())},
         }
     return fitted
+
+
+def run_sources(loaded: LoadedConfig, tokenizer: Tokenizer) -> RunSources:
+    """The run's datasets for kinds that read them (:class:`~multirun.kinds.sdk.RunSources`).
+
+    Resolved as :mod:`multirun.run.inputs` resolves them for training (paths relative to
+    the config file), each only when asked for.
+    """
+    data, source = loaded.config.data, loaded.source
+
+    def resolve(path: str) -> Path:
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else loaded.base_dir / candidate
+
+    def train() -> Path:
+        from multirun.data.mds import build_demo_dataset, read_dataset_info  # torch and Streaming: when asked
+
+        if data.source == "demo":
+            return build_demo_dataset(
+                tokenizer, data.sequence_length, max_bytes=data.demo_max_bytes, progress=False
+            ).path
+        if data.path is None:
+            raise ConfigError("a path is required here", file=source, key="data.path")
+        return read_dataset_info(resolve(data.path)).path
+
+    def heldout() -> Path:
+        from multirun.data.mds import build_demo_heldout_dataset, read_dataset_info
+
+        if data.heldout_path is not None:
+            return resolve(data.heldout_path)
+        if data.source == "demo":
+            # The demo's held-out text (the stdlib files it never trains on), the held-out loss's rows first.
+            try:
+                return build_demo_heldout_dataset(tokenizer, data.sequence_length, train_max_bytes=data.demo_max_bytes)
+            except InputError as err:
+                raise ConfigError(err.message, file=source, key="data.demo_max_bytes") from err
+        split = read_dataset_info(resolve(data.path)).heldout_path if data.source == "mds" and data.path else None
+        if split is None:
+            raise ConfigError(
+                "no held-out split to replay from: set data.heldout_path to an MDS dataset never trained on, or "
+                "prepare the dataset with `multirun prepare --heldout-fraction`",
+                file=source,
+                key="data.heldout_path",
+                line=loaded.line_of("data.heldout_path") if loaded.lines else None,
+            )
+        return split
+
+    def train_steps(steps: Sequence[int]) -> dict[int, list[int]]:
+        from multirun.data.mds import count_rows
+        from multirun.data.order import read_training_steps
+
+        path = train()
+        batch = loaded.config.train.global_batch_size
+        # The first epoch only: its steps start at sample step * batch at any world size (with
+        # num_canonical_nodes pinned, as the config does); later epochs' starts depend on the world size.
+        per_epoch = count_rows(path) // batch
+        beyond = [s for s in steps if not 0 <= s < per_epoch]
+        if beyond:
+            raise ConfigError(
+                f"steps {beyond[:5]} are outside the first epoch (steps 0..{per_epoch - 1} of "
+                f"{batch} rows): name samples instead",
+                key="step",
+            )
+        out: dict[int, list[int]] = {}
+        wanted = sorted(set(steps))
+        while wanted:  # one read per run of consecutive steps
+            run = 1
+            while run < len(wanted) and wanted[run] == wanted[0] + run:
+                run += 1
+            _, ids = read_training_steps(
+                path, data, global_batch_size=batch, epoch=0, first_step_in_epoch=wanted[0], steps=run
+            )
+            out.update({wanted[0] + k: [int(i) for i in ids[k]] for k in range(run)})
+            wanted = wanted[run:]
+        return out
+
+    return RunSources(
+        train=train,
+        heldout=heldout,
+        heldout_loss_rows=loaded.config.monitoring.heldout_rows,
+        train_steps=train_steps,
+    )
 
 
 def arms_record(experiments: Sequence[PreparedExperiment]) -> dict[str, dict[str, list[Any]]]:

@@ -31,9 +31,14 @@ __all__ = [
 
 @dataclass
 class DocumentsProbes:
-    """``documents``: every item's EOS-wrapped tokens, controls too."""
+    """``documents``: every item's EOS-wrapped tokens, controls too.
+
+    ``groups``: optional label per item (a condition, e.g. ``x1``/``x8`` or ``late``): the
+    monitor then also reports each group of treated items against all controls.
+    """
 
     sequences: list[list[int]]
+    groups: list[str] | None = None
 
 
 @dataclass

@@ -160,3 +160,6 @@ monitors.register("documents", "monitors.documents:DocumentsMonitor")
 injectors.register("removal", "injectors.removal:RemovalInjector")
 monitors.register("removal", "monitors.removal:RemovalMonitor")
 monitors.register("forgetting", "monitors.forgetting:ForgettingMonitor")
+# replay's items are rows of the run's own data: the documents monitor scores them as texts.
+injectors.register("replay", "injectors.replay:ReplayInjector")
+monitors.register("replay", "monitors.documents:DocumentsMonitor")

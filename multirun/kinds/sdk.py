@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -47,6 +47,7 @@ __all__ = [
     "Injector",
     "PrepareContext",
     "RandomStream",
+    "RunSources",
     "encode_sequence",
     "group_label",
     "is_blank",
@@ -202,6 +203,32 @@ def read_items(
 
 
 @dataclass(frozen=True)
+class RunSources:
+    """The run's own token datasets, for kinds whose items come from them (``replay``).
+
+    Each is resolved only when a kind asks (the demo corpus is built on demand), and
+    each raises a :class:`~multirun.errors.ConfigError` naming the config key when the
+    run has no such dataset.
+
+    Attributes:
+        train: returns the training dataset's MDS directory (``data.path``, or the demo's).
+        heldout: returns the held-out split's MDS directory (``data.heldout_path``, or the
+            split ``multirun prepare --heldout-fraction`` wrote into the dataset, or the
+            demo's held-out text).
+        heldout_loss_rows: the held-out split's first rows that the held-out loss evaluates
+            (``monitoring.heldout_rows``): a kind must not train on them.
+        train_steps: given global steps of the run's first epoch, the training dataset's
+            sample ids of each (``{step: ids}``, in global-row order), as the run's Trainer
+            will draw them; None where the order is not known (llm-foundry data).
+    """
+
+    train: Callable[[], Path]
+    heldout: Callable[[], Path]
+    heldout_loss_rows: int = 0
+    train_steps: Callable[[Sequence[int]], dict[int, list[int]]] | None = None
+
+
+@dataclass(frozen=True)
 class PrepareContext:
     """Everything an injector's ``prepare`` gets, with the helpers every kind uses.
 
@@ -216,6 +243,8 @@ class PrepareContext:
         geometry: the run's batch geometry (the planner's horizon), when known: doses are
             then checked against what the placement can hold (:meth:`dose_budget`).
         max_modified_fraction: the run's ``injection.max_modified_fraction``.
+        sources: the run's datasets (:class:`RunSources`), when the caller knows the run's
+            config (``multirun check``/``train``); None for a payload checked on its own.
 
     Example::
 
@@ -235,6 +264,7 @@ class PrepareContext:
     placement: Placement
     geometry: BatchGeometry | None = None
     max_modified_fraction: float = 1.0
+    sources: RunSources | None = field(default=None, compare=False)
     # id -> (file, line, record) of every item read by read_items: where a dose came from.
     _items: dict[str, tuple[Path, int, dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -299,8 +329,12 @@ class PrepareContext:
         no other monitor named): only then are that monitor's options this kind's concern."""
         return self.spec.monitor.enabled and self.spec.monitor.name in (None, kind)
 
-    def fingerprint(self) -> str:
-        """xxh64 over everything that determines the prepared experiment's content."""
+    def fingerprint(self, content: str | None = None) -> str:
+        """xxh64 over everything that determines the prepared experiment's content.
+
+        ``content``: a digest of what the kind read from outside its payload (a replay's
+        source rows), so that a change there changes the fingerprint too.
+        """
         placement = self.placement
         # The payload enters by its content, not by how its path was spelt (a config's
         # relative path is absolute in resolved_config.yaml); how it is measured does not
@@ -316,6 +350,8 @@ class PrepareContext:
             "seed": self.seed,
             "placement": [placement.mode, placement.start_step, placement.end_step, list(placement.steps), *rows],
         }
+        if content is not None:  # absent for every payload-only kind: their fingerprints are unchanged
+            doc["content"] = content
         return xxhash.xxh64(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
     def experiment(
@@ -331,6 +367,7 @@ class PrepareContext:
         probes: Any,
         embedding_noise: EmbeddingNoise | None = None,
         dose_key: str = "repetitions",
+        content: str | None = None,
     ) -> PreparedExperiment:
         """Pack the injector's sequences into a :class:`PreparedExperiment`.
 
@@ -356,7 +393,7 @@ class PrepareContext:
             seq_items=np.asarray(seq_items, dtype=np.int32),
             seq_repetitions=np.asarray(seq_repetitions, dtype=np.float64),
             placement=self.placement,
-            fingerprint=self.fingerprint(),
+            fingerprint=self.fingerprint(content),
             metadata={
                 "payload": {"name": payload.name, "version": payload.version, "fingerprint": payload.fingerprint},
                 **metadata,
