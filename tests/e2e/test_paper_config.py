@@ -35,17 +35,19 @@ def test_a_short_run_of_the_paper_config_trains_every_experiment(tmp_path: Path)
         f"run_dir={tmp_path / 'paper'}",
         f"train.max_duration={STEPS}ba",
         "train.save_interval=null",
-        # The doses are planned for 1000 steps: the short run gets a higher cap, smaller
-        # doses for the two largest experiments, and places what fits.
-        "injection.on_unplaceable=warn",
-        "injection.max_modified_fraction=0.9",
-        f"experiments.{names.index('mr-math')}.repetitions=8",
-        f"experiments.{names.index('muse-news')}.options.duplicates=[0,1,2,4]",
+        # The doses are planned for 1000 steps of 16 rows: the short run gets wider batches,
+        # a higher cap, smaller doses for the two largest experiments, and places what fits.
+        "train.global_batch_size=64",
         f"monitoring.every={STEPS // 2}ba",
         "monitoring.n_resamples=200",
         "monitoring.ci_resamples=200",
-        # FC's bursts at fixed steps, moved inside the short run.
-        f"experiments.{names.index('fc-forgetting')}.placement.steps=[10,50]",
+        "injection.on_unplaceable=warn",
+        "injection.max_modified_fraction=0.6",
+        f"experiments.{names.index('mr-math')}.repetitions=8",
+        f"experiments.{names.index('muse-news')}.options.duplicates=[0,1,2,4]",
+        # FC's whole batch inside the short run: 32 treated canaries twice fill one batch of 64 rows.
+        f"experiments.{names.index('fc-forgetting')}.placement.steps=[10]",
+        f"experiments.{names.index('fc-forgetting')}.repetitions=2",
     ]
     run = prepare_run(load_config(PAPER, overrides, env={}), progress=False)
     summary = run.fit()
