@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -146,6 +147,24 @@ def placements(table: pa.Table) -> list[tuple]:
     return sorted(
         tuple(str(row[c]) if c in ("experiment", "item") else row[c] for c in PLACEMENT_COLUMNS) for row in plain
     )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launcher's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_cli_ranks(args: Sequence[str], *, cwd: Path, processes: int = 2, timeout: int = 600) -> tuple[int, str]:
+    """Run ``python -m multirun ARGS`` under Composer's launcher with ``processes`` processes
+    (gloo on CPU); return the exit code and the ranks' stderr logs (``cwd/err_{rank}.log``)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    launcher = [sys.executable, "-m", "composer.cli.launcher", "-n", str(processes)]
+    launcher += ["--master_port", str(free_port()), "--stdout", str(cwd / "out_{rank}.log")]
+    launcher += ["--stderr", str(cwd / "err_{rank}.log"), "-m", "multirun", *args]
+    done = subprocess.run(launcher, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return done.returncode, "".join(p.read_text() for p in sorted(cwd.glob("err_*.log")))
 
 
 def read_json(path: Path) -> Any:

@@ -4,10 +4,6 @@ the same global batch inject the same spans into the same samples as one process
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +13,9 @@ from multirun.ledger import Ledger
 from multirun.measure.runner import read_metrics
 from multirun.measure.stats import TEST_RATES
 from multirun.run_dir import read_jsonl
-from tests.support import REPO, make_dataset, make_payloads, placements, run_cli, run_config
+from tests.support import make_dataset, make_payloads, placements, run_cli, run_cli_ranks, run_config
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_two_ranks_inject_what_one_rank_injects(tmp_path: Path) -> None:
@@ -51,30 +41,10 @@ def test_two_ranks_inject_what_one_rank_injects(tmp_path: Path) -> None:
     single = run_cli(["train", str(config), "--no-progress", "--run-dir", str(tmp_path / "one")], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    launcher = [
-        sys.executable,
-        "-m",
-        "composer.cli.launcher",
-        "-n",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "--stdout",
-        str(tmp_path / "out_{rank}.log"),
-        "--stderr",
-        str(tmp_path / "err_{rank}.log"),
-        "-m",
-        "multirun",
-        "train",
-        str(config),
-        "--no-progress",
-        "--run-dir",
-        str(tmp_path / "two"),
-    ]
-    double = subprocess.run(launcher, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("err_*.log")))
-    assert double.returncode == 0, logs[-4000:]
+    code, logs = run_cli_ranks(
+        ["train", str(config), "--no-progress", "--run-dir", str(tmp_path / "two")], cwd=tmp_path
+    )
+    assert code == 0, logs[-4000:]
 
     one, two = Ledger.open(tmp_path / "one"), Ledger.open(tmp_path / "two")
     two.check_integrity()
@@ -119,27 +89,8 @@ def test_two_ranks_run_the_interaction_tests_of_one_rank(tmp_path: Path) -> None
 
     single = run_cli([*args, "--out", str(tmp_path / "one")], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    launcher = [
-        sys.executable,
-        "-m",
-        "composer.cli.launcher",
-        "-n",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "--stdout",
-        str(tmp_path / "out_{rank}.log"),
-        "--stderr",
-        str(tmp_path / "err_{rank}.log"),
-        "-m",
-        "multirun",
-        *args,
-        "--out",
-        str(tmp_path / "two"),
-    ]
-    double = subprocess.run(launcher, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert double.returncode == 0, "".join(p.read_text() for p in sorted(tmp_path.glob("err_*.log")))[-4000:]
+    code, logs = run_cli_ranks([*args, "--out", str(tmp_path / "two")], cwd=tmp_path)
+    assert code == 0, logs[-4000:]
 
     one = json.loads((tmp_path / "one" / "matrix.json").read_text())
     two = json.loads((tmp_path / "two" / "matrix.json").read_text())

@@ -27,7 +27,7 @@ from multirun.ledger import Ledger, token_hash
 from multirun.run.trainer import TrainingRun, prepare_run
 from multirun.run_dir import read_jsonl
 from tests.helpers_payload import write_payload
-from tests.support import REPO, CaptureBatches, as_numpy, placements, run_config
+from tests.support import REPO, CaptureBatches, as_numpy, placements, run_cli_ranks, run_config
 
 pytestmark = pytest.mark.e2e
 
@@ -285,3 +285,18 @@ def test_ledger_command_reads_the_removals(
     assert main(["report", str(run.run_dir)]) == 0
     report = (run.run_dir / "report" / "report.md").read_text()
     assert "| experiment | removed spans |" in report and f"| forget | {spans} |" in report
+
+
+def test_two_ranks_remove_what_one_rank_removes(runs: list[tuple[TrainingRun, CaptureBatches]]) -> None:
+    # Invariant 3 for removals: each rank scans its own rows, and the removals ledger (global
+    # rows, sample ids, offsets, hashes) equals the single process's.
+    first, _ = runs[0]
+    tmp = first.run_dir.parent
+    config = _config(tmp, "ranks")
+    code, logs = run_cli_ranks(["train", str(config), "--no-progress"], cwd=tmp)
+    assert code == 0, logs[-4000:]
+    two = Ledger.open_removals(tmp / "ranks")
+    two.check_integrity()
+    assert set(two.table.column("rank").to_pylist()) == {0, 1}  # both ranks removed and wrote shards
+    for read in (Ledger.open_removals, Ledger.open):
+        assert placements(read(tmp / "ranks").table) == placements(read(first.run_dir).table)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -41,7 +40,7 @@ from multirun.plan.run_plan import RunPlan, build_run_plan
 from multirun.run.inputs import run_tokenizer
 from multirun.run_dir import read_jsonl
 from multirun.types import BatchGeometry
-from tests.support import REPO, placements, read_json, run_cli
+from tests.support import REPO, free_port, placements, read_json, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -131,7 +130,7 @@ def _train(
     }
     launcher: list[str] = []
     if processes > 1:
-        launcher = ["-m", "composer.cli.launcher", "-n", str(processes), "--master_port", str(_free_port())]
+        launcher = ["-m", "composer.cli.launcher", "-n", str(processes), "--master_port", str(free_port())]
         launcher += ["--stdout", str(root / "out_{rank}.log"), "--stderr", str(root / "err_{rank}.log")]
     return subprocess.run(
         [sys.executable, *launcher, "-m", "llmfoundry.cli.cli", "train", str(config), *overrides],
@@ -141,12 +140,6 @@ def _train(
         text=True,
         timeout=600,
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _tail(done: subprocess.CompletedProcess) -> str:
