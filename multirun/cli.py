@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -31,24 +30,27 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from multirun.cli_tables import (
+    console,
+    print_effects,
+    print_interaction,
+    print_ledger_summary,
+    print_plan,
+    print_rows,
+    print_summary,
+)
 from multirun.errors import InputError, MultirunError
 from multirun.run_dir import RunDir
 
 if TYPE_CHECKING:  # the commands import their stages lazily, so that `multirun --help` starts fast
-    import pyarrow as pa
-
     from multirun.config import LoadedConfig
     from multirun.data.tokenizers import Tokenizer
-    from multirun.interaction.arms import InteractionResult
     from multirun.kinds.experiments import PayloadCheck
-    from multirun.plan.run_plan import RunPlan
 
 # Piped into a log file, rich would fold every table into 80 columns, and a log has no
 # width to fit: there, tables take the width they need (up to 240 columns) unless
 # COLUMNS says otherwise.
-console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 240)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -219,18 +221,18 @@ def _train(args: argparse.Namespace) -> int:
     loaded = load_config(args.config, args.overrides)
     run = prepare_run(loaded, overwrite=args.overwrite, progress=not args.no_progress, run_dir=args.run_dir)
     if dist.get_global_rank() == 0:
-        _print_plan(run.plan)
+        print_plan(run.plan)
     summary = run.fit()
     run.close()
     if dist.get_global_rank() == 0 and summary:
-        _print_summary(summary)
+        print_summary(summary)
     if loaded.config.interaction.after != "none" and RunDir(run.run_dir).interaction_trigger.exists():
         from multirun.interaction.arms import run_interaction
 
         console.print(f"interaction tests from the checkpoint of interaction.after={loaded.config.interaction.after}:")
         result = run_interaction(run.run_dir, progress=not args.no_progress)
         if dist.get_global_rank() == 0:
-            _print_interaction(result)
+            print_interaction(result)
     if dist.get_global_rank() == 0 and summary:
         from multirun.report import build_report
 
@@ -277,7 +279,7 @@ def _check(args: argparse.Namespace) -> int:
         else:  # someone else's warning: as Python would show it
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     check_model(loaded, tokenizer, dataset.sequence_length)
-    _print_plan(parts.plan)
+    print_plan(parts.plan)
     console.print("[green]config, model, payloads, placement, monitors and controllers are valid[/]")
     return 0
 
@@ -295,7 +297,7 @@ def _check_foundry(args: argparse.Namespace) -> int:
     )
     for note in result.notes:
         console.print(f"  {note}", highlight=False)
-    _print_plan(result.parts.plan)
+    print_plan(result.parts.plan)
     heldout = result.parts.monitors.heldout
     if heldout is not None:
         console.print(f"held-out loss on {len(heldout)} rows of {heldout.shape[1]} tokens", highlight=False)
@@ -347,11 +349,11 @@ def _ledger(args: argparse.Namespace) -> int:
         return 0
     if filtered:
         table = ledger.query(experiment=args.experiment, item=args.item, steps=steps, rank=args.rank)
-        _print_rows(table, args.limit)
+        print_rows(table, args.limit)
         return 0
     total = _tokens_trained(Path(args.run_dir))
     title = "removals ledger: removed spans per experiment" if args.removals else None
-    _print_ledger_summary(ledger.summary(total_training_tokens=total), title=title)
+    print_ledger_summary(ledger.summary(total_training_tokens=total), title=title)
     return 0
 
 
@@ -374,52 +376,11 @@ def _interact(args: argparse.Namespace) -> int:
         args.run_dir, checkpoint=args.checkpoint, overrides=overrides, out_dir=args.out, progress=not args.no_progress
     )
     if dist.get_global_rank() == 0:
-        _print_interaction(result)
+        print_interaction(result)
         if args.out is None:
             report = build_report(args.run_dir)
             console.print(f"report: [bold]{report.html}[/]")
     return 0
-
-
-def _print_interaction(result: InteractionResult) -> None:
-    from multirun.measure.stats import format_p
-
-    matrix = result.matrix
-    console.print(
-        f"{len(result.arms)} arms x {matrix.get('steps')} steps from step {result.start_step} "
-        f"({result.checkpoint}) in {result.seconds:.0f} s"
-    )
-    from multirun.report.sections import INTERACTION_ALPHA_KEY
-
-    alpha = matrix.get("alpha")
-    at = f"alpha {alpha:g} from {INTERACTION_ALPHA_KEY}" if isinstance(alpha, (int, float)) else INTERACTION_ALPHA_KEY
-    table = Table(
-        title="interaction matrix: change in each experiment's treated-control gap (vs the baseline arm); "
-        f"verdict at {at}, Holm within each family"
-    )
-    for column in ("arm", "measured", "verdict", "p (Holm)", "p", "effect", "95% CI"):
-        table.add_column(column, justify="right" if column in ("effect", "95% CI", "p", "p (Holm)") else "left")
-    for c in matrix["cells"]:
-        if "error" in c:
-            table.add_row(c["arm"], c["experiment"], f"[red]{c['error']}[/]")
-            continue
-        if c["significant"]:
-            # Off the diagonal a significant cell is an interaction; on it, the experiment's own effect.
-            verdict = "[red]significant (interaction)[/]" if c["family"] == "off_diagonal" else "[green]significant[/]"
-        else:
-            verdict = "not significant"
-        table.add_row(
-            c["arm"],
-            f"{c['experiment']}" + (" (own)" if c["diagonal"] else ""),
-            verdict,
-            format_p(c.get("p_holm")) if c.get("p_holm") is not None else "",
-            format_p(c.get("p_value")),
-            _sig(c.get("effect")),
-            f"[{_sig(c.get('ci_low'))}, {_sig(c.get('ci_high'))}]",
-        )
-    console.print(table)
-    console.print(f"[bold]{matrix['verdict']}[/]")
-    console.print(f"matrix: {result.out_dir / 'matrix.json'} and matrix.csv")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -444,7 +405,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         highlight=False,
     )
     if summary["effects"]:
-        _print_effects(summary["effects"], alpha=summary["alpha"])
+        print_effects(summary["effects"], alpha=summary["alpha"])
     if summary["heldout_loss"] is not None:
         console.print(f"held-out loss: {summary['heldout_loss']:.4f} nats/token")
     console.print(f"written to [bold]{result.folder}[/] (metrics.jsonl, summary.json)")
@@ -698,129 +659,6 @@ def _load_tokenizer(spec: str) -> Tokenizer:
     return load_tokenizer("bytes") if spec == "bytes" else load_tokenizer("huggingface", spec)
 
 
-# ------------------------------------------------------------------ printing
-def _print_plan(plan: RunPlan) -> None:
-    geometry = plan.geometry
-    table = Table(
-        title=f"plan: {geometry.num_steps} steps x {geometry.global_batch_size} rows x {geometry.sequence_length} tokens"
-    )
-    for column in ("experiment", "kind", "treated", "control", "spans", "tokens", "share", "steps"):
-        table.add_column(column, justify="right" if column not in ("experiment", "kind") else "left")
-    for entry in plan.manifest()["experiments"]:
-        placement = entry["placement"]
-        table.add_row(
-            entry["name"],
-            entry["kind"],
-            str(entry["treated_items"]),
-            str(entry["control_items"]),
-            str(entry["planned_spans"]),
-            str(entry["planned_tokens"]),
-            f"{entry['planned_tokens'] / max(geometry.total_tokens, 1):.4%}",
-            f"{placement['start_step']}-{placement['end_step']}",
-        )
-    console.print(table)
-
-
-def _print_summary(summary: dict) -> None:
-    console.print(f"trained {summary['steps_trained']} steps, {summary['tokens_trained']:,} tokens")
-    _print_ledger_summary(summary["experiments"])
-    if summary.get("effects"):
-        _print_effects(summary["effects"], alpha=summary.get("alpha", 0.01))
-    if summary.get("heldout_loss") is not None:
-        console.print(f"held-out loss at the end: {summary['heldout_loss']:.4f} nats/token")
-    missed = {k: v for k, v in summary.get("missed_spans", {}).items() if v}
-    if missed:
-        console.print(f"[yellow]spans that found no row (short batches): {missed}[/]")
-
-
-def _print_ledger_summary(rows: list[dict], title: str | None = None) -> None:
-    table = Table(title=title or "ledger: injected spans per experiment")
-    columns = ("experiment", "spans", "tokens", "share", "items", "exposures/item", "first step", "last step")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "experiment" else "right")
-    for row in rows:
-        exposures = row.get("exposures_per_item") or {}
-        share = row.get("share_of_training_tokens")
-        table.add_row(
-            str(row["experiment"]),
-            str(row["spans"]),
-            str(row["tokens"]),
-            "-" if share is None else f"{share:.4%}",
-            str(row.get("items_exposed")),
-            f"{exposures.get('min', '-')}/{_fmt(exposures.get('mean'))}/{exposures.get('max', '-')}",
-            str(row.get("first_step")),
-            str(row.get("last_step")),
-        )
-    console.print(table)
-
-
-def _print_effects(effects: list[dict], *, alpha: float) -> None:
-    """Each experiment's metrics against its controls: verdict and p-values first, as in the report."""
-    from multirun.measure.stats import format_p
-    from multirun.report.sections import MONITORING_ALPHA_KEY, verdict_of
-
-    table = Table(
-        title=f"effects against never-injected controls (verdict at alpha {alpha:g} from {MONITORING_ALPHA_KEY}, "
-        "on the Holm-corrected p; without one, on the raw p, marked uncorrected)"
-    )
-    for column in (
-        "experiment",
-        "metric",
-        "group",
-        "verdict",
-        "p (Holm)",
-        "p",
-        "effect",
-        "95% CI",
-        "treated",
-        "control",
-    ):
-        table.add_column(column, justify="left" if column in ("experiment", "metric", "group", "verdict") else "right")
-    for r in effects:
-        if "error" in r:
-            table.add_row(r["experiment"], r.get("monitor", ""), "", f"[red]failed: {r['error']}[/]")
-            continue
-        holm = r.get("p_holm")
-        text, cls = verdict_of(holm, r.get("p_value"), alpha)
-        table.add_row(
-            r["experiment"],
-            r["metric"],
-            r.get("group") or "",
-            f"[green]{text}[/]" if cls == "sig" else text,
-            format_p(holm) if holm is not None else "",
-            format_p(r.get("p_value")),
-            _fmt(r.get("effect")),
-            f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]",
-            _fmt(r.get("treated_mean")),
-            _fmt(r.get("control_mean")),
-        )
-    console.print(table)
-
-
-def _print_rows(table: pa.Table, limit: int) -> None:
-    # The columns docs/ledger.md explains; export for all of them (local_row, arm, row_fingerprint...).
-    columns = [
-        "step",
-        "rank",
-        "global_row",
-        "sample_id",
-        "offset",
-        "length",
-        "experiment",
-        "item",
-        "sequence",
-        "repetition",
-        "token_hash",
-    ]
-    out = Table(title=f"{table.num_rows} matching spans" + (f" (first {limit})" if table.num_rows > limit else ""))
-    for column in columns:
-        out.add_column(column)
-    head = table.slice(0, limit).to_pylist()
-    for row in head:
-        out.add_row(*(str(row[c]) for c in columns))
-    console.print(out)
-
-
 def _parse_steps(text: str) -> tuple[int, int]:
     try:
         lo, hi = text.split(":")
@@ -834,15 +672,6 @@ def _tokens_trained(run_dir: Path) -> int | None:
     if summary.exists():
         return int(json.loads(summary.read_text())["tokens_trained"])
     return None
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _sig(value: float | None) -> str:
-    """Three significant digits: interaction effects are often far below 0.01."""
-    return "-" if value is None else f"{value:.3g}"
 
 
 if __name__ == "__main__":

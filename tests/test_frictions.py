@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multirun.cli import _print_effects, _print_interaction, main
+from multirun.cli import main
+from multirun.cli_tables import print_effects, print_interaction
 from multirun.errors import ConfigError as ConfigErrorType
 from multirun.ledger import LedgerWriter
 from multirun.report import plots
@@ -82,7 +83,7 @@ def _effect(p_holm: float | None, p_value: float) -> dict:
 
 
 def test_cli_effects_say_significant_or_not_and_the_alpha_with_its_key(capsys: pytest.CaptureFixture[str]) -> None:
-    _print_effects([_effect(0.5, 0.4), _effect(0.001, 0.001), _effect(None, 0.004)], alpha=0.01)
+    print_effects([_effect(0.5, 0.4), _effect(0.001, 0.001), _effect(None, 0.004)], alpha=0.01)
     out = " ".join(capsys.readouterr().out.split())
     assert "no effect" not in out  # a test that does not reject does not show absence
     assert "not significant" in out and "significant (uncorrected)" in out
@@ -107,7 +108,7 @@ def test_cli_interaction_names_its_alpha_and_the_same_wording(
     result = InteractionResult(
         out_dir=tmp_path, checkpoint=tmp_path / "c.pt", start_step=8, arms={"all": ("facts",)}, matrix=matrix, seconds=1
     )
-    _print_interaction(result)
+    print_interaction(result)
     out = " ".join(capsys.readouterr().out.split())
     assert "alpha 0.05 from interaction.alpha" in out
     assert "not significant" in out and "significant (interaction)" in out
