@@ -46,14 +46,13 @@ target), controls included, must fit the sequence length.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from multirun.errors import PayloadError
 from multirun.kinds.probes import KnowledgeProbes
-from multirun.kinds.sdk import PrepareContext, is_blank
+from multirun.kinds.sdk import PrepareContext, is_blank, read_string_pairs
 from multirun.types import PreparedExperiment
 
 if TYPE_CHECKING:
@@ -78,23 +77,7 @@ def _check_texts(texts: list[Any], *, file: Path, line: int) -> list[str]:
 def _check_probes(probes: list[Any], *, file: Path, line: int) -> list[tuple[str, str]]:
     if not probes:
         raise PayloadError("needs at least one probe {question, target}", file=file, line=line, key="probes")
-    out: list[tuple[str, str]] = []
-    for j, p in enumerate(probes):
-        key = f"probes[{j}]"
-        if not isinstance(p, Mapping):
-            raise PayloadError(f"must be an object {{question, target}}, got {p!r}", file=file, line=line, key=key)
-        extra = sorted(set(p) - {"question", "target"})
-        if extra:
-            raise PayloadError(f"unknown key {extra[0]!r} (allowed: question, target)", file=file, line=line, key=key)
-        for name in ("question", "target"):
-            if name not in p:
-                raise PayloadError("required key is missing", file=file, line=line, key=f"{key}.{name}")
-            if not isinstance(p[name], str) or is_blank(p[name]):
-                raise PayloadError(
-                    f"must be a non-empty string, got {p[name]!r}", file=file, line=line, key=f"{key}.{name}"
-                )
-        out.append((p["question"], p["target"]))
-    return out
+    return read_string_pairs(probes, ("question", "target"), key="probes", file=file, line=line)
 
 
 class KnowledgeInjector:

@@ -57,14 +57,13 @@ a text too short for the verbatim probe.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from multirun.errors import ConfigError, PayloadError
 from multirun.kinds.probes import MuseProbes
-from multirun.kinds.sdk import PrepareContext, RandomStream, group_label, is_blank
+from multirun.kinds.sdk import PrepareContext, RandomStream, group_label, read_string_pairs
 from multirun.types import PreparedExperiment
 
 if TYPE_CHECKING:
@@ -140,25 +139,7 @@ def _check_qa(qa: Any, *, file: Path, line: int) -> list[tuple[str, str]]:
         raise PayloadError(
             f"must be a list of {{question, answer}} objects, got {type(qa).__name__}", file=file, line=line, key="qa"
         )
-    out: list[tuple[str, str]] = []
-    for j, pair in enumerate(qa):
-        key = f"qa[{j}]"
-        if not isinstance(pair, Mapping):
-            raise PayloadError(
-                f"must be an object {{question, answer}}, got {pair!r:.60}", file=file, line=line, key=key
-            )
-        extra = sorted(str(k) for k in set(pair) - {"question", "answer"})
-        if extra:
-            raise PayloadError(f"unknown key {extra[0]!r} (allowed: question, answer)", file=file, line=line, key=key)
-        for name in ("question", "answer"):
-            if name not in pair:
-                raise PayloadError("required key is missing", file=file, line=line, key=f"{key}.{name}")
-            if not isinstance(pair[name], str) or is_blank(pair[name]):
-                raise PayloadError(
-                    f"must be a non-empty string, got {pair[name]!r:.60}", file=file, line=line, key=f"{key}.{name}"
-                )
-        out.append((pair["question"], pair["answer"]))
-    return out
+    return read_string_pairs(qa, ("question", "answer"), key="qa", file=file, line=line)
 
 
 class MuseInjector:

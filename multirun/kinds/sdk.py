@@ -53,6 +53,7 @@ __all__ = [
     "is_blank",
     "pack_sequences",
     "read_items",
+    "read_string_pairs",
     "split_arms",
     "stream_rng",
 ]
@@ -135,6 +136,41 @@ def is_blank(text: str) -> bool:
         (True, False)
     """
     return all(unicodedata.category(c) in _INVISIBLE for c in text)
+
+
+def read_string_pairs(
+    values: Sequence[Any], names: tuple[str, str], *, key: str, file: Path, line: int
+) -> list[tuple[str, str]]:
+    """``values``, a list of objects with exactly the two non-blank string keys ``names``,
+    as ``(first, second)`` tuples (knowledge's probes, muse's questions and answers).
+
+    A :class:`~multirun.errors.PayloadError` names ``file``, ``line`` and the key
+    (``key[j]`` or ``key[j].name``) of the first problem.
+
+    Example:
+        >>> read_string_pairs([{"q": "Who?", "a": "Ada"}], ("q", "a"), key="qa", file=Path("x.jsonl"), line=3)
+        [('Who?', 'Ada')]
+    """
+    first, second = names
+    out: list[tuple[str, str]] = []
+    for j, pair in enumerate(values):
+        at = f"{key}[{j}]"
+        if not isinstance(pair, Mapping):
+            raise PayloadError(
+                f"must be an object {{{first}, {second}}}, got {pair!r:.60}", file=file, line=line, key=at
+            )
+        extra = sorted(str(k) for k in set(pair) - set(names))
+        if extra:
+            raise PayloadError(f"unknown key {extra[0]!r} (allowed: {first}, {second})", file=file, line=line, key=at)
+        for name in names:
+            if name not in pair:
+                raise PayloadError("required key is missing", file=file, line=line, key=f"{at}.{name}")
+            if not isinstance(pair[name], str) or is_blank(pair[name]):
+                raise PayloadError(
+                    f"must be a non-empty string, got {pair[name]!r:.60}", file=file, line=line, key=f"{at}.{name}"
+                )
+        out.append((pair[first], pair[second]))
+    return out
 
 
 def encode_sequence(tokenizer: Tokenizer, text: str, *, wrap_eos: bool) -> list[int]:
