@@ -69,7 +69,7 @@ from multirun.errors import ConfigError, PayloadError
 from multirun.kinds.probes import MemorizationProbes
 from multirun.kinds.sdk import group_label
 from multirun.measure.live_model import LiveModel, MetricScores, TestKind
-from multirun.measure.membership import DEFAULT_FPR, membership_scores
+from multirun.measure.membership import DEFAULT_FPR, membership_options, membership_scores
 from multirun.measure.stats import exposures
 from multirun.types import PreparedExperiment
 
@@ -110,7 +110,7 @@ def parse_monitor_options(options: Mapping[str, Any]) -> MemorizationOptions:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"must be an integer >= 1, got {k!r}", key="monitor.options.k")
     flags = {}
-    for name, default in (("exact_match", True), ("exposure", True), ("membership", True)):
+    for name, default in (("exact_match", True), ("exposure", True)):
         value = options.get(name, default)
         if not isinstance(value, bool):
             raise ConfigError(f"must be true or false, got {value!r}", key=f"monitor.options.{name}")
@@ -118,20 +118,15 @@ def parse_monitor_options(options: Mapping[str, Any]) -> MemorizationOptions:
     anchor = options.get("anchor", "end")
     if anchor not in ("end", "start"):
         raise ConfigError(f"must be 'end' or 'start', got {anchor!r}", key="monitor.options.anchor")
-    score = options.get("membership_score", "loss")
-    if score not in ("loss", "zlib"):
-        raise ConfigError(f"must be 'loss' or 'zlib', got {score!r}", key="monitor.options.membership_score")
-    fpr = options.get("fpr", DEFAULT_FPR)
-    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
-        raise ConfigError(f"must be a number in (0, 1), got {fpr!r}", key="monitor.options.fpr")
+    membership = membership_options(options)
     return MemorizationOptions(
         k=k,
         exact_match=flags["exact_match"],
         anchor=anchor,
         exposure=flags["exposure"],
-        membership=flags["membership"],
-        membership_score=score,
-        fpr=float(fpr),
+        membership=membership.enabled,
+        membership_score=membership.score,
+        fpr=membership.fpr,
     )
 
 

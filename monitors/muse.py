@@ -42,7 +42,7 @@ from multirun.data.tokenizers import Tokenizer
 from multirun.errors import ConfigError, PayloadError
 from multirun.kinds.probes import MuseProbes
 from multirun.measure.live_model import LiveModel, MetricScores, TestKind
-from multirun.measure.membership import DEFAULT_FPR, membership_scores
+from multirun.measure.membership import DEFAULT_FPR, membership_options, membership_scores
 from multirun.types import PreparedExperiment
 
 __all__ = ["MuseMonitor", "MuseOptions", "lcs_length", "parse_monitor_options", "rouge_l_f1"]
@@ -115,21 +115,13 @@ def parse_monitor_options(options: Mapping[str, Any]) -> MuseOptions:
     for name in options:
         if name not in _OPTIONS:
             raise ConfigError(f"unknown option (allowed: {', '.join(_OPTIONS)})", key=f"monitor.options.{name}")
-    membership = options.get("membership", True)
-    if not isinstance(membership, bool):
-        raise ConfigError(f"must be true or false, got {membership!r}", key="monitor.options.membership")
-    score = options.get("membership_score", "loss")
-    if score not in ("loss", "zlib"):
-        raise ConfigError(f"must be 'loss' or 'zlib', got {score!r}", key="monitor.options.membership_score")
-    fpr = options.get("fpr", DEFAULT_FPR)
-    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
-        raise ConfigError(f"must be a number in (0, 1), got {fpr!r}", key="monitor.options.fpr")
+    membership = membership_options(options)
     return MuseOptions(
         k=_positive_int(options, "k", 32),
         length=_positive_int(options, "length", 32),
-        membership=membership,
-        membership_score=score,
-        fpr=float(fpr),
+        membership=membership.enabled,
+        membership_score=membership.score,
+        fpr=membership.fpr,
     )
 
 

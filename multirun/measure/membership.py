@@ -40,13 +40,15 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats as _st
 
+from multirun.errors import ConfigError
 from multirun.measure.stats import (
     Alternative,
     EffectResult,
@@ -59,10 +61,12 @@ from multirun.measure.stats import (
 __all__ = [
     "DEFAULT_FPR",
     "EXACT_MAX_ITEMS",
+    "MembershipOptions",
     "MembershipStatistic",
     "ScoreKind",
     "auc",
     "compare_membership",
+    "membership_options",
     "membership_scores",
     "tpr_at_fpr",
 ]
@@ -74,6 +78,37 @@ EXACT_MAX_ITEMS = 200
 
 MembershipStatistic = Literal["auc", "tpr"]
 ScoreKind = Literal["loss", "zlib"]
+
+
+@dataclass(frozen=True)
+class MembershipOptions:
+    """The membership-inference options of a monitor (``monitor.options``): whether to
+    report ``mia_auc``/``mia_tpr``, the attack's score and the false-positive rate."""
+
+    enabled: bool = True
+    score: ScoreKind = "loss"
+    fpr: float = DEFAULT_FPR
+
+
+def membership_options(options: Mapping[str, Any]) -> MembershipOptions:
+    """``membership``, ``membership_score`` and ``fpr`` read from a monitor's options, the
+    same for every kind that reports membership inference.
+
+    Example:
+        >>> membership_options({"membership_score": "zlib"})
+        MembershipOptions(enabled=True, score='zlib', fpr=0.01)
+    """
+    enabled = options.get("membership", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"must be true or false, got {enabled!r}", key="monitor.options.membership")
+    score = options.get("membership_score", "loss")
+    if score not in ("loss", "zlib"):
+        raise ConfigError(f"must be 'loss' or 'zlib', got {score!r}", key="monitor.options.membership_score")
+    fpr = options.get("fpr", DEFAULT_FPR)
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
+        raise ConfigError(f"must be a number in (0, 1), got {fpr!r}", key="monitor.options.fpr")
+    return MembershipOptions(enabled=enabled, score=cast(ScoreKind, score), fpr=float(fpr))
+
 
 TEST_AUC = "Mann-Whitney U (AUC)"
 TEST_TPR = "negative hypergeometric (TPR at FPR)"
