@@ -31,6 +31,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,24 @@ class MarkedSpan:
     token_hash: int
     tokens: np.ndarray
     replaced: np.ndarray
+
+    @classmethod
+    def of_ledger_row(
+        cls, span: dict[str, Any], names: list[str], *, tokens: np.ndarray, replaced: np.ndarray
+    ) -> MarkedSpan:
+        """The span a ledger (or removals ledger) row describes, with its written and replaced tokens."""
+        return cls(
+            experiment=span["experiment"],
+            experiment_index=names.index(span["experiment"]),
+            item=span["item"],
+            sequence=int(span["sequence"]),
+            repetition=int(span["repetition"]),
+            offset=int(span["offset"]),
+            length=int(span["length"]),
+            token_hash=int(span["token_hash"]),
+            tokens=tokens,
+            replaced=replaced,
+        )
 
     @property
     def end(self) -> int:
@@ -210,18 +229,7 @@ def view_step(run_dir: str | os.PathLike[str], step: int, *, contents: RunConten
         if token_hash(trained[row, start:end]) != span["token_hash"]:
             raise BatchViewError(f"{where}: the written tokens do not hash to the ledger's token_hash")
         by_row.setdefault(row, []).append(
-            MarkedSpan(
-                experiment=span["experiment"],
-                experiment_index=names.index(span["experiment"]),
-                item=span["item"],
-                sequence=int(span["sequence"]),
-                repetition=int(span["repetition"]),
-                offset=start,
-                length=end - start,
-                token_hash=int(span["token_hash"]),
-                tokens=written,
-                replaced=tokens[row, start:end].copy(),
-            )
+            MarkedSpan.of_ledger_row(span, names, tokens=written, replaced=tokens[row, start:end].copy())
         )
     _apply_removals(root, step, contents, trained, ids, fingerprints, by_row, names)
     rows = tuple(
@@ -271,21 +279,7 @@ def _apply_removals(
         if token_hash(written) != span["token_hash"]:
             raise BatchViewError(f"{where}: the replacement does not hash to the removals ledger's token_hash")
         kept = [s for s in by_row.get(row, []) if s.end <= start or s.offset >= end]
-        by_row[row] = [
-            *kept,
-            MarkedSpan(
-                experiment=span["experiment"],
-                experiment_index=names.index(span["experiment"]),
-                item=span["item"],
-                sequence=int(span["sequence"]),
-                repetition=int(span["repetition"]),
-                offset=start,
-                length=end - start,
-                token_hash=int(span["token_hash"]),
-                tokens=written,
-                replaced=replaced,
-            ),
-        ]
+        by_row[row] = [*kept, MarkedSpan.of_ledger_row(span, names, tokens=written, replaced=replaced)]
 
 
 def _world_size(contents: RunContents) -> int:
