@@ -233,6 +233,8 @@ def sample_ids_of(batch: Any) -> np.ndarray | None:
     if (type(batch) is dict or isinstance(batch, Mapping)) and SAMPLE_ID_KEY in batch:
         ids = batch[SAMPLE_ID_KEY]
         host = _host_array(ids) if isinstance(ids, torch.Tensor) else np.asarray(torch.as_tensor(ids).numpy())
+        if host.dtype == np.int64 and host.ndim == 1:  # the usual case: nothing to convert
+            return host
         return host.astype(np.int64, copy=False).reshape(-1)
     return None
 

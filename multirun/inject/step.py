@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from multirun.inject.batch import RowMap, flat_token_positions
+from multirun.inject.batch import RowMap, flat_token_positions, row_fingerprints
 from multirun.inject.noise import NoisedSpan, noised_spans
 from multirun.plan.run_plan import RunPlan
 from multirun.types import SPAN_COLUMNS, EmbeddingNoise, SpanTable
@@ -175,6 +175,8 @@ def plan_step(
 WINDOW_TOKENS = 1 << 20
 #: At most this many steps per window (a dynamic decision re-prepares from the next step).
 WINDOW_STEPS = 1024
+#: Bytes of overwritten rows an :class:`InjectionLog` keeps before hashing them in one pass.
+PENDING_ROW_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -419,6 +421,17 @@ def _steps_of(spans: SpanTable, first: int, end: int) -> SpanTable:
     return spans.take(slice(lo, hi))
 
 
+@dataclass(slots=True)
+class _Recorded:
+    """One step's spans in an :class:`InjectionLog`: the overwritten rows' fingerprints, or
+    (until they are hashed in bulk) a copy of those rows as the data gave them."""
+
+    spans: StepSpans
+    sample_ids: np.ndarray
+    row_fingerprints: np.ndarray | None
+    original_rows: np.ndarray | None
+
+
 class InjectionLog:
     """This rank's injected spans, kept per step as what the plan cannot give back
     (the step's spans in a prepared window, their local rows, and the overwritten rows'
@@ -426,37 +439,82 @@ class InjectionLog:
 
     The rows are those that concatenating :meth:`StepInjection.ledger_columns` step by
     step gives, in the same order.
+
+    Args:
+        plan: the run plan.
+        pending_bytes: original rows kept unhashed at most (a memory bound): past it, the
+            kept rows are hashed at once, else at :meth:`drain`.
     """
 
-    def __init__(self, plan: RunPlan) -> None:
+    def __init__(self, plan: RunPlan, *, pending_bytes: int = PENDING_ROW_BYTES) -> None:
         self.plan = plan
-        self._records: list[tuple[StepSpans, np.ndarray, np.ndarray]] = []
+        self.pending_bytes = pending_bytes
+        self._records: list[_Recorded] = []
         self._rows = 0
+        self._unhashed_bytes = 0
 
     def __len__(self) -> int:
         """Span rows recorded since the last :meth:`drain`."""
         return self._rows
 
-    def record(self, spans: StepSpans, *, sample_ids: np.ndarray, row_fingerprints: np.ndarray) -> None:
-        """Keep one step's spans, with each span's row's sample id and original fingerprint."""
-        if len(spans):
-            self._records.append((spans, sample_ids, row_fingerprints))
-            self._rows += len(spans)
+    def record(
+        self,
+        spans: StepSpans,
+        *,
+        sample_ids: np.ndarray,
+        row_fingerprints: np.ndarray | None = None,
+        original_rows: np.ndarray | None = None,
+    ) -> None:
+        """Keep one step's spans, with each span's row's sample id and either that row's
+        original fingerprint or a copy of the original row (``(spans, sequence_length)``),
+        hashed later in bulk: hashing row by row on the training loop's critical path costs
+        more than the copy."""
+        if not len(spans):
+            return
+        if (row_fingerprints is None) == (original_rows is None):
+            raise ValueError("record takes the rows' fingerprints or the original rows, one of the two")
+        self._records.append(_Recorded(spans, sample_ids, row_fingerprints, original_rows))
+        self._rows += len(spans)
+        if original_rows is not None:
+            self._unhashed_bytes += original_rows.nbytes
+            if self._unhashed_bytes > self.pending_bytes:
+                self._hash_kept_rows()
+
+    def _hash_kept_rows(self) -> None:
+        """Fingerprint every kept original row in one pass; a row several consecutive spans
+        of one step overwrite is hashed once."""
+        pending = [r for r in self._records if r.original_rows is not None]
+        self._unhashed_bytes = 0
+        if not pending:
+            return
+        local = np.concatenate([r.spans.local_rows for r in pending])
+        counts = [len(r.spans) for r in pending]
+        first = np.ones(local.shape[0], dtype=bool)
+        first[1:] = local[1:] != local[:-1]
+        first[np.cumsum([0, *counts[:-1]])] = True  # each step's first span hashes its row
+        rows = np.concatenate([r.original_rows for r in pending if r.original_rows is not None])
+        fingerprints = row_fingerprints(rows[first])[np.cumsum(first) - 1]
+        for r, hashes in zip(pending, np.split(fingerprints, np.cumsum(counts[:-1]))):
+            r.row_fingerprints, r.original_rows = hashes, None
 
     def drain(self) -> dict[str, np.ndarray] | None:
         """Keyword arguments of :meth:`multirun.ledger.LedgerWriter.append` for every
         recorded span (None when there are none); the log is then empty."""
         if not self._records:
             return None
+        self._hash_kept_rows()
         records, self._records, self._rows = self._records, [], 0
-        tables = [r[0].spans for r in records]
+        tables = [r.spans.spans for r in records]
         column = {name: np.concatenate([getattr(t, name) for t in tables]) for name in SPAN_COLUMNS}
         experiment, sequence = column["experiment"], column["sequence"]
+        fingerprints = [r.row_fingerprints for r in records if r.row_fingerprints is not None]
         return {
-            "step": np.repeat(np.array([r[0].step for r in records], dtype=np.int64), [len(r[0]) for r in records]),
+            "step": np.repeat(
+                np.array([r.spans.step for r in records], dtype=np.int64), [len(r.spans) for r in records]
+            ),
             "global_row": column["row"],
-            "local_row": np.concatenate([r[0].local_rows for r in records]).astype(np.int32),
-            "sample_id": np.concatenate([r[1] for r in records]),
+            "local_row": np.concatenate([r.spans.local_rows for r in records]).astype(np.int32),
+            "sample_id": np.concatenate([r.sample_ids for r in records]),
             "offset": column["offset"],
             "length": column["length"],
             "experiment": experiment,
@@ -464,5 +522,5 @@ class InjectionLog:
             "sequence": sequence,
             "repetition": column["repetition"],
             "token_hash": self.plan.hashes_of(experiment, sequence),
-            "row_fingerprint": np.concatenate([r[2] for r in records]),
+            "row_fingerprint": np.concatenate(fingerprints).astype(np.uint64),
         }

@@ -268,11 +268,20 @@ class MultirunCallback(Callback):
         work = steps.at(step, lookup, every_row_here=self._world_size == 1)
         if self._boundary is not None and len(work) and plan.eos_token_id is not None:
             work = insert_at_boundaries(work, rows.tokens, self._boundary, plan.eos_token_id)
-        self._record_missed(work.missed, int(lookup.shape[0]))
-        fingerprints = np.empty(0, dtype=np.uint64)
+        if work.missed:
+            self._record_missed(work.missed, int(lookup.shape[0]))
+        injected_rows: dict[int, int] = {}  # local row -> original fingerprint, for a removal
         if len(work):
-            fingerprints = rows.fingerprints_of(work.local_rows)  # before the overwrite
-            self._log.record(work, sample_ids=rows.sample_id[work.local_rows], row_fingerprints=fingerprints)
+            local = work.local_rows
+            # Before the overwrite. Hashing the original rows waits for the log's bulk pass
+            # (one per flush or memory bound, not one per step), unless the fingerprints are
+            # known already (content keys) or this step's removal needs them.
+            if rows.fingerprint is not None or removing:
+                fingerprints = rows.fingerprints_of(local)
+                self._log.record(work, sample_ids=rows.sample_id[local], row_fingerprints=fingerprints)
+                injected_rows = dict(zip(local.tolist(), fingerprints.tolist()))
+            else:
+                self._log.record(work, sample_ids=rows.sample_id[local], original_rows=rows.tokens[local])
             state.batch = write_tokens(
                 batch,
                 rows=work.token_rows,
@@ -287,7 +296,6 @@ class MultirunCallback(Callback):
             logger.log_metrics({"multirun/injected_tokens_rank0": injected})
         if removing:
             # After the injection: removal scans the inserts too (multirun/inject/removal.py).
-            injected_rows = dict(zip(work.local_rows.tolist(), fingerprints.tolist()))
             self._remove(state, rows, lookup, step=step, injected_rows=injected_rows)
         self._injection_seconds += time.perf_counter() - started
 

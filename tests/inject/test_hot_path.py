@@ -88,14 +88,24 @@ def _local_rows(tokens: np.ndarray, ids: np.ndarray | None) -> LocalRows:
     short=st.sampled_from([0, 0, 3]),
     window_tokens=st.sampled_from([1, 200, 1 << 20]),
     dynamic=st.booleans(),
+    pending_bytes=st.sampled_from([None, 0, 3000, 1 << 20]),
 )
 def test_hot_path_injects_and_records_what_plan_step_does(
-    plan: RunPlan, world: int, seed: int, with_ids: bool, short: int, window_tokens: int, dynamic: bool
+    plan: RunPlan,
+    world: int,
+    seed: int,
+    with_ids: bool,
+    short: int,
+    window_tokens: int,
+    dynamic: bool,
+    pending_bytes: int | None,
 ) -> None:
+    """``pending_bytes``: None records each row's fingerprint; else a copy of the original
+    rows, hashed in bulk past that many bytes (0: at once) or at the drain."""
     static, dynamic_spans = _split_plan(plan) if dynamic else (plan, None)
     rows = GLOBAL_BATCH - short
     schedules = [StepSchedule(static, noise_specs=NOISE, window_tokens=window_tokens) for _ in range(world)]
-    logs = [InjectionLog(plan) for _ in range(world)]
+    logs = [InjectionLog(plan, pending_bytes=pending_bytes or 0) for _ in range(world)]
     expected: list[list[dict[str, np.ndarray]]] = [[] for _ in range(world)]
     for step in range(STEPS + 1):  # one step past the plan: nothing to inject there
         ranks = _rank_batches(seed + step, world, rows, with_ids)
@@ -129,7 +139,12 @@ def test_hot_path_injects_and_records_what_plan_step_does(
             assert work.noise() == reference.noise
             fingerprints = here.fingerprints_of(work.local_rows)
             np.testing.assert_array_equal(fingerprints, reference.row_fingerprints)
-            logs[rank].record(work, sample_ids=here.sample_id[work.local_rows], row_fingerprints=fingerprints)
+            if pending_bytes is None:
+                logs[rank].record(work, sample_ids=here.sample_id[work.local_rows], row_fingerprints=fingerprints)
+            else:
+                originals = here.tokens[work.local_rows]  # what the callback keeps: a copy, before the overwrite
+                logs[rank].record(work, sample_ids=here.sample_id[work.local_rows], original_rows=originals)
+                here.tokens[work.local_rows] = -1  # the overwrite must not reach what the log kept
             if len(reference):
                 expected[rank].append(reference.ledger_columns())
     for rank in range(world):
@@ -183,6 +198,18 @@ def test_row_lookup_orders_rows_as_global_rows_does_with_ties_across_ranks() -> 
 def test_a_key_buffer_refuses_more_rows_than_the_batch_size() -> None:
     with pytest.raises(Exception, match="3 rows on one rank, but the dataloader's batch size is 2"):
         key_buffer(np.arange(3), 2)
+
+
+def test_the_log_takes_fingerprints_or_original_rows_never_both_nor_neither(plan: RunPlan) -> None:
+    work = StepSchedule(plan).at(int(plan.spans.step[0]), np.arange(GLOBAL_BATCH), every_row_here=True)
+    ids = np.arange(len(work))
+    rows = np.zeros((len(work), SEQUENCE_LENGTH), np.int64)
+    log = InjectionLog(plan)
+    with pytest.raises(ValueError, match="one of the two"):
+        log.record(work, sample_ids=ids)
+    with pytest.raises(ValueError, match="one of the two"):
+        log.record(work, sample_ids=ids, row_fingerprints=np.zeros(len(work), np.uint64), original_rows=rows)
+    assert len(log) == 0
 
 
 def test_fingerprints_are_taken_only_of_overwritten_rows_when_rows_have_ids() -> None:
