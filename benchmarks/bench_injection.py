@@ -1,6 +1,7 @@
 """Injection's share of the CPU demo's step, measured interleaved with and without it in one run.
 
-Trains the embedded demo (monitors off, so only injection is measured) with the real
+Trains the embedded demo (run-wide monitors off; the knowledge experiment keeps its own
+cadence for its controller, and those evaluations are left out of every figure) with the real
 Composer trainer, in alternating blocks of steps: in "with" blocks the callback injects
 at ``AFTER_DATALOADER`` as in any run; in "without" blocks that event does nothing (the
 step trains on the dataset's rows as they come). Both kinds of block share one process,
@@ -10,8 +11,10 @@ Prints the mean step time of each kind of block, the callback's ``AFTER_DATALOAD
 per injecting step (row identity, the overwrite, what the ledger keeps) and its share of
 the step without injection, the callback's time over every event, and the with/without
 difference of the step times (paired adjacent blocks, with its standard error: at this
-size it is mostly noise, which is why the share is measured directly too). The ledger's
-flush is timed apart (it runs at checkpoints, not in the step).
+size it is mostly noise, which is why the share is measured directly too). What is
+paid once per fit is timed apart: the ledger's flush (at checkpoints, not in the step;
+it hashes the overwritten rows kept since the last one), the callback's first call
+(batch checks, the first window of steps) and the last step's finish (summary).
 
     python benchmarks/bench_injection.py [--steps 400] [--block 10] [--repetitions 8] [--ranks 2] [--set k=v ...]
 
@@ -79,6 +82,7 @@ class Interleave:
         self.collectives: dict[int, int] = {}
         self.collective_seconds: dict[int, float] = {}
         self.flush_seconds = 0.0
+        self.evaluation_seconds: dict[int, float] = {}
         self._step = -1
         self._inside = False
         inner_run_event = callback.run_event
@@ -121,8 +125,22 @@ class Interleave:
             inner_flush()
             self.flush_seconds += time.perf_counter() - started
 
+        inner_evaluate = callback._evaluate
+
+        def evaluate(*args: Any, **kwargs: Any) -> None:
+            # A monitor evaluation (an experiment's own ``monitor.every``) is not injection:
+            # bench_monitors.py measures it; its time is taken out of the callback's events.
+            started = time.perf_counter()
+            try:
+                inner_evaluate(*args, **kwargs)
+            finally:
+                self.evaluation_seconds[self._step] = (
+                    self.evaluation_seconds.get(self._step, 0.0) + time.perf_counter() - started
+                )
+
         callback.run_event = run_event
         callback._flush = flush
+        callback._evaluate = evaluate
         dist.all_gather = all_gather  # the callback's module reads it from composer.utils.dist
 
     def injecting(self, step: int) -> bool:
@@ -157,7 +175,8 @@ def measure(steps: int, block: int, repetitions: float, overrides: list[str], ru
     run.fit()
     run.close()
     # Block 0 is warm-up; compare the rest, and adjacent (without, with) block pairs.
-    timed = [(s, t) for s, t in zip(clock.steps, clock.seconds) if s >= block]
+    # Monitor evaluations are not injection: their time is taken out of the steps they end.
+    timed = [(s, t - gate.evaluation_seconds.get(s, 0.0)) for s, t in zip(clock.steps, clock.seconds) if s >= block]
     with_ = [t for s, t in timed if gate.injecting(s)]
     without = [t for s, t in timed if not gate.injecting(s)]
     pairs = []
@@ -166,7 +185,13 @@ def measure(steps: int, block: int, repetitions: float, overrides: list[str], ru
         on = [t for s, t in timed if first - block <= s < first]
         if off and on:
             pairs.append(statistics.mean(on) - statistics.mean(off))
-    spans_steps = [s for s in gate.injection if s >= block]
+    # The callback's first call checks the batch and prepares its first window of steps:
+    # a cost paid once per fit, reported apart from the per-step figures. The last step's
+    # BATCH_END finishes the run (summary), also once.
+    called = sorted(gate.injection)
+    first_call = called[0]
+    spans_steps = [s for s in called[1:] if s >= block]
+    per_step_events = [s for s in spans_steps if s != steps - 1]
     return {
         "rank": dist.get_global_rank(),
         "world_size": dist.get_world_size(),
@@ -178,7 +203,9 @@ def measure(steps: int, block: int, repetitions: float, overrides: list[str], ru
         "injection_cpu": statistics.mean(gate.injection_cpu[s] for s in spans_steps),
         "injection_median": statistics.median(gate.injection[s] for s in spans_steps),
         "injection_cpu_median": statistics.median(gate.injection_cpu[s] for s in spans_steps),
-        "events": statistics.mean(gate.events[s] for s in spans_steps),
+        "events": statistics.mean(gate.events[s] - gate.evaluation_seconds.get(s, 0.0) for s in per_step_events),
+        "evaluations": len(gate.evaluation_seconds),
+        "first_call": gate.injection[first_call],
         "collectives": sum(gate.collectives.get(s, 0) for s in spans_steps) / max(len(spans_steps), 1),
         "collective_seconds": sum(gate.collective_seconds.get(s, 0.0) for s in spans_steps) / max(len(spans_steps), 1),
         "difference": statistics.mean(pairs) if pairs else float("nan"),
@@ -207,12 +234,16 @@ def report(results: list[dict[str, Any]]) -> None:
             f"{1e3 * r['injection_cpu']:.3f} ms = {100 * r['injection_cpu'] / r['step_without']:.3f} % of the step, "
             f"median {1e3 * r['injection_cpu_median']:.3f} ms"
         )
-        print(f"{tag}callback, every event        {1e3 * r['events']:.3f} ms = {100 * events:.3f} % of the step")
+        print(
+            f"{tag}callback, every event        {1e3 * r['events']:.3f} ms = {100 * events:.3f} % of the step "
+            f"({r['evaluations']} monitor evaluations left out: bench_monitors.py)"
+        )
         print(f"{tag}collectives per step         {r['collectives']:.2f} ({1e3 * r['collective_seconds']:.3f} ms)")
         print(
             f"{tag}step difference with-without {1e3 * r['difference']:+.3f} ms +- {1e3 * r['difference_se']:.3f} "
             f"({100 * r['difference'] / r['step_without']:+.2f} % of the step; paired blocks)"
         )
+        print(f"{tag}first call (once: batch checks, first window) {1e3 * r['first_call']:.2f} ms")
         print(f"{tag}ledger flush (once, at end)  {1e3 * r['flush_seconds']:.2f} ms")
 
 
