@@ -20,8 +20,10 @@ sequence. Each removal experiment, in plan order, scans every row:
 
 Every removed span is one :class:`RemovalStep` entry (local row, offset, length,
 experiment, the matched sequence and where the n-gram starts in it, and the xxh64 of the
-written tokens), which the callback writes to the removals ledger with the row's global
-index, sample id and original fingerprint. Pure numpy, no Composer: testable alone.
+written tokens). :func:`remove_from_batch` applies a step's removal to a training batch
+and gives the removals ledger's rows (with each row's global index, sample id and
+original fingerprint), which the callback appends. Numpy and torch, no Composer:
+testable alone.
 
 Example:
     >>> import numpy as np
@@ -39,13 +41,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from multirun.inject.batch import BatchRows, DerivedKeys, input_ids_of, write_tokens
 from multirun.ledger import token_hash
 from multirun.types import PreparedExperiment, RemovalSpec
 
-__all__ = ["RemovalStep", "StreamRemoval", "find_ngrams", "removed_inserts", "tiled", "window_hashes"]
+if TYPE_CHECKING:
+    from multirun.plan.run_plan import RunPlan
+
+__all__ = [
+    "RemovalStep",
+    "StreamRemoval",
+    "find_ngrams",
+    "remove_from_batch",
+    "removed_inserts",
+    "tiled",
+    "window_hashes",
+]
 
 _MASK = (1 << 64) - 1
 # An odd multiplier is invertible mod 2^64, so a window's hash is a difference of prefix
@@ -258,6 +273,73 @@ class StreamRemoval:
         within = np.arange(int(ends[-1])) - np.repeat(ends - length, length)
         columns = np.repeat(offset, length) + within
         tokens[np.repeat(rows, length), columns] = np.asarray(fill, dtype=tokens.dtype)[within % len(fill)]
+
+
+def remove_from_batch(
+    removal: StreamRemoval,
+    batch: Any,
+    rows: BatchRows,
+    lookup: np.ndarray,
+    *,
+    step: int,
+    injected_rows: dict[int, int],
+    derived: DerivedKeys,
+    plan: RunPlan,
+) -> tuple[Any, dict[str, np.ndarray] | None]:
+    """Apply ``removal`` to a training batch in place, after this step's injection.
+
+    ``rows`` were read before the injection (:meth:`BatchRows.of_batch`), ``lookup`` is
+    the step's local row of each global row (-1: another rank's), ``injected_rows`` the
+    original fingerprint of each row a span overwrote this step. Returns the batch and the
+    keyword arguments of the removals ledger's ``LedgerWriter.append`` (None when nothing
+    matched): the global row, sample id and original fingerprint of each removed span's row.
+    """
+    tokens = input_ids_of(batch).detach().cpu().numpy().copy()
+    original = tokens.copy()  # rows no span touched this step are still the data's rows
+    removed = removal.apply(tokens, step=step)
+    if not len(removed):
+        return batch, None
+    local = removed.local_row
+    lengths = removed.length
+    ends = np.cumsum(lengths)
+    within = np.arange(int(ends[-1])) - np.repeat(ends - lengths, lengths)
+    token_rows = np.repeat(local, lengths)
+    token_columns = np.repeat(removed.offset, lengths) + within
+    batch = write_tokens(
+        batch,
+        rows=token_rows,
+        columns=token_columns,
+        tokens=tokens[token_rows, token_columns],
+        rows_touched=local,
+        derived=derived,
+    )
+    # The original row's fingerprint: the one taken before injection where a span was
+    # written, else the row's tokens as the dataset gave them.
+    if rows.fingerprint is not None:
+        row_fingerprints = rows.fingerprint[local]
+    else:
+        row_fingerprints = np.array(
+            [injected_rows[r] if r in injected_rows else token_hash(original[r]) for r in local.tolist()],
+            dtype=np.uint64,
+        )
+    global_of_local = np.full(tokens.shape[0], -1, dtype=np.int64)
+    mine = lookup >= 0
+    global_of_local[lookup[mine]] = np.flatnonzero(mine)
+    columns = {
+        "step": step,
+        "global_row": global_of_local[local],
+        "local_row": local,
+        "sample_id": rows.sample_id[local],
+        "offset": removed.offset,
+        "length": lengths,
+        "experiment": removed.experiment,
+        "item_index": plan.items_of(removed.experiment, removed.sequence),
+        "sequence": removed.sequence,
+        "repetition": removed.ngram_start,
+        "token_hash": removed.token_hash,
+        "row_fingerprint": row_fingerprints,
+    }
+    return batch, columns
 
 
 def removed_inserts(experiments: Sequence[PreparedExperiment]) -> list[tuple[str, str, int, int]]:

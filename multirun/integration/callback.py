@@ -53,9 +53,9 @@ from multirun.inject.batch import (
 )
 from multirun.inject.boundary import boundary_experiments, insert_at_boundaries
 from multirun.inject.noise import EmbeddingNoiseHook
-from multirun.inject.removal import StreamRemoval
+from multirun.inject.removal import StreamRemoval, remove_from_batch
 from multirun.inject.step import InjectionLog, StepSchedule
-from multirun.ledger import Ledger, LedgerWriter, token_hash, truncate_ledger
+from multirun.ledger import Ledger, LedgerWriter, truncate_ledger
 from multirun.measure.live_model import unwrap_model
 from multirun.measure.runner import MonitorRunner
 from multirun.plan.run_plan import RunPlan
@@ -302,54 +302,20 @@ class MultirunCallback(Callback):
     def _remove(
         self, state: State, rows: BatchRows, lookup: np.ndarray, *, step: int, injected_rows: dict[int, int]
     ) -> None:
-        """Overwrite the rows holding a removed n-gram and buffer one removals-ledger row per span."""
+        """Overwrite the rows holding a removed n-gram; buffer one removals-ledger row per span."""
         assert self._removal is not None and self._removal_writer is not None and self.parts is not None
-        tokens = input_ids_of(state.batch).detach().cpu().numpy().copy()
-        original = tokens.copy()  # rows no span touched this step are still the data's rows
-        removed = self._removal.apply(tokens, step=step)
-        if not len(removed):
-            return
-        local = removed.local_row
-        lengths = removed.length
-        ends = np.cumsum(lengths)
-        within = np.arange(int(ends[-1])) - np.repeat(ends - lengths, lengths)
-        token_rows = np.repeat(local, lengths)
-        token_columns = np.repeat(removed.offset, lengths) + within
-        state.batch = write_tokens(
+        state.batch, columns = remove_from_batch(
+            self._removal,
             state.batch,
-            rows=token_rows,
-            columns=token_columns,
-            tokens=tokens[token_rows, token_columns],
-            rows_touched=local,
-            derived=self._derived,
-        )
-        # The original row's fingerprint: the one taken before injection where a span was
-        # written, else the row's tokens as the dataset gave them.
-        if rows.fingerprint is not None:
-            row_fingerprints = rows.fingerprint[local]
-        else:
-            row_fingerprints = np.array(
-                [injected_rows[r] if r in injected_rows else token_hash(original[r]) for r in local.tolist()],
-                dtype=np.uint64,
-            )
-        global_of_local = np.full(tokens.shape[0], -1, dtype=np.int64)
-        mine = lookup >= 0
-        global_of_local[lookup[mine]] = np.flatnonzero(mine)
-        plan = self.parts.plan
-        self._removal_writer.append(
+            rows,
+            lookup,
             step=step,
-            global_row=global_of_local[local],
-            local_row=local,
-            sample_id=rows.sample_id[local],
-            offset=removed.offset,
-            length=lengths,
-            experiment=removed.experiment,
-            item_index=plan.items_of(removed.experiment, removed.sequence),
-            sequence=removed.sequence,
-            repetition=removed.ngram_start,
-            token_hash=removed.token_hash,
-            row_fingerprint=row_fingerprints,
+            injected_rows=injected_rows,
+            derived=self._derived,
+            plan=self.parts.plan,
         )
+        if columns is not None:
+            self._removal_writer.append(**columns)
 
     def before_forward(self, state: State, logger: Logger) -> None:
         """Tell the embedding-noise hook which rows of the step's batch this microbatch holds."""
