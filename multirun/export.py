@@ -11,7 +11,8 @@ The inserts are the paper's released-inserts format (``experiment``, ``text``) p
 arms and the ledger's counts: treated items with the text that was injected (decoded
 from the exact token sequences the run's injectors prepared, each checked against the
 ledger's ``token_hash``) and control items (never injected, so without text and with 0
-exposures). An exposure is one ledger row: one span of one of the item's sequences on
+exposures). A ``removal`` experiment's items hold the texts kept out of training, with
+the removals ledger's counts (``removals``, ``tokens_removed``) instead of exposures. An exposure is one ledger row: one span of one of the item's sequences on
 one row of one step, written once, by the rank that held the row; ``summary.json``'s
 ``exposures_per_item`` counts the same rows. With a checkpoint of step ``k`` only the
 spans of steps ``< k`` count: those are the ones the exported weights were trained on.
@@ -59,6 +60,8 @@ INSERT_COLUMNS: dict[str, pa.DataType] = {
     "tokens_trained": pa.int64(),  # sum of those spans' lengths
     "first_step": pa.int64(),  # null when never exposed
     "last_step": pa.int64(),
+    "removals": pa.int64(),  # removal experiments: removals-ledger rows (spans overwritten) of the item
+    "tokens_removed": pa.int64(),  # sum of those spans' lengths
 }
 INSERTS_SCHEMA = pa.schema(list(INSERT_COLUMNS.items()))
 NO_TOKENIZER_NOTE = (
@@ -185,23 +188,11 @@ def inserts_table(contents: RunContents, *, before_step: int | None = None) -> p
     """
     table = contents.ledger.table
     if before_step is not None:
-        table = table.filter(pc.less(table.column("step"), pa.scalar(before_step, pa.int64())))
+        table = _before(table, before_step)
     contents.check_span_tokens(table)
-    plain = pa.table(
-        {
-            "experiment": table.column("experiment").cast(pa.string()),
-            "item": table.column("item").cast(pa.string()),
-            "step": table.column("step"),
-            "length": table.column("length").cast(pa.int64()),
-        }
-    )
-    grouped = plain.group_by(["experiment", "item"]).aggregate(
-        [("step", "count"), ("step", "min"), ("step", "max"), ("length", "sum")]
-    )
-    counts = {
-        (r["experiment"], r["item"]): r
-        for r in grouped.to_pylist()  # one entry per exposed item: small
-    }
+    counts = _item_counts(table)
+    removals = Ledger.open_removals(contents.run_dir).table
+    removed = _item_counts(removals if before_step is None else _before(removals, before_step))
     columns: dict[str, list[Any]] = {name: [] for name in INSERT_COLUMNS}
     decode = contents.tokenizer.decode
     for experiment in contents.experiments:
@@ -225,7 +216,30 @@ def inserts_table(contents: RunContents, *, before_step: int | None = None) -> p
             columns["tokens_trained"].append(int(seen["length_sum"]) if seen else 0)
             columns["first_step"].append(int(seen["step_min"]) if seen else None)
             columns["last_step"].append(int(seen["step_max"]) if seen else None)
+            taken = removed.get((experiment.name, item_id))
+            columns["removals"].append(int(taken["step_count"]) if taken else 0)
+            columns["tokens_removed"].append(int(taken["length_sum"]) if taken else 0)
     return pa.table(columns, schema=INSERTS_SCHEMA)
+
+
+def _before(table: pa.Table, step: int) -> pa.Table:
+    return table.filter(pc.less(table.column("step"), pa.scalar(step, pa.int64())))
+
+
+def _item_counts(table: pa.Table) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (experiment, item) of a ledger table: its rows, first and last step, tokens."""
+    plain = pa.table(
+        {
+            "experiment": table.column("experiment").cast(pa.string()),
+            "item": table.column("item").cast(pa.string()),
+            "step": table.column("step"),
+            "length": table.column("length").cast(pa.int64()),
+        }
+    )
+    grouped = plain.group_by(["experiment", "item"]).aggregate(
+        [("step", "count"), ("step", "min"), ("step", "max"), ("length", "sum")]
+    )
+    return {(r["experiment"], r["item"]): r for r in grouped.to_pylist()}  # one entry per item seen: small
 
 
 @dataclass

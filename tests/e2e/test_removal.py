@@ -271,6 +271,26 @@ def test_inspect_shows_the_rows_as_trained(runs: list[tuple[TrainingRun, Capture
             assert (r["offset"], r["length"]) in {(s.offset, s.length) for s in marked}
 
 
+def test_the_inserts_count_each_items_removals(runs: list[tuple[TrainingRun, CaptureBatches]]) -> None:
+    from multirun.export import inserts_table, open_run
+
+    run, _ = runs[0]
+    removals = Ledger.open_removals(run.run_dir).table.to_pylist()
+    assert removals
+    rows = inserts_table(open_run(run.run_dir)).to_pylist()
+    forget = [r for r in rows if r["experiment"] == "forget"]
+    for row in forget:
+        mine = [r for r in removals if r["item"] == row["item"]]
+        assert row["exposures"] == 0 and row["removals"] == len(mine)
+        assert row["tokens_removed"] == sum(r["length"] for r in mine)
+    assert sum(r["removals"] for r in forget) == len(removals)
+    assert all(r["removals"] == 0 == r["tokens_removed"] for r in rows if r["experiment"] != "forget")
+    # A checkpoint's export counts only the steps its weights were trained on.
+    cut = sorted(r["step"] for r in removals)[len(removals) // 2]
+    early = inserts_table(open_run(run.run_dir), before_step=cut).to_pylist()
+    assert sum(r["removals"] for r in early) == sum(1 for r in removals if r["step"] < cut)
+
+
 def test_ledger_command_reads_the_removals(
     runs: list[tuple[TrainingRun, CaptureBatches]], capsys: pytest.CaptureFixture[str]
 ) -> None:
