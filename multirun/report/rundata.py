@@ -101,6 +101,9 @@ class RunData:
     acquisition: dict[str, dict[str, dict[str, Any]]] | None = None
     interaction: dict[str, Any] | None = None
     experiment_names: list[str] = field(default_factory=list)
+    #: the removals ledger's counts per experiment (Ledger.summary), empty without removals;
+    #: read from the ledger, so an interrupted run (no summary.json) has them too
+    removals: list[dict[str, Any]] = field(default_factory=list)
     #: sentences on records that could not be read and were left out (a torn last line of a
     #: JSON-lines log, which a killed run leaves): the report shows them as warnings.
     dropped: dict[str, str] = field(default_factory=dict)  # file name -> sentence
@@ -271,6 +274,7 @@ def load_run(run_dir: str | Path) -> RunData:
         interaction=interaction,
         experiment_names=names,
         dropped=dropped,
+        removals=Ledger.open_removals(path).summary() if provenance is not None else [],
     )
 
 

@@ -311,7 +311,7 @@ def provenance(run: RunData, colors: Mapping[str, str]) -> Section:
                 f"The run is interrupted: recorded spans stop at step {run.steps_reached:,}, planned spans cover all steps."
             )
         )
-    removals = (run.summary or {}).get("removals") or []
+    removals = run.removals
     if removals:  # removal experiments (docs/kinds/removal.md): what they took out of the stream
         section.blocks.append(
             Table(

@@ -11,6 +11,7 @@ two runs give the same ledgers.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -305,6 +306,21 @@ def test_ledger_command_reads_the_removals(
     assert main(["report", str(run.run_dir)]) == 0
     report = (run.run_dir / "report" / "report.md").read_text()
     assert "| experiment | removed spans |" in report and f"| forget | {spans} |" in report
+
+
+def test_the_report_of_an_interrupted_run_reads_the_removals_ledger(
+    runs: list[tuple[TrainingRun, CaptureBatches]], tmp_path: Path
+) -> None:
+    from multirun.cli import main
+
+    run, _ = runs[0]
+    spans = len(Ledger.open_removals(run.run_dir).table)
+    copy = tmp_path / "interrupted"
+    shutil.copytree(run.run_dir, copy, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    (copy / "summary.json").unlink()  # killed before FIT_END: no summary
+    assert main(["report", str(copy)]) == 0
+    report = (copy / "report" / "report.md").read_text()
+    assert f"| forget | {spans} |" in report
 
 
 def test_two_ranks_remove_what_one_rank_removes(runs: list[tuple[TrainingRun, CaptureBatches]]) -> None:
