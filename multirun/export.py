@@ -12,8 +12,9 @@ arms and the ledger's counts: treated items with the text that was injected (dec
 from the exact token sequences the run's injectors prepared, each checked against the
 ledger's ``token_hash``) and control items (never injected, so without text and with 0
 exposures). A ``removal`` experiment's items hold the texts kept out of training, with
-the removals ledger's counts (``removals``, ``tokens_removed``) instead of exposures. An exposure is one ledger row: one span of one of the item's sequences on
-one row of one step, written once, by the rank that held the row; ``summary.json``'s
+the removals ledger's counts (``removals``, ``tokens_removed``) instead of exposures.
+An exposure is one ledger row: one span of one of the item's sequences on one row of
+one step, written once, by the rank that held the row; ``summary.json``'s
 ``exposures_per_item`` counts the same rows. With a checkpoint of step ``k`` only the
 spans of steps ``< k`` count: those are the ones the exported weights were trained on.
 

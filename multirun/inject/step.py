@@ -522,5 +522,5 @@ class InjectionLog:
             "sequence": sequence,
             "repetition": column["repetition"],
             "token_hash": self.plan.hashes_of(experiment, sequence),
-            "row_fingerprint": np.concatenate(fingerprints).astype(np.uint64),
+            "row_fingerprint": np.concatenate(fingerprints),
         }
