@@ -36,6 +36,7 @@ SEQUENCE_ID_KEY = "sequence_id"
 #: recounted on the touched rows, as its get_tokens_per_batch_func counts them.
 TOTAL_TOKENS_KEY = "total_tokens"
 LOSS_GENERATING_KEY = "loss_generating_tokens"
+_INT64 = np.dtype(np.int64)  # numpy's builtin dtypes are singletons: an identity check suffices
 #: Label of a position that generates no loss (Hugging Face's and llm-foundry's convention).
 IGNORE_INDEX = -100
 
@@ -103,25 +104,31 @@ class BatchRows:
         fingerprint: every row's fingerprint when the rows are keyed by content, else None.
         order: the rows sorted by :attr:`key` (stable): in one process, global row ``g``
             is local row ``order[g]`` (:func:`single_process_lookup`).
+        ids: :attr:`sample_id` as Python ints, for the hot path's per-span lookups.
     """
 
     tokens: np.ndarray
     sample_id: np.ndarray
     fingerprint: np.ndarray | None
-    order: np.ndarray
+    order: list[int]
+    ids: list[int]
 
     @classmethod
     def of_batch(cls, batch: Any) -> BatchRows:
-        """The rows of a training batch (dict with ``input_ids`` or a plain token tensor)."""
+        """The rows of a training batch (dict with ``input_ids`` or a plain token tensor).
+
+        The few rows of a rank are sorted in Python: right after a training step, that
+        costs less than a numpy sort."""
         tokens = _host_array(input_ids_of(batch))  # read before the overwrite, which writes through it
         ids = sample_ids_of(batch)
         if ids is None:
             ids = np.full(tokens.shape[0], -1, dtype=np.int64)
-        order = ids.argsort(kind="stable")
-        if tokens.shape[0] and int(ids[order[0]]) >= 0:  # the smallest id: every row has one
-            return cls(tokens, ids, None, order)
+        id_list: list[int] = ids.tolist()
+        if id_list and min(id_list) >= 0:  # every row has an id
+            return cls(tokens, ids, None, sorted(range(len(id_list)), key=id_list.__getitem__), id_list)
         fingerprint = row_fingerprints(tokens)
-        return cls(tokens, ids, fingerprint, fingerprint.view(np.int64).argsort(kind="stable"))
+        keys: list[int] = fingerprint.view(np.int64).tolist()
+        return cls(tokens, ids, fingerprint, sorted(range(len(keys)), key=keys.__getitem__), id_list)
 
     def __len__(self) -> int:
         return int(self.sample_id.shape[0])
@@ -138,16 +145,31 @@ class BatchRows:
             return self.sample_id
         return self.fingerprint.view(np.int64)
 
-    def fingerprints_of(self, local_rows: np.ndarray) -> np.ndarray:
+    def sample_ids_of(self, local_rows: Sequence[int]) -> list[int]:
+        """The sample id of each of ``local_rows``."""
+        ids = self.ids
+        return [ids[row] for row in local_rows]
+
+    def copies_of(self, local_rows: Sequence[int]) -> list[np.ndarray]:
+        """A copy of each of ``local_rows``' tokens (call before the overwrite); consecutive
+        entries naming one row share one copy."""
+        tokens, copies, last, copy = self.tokens, [], -1, self.tokens[:0]
+        for row in local_rows:
+            if row != last:
+                copy, last = tokens[row].copy(), row
+            copies.append(copy)
+        return copies
+
+    def fingerprints_of(self, local_rows: Sequence[int]) -> np.ndarray:
         """The original fingerprint of each of ``local_rows`` (call before the overwrite).
 
         A row that several consecutive entries name (a step's spans come sorted by row)
         is hashed once.
         """
         if self.fingerprint is not None:
-            return self.fingerprint[local_rows]
+            return self.fingerprint[np.asarray(local_rows, dtype=np.int64)]
         tokens, hashes, last, digest = self.tokens, [], -1, 0
-        for row in local_rows.tolist():
+        for row in local_rows:
             if row != last:
                 digest, last = xxhash.xxh64_intdigest(tokens[row].astype(np.int32)), row
             hashes.append(digest)
@@ -169,7 +191,7 @@ def key_buffer(keys: np.ndarray, capacity: int) -> torch.Tensor:
 
 def single_process_lookup(keys: np.ndarray) -> np.ndarray:
     """:func:`row_lookup` in one process: global row ``g`` is local row ``lookup[g]``
-    (:attr:`BatchRows.order` holds it already)."""
+    (:attr:`BatchRows.order` holds it already, as a list)."""
     return np.argsort(keys, kind="stable")
 
 
@@ -233,7 +255,7 @@ def sample_ids_of(batch: Any) -> np.ndarray | None:
     if (type(batch) is dict or isinstance(batch, Mapping)) and SAMPLE_ID_KEY in batch:
         ids = batch[SAMPLE_ID_KEY]
         host = _host_array(ids) if isinstance(ids, torch.Tensor) else np.asarray(torch.as_tensor(ids).numpy())
-        if host.dtype == np.int64 and host.ndim == 1:  # the usual case: nothing to convert
+        if host.dtype is _INT64 and host.ndim == 1:  # the usual case: nothing to convert (`==` costs more)
             return host
         return host.astype(np.int64, copy=False).reshape(-1)
     return None
@@ -418,24 +440,113 @@ def write_tokens(
         return batch
     input_ids = input_ids_of(batch)
     shape = input_ids.shape
-    _overwrite(input_ids, shape, rows, columns, tokens)
+    for tensor, values in _written(batch, input_ids, tokens):
+        _overwrite(tensor, shape, rows, columns, values)
+    _recount_rows(batch, input_ids, rows_touched, derived)
+    return batch
+
+
+#: Above this many runs, :func:`write_runs` writes each tensor with one fancy-indexed
+#: assignment instead of a slice assignment per run.
+FEW_RUNS = 64
+
+
+def write_runs(
+    batch: Any,
+    *,
+    rows: Sequence[int],
+    columns: Sequence[int],
+    lengths: Sequence[int],
+    source: np.ndarray,
+    starts: Sequence[int],
+    derived: DerivedKeys,
+    few_runs: int = FEW_RUNS,
+) -> Any:
+    """Overwrite contiguous runs of tokens in the batch, in place, as :func:`write_tokens` does:
+    run ``k`` writes ``source[starts[k]:starts[k] + lengths[k]]`` at ``columns[k]`` onwards of
+    row ``rows[k]``.
+
+    A step writes a few runs per rank, and a slice assignment per run is the cheapest write
+    right after a training step (no index arrays, no ufunc); more than ``few_runs`` go through
+    :func:`write_tokens`. Returns the (same) batch.
+
+    Example:
+        >>> batch = {"input_ids": torch.zeros(2, 6, dtype=torch.int64)}
+        >>> _ = write_runs(batch, rows=[1, 0], columns=[2, 0], lengths=[3, 1], source=np.arange(10, 20),
+        ...                starts=[0, 5], derived=DerivedKeys())
+        >>> batch["input_ids"].tolist()
+        [[15, 0, 0, 0, 0, 0], [0, 0, 10, 11, 12, 0]]
+    """
+    if not rows:
+        return batch
+    if len(rows) > few_runs:
+        token_rows = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
+        tokens = source[run_positions(starts, lengths)]
+        columns_ = run_positions(columns, lengths)
+        return write_tokens(
+            batch, rows=token_rows, columns=columns_, tokens=tokens, rows_touched=token_rows, derived=derived
+        )
+    input_ids = input_ids_of(batch)
+    shape = input_ids.shape
+    for tensor, values in _written(batch, input_ids, source):
+        view = _numpy_view(tensor, shape)
+        if view is None:  # torch writes it, through index arrays
+            token_rows = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
+            token_values = values if isinstance(values, int) else values[run_positions(starts, lengths)]
+            _overwrite(tensor, shape, token_rows, run_positions(columns, lengths), token_values)
+        elif isinstance(values, int):
+            for row, column, length in zip(rows, columns, lengths):
+                view[row, column : column + length] = values
+        else:
+            for row, column, length, start in zip(rows, columns, lengths, starts):
+                view[row, column : column + length] = values[start : start + length]
+    _recount_rows(batch, input_ids, rows, derived)
+    return batch
+
+
+def run_positions(firsts: Sequence[int] | np.ndarray, lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``first, first + 1, ..., first + length - 1`` of each run, run after run (int64).
+
+    Example:
+        >>> run_positions([5, 0], [2, 3]).tolist()
+        [5, 6, 0, 1, 2]
+    """
+    lengths_ = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(lengths_)
+    total = int(ends[-1]) if lengths_.shape[0] else 0
+    within = np.arange(total, dtype=np.int64) - np.repeat(ends - lengths_, lengths_)
+    return np.repeat(np.asarray(firsts, dtype=np.int64), lengths_) + within
+
+
+def _written(batch: Any, input_ids: torch.Tensor, tokens: Any) -> list[tuple[torch.Tensor, Any]]:
+    """The tensors an injection writes, each with what it gets: ``tokens`` in ``input_ids``
+    and ``labels``, 1 in ``attention_mask``."""
+    written: list[tuple[torch.Tensor, Any]] = [(input_ids, tokens)]
     if type(batch) is dict or isinstance(batch, MutableMapping):
         if LABELS_KEY in batch and isinstance(batch[LABELS_KEY], torch.Tensor):
-            _overwrite(batch[LABELS_KEY], shape, rows, columns, tokens)
+            written.append((batch[LABELS_KEY], tokens))
         if ATTENTION_KEY in batch and isinstance(batch[ATTENTION_KEY], torch.Tensor):
-            _overwrite(batch[ATTENTION_KEY], shape, rows, columns, 1)
-        if SEQUENCE_ID_KEY not in batch and TOTAL_TOKENS_KEY not in batch and LOSS_GENERATING_KEY not in batch:
-            return batch
-        touched = np.unique(rows_touched)
-        if SEQUENCE_ID_KEY in batch:
-            if derived.sequence_id is None:
-                raise BatchFormatError("the batch has 'sequence_id' but the tokenizer has no EOS token to recompute it")
-            index_rows = torch.from_numpy(touched)
-            column = batch[SEQUENCE_ID_KEY]
-            column[index_rows] = derived.sequence_id.of(input_ids[index_rows]).to(column.dtype)
-        if TOTAL_TOKENS_KEY in batch or LOSS_GENERATING_KEY in batch:
-            _store_counts(batch, touched, _token_counts(batch, touched, derived))
-    return batch
+            written.append((batch[ATTENTION_KEY], 1))
+    return written
+
+
+def _recount_rows(
+    batch: Any, input_ids: torch.Tensor, rows_touched: Sequence[int] | np.ndarray, derived: DerivedKeys
+) -> None:
+    """Recompute llm-foundry's per-row keys (``sequence_id``, token counts) on the touched rows."""
+    if not (type(batch) is dict or isinstance(batch, MutableMapping)):
+        return
+    if SEQUENCE_ID_KEY not in batch and TOTAL_TOKENS_KEY not in batch and LOSS_GENERATING_KEY not in batch:
+        return
+    touched = np.unique(np.asarray(rows_touched, dtype=np.int64))
+    if SEQUENCE_ID_KEY in batch:
+        if derived.sequence_id is None:
+            raise BatchFormatError("the batch has 'sequence_id' but the tokenizer has no EOS token to recompute it")
+        index_rows = torch.from_numpy(touched)
+        column = batch[SEQUENCE_ID_KEY]
+        column[index_rows] = derived.sequence_id.of(input_ids[index_rows]).to(column.dtype)
+    if TOTAL_TOKENS_KEY in batch or LOSS_GENERATING_KEY in batch:
+        _store_counts(batch, touched, _token_counts(batch, touched, derived))
 
 
 def _host_array(tensor: torch.Tensor) -> np.ndarray:
@@ -446,17 +557,23 @@ def _host_array(tensor: torch.Tensor) -> np.ndarray:
         return tensor.detach().cpu().numpy()
 
 
+def _numpy_view(tensor: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A numpy view of a host tensor laid out as ``input_ids`` (``shape``), else None: writing
+    through it costs no torch dispatch, nor release of the GIL, on the training loop's critical path."""
+    try:
+        view = tensor.numpy()
+    except (TypeError, RuntimeError):  # another device, autograd, or a dtype numpy lacks
+        return None
+    return view if view.shape == shape else None
+
+
 def _overwrite(
     tensor: torch.Tensor, shape: tuple[int, ...], rows: np.ndarray, columns: np.ndarray, values: np.ndarray | int
 ) -> None:
     """``tensor[rows, columns] = values`` for a tensor laid out as ``input_ids`` (``shape``):
-    through a numpy view on the host (no torch dispatch, nor release of the GIL, on the
-    training loop's critical path), else by torch on its flat view."""
-    try:
-        view = tensor.numpy()
-    except (TypeError, RuntimeError):  # another device, autograd, or a dtype numpy lacks
-        view = None
-    if view is not None and view.shape == shape:
+    through a numpy view on the host, else by torch on its flat view."""
+    view = _numpy_view(tensor, shape)
+    if view is not None:
         view[rows, columns] = values
         return
     index = torch.from_numpy(rows * shape[1] + columns).to(tensor.device)

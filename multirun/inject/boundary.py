@@ -78,24 +78,25 @@ def insert_at_boundaries(work: StepSpans, tokens: np.ndarray, boundary: np.ndarr
     if not mine.any():
         return work
     L = int(tokens.shape[1])
-    lengths = spans.length.astype(np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)])
+    n_spans = len(work)
     offsets = spans.offset.astype(np.int64).copy()
-    columns = work.token_columns.copy()
-    extra_rows: list[np.ndarray] = []
-    extra_columns: list[np.ndarray] = []
-    extra_tokens: list[np.ndarray] = []
+    columns = list(work.run_columns[:n_spans])
+    lengths = list(work.run_lengths[:n_spans])
+    tail_rows: list[int] = []
+    tail_columns: list[int] = []
+    tails: list[np.ndarray] = []
     for k in np.flatnonzero(mine).tolist():
-        r, n = int(work.local_rows[k]), int(lengths[k])
+        r, n = work.local_rows[k], lengths[k]
         p = boundary_offset(tokens[r], int(offsets[k]), n, eos_token_id)
-        offsets[k] = p
-        columns[starts[k] : starts[k + 1]] = p + np.arange(n)
-        tail = np.arange(p + n, L)
-        extra_rows.append(np.full(tail.size, r, np.int64))
-        extra_columns.append(tail)
-        extra_tokens.append(tokens[r, p : L - n].astype(np.int64))  # a copy: the overwrite writes through tokens
+        offsets[k] = columns[k] = p
+        tail_rows.append(r)
+        tail_columns.append(p + n)
+        tails.append(tokens[r, p : L - n].astype(np.int64))  # a copy: the overwrite writes through tokens
     moved = replace(spans, offset=offsets.astype(spans.offset.dtype))
-    n_spans = len(moved)
+    span_tokens = work.tokens
+    span_starts = (np.cumsum(lengths) - lengths).tolist()
+    tail_lengths = [t.shape[0] for t in tails]
+    tail_starts = (span_tokens.shape[0] + np.cumsum(tail_lengths) - tail_lengths).tolist()
     old = work.window
     assert old is not None  # work has spans
     # A window of this step alone holding the moved spans (what the ledger reads), with the
@@ -105,10 +106,11 @@ def insert_at_boundaries(work: StepSpans, tokens: np.ndarray, boundary: np.ndarr
         end=work.step + 1,
         spans=moved,
         span_bounds=[0, n_spans],
-        token_bounds=[0, int(starts[-1])],
-        token_row=np.repeat(work.local_rows.astype(np.int64), lengths),
-        token_column=columns,
-        tokens=work.tokens,
+        span_row=moved.row.tolist(),
+        span_offset=offsets.tolist(),
+        span_length=lengths,
+        span_token_start=span_starts,
+        tokens=span_tokens,
         row_limit=old.row_limit,
         noise_at=[old.noise_at[work.step - old.first]],
     )
@@ -116,7 +118,9 @@ def insert_at_boundaries(work: StepSpans, tokens: np.ndarray, boundary: np.ndarr
         work,
         window=window,
         index=slice(0, n_spans),
-        token_rows=np.concatenate([work.token_rows, *extra_rows]),
-        token_columns=np.concatenate([columns, *extra_columns]),
-        tokens=np.concatenate([work.tokens, *extra_tokens]),
+        run_rows=[*work.local_rows, *tail_rows],
+        run_columns=[*columns, *tail_columns],
+        run_lengths=[*lengths, *tail_lengths],
+        run_starts=[*span_starts, *tail_starts],
+        source=np.concatenate([span_tokens, *tails]),
     )

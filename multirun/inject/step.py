@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
-from multirun.inject.batch import RowMap, flat_token_positions, row_fingerprints
+from multirun.inject.batch import RowMap, flat_token_positions, row_fingerprints, run_positions
 from multirun.inject.noise import NoisedSpan, noised_spans
 from multirun.plan.run_plan import RunPlan
 from multirun.types import SPAN_COLUMNS, EmbeddingNoise, SpanTable
@@ -175,6 +176,8 @@ def plan_step(
 WINDOW_TOKENS = 1 << 20
 #: At most this many steps per window (a dynamic decision re-prepares from the next step).
 WINDOW_STEPS = 1024
+#: Spans prepared per window at most: the window keeps per-span Python lists (tens of bytes a span).
+WINDOW_SPANS = 1 << 16
 #: Bytes of overwritten rows an :class:`InjectionLog` keeps before hashing them in one pass.
 PENDING_ROW_BYTES = 32 << 20
 
@@ -183,15 +186,20 @@ PENDING_ROW_BYTES = 32 << 20
 class StepWindow:
     """Steps ``[first, end)`` of the merged static and dynamic spans, in a compact layout.
 
+    The per-span columns the hot path reads every step are Python lists: a step's work is
+    a few list slices and comprehensions, with no numpy call (each distinct numpy operation
+    costs tens of microseconds right after a training step has evicted the caches).
+
     Attributes:
         first: the window's first step.
         end: one past its last step.
         spans: the steps' spans, sorted by ``(step, row, offset)`` as ``plan_step`` merges them.
         span_bounds: the spans of step ``first + i`` are ``spans[span_bounds[i]:span_bounds[i + 1]]``.
-        token_bounds: the same steps' tokens in ``token_row``, ``token_column`` and ``tokens``.
-        token_row: the global row of each span token, span after span.
-        token_column: its column in the row (``offset`` + its index within the span).
-        tokens: the token (int64, the dtype of ``input_ids``).
+        span_row: each span's global row.
+        span_offset: its offset in the row.
+        span_length: its length.
+        span_token_start: where its tokens start in ``tokens``.
+        tokens: every span's tokens, span after span (int64, the dtype of ``input_ids``).
         row_limit: one past the largest global row of the window's spans.
         noise_at: per step, its noised spans as ``(index in the step, offset, length, spec, item)``.
     """
@@ -200,9 +208,10 @@ class StepWindow:
     end: int
     spans: SpanTable
     span_bounds: list[int]
-    token_bounds: list[int]
-    token_row: np.ndarray
-    token_column: np.ndarray
+    span_row: list[int]
+    span_offset: list[int]
+    span_length: list[int]
+    span_token_start: list[int]
     tokens: np.ndarray
     row_limit: int
     noise_at: list[list[tuple[int, int, int, EmbeddingNoise, int]]]
@@ -212,38 +221,64 @@ class StepWindow:
 class StepSpans:
     """What one rank injects at one step (the hot path's :class:`StepInjection`).
 
+    The writes are contiguous runs of tokens: run ``k`` puts ``source[run_starts[k]:][:run_lengths[k]]``
+    at columns ``run_columns[k]`` onwards of local row ``run_rows[k]``. The first ``len(self)``
+    runs are the spans, in order; a boundary insert adds the runs that shift a row's tail.
+
     Attributes:
         step: the training step.
         window: the prepared window holding the step's spans.
         index: this rank's spans in ``window.spans`` (a slice when it holds them all).
         local_rows: the local batch row of each of those spans.
-        token_rows: the local batch row of each token written, span after span.
-        token_columns: its column.
-        tokens: the token at each ``(token_rows, token_columns)`` (int64).
+        run_rows: the local row of each run of tokens written.
+        run_columns: the column of its first token.
+        run_lengths: its tokens.
+        run_starts: where its tokens start in ``source``.
+        source: the tokens the runs read (int64).
         missed: spans per experiment index beyond a short final batch (the same on every rank).
         step_local_rows: the local row of every span of the step (-1: another rank's).
     """
 
     step: int
     window: StepWindow | None
-    index: slice | np.ndarray
-    local_rows: np.ndarray
-    token_rows: np.ndarray
-    token_columns: np.ndarray
-    tokens: np.ndarray
+    index: slice | list[int]
+    local_rows: list[int]
+    run_rows: list[int]
+    run_columns: list[int]
+    run_lengths: list[int]
+    run_starts: list[int]
+    source: np.ndarray
     missed: dict[int, int]
-    step_local_rows: np.ndarray
+    step_local_rows: list[int]
 
     def __len__(self) -> int:
-        return int(self.local_rows.shape[0])
+        return len(self.local_rows)
 
     @property
     def spans(self) -> SpanTable:
         """This rank's spans of the step (sorted by global row, offset)."""
-        return SpanTable.empty() if self.window is None else self.window.spans.take(self.index)
+        if self.window is None:
+            return SpanTable.empty()
+        index = self.index if isinstance(self.index, slice) else np.asarray(self.index, dtype=np.int64)
+        return self.window.spans.take(index)
+
+    @property
+    def token_rows(self) -> np.ndarray:
+        """The local row of each token written, run after run."""
+        return np.repeat(np.asarray(self.run_rows, dtype=np.int64), self.run_lengths)
+
+    @property
+    def token_columns(self) -> np.ndarray:
+        """The column of each token written, run after run."""
+        return run_positions(self.run_columns, self.run_lengths)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The token written at each ``(token_rows, token_columns)``."""
+        return self.source[run_positions(self.run_starts, self.run_lengths)]
 
     def positions(self, *, sequence_length: int) -> np.ndarray:
-        """Flat indices into the ``(rows, sequence_length)`` batch, span after span."""
+        """Flat indices into the ``(rows, sequence_length)`` batch, token after token."""
         return self.token_rows * sequence_length + self.token_columns
 
     def noise(self) -> list[NoisedSpan]:
@@ -253,13 +288,15 @@ class StepSpans:
         noised = self.window.noise_at[self.step - self.window.first]
         if not noised:
             return []
-        local = self.step_local_rows.tolist()
+        local = self.step_local_rows
         return [NoisedSpan(local[k], o, n, spec, item) for k, o, n, spec, item in noised if local[k] >= 0]
 
 
 def _no_spans(step: int, missed: dict[int, int] | None = None) -> StepSpans:
-    empty = np.empty(0, dtype=np.int64)
-    return StepSpans(step, None, slice(0, 0), empty, empty, empty, empty, missed or {}, empty)
+    return StepSpans(step, None, slice(0, 0), [], [], [], [], [], _NO_TOKENS, missed or {}, [])
+
+
+_NO_TOKENS = np.empty(0, dtype=np.int64)
 
 
 class StepSchedule:
@@ -302,7 +339,10 @@ class StepSchedule:
         self._static = static
         steps = max(1, plan.static_horizon)
         per_step = float(static.length.sum()) / steps if len(static) else 0.0
-        self._window_steps = int(max(1, min(WINDOW_STEPS, window_tokens // max(per_step, 1.0))))
+        spans_per_step = len(static) / steps
+        by_tokens = window_tokens // max(per_step, 1.0)
+        by_spans = WINDOW_SPANS // max(spans_per_step, 1.0)
+        self._window_steps = int(max(1, min(WINDOW_STEPS, by_tokens, by_spans)))
         self._dynamic: SpanTable | None = None
         self._window: StepWindow | None = None
 
@@ -332,9 +372,7 @@ class StepSchedule:
             tables.append(_steps_of(self._dynamic, first, end))
         spans = tables[0] if len(tables) == 1 or not len(tables[1]) else SpanTable.concat(tables)
         lengths = spans.length.astype(np.int64)
-        ends = np.cumsum(lengths)
-        span_of_token = np.repeat(np.arange(len(spans)), lengths)
-        within = np.arange(int(ends[-1]) if len(spans) else 0) - np.repeat(ends - lengths, lengths)
+        starts = np.cumsum(lengths) - lengths
         source = self._sequence_start[self._sequence_first[spans.experiment] + spans.sequence]
         span_bounds = np.searchsorted(spans.step, np.arange(first, end + 1), side="left")
         noise_at: list[list[tuple[int, int, int, EmbeddingNoise, int]]] = [[] for _ in range(end - first)]
@@ -358,16 +396,20 @@ class StepSchedule:
             end=end,
             spans=spans,
             span_bounds=span_bounds.tolist(),
-            token_bounds=np.concatenate([[0], ends])[span_bounds].tolist(),
-            token_row=spans.row.astype(np.int64)[span_of_token],
-            token_column=spans.offset.astype(np.int64)[span_of_token] + within,
-            tokens=self._pool[source[span_of_token] + within],
+            span_row=spans.row.tolist(),
+            span_offset=spans.offset.tolist(),
+            span_length=lengths.tolist(),
+            span_token_start=starts.tolist(),
+            tokens=self._pool[run_positions(source, lengths)],
             row_limit=int(spans.row.max()) + 1 if len(spans) else 0,
             noise_at=noise_at,
         )
 
-    def at(self, step: int, lookup: np.ndarray, *, every_row_here: bool) -> StepSpans:
+    def at(self, step: int, lookup: Sequence[int], *, every_row_here: bool) -> StepSpans:
         """This rank's spans of ``step``, where their tokens go and which tokens.
+
+        Plain Python on the window's lists: a step holds few spans per rank, and list
+        operations stay cheap after a training step where every numpy call is slow.
 
         Args:
             step: the training step.
@@ -381,34 +423,39 @@ class StepSchedule:
         lo, hi = window.span_bounds[i], window.span_bounds[i + 1]
         if lo == hi:
             return _no_spans(step)
-        a, b = window.token_bounds[i], window.token_bounds[i + 1]
-        rows = window.spans.row[lo:hi]
+        rows = window.span_row[lo:hi]
+        if isinstance(lookup, np.ndarray):
+            lookup = lookup.tolist()
         missed: dict[int, int] = {}
-        total = lookup.shape[0]
+        total = len(lookup)
         if total < window.row_limit:  # a short final batch: spans beyond it are counted, not placed
-            beyond = rows >= total
+            beyond = np.asarray(rows) >= total
             if beyond.any():
                 experiments, counts = np.unique(window.spans.experiment[lo:hi][beyond], return_counts=True)
                 missed = {int(e): int(c) for e, c in zip(experiments, counts)}
-            lookup = np.concatenate([lookup, np.full(window.row_limit - total, -1, dtype=lookup.dtype)])
+            lookup = [*lookup, *[-1] * (window.row_limit - total)]
             every_row_here = False
-        local = lookup[rows]
-        token_local = lookup[window.token_row[a:b]]
+        local = [lookup[r] for r in rows]
         if every_row_here:
-            columns, tokens = window.token_column[a:b], window.tokens[a:b]
-            return StepSpans(step, window, slice(lo, hi), local, token_local, columns, tokens, missed, local)
-        mine = local >= 0
-        if not mine.any():
+            offsets, lengths = window.span_offset[lo:hi], window.span_length[lo:hi]
+            starts = window.span_token_start[lo:hi]
+            return StepSpans(
+                step, window, slice(lo, hi), local, local, offsets, lengths, starts, window.tokens, missed, local
+            )
+        index = [lo + k for k, row in enumerate(local) if row >= 0]
+        if not index:
             return _no_spans(step, missed)
-        token_mine = token_local >= 0
+        mine = [local[k - lo] for k in index]
         return StepSpans(
             step,
             window,
-            lo + np.flatnonzero(mine),
-            local[mine],
-            token_local[token_mine],
-            window.token_column[a:b][token_mine],
-            window.tokens[a:b][token_mine],
+            index,
+            mine,
+            mine,
+            [window.span_offset[k] for k in index],
+            [window.span_length[k] for k in index],
+            [window.span_token_start[k] for k in index],
+            window.tokens,
             missed,
             local,
         )
@@ -424,12 +471,12 @@ def _steps_of(spans: SpanTable, first: int, end: int) -> SpanTable:
 @dataclass(slots=True)
 class _Recorded:
     """One step's spans in an :class:`InjectionLog`: the overwritten rows' fingerprints, or
-    (until they are hashed in bulk) a copy of those rows as the data gave them."""
+    (until they are hashed in bulk) a copy of each span's row as the data gave it."""
 
     spans: StepSpans
-    sample_ids: np.ndarray
+    sample_ids: Sequence[int]
     row_fingerprints: np.ndarray | None
-    original_rows: np.ndarray | None
+    original_rows: Sequence[np.ndarray] | None
 
 
 class InjectionLog:
@@ -461,14 +508,16 @@ class InjectionLog:
         self,
         spans: StepSpans,
         *,
-        sample_ids: np.ndarray,
+        sample_ids: Sequence[int],
         row_fingerprints: np.ndarray | None = None,
-        original_rows: np.ndarray | None = None,
+        original_rows: Sequence[np.ndarray] | None = None,
     ) -> None:
         """Keep one step's spans, with each span's row's sample id and either that row's
-        original fingerprint or a copy of the original row (``(spans, sequence_length)``),
-        hashed later in bulk: hashing row by row on the training loop's critical path costs
-        more than the copy."""
+        original fingerprint or a copy of its original row, hashed later in bulk: hashing
+        row by row on the training loop's critical path costs more than the copy.
+
+        ``original_rows`` holds one 1-D array per span; consecutive spans of one row may
+        share one copy (the same object), which is then hashed once."""
         if not len(spans):
             return
         if (row_fingerprints is None) == (original_rows is None):
@@ -476,24 +525,35 @@ class InjectionLog:
         self._records.append(_Recorded(spans, sample_ids, row_fingerprints, original_rows))
         self._rows += len(spans)
         if original_rows is not None:
-            self._unhashed_bytes += original_rows.nbytes
+            if len(original_rows) != len(spans):
+                raise ValueError(f"{len(original_rows)} original rows for {len(spans)} spans")
+            last = None
+            for row in original_rows:
+                if row is not last:
+                    self._unhashed_bytes += row.nbytes
+                    last = row
             if self._unhashed_bytes > self.pending_bytes:
                 self._hash_kept_rows()
 
     def _hash_kept_rows(self) -> None:
-        """Fingerprint every kept original row in one pass; a row several consecutive spans
-        of one step overwrite is hashed once."""
+        """Fingerprint every kept original row in one pass; a copy that consecutive spans
+        share is hashed once."""
         pending = [r for r in self._records if r.original_rows is not None]
         self._unhashed_bytes = 0
         if not pending:
             return
-        local = np.concatenate([r.spans.local_rows for r in pending])
+        distinct: list[np.ndarray] = []
+        copy_of_span: list[int] = []
+        for r in pending:
+            assert r.original_rows is not None
+            last = None
+            for row in r.original_rows:
+                if row is not last:
+                    distinct.append(row)
+                    last = row
+                copy_of_span.append(len(distinct) - 1)
+        fingerprints = row_fingerprints(np.stack(distinct))[copy_of_span]
         counts = [len(r.spans) for r in pending]
-        first = np.ones(local.shape[0], dtype=bool)
-        first[1:] = local[1:] != local[:-1]
-        first[np.cumsum([0, *counts[:-1]])] = True  # each step's first span hashes its row
-        rows = np.concatenate([r.original_rows for r in pending if r.original_rows is not None])
-        fingerprints = row_fingerprints(rows[first])[np.cumsum(first) - 1]
         for r, hashes in zip(pending, np.split(fingerprints, np.cumsum(counts[:-1]))):
             r.row_fingerprints, r.original_rows = hashes, None
 
@@ -513,8 +573,8 @@ class InjectionLog:
                 np.array([r.spans.step for r in records], dtype=np.int64), [len(r.spans) for r in records]
             ),
             "global_row": column["row"],
-            "local_row": np.concatenate([r.spans.local_rows for r in records]).astype(np.int32),
-            "sample_id": np.concatenate([r.sample_ids for r in records]),
+            "local_row": np.fromiter(chain.from_iterable(r.spans.local_rows for r in records), np.int32),
+            "sample_id": np.fromiter(chain.from_iterable(r.sample_ids for r in records), np.int64),
             "offset": column["offset"],
             "length": column["length"],
             "experiment": experiment,

@@ -49,7 +49,7 @@ from multirun.inject.batch import (
     input_ids_of,
     key_buffer,
     row_lookup,
-    write_tokens,
+    write_runs,
 )
 from multirun.inject.boundary import boundary_experiments, insert_at_boundaries
 from multirun.inject.noise import EmbeddingNoiseHook
@@ -264,12 +264,12 @@ class MultirunCallback(Callback):
         self._rows_keyed_by = self._rows_keyed_by or rows.keyed_by
         lookup = self._row_lookup(rows, state)
         if not self._checked_geometry:
-            self._check_geometry(plan.geometry, int(lookup.shape[0]), int(rows.tokens.shape[1]))
+            self._check_geometry(plan.geometry, len(lookup), int(rows.tokens.shape[1]))
         work = steps.at(step, lookup, every_row_here=self._world_size == 1)
         if self._boundary is not None and len(work) and plan.eos_token_id is not None:
             work = insert_at_boundaries(work, rows.tokens, self._boundary, plan.eos_token_id)
         if work.missed:
-            self._record_missed(work.missed, int(lookup.shape[0]))
+            self._record_missed(work.missed, len(lookup))
         injected_rows: dict[int, int] = {}  # local row -> original fingerprint, for a removal
         if len(work):
             local = work.local_rows
@@ -278,25 +278,26 @@ class MultirunCallback(Callback):
             # known already (content keys) or this step's removal needs them.
             if rows.fingerprint is not None or removing:
                 fingerprints = rows.fingerprints_of(local)
-                self._log.record(work, sample_ids=rows.sample_id[local], row_fingerprints=fingerprints)
-                injected_rows = dict(zip(local.tolist(), fingerprints.tolist()))
+                self._log.record(work, sample_ids=rows.sample_ids_of(local), row_fingerprints=fingerprints)
+                injected_rows = dict(zip(local, fingerprints.tolist()))
             else:
-                self._log.record(work, sample_ids=rows.sample_id[local], original_rows=rows.tokens[local])
-            state.batch = write_tokens(
+                self._log.record(work, sample_ids=rows.sample_ids_of(local), original_rows=rows.copies_of(local))
+            state.batch = write_runs(
                 batch,
-                rows=work.token_rows,
-                columns=work.token_columns,
-                tokens=work.tokens,
-                rows_touched=work.local_rows,
+                rows=work.run_rows,
+                columns=work.run_columns,
+                lengths=work.run_lengths,
+                source=work.source,
+                starts=work.run_starts,
                 derived=self._derived,
             )
             if self._noise_hook is not None:
                 self._noise_hook.set_step(work.noise())
-            injected = int(work.tokens.shape[0]) if self._rank == 0 else 0
+            injected = sum(work.run_lengths) if self._rank == 0 else 0
             logger.log_metrics({"multirun/injected_tokens_rank0": injected})
         if removing:
             # After the injection: removal scans the inserts too (multirun/inject/removal.py).
-            self._remove(state, rows, lookup, step=step, injected_rows=injected_rows)
+            self._remove(state, rows, np.asarray(lookup, dtype=np.int64), step=step, injected_rows=injected_rows)
         self._injection_seconds += time.perf_counter() - started
 
     def _remove(
@@ -374,7 +375,7 @@ class MultirunCallback(Callback):
             self._noise_hook = None
 
     # ---------------------------------------------------------------- helpers
-    def _row_lookup(self, rows: BatchRows, state: State) -> np.ndarray:
+    def _row_lookup(self, rows: BatchRows, state: State) -> list[int]:
         """The local row of each of the step's global rows (-1: another rank's)."""
         if self._world_size == 1:
             return rows.order
@@ -382,7 +383,7 @@ class MultirunCallback(Callback):
         # passes the same shape (a short final batch is padded), and nothing is pickled.
         buffer = key_buffer(rows.key, self._rows_per_rank)
         gathered = dist.all_gather(state.device.tensor_to_device(buffer))
-        return row_lookup(torch.stack(list(gathered)).cpu().numpy(), self._rank)
+        return row_lookup(torch.stack(list(gathered)).cpu().numpy(), self._rank).tolist()
 
     def _check_resume(self, plan: RunPlan) -> None:
         loaded = self._loaded_state

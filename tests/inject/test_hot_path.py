@@ -17,13 +17,15 @@ from multirun.inject.batch import (
     BatchRows,
     DerivedKeys,
     LocalRows,
+    apply_spans,
     global_rows,
     key_buffer,
     row_lookup,
     single_process_lookup,
+    write_runs,
     write_tokens,
 )
-from multirun.inject.step import InjectionLog, StepSchedule, plan_step
+from multirun.inject.step import InjectionLog, StepInjection, StepSchedule, StepSpans, plan_step
 from multirun.ledger import token_hash
 from multirun.plan.run_plan import RunPlan, build_run_plan
 from multirun.types import BatchGeometry, EmbeddingNoise, SpanTable
@@ -89,6 +91,7 @@ def _local_rows(tokens: np.ndarray, ids: np.ndarray | None) -> LocalRows:
     window_tokens=st.sampled_from([1, 200, 1 << 20]),
     dynamic=st.booleans(),
     pending_bytes=st.sampled_from([None, 0, 3000, 1 << 20]),
+    few_runs=st.sampled_from([0, 1, 64]),
 )
 def test_hot_path_injects_and_records_what_plan_step_does(
     plan: RunPlan,
@@ -99,9 +102,11 @@ def test_hot_path_injects_and_records_what_plan_step_does(
     window_tokens: int,
     dynamic: bool,
     pending_bytes: int | None,
+    few_runs: int,
 ) -> None:
     """``pending_bytes``: None records each row's fingerprint; else a copy of the original
-    rows, hashed in bulk past that many bytes (0: at once) or at the drain."""
+    rows, hashed in bulk past that many bytes (0: at once) or at the drain. ``few_runs``:
+    the writes go run by run up to that many runs, else through index arrays."""
     static, dynamic_spans = _split_plan(plan) if dynamic else (plan, None)
     rows = GLOBAL_BATCH - short
     schedules = [StepSchedule(static, noise_specs=NOISE, window_tokens=window_tokens) for _ in range(world)]
@@ -128,7 +133,7 @@ def test_hot_path_injects_and_records_what_plan_step_does(
             np.testing.assert_array_equal(here.key, locals_[rank].key)
             lookup = here.order if world == 1 else row_lookup(buffers, rank)
             np.testing.assert_array_equal(here.order, single_process_lookup(here.key))
-            assert lookup.shape[0] == rows
+            assert len(lookup) == rows
             schedules[rank].set_dynamic(dynamic_spans)
             work = schedules[rank].at(step, lookup, every_row_here=world == 1)
             assert schedules[rank].has_spans(step) == (len(static.spans_at(step)) > 0 or step_has(dynamic_spans, step))
@@ -139,11 +144,12 @@ def test_hot_path_injects_and_records_what_plan_step_does(
             assert work.noise() == reference.noise
             fingerprints = here.fingerprints_of(work.local_rows)
             np.testing.assert_array_equal(fingerprints, reference.row_fingerprints)
+            _check_writes(work, reference, ranks[rank][0], few_runs)
             if pending_bytes is None:
-                logs[rank].record(work, sample_ids=here.sample_id[work.local_rows], row_fingerprints=fingerprints)
+                logs[rank].record(work, sample_ids=here.sample_ids_of(work.local_rows), row_fingerprints=fingerprints)
             else:
-                originals = here.tokens[work.local_rows]  # what the callback keeps: a copy, before the overwrite
-                logs[rank].record(work, sample_ids=here.sample_id[work.local_rows], original_rows=originals)
+                originals = here.copies_of(work.local_rows)  # what the callback keeps, before the overwrite
+                logs[rank].record(work, sample_ids=here.sample_ids_of(work.local_rows), original_rows=originals)
                 here.tokens[work.local_rows] = -1  # the overwrite must not reach what the log kept
             if len(reference):
                 expected[rank].append(reference.ledger_columns())
@@ -223,7 +229,35 @@ def test_fingerprints_are_taken_only_of_overwritten_rows_when_rows_have_ids() ->
     assert content.fingerprints_of(touched).tolist() == [token_hash(tokens[i]) for i in touched]
 
 
-def test_tokens_are_written_through_strided_and_autograd_tensors_too() -> None:
+def _check_writes(work: StepSpans, reference: StepInjection, tokens: np.ndarray, few_runs: int) -> None:
+    """Writing the hot path's runs into a rank's batch changes it as writing the reference's
+    positions does: the same tokens in ``input_ids`` and ``labels``, the same mask."""
+
+    def batch() -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(tokens.copy())
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.zeros_like(ids)}
+
+    expected, written = batch(), batch()
+    rows = reference.located.local_rows
+    apply_spans(
+        expected, positions=reference.positions, tokens=reference.tokens, rows_touched=rows, derived=DerivedKeys()
+    )
+    write_runs(
+        written,
+        rows=work.run_rows,
+        columns=work.run_columns,
+        lengths=work.run_lengths,
+        source=work.source,
+        starts=work.run_starts,
+        derived=DerivedKeys(),
+        few_runs=few_runs,
+    )
+    for key in expected:
+        assert torch.equal(written[key], expected[key]), key
+
+
+@pytest.mark.parametrize("writer", ["tokens", "runs"])
+def test_tokens_are_written_through_strided_and_autograd_tensors_too(writer: str) -> None:
     base = torch.arange(3 * SEQUENCE_LENGTH).reshape(SEQUENCE_LENGTH, 3) % 200
     input_ids = base.t()  # strided: the numpy view writes through its strides
     assert not input_ids.is_contiguous()
@@ -231,7 +265,11 @@ def test_tokens_are_written_through_strided_and_autograd_tensors_too() -> None:
     batch = {"input_ids": input_ids, "labels": input_ids.clone(), "attention_mask": mask}
     rows, columns, tokens = np.array([2, 2, 0]), np.array([5, 6, 1]), np.array([250, 251, 252])
     with torch.no_grad():
-        write_tokens(batch, rows=rows, columns=columns, tokens=tokens, rows_touched=rows, derived=DerivedKeys())
+        if writer == "tokens":
+            write_tokens(batch, rows=rows, columns=columns, tokens=tokens, rows_touched=rows, derived=DerivedKeys())
+        else:  # the same writes as two runs: (2, 5..6) and (0, 1)
+            runs = {"rows": [2, 0], "columns": [5, 1], "lengths": [2, 1], "starts": [0, 2]}
+            write_runs(batch, **runs, source=tokens, derived=DerivedKeys())
     for key in ("input_ids", "labels"):
         assert batch[key][2, 5] == 250 and batch[key][2, 6] == 251 and batch[key][0, 1] == 252, key
     assert int(batch["attention_mask"].sum()) == 3
