@@ -71,7 +71,7 @@ class StepClock(Callback):
         self._last = now
 
 
-#: Wall minus thread CPU time beyond which a step's injection counts as preempted.
+#: Wall minus thread CPU time beyond which a step's injection counts as having waited.
 PREEMPTED = 0.5e-3
 
 #: Events outside a training step (fit start and end, epochs, evaluation): not counted in a step.
@@ -210,8 +210,9 @@ def measure(steps: int, block: int, repetitions: float, overrides: list[str], ru
         "injection_cpu": statistics.mean(gate.injection_cpu[s] for s in spans_steps),
         "injection_median": statistics.median(gate.injection[s] for s in spans_steps),
         "injection_cpu_median": statistics.median(gate.injection_cpu[s] for s in spans_steps),
-        # Wall time beyond CPU time is time the thread waited for a core (preempted): on a
-        # 2-vCPU machine, some steps lose milliseconds to other threads whatever they run.
+        # Wall time beyond CPU time is time the thread waited: for a core (preempted: on a
+        # 2-vCPU machine some steps lose milliseconds to other threads whatever they run),
+        # or, with several processes, for the other ranks in the row identity's collective.
         "preempted": sum(gate.injection[s] - gate.injection_cpu[s] > PREEMPTED for s in spans_steps),
         "events": statistics.mean(gate.events[s] - gate.evaluation_seconds.get(s, 0.0) for s in per_step_events),
         "evaluations": len(gate.evaluation_seconds),
@@ -245,7 +246,7 @@ def report(results: list[dict[str, Any]]) -> None:
             f"{tag}  CPU median {1e3 * r['injection_cpu_median']:.3f} ms; wall mean {1e3 * r['injection']:.3f} ms = "
             f"{100 * r['injection'] / r['step_without']:.3f} %, median {1e3 * r['injection_median']:.3f} ms = "
             f"{100 * r['injection_median'] / r['step_without']:.3f} %; "
-            f"{r['preempted']} steps waited > {1e3 * PREEMPTED:.1f} ms for a core"
+            f"{r['preempted']} steps waited > {1e3 * PREEMPTED:.1f} ms (for a core, or for the other ranks' collective)"
         )
         print(
             f"{tag}callback, every event        {1e3 * r['events']:.3f} ms = {100 * events:.3f} % of the step "
