@@ -16,6 +16,9 @@ fixed, so every world size overwrites the same original rows.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -122,7 +125,7 @@ class BatchRows:
         tokens = _host_array(input_ids_of(batch))  # read before the overwrite, which writes through it
         ids = sample_ids_of(batch)
         if ids is None:
-            ids = np.full(tokens.shape[0], -1, dtype=np.int64)
+            ids = _no_sample_ids(int(tokens.shape[0]))
         id_list: list[int] = ids.tolist()
         if id_list and min(id_list) >= 0:  # every row has an id
             return cls(tokens, ids, None, sorted(range(len(id_list)), key=id_list.__getitem__), id_list)
@@ -174,6 +177,14 @@ class BatchRows:
                 digest, last = xxhash.xxh64_intdigest(tokens[row].astype(np.int32)), row
             hashes.append(digest)
         return np.array(hashes, dtype=np.uint64)
+
+
+@functools.cache
+def _no_sample_ids(rows: int) -> np.ndarray:
+    """``rows`` times -1, read-only: a batch without sample ids, every step (made once per size)."""
+    missing = np.full(rows, -1, dtype=np.int64)
+    missing.flags.writeable = False
+    return missing
 
 
 def key_buffer(keys: np.ndarray, capacity: int) -> torch.Tensor:
@@ -322,10 +333,17 @@ class SequenceIdRule:
     bos_mode: bool = False
 
     def of(self, input_ids: torch.Tensor) -> torch.Tensor:
-        cumulative = torch.cumsum(input_ids == self.split_token_id, dim=1).to(input_ids.dtype)
+        """The ``sequence_id`` of ``(rows, sequence_length)`` tokens, in their dtype."""
+        return torch.from_numpy(self.of_array(_host_array(input_ids))).to(input_ids)
+
+    def of_array(self, tokens: np.ndarray) -> np.ndarray:
+        """:meth:`of` on a numpy array (int64)."""
+        cumulative = np.cumsum(tokens == self.split_token_id, axis=1, dtype=np.int64)
         if self.bos_mode:
             return cumulative
-        return torch.cat([cumulative.new_zeros((cumulative.shape[0], 1)), cumulative[:, :-1]], dim=1)
+        shifted = np.zeros_like(cumulative)
+        shifted[:, 1:] = cumulative[:, :-1]
+        return shifted
 
 
 @dataclass(frozen=True)
@@ -340,10 +358,15 @@ class DerivedKeys:
         sequence_id: the rule of ``sequence_id``; None when the batch has none or no rule is known.
         count_tokens: llm-foundry's per-row token counting function (``token_counting_func``
             of its ``LossGeneratingTokensCollatorWrapper``); None: multirun counts by the same rule.
+        counts_by_rule: ``count_tokens`` is llm-foundry's own decoder-only counter, whose rule
+            multirun's count reproduces: the touched rows are then counted in one pass
+            instead of one call per row (labelled batches; that function needs labels to
+            count loss-generating tokens).
     """
 
     sequence_id: SequenceIdRule | None = None
     count_tokens: Callable[[dict[str, torch.Tensor]], Any] | None = None
+    counts_by_rule: bool = False
 
     @classmethod
     def of_collator(cls, collate_fn: object, *, eos_token_id: int | None) -> DerivedKeys:
@@ -361,7 +384,19 @@ class DerivedKeys:
             collate_fn = getattr(collate_fn, "base_collator", None)
         if rule is None and eos_token_id is not None:
             rule = SequenceIdRule(eos_token_id)
-        return cls(rule, count)
+        return cls(rule, count, count is not None and _is_llmfoundry_decoder_counter(count))
+
+
+def _is_llmfoundry_decoder_counter(count: Callable[..., Any]) -> bool:
+    """Whether ``count`` is the function llm-foundry's ``get_tokens_per_batch_func(decoder_only=True)``
+    returns. Every such closure shares the factory's one code object, so identity of the code
+    is the test; a wrapper or any other function is counted by calling it, row by row."""
+    module = sys.modules.get(getattr(count, "__module__", None) or "")  # loaded when its collator made ``count``
+    factory = getattr(module, "get_tokens_per_batch_func", None)
+    code = getattr(count, "__code__", None)
+    if factory is None or code is None or code is not factory(decoder_only=True).__code__:
+        return False
+    return inspect.getclosurevars(count).nonlocals.get("decoder_only") is True
 
 
 def check_batch(batch: Any, derived: DerivedKeys) -> None:
@@ -533,18 +568,24 @@ def _written(batch: Any, input_ids: torch.Tensor, tokens: Any) -> list[tuple[tor
 def _recount_rows(
     batch: Any, input_ids: torch.Tensor, rows_touched: Sequence[int] | np.ndarray, derived: DerivedKeys
 ) -> None:
-    """Recompute llm-foundry's per-row keys (``sequence_id``, token counts) on the touched rows."""
+    """Recompute llm-foundry's per-row keys (``sequence_id``, token counts) on the touched rows,
+    in numpy on the host (a torch operation costs several numpy ones on these few rows)."""
     if not (type(batch) is dict or isinstance(batch, MutableMapping)):
         return
     if SEQUENCE_ID_KEY not in batch and TOTAL_TOKENS_KEY not in batch and LOSS_GENERATING_KEY not in batch:
         return
-    touched = np.unique(np.asarray(rows_touched, dtype=np.int64))
+    rows_list = rows_touched.tolist() if isinstance(rows_touched, np.ndarray) else rows_touched
+    touched = np.array(sorted(set(rows_list)), dtype=np.int64)
     if SEQUENCE_ID_KEY in batch:
         if derived.sequence_id is None:
             raise BatchFormatError("the batch has 'sequence_id' but the tokenizer has no EOS token to recompute it")
-        index_rows = torch.from_numpy(touched)
         column = batch[SEQUENCE_ID_KEY]
-        column[index_rows] = derived.sequence_id.of(input_ids[index_rows]).to(column.dtype)
+        recomputed = derived.sequence_id.of_array(_host_array(input_ids)[touched])
+        view = _numpy_view(column, tuple(input_ids.shape))
+        if view is not None:
+            view[touched] = recomputed
+        else:
+            column[torch.from_numpy(touched).to(column.device)] = torch.from_numpy(recomputed).to(column)
     if TOTAL_TOKENS_KEY in batch or LOSS_GENERATING_KEY in batch:
         _store_counts(batch, touched, _token_counts(batch, touched, derived))
 
@@ -584,28 +625,37 @@ def _overwrite(
 
 
 def _token_counts(batch: Mapping, rows: np.ndarray, derived: DerivedKeys) -> tuple[list[int], list[int]]:
-    """(total, loss-generating) token counts of ``rows``, one row at a time as llm-foundry's
-    collator counts them: with its own counting function when the collator has one, else
-    by its rule (tokens under the attention mask, all without one; label positions after the
-    first that are not ``IGNORE_INDEX``, the total without labels)."""
+    """(total, loss-generating) token counts of ``rows`` as llm-foundry's collator counts them:
+    by its rule (:func:`_counts_by_rule`) when no counting function is known or it is
+    llm-foundry's own, else with the collator's function, one row at a time as the collator calls it."""
+    if derived.count_tokens is None or (derived.counts_by_rule and LABELS_KEY in batch):
+        return _counts_by_rule(batch, rows)
     totals: list[int] = []
     generating: list[int] = []
     for row in rows.tolist():
         one = {k: batch[k][row : row + 1] for k in _COUNTED_KEYS if k in batch}
-        if derived.count_tokens is not None:
-            counted = derived.count_tokens(one)
-            total, loss = (
-                (counted["total"], counted["loss_generating"]) if isinstance(counted, dict) else (counted, counted)
-            )
-        else:
-            total = int(one[ATTENTION_KEY].sum()) if ATTENTION_KEY in one else int(one[INPUT_KEY].shape[1])
-            loss = total
-            if LABELS_KEY in one:
-                labels = one[LABELS_KEY]
-                loss = int(labels.shape[1] - 1 - (labels[:, 1:] == IGNORE_INDEX).sum())
+        counted = derived.count_tokens(one)
+        total, loss = (
+            (counted["total"], counted["loss_generating"]) if isinstance(counted, dict) else (counted, counted)
+        )
         totals.append(int(total))
         generating.append(int(loss))
     return totals, generating
+
+
+def _counts_by_rule(batch: Mapping, rows: np.ndarray) -> tuple[list[int], list[int]]:
+    """llm-foundry's count of each of ``rows``, all in one pass: the tokens under the attention
+    mask (every token without one), and the label positions after the first that are not
+    ``IGNORE_INDEX`` (the total without labels)."""
+    length = int(batch[INPUT_KEY].shape[1])
+    if ATTENTION_KEY in batch:
+        totals = [int(v) for v in _host_array(batch[ATTENTION_KEY])[rows].sum(axis=1).tolist()]
+    else:
+        totals = [length] * int(rows.shape[0])
+    if LABELS_KEY not in batch:
+        return totals, totals
+    ignored = np.count_nonzero(_host_array(batch[LABELS_KEY])[rows, 1:] == IGNORE_INDEX, axis=1)
+    return totals, [length - 1 - int(v) for v in ignored.tolist()]
 
 
 def _store_counts(batch: MutableMapping, rows: np.ndarray, counts: tuple[list[int], list[int]]) -> None:

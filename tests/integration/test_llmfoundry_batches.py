@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from llmfoundry.data.utils import get_text_collator, get_tokens_per_batch_func
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import models
@@ -50,7 +55,7 @@ def test_injected_rows_keep_llmfoundrys_counts_labels_and_sequence_ids() -> None
     before = list(batch["loss_generating_tokens"])
     derived = DerivedKeys.of_collator(_collator(4), eos_token_id=None)  # the rules come from llm-foundry's collator
     assert derived.sequence_id is not None and derived.sequence_id.split_token_id == EOS
-    assert derived.count_tokens is not None
+    assert derived.count_tokens is not None and derived.counts_by_rule  # llm-foundry's own counter
     check_batch(batch, derived)
 
     # One span over row 0's padding, one across row 2's EOS; row 1 and 3 untouched.
@@ -104,3 +109,57 @@ def test_batches_multirun_cannot_keep_exact_are_refused_before_any_overwrite() -
         check_batch(batch, bos_rule)
     with pytest.raises(BatchFormatError, match="total_tokens"):
         check_batch({**batch, "total_tokens": [1, 1]}, derived)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), with_mask=st.booleans(), touched=st.sets(st.integers(0, 3), min_size=1))
+def test_counting_touched_rows_in_one_pass_gives_what_llmfoundrys_function_gives_row_by_row(
+    seed: int, with_mask: bool, touched: set[int]
+) -> None:
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(2, 50, size=(4, LENGTH)).tolist()
+    for row in rows:  # padded tails: their labels are the ignore index
+        pad = int(rng.integers(0, LENGTH // 2))
+        row[LENGTH - pad :] = [PAD] * pad
+    batch = _collate(rows)
+    batch["labels"][torch.from_numpy(rng.random((4, LENGTH)) < 0.2)] = -100
+    if with_mask:
+        batch["attention_mask"] = torch.from_numpy((rng.random((4, LENGTH)) < 0.8).astype(np.int64))
+    one_pass = DerivedKeys.of_collator(_collator(4), eos_token_id=None)
+    row_by_row = replace(one_pass, counts_by_rule=False)  # llm-foundry's function, called per row
+    assert one_pass.counts_by_rule
+    local = np.array(sorted(touched))
+    positions = flat_token_positions(local, np.full(local.size, 2), np.full(local.size, 3), sequence_length=LENGTH)
+    tokens = rng.integers(2, 50, size=positions.size)
+    counted = []
+    for derived in (one_pass, row_by_row):
+        copy = {k: v.clone() if isinstance(v, torch.Tensor) else list(v) for k, v in batch.items()}
+        apply_spans(copy, positions=positions, tokens=tokens, rows_touched=local, derived=derived)
+        counted.append((copy["total_tokens"], copy["loss_generating_tokens"]))
+    assert counted[0] == counted[1]
+    total, generating = _counted_by_llmfoundry(
+        {k: copy[k] for k in ("input_ids", "attention_mask", "labels") if k in copy}
+    )
+    for row in touched:  # the others keep the collator's counts (of the rows before the labels were edited)
+        assert (counted[0][0][row], counted[0][1][row]) == (total[row], generating[row])
+
+
+def test_other_counting_functions_are_called_row_by_row() -> None:
+    def custom(batch: dict) -> dict:
+        return {"total": 1, "loss_generating": 2}
+
+    assert not DerivedKeys(count_tokens=custom).counts_by_rule
+    assert not DerivedKeys.of_collator(SimpleNamespace(token_counting_func=custom), eos_token_id=EOS).counts_by_rule
+    encoder_decoder = SimpleNamespace(token_counting_func=get_tokens_per_batch_func(decoder_only=False))
+    assert not DerivedKeys.of_collator(encoder_decoder, eos_token_id=EOS).counts_by_rule
+    decoder = SimpleNamespace(token_counting_func=get_tokens_per_batch_func(decoder_only=True))
+    assert DerivedKeys.of_collator(decoder, eos_token_id=EOS).counts_by_rule
+    batch = {"input_ids": torch.full((2, LENGTH), 5), "total_tokens": [0, 0], "loss_generating_tokens": [0, 0]}
+    apply_spans(
+        batch,
+        positions=np.array([0]),
+        tokens=np.array([7]),
+        rows_touched=np.array([0]),
+        derived=DerivedKeys(count_tokens=custom),
+    )
+    assert batch["total_tokens"] == [1, 0] and batch["loss_generating_tokens"] == [2, 0]  # the custom function's
