@@ -39,9 +39,10 @@ SEQUENCE_ID_KEY = "sequence_id"
 #: recounted on the touched rows, as its get_tokens_per_batch_func counts them.
 TOTAL_TOKENS_KEY = "total_tokens"
 LOSS_GENERATING_KEY = "loss_generating_tokens"
-_INT64 = np.dtype(np.int64)  # numpy's builtin dtypes are singletons: an identity check suffices
 #: Label of a position that generates no loss (Hugging Face's and llm-foundry's convention).
 IGNORE_INDEX = -100
+
+_INT64 = np.dtype(np.int64)  # numpy's builtin dtypes are singletons: an identity check suffices
 
 
 class BatchFormatError(MultirunError):
