@@ -515,21 +515,24 @@ def write_runs(
     """
     if not rows:
         return batch
-    if len(rows) > few_runs:
+
+    def each_token() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The runs as ``write_tokens``' arrays: each token's row, column and value."""
         token_rows = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
-        tokens = source[run_positions(starts, lengths)]
-        columns_ = run_positions(columns, lengths)
+        return token_rows, run_positions(columns, lengths), source[run_positions(starts, lengths)]
+
+    if len(rows) > few_runs:
+        token_rows, token_columns, tokens = each_token()
         return write_tokens(
-            batch, rows=token_rows, columns=columns_, tokens=tokens, rows_touched=token_rows, derived=derived
+            batch, rows=token_rows, columns=token_columns, tokens=tokens, rows_touched=token_rows, derived=derived
         )
     input_ids = input_ids_of(batch)
     shape = input_ids.shape
     for tensor, values in _written(batch, input_ids, source):
         view = _numpy_view(tensor, shape)
         if view is None:  # torch writes it, through index arrays
-            token_rows = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
-            token_values = values if isinstance(values, int) else values[run_positions(starts, lengths)]
-            _overwrite(tensor, shape, token_rows, run_positions(columns, lengths), token_values)
+            token_rows, token_columns, tokens = each_token()
+            _overwrite(tensor, shape, token_rows, token_columns, values if isinstance(values, int) else tokens)
         elif isinstance(values, int):
             for row, column, length in zip(rows, columns, lengths):
                 view[row, column : column + length] = values

@@ -26,10 +26,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import Any
 
 import numpy as np
 
-from multirun.inject.batch import RowMap, flat_token_positions, row_fingerprints, run_positions
+from multirun.inject.batch import (
+    FEW_RUNS,
+    DerivedKeys,
+    RowMap,
+    flat_token_positions,
+    row_fingerprints,
+    run_positions,
+    write_runs,
+)
 from multirun.inject.noise import NoisedSpan, noised_spans
 from multirun.plan.run_plan import RunPlan
 from multirun.types import SPAN_COLUMNS, EmbeddingNoise, SpanTable
@@ -281,6 +290,20 @@ class StepSpans:
         """Flat indices into the ``(rows, sequence_length)`` batch, token after token."""
         return self.token_rows * sequence_length + self.token_columns
 
+    def write(self, batch: Any, *, derived: DerivedKeys, few_runs: int = FEW_RUNS) -> Any:
+        """Write these runs into this rank's ``batch`` in place (:func:`multirun.inject.batch.write_runs`);
+        returns the batch."""
+        return write_runs(
+            batch,
+            rows=self.run_rows,
+            columns=self.run_columns,
+            lengths=self.run_lengths,
+            source=self.source,
+            starts=self.run_starts,
+            derived=derived,
+            few_runs=few_runs,
+        )
+
     def noise(self) -> list[NoisedSpan]:
         """The step's spans on this rank whose experiment adds embedding noise, in span order."""
         if self.window is None:
@@ -292,11 +315,11 @@ class StepSpans:
         return [NoisedSpan(local[k], o, n, spec, item) for k, o, n, spec, item in noised if local[k] >= 0]
 
 
+_NO_TOKENS = np.empty(0, dtype=np.int64)
+
+
 def _no_spans(step: int, missed: dict[int, int] | None = None) -> StepSpans:
     return StepSpans(step, None, slice(0, 0), [], [], [], [], [], _NO_TOKENS, missed or {}, [])
-
-
-_NO_TOKENS = np.empty(0, dtype=np.int64)
 
 
 class StepSchedule:

@@ -49,7 +49,6 @@ from multirun.inject.batch import (
     input_ids_of,
     key_buffer,
     row_lookup,
-    write_runs,
 )
 from multirun.inject.boundary import boundary_experiments, insert_at_boundaries
 from multirun.inject.noise import EmbeddingNoiseHook
@@ -282,15 +281,7 @@ class MultirunCallback(Callback):
                 injected_rows = dict(zip(local, fingerprints.tolist()))
             else:
                 self._log.record(work, sample_ids=rows.sample_ids_of(local), original_rows=rows.copies_of(local))
-            state.batch = write_runs(
-                batch,
-                rows=work.run_rows,
-                columns=work.run_columns,
-                lengths=work.run_lengths,
-                source=work.source,
-                starts=work.run_starts,
-                derived=self._derived,
-            )
+            state.batch = work.write(batch, derived=self._derived)
             if self._noise_hook is not None:
                 self._noise_hook.set_step(work.noise())
             injected = sum(work.run_lengths) if self._rank == 0 else 0

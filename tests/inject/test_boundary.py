@@ -10,7 +10,7 @@ import torch
 
 from multirun.config import load_config
 from multirun.data.tokenizers import ByteTokenizer
-from multirun.inject.batch import DerivedKeys, SequenceIdRule, write_tokens
+from multirun.inject.batch import DerivedKeys, SequenceIdRule
 from multirun.inject.boundary import boundary_experiments, boundary_offset, insert_at_boundaries, inserted_row
 from multirun.inject.step import InjectionLog, StepSchedule
 from multirun.ledger import token_hash
@@ -77,14 +77,7 @@ def test_inserted_spans_start_at_boundaries_and_shift_the_original_row(tmp_path:
             continue
         work = insert_at_boundaries(work, batch["input_ids"].numpy(), boundary, EOS)
         log.record(work, sample_ids=np.full(len(work), -1), row_fingerprints=np.zeros(len(work), np.uint64))
-        write_tokens(
-            batch,
-            rows=work.token_rows,
-            columns=work.token_columns,
-            tokens=work.tokens,
-            rows_touched=work.local_rows,
-            derived=derived,
-        )
+        work.write(batch, derived=derived)  # as the callback writes it: the spans' runs, then the tails'
         trained = batch["input_ids"].numpy()
         expected = original.copy()
         spans = work.spans

@@ -242,16 +242,7 @@ def _check_writes(work: StepSpans, reference: StepInjection, tokens: np.ndarray,
     apply_spans(
         expected, positions=reference.positions, tokens=reference.tokens, rows_touched=rows, derived=DerivedKeys()
     )
-    write_runs(
-        written,
-        rows=work.run_rows,
-        columns=work.run_columns,
-        lengths=work.run_lengths,
-        source=work.source,
-        starts=work.run_starts,
-        derived=DerivedKeys(),
-        few_runs=few_runs,
-    )
+    work.write(written, derived=DerivedKeys(), few_runs=few_runs)
     for key in expected:
         assert torch.equal(written[key], expected[key]), key
 
